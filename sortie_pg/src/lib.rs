@@ -1,1 +1,59 @@
+//! Sortie's DAG engine as a PostgreSQL extension.
+//!
+//! The rules that are naturally SQL (state transitions, the claim path, the skip cascade) live
+//! in `sql/` as PL/pgSQL, whose plans PostgreSQL caches; the rules that are pure computation
+//! (step-JSON validation and expansion, fingerprints, previews, metrics, plan checks) live in
+//! the `sortie_core` crate and are exposed here as immutable SQL functions.
 
+use pgrx::prelude::*;
+
+::pgrx::pg_module_magic!(name, version);
+
+mod pure;
+
+extension_sql_file!("../../sql/bootstrap.sql", name = "bootstrap", bootstrap);
+extension_sql_file!("../../sql/engine/core.sql", name = "core", requires = [pure::expand_steps]);
+extension_sql_file!("../../sql/engine/campaigns.sql", name = "campaigns", requires = ["core"]);
+extension_sql_file!("../../sql/engine/add_steps.sql", name = "add_steps", requires = ["core"]);
+extension_sql_file!("../../sql/engine/claim.sql", name = "claim", requires = ["core"]);
+extension_sql_file!("../../sql/engine/worker.sql", name = "worker", requires = ["add_steps"]);
+extension_sql_file!("../../sql/engine/context.sql", name = "context", requires = ["core", pure::preview]);
+extension_sql_file!("../../sql/engine/notes.sql", name = "notes", requires = ["core"]);
+extension_sql_file!("../../sql/engine/updates.sql", name = "updates", requires = ["core"]);
+extension_sql_file!("../../sql/engine/invariants.sql", name = "invariants", requires = ["core"], finalize);
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn the_schema_refuses_a_bogus_status() {
+        let campaign = Spi::get_one::<pgrx::Uuid>("SELECT (create_campaign(goal => 'g') ->> 'id')::uuid")
+            .expect("spi")
+            .expect("campaign id");
+        let refused = Spi::run(&format!(
+            "INSERT INTO steps (campaign_id, action, status) VALUES ('{campaign}', 'a', 'bogus')"
+        ));
+        assert!(refused.is_err());
+    }
+
+    #[pg_test]
+    fn expand_steps_reports_errors_as_data() {
+        let answer = Spi::get_one::<pgrx::JsonB>("SELECT expand_steps('[{\"step_type\": \"loop\", \"action\": \"a\"}]')")
+            .expect("spi")
+            .expect("a result");
+        assert_eq!(answer.0["error"]["code"], "invalid_argument");
+    }
+}
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}

@@ -1,1 +1,310 @@
+//! The harness every integration test uses: one throwaway PostgreSQL cluster per test binary
+//! (temporary directory, its own Unix socket, no TCP port), a template database with the real
+//! extension, and a fresh database per test cloned from it.
+//!
+//! The cluster is stopped and its directory removed by a watchdog process when the test
+//! binary exits — also when a test panics or the binary is killed.
 
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+use serde_json::Value;
+use sortie_mcp::embedded::{find_bin_dir, running_as_root, Cluster};
+use tokio_postgres::{Client, NoTls};
+
+const TEMPLATE: &str = "sortie_template";
+
+struct Shared {
+    cluster: Cluster,
+}
+
+static SHARED: OnceLock<Shared> = OnceLock::new();
+static NEXT_DB: AtomicUsize = AtomicUsize::new(0);
+
+fn shared() -> &'static Shared {
+    // Started on a thread of its own: tests call this from inside their tokio runtime.
+    SHARED.get_or_init(|| {
+        std::thread::spawn(start_cluster)
+            .join()
+            .expect("cluster thread")
+            .unwrap_or_else(|e| panic!("test cluster: {e:#}"))
+    })
+}
+
+fn start_cluster() -> anyhow::Result<Shared> {
+    // Not under /root or a private TMPDIR: the server user must reach it when we are root.
+    let base = std::env::var_os("SORTIE_TEST_TMP").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
+    let root = base.join(format!("sortie-test-{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&root)?;
+    let mut cluster = Cluster::new(root.clone(), find_bin_dir()?);
+    cluster.settings = [
+        ("fsync", "off"),
+        ("synchronous_commit", "off"),
+        ("full_page_writes", "off"),
+        ("max_connections", "300"),
+        ("shared_buffers", "256MB"),
+        ("log_min_messages", "warning"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    cluster.ensure_running()?;
+    spawn_watchdog(&cluster)?;
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let admin = connect_to(&cluster, "postgres").await?;
+        admin.batch_execute(&format!("CREATE DATABASE {TEMPLATE}")).await?;
+        let template = connect_to(&cluster, TEMPLATE).await?;
+        template.batch_execute("CREATE EXTENSION sortie CASCADE").await?;
+        anyhow::Ok(())
+    })?;
+    Ok(Shared { cluster })
+}
+
+/// Stops the cluster and removes its directory once this process is gone.
+fn spawn_watchdog(cluster: &Cluster) -> anyhow::Result<()> {
+    let pg_ctl = cluster.bin_dir.join("pg_ctl");
+    let stop = if running_as_root() {
+        format!("runuser -u postgres -- {} stop -m immediate -D {}", pg_ctl.display(), cluster.data_dir().display())
+    } else {
+        format!("{} stop -m immediate -D {}", pg_ctl.display(), cluster.data_dir().display())
+    };
+    let script = format!(
+        "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; {stop} >/dev/null 2>&1; rm -rf {root}",
+        pid = std::process::id(),
+        root = cluster.root.display()
+    );
+    use std::os::unix::process::CommandExt;
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()?;
+    Ok(())
+}
+
+async fn connect_to(cluster: &Cluster, database: &str) -> anyhow::Result<Client> {
+    let (client, connection) = tokio_postgres::connect(&cluster.connection_string(database), NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// A fresh database with the extension, for one test. Finish every test with
+/// `db.finish().await`, which checks the engine's invariants.
+pub struct TestDb {
+    pub name: String,
+    pub client: Client,
+    finished: bool,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let shared = shared();
+        let name = format!("t_{}_{}", std::process::id(), NEXT_DB.fetch_add(1, Ordering::SeqCst));
+        let admin = connect_to(&shared.cluster, "postgres").await.expect("admin connection");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {TEMPLATE}"))
+            .await
+            .expect("create test database");
+        let client = connect_to(&shared.cluster, &name).await.expect("test connection");
+        TestDb { name, client, finished: false }
+    }
+
+    /// Another connection to the same database (for concurrency tests).
+    pub async fn connect(&self) -> Client {
+        connect_to(&shared().cluster, &self.name).await.expect("extra connection")
+    }
+
+    pub fn connection_string(&self) -> String {
+        shared().cluster.connection_string(&self.name)
+    }
+
+    /// Calls a SQL function returning jsonb, e.g. `db.call("sortie.get_campaign($1)", &[&id])`.
+    pub async fn call(&self, expr: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> Result<Value, DbError> {
+        call_on(&self.client, expr, params).await
+    }
+
+    /// Like `call`, panicking with the database's message on error.
+    pub async fn ok(&self, expr: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> Value {
+        self.call(expr, params).await.unwrap_or_else(|e| panic!("{expr}: {e}"))
+    }
+
+    /// Runs the invariant checker; every test ends with this.
+    pub async fn finish(mut self) {
+        self.finished = true;
+        let problems: Vec<String> = self
+            .client
+            .query("SELECT * FROM sortie.check_invariants()", &[])
+            .await
+            .expect("check_invariants")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert!(problems.is_empty(), "invariants broken:\n{}", problems.join("\n"));
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if !self.finished && !std::thread::panicking() {
+            panic!("test ended without db.finish(): invariants were not checked");
+        }
+    }
+}
+
+/// A database error with the stable code the engine put in front of its message.
+#[derive(Debug)]
+pub struct DbError {
+    pub sqlstate: String,
+    pub code: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for DbError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "[{}] {}", self.sqlstate, self.message)
+    }
+}
+
+pub async fn call_on(client: &Client, expr: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> Result<Value, DbError> {
+    match client.query_one(&format!("SELECT ({expr})::jsonb"), params).await {
+        Ok(row) => Ok(row.get::<_, Option<Value>>(0).unwrap_or(Value::Null)),
+        Err(e) => {
+            let db = e.as_db_error();
+            let message = db.map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string());
+            Err(DbError {
+                sqlstate: db.map(|d| d.code().code().to_string()).unwrap_or_default(),
+                code: message.split(':').next().unwrap_or_default().to_string(),
+                message,
+            })
+        }
+    }
+}
+
+/// Shared fixtures: small verbs over the engine's SQL API, so tests read as the rules they prove.
+pub mod fixtures {
+    use super::*;
+    use uuid::Uuid;
+
+    pub async fn campaign(db: &TestDb, planner: &str) -> Uuid {
+        let c = db
+            .ok("sortie.create_campaign(goal => 'test goal', planner => $1)", &[&planner])
+            .await;
+        Uuid::parse_str(c["id"].as_str().unwrap()).unwrap()
+    }
+
+    pub async fn add(db: &TestDb, campaign: Uuid, steps: Value) -> Value {
+        db.ok("sortie.add_steps($1, $2)", &[&campaign, &steps]).await
+    }
+
+    /// Ids of the top-level steps added, in order.
+    pub async fn add_ids(db: &TestDb, campaign: Uuid, steps: Value) -> Vec<i64> {
+        ids(&add(db, campaign, steps).await["step_ids"])
+    }
+
+    pub fn ids(v: &Value) -> Vec<i64> {
+        v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()
+    }
+
+    pub struct Claim {
+        pub step_id: i64,
+        pub token: Uuid,
+        pub action: String,
+    }
+
+    pub async fn claim(db: &TestDb, campaign: Uuid) -> Option<Claim> {
+        claim_on(&db.client, campaign).await
+    }
+
+    pub async fn claim_on(client: &Client, campaign: Uuid) -> Option<Claim> {
+        let v = call_on(client, "sortie.claim_next(owner => 'test', campaign_id => $1)", &[&campaign])
+            .await
+            .expect("claim_next");
+        parse_claim(&v)
+    }
+
+    pub fn parse_claim(v: &Value) -> Option<Claim> {
+        v["step_id"].as_i64().map(|step_id| Claim {
+            step_id,
+            token: Uuid::parse_str(v["claim_token"].as_str().unwrap()).unwrap(),
+            action: v["action"].as_str().unwrap_or_default().to_string(),
+        })
+    }
+
+    pub async fn complete(db: &TestDb, claim: &Claim, output: &str) -> Value {
+        db.ok("sortie.complete_step($1, $2, $3)", &[&claim.step_id, &claim.token, &output]).await
+    }
+
+    pub async fn fail(db: &TestDb, claim: &Claim, error: &str) -> Value {
+        db.ok("sortie.fail_step($1, $2, $3)", &[&claim.step_id, &claim.token, &error]).await
+    }
+
+    /// Claims and completes every ready step until none is left; returns the actions in order.
+    pub async fn run_all(db: &TestDb, campaign: Uuid) -> Vec<String> {
+        let mut done = Vec::new();
+        while let Some(c) = claim(db, campaign).await {
+            complete(db, &c, &format!("out:{}", c.action)).await;
+            done.push(c.action);
+        }
+        done
+    }
+
+    pub async fn status(db: &TestDb, step: i64) -> String {
+        db.client
+            .query_one("SELECT status FROM sortie.steps WHERE id = $1", &[&step])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    pub async fn step_field(db: &TestDb, step: i64, field: &str) -> Value {
+        db.client
+            .query_one(&format!("SELECT to_jsonb({field}) FROM sortie.steps WHERE id = $1"), &[&step])
+            .await
+            .unwrap()
+            .get::<_, Option<Value>>(0)
+            .unwrap_or(Value::Null)
+    }
+
+    pub async fn campaign_status(db: &TestDb, campaign: Uuid) -> String {
+        db.client
+            .query_one("SELECT status FROM sortie.campaigns WHERE id = $1", &[&campaign])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    pub async fn step_by_action(db: &TestDb, campaign: Uuid, action: &str) -> i64 {
+        db.client
+            .query_one(
+                "SELECT id FROM sortie.steps WHERE campaign_id = $1 AND action = $2 ORDER BY id DESC LIMIT 1",
+                &[&campaign, &action],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// Moves the engine's clock (`sortie.fake_now`) for this connection.
+    pub async fn set_clock(client: &Client, offset_seconds: i64) {
+        client
+            .execute(
+                "SELECT set_config('sortie.fake_now', (now() + make_interval(secs => $1))::text, false)",
+                &[&(offset_seconds as f64)],
+            )
+            .await
+            .unwrap();
+    }
+
+    pub async fn count(db: &TestDb, sql: &str) -> i64 {
+        db.client.query_one(sql, &[]).await.unwrap().get(0)
+    }
+}

@@ -11,3 +11,28 @@ pub mod preview;
 pub mod steps;
 
 pub use error::{RuleError, RuleResult};
+
+/// A readable campaign name from its goal: the first six words, lower case, hyphenated.
+pub fn name_from_goal(goal: &str) -> String {
+    let words: Vec<String> = goal
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .take(6)
+        .map(str::to_lowercase)
+        .collect();
+    let name: String = words.join("-").chars().take(60).collect();
+    if name.is_empty() {
+        "campaign".into()
+    } else {
+        name
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn names_come_from_the_first_words_of_the_goal() {
+        assert_eq!(super::name_from_goal("Find the 3 best papers on RAG, then summarise"), "find-the-3-best-papers-on");
+        assert_eq!(super::name_from_goal("!!!"), "campaign");
+    }
+}

@@ -103,20 +103,28 @@ pub fn expand(steps: &Value) -> RuleResult<Expansion> {
     for (position, step) in list.iter().enumerate() {
         top_level.push(builder.parse(step, None, 0, position as u32, "steps")?);
     }
-    chain_sequence(&mut builder.nodes, &top_level, false);
     builder.resolve_deps()?;
+    inherit_failure_policy(&mut builder.nodes);
     find_cycle(&builder.nodes)?;
     Ok(Expansion { nodes: builder.nodes, top_level, keys: builder.keys })
 }
 
-/// Sequence semantics: child k depends on child k-1. Only applied to children of a sequence;
-/// the top-level list is independent steps.
-fn chain_sequence(nodes: &mut [FlatStep], children: &[usize], is_sequence: bool) {
-    if !is_sequence {
-        return;
-    }
+/// Sequence semantics: child k depends on child k-1.
+fn chain_sequence(nodes: &mut [FlatStep], children: &[usize]) {
     for pair in children.windows(2) {
         nodes[pair[1]].local_deps.push(pair[0]);
+    }
+}
+
+/// A step without its own failure policy takes its nearest ancestor's; the extension fills
+/// the rest from the campaign. Parents precede children, so one forward pass suffices.
+fn inherit_failure_policy(nodes: &mut [FlatStep]) {
+    for i in 0..nodes.len() {
+        if nodes[i].failure_policy.is_none() {
+            if let Some(parent) = nodes[i].parent {
+                nodes[i].failure_policy = nodes[parent].failure_policy.clone();
+            }
+        }
     }
 }
 
@@ -193,7 +201,9 @@ impl Builder {
             StepType::ParallelGroup => self.parse_children(object, "children", index, level, path)?,
             StepType::ForEach => self.parse_items(object, index, level, path)?,
         };
-        chain_sequence(&mut self.nodes, &children, step_type == StepType::Sequence);
+        if step_type == StepType::Sequence {
+            chain_sequence(&mut self.nodes, &children);
+        }
         let members = children.len() as u32;
         let node = &mut self.nodes[index];
         node.members = members;

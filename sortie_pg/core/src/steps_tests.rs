@@ -121,3 +121,12 @@ fn deep_chains_do_not_overflow_the_stack() {
     let e = expand(&Value::Array(steps)).unwrap();
     assert_eq!(e.nodes.len(), 50_000);
 }
+
+#[test]
+fn children_inherit_the_nearest_failure_policy() {
+    let e = expand(&json!([{"step_type": "parallel_group", "action": "p", "failure_policy": "fail_fast",
+        "children": [{"action": "1"}, {"action": "2", "failure_policy": "continue"}]}, {"action": "x"}])).unwrap();
+    assert_eq!(e.nodes[1].failure_policy.as_deref(), Some("fail_fast"));
+    assert_eq!(e.nodes[2].failure_policy.as_deref(), Some("continue"));
+    assert_eq!(e.nodes[3].failure_policy, None);
+}

@@ -1,0 +1,68 @@
+//! The pure rules of `sortie_core` as SQL functions. Refusals come back as data
+//! (`{"error": {"code", "message"}}`) and the calling rule raises them through `raise()`, so
+//! every error code maps to its SQLSTATE in one place.
+
+use pgrx::prelude::*;
+use pgrx::JsonB;
+use serde_json::json;
+use sortie_core::{fingerprint, metric, plan, preview as previews, steps, RuleError};
+
+fn refusal(error: RuleError) -> JsonB {
+    JsonB(json!({"error": {"code": error.code, "message": error.message}}))
+}
+
+/// Validates and flattens step JSON (SPEC §3a); see `sortie_core::steps`.
+#[pg_extern(immutable, parallel_safe)]
+pub fn expand_steps(steps: JsonB) -> JsonB {
+    match steps::expand(&steps.0) {
+        Ok(expansion) => JsonB(json!({"ok": expansion, "max_level": expansion.max_level()})),
+        Err(error) => refusal(error),
+    }
+}
+
+/// Validates a planner answer (SPEC §4) and returns it normalised, steps expanded.
+#[pg_extern(immutable, parallel_safe)]
+pub fn parse_plan(plan: JsonB) -> JsonB {
+    match plan::parse_plan(&plan.0) {
+        Ok(p) => JsonB(json!({"ok": {
+            "new_steps": p.new_steps.as_ref().map(|e| json!({"ok": e, "max_level": e.max_level()})),
+            "strategy_update": p.strategy_update,
+            "progress_update": p.progress_update,
+            "notify": p.notify,
+            "done": p.done,
+            "next_delay_minutes": p.next_delay_minutes,
+        }})),
+        Err(error) => refusal(error),
+    }
+}
+
+#[pg_extern(immutable, parallel_safe)]
+pub fn step_fingerprint(action: &str, agent: Option<&str>, input: Option<JsonB>) -> String {
+    fingerprint::fingerprint(action, agent, input.as_ref().map(|j| &j.0))
+}
+
+#[pg_extern(immutable, parallel_safe)]
+pub fn preview(step_id: i64, text: &str, head: i32, tail: i32) -> JsonB {
+    JsonB(previews::preview(step_id, text, head.max(0) as usize, tail.max(0) as usize))
+}
+
+#[pg_extern(immutable, parallel_safe)]
+pub fn read_range(text: &str, offset: i32, limit: i32) -> JsonB {
+    JsonB(previews::read_range(text, offset.max(0) as usize, limit.max(0) as usize))
+}
+
+#[pg_extern(immutable, parallel_safe)]
+pub fn parse_metric(name: &str, content: &str) -> Option<f64> {
+    metric::parse_metric(name, content)
+}
+
+#[pg_extern(immutable, parallel_safe)]
+pub fn metric_met(value: f64, target: f64, direction: &str) -> bool {
+    metric::metric_met(value, target, direction)
+}
+
+/// A readable campaign name from its goal.
+#[pg_extern(immutable, parallel_safe)]
+pub fn name_from_goal(goal: &str) -> String {
+    sortie_core::name_from_goal(goal)
+}

@@ -1,0 +1,402 @@
+-- Campaigns: creation, reading, steering, pause/resume/cancel, the end rule, success contract,
+-- and the planner's side (SPEC §3, §4, §5).
+
+CREATE FUNCTION campaign_summary(c campaigns) RETURNS jsonb
+LANGUAGE sql STABLE
+SET search_path FROM CURRENT
+AS $$
+    SELECT jsonb_build_object(
+        'id', c.id, 'name', c.name, 'goal', c.goal, 'status', c.status, 'status_reason', c.status_reason,
+        'priority', c.priority, 'progress', c.progress, 'strategy', c.strategy, 'guidance', c.guidance,
+        'channel', c.channel, 'max_depth', c.max_depth, 'max_parallel', c.max_parallel,
+        'token_budget', c.token_budget, 'tokens_used', c.tokens_used, 'failure_policy', c.failure_policy,
+        'planner', c.planner, 'open_steps', c.open_steps, 'running_steps', c.running_steps,
+        'success_metric', c.success_metric, 'success_target', c.success_target,
+        'success_direction', c.success_direction, 'max_iterations', c.max_iterations,
+        'next_action_at', c.next_action_at, 'created_at', c.created_at, 'updated_at', c.updated_at,
+        'completed_at', c.completed_at);
+$$;
+
+CREATE FUNCTION create_campaign(
+    goal text,
+    name text DEFAULT NULL,
+    channel text DEFAULT NULL,
+    priority text DEFAULT 'normal',
+    max_depth integer DEFAULT 4,
+    token_budget bigint DEFAULT NULL,
+    dry_run boolean DEFAULT false,
+    success_metric text DEFAULT NULL,
+    success_target double precision DEFAULT NULL,
+    success_direction text DEFAULT 'max',
+    benchmark_command text DEFAULT NULL,
+    scope text DEFAULT NULL,
+    max_iterations integer DEFAULT NULL,
+    max_parallel integer DEFAULT NULL,
+    planner text DEFAULT 'llm',
+    failure_policy text DEFAULT 'continue',
+    context jsonb DEFAULT '{}',
+    steps jsonb DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    c campaigns;
+    v_expansion jsonb;
+    v_steps jsonb;
+BEGIN
+    IF goal IS NULL OR btrim(goal) = '' THEN
+        PERFORM raise('invalid_argument', 'goal is required: say what the campaign should accomplish');
+    END IF;
+    IF coalesce(priority, 'normal') NOT IN ('urgent', 'high', 'normal', 'low', 'background') THEN
+        PERFORM raise('invalid_argument', format('priority %L is not one of urgent, high, normal, low, background', priority));
+    END IF;
+    IF coalesce(success_direction, 'max') NOT IN ('max', 'min') THEN
+        PERFORM raise('invalid_argument', 'success_direction must be max or min');
+    END IF;
+    IF coalesce(planner, 'llm') NOT IN ('llm', 'none') THEN
+        PERFORM raise('invalid_argument', 'planner must be llm or none');
+    END IF;
+    IF coalesce(failure_policy, 'continue') NOT IN ('continue', 'fail_fast') THEN
+        PERFORM raise('invalid_argument', 'failure_policy must be continue or fail_fast');
+    END IF;
+    IF max_depth IS NOT NULL AND max_depth NOT BETWEEN 0 AND 64 THEN
+        PERFORM raise('invalid_argument', 'max_depth must be from 0 to 64');
+    END IF;
+    IF max_parallel IS NOT NULL AND max_parallel < 1 THEN
+        PERFORM raise('invalid_argument', 'max_parallel must be at least 1 (omit it for no cap)');
+    END IF;
+    IF token_budget IS NOT NULL AND token_budget < 1 THEN
+        PERFORM raise('invalid_argument', 'token_budget must be positive (omit it for no budget)');
+    END IF;
+    IF max_iterations IS NOT NULL AND max_iterations < 1 THEN
+        PERFORM raise('invalid_argument', 'max_iterations must be positive');
+    END IF;
+    IF name IS NOT NULL AND length(name) NOT BETWEEN 1 AND 200 THEN
+        PERFORM raise('invalid_argument', 'name must be 1 to 200 characters');
+    END IF;
+    IF context IS NOT NULL AND jsonb_typeof(context) <> 'object' THEN
+        PERFORM raise('invalid_argument', 'context must be a JSON object');
+    END IF;
+    IF steps IS NOT NULL THEN
+        v_expansion := unwrap(expand_steps(steps));
+    END IF;
+
+    INSERT INTO campaigns (name, goal, channel, priority, max_depth, token_budget, status, status_reason,
+                           success_metric, success_target, success_direction, benchmark_command, scope,
+                           max_iterations, max_parallel, planner, failure_policy, context, next_action_at)
+    VALUES (coalesce(name, name_from_goal(goal)), goal, channel, coalesce(priority, 'normal'),
+            coalesce(max_depth, 4), token_budget,
+            CASE WHEN dry_run THEN 'paused' ELSE 'active' END,
+            CASE WHEN dry_run THEN 'dry_run: review, then resume_campaign' END,
+            success_metric, success_target, coalesce(success_direction, 'max'), benchmark_command, scope,
+            max_iterations, max_parallel, coalesce(planner, 'llm'), coalesce(failure_policy, 'continue'),
+            coalesce(context, '{}'), clock())
+    RETURNING * INTO c;
+    PERFORM emit(c.id, NULL, 'campaign.created', jsonb_build_object('name', c.name));
+    IF v_expansion IS NOT NULL THEN
+        v_steps := insert_steps(c, v_expansion, NULL, 0);
+    END IF;
+    RETURN jsonb_build_object('id', c.id, 'name', c.name, 'status', c.status,
+                              'next_action_at', c.next_action_at)
+           || CASE WHEN v_steps IS NULL THEN '{}' ELSE jsonb_build_object('steps', v_steps) END;
+END
+$$;
+
+-- Keyset-paged, newest first. The cursor is opaque to callers.
+CREATE FUNCTION list_campaigns(status text DEFAULT NULL, "limit" integer DEFAULT 20, cursor text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    v_after_at timestamptz;
+    v_after_id uuid;
+    v_rows jsonb;
+    v_limit integer := least(greatest(coalesce("limit", 20), 1), 200);
+BEGIN
+    IF status IS NOT NULL AND status NOT IN ('active', 'paused', 'done', 'failed', 'cancelled') THEN
+        PERFORM raise('invalid_argument', format('status %L is not one of active, paused, done, failed, cancelled', status));
+    END IF;
+    IF cursor IS NOT NULL THEN
+        BEGIN
+            v_after_at := split_part(cursor, '|', 1)::timestamptz;
+            v_after_id := split_part(cursor, '|', 2)::uuid;
+        EXCEPTION WHEN others THEN
+            PERFORM raise('invalid_argument', 'cursor is not one this function returned');
+        END;
+    END IF;
+    SELECT coalesce(jsonb_agg(r ORDER BY r_at DESC, r_id DESC), '[]') INTO v_rows FROM (
+        SELECT jsonb_build_object('id', c.id, 'name', c.name, 'status', c.status, 'priority', c.priority,
+                                  'progress', c.progress, 'open_steps', c.open_steps, 'created_at', c.created_at) AS r,
+               c.created_at AS r_at, c.id AS r_id
+          FROM campaigns c
+         WHERE (list_campaigns.status IS NULL OR c.status = list_campaigns.status)
+           AND (v_after_at IS NULL OR (c.created_at, c.id) < (v_after_at, v_after_id))
+         ORDER BY c.created_at DESC, c.id DESC
+         LIMIT v_limit + 1) page;
+    RETURN jsonb_build_object(
+        'campaigns', CASE WHEN jsonb_array_length(v_rows) > v_limit THEN v_rows - v_limit ELSE v_rows END,
+        'next_cursor', CASE WHEN jsonb_array_length(v_rows) > v_limit
+                            THEN (v_rows -> (v_limit - 1) ->> 'created_at') || '|' || (v_rows -> (v_limit - 1) ->> 'id') END);
+END
+$$;
+
+CREATE FUNCTION step_row(s steps) RETURNS jsonb
+LANGUAGE sql IMMUTABLE
+SET search_path FROM CURRENT
+AS $$
+    SELECT jsonb_strip_nulls(jsonb_build_object(
+        'id', s.id, 'parent_id', s.parent_id, 'depth', s.depth, 'action', s.action, 'agent', s.agent,
+        'step_type', s.step_type, 'status', s.status, 'attempts', s.attempts,
+        'error', left(s.error, 300), 'question', s.question,
+        'output_chars', length(s.output), 'continuation_of', s.continuation_of,
+        'continued_by', s.continued_by, 'skip_cause', s.skip_cause,
+        'depends_on', (SELECT jsonb_agg(d.depends_on ORDER BY d.depends_on) FROM step_dependencies d WHERE d.step_id = s.id)));
+$$;
+
+CREATE FUNCTION get_campaign(id uuid, steps_limit integer DEFAULT 500) RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    c campaigns;
+BEGIN
+    SELECT * INTO c FROM campaigns WHERE campaigns.id = get_campaign.id;
+    IF NOT FOUND THEN
+        PERFORM raise('not_found', format('campaign %s does not exist', get_campaign.id));
+    END IF;
+    RETURN campaign_summary(c) || jsonb_build_object(
+        'step_counts', (SELECT coalesce(jsonb_object_agg(status, n), '{}')
+                          FROM (SELECT status, count(*) AS n FROM steps WHERE campaign_id = c.id GROUP BY status) t),
+        'steps', (SELECT coalesce(jsonb_agg(step_row(s) ORDER BY s.id), '[]')
+                    FROM (SELECT * FROM steps WHERE campaign_id = c.id ORDER BY id
+                          LIMIT least(greatest(coalesce(steps_limit, 500), 1), 5000)) s),
+        'recent_notes', (SELECT coalesce(jsonb_agg(jsonb_build_object('id', n.id, 'step_id', n.step_id, 'agent', n.agent,
+                                    'content', left(n.content, 500), 'tags', n.tags, 'created_at', n.created_at)
+                                    ORDER BY n.id DESC), '[]')
+                           FROM (SELECT * FROM notes WHERE campaign_id = c.id ORDER BY id DESC LIMIT 10) n));
+END
+$$;
+
+-- User guidance is appended, never replaced by the planner (SPEC §12).
+CREATE FUNCTION steer_campaign(id uuid, guidance text) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    c campaigns := lock_campaign(id);
+BEGIN
+    IF guidance IS NULL OR btrim(guidance) = '' THEN
+        PERFORM raise('invalid_argument', 'guidance is empty: say what should change');
+    END IF;
+    IF c.status NOT IN ('active', 'paused') THEN
+        PERFORM raise('invalid_state', format('campaign %s is %s and can no longer be steered', c.id, c.status));
+    END IF;
+    UPDATE campaigns
+       SET guidance = campaigns.guidance || jsonb_build_array(jsonb_build_object('at', clock(), 'text', steer_campaign.guidance)),
+           updated_at = now(), next_action_at = clock()
+     WHERE campaigns.id = c.id
+    RETURNING * INTO c;
+    PERFORM emit(c.id, NULL, 'campaign.steered', jsonb_build_object('guidance', steer_campaign.guidance));
+    RETURN jsonb_build_object('id', c.id, 'guidance', c.guidance, 'strategy', c.strategy);
+END
+$$;
+
+CREATE FUNCTION pause_campaign(id uuid) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    c campaigns := lock_campaign(id);
+BEGIN
+    IF c.status <> 'active' THEN
+        PERFORM raise('invalid_state', format('campaign %s is %s; only an active campaign can be paused', c.id, c.status));
+    END IF;
+    UPDATE campaigns SET status = 'paused', status_reason = 'paused by request', updated_at = now()
+     WHERE campaigns.id = c.id;
+    PERFORM emit(c.id, NULL, 'campaign.paused');
+    RETURN jsonb_build_object('id', c.id, 'status', 'paused', 'running_steps', c.running_steps);
+END
+$$;
+
+CREATE FUNCTION resume_campaign(id uuid) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    c campaigns := lock_campaign(id);
+BEGIN
+    IF c.status <> 'paused' THEN
+        PERFORM raise('invalid_state', format('campaign %s is %s; only a paused campaign can be resumed', c.id, c.status));
+    END IF;
+    IF c.token_budget IS NOT NULL AND c.tokens_used >= c.token_budget THEN
+        PERFORM raise('budget_exhausted', format(
+            'campaign %s has used %s of its %s tokens; raise token_budget before resuming', c.id, c.tokens_used, c.token_budget));
+    END IF;
+    UPDATE campaigns SET status = 'active', status_reason = NULL, updated_at = now(), next_action_at = clock()
+     WHERE campaigns.id = c.id;
+    PERFORM emit(c.id, NULL, 'campaign.resumed');
+    PERFORM check_drained(c.id);
+    RETURN jsonb_build_object('id', c.id, 'status', (SELECT status FROM campaigns WHERE campaigns.id = c.id));
+END
+$$;
+
+CREATE FUNCTION cancel_campaign(id uuid, reason text DEFAULT NULL) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    c campaigns := lock_campaign(id);
+    v_open integer := c.open_steps;
+BEGIN
+    IF c.status NOT IN ('active', 'paused') THEN
+        PERFORM raise('invalid_state', format('campaign %s is already %s', c.id, c.status));
+    END IF;
+    PERFORM end_campaign(c.id, 'cancelled', coalesce(reason, 'cancelled by request'));
+    RETURN jsonb_build_object('id', c.id, 'status', 'cancelled', 'skipped_steps', v_open);
+END
+$$;
+
+-- Ends a drained campaign by the done/failed rule; the runner calls it when no planner is
+-- configured (SPEC §3 campaign end).
+CREATE FUNCTION finish_campaign(id uuid) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    c campaigns := lock_campaign(id);
+BEGIN
+    IF c.status NOT IN ('active', 'paused') THEN
+        PERFORM raise('invalid_state', format('campaign %s is already %s', c.id, c.status));
+    END IF;
+    IF c.open_steps > 0 THEN
+        PERFORM raise('invalid_state', format('campaign %s still has %s open steps', c.id, c.open_steps));
+    END IF;
+    RETURN jsonb_build_object('id', c.id, 'status', finish_drained(c));
+END
+$$;
+
+-- Success contract (SPEC §3): the newest metric note decides.
+CREATE FUNCTION check_success(id uuid) RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    c campaigns;
+    v_value double precision;
+    v_note bigint;
+    v_iterations integer;
+BEGIN
+    SELECT * INTO c FROM campaigns WHERE campaigns.id = check_success.id;
+    IF NOT FOUND THEN
+        PERFORM raise('not_found', format('campaign %s does not exist', check_success.id));
+    END IF;
+    IF c.success_metric IS NULL THEN
+        RETURN jsonb_build_object('met', NULL, 'reason', 'this campaign has no success contract (success_metric is not set)',
+                                  'status', c.status);
+    END IF;
+    SELECT count(*) INTO v_iterations FROM notes n
+     WHERE n.campaign_id = c.id AND ('metric:' || c.success_metric) = ANY (n.tags)
+       AND parse_metric(c.success_metric, n.content) IS NOT NULL;
+    SELECT parse_metric(c.success_metric, n.content), n.id INTO v_value, v_note
+      FROM notes n
+     WHERE n.campaign_id = c.id AND ('metric:' || c.success_metric) = ANY (n.tags)
+       AND parse_metric(c.success_metric, n.content) IS NOT NULL
+     ORDER BY n.id DESC LIMIT 1;
+    RETURN jsonb_build_object(
+        'met', CASE WHEN v_value IS NULL THEN false
+                    WHEN c.success_target IS NULL THEN NULL
+                    ELSE metric_met(v_value, c.success_target, c.success_direction) END,
+        'reason', CASE
+            WHEN v_value IS NULL THEN format('no note tagged metric:%s with a value yet', c.success_metric)
+            WHEN c.success_target IS NULL THEN format('%s = %s; no target set, so nothing to compare', c.success_metric, v_value)
+            WHEN metric_met(v_value, c.success_target, c.success_direction)
+                THEN format('%s = %s meets the target %s (%s)', c.success_metric, v_value, c.success_target, c.success_direction)
+            ELSE format('%s = %s does not meet the target %s (%s)', c.success_metric, v_value, c.success_target, c.success_direction) END,
+        'metric', c.success_metric,
+        'metric_value', v_value,
+        'metric_note_id', v_note,
+        'target', c.success_target,
+        'direction', c.success_direction,
+        'iterations_used', v_iterations,
+        'max_iterations', c.max_iterations,
+        'iterations_exhausted', c.max_iterations IS NOT NULL AND v_iterations >= c.max_iterations,
+        'status', c.status);
+END
+$$;
+
+-- The planner side (SPEC §4). A runner takes the planning lease of a drained campaign; only
+-- one holder at a time, so a campaign is never planned twice at once.
+CREATE FUNCTION begin_planning(id uuid, lease_seconds integer DEFAULT 300) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    c campaigns := lock_campaign(id);
+BEGIN
+    IF c.status <> 'active' OR c.open_steps > 0 OR c.planner <> 'llm'
+       OR (c.planner_lease_until IS NOT NULL AND c.planner_lease_until > clock())
+       OR (c.next_action_at IS NOT NULL AND c.next_action_at > clock()) THEN
+        RETURN jsonb_build_object('granted', false);
+    END IF;
+    UPDATE campaigns SET planner_lease_until = clock() + make_interval(secs => greatest(lease_seconds, 1))
+     WHERE campaigns.id = c.id;
+    RETURN jsonb_build_object('granted', true);
+END
+$$;
+
+-- Drained, active, llm-planned campaigns whose planner is due, oldest first.
+CREATE FUNCTION campaigns_to_plan("limit" integer DEFAULT 10) RETURNS SETOF uuid
+LANGUAGE sql STABLE
+SET search_path FROM CURRENT
+AS $$
+    SELECT id FROM campaigns
+     WHERE status = 'active' AND open_steps = 0 AND planner = 'llm'
+       AND (planner_lease_until IS NULL OR planner_lease_until <= clock())
+       AND (next_action_at IS NULL OR next_action_at <= clock())
+     ORDER BY next_action_at NULLS FIRST, created_at
+     LIMIT greatest("limit", 0);
+$$;
+
+-- Applies a planner answer all or nothing: it is validated completely before any change.
+CREATE FUNCTION apply_plan(campaign_id uuid, plan jsonb) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    v_plan jsonb := unwrap(parse_plan(plan));
+    c campaigns := lock_campaign(campaign_id);
+    v_steps jsonb;
+    v_status text;
+BEGIN
+    IF c.status NOT IN ('active', 'paused') THEN
+        PERFORM raise('invalid_state', format('campaign %s is %s; a plan cannot change it', c.id, c.status));
+    END IF;
+    UPDATE campaigns
+       SET strategy = coalesce(v_plan ->> 'strategy_update', strategy),
+           progress = coalesce(v_plan ->> 'progress_update', progress),
+           planner_iterations = planner_iterations + 1,
+           planner_lease_until = NULL,
+           next_action_at = clock() + make_interval(secs => coalesce((v_plan ->> 'next_delay_minutes')::double precision, 0) * 60),
+           updated_at = now()
+     WHERE campaigns.id = c.id
+    RETURNING * INTO c;
+    IF v_plan -> 'notify' IS NOT NULL AND jsonb_typeof(v_plan -> 'notify') = 'object' THEN
+        PERFORM notify_campaign(c.id, v_plan #>> '{notify,level}', v_plan #>> '{notify,message}');
+    END IF;
+    IF jsonb_typeof(v_plan -> 'new_steps') = 'object' THEN
+        v_steps := insert_steps(c, unwrap(v_plan -> 'new_steps'), NULL, 0);
+    END IF;
+    PERFORM emit(c.id, NULL, 'plan.applied', jsonb_build_object(
+        'created', coalesce((v_steps ->> 'created')::integer, 0), 'done', (v_plan ->> 'done')::boolean));
+    IF (v_plan ->> 'done')::boolean THEN
+        IF c.open_steps > 0 THEN
+            PERFORM raise('invalid_state', format('the plan says done but campaign %s still has %s open steps', c.id, c.open_steps));
+        END IF;
+        v_status := finish_drained(c);
+    END IF;
+    RETURN jsonb_build_object('campaign_id', c.id, 'status', coalesce(v_status, c.status),
+                              'steps', v_steps, 'next_action_at', c.next_action_at);
+END
+$$;

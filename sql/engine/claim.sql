@@ -1,0 +1,359 @@
+-- Readiness, claim, lease, heartbeat, zombies (SPEC §3).
+--
+-- Ready = atomic, pending, remaining_deps = 0 (own dependencies and every compound ancestor's
+-- met), not_before passed, campaign active and within budget, lock keys free. The first three
+-- are the partial index `steps_ready`; the rest are checked on the few rows it returns.
+
+-- Fair-share provisional charge at claim time, reconciled with the real duration when the
+-- step leaves `running` (SPEC §3 priority and fair share).
+CREATE FUNCTION provisional_slot_seconds() RETURNS double precision
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT 60::double precision $$;
+
+-- Lock keys: `a/b` conflicts with `a` and `a/b/c`, matched by exact prefix on `/`
+-- boundaries (SPEC §12: never LIKE, whose `_` and `%` would match other keys).
+-- `shared:key` takes the key in shared mode; shared holders do not conflict.
+CREATE FUNCTION lock_key(p_entry text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT CASE WHEN starts_with(p_entry, 'shared:') THEN substr(p_entry, 8) ELSE p_entry END $$;
+
+CREATE FUNCTION lock_mode(p_entry text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT CASE WHEN starts_with(p_entry, 'shared:') THEN 'shared' ELSE 'exclusive' END $$;
+
+-- Takes the step's lock keys if all are free; false (and nothing taken) otherwise. Keys are
+-- shared across campaigns, so their roots are serialised with advisory locks, in sorted order.
+CREATE FUNCTION take_locks(s steps, p_expires timestamptz) RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    v_root text;
+BEGIN
+    IF cardinality(s.requires_locks) = 0 THEN
+        RETURN true;
+    END IF;
+    FOR v_root IN SELECT DISTINCT split_part(lock_key(e), '/', 1) AS r FROM unnest(s.requires_locks) e ORDER BY r LOOP
+        PERFORM pg_advisory_xact_lock(hashtextextended('sortie.lock:' || v_root, 0));
+    END LOOP;
+    IF EXISTS (
+        SELECT 1
+          FROM unnest(s.requires_locks) e
+          JOIN resource_leases l
+            ON (l.key = lock_key(e) OR starts_with(l.key, lock_key(e) || '/') OR starts_with(lock_key(e), l.key || '/'))
+         WHERE l.step_id <> s.id AND l.expires_at > clock()
+           AND NOT (l.mode = 'shared' AND lock_mode(e) = 'shared')) THEN
+        RETURN false;
+    END IF;
+    INSERT INTO resource_leases (key, mode, campaign_id, step_id, expires_at)
+    SELECT DISTINCT ON (lock_key(e)) lock_key(e), lock_mode(e), s.campaign_id, s.id, p_expires
+      FROM unnest(s.requires_locks) e
+     ORDER BY lock_key(e), lock_mode(e) = 'shared'
+    ON CONFLICT (key, step_id) DO UPDATE SET expires_at = EXCLUDED.expires_at;
+    RETURN true;
+END
+$$;
+
+CREATE FUNCTION claim_result(s steps) RETURNS jsonb
+LANGUAGE sql IMMUTABLE
+SET search_path FROM CURRENT
+AS $$
+    SELECT jsonb_build_object('step_id', s.id, 'campaign_id', s.campaign_id, 'action', s.action,
+                              'agent', s.agent, 'depth', s.depth, 'claim_token', s.claim_token,
+                              'lease_expires_at', s.lease_expires_at, 'attempts', s.attempts);
+$$;
+
+-- Claims a ready step of an already locked campaign. Returns NULL when its lock keys are busy.
+CREATE FUNCTION take_step(s steps, p_owner text, p_lease_seconds integer) RETURNS steps
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    v_expires timestamptz := clock() + make_interval(secs => p_lease_seconds);
+    v_parent bigint := s.parent_id;
+BEGIN
+    IF NOT take_locks(s, v_expires) THEN
+        RETURN NULL;
+    END IF;
+    UPDATE steps
+       SET status = 'running', claim_token = gen_random_uuid(), claim_owner = p_owner,
+           claimed_at = clock(), heartbeat_at = clock(), lease_expires_at = v_expires,
+           started_at = coalesce(started_at, clock())
+     WHERE id = s.id
+    RETURNING * INTO s;
+    -- A compound step becomes running when its first child starts.
+    WHILE v_parent IS NOT NULL LOOP
+        UPDATE steps SET status = 'running', started_at = clock()
+         WHERE id = v_parent AND status = 'pending'
+        RETURNING parent_id INTO v_parent;
+        EXIT WHEN NOT FOUND;
+    END LOOP;
+    UPDATE campaigns
+       SET running_steps = running_steps + 1, ready_steps = ready_steps - 1,
+           slot_seconds_used = slot_seconds_used + provisional_slot_seconds(), updated_at = now()
+     WHERE id = s.campaign_id;
+    PERFORM emit(s.campaign_id, s.id, 'step.claimed', jsonb_build_object('owner', p_owner));
+    RETURN s;
+END
+$$;
+
+CREATE FUNCTION check_lease_seconds(p_lease_seconds integer) RETURNS integer
+LANGUAGE plpgsql IMMUTABLE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    IF p_lease_seconds IS NULL OR p_lease_seconds NOT BETWEEN 1 AND 604800 THEN
+        PERFORM raise('invalid_argument', 'lease_seconds must be from 1 to 604800 (one week)');
+    END IF;
+    RETURN p_lease_seconds;
+END
+$$;
+
+-- Within one locked campaign: the first ready step for `p_agent` whose lock keys are free.
+CREATE FUNCTION claim_in_campaign(c campaigns, p_owner text, p_agent text, p_lease_seconds integer) RETURNS steps
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    s steps;
+    v_claimed steps;
+    v_after bigint := 0;
+BEGIN
+    IF c.status <> 'active'
+       OR (c.max_parallel IS NOT NULL AND c.running_steps >= c.max_parallel)
+       OR (c.token_budget IS NOT NULL AND c.tokens_used >= c.token_budget) THEN
+        RETURN NULL;
+    END IF;
+    LOOP
+        SELECT * INTO s FROM steps
+         WHERE campaign_id = c.id AND status = 'pending' AND step_type = 'atomic' AND remaining_deps = 0
+           AND id > v_after AND not_before <= clock()
+           AND (p_agent IS NULL OR agent IS NULL OR agent = p_agent)
+         ORDER BY id
+         LIMIT 1
+           FOR UPDATE SKIP LOCKED;
+        IF NOT FOUND THEN
+            RETURN NULL;
+        END IF;
+        v_claimed := take_step(s, p_owner, p_lease_seconds);
+        IF v_claimed.id IS NOT NULL THEN
+            RETURN v_claimed;
+        END IF;
+        v_after := s.id;
+    END LOOP;
+END
+$$;
+
+-- Pull-mode claim (SPEC §3): the best ready step for `agent` (steps with no agent fit anyone).
+-- Campaigns are tried in fair-share order — lowest slot_seconds_used / weight first — and
+-- capped, paused or over-budget campaigns are never tried, so they cannot block the others.
+CREATE FUNCTION claim_next(owner text, agent text DEFAULT NULL, campaign_id uuid DEFAULT NULL,
+                           lease_seconds integer DEFAULT 900)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_lease integer := check_lease_seconds(lease_seconds);
+    v_campaign uuid;
+    c campaigns;
+    s steps;
+    v_busy uuid[] := '{}';
+BEGIN
+    IF owner IS NULL OR btrim(owner) = '' THEN
+        PERFORM raise('invalid_argument', 'owner is required: name the worker or runner that claims');
+    END IF;
+    IF campaign_id IS NOT NULL THEN
+        c := lock_campaign(campaign_id);
+        s := claim_in_campaign(c, owner, agent, v_lease);
+        RETURN CASE WHEN s.id IS NULL THEN jsonb_build_object('step_id', NULL) ELSE claim_result(s) END;
+    END IF;
+    FOR v_campaign IN
+        SELECT x.id FROM campaigns x
+         WHERE x.status = 'active' AND x.ready_steps > 0
+           AND (x.max_parallel IS NULL OR x.running_steps < x.max_parallel)
+           AND (x.token_budget IS NULL OR x.tokens_used < x.token_budget)
+         ORDER BY x.slot_seconds_used / x.weight, x.created_at
+    LOOP
+        -- Another claimer holds this campaign: try the next one, and come back only if
+        -- nothing else had work.
+        SELECT * INTO c FROM campaigns x WHERE x.id = v_campaign FOR UPDATE SKIP LOCKED;
+        IF NOT FOUND THEN
+            v_busy := v_busy || v_campaign;
+            CONTINUE;
+        END IF;
+        s := claim_in_campaign(c, owner, agent, v_lease);
+        IF s.id IS NOT NULL THEN
+            RETURN claim_result(s);
+        END IF;
+    END LOOP;
+    FOREACH v_campaign IN ARRAY v_busy LOOP
+        c := lock_campaign(v_campaign);
+        s := claim_in_campaign(c, owner, agent, v_lease);
+        IF s.id IS NOT NULL THEN
+            RETURN claim_result(s);
+        END IF;
+    END LOOP;
+    RETURN jsonb_build_object('step_id', NULL);
+END
+$$;
+
+-- Claims one named step, or says why it is not ready.
+CREATE FUNCTION claim_step(step_id bigint, owner text, lease_seconds integer DEFAULT 900) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_lease integer := check_lease_seconds(lease_seconds);
+    s steps := lock_step(step_id);
+    c campaigns;
+    v_claimed steps;
+BEGIN
+    IF owner IS NULL OR btrim(owner) = '' THEN
+        PERFORM raise('invalid_argument', 'owner is required: name the worker or runner that claims');
+    END IF;
+    SELECT * INTO c FROM campaigns WHERE id = s.campaign_id;
+    IF s.step_type <> 'atomic' THEN
+        PERFORM raise('invalid_state', format('step %s is a %s step; only its atomic children are dispatched', s.id, s.step_type));
+    ELSIF s.status <> 'pending' THEN
+        PERFORM raise('invalid_state', format('step %s is %s, not pending', s.id, s.status));
+    ELSIF s.remaining_deps > 0 THEN
+        PERFORM raise('invalid_state', format('step %s still waits for %s dependencies', s.id, s.remaining_deps));
+    ELSIF s.not_before > clock() THEN
+        PERFORM raise('invalid_state', format('step %s is backing off until %s', s.id, s.not_before));
+    ELSIF c.status <> 'active' THEN
+        PERFORM raise('invalid_state', format('campaign %s is %s', c.id, c.status));
+    ELSIF c.token_budget IS NOT NULL AND c.tokens_used >= c.token_budget THEN
+        PERFORM raise('budget_exhausted', format('campaign %s has used its token budget', c.id));
+    ELSIF c.max_parallel IS NOT NULL AND c.running_steps >= c.max_parallel THEN
+        PERFORM raise('invalid_state', format('campaign %s already runs max_parallel = %s steps', c.id, c.max_parallel));
+    END IF;
+    v_claimed := take_step(s, owner, v_lease);
+    IF v_claimed.id IS NULL THEN
+        PERFORM raise('invalid_state', format('step %s needs lock keys another running step holds', s.id));
+    END IF;
+    RETURN claim_result(v_claimed);
+END
+$$;
+
+-- Ready steps, for dashboards and runners that choose for themselves.
+CREATE FUNCTION ready_steps(campaign_id uuid DEFAULT NULL, agent text DEFAULT NULL, "limit" integer DEFAULT 100)
+RETURNS TABLE (step_id bigint, campaign_id uuid, action text, agent text, depth integer, created_at timestamptz)
+LANGUAGE sql STABLE
+SET search_path FROM CURRENT
+AS $$
+    SELECT s.id, s.campaign_id, s.action, s.agent, s.depth, s.created_at
+      FROM steps s JOIN campaigns c ON c.id = s.campaign_id
+     WHERE s.status = 'pending' AND s.step_type = 'atomic' AND s.remaining_deps = 0
+       AND s.not_before <= clock()
+       AND ($1 IS NULL OR s.campaign_id = $1)
+       AND ($2 IS NULL OR s.agent IS NULL OR s.agent = $2)
+       AND c.status = 'active' AND (c.token_budget IS NULL OR c.tokens_used < c.token_budget)
+       AND NOT EXISTS (
+           SELECT 1 FROM unnest(s.requires_locks) e JOIN resource_leases l
+             ON (l.key = lock_key(e) OR starts_with(l.key, lock_key(e) || '/') OR starts_with(lock_key(e), l.key || '/'))
+            WHERE l.expires_at > clock() AND NOT (l.mode = 'shared' AND lock_mode(e) = 'shared'))
+     ORDER BY c.slot_seconds_used / c.weight, s.id
+     LIMIT greatest($3, 0);
+$$;
+
+CREATE FUNCTION heartbeat(step_id bigint, claim_token uuid, extend_leases_sec integer DEFAULT 900) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_lease integer := check_lease_seconds(extend_leases_sec);
+    s steps := lock_claimed_step(step_id, claim_token, 'heartbeat');
+    v_expires timestamptz := clock() + make_interval(secs => v_lease);
+BEGIN
+    UPDATE steps SET heartbeat_at = clock(), lease_expires_at = v_expires WHERE id = s.id;
+    UPDATE resource_leases SET expires_at = v_expires WHERE resource_leases.step_id = s.id;
+    RETURN jsonb_build_object('step_id', s.id, 'status', 'running', 'lease_expires_at', v_expires);
+END
+$$;
+
+-- Charges the real slot time of a step leaving `running`, replacing the provisional charge.
+CREATE FUNCTION settle_slot(s steps) RETURNS double precision
+LANGUAGE sql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+    UPDATE campaigns
+       SET slot_seconds_used = greatest(slot_seconds_used - provisional_slot_seconds()
+                                        + extract(epoch FROM clock() - s.claimed_at), 0),
+           running_steps = running_steps - 1, updated_at = now()
+     WHERE id = s.campaign_id
+    RETURNING slot_seconds_used;
+$$;
+
+CREATE FUNCTION retry_backoff(p_attempts integer) RETURNS interval
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT make_interval(secs => least(10 * power(2, greatest(p_attempts - 1, 0)), 600)) $$;
+
+-- A running attempt ended without success (fail_step, or a zombie reset): retry with
+-- exponential back-off while attempts remain, else fail for good (SPEC §3 fail and retry).
+CREATE FUNCTION attempt_failed(s steps, p_error text) RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    PERFORM settle_slot(s);
+    DELETE FROM resource_leases WHERE step_id = s.id;
+    IF s.attempts + 1 < s.max_attempts THEN
+        UPDATE steps
+           SET status = 'pending', attempts = attempts + 1, error = p_error,
+               not_before = clock() + retry_backoff(s.attempts + 1),
+               claim_token = NULL, claim_owner = NULL, lease_expires_at = NULL
+         WHERE id = s.id;
+        PERFORM bump_counters(s.campaign_id, 0, 0, 1);
+        PERFORM emit(s.campaign_id, s.id, 'step.retry', jsonb_build_object('error', p_error, 'attempts', s.attempts + 1));
+        RETURN 'pending';
+    END IF;
+    UPDATE steps SET attempts = attempts + 1 WHERE id = s.id RETURNING * INTO s;
+    PERFORM settle_failed(s, p_error);
+    RETURN 'failed';
+END
+$$;
+
+-- Zombies (SPEC §3): running steps whose lease expired. Each reset counts as a failed attempt,
+-- so a step that always hangs ends failed. waiting_input steps hold no lease and are never
+-- reset. Campaigns are locked in id order, so concurrent resetters cannot deadlock.
+CREATE FUNCTION reset_zombies("limit" integer DEFAULT 1000) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    v_zombie record;
+    s steps;
+    v_reset jsonb := '[]';
+BEGIN
+    FOR v_zombie IN
+        SELECT id, campaign_id FROM steps
+         WHERE status = 'running' AND step_type = 'atomic' AND lease_expires_at < clock()
+         ORDER BY campaign_id, id
+         LIMIT greatest("limit", 0)
+    LOOP
+        PERFORM lock_campaign(v_zombie.campaign_id);
+        SELECT * INTO s FROM steps WHERE id = v_zombie.id;
+        CONTINUE WHEN s.status <> 'running' OR s.lease_expires_at >= clock();
+        v_reset := v_reset || jsonb_build_object('step_id', s.id, 'campaign_id', s.campaign_id,
+                                                  'now', attempt_failed(s, 'lease expired'));
+    END LOOP;
+    RETURN jsonb_build_object('reset', jsonb_array_length(v_reset), 'steps', v_reset);
+END
+$$;
+
+-- Lock keys whose lease ran out or whose step is no longer running.
+CREATE FUNCTION reap_leases() RETURNS integer
+LANGUAGE sql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+    WITH reaped AS (
+        DELETE FROM resource_leases l
+         WHERE l.expires_at < clock()
+            OR NOT EXISTS (SELECT 1 FROM steps s WHERE s.id = l.step_id AND s.status = 'running')
+        RETURNING 1)
+    SELECT count(*)::integer FROM reaped;
+$$;

@@ -1,0 +1,82 @@
+-- check_invariants() (SPEC §11): what must hold after every rule, whatever happened before.
+-- Returns one row per problem; no rows means the state is consistent. The test suite runs it
+-- after every test.
+
+CREATE FUNCTION check_invariants(campaign_id uuid DEFAULT NULL) RETURNS SETOF text
+LANGUAGE sql STABLE
+SET search_path FROM CURRENT
+AS $$
+    WITH scope AS (SELECT * FROM campaigns c WHERE $1 IS NULL OR c.id = $1),
+    counts AS (
+        SELECT c.id,
+               c.open_steps, c.running_steps, c.ready_steps,
+               count(s.id) FILTER (WHERE s.status IN ('pending', 'running', 'waiting_input')) AS open_actual,
+               count(s.id) FILTER (WHERE s.status = 'running' AND s.step_type = 'atomic') AS running_actual,
+               count(s.id) FILTER (WHERE s.status = 'pending' AND s.step_type = 'atomic' AND s.remaining_deps = 0) AS ready_actual
+          FROM scope c LEFT JOIN steps s ON s.campaign_id = c.id
+         GROUP BY c.id, c.open_steps, c.running_steps, c.ready_steps)
+    SELECT format('campaign %s: open_steps is %s, actual %s', id, open_steps, open_actual) FROM counts WHERE open_steps <> open_actual
+    UNION ALL
+    SELECT format('campaign %s: running_steps is %s, actual %s', id, running_steps, running_actual) FROM counts WHERE running_steps <> running_actual
+    UNION ALL
+    SELECT format('campaign %s: ready_steps is %s, actual %s', id, ready_steps, ready_actual) FROM counts WHERE ready_steps <> ready_actual
+    UNION ALL
+    SELECT format('step %s: remaining_deps is %s, expected %s', s.id, s.remaining_deps, expected)
+      FROM scope c JOIN steps s ON s.campaign_id = c.id
+      LEFT JOIN steps p ON p.id = s.parent_id
+     CROSS JOIN LATERAL (
+         SELECT (SELECT count(*) FROM step_dependencies d JOIN steps x ON x.id = d.depends_on
+                  WHERE d.step_id = s.id AND x.status <> 'done')
+              + CASE WHEN p.step_type <> 'atomic' AND p.status = 'pending' AND p.remaining_deps > 0 THEN 1 ELSE 0 END
+                AS expected) e
+     WHERE s.status = 'pending' AND s.remaining_deps <> expected
+    UNION ALL
+    SELECT format('step %s: is running without a claim token', s.id)
+      FROM scope c JOIN steps s ON s.campaign_id = c.id
+     WHERE s.status = 'running' AND s.step_type = 'atomic' AND (s.claim_token IS NULL OR s.lease_expires_at IS NULL)
+    UNION ALL
+    SELECT format('step %s: is %s but holds a claim token', s.id, s.status)
+      FROM scope c JOIN steps s ON s.campaign_id = c.id
+     WHERE s.claim_token IS NOT NULL AND s.status NOT IN ('running', 'skipped')
+    UNION ALL
+    SELECT format('step %s: is %s without completed_at', s.id, s.status)
+      FROM scope c JOIN steps s ON s.campaign_id = c.id
+     WHERE s.status IN ('done', 'failed', 'skipped') AND s.completed_at IS NULL
+    UNION ALL
+    SELECT format('step %s: compound step is %s', s.id, s.status)
+      FROM scope c JOIN steps s ON s.campaign_id = c.id
+     WHERE s.step_type <> 'atomic' AND s.status = 'waiting_input'
+    UNION ALL
+    SELECT format('step %s: members %s/%s/%s, actual %s/%s/%s', p.id, p.members, p.members_resolved, p.members_failed,
+                  m.total, m.resolved, m.failed)
+      FROM scope c JOIN steps p ON p.campaign_id = c.id
+     CROSS JOIN LATERAL (
+         SELECT count(*) AS total,
+                count(*) FILTER (WHERE k.status = 'done' OR (k.status = 'skipped' AND k.skip_cause IN ('abort', 'threshold'))) AS resolved,
+                count(*) FILTER (WHERE k.status = 'failed' OR (k.status = 'skipped' AND k.skip_cause NOT IN ('abort', 'threshold'))) AS failed
+           FROM steps k WHERE k.parent_id = p.id AND k.continued_by IS NULL) m
+     WHERE p.step_type <> 'atomic'
+       AND (p.members <> m.total OR p.members_resolved <> m.resolved OR p.members_failed <> m.failed)
+    UNION ALL
+    SELECT format('step %s: done compound step has open member %s', p.id, k.id)
+      FROM scope c JOIN steps p ON p.campaign_id = c.id JOIN steps k ON k.parent_id = p.id
+     WHERE p.step_type <> 'atomic' AND p.status IN ('done', 'failed', 'skipped')
+       AND k.status IN ('pending', 'running', 'waiting_input')
+    UNION ALL
+    SELECT format('step %s: open in %s campaign %s', s.id, c.status, c.id)
+      FROM scope c JOIN steps s ON s.campaign_id = c.id
+     WHERE c.status IN ('done', 'failed', 'cancelled') AND s.status IN ('pending', 'running', 'waiting_input')
+    UNION ALL
+    SELECT format('dependency %s -> %s crosses campaigns', d.step_id, d.depends_on)
+      FROM step_dependencies d JOIN steps a ON a.id = d.step_id JOIN steps b ON b.id = d.depends_on
+     WHERE a.campaign_id <> b.campaign_id OR d.campaign_id <> a.campaign_id
+    UNION ALL
+    SELECT format('step %s: ran although dependency %s is %s', s.id, x.id, x.status)
+      FROM scope c JOIN steps s ON s.campaign_id = c.id
+      JOIN step_dependencies d ON d.step_id = s.id JOIN steps x ON x.id = d.depends_on
+     WHERE s.status IN ('running', 'waiting_input') AND s.step_type = 'atomic' AND x.status <> 'done'
+    UNION ALL
+    SELECT format('lease on %s held by step %s which is %s', l.key, l.step_id, s.status)
+      FROM resource_leases l JOIN steps s ON s.id = l.step_id
+     WHERE s.status <> 'running';
+$$;

@@ -1,0 +1,77 @@
+-- Delta reads for coordinators (SPEC §2 events, §5 get_updates).
+--
+-- Each consumer keeps a cursor (transaction, event id). A read only passes events of
+-- transactions older than every transaction still running (the snapshot's xmin), so an event
+-- whose transaction commits late can never end up behind a cursor and be missed.
+
+CREATE FUNCTION get_updates(id uuid DEFAULT NULL, consumer text DEFAULT 'default', "limit" integer DEFAULT 200)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_key text;
+    v_cursor cursors;
+    v_horizon xid8 := pg_snapshot_xmin(pg_current_snapshot());
+    v_limit integer := least(greatest(coalesce("limit", 200), 1), 1000);
+    v_events jsonb;
+    v_last record;
+BEGIN
+    IF consumer IS NULL OR btrim(consumer) = '' OR length(consumer) > 200 THEN
+        PERFORM raise('invalid_argument', 'consumer must be a name of 1 to 200 characters');
+    END IF;
+    IF id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM campaigns c WHERE c.id = id) THEN
+        PERFORM raise('not_found', format('campaign %s does not exist', id));
+    END IF;
+    v_key := consumer || '@' || coalesce(id::text, '*');
+    INSERT INTO cursors (consumer) VALUES (v_key) ON CONFLICT (consumer) DO NOTHING;
+    SELECT * INTO v_cursor FROM cursors WHERE cursors.consumer = v_key FOR UPDATE;
+
+    CREATE TEMP TABLE IF NOT EXISTS pg_temp.sortie_update_page (LIKE events) ON COMMIT DROP;
+    TRUNCATE pg_temp.sortie_update_page;
+    INSERT INTO pg_temp.sortie_update_page
+    SELECT e.* FROM events e
+     WHERE (e.tx, e.id) > (v_cursor.last_tx, v_cursor.last_event_id) AND e.tx < v_horizon
+       AND (id IS NULL OR e.campaign_id = id)
+     ORDER BY e.tx, e.id
+     LIMIT v_limit;
+
+    SELECT e.tx, e.id AS event_id INTO v_last FROM pg_temp.sortie_update_page e ORDER BY e.tx DESC, e.id DESC LIMIT 1;
+    IF FOUND THEN
+        UPDATE cursors SET last_tx = v_last.tx, last_event_id = v_last.event_id, updated_at = now()
+         WHERE cursors.consumer = v_key;
+    END IF;
+
+    RETURN jsonb_build_object(
+        'completed', (SELECT coalesce(jsonb_agg(jsonb_build_object('step_id', s.id, 'campaign_id', s.campaign_id,
+                                       'action', s.action, 'output_preview', left(s.output, 300),
+                                       'output_chars', length(s.output)) ORDER BY e.tx, e.id), '[]')
+                        FROM pg_temp.sortie_update_page e JOIN steps s ON s.id = e.step_id WHERE e.kind = 'step.done'),
+        'failed', (SELECT coalesce(jsonb_agg(jsonb_build_object('step_id', e.step_id, 'campaign_id', e.campaign_id,
+                                    'error', e.payload ->> 'error') ORDER BY e.tx, e.id), '[]')
+                     FROM pg_temp.sortie_update_page e WHERE e.kind = 'step.failed'),
+        'retrying', (SELECT coalesce(jsonb_agg(jsonb_build_object('step_id', e.step_id, 'campaign_id', e.campaign_id,
+                                      'error', e.payload ->> 'error', 'attempts', e.payload -> 'attempts') ORDER BY e.tx, e.id), '[]')
+                       FROM pg_temp.sortie_update_page e WHERE e.kind = 'step.retry'),
+        'skipped', (SELECT coalesce(jsonb_agg(jsonb_build_object('campaign_id', e.campaign_id) || e.payload ORDER BY e.tx, e.id), '[]')
+                      FROM pg_temp.sortie_update_page e WHERE e.kind = 'step.skipped'),
+        'notes', (SELECT coalesce(jsonb_agg(jsonb_build_object('note_id', n.id, 'campaign_id', n.campaign_id,
+                                  'step_id', n.step_id, 'agent', n.agent, 'tags', n.tags,
+                                  'content', left(n.content, 500)) ORDER BY n.id DESC), '[]')
+                    FROM pg_temp.sortie_update_page e JOIN notes n ON n.id = (e.payload ->> 'note_id')::bigint
+                   WHERE e.kind = 'note.added'),
+        'campaigns', (SELECT coalesce(jsonb_agg(jsonb_build_object('campaign_id', e.campaign_id, 'event', e.kind,
+                                      'reason', e.payload ->> 'reason', 'at', e.at) ORDER BY e.tx, e.id), '[]')
+                        FROM pg_temp.sortie_update_page e WHERE e.kind LIKE 'campaign.%' OR e.kind = 'plan.applied'),
+        -- Waiting steps are listed for as long as they wait, not only when they start waiting.
+        'waiting_inputs', (SELECT coalesce(jsonb_agg(jsonb_build_object('step_id', s.id, 'campaign_id', s.campaign_id,
+                                          'action', s.action, 'question', s.question) ORDER BY s.id), '[]')
+                             FROM steps s
+                            WHERE s.status = 'waiting_input' AND (id IS NULL OR s.campaign_id = id)
+                              AND (id IS NOT NULL OR EXISTS (SELECT 1 FROM campaigns c WHERE c.id = s.campaign_id
+                                                                AND c.status IN ('active', 'paused')))),
+        'events_read', (SELECT count(*) FROM pg_temp.sortie_update_page),
+        'has_more', (SELECT count(*) FROM pg_temp.sortie_update_page) = v_limit);
+END
+$$;

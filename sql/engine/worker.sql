@@ -1,0 +1,313 @@
+-- What a worker does with its claimed step: complete, fail, ask for input, splice, abort
+-- (SPEC §3). Every call presents the claim token (lock_claimed_step).
+
+-- Token budget (SPEC §3): an exhausted campaign is paused and nothing new is dispatched.
+CREATE FUNCTION enforce_budget(p_campaign uuid) RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    c campaigns;
+BEGIN
+    UPDATE campaigns SET status = 'paused', status_reason = 'budget_exhausted', updated_at = now()
+     WHERE id = p_campaign AND status = 'active' AND token_budget IS NOT NULL AND tokens_used >= token_budget
+    RETURNING * INTO c;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM emit(c.id, NULL, 'campaign.paused', jsonb_build_object('reason', 'budget_exhausted',
+                 'tokens_used', c.tokens_used, 'token_budget', c.token_budget));
+    PERFORM notify_campaign(c.id, 'milestone', format('Campaign %s paused: token budget exhausted (%s of %s tokens)',
+                                                      c.name, c.tokens_used, c.token_budget));
+    RETURN true;
+END
+$$;
+
+-- Budgets over every active campaign, for the runner's tick.
+CREATE FUNCTION enforce_budgets() RETURNS integer
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    v_id uuid;
+    v_paused integer := 0;
+BEGIN
+    FOR v_id IN SELECT id FROM campaigns
+                 WHERE status = 'active' AND token_budget IS NOT NULL AND tokens_used >= token_budget
+                 ORDER BY id LOOP
+        PERFORM lock_campaign(v_id);
+        IF enforce_budget(v_id) THEN
+            v_paused := v_paused + 1;
+        END IF;
+    END LOOP;
+    RETURN v_paused;
+END
+$$;
+
+CREATE FUNCTION check_tokens(p_tokens bigint) RETURNS bigint
+LANGUAGE plpgsql IMMUTABLE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    IF p_tokens IS NOT NULL AND p_tokens < 0 THEN
+        PERFORM raise('invalid_argument', 'tokens_used cannot be negative');
+    END IF;
+    RETURN coalesce(p_tokens, 0);
+END
+$$;
+
+CREATE FUNCTION complete_step(step_id bigint, claim_token uuid, summary text DEFAULT '', tokens_used bigint DEFAULT 0)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_tokens bigint := check_tokens(tokens_used);
+    s steps := lock_step(step_id);
+BEGIN
+    -- A worker whose step was skipped under it (abort, cancel) is told so; what it produced is
+    -- kept on the step for audit, and nothing else changes.
+    IF s.status = 'skipped' AND s.claim_token = claim_token THEN
+        UPDATE steps SET output = coalesce(steps.output, summary) WHERE id = s.id;
+        RETURN jsonb_build_object('step_id', s.id, 'status', 'skipped', 'accepted', false,
+            'message', format('step %s was skipped (%s) while you worked; your output was kept for the record',
+                              s.id, coalesce(s.error, s.skip_cause)));
+    END IF;
+    s := lock_claimed_step(step_id, claim_token, 'complete_step');
+    UPDATE steps
+       SET status = 'done', output = coalesce(summary, ''), tokens_used = steps.tokens_used + v_tokens,
+           duration_ms = (extract(epoch FROM clock() - s.claimed_at) * 1000)::bigint,
+           completed_at = clock(), claim_token = NULL, lease_expires_at = NULL
+     WHERE id = s.id;
+    DELETE FROM resource_leases WHERE resource_leases.step_id = s.id;
+    PERFORM settle_slot(s);
+    UPDATE campaigns SET tokens_used = campaigns.tokens_used + v_tokens WHERE id = s.campaign_id;
+    PERFORM after_done(s.campaign_id, s.id, s.parent_id);
+    PERFORM enforce_budget(s.campaign_id);
+    RETURN jsonb_build_object('step_id', s.id, 'status', 'done', 'accepted', true,
+                              'campaign_status', (SELECT status FROM campaigns WHERE id = s.campaign_id));
+END
+$$;
+
+CREATE FUNCTION fail_step(step_id bigint, claim_token uuid, error text DEFAULT '') RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    s steps := lock_claimed_step(step_id, claim_token, 'fail_step');
+    v_now text := attempt_failed(s, coalesce(nullif(error, ''), 'failed without a reason'));
+BEGIN
+    RETURN jsonb_build_object('step_id', s.id, 'status', v_now, 'attempts', s.attempts + 1,
+        'max_attempts', s.max_attempts, 'will_retry', v_now = 'pending',
+        'not_before', (SELECT not_before FROM steps WHERE id = s.id AND status = 'pending'));
+END
+$$;
+
+-- Input requests (SPEC §3): the question has its own column and the answer is stored beside
+-- the original input, never over it.
+CREATE FUNCTION request_input(step_id bigint, claim_token uuid, question text, partial_output text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    s steps := lock_claimed_step(step_id, claim_token, 'request_input');
+BEGIN
+    IF question IS NULL OR btrim(question) = '' THEN
+        PERFORM raise('invalid_argument', 'question is empty: ask what you need decided');
+    END IF;
+    PERFORM settle_slot(s);
+    UPDATE steps
+       SET status = 'waiting_input', question = request_input.question, answer = NULL,
+           output = coalesce(partial_output, steps.output),
+           claim_token = NULL, lease_expires_at = NULL
+     WHERE id = s.id;
+    DELETE FROM resource_leases WHERE resource_leases.step_id = s.id;
+    PERFORM emit(s.campaign_id, s.id, 'input.requested', jsonb_build_object('question', question));
+    PERFORM notify_campaign(s.campaign_id, 'milestone', format('Step %s asks: %s', s.id, question));
+    RETURN jsonb_build_object('step_id', s.id, 'status', 'waiting_input',
+        'message', 'your step is paused; it will be dispatched again with the answer');
+END
+$$;
+
+CREATE FUNCTION provide_input(id uuid, step_id bigint, answer text) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    c campaigns := lock_campaign(id);
+    s steps;
+BEGIN
+    IF answer IS NULL OR btrim(answer) = '' THEN
+        PERFORM raise('invalid_argument', 'answer is empty');
+    END IF;
+    SELECT * INTO s FROM steps WHERE steps.id = step_id AND steps.campaign_id = c.id FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM raise('not_found', format('campaign %s has no step %s', c.id, step_id));
+    END IF;
+    IF s.status <> 'waiting_input' THEN
+        PERFORM raise('invalid_state', format('step %s is %s, not waiting for input', s.id, s.status));
+    END IF;
+    UPDATE steps SET status = 'pending', answer = provide_input.answer, not_before = '-infinity'
+     WHERE steps.id = s.id;
+    PERFORM bump_counters(c.id, 0, 0, 1);
+    PERFORM emit(c.id, s.id, 'input.provided', jsonb_build_object('answer', answer));
+    RETURN jsonb_build_object('step_id', s.id, 'status', 'pending', 'question', s.question, 'answer', answer);
+END
+$$;
+
+-- DAG splice (SPEC §3): the running step becomes done with its partial output, its subtasks
+-- become its children, and a continuation at its own place waits for them and takes over
+-- everything that waited for it.
+CREATE FUNCTION spawn_and_continue(step_id bigint, claim_token uuid, subtasks jsonb, continuation jsonb,
+                                   partial_output text DEFAULT '')
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    s steps := lock_claimed_step(step_id, claim_token, 'spawn_and_continue');
+    c campaigns;
+    v_expansion jsonb;
+    v_spawned jsonb;
+    v_subtask_ids bigint[];
+    v_cont_action text;
+    v_cont_agent text;
+    v_cont_input jsonb;
+    v_cont bigint;
+BEGIN
+    SELECT * INTO c FROM campaigns WHERE id = s.campaign_id;
+    IF subtasks IS NULL OR jsonb_typeof(subtasks) <> 'array' OR jsonb_array_length(subtasks) = 0 THEN
+        PERFORM raise('invalid_argument', 'subtasks must list at least one step; to finish alone, call complete_step');
+    END IF;
+    IF s.depth + 1 > c.max_depth THEN
+        PERFORM raise('depth_limit', format('step %s is at depth %s and the campaign''s max_depth is %s; complete it yourself',
+                                            s.id, s.depth, c.max_depth));
+    END IF;
+    CASE jsonb_typeof(continuation)
+        WHEN 'string' THEN
+            v_cont_action := continuation #>> '{}';
+        WHEN 'object' THEN
+            IF EXISTS (SELECT 1 FROM jsonb_object_keys(continuation) k WHERE k NOT IN ('action', 'agent', 'input')) THEN
+                PERFORM raise('invalid_argument', 'continuation takes action, agent and input only');
+            END IF;
+            v_cont_action := continuation ->> 'action';
+            v_cont_agent := continuation ->> 'agent';
+            v_cont_input := continuation -> 'input';
+        ELSE
+            NULL;
+    END CASE;
+    IF v_cont_action IS NULL OR btrim(v_cont_action) = '' THEN
+        PERFORM raise('invalid_argument', 'continuation is required: the action that resumes your work once the subtasks are done');
+    END IF;
+    v_expansion := unwrap(expand_steps(subtasks));
+
+    -- New work first, so the campaign never looks drained in between.
+    v_spawned := insert_steps(c, v_expansion, s.id, s.depth + 1, c.max_depth);
+    SELECT array_agg(x::bigint) INTO v_subtask_ids FROM jsonb_array_elements_text(v_spawned -> 'step_ids') x;
+
+    INSERT INTO steps (campaign_id, parent_id, depth, position, action, agent, step_type, failure_policy,
+                       remaining_deps, input, fingerprint, continuation_of, max_attempts, requires_locks, created_at)
+    VALUES (s.campaign_id, s.parent_id, s.depth, s.position, v_cont_action, coalesce(v_cont_agent, s.agent), 'atomic',
+            s.failure_policy,
+            (SELECT count(*) FROM steps WHERE id = ANY (v_subtask_ids) AND status <> 'done'),
+            coalesce(v_cont_input, s.input),
+            step_fingerprint(v_cont_action, coalesce(v_cont_agent, s.agent), coalesce(v_cont_input, s.input)),
+            s.id, s.max_attempts, s.requires_locks, clock())
+    RETURNING id INTO v_cont;
+    INSERT INTO step_dependencies (campaign_id, step_id, depends_on)
+    SELECT s.campaign_id, v_cont, x FROM unnest(v_subtask_ids) x;
+    -- Everything that waited for the spawner now waits for the continuation.
+    UPDATE step_dependencies SET depends_on = v_cont WHERE depends_on = s.id;
+    PERFORM bump_counters(s.campaign_id, 1, 0, 0);
+    PERFORM unblocked(s.campaign_id, ARRAY[v_cont]);
+
+    -- The spawner is done but hands its place among its parent's members to the continuation,
+    -- so it is neither counted by the parent nor releases anyone.
+    UPDATE steps
+       SET status = 'done', output = coalesce(partial_output, ''), continued_by = v_cont,
+           duration_ms = (extract(epoch FROM clock() - s.claimed_at) * 1000)::bigint,
+           completed_at = clock(), claim_token = NULL, lease_expires_at = NULL
+     WHERE id = s.id;
+    DELETE FROM resource_leases WHERE resource_leases.step_id = s.id;
+    PERFORM settle_slot(s);
+    PERFORM bump_counters(s.campaign_id, -1, 0, 0);
+    PERFORM emit(s.campaign_id, s.id, 'step.spliced', jsonb_build_object(
+        'subtask_ids', to_jsonb(v_subtask_ids), 'continuation_id', v_cont));
+    RETURN jsonb_build_object('step_id', s.id, 'status', 'done', 'subtask_ids', to_jsonb(v_subtask_ids),
+                              'continuation_id', v_cont, 'keys', v_spawned -> 'keys',
+                              'duplicates', v_spawned -> 'duplicates');
+END
+$$;
+
+-- Branch abort (SPEC §3): an early return from an ancestor. The target is done with the
+-- caller's output; everything still open beneath it is skipped; the caller is done with the
+-- reason, which is also kept as a note tagged `abort`.
+CREATE FUNCTION abort_branch(target_id bigint, claim_token uuid, step_id bigint, output text, reason text)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    caller steps := lock_claimed_step(step_id, claim_token, 'abort_branch');
+    t steps;
+    v_is_ancestor boolean;
+    v_children bigint[];
+    v_skipped bigint[];
+    v_note bigint;
+BEGIN
+    IF reason IS NULL OR btrim(reason) = '' THEN
+        PERFORM raise('invalid_argument', 'reason is required: say why this branch is pointless');
+    END IF;
+    SELECT * INTO t FROM steps WHERE id = target_id AND campaign_id = caller.campaign_id FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM raise('not_found', format('step %s is not a step of your campaign', target_id));
+    END IF;
+    WITH RECURSIVE up(id, parent_id) AS (
+        SELECT id, parent_id FROM steps WHERE id = caller.parent_id
+        UNION ALL
+        SELECT s.id, s.parent_id FROM steps s JOIN up ON s.id = up.parent_id
+    )
+    SELECT EXISTS (SELECT 1 FROM up WHERE up.id = t.id) INTO v_is_ancestor;
+    IF NOT v_is_ancestor THEN
+        PERFORM raise('invalid_argument', format('step %s is not an ancestor of your step %s; you can only abort a branch you are inside',
+                                                 t.id, caller.id));
+    END IF;
+    IF t.status IN ('done', 'failed', 'skipped') THEN
+        PERFORM raise('invalid_state', format('step %s is already %s and cannot be aborted', t.id, t.status));
+    END IF;
+
+    -- Settle target and caller first, so that the skips below find both closed.
+    UPDATE steps SET status = 'done', output = abort_branch.output, completed_at = clock(),
+                     started_at = coalesce(started_at, clock())
+     WHERE id = t.id;
+    UPDATE steps SET status = 'done', output = reason, completed_at = clock(), claim_token = NULL,
+                     lease_expires_at = NULL,
+                     duration_ms = (extract(epoch FROM clock() - caller.claimed_at) * 1000)::bigint
+     WHERE id = caller.id;
+    DELETE FROM resource_leases WHERE resource_leases.step_id = caller.id;
+    PERFORM settle_slot(caller);
+    PERFORM bump_counters(caller.campaign_id, -1, 0, 0);
+    PERFORM emit(caller.campaign_id, caller.id, 'step.done', jsonb_build_object('aborted_branch', t.id));
+    PERFORM release_dependents(caller.campaign_id, caller.id);
+
+    SELECT coalesce(array_agg(id), '{}') INTO v_children FROM steps WHERE parent_id = t.id;
+    v_skipped := skip_cascade(caller.campaign_id, v_children, 'abort',
+                              format('branch %s aborted by step %s: %s', t.id, caller.id, reason));
+
+    INSERT INTO notes (campaign_id, step_id, agent, content, tags)
+    VALUES (caller.campaign_id, caller.id, caller.agent,
+            format('Aborted branch at step %s (%s): %s', t.id, t.action, reason), ARRAY['abort'])
+    RETURNING id INTO v_note;
+    PERFORM emit(caller.campaign_id, caller.id, 'note.added', jsonb_build_object('note_id', v_note, 'tags', ARRAY['abort']));
+
+    PERFORM after_done(t.campaign_id, t.id, t.parent_id);
+    RETURN jsonb_build_object('target_id', t.id, 'status', 'done', 'skipped', to_jsonb(v_skipped), 'note_id', v_note);
+END
+$$;
