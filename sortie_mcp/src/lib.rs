@@ -1,4 +1,16 @@
 //! Sortie's MCP server and runner. Both only call the extension's SQL functions; no DAG rule
 //! lives here.
 
+pub mod config;
+pub mod demo;
+pub mod runner;
+pub mod db;
 pub mod embedded;
+pub mod tools;
+
+/// Logs go to stderr only: stdout carries nothing but JSON-RPC (SPEC §5).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sortie_mcp=info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false).try_init();
+}

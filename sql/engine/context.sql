@@ -57,7 +57,8 @@ END
 $$;
 
 CREATE FUNCTION read_step_output(step_id bigint, "offset" integer DEFAULT 0, "limit" integer DEFAULT 8000,
-                                 field text DEFAULT 'output', campaign_id uuid DEFAULT NULL)
+                                 field text DEFAULT 'output', campaign_id uuid DEFAULT NULL,
+                                 reader_step_id bigint DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
@@ -75,7 +76,9 @@ BEGIN
     SELECT * INTO s FROM steps WHERE id = step_id;
     -- Only steps of the reader's own campaign are readable; another campaign's step reads as
     -- missing rather than revealing that it exists.
-    IF NOT FOUND OR (campaign_id IS NOT NULL AND s.campaign_id <> campaign_id) THEN
+    IF NOT FOUND OR (campaign_id IS NOT NULL AND s.campaign_id <> campaign_id)
+       OR (reader_step_id IS NOT NULL
+           AND s.campaign_id IS DISTINCT FROM (SELECT r.campaign_id FROM steps r WHERE r.id = reader_step_id)) THEN
         PERFORM raise('not_found', format('step %s does not exist in your campaign', step_id));
     END IF;
     RETURN jsonb_build_object('step_id', s.id, 'field', coalesce(field, 'output'), 'status', s.status)

@@ -26,8 +26,10 @@ BEGIN
     IF step_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM steps s WHERE s.id = step_id AND s.campaign_id = campaign_id) THEN
         PERFORM raise('not_found', format('campaign %s has no step %s', campaign_id, step_id));
     END IF;
+    -- A worker's note carries its step's agent when the caller does not name one.
     INSERT INTO notes (campaign_id, step_id, agent, content, tags, embedding, embedding_model)
-    VALUES (campaign_id, step_id, agent, content, coalesce(tags, '{}'), embedding, embedding_model)
+    VALUES (campaign_id, step_id, coalesce(agent, (SELECT s.agent FROM steps s WHERE s.id = step_id)),
+            content, coalesce(tags, '{}'), embedding, embedding_model)
     RETURNING id INTO v_id;
     PERFORM emit(campaign_id, step_id, 'note.added', jsonb_build_object('note_id', v_id, 'tags', coalesce(tags, '{}')));
     RETURN jsonb_build_object('note_id', v_id, 'campaign_id', campaign_id, 'step_id', step_id);
@@ -50,4 +52,68 @@ AS $$
                AND ($3 IS NULL OR n.step_id = $3)
              ORDER BY n.id DESC
              LIMIT least(greatest(coalesce($4, 50), 1), 500)) n;
+$$;
+
+-- Search (SPEC §8): full-text rank fused with pgvector cosine distance by reciprocal rank
+-- fusion. Each hit says how it was found: `lexical`, `semantic` or `hybrid` (both). Without a
+-- query embedding the search is lexical only. SQL users bring their own vector.
+CREATE FUNCTION search_notes(query text, campaign_id uuid DEFAULT NULL, top_k integer DEFAULT 5,
+                             tags text[] DEFAULT NULL, query_embedding vector DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_k integer := least(greatest(coalesce(top_k, 5), 1), 100);
+    v_pool integer := least(greatest(coalesce(top_k, 5), 1), 100) * 4;
+    v_tsquery tsquery;
+    v_hits jsonb;
+BEGIN
+    IF query IS NULL OR btrim(query) = '' THEN
+        PERFORM raise('invalid_argument', 'query is empty: say what you are looking for');
+    END IF;
+    IF campaign_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM campaigns c WHERE c.id = campaign_id) THEN
+        PERFORM raise('not_found', format('campaign %s does not exist', campaign_id));
+    END IF;
+    -- Any of the words, so a question phrased differently from the note still meets it.
+    v_tsquery := (SELECT string_agg(quote_literal(lexeme)::tsquery::text, ' | ')::tsquery
+                    FROM unnest(to_tsvector('english', query)) AS t(lexeme, positions, weights));
+    WITH lexical AS (
+        SELECT n.id, row_number() OVER (ORDER BY ts_rank_cd(n.content_tsv, v_tsquery) DESC, n.id DESC) AS rank
+          FROM notes n
+         WHERE v_tsquery IS NOT NULL AND n.content_tsv @@ v_tsquery
+           AND (campaign_id IS NULL OR n.campaign_id = campaign_id)
+           AND (tags IS NULL OR n.tags && tags)
+         ORDER BY ts_rank_cd(n.content_tsv, v_tsquery) DESC, n.id DESC
+         LIMIT v_pool
+    ),
+    semantic AS (
+        SELECT s.id, row_number() OVER (ORDER BY s.distance, s.id) AS rank, s.distance
+          FROM (SELECT n.id, n.embedding <=> query_embedding AS distance
+                  FROM notes n
+                 WHERE query_embedding IS NOT NULL AND n.embedding IS NOT NULL
+                   AND (campaign_id IS NULL OR n.campaign_id = campaign_id)
+                   AND (tags IS NULL OR n.tags && tags)
+                 ORDER BY n.embedding <=> query_embedding
+                 LIMIT v_pool) s
+    ),
+    fused AS (
+        SELECT coalesce(l.id, s.id) AS id,
+               coalesce(1.0 / (60 + l.rank), 0) + coalesce(1.0 / (60 + s.rank), 0) AS score,
+               CASE WHEN l.id IS NOT NULL AND s.id IS NOT NULL THEN 'hybrid'
+                    WHEN s.id IS NOT NULL THEN 'semantic' ELSE 'lexical' END AS mode,
+               1 - s.distance AS similarity
+          FROM lexical l FULL JOIN semantic s ON s.id = l.id
+    )
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+               'note_id', n.id, 'campaign_id', n.campaign_id, 'step_id', n.step_id, 'agent', n.agent,
+               'content', n.content, 'tags', n.tags, 'created_at', n.created_at,
+               'score', round(f.score::numeric, 6), 'mode', f.mode, 'similarity', round(f.similarity::numeric, 4))
+               ORDER BY f.score DESC, n.id DESC), '[]')
+      INTO v_hits
+      FROM (SELECT * FROM fused ORDER BY score DESC, id DESC LIMIT v_k) f JOIN notes n ON n.id = f.id;
+    RETURN jsonb_build_object('results', v_hits,
+                              'mode', CASE WHEN query_embedding IS NULL THEN 'lexical' ELSE 'hybrid' END);
+END
 $$;

@@ -1,0 +1,158 @@
+//! The connection to the database: a pool, the embedded default when no DATABASE_URL is set,
+//! and the mapping from the extension's SQLSTATEs to stable error codes.
+
+use std::str::FromStr;
+
+use anyhow::{Context, Result};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use serde_json::Value;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::NoTls;
+
+use crate::config::Config;
+use crate::embedded::{default_root, find_bin_dir, Cluster};
+
+/// The embedded default's database.
+pub const EMBEDDED_DATABASE: &str = "sortie";
+
+#[derive(Clone)]
+pub struct Db {
+    pool: Pool,
+    schema: String,
+}
+
+/// Where to connect: DATABASE_URL, or the embedded cluster (started and prepared on demand).
+pub fn resolve_connection_string(config: &Config) -> Result<String> {
+    if let Some(url) = &config.database_url {
+        return Ok(url.clone());
+    }
+    let cluster = Cluster::new(default_root()?, find_bin_dir()?);
+    cluster.ensure_running().context("starting the embedded PostgreSQL cluster")?;
+    Ok(cluster.connection_string(EMBEDDED_DATABASE))
+}
+
+impl Db {
+    pub async fn connect(config: &Config) -> Result<Db> {
+        let embedded = config.database_url.is_none();
+        let connection_string = {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || resolve_connection_string(&config)).await??
+        };
+        if embedded {
+            prepare_embedded(&connection_string).await?;
+        }
+        let pg_config = tokio_postgres::Config::from_str(&connection_string).context("DATABASE_URL is not a valid connection string")?;
+        let manager = Manager::from_config(pg_config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager).max_size(16).build()?;
+        Ok(Db { pool, schema: config.schema.clone() })
+    }
+
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// Calls one extension function returning jsonb: `call("claim_next(owner => $1)", ...)`.
+    /// The schema is prefixed here; the statement is prepared once per connection.
+    pub async fn call(&self, function_call: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Value, DbError> {
+        let client = self.pool.get().await.map_err(DbError::unavailable)?;
+        let sql = format!("SELECT {}.{function_call}", self.schema);
+        let statement = client.prepare_cached(&sql).await.map_err(DbError::from)?;
+        let row = client.query_one(&statement, params).await.map_err(DbError::from)?;
+        Ok(row.get::<_, Option<Value>>(0).unwrap_or(Value::Null))
+    }
+
+    /// Runs a statement returning one jsonb value; `{schema}` in the text names the
+    /// extension's schema.
+    pub async fn query_value(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Value, DbError> {
+        let client = self.pool.get().await.map_err(DbError::unavailable)?;
+        let statement = client.prepare_cached(&sql.replace("{schema}", &self.schema)).await.map_err(DbError::from)?;
+        let row = client.query_one(&statement, params).await.map_err(DbError::from)?;
+        Ok(row.get::<_, Option<Value>>(0).unwrap_or(Value::Null))
+    }
+
+    pub async fn client(&self) -> Result<deadpool_postgres::Object, DbError> {
+        self.pool.get().await.map_err(DbError::unavailable)
+    }
+}
+
+/// The embedded cluster's database and extension, created on first use.
+async fn prepare_embedded(connection_string: &str) -> Result<()> {
+    let admin_string = connection_string.replace(&format!("dbname={EMBEDDED_DATABASE}"), "dbname=postgres");
+    let (admin, connection) = tokio_postgres::connect(&admin_string, NoTls).await.context("connecting to the embedded cluster")?;
+    tokio::spawn(connection);
+    let exists = admin
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&EMBEDDED_DATABASE])
+        .await?
+        .is_some();
+    if !exists {
+        // Two processes may race here; the loser's "already exists" is fine.
+        if let Err(e) = admin.batch_execute(&format!("CREATE DATABASE {EMBEDDED_DATABASE}")).await {
+            if e.code() != Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) {
+                return Err(e.into());
+            }
+        }
+    }
+    let (client, connection) = tokio_postgres::connect(connection_string, NoTls).await?;
+    tokio::spawn(connection);
+    client
+        .batch_execute("SELECT pg_advisory_lock(4242); CREATE EXTENSION IF NOT EXISTS sortie CASCADE; SELECT pg_advisory_unlock(4242)")
+        .await
+        .context("creating the sortie extension in the embedded database (run scripts/setup to install it)")?;
+    Ok(())
+}
+
+/// A failed call: the stable code (SPEC §5) and a sentence for the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DbError {
+    pub code: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for DbError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.message.starts_with(&self.code) {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.code, self.message)
+        }
+    }
+}
+
+impl std::error::Error for DbError {}
+
+/// The extension's own SQLSTATEs (class SR), in `raise()`'s order.
+fn code_for_sqlstate(sqlstate: &str) -> Option<&'static str> {
+    Some(match sqlstate {
+        "SR001" => "not_found",
+        "SR002" => "invalid_state",
+        "SR003" => "stale_claim",
+        "SR004" => "depth_limit",
+        "SR005" => "invalid_argument",
+        "SR006" => "budget_exhausted",
+        "SR007" => "cycle",
+        "SR008" => "skipped",
+        "SR009" => "forbidden",
+        // Bad input the extension's types caught before a rule ran.
+        "22P02" | "22003" | "22023" | "22007" | "22008" | "22021" | "22P05" | "42883" | "23514" => "invalid_argument",
+        "40001" | "40P01" => "conflict",
+        _ => return None,
+    })
+}
+
+impl DbError {
+    pub fn unavailable(e: impl std::fmt::Display) -> DbError {
+        DbError { code: "unavailable".into(), message: format!("the database is not reachable ({e}); retry shortly") }
+    }
+}
+
+impl From<tokio_postgres::Error> for DbError {
+    fn from(e: tokio_postgres::Error) -> DbError {
+        match e.as_db_error() {
+            Some(db) => match code_for_sqlstate(db.code().code()) {
+                Some(code) => DbError { code: code.into(), message: db.message().to_string() },
+                None => DbError { code: "internal".into(), message: format!("{} ({})", db.message(), db.code().code()) },
+            },
+            None => DbError::unavailable(e),
+        }
+    }
+}
