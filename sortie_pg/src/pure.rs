@@ -15,9 +15,16 @@ fn refusal(error: RuleError) -> JsonB {
 #[pg_extern(immutable, parallel_safe)]
 pub fn expand_steps(steps: JsonB) -> JsonB {
     match steps::expand(&steps.0) {
-        Ok(expansion) => JsonB(json!({"ok": expansion, "max_level": expansion.max_level()})),
+        Ok(expansion) => JsonB(json!({"ok": expansion_json(&expansion)})),
         Err(error) => refusal(error),
     }
+}
+
+/// The expansion as the SQL side reads it, with the depth it reaches below its top level.
+fn expansion_json(expansion: &steps::Expansion) -> serde_json::Value {
+    let mut value = json!(expansion);
+    value["max_level"] = json!(expansion.max_level());
+    value
 }
 
 /// Validates a planner answer (SPEC §4) and returns it normalised, steps expanded.
@@ -25,7 +32,7 @@ pub fn expand_steps(steps: JsonB) -> JsonB {
 pub fn parse_plan(plan: JsonB) -> JsonB {
     match plan::parse_plan(&plan.0) {
         Ok(p) => JsonB(json!({"ok": {
-            "new_steps": p.new_steps.as_ref().map(|e| json!({"ok": e, "max_level": e.max_level()})),
+            "new_steps": p.new_steps.as_ref().map(|e| json!({"ok": expansion_json(e)})),
             "strategy_update": p.strategy_update,
             "progress_update": p.progress_update,
             "notify": p.notify,

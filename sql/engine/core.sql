@@ -138,6 +138,8 @@ BEGIN
           FROM steps WHERE id = ANY (p_steps) AND status = 'pending' AND remaining_deps = 0;
         PERFORM bump_counters(p_campaign, 0, 0, v_ready);
         EXIT WHEN cardinality(v_compound) = 0;
+        -- A compound step with no members (a for_each over no items) has nothing to wait for.
+        PERFORM settle_compound_done(p) FROM steps p WHERE p.id = ANY (v_compound) AND p.members = 0;
         WITH opened AS (
             UPDATE steps SET remaining_deps = remaining_deps - 1
              WHERE parent_id = ANY (v_compound) AND status = 'pending'
@@ -222,14 +224,13 @@ BEGIN
     PERFORM emit(p_campaign, NULL, 'step.skipped',
                  jsonb_build_object('step_ids', to_jsonb(v_skipped), 'cause', p_cause, 'reason', p_reason));
 
-    -- Parents outside the skipped set lost members: deepest first, so a child compound settles
-    -- before its own parent looks at it.
+    -- Parents lost members: their counters are updated, and those still open are decided,
+    -- deepest first, so a child compound settles before its own parent looks at it.
     FOR v_parent IN
         SELECT s.parent_id AS id, count(*) AS lost,
                count(*) FILTER (WHERE s.skip_cause IN ('abort', 'threshold')) AS resolved
           FROM steps s
-         WHERE s.id = ANY (v_skipped) AND s.parent_id IS NOT NULL
-           AND NOT (s.parent_id = ANY (v_skipped)) AND s.continued_by IS NULL
+         WHERE s.id = ANY (v_skipped) AND s.parent_id IS NOT NULL AND s.continued_by IS NULL
          GROUP BY s.parent_id
          ORDER BY max(s.depth) DESC, s.parent_id
     LOOP

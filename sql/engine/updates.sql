@@ -1,8 +1,40 @@
 -- Delta reads for coordinators (SPEC §2 events, §5 get_updates).
 --
 -- Each consumer keeps a cursor (transaction, event id). A read only passes events of
--- transactions older than every transaction still running (the snapshot's xmin), so an event
--- whose transaction commits late can never end up behind a cursor and be missed.
+-- transactions older than every transaction of this database still running, so an event whose
+-- transaction commits late can never end up behind a cursor and be missed. Transactions of
+-- other databases cannot write these events and do not hold reads back.
+
+-- A 32-bit xid of a running transaction as the 64-bit xid8 the events carry.
+CREATE FUNCTION widen_xid(p_xid xid) RETURNS xid8
+LANGUAGE sql STABLE
+SET search_path FROM CURRENT
+AS $$
+    WITH cur AS (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::numeric AS xmax),
+    guess AS (SELECT floor(xmax / 4294967296) * 4294967296 + p_xid::text::numeric AS x, xmax FROM cur)
+    SELECT (CASE WHEN x > xmax THEN x - 4294967296 ELSE x END)::text::xid8 FROM guess;
+$$;
+
+-- Events of transactions below this are all committed or aborted. SECURITY DEFINER: reading
+-- other sessions' transaction ids needs the installing role's view of pg_stat_activity.
+CREATE FUNCTION event_horizon() RETURNS xid8
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    v_next xid8 := pg_snapshot_xmax(pg_current_snapshot());
+    v_running xid8;
+    v_prepared xid8;
+BEGIN
+    -- The backend status view is cached per transaction; a second read must be fresh.
+    PERFORM pg_stat_clear_snapshot();
+    SELECT min(widen_xid(a.backend_xid)) INTO v_running
+      FROM pg_stat_activity a
+     WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() AND a.backend_xid IS NOT NULL;
+    SELECT min(widen_xid(p.transaction)) INTO v_prepared FROM pg_prepared_xacts p WHERE p.database = current_database();
+    RETURN least(v_next, v_running, v_prepared);
+END
+$$;
 
 CREATE FUNCTION get_updates(id uuid DEFAULT NULL, consumer text DEFAULT 'default', "limit" integer DEFAULT 200)
 RETURNS jsonb
@@ -13,7 +45,7 @@ AS $$
 DECLARE
     v_key text;
     v_cursor cursors;
-    v_horizon xid8 := pg_snapshot_xmin(pg_current_snapshot());
+    v_horizon xid8 := event_horizon();
     v_limit integer := least(greatest(coalesce("limit", 200), 1), 1000);
     v_events jsonb;
     v_last record;
@@ -25,7 +57,7 @@ BEGIN
         PERFORM raise('not_found', format('campaign %s does not exist', id));
     END IF;
     v_key := consumer || '@' || coalesce(id::text, '*');
-    INSERT INTO cursors (consumer) VALUES (v_key) ON CONFLICT (consumer) DO NOTHING;
+    INSERT INTO cursors (consumer) VALUES (v_key) ON CONFLICT ON CONSTRAINT cursors_pkey DO NOTHING;
     SELECT * INTO v_cursor FROM cursors WHERE cursors.consumer = v_key FOR UPDATE;
 
     CREATE TEMP TABLE IF NOT EXISTS pg_temp.sortie_update_page (LIKE events) ON COMMIT DROP;

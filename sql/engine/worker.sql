@@ -300,6 +300,10 @@ BEGIN
     SELECT coalesce(array_agg(id), '{}') INTO v_children FROM steps WHERE parent_id = t.id;
     v_skipped := skip_cascade(caller.campaign_id, v_children, 'abort',
                               format('branch %s aborted by step %s: %s', t.id, caller.id, reason));
+    -- The caller counts as a resolved member of its parent, which is closed by now.
+    IF caller.continued_by IS NULL THEN
+        PERFORM member_settled(caller.parent_id, 1, 0, NULL);
+    END IF;
 
     INSERT INTO notes (campaign_id, step_id, agent, content, tags)
     VALUES (caller.campaign_id, caller.id, caller.agent,
