@@ -49,7 +49,12 @@ fn var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
-fn parse<T: std::str::FromStr>(name: &str, default: T, check: impl Fn(&T) -> bool, expected: &str) -> Result<T> {
+fn parse<T: std::str::FromStr>(
+    name: &str,
+    default: T,
+    check: impl Fn(&T) -> bool,
+    expected: &str,
+) -> Result<T> {
     match var(name) {
         None => Ok(default),
         Some(raw) => match raw.trim().parse::<T>() {
@@ -62,7 +67,9 @@ fn parse<T: std::str::FromStr>(name: &str, default: T, check: impl Fn(&T) -> boo
 fn url(name: &str) -> Result<Option<String>> {
     match var(name) {
         None => Ok(None),
-        Some(u) if u.starts_with("http://") || u.starts_with("https://") => Ok(Some(u.trim_end_matches('/').to_string())),
+        Some(u) if u.starts_with("http://") || u.starts_with("https://") => {
+            Ok(Some(u.trim_end_matches('/').to_string()))
+        }
         Some(u) => bail!("{name}={u:?} is invalid: expected an http:// or https:// URL"),
     }
 }
@@ -71,8 +78,13 @@ fn url(name: &str) -> Result<Option<String>> {
 pub fn valid_identifier(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 63
-        && name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
 impl Config {
@@ -85,19 +97,31 @@ impl Config {
             None | Some("both") => Role::Both,
             Some("coordinator") => Role::Coordinator,
             Some("worker") => Role::Worker,
-            Some(other) => bail!("SORTIE_ROLE={other:?} is invalid: expected coordinator, worker or both"),
+            Some(other) => {
+                bail!("SORTIE_ROLE={other:?} is invalid: expected coordinator, worker or both")
+            }
         };
         let dispatch = match var("SORTIE_DISPATCH").as_deref().map(str::trim) {
             None | Some("none") => Dispatch::None,
             Some("http") => Dispatch::Http,
             Some("command") => Dispatch::Command,
-            Some(other) => bail!("SORTIE_DISPATCH={other:?} is invalid: expected http, command or none"),
+            Some(other) => {
+                bail!("SORTIE_DISPATCH={other:?} is invalid: expected http, command or none")
+            }
         };
         let step_id = match var("SORTIE_STEP_ID") {
             None => None,
-            Some(raw) => Some(raw.trim().parse::<i64>().ok().filter(|v| *v > 0).ok_or_else(|| {
-                anyhow::anyhow!("SORTIE_STEP_ID={raw:?} is invalid: expected a positive step id")
-            })?),
+            Some(raw) => Some(
+                raw.trim()
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|v| *v > 0)
+                    .ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "SORTIE_STEP_ID={raw:?} is invalid: expected a positive step id"
+                        )
+                    })?,
+            ),
         };
         let uuid_var = |name: &str| -> Result<Option<uuid::Uuid>> {
             match var(name) {
@@ -115,17 +139,42 @@ impl Config {
             campaign_id: uuid_var("SORTIE_CAMPAIGN_ID")?,
             claim_token: uuid_var("SORTIE_CLAIM_TOKEN")?,
             owner: var("SORTIE_OWNER").unwrap_or_else(default_owner),
-            max_concurrent: parse("SORTIE_MAX_CONCURRENT", 4, |v| (1..=10_000).contains(v), "a whole number from 1 to 10000")?,
+            max_concurrent: parse(
+                "SORTIE_MAX_CONCURRENT",
+                4,
+                |v| (1..=10_000).contains(v),
+                "a whole number from 1 to 10000",
+            )?,
             zombie_timeout: Duration::from_secs(
-                60 * parse("SORTIE_ZOMBIE_TIMEOUT", 30u64, |v| (1..=10_080).contains(v), "minutes from 1 to 10080")?,
+                60 * parse(
+                    "SORTIE_ZOMBIE_TIMEOUT",
+                    30u64,
+                    |v| (1..=10_080).contains(v),
+                    "minutes from 1 to 10080",
+                )?,
             ),
-            preview_head: parse("SORTIE_PREVIEW_HEAD", 600, |v| (0..=100_000).contains(v), "characters from 0 to 100000")?,
-            preview_tail: parse("SORTIE_PREVIEW_TAIL", 200, |v| (0..=100_000).contains(v), "characters from 0 to 100000")?,
+            preview_head: parse(
+                "SORTIE_PREVIEW_HEAD",
+                600,
+                |v| (0..=100_000).contains(v),
+                "characters from 0 to 100000",
+            )?,
+            preview_tail: parse(
+                "SORTIE_PREVIEW_TAIL",
+                200,
+                |v| (0..=100_000).contains(v),
+                "characters from 0 to 100000",
+            )?,
             litellm_url: url("LITELLM_URL")?,
             litellm_key: var("LITELLM_KEY"),
             planner_model: var("SORTIE_PLANNER_MODEL").unwrap_or_else(|| "qwen3.5:9b".into()),
             embedding_model: var("SORTIE_EMBEDDING_MODEL"),
-            embedding_dim: parse("SORTIE_EMBEDDING_DIM", 384, |v| (1..=16_000).contains(v), "a dimension from 1 to 16000")?,
+            embedding_dim: parse(
+                "SORTIE_EMBEDDING_DIM",
+                384,
+                |v| (1..=16_000).contains(v),
+                "a dimension from 1 to 16000",
+            )?,
             runtime_url: url("OPENCLAW_RUNTIME_URL")?,
             dispatch,
             agent_command: var("SORTIE_AGENT_COMMAND"),
@@ -142,7 +191,9 @@ impl Config {
 }
 
 fn default_owner() -> String {
-    let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "host".into());
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "host".into());
     format!("{host}/{}", std::process::id())
 }
 

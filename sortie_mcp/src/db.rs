@@ -27,7 +27,9 @@ pub fn resolve_connection_string(config: &Config) -> Result<String> {
         return Ok(url.clone());
     }
     let cluster = Cluster::new(default_root()?, find_bin_dir()?);
-    cluster.ensure_running().context("starting the embedded PostgreSQL cluster")?;
+    cluster
+        .ensure_running()
+        .context("starting the embedded PostgreSQL cluster")?;
     Ok(cluster.connection_string(EMBEDDED_DATABASE))
 }
 
@@ -41,10 +43,20 @@ impl Db {
         if embedded {
             prepare_embedded(&connection_string).await?;
         }
-        let pg_config = tokio_postgres::Config::from_str(&connection_string).context("DATABASE_URL is not a valid connection string")?;
-        let manager = Manager::from_config(pg_config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pg_config = tokio_postgres::Config::from_str(&connection_string)
+            .context("DATABASE_URL is not a valid connection string")?;
+        let manager = Manager::from_config(
+            pg_config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
         let pool = Pool::builder(manager).max_size(16).build()?;
-        Ok(Db { pool, schema: config.schema.clone() })
+        Ok(Db {
+            pool,
+            schema: config.schema.clone(),
+        })
     }
 
     pub fn schema(&self) -> &str {
@@ -53,20 +65,37 @@ impl Db {
 
     /// Calls one extension function returning jsonb: `call("claim_next(owner => $1)", ...)`.
     /// The schema is prefixed here; the statement is prepared once per connection.
-    pub async fn call(&self, function_call: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Value, DbError> {
+    pub async fn call(
+        &self,
+        function_call: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Value, DbError> {
         let client = self.pool.get().await.map_err(DbError::unavailable)?;
         let sql = format!("SELECT {}.{function_call}", self.schema);
         let statement = client.prepare_cached(&sql).await.map_err(DbError::from)?;
-        let row = client.query_one(&statement, params).await.map_err(DbError::from)?;
+        let row = client
+            .query_one(&statement, params)
+            .await
+            .map_err(DbError::from)?;
         Ok(row.get::<_, Option<Value>>(0).unwrap_or(Value::Null))
     }
 
     /// Runs a statement returning one jsonb value; `{schema}` in the text names the
     /// extension's schema.
-    pub async fn query_value(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Value, DbError> {
+    pub async fn query_value(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Value, DbError> {
         let client = self.pool.get().await.map_err(DbError::unavailable)?;
-        let statement = client.prepare_cached(&sql.replace("{schema}", &self.schema)).await.map_err(DbError::from)?;
-        let row = client.query_one(&statement, params).await.map_err(DbError::from)?;
+        let statement = client
+            .prepare_cached(&sql.replace("{schema}", &self.schema))
+            .await
+            .map_err(DbError::from)?;
+        let row = client
+            .query_one(&statement, params)
+            .await
+            .map_err(DbError::from)?;
         Ok(row.get::<_, Option<Value>>(0).unwrap_or(Value::Null))
     }
 
@@ -77,16 +106,25 @@ impl Db {
 
 /// The embedded cluster's database and extension, created on first use.
 async fn prepare_embedded(connection_string: &str) -> Result<()> {
-    let admin_string = connection_string.replace(&format!("dbname={EMBEDDED_DATABASE}"), "dbname=postgres");
-    let (admin, connection) = tokio_postgres::connect(&admin_string, NoTls).await.context("connecting to the embedded cluster")?;
+    let admin_string =
+        connection_string.replace(&format!("dbname={EMBEDDED_DATABASE}"), "dbname=postgres");
+    let (admin, connection) = tokio_postgres::connect(&admin_string, NoTls)
+        .await
+        .context("connecting to the embedded cluster")?;
     tokio::spawn(connection);
     let exists = admin
-        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&EMBEDDED_DATABASE])
+        .query_opt(
+            "SELECT 1 FROM pg_database WHERE datname = $1",
+            &[&EMBEDDED_DATABASE],
+        )
         .await?
         .is_some();
     if !exists {
         // Two processes may race here; the loser's "already exists" is fine.
-        if let Err(e) = admin.batch_execute(&format!("CREATE DATABASE {EMBEDDED_DATABASE}")).await {
+        if let Err(e) = admin
+            .batch_execute(&format!("CREATE DATABASE {EMBEDDED_DATABASE}"))
+            .await
+        {
             if e.code() != Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) {
                 return Err(e.into());
             }
@@ -133,7 +171,9 @@ fn code_for_sqlstate(sqlstate: &str) -> Option<&'static str> {
         "SR008" => "skipped",
         "SR009" => "forbidden",
         // Bad input the extension's types caught before a rule ran.
-        "22P02" | "22003" | "22023" | "22007" | "22008" | "22021" | "22P05" | "42883" | "23514" => "invalid_argument",
+        "22P02" | "22003" | "22023" | "22007" | "22008" | "22021" | "22P05" | "42883" | "23514" => {
+            "invalid_argument"
+        }
         "40001" | "40P01" => "conflict",
         _ => return None,
     })
@@ -141,7 +181,10 @@ fn code_for_sqlstate(sqlstate: &str) -> Option<&'static str> {
 
 impl DbError {
     pub fn unavailable(e: impl std::fmt::Display) -> DbError {
-        DbError { code: "unavailable".into(), message: format!("the database is not reachable ({e}); retry shortly") }
+        DbError {
+            code: "unavailable".into(),
+            message: format!("the database is not reachable ({e}); retry shortly"),
+        }
     }
 }
 
@@ -149,8 +192,14 @@ impl From<tokio_postgres::Error> for DbError {
     fn from(e: tokio_postgres::Error) -> DbError {
         match e.as_db_error() {
             Some(db) => match code_for_sqlstate(db.code().code()) {
-                Some(code) => DbError { code: code.into(), message: db.message().to_string() },
-                None => DbError { code: "internal".into(), message: format!("{} ({})", db.message(), db.code().code()) },
+                Some(code) => DbError {
+                    code: code.into(),
+                    message: db.message().to_string(),
+                },
+                None => DbError {
+                    code: "internal".into(),
+                    message: format!("{} ({})", db.message(), db.code().code()),
+                },
             },
             None => DbError::unavailable(e),
         }

@@ -17,32 +17,56 @@ pub async fn run(db: &Db, config: &Config) -> Result<()> {
         {"action": "write the final report", "agent": "writer", "depends_on": ["survey"]}
     ]);
     let created = db
-        .call("create_campaign(goal => $1, planner => 'none', steps => $2)",
-              &[&"Demo: survey campaign-orchestration literature and write a report", &steps])
+        .call(
+            "create_campaign(goal => $1, planner => 'none', steps => $2)",
+            &[
+                &"Demo: survey campaign-orchestration literature and write a report",
+                &steps,
+            ],
+        )
         .await?;
     let campaign = uuid::Uuid::parse_str(created["id"].as_str().unwrap_or_default())?;
-    println!("campaign {} ({}) created", created["name"].as_str().unwrap_or_default(), campaign);
+    println!(
+        "campaign {} ({}) created",
+        created["name"].as_str().unwrap_or_default(),
+        campaign
+    );
 
     let owner = format!("demo-worker/{}", config.owner);
     loop {
         let claim = db
-            .call("claim_next(owner => $1, campaign_id => $2)", &[&owner, &campaign])
+            .call(
+                "claim_next(owner => $1, campaign_id => $2)",
+                &[&owner, &campaign],
+            )
             .await?;
-        let Some(step_id) = claim["step_id"].as_i64() else { break };
+        let Some(step_id) = claim["step_id"].as_i64() else {
+            break;
+        };
         let token = uuid::Uuid::parse_str(claim["claim_token"].as_str().unwrap_or_default())?;
         let action = claim["action"].as_str().unwrap_or_default().to_string();
         println!("  step {step_id:>3} running  {action}");
-        let context = db.call("get_my_context(step_id => $1)", &[&step_id]).await?;
-        let upstream = context["upstream"].as_array().map(Vec::len).unwrap_or(0);
-        let output = format!("{action}: done by the demo worker after reading {upstream} upstream output(s)");
-        db.call("complete_step(step_id => $1, claim_token => $2, summary => $3, tokens_used => 100)",
-                &[&step_id, &token, &output])
+        let context = db
+            .call("get_my_context(step_id => $1)", &[&step_id])
             .await?;
+        let upstream = context["upstream"].as_array().map(Vec::len).unwrap_or(0);
+        let output = format!(
+            "{action}: done by the demo worker after reading {upstream} upstream output(s)"
+        );
+        db.call(
+            "complete_step(step_id => $1, claim_token => $2, summary => $3, tokens_used => 100)",
+            &[&step_id, &token, &output],
+        )
+        .await?;
         println!("  step {step_id:>3} done");
     }
 
     let state = db.call("get_campaign(id => $1)", &[&campaign]).await?;
-    println!("\ncampaign {}: {}", state["name"].as_str().unwrap_or_default(), state["status"].as_str().unwrap_or_default());
+    println!(
+        "\ncampaign {}: {}",
+        state["name"].as_str().unwrap_or_default(),
+        state["status"].as_str().unwrap_or_default()
+    );
     print_tree(&state["steps"]);
     if state["status"] != "done" {
         bail!("the demo campaign ended {}", state["status"]);
@@ -51,7 +75,9 @@ pub async fn run(db: &Db, config: &Config) -> Result<()> {
 }
 
 fn print_tree(steps: &Value) {
-    let Some(steps) = steps.as_array() else { return };
+    let Some(steps) = steps.as_array() else {
+        return;
+    };
     for step in steps {
         let depth = step["depth"].as_u64().unwrap_or(0) as usize;
         let indent = "  ".repeat(depth + 1);

@@ -14,7 +14,8 @@ use std::process::{Command, Output};
 
 use anyhow::{bail, Context, Result};
 
-const SETUP_HINT: &str = "run scripts/setup to install PostgreSQL 15, pgvector and the sortie extension";
+const SETUP_HINT: &str =
+    "run scripts/setup to install PostgreSQL 15, pgvector and the sortie extension";
 const SERVER_USER: &str = "postgres";
 
 /// One cluster: where its files and its socket live.
@@ -72,7 +73,11 @@ pub fn find_bin_dir() -> Result<PathBuf> {
 
 impl Cluster {
     pub fn new(root: PathBuf, bin_dir: PathBuf) -> Self {
-        Self { root, bin_dir, settings: Vec::new() }
+        Self {
+            root,
+            bin_dir,
+            settings: Vec::new(),
+        }
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -85,13 +90,17 @@ impl Cluster {
 
     /// A libpq/tokio-postgres connection string for `database`.
     pub fn connection_string(&self, database: &str) -> String {
-        format!("host={} user={SERVER_USER} dbname={database}", self.socket_dir().display())
+        format!(
+            "host={} user={SERVER_USER} dbname={database}",
+            self.socket_dir().display()
+        )
     }
 
     /// Creates the cluster if needed and starts it if it is not running. Concurrent callers
     /// serialise on a lock file, so two processes starting at once cannot both run initdb.
     pub fn ensure_running(&self) -> Result<()> {
-        fs::create_dir_all(&self.root).with_context(|| format!("creating {}", self.root.display()))?;
+        fs::create_dir_all(&self.root)
+            .with_context(|| format!("creating {}", self.root.display()))?;
         let _lock = FileLock::acquire(&self.root.join("cluster.lock"))?;
         if !self.data_dir().join("PG_VERSION").is_file() {
             self.init()?;
@@ -106,14 +115,22 @@ impl Cluster {
         let data = self.data_dir();
         if data.exists() {
             // A half-made data directory from an interrupted initdb: start over.
-            fs::remove_dir_all(&data).with_context(|| format!("removing incomplete {}", data.display()))?;
+            fs::remove_dir_all(&data)
+                .with_context(|| format!("removing incomplete {}", data.display()))?;
         }
         self.make_server_dir(&data, 0o700)?;
         let output = self
             .server_command("initdb")
             .args(["-D"])
             .arg(&data)
-            .args(["-U", SERVER_USER, "--auth=trust", "--encoding=UTF8", "--no-sync", "--locale=C.UTF-8"])
+            .args([
+                "-U",
+                SERVER_USER,
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-sync",
+                "--locale=C.UTF-8",
+            ])
             .output()
             .context("running initdb")?;
         check(&output, "initdb")
@@ -181,7 +198,9 @@ impl Cluster {
         } else {
             Command::new(program)
         };
-        command.env_remove("RUST_BACKTRACE").env_remove("RUST_LIB_BACKTRACE");
+        command
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("RUST_LIB_BACKTRACE");
         command.current_dir(&self.root);
         command
     }
@@ -199,7 +218,10 @@ impl Cluster {
                 }
                 let meta = fs::metadata(p)?;
                 if meta.permissions().mode() & 0o001 == 0 {
-                    bail!("{} is not reachable by the {SERVER_USER} user; use a directory outside it", p.display());
+                    bail!(
+                        "{} is not reachable by the {SERVER_USER} user; use a directory outside it",
+                        p.display()
+                    );
                 }
                 parent = p.parent();
             }
@@ -215,7 +237,10 @@ fn chown_to_server_user(path: &Path) -> Result<()> {
         .status()
         .context("running chown")?;
     if !status.success() {
-        bail!("could not hand {} to the {SERVER_USER} user (does it exist? {SETUP_HINT})", path.display());
+        bail!(
+            "could not hand {} to the {SERVER_USER} user (does it exist? {SETUP_HINT})",
+            path.display()
+        );
     }
     Ok(())
 }
@@ -245,7 +270,11 @@ impl FileLock {
             .with_context(|| format!("opening {}", path.display()))?;
         // SAFETY: the descriptor is owned by `file`, which outlives the call.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            bail!("locking {}: {}", path.display(), std::io::Error::last_os_error());
+            bail!(
+                "locking {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
         }
         Ok(Self(file))
     }

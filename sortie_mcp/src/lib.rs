@@ -2,15 +2,19 @@
 //! lives here.
 
 pub mod config;
-pub mod demo;
-pub mod runner;
 pub mod db;
+pub mod demo;
 pub mod embedded;
+pub mod runner;
 pub mod tools;
 
 /// Logs go to stderr only: stdout carries nothing but JSON-RPC (SPEC §5).
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sortie_mcp=info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
 }

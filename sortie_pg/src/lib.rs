@@ -12,35 +12,78 @@ use pgrx::prelude::*;
 mod pure;
 
 extension_sql_file!("../../sql/bootstrap.sql", name = "bootstrap", bootstrap);
-extension_sql_file!("../../sql/engine/core.sql", name = "core", requires = [pure::expand_steps]);
-extension_sql_file!("../../sql/engine/campaigns.sql", name = "campaigns", requires = ["core"]);
-extension_sql_file!("../../sql/engine/add_steps.sql", name = "add_steps", requires = ["core"]);
-extension_sql_file!("../../sql/engine/claim.sql", name = "claim", requires = ["core"]);
-extension_sql_file!("../../sql/engine/worker.sql", name = "worker", requires = ["add_steps"]);
-extension_sql_file!("../../sql/engine/context.sql", name = "context", requires = ["core", pure::preview]);
-extension_sql_file!("../../sql/engine/notes.sql", name = "notes", requires = ["core"]);
-extension_sql_file!("../../sql/engine/updates.sql", name = "updates", requires = ["core"]);
-extension_sql_file!("../../sql/engine/invariants.sql", name = "invariants", requires = ["core"], finalize);
+extension_sql_file!(
+    "../../sql/engine/core.sql",
+    name = "core",
+    requires = [pure::expand_steps]
+);
+extension_sql_file!(
+    "../../sql/engine/campaigns.sql",
+    name = "campaigns",
+    requires = ["core"]
+);
+extension_sql_file!(
+    "../../sql/engine/add_steps.sql",
+    name = "add_steps",
+    requires = ["core"]
+);
+extension_sql_file!(
+    "../../sql/engine/claim.sql",
+    name = "claim",
+    requires = ["core"]
+);
+extension_sql_file!(
+    "../../sql/engine/worker.sql",
+    name = "worker",
+    requires = ["add_steps"]
+);
+extension_sql_file!(
+    "../../sql/engine/context.sql",
+    name = "context",
+    requires = ["core", pure::preview]
+);
+extension_sql_file!(
+    "../../sql/engine/notes.sql",
+    name = "notes",
+    requires = ["core"]
+);
+extension_sql_file!(
+    "../../sql/engine/updates.sql",
+    name = "updates",
+    requires = ["core"]
+);
+extension_sql_file!(
+    "../../sql/engine/invariants.sql",
+    name = "invariants",
+    requires = ["core"],
+    finalize
+);
 
 #[cfg(any(test, feature = "pg_test"))]
 #[pg_schema]
 mod tests {
     use pgrx::prelude::*;
 
-    #[pg_test(error = "new row for relation \"steps\" violates check constraint \"steps_status_check\"")]
+    #[pg_test(
+        error = "new row for relation \"steps\" violates check constraint \"steps_status_check\""
+    )]
     fn the_schema_refuses_a_bogus_status() {
-        let campaign = Spi::get_one::<pgrx::Uuid>("SELECT (sortie.create_campaign(goal => 'g') ->> 'id')::uuid")
-            .expect("spi")
-            .expect("campaign id");
+        let campaign = Spi::get_one::<pgrx::Uuid>(
+            "SELECT (sortie.create_campaign(goal => 'g') ->> 'id')::uuid",
+        )
+        .expect("spi")
+        .expect("campaign id");
         Spi::run(&format!("INSERT INTO sortie.steps (campaign_id, action, status) VALUES ('{campaign}', 'a', 'bogus')"))
             .expect("the insert raises before returning");
     }
 
     #[pg_test]
     fn expand_steps_reports_errors_as_data() {
-        let answer = Spi::get_one::<pgrx::JsonB>("SELECT sortie.expand_steps('[{\"step_type\": \"loop\", \"action\": \"a\"}]')")
-            .expect("spi")
-            .expect("a result");
+        let answer = Spi::get_one::<pgrx::JsonB>(
+            "SELECT sortie.expand_steps('[{\"step_type\": \"loop\", \"action\": \"a\"}]')",
+        )
+        .expect("spi")
+        .expect("a result");
         assert_eq!(answer.0["error"]["code"], "invalid_argument");
     }
 }

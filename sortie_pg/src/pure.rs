@@ -50,12 +50,21 @@ pub fn step_fingerprint(action: &str, agent: Option<&str>, input: Option<JsonB>)
 
 #[pg_extern(immutable, parallel_safe)]
 pub fn preview(step_id: i64, text: &str, head: i32, tail: i32) -> JsonB {
-    JsonB(previews::preview(step_id, text, head.max(0) as usize, tail.max(0) as usize))
+    JsonB(previews::preview(
+        step_id,
+        text,
+        head.max(0) as usize,
+        tail.max(0) as usize,
+    ))
 }
 
 #[pg_extern(immutable, parallel_safe)]
 pub fn read_range(text: &str, offset: i32, limit: i32) -> JsonB {
-    JsonB(previews::read_range(text, offset.max(0) as usize, limit.max(0) as usize))
+    JsonB(previews::read_range(
+        text,
+        offset.max(0) as usize,
+        limit.max(0) as usize,
+    ))
 }
 
 #[pg_extern(immutable, parallel_safe)]

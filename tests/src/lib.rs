@@ -35,8 +35,14 @@ fn shared() -> &'static Shared {
 
 fn start_cluster() -> anyhow::Result<Shared> {
     // Not under /root or a private TMPDIR: the server user must reach it when we are root.
-    let base = std::env::var_os("SORTIE_TEST_TMP").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
-    let root = base.join(format!("sortie-test-{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()));
+    let base = std::env::var_os("SORTIE_TEST_TMP")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    let root = base.join(format!(
+        "sortie-test-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
     std::fs::create_dir_all(&root)?;
     let mut cluster = Cluster::new(root.clone(), find_bin_dir()?);
     cluster.settings = [
@@ -53,12 +59,18 @@ fn start_cluster() -> anyhow::Result<Shared> {
     cluster.ensure_running()?;
     spawn_watchdog(&cluster)?;
 
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         let admin = connect_to(&cluster, "postgres").await?;
-        admin.batch_execute(&format!("CREATE DATABASE {TEMPLATE}")).await?;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {TEMPLATE}"))
+            .await?;
         let template = connect_to(&cluster, TEMPLATE).await?;
-        template.batch_execute("CREATE EXTENSION sortie CASCADE").await?;
+        template
+            .batch_execute("CREATE EXTENSION sortie CASCADE")
+            .await?;
         anyhow::Ok(())
     })?;
     Ok(Shared { cluster })
@@ -68,9 +80,17 @@ fn start_cluster() -> anyhow::Result<Shared> {
 fn spawn_watchdog(cluster: &Cluster) -> anyhow::Result<()> {
     let pg_ctl = cluster.bin_dir.join("pg_ctl");
     let stop = if running_as_root() {
-        format!("runuser -u postgres -- {} stop -m immediate -D {}", pg_ctl.display(), cluster.data_dir().display())
+        format!(
+            "runuser -u postgres -- {} stop -m immediate -D {}",
+            pg_ctl.display(),
+            cluster.data_dir().display()
+        )
     } else {
-        format!("{} stop -m immediate -D {}", pg_ctl.display(), cluster.data_dir().display())
+        format!(
+            "{} stop -m immediate -D {}",
+            pg_ctl.display(),
+            cluster.data_dir().display()
+        )
     };
     let script = format!(
         "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; {stop} >/dev/null 2>&1; rm -rf {root}",
@@ -90,7 +110,8 @@ fn spawn_watchdog(cluster: &Cluster) -> anyhow::Result<()> {
 }
 
 async fn connect_to(cluster: &Cluster, database: &str) -> anyhow::Result<Client> {
-    let (client, connection) = tokio_postgres::connect(&cluster.connection_string(database), NoTls).await?;
+    let (client, connection) =
+        tokio_postgres::connect(&cluster.connection_string(database), NoTls).await?;
     tokio::spawn(async move {
         let _ = connection.await;
     });
@@ -108,19 +129,33 @@ pub struct TestDb {
 impl TestDb {
     pub async fn new() -> TestDb {
         let shared = shared();
-        let name = format!("t_{}_{}", std::process::id(), NEXT_DB.fetch_add(1, Ordering::SeqCst));
-        let admin = connect_to(&shared.cluster, "postgres").await.expect("admin connection");
+        let name = format!(
+            "t_{}_{}",
+            std::process::id(),
+            NEXT_DB.fetch_add(1, Ordering::SeqCst)
+        );
+        let admin = connect_to(&shared.cluster, "postgres")
+            .await
+            .expect("admin connection");
         admin
             .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {TEMPLATE}"))
             .await
             .expect("create test database");
-        let client = connect_to(&shared.cluster, &name).await.expect("test connection");
-        TestDb { name, client, finished: false }
+        let client = connect_to(&shared.cluster, &name)
+            .await
+            .expect("test connection");
+        TestDb {
+            name,
+            client,
+            finished: false,
+        }
     }
 
     /// Another connection to the same database (for concurrency tests).
     pub async fn connect(&self) -> Client {
-        connect_to(&shared().cluster, &self.name).await.expect("extra connection")
+        connect_to(&shared().cluster, &self.name)
+            .await
+            .expect("extra connection")
     }
 
     pub fn connection_string(&self) -> String {
@@ -128,13 +163,23 @@ impl TestDb {
     }
 
     /// Calls a SQL function returning jsonb, e.g. `db.call("sortie.get_campaign($1)", &[&id])`.
-    pub async fn call(&self, expr: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> Result<Value, DbError> {
+    pub async fn call(
+        &self,
+        expr: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Value, DbError> {
         call_on(&self.client, expr, params).await
     }
 
     /// Like `call`, panicking with the database's message on error.
-    pub async fn ok(&self, expr: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> Value {
-        self.call(expr, params).await.unwrap_or_else(|e| panic!("{expr}: {e}"))
+    pub async fn ok(
+        &self,
+        expr: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Value {
+        self.call(expr, params)
+            .await
+            .unwrap_or_else(|e| panic!("{expr}: {e}"))
     }
 
     /// Runs the invariant checker; every test ends with this.
@@ -148,7 +193,11 @@ impl TestDb {
             .iter()
             .map(|r| r.get(0))
             .collect();
-        assert!(problems.is_empty(), "invariants broken:\n{}", problems.join("\n"));
+        assert!(
+            problems.is_empty(),
+            "invariants broken:\n{}",
+            problems.join("\n")
+        );
     }
 }
 
@@ -174,12 +223,21 @@ impl std::fmt::Display for DbError {
     }
 }
 
-pub async fn call_on(client: &Client, expr: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> Result<Value, DbError> {
-    match client.query_one(&format!("SELECT ({expr})::jsonb"), params).await {
+pub async fn call_on(
+    client: &Client,
+    expr: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Value, DbError> {
+    match client
+        .query_one(&format!("SELECT ({expr})::jsonb"), params)
+        .await
+    {
         Ok(row) => Ok(row.get::<_, Option<Value>>(0).unwrap_or(Value::Null)),
         Err(e) => {
             let db = e.as_db_error();
-            let message = db.map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string());
+            let message = db
+                .map(|d| d.message().to_string())
+                .unwrap_or_else(|| e.to_string());
             Err(DbError {
                 sqlstate: db.map(|d| d.code().code().to_string()).unwrap_or_default(),
                 code: message.split(':').next().unwrap_or_default().to_string(),
@@ -196,13 +254,17 @@ pub mod fixtures {
 
     pub async fn campaign(db: &TestDb, planner: &str) -> Uuid {
         let c = db
-            .ok("sortie.create_campaign(goal => 'test goal', planner => $1)", &[&planner])
+            .ok(
+                "sortie.create_campaign(goal => 'test goal', planner => $1)",
+                &[&planner],
+            )
             .await;
         Uuid::parse_str(c["id"].as_str().unwrap()).unwrap()
     }
 
     pub async fn add(db: &TestDb, campaign: Uuid, steps: Value) -> Value {
-        db.ok("sortie.add_steps($1, $2)", &[&campaign, &steps]).await
+        db.ok("sortie.add_steps($1, $2)", &[&campaign, &steps])
+            .await
     }
 
     /// Ids of the top-level steps added, in order.
@@ -211,7 +273,11 @@ pub mod fixtures {
     }
 
     pub fn ids(v: &Value) -> Vec<i64> {
-        v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_i64().unwrap())
+            .collect()
     }
 
     pub struct Claim {
@@ -225,9 +291,13 @@ pub mod fixtures {
     }
 
     pub async fn claim_on(client: &Client, campaign: Uuid) -> Option<Claim> {
-        let v = call_on(client, "sortie.claim_next(owner => 'test', campaign_id => $1)", &[&campaign])
-            .await
-            .expect("claim_next");
+        let v = call_on(
+            client,
+            "sortie.claim_next(owner => 'test', campaign_id => $1)",
+            &[&campaign],
+        )
+        .await
+        .expect("claim_next");
         parse_claim(&v)
     }
 
@@ -240,11 +310,19 @@ pub mod fixtures {
     }
 
     pub async fn complete(db: &TestDb, claim: &Claim, output: &str) -> Value {
-        db.ok("sortie.complete_step($1, $2, $3)", &[&claim.step_id, &claim.token, &output]).await
+        db.ok(
+            "sortie.complete_step($1, $2, $3)",
+            &[&claim.step_id, &claim.token, &output],
+        )
+        .await
     }
 
     pub async fn fail(db: &TestDb, claim: &Claim, error: &str) -> Value {
-        db.ok("sortie.fail_step($1, $2, $3)", &[&claim.step_id, &claim.token, &error]).await
+        db.ok(
+            "sortie.fail_step($1, $2, $3)",
+            &[&claim.step_id, &claim.token, &error],
+        )
+        .await
     }
 
     /// Claims and completes every ready step until none is left; returns the actions in order.
@@ -267,7 +345,10 @@ pub mod fixtures {
 
     pub async fn step_field(db: &TestDb, step: i64, field: &str) -> Value {
         db.client
-            .query_one(&format!("SELECT to_jsonb({field}) FROM sortie.steps WHERE id = $1"), &[&step])
+            .query_one(
+                &format!("SELECT to_jsonb({field}) FROM sortie.steps WHERE id = $1"),
+                &[&step],
+            )
             .await
             .unwrap()
             .get::<_, Option<Value>>(0)
@@ -276,7 +357,10 @@ pub mod fixtures {
 
     pub async fn campaign_status(db: &TestDb, campaign: Uuid) -> String {
         db.client
-            .query_one("SELECT status FROM sortie.campaigns WHERE id = $1", &[&campaign])
+            .query_one(
+                "SELECT status FROM sortie.campaigns WHERE id = $1",
+                &[&campaign],
+            )
             .await
             .unwrap()
             .get(0)
@@ -306,5 +390,132 @@ pub mod fixtures {
 
     pub async fn count(db: &TestDb, sql: &str) -> i64 {
         db.client.query_one(sql, &[]).await.unwrap().get(0)
+    }
+}
+
+/// The project's binaries, built by cargo for this test run.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        // `cargo test -p sortie_tests` alone does not build another package's binaries.
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-q", "-p", "sortie_mcp", "--bins"])
+            .status()
+            .expect("cargo build");
+        assert!(status.success(), "building sortie_mcp's binaries failed");
+    });
+    let exe = std::env::current_exe().expect("test executable");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir")
+        .join(name)
+}
+
+/// A real MCP client talking to the real `sortie-mcp` binary over stdio.
+pub mod mcp {
+    use super::*;
+    use rmcp::model::{CallToolRequestParams, CallToolResult};
+    use rmcp::service::RunningService;
+    use rmcp::transport::{ConfigureCommandExt, TokioChildProcess};
+    use rmcp::{RoleClient, ServiceExt};
+
+    pub struct McpClient {
+        pub service: RunningService<RoleClient, ()>,
+    }
+
+    /// The outcome of one tool call: the structured JSON, and whether it was a tool error.
+    #[derive(Debug)]
+    pub struct Outcome {
+        pub is_error: bool,
+        pub value: Value,
+        pub text: String,
+    }
+
+    impl Outcome {
+        pub fn code(&self) -> &str {
+            self.value["error"]["code"].as_str().unwrap_or("")
+        }
+    }
+
+    impl McpClient {
+        /// Starts `sortie-mcp` against the test database with extra environment variables.
+        pub async fn start(db: &TestDb, env: &[(&str, String)]) -> McpClient {
+            let mut all: Vec<(String, String)> =
+                vec![("DATABASE_URL".into(), db.connection_string())];
+            all.extend(env.iter().map(|(k, v)| (k.to_string(), v.clone())));
+            Self::start_with(all).await
+        }
+
+        pub async fn start_with(env: Vec<(String, String)>) -> McpClient {
+            let program = binary("sortie-mcp");
+            let transport =
+                TokioChildProcess::new(tokio::process::Command::new(program).configure(|cmd| {
+                    for key in [
+                        "DATABASE_URL",
+                        "SORTIE_ROLE",
+                        "SORTIE_STEP_ID",
+                        "SORTIE_CAMPAIGN_ID",
+                        "SORTIE_CLAIM_TOKEN",
+                    ] {
+                        cmd.env_remove(key);
+                    }
+                    for (k, v) in &env {
+                        cmd.env(k, v);
+                    }
+                    cmd.env("RUST_LOG", "warn");
+                }))
+                .expect("spawn sortie-mcp");
+            let service = ().serve(transport).await.expect("MCP initialize");
+            McpClient { service }
+        }
+
+        pub async fn tool_names(&self) -> Vec<String> {
+            let mut names: Vec<String> = self
+                .service
+                .list_all_tools()
+                .await
+                .expect("tools/list")
+                .into_iter()
+                .map(|t| t.name.to_string())
+                .collect();
+            names.sort();
+            names
+        }
+
+        pub async fn call(&self, tool: &str, args: Value) -> Outcome {
+            let arguments = match args {
+                Value::Object(map) => map,
+                other => panic!("tool arguments must be an object, not {other}"),
+            };
+            let result: CallToolResult = self
+                .service
+                .call_tool(CallToolRequestParams::new(tool.to_string()).with_arguments(arguments))
+                .await
+                .unwrap_or_else(|e| panic!("{tool}: protocol error {e}"));
+            let text = result
+                .content
+                .iter()
+                .filter_map(|c| c.as_text().map(|t| t.text.clone()))
+                .collect::<Vec<_>>()
+                .join("\n");
+            Outcome {
+                is_error: result.is_error.unwrap_or(false),
+                value: result.structured_content.unwrap_or(Value::Null),
+                text,
+            }
+        }
+
+        /// A call that must succeed; returns its JSON.
+        pub async fn ok(&self, tool: &str, args: Value) -> Value {
+            let outcome = self.call(tool, args).await;
+            assert!(!outcome.is_error, "{tool} failed: {}", outcome.text);
+            outcome.value
+        }
+
+        pub async fn stop(self) {
+            let _ = self.service.cancel().await;
+        }
     }
 }

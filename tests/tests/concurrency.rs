@@ -28,8 +28,22 @@ async fn sixteen_workers_claim_ten_thousand_steps_exactly_once() {
     let unique: HashSet<i64> = claimed.iter().copied().collect();
     assert_eq!(claimed.len(), unique.len(), "a step was claimed twice");
     assert_eq!(unique, all, "every step was claimed");
-    assert_eq!(count(&db, "SELECT count(*) FROM sortie.steps WHERE status <> 'done'").await, 0);
-    assert_eq!(count(&db, "SELECT count(*) FROM sortie.campaigns WHERE status <> 'done'").await, 0);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM sortie.steps WHERE status <> 'done'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM sortie.campaigns WHERE status <> 'done'"
+        )
+        .await,
+        0
+    );
     db.finish().await;
 }
 
@@ -53,8 +67,24 @@ async fn racing_workers_with_splices_and_aborts_lose_nothing() {
     assert_eq!(claimed.len(), unique.len(), "a step was claimed twice");
     assert_eq!(count(&db, "SELECT count(*) FROM sortie.steps WHERE status IN ('pending','running','waiting_input')").await, 0);
     assert_eq!(campaign_status(&db, c).await, "done");
-    assert!(count(&db, "SELECT count(*) FROM sortie.steps WHERE continuation_of IS NOT NULL").await > 0, "splices happened");
-    assert!(count(&db, "SELECT count(*) FROM sortie.steps WHERE skip_cause = 'abort'").await > 0, "aborts happened");
+    assert!(
+        count(
+            &db,
+            "SELECT count(*) FROM sortie.steps WHERE continuation_of IS NOT NULL"
+        )
+        .await
+            > 0,
+        "splices happened"
+    );
+    assert!(
+        count(
+            &db,
+            "SELECT count(*) FROM sortie.steps WHERE skip_cause = 'abort'"
+        )
+        .await
+            > 0,
+        "aborts happened"
+    );
     db.finish().await;
 }
 
@@ -122,9 +152,20 @@ async fn race(db: &TestDb, workers: usize, choose: fn(usize, i64) -> Action) -> 
 }
 
 /// Runs two calls at once on two connections, returning both outcomes.
-async fn both(db: &TestDb, a: (&str, Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>>),
-              b: (&str, Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>>))
-    -> (Result<serde_json::Value, sortie_tests::DbError>, Result<serde_json::Value, sortie_tests::DbError>) {
+async fn both(
+    db: &TestDb,
+    a: (
+        &str,
+        Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>>,
+    ),
+    b: (
+        &str,
+        Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>>,
+    ),
+) -> (
+    Result<serde_json::Value, sortie_tests::DbError>,
+    Result<serde_json::Value, sortie_tests::DbError>,
+) {
     let ca = db.connect().await;
     let cb = db.connect().await;
     let barrier = Arc::new(Barrier::new(2));
@@ -133,12 +174,18 @@ async fn both(db: &TestDb, a: (&str, Vec<Box<dyn tokio_postgres::types::ToSql + 
     let (pa, pb) = (a.1, b.1);
     let ta = tokio::spawn(async move {
         ba.wait().await;
-        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = pa.iter().map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = pa
+            .iter()
+            .map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect();
         call_on(&ca, &sa, &refs).await
     });
     let tb = tokio::spawn(async move {
         bb.wait().await;
-        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = pb.iter().map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = pb
+            .iter()
+            .map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect();
         call_on(&cb, &sb, &refs).await
     });
     (ta.await.unwrap(), tb.await.unwrap())
@@ -150,12 +197,23 @@ async fn claim_vs_claim_gives_a_step_to_exactly_one() {
     let c = campaign(&db, "llm").await;
     for _ in 0..20 {
         let id = add_ids(&db, c, json!([{"action": "contested"}])).await[0];
-        let (a, b) = both(&db, ("sortie.claim_step($1, 'a')", vec![Box::new(id)]), ("sortie.claim_step($1, 'b')", vec![Box::new(id)])).await;
+        let (a, b) = both(
+            &db,
+            ("sortie.claim_step($1, 'a')", vec![Box::new(id)]),
+            ("sortie.claim_step($1, 'b')", vec![Box::new(id)]),
+        )
+        .await;
         assert!(a.is_ok() ^ b.is_ok(), "exactly one claim wins: {a:?} {b:?}");
         let loser = if a.is_ok() { b } else { a };
         assert_eq!(loser.unwrap_err().code, "invalid_state");
-        let token: uuid::Uuid = db.client.query_one("SELECT claim_token FROM sortie.steps WHERE id = $1", &[&id]).await.unwrap().get(0);
-        db.ok("sortie.complete_step($1, $2, 'x')", &[&id, &token]).await;
+        let token: uuid::Uuid = db
+            .client
+            .query_one("SELECT claim_token FROM sortie.steps WHERE id = $1", &[&id])
+            .await
+            .unwrap()
+            .get(0);
+        db.ok("sortie.complete_step($1, $2, 'x')", &[&id, &token])
+            .await;
     }
     db.finish().await;
 }
@@ -169,8 +227,15 @@ async fn complete_vs_zombie_reset_has_one_winner() {
         let v = db.ok("sortie.claim_step($1, 'w', 1)", &[&id]).await;
         let token = uuid::Uuid::parse_str(v["claim_token"].as_str().unwrap()).unwrap();
         db.client.execute("UPDATE sortie.steps SET lease_expires_at = now() - interval '1 second' WHERE id = $1", &[&id]).await.unwrap();
-        let (done, reset) = both(&db, ("sortie.complete_step($1, $2, 'finished')", vec![Box::new(id), Box::new(token)]),
-                                 ("sortie.reset_zombies()", vec![])).await;
+        let (done, reset) = both(
+            &db,
+            (
+                "sortie.complete_step($1, $2, 'finished')",
+                vec![Box::new(id), Box::new(token)],
+            ),
+            ("sortie.reset_zombies()", vec![]),
+        )
+        .await;
         let reset = reset.unwrap();
         match done {
             Ok(_) => {
@@ -178,13 +243,23 @@ async fn complete_vs_zombie_reset_has_one_winner() {
                 assert_eq!(status(&db, id).await, "done");
             }
             Err(e) => {
-                assert_eq!(e.code, "stale_claim", "reset first: the late completion is refused");
+                assert_eq!(
+                    e.code, "stale_claim",
+                    "reset first: the late completion is refused"
+                );
                 assert_eq!(reset["reset"], 1);
                 assert_eq!(status(&db, id).await, "pending");
-                db.client.execute("UPDATE sortie.steps SET not_before = '-infinity' WHERE id = $1", &[&id]).await.unwrap();
+                db.client
+                    .execute(
+                        "UPDATE sortie.steps SET not_before = '-infinity' WHERE id = $1",
+                        &[&id],
+                    )
+                    .await
+                    .unwrap();
                 let again = db.ok("sortie.claim_step($1, 'w')", &[&id]).await;
                 let token = uuid::Uuid::parse_str(again["claim_token"].as_str().unwrap()).unwrap();
-                db.ok("sortie.complete_step($1, $2, 'second try')", &[&id, &token]).await;
+                db.ok("sortie.complete_step($1, $2, 'second try')", &[&id, &token])
+                    .await;
             }
         }
     }
@@ -195,17 +270,45 @@ async fn complete_vs_zombie_reset_has_one_winner() {
 async fn claim_vs_zombie_reset_never_double_dispatches() {
     let db = TestDb::new().await;
     let c = campaign(&db, "none").await;
-    add(&db, c, json!((0..30).map(|i| json!({"action": format!("s{i}")})).collect::<Vec<_>>())).await;
+    add(
+        &db,
+        c,
+        json!((0..30)
+            .map(|i| json!({"action": format!("s{i}")}))
+            .collect::<Vec<_>>()),
+    )
+    .await;
     let mut tokens = Vec::new();
     for _ in 0..10 {
-        tokens.push(parse_claim(&db.ok("sortie.claim_next(owner => 'old', lease_seconds => 1)", &[]).await).unwrap());
+        tokens.push(
+            parse_claim(
+                &db.ok("sortie.claim_next(owner => 'old', lease_seconds => 1)", &[])
+                    .await,
+            )
+            .unwrap(),
+        );
     }
     db.client.execute("UPDATE sortie.steps SET lease_expires_at = now() - interval '1 second' WHERE status = 'running'", &[]).await.unwrap();
-    let (claimed, reset) = both(&db, ("sortie.claim_next(owner => 'new')", vec![]), ("sortie.reset_zombies()", vec![])).await;
+    let (claimed, reset) = both(
+        &db,
+        ("sortie.claim_next(owner => 'new')", vec![]),
+        ("sortie.reset_zombies()", vec![]),
+    )
+    .await;
     let claimed = parse_claim(&claimed.unwrap()).unwrap();
     assert_eq!(reset.unwrap()["reset"], 10);
-    assert!(!tokens.iter().any(|t| t.step_id == claimed.step_id), "a retrying step backs off; a fresh one is handed out");
-    assert_eq!(count(&db, "SELECT count(*) FROM sortie.steps WHERE status = 'running'").await, 1);
+    assert!(
+        !tokens.iter().any(|t| t.step_id == claimed.step_id),
+        "a retrying step backs off; a fresh one is handed out"
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM sortie.steps WHERE status = 'running'"
+        )
+        .await,
+        1
+    );
     db.ok("sortie.cancel_campaign($1)", &[&c]).await;
     db.finish().await;
 }
@@ -216,14 +319,29 @@ async fn claim_vs_cancel_leaves_no_live_claim() {
     for _ in 0..20 {
         let c = campaign(&db, "none").await;
         add(&db, c, json!([{"action": "a"}, {"action": "b"}])).await;
-        let (claimed, cancelled) = both(&db, ("sortie.claim_next(owner => 'w', campaign_id => $1)", vec![Box::new(c)]),
-                                        ("sortie.cancel_campaign($1)", vec![Box::new(c)])).await;
+        let (claimed, cancelled) = both(
+            &db,
+            (
+                "sortie.claim_next(owner => 'w', campaign_id => $1)",
+                vec![Box::new(c)],
+            ),
+            ("sortie.cancel_campaign($1)", vec![Box::new(c)]),
+        )
+        .await;
         cancelled.unwrap();
         let claimed = claimed.unwrap();
         assert_eq!(count(&db, &format!("SELECT count(*) FROM sortie.steps WHERE campaign_id = '{c}' AND status = 'running'")).await, 0);
         if let Some(step) = parse_claim(&claimed) {
-            let late = db.ok("sortie.complete_step($1, $2, 'late')", &[&step.step_id, &step.token]).await;
-            assert_eq!(late["accepted"], false, "a claim taken before the cancel is revoked");
+            let late = db
+                .ok(
+                    "sortie.complete_step($1, $2, 'late')",
+                    &[&step.step_id, &step.token],
+                )
+                .await;
+            assert_eq!(
+                late["accepted"], false,
+                "a claim taken before the cancel is revoked"
+            );
         }
     }
     db.finish().await;
@@ -237,10 +355,27 @@ async fn splice_vs_abort_is_consistent_either_way() {
         let ids = add_ids(&db, c, json!([{"step_type": "parallel_group", "action": "g", "children": [{"action": "splicer"}, {"action": "aborter"}]}])).await;
         let first = claim(&db, c).await.unwrap();
         let second = claim(&db, c).await.unwrap();
-        let (splicer, aborter) = if first.action == "splicer" { (first, second) } else { (second, first) };
-        let (spliced, aborted) = both(&db,
-            ("sortie.spawn_and_continue($1, $2, '[{\"action\": \"sub\"}]', '\"cont\"')", vec![Box::new(splicer.step_id), Box::new(splicer.token)]),
-            ("sortie.abort_branch($1, $2, $3, 'out', 'why')", vec![Box::new(ids[0]), Box::new(aborter.token), Box::new(aborter.step_id)])).await;
+        let (splicer, aborter) = if first.action == "splicer" {
+            (first, second)
+        } else {
+            (second, first)
+        };
+        let (spliced, aborted) = both(
+            &db,
+            (
+                "sortie.spawn_and_continue($1, $2, '[{\"action\": \"sub\"}]', '\"cont\"')",
+                vec![Box::new(splicer.step_id), Box::new(splicer.token)],
+            ),
+            (
+                "sortie.abort_branch($1, $2, $3, 'out', 'why')",
+                vec![
+                    Box::new(ids[0]),
+                    Box::new(aborter.token),
+                    Box::new(aborter.step_id),
+                ],
+            ),
+        )
+        .await;
         aborted.expect("the abort always succeeds: the splicer is inside the branch");
         if let Err(e) = spliced {
             assert_eq!(e.code, "skipped", "abort first: the splicer was skipped");

@@ -12,9 +12,21 @@ async fn extension_creates_every_table_in_its_schema() {
         .await
         .unwrap();
     let tables: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-    for expected in ["campaigns", "cursors", "events", "notes", "notifications", "resource_leases", "step_dependencies",
-                     "steps", "workflows"] {
-        assert!(tables.contains(&expected.to_string()), "missing table {expected}: {tables:?}");
+    for expected in [
+        "campaigns",
+        "cursors",
+        "events",
+        "notes",
+        "notifications",
+        "resource_leases",
+        "step_dependencies",
+        "steps",
+        "workflows",
+    ] {
+        assert!(
+            tables.contains(&expected.to_string()),
+            "missing table {expected}: {tables:?}"
+        );
     }
     db.finish().await;
 }
@@ -40,24 +52,38 @@ async fn check_constraints_refuse_bogus_states() {
 async fn extension_installs_into_a_named_schema_and_drops_cleanly() {
     let db = TestDb::new().await;
     db.client
-        .batch_execute("DROP EXTENSION sortie; CREATE SCHEMA other; CREATE EXTENSION sortie SCHEMA other")
+        .batch_execute(
+            "DROP EXTENSION sortie; CREATE SCHEMA other; CREATE EXTENSION sortie SCHEMA other",
+        )
         .await
         .unwrap();
     let v: serde_json::Value = db
         .client
-        .query_one("SELECT other.create_campaign(goal => 'in other schema')", &[])
+        .query_one(
+            "SELECT other.create_campaign(goal => 'in other schema')",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
     assert_eq!(v["status"], "active");
     let leftovers: i64 = db
         .client
-        .query_one("SELECT count(*) FROM pg_namespace WHERE nspname = 'sortie'", &[])
+        .query_one(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'sortie'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
-    assert_eq!(leftovers, 0, "DROP EXTENSION removes the sortie schema it created");
-    db.client.batch_execute("DROP EXTENSION sortie; CREATE EXTENSION sortie").await.unwrap();
+    assert_eq!(
+        leftovers, 0,
+        "DROP EXTENSION removes the sortie schema it created"
+    );
+    db.client
+        .batch_execute("DROP EXTENSION sortie; CREATE EXTENSION sortie")
+        .await
+        .unwrap();
     db.finish().await;
 }
 

@@ -56,10 +56,17 @@ struct Model {
 
 impl Model {
     fn children(&self, id: i64) -> Vec<i64> {
-        self.steps.iter().filter(|(_, s)| s.parent == Some(id)).map(|(k, _)| *k).collect()
+        self.steps
+            .iter()
+            .filter(|(_, s)| s.parent == Some(id))
+            .map(|(k, _)| *k)
+            .collect()
     }
     fn members(&self, id: i64) -> Vec<i64> {
-        self.children(id).into_iter().filter(|c| self.steps[c].continued_by.is_none()).collect()
+        self.children(id)
+            .into_iter()
+            .filter(|c| self.steps[c].continued_by.is_none())
+            .collect()
     }
     fn gate_open(&self, id: i64) -> bool {
         match self.steps[&id].parent {
@@ -69,13 +76,21 @@ impl Model {
         }
     }
     fn deps_done(&self, id: i64) -> bool {
-        self.steps[&id].deps.iter().all(|d| self.steps[d].status == St::Done)
+        self.steps[&id]
+            .deps
+            .iter()
+            .all(|d| self.steps[d].status == St::Done)
     }
     fn ready(&self) -> Option<i64> {
         if self.campaign != "active" {
             return None;
         }
-        self.steps.iter().find(|(id, s)| !s.group && s.status == St::Pending && self.deps_done(**id) && self.gate_open(**id)).map(|(k, _)| *k)
+        self.steps
+            .iter()
+            .find(|(id, s)| {
+                !s.group && s.status == St::Pending && self.deps_done(**id) && self.gate_open(**id)
+            })
+            .map(|(k, _)| *k)
     }
     fn newest(&self, mut id: i64) -> i64 {
         while let Some(next) = self.steps[&id].continued_by {
@@ -97,7 +112,10 @@ impl Model {
                 }
             }
         }
-        let victims: Vec<i64> = reach.into_iter().filter(|id| self.steps[id].status.open()).collect();
+        let victims: Vec<i64> = reach
+            .into_iter()
+            .filter(|id| self.steps[id].status.open())
+            .collect();
         for v in &victims {
             self.steps.get_mut(v).unwrap().status = St::Skipped(resolved);
         }
@@ -118,8 +136,14 @@ impl Model {
             return;
         }
         let members = self.members(p);
-        let resolved = members.iter().filter(|m| matches!(self.steps[*m].status, St::Done | St::Skipped(true))).count();
-        let failed = members.iter().filter(|m| matches!(self.steps[*m].status, St::Failed | St::Skipped(false))).count();
+        let resolved = members
+            .iter()
+            .filter(|m| matches!(self.steps[*m].status, St::Done | St::Skipped(true)))
+            .count();
+        let failed = members
+            .iter()
+            .filter(|m| matches!(self.steps[*m].status, St::Failed | St::Skipped(false)))
+            .count();
         if resolved >= members.len() {
             self.settle_done(p);
         } else if members.len() - failed < members.len() {
@@ -143,14 +167,23 @@ impl Model {
 
     fn settle_failed(&mut self, id: i64) {
         self.steps.get_mut(&id).unwrap().status = St::Failed;
-        let open_children: Vec<i64> = self.children(id).into_iter().filter(|c| self.steps[c].status.open()).collect();
+        let open_children: Vec<i64> = self
+            .children(id)
+            .into_iter()
+            .filter(|c| self.steps[c].status.open())
+            .collect();
         if !open_children.is_empty() {
             self.skip_cascade(open_children, false);
         }
         if let Some(p) = self.steps[&id].parent {
             self.member_settled(p);
         }
-        let dependents: Vec<i64> = self.steps.iter().filter(|(_, s)| s.deps.contains(&id)).map(|(k, _)| *k).collect();
+        let dependents: Vec<i64> = self
+            .steps
+            .iter()
+            .filter(|(_, s)| s.deps.contains(&id))
+            .map(|(k, _)| *k)
+            .collect();
         if !dependents.is_empty() {
             self.skip_cascade(dependents, false);
         }
@@ -158,7 +191,10 @@ impl Model {
     }
 
     fn check_drained(&mut self) {
-        if self.campaign != "active" || self.steps.values().any(|s| s.status.open()) || self.steps.is_empty() {
+        if self.campaign != "active"
+            || self.steps.values().any(|s| s.status.open())
+            || self.steps.is_empty()
+        {
             return;
         }
         let ok = self
@@ -173,7 +209,12 @@ impl Model {
         let doomed: Vec<i64> = new_ids
             .iter()
             .copied()
-            .filter(|id| self.steps[id].deps.iter().any(|d| matches!(self.steps[d].status, St::Failed | St::Skipped(_))))
+            .filter(|id| {
+                self.steps[id]
+                    .deps
+                    .iter()
+                    .any(|d| matches!(self.steps[d].status, St::Failed | St::Skipped(_)))
+            })
             .collect();
         if !doomed.is_empty() {
             self.skip_cascade(doomed, false);
@@ -183,11 +224,29 @@ impl Model {
 }
 
 async fn compare(db: &TestDb, model: &Model, c: Uuid, seed: u64, op: usize, what: &str) {
-    let rows = db.client.query("SELECT id, status FROM sortie.steps WHERE campaign_id = $1 ORDER BY id", &[&c]).await.unwrap();
+    let rows = db
+        .client
+        .query(
+            "SELECT id, status FROM sortie.steps WHERE campaign_id = $1 ORDER BY id",
+            &[&c],
+        )
+        .await
+        .unwrap();
     let actual: BTreeMap<i64, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    let expected: BTreeMap<i64, String> = model.steps.iter().map(|(k, s)| (*k, s.status.name().to_string())).collect();
-    assert_eq!(actual, expected, "seed {seed}, op {op} ({what}): step statuses differ");
-    assert_eq!(campaign_status(db, c).await, model.campaign, "seed {seed}, op {op} ({what}): campaign status");
+    let expected: BTreeMap<i64, String> = model
+        .steps
+        .iter()
+        .map(|(k, s)| (*k, s.status.name().to_string()))
+        .collect();
+    assert_eq!(
+        actual, expected,
+        "seed {seed}, op {op} ({what}): step statuses differ"
+    );
+    assert_eq!(
+        campaign_status(db, c).await,
+        model.campaign,
+        "seed {seed}, op {op} ({what}): campaign status"
+    );
 }
 
 #[tokio::test]
@@ -198,28 +257,61 @@ async fn random_operation_sequences_match_the_reference_model() {
         run_sequence(&db, seed, 120, &mut seen).await;
     }
     // Guard against a vacuous run: every kind of operation was exercised.
-    for kind in ["add", "claim", "complete", "fail", "zombie reset", "splice", "abort", "campaign end"] {
-        assert!(seen.get(kind).copied().unwrap_or(0) > 3, "too few '{kind}' operations: {seen:?}");
+    for kind in [
+        "add",
+        "claim",
+        "complete",
+        "fail",
+        "zombie reset",
+        "splice",
+        "abort",
+        "campaign end",
+    ] {
+        assert!(
+            seen.get(kind).copied().unwrap_or(0) > 3,
+            "too few '{kind}' operations: {seen:?}"
+        );
     }
     db.finish().await;
 }
 
 async fn new_campaign(db: &TestDb) -> Uuid {
-    let created = db.ok("sortie.create_campaign(goal => 'model', planner => 'none', max_depth => 2)", &[]).await;
+    let created = db
+        .ok(
+            "sortie.create_campaign(goal => 'model', planner => 'none', max_depth => 2)",
+            &[],
+        )
+        .await;
     Uuid::parse_str(created["id"].as_str().unwrap()).unwrap()
 }
 
-async fn run_sequence(db: &TestDb, seed: u64, ops: usize, seen: &mut BTreeMap<&'static str, usize>) {
+async fn run_sequence(
+    db: &TestDb,
+    seed: u64,
+    ops: usize,
+    seen: &mut BTreeMap<&'static str, usize>,
+) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut c = new_campaign(db).await;
-    let mut model = Model { campaign: "active", ..Default::default() };
+    let mut model = Model {
+        campaign: "active",
+        ..Default::default()
+    };
     for op in 0..ops {
         if model.campaign != "active" {
             *seen.entry("campaign end").or_default() += 1;
             c = new_campaign(db).await;
-            model = Model { campaign: "active", ..Default::default() };
+            model = Model {
+                campaign: "active",
+                ..Default::default()
+            };
         }
-        let running: Vec<i64> = model.steps.iter().filter(|(_, s)| s.status == St::Running && !s.group).map(|(k, _)| *k).collect();
+        let running: Vec<i64> = model
+            .steps
+            .iter()
+            .filter(|(_, s)| s.status == St::Running && !s.group)
+            .map(|(k, _)| *k)
+            .collect();
         let roll = rng.random_range(0..100);
         let what;
         if roll < 25 || model.steps.is_empty() {
@@ -241,23 +333,61 @@ async fn run_sequence(db: &TestDb, seed: u64, ops: usize, seen: &mut BTreeMap<&'
             let answer = add(db, c, json!([step])).await;
             let id = ids(&answer["step_ids"])[0];
             let resolved: BTreeSet<i64> = deps.iter().map(|d| model.newest(*d)).collect();
-            model.steps.insert(id, Step { parent: None, group, depth: 0, status: St::Pending, deps: resolved, continued_by: None, token: None });
+            model.steps.insert(
+                id,
+                Step {
+                    parent: None,
+                    group,
+                    depth: 0,
+                    status: St::Pending,
+                    deps: resolved,
+                    continued_by: None,
+                    token: None,
+                },
+            );
             let mut new_ids = vec![id];
             if group {
-                let rows = db.client.query("SELECT id FROM sortie.steps WHERE parent_id = $1 ORDER BY position", &[&id]).await.unwrap();
+                let rows = db
+                    .client
+                    .query(
+                        "SELECT id FROM sortie.steps WHERE parent_id = $1 ORDER BY position",
+                        &[&id],
+                    )
+                    .await
+                    .unwrap();
                 for r in rows {
                     let child: i64 = r.get(0);
-                    model.steps.insert(child, Step { parent: Some(id), group: false, depth: 1, status: St::Pending, deps: BTreeSet::new(), continued_by: None, token: None });
+                    model.steps.insert(
+                        child,
+                        Step {
+                            parent: Some(id),
+                            group: false,
+                            depth: 1,
+                            status: St::Pending,
+                            deps: BTreeSet::new(),
+                            continued_by: None,
+                            token: None,
+                        },
+                    );
                     new_ids.push(child);
                 }
             }
             model.doomed_skip(&new_ids);
         } else if roll < 55 {
             what = "claim";
-            let v = db.ok("sortie.claim_next(owner => 'model', campaign_id => $1)", &[&c]).await;
+            let v = db
+                .ok(
+                    "sortie.claim_next(owner => 'model', campaign_id => $1)",
+                    &[&c],
+                )
+                .await;
             let claimed = parse_claim(&v);
             let expected = model.ready();
-            assert_eq!(claimed.as_ref().map(|s| s.step_id), expected, "seed {seed}, op {op}: claim_next picked another step");
+            assert_eq!(
+                claimed.as_ref().map(|s| s.step_id),
+                expected,
+                "seed {seed}, op {op}: claim_next picked another step"
+            );
             if let Some(step) = claimed {
                 let s = model.steps.get_mut(&step.step_id).unwrap();
                 s.status = St::Running;
@@ -280,11 +410,13 @@ async fn run_sequence(db: &TestDb, seed: u64, ops: usize, seen: &mut BTreeMap<&'
             let token = model.steps[&id].token.unwrap();
             if roll < 75 {
                 what = "complete";
-                db.ok("sortie.complete_step($1, $2, 'ok')", &[&id, &token]).await;
+                db.ok("sortie.complete_step($1, $2, 'ok')", &[&id, &token])
+                    .await;
                 model.settle_done(id);
             } else if roll < 83 {
                 what = "fail";
-                db.ok("sortie.fail_step($1, $2, 'no')", &[&id, &token]).await;
+                db.ok("sortie.fail_step($1, $2, 'no')", &[&id, &token])
+                    .await;
                 model.settle_failed(id);
             } else if roll < 88 {
                 what = "zombie reset";
@@ -305,7 +437,18 @@ async fn run_sequence(db: &TestDb, seed: u64, ops: usize, seen: &mut BTreeMap<&'
                     let subtasks = ids(&answer["subtask_ids"]);
                     let cont = answer["continuation_id"].as_i64().unwrap();
                     for s in &subtasks {
-                        model.steps.insert(*s, Step { parent: Some(id), group: false, depth: depth + 1, status: St::Pending, deps: BTreeSet::new(), continued_by: None, token: None });
+                        model.steps.insert(
+                            *s,
+                            Step {
+                                parent: Some(id),
+                                group: false,
+                                depth: depth + 1,
+                                status: St::Pending,
+                                deps: BTreeSet::new(),
+                                continued_by: None,
+                                token: None,
+                            },
+                        );
                     }
                     let parent = model.steps[&id].parent;
                     for step in model.steps.values_mut() {
@@ -314,16 +457,33 @@ async fn run_sequence(db: &TestDb, seed: u64, ops: usize, seen: &mut BTreeMap<&'
                         }
                     }
                     // The continuation keeps max_attempts 1 from its spawner.
-                    model.steps.insert(cont, Step { parent, group: false, depth, status: St::Pending, deps: subtasks.iter().copied().collect(), continued_by: None, token: None });
+                    model.steps.insert(
+                        cont,
+                        Step {
+                            parent,
+                            group: false,
+                            depth,
+                            status: St::Pending,
+                            deps: subtasks.iter().copied().collect(),
+                            continued_by: None,
+                            token: None,
+                        },
+                    );
                     let spawner = model.steps.get_mut(&id).unwrap();
                     spawner.status = St::Done;
                     spawner.continued_by = Some(cont);
                 }
             } else {
                 what = "abort";
-                let target = model.steps[&id].parent.filter(|p| model.steps[p].group && model.steps[p].status.open());
+                let target = model.steps[&id]
+                    .parent
+                    .filter(|p| model.steps[p].group && model.steps[p].status.open());
                 let Some(target) = target else { continue };
-                db.ok("sortie.abort_branch($1, $2, $3, 'out', 'reason')", &[&target, &token, &id]).await;
+                db.ok(
+                    "sortie.abort_branch($1, $2, $3, 'out', 'reason')",
+                    &[&target, &token, &id],
+                )
+                .await;
                 model.steps.get_mut(&target).unwrap().status = St::Done;
                 model.steps.get_mut(&id).unwrap().status = St::Done;
                 let children = model.children(target);

@@ -8,8 +8,13 @@ use sortie_tests::TestDb;
 async fn a_step_waits_for_every_dependency() {
     let db = TestDb::new().await;
     let c = campaign(&db, "none").await;
-    add(&db, c, json!([{"action": "a", "key": "a"}, {"action": "b", "key": "b"},
-                        {"action": "c", "depends_on": ["a", "b"]}])).await;
+    add(
+        &db,
+        c,
+        json!([{"action": "a", "key": "a"}, {"action": "b", "key": "b"},
+                        {"action": "c", "depends_on": ["a", "b"]}]),
+    )
+    .await;
     let first = claim(&db, c).await.unwrap();
     let second = claim(&db, c).await.unwrap();
     assert_eq!((first.action.as_str(), second.action.as_str()), ("a", "b"));
@@ -25,13 +30,21 @@ async fn a_step_waits_for_every_dependency() {
 async fn children_wait_for_the_dependencies_of_every_compound_ancestor() {
     let db = TestDb::new().await;
     let c = campaign(&db, "none").await;
-    add(&db, c, json!([
+    add(
+        &db,
+        c,
+        json!([
         {"action": "gate", "key": "gate"},
         {"step_type": "parallel_group", "action": "outer", "depends_on": ["gate"], "children": [
-            {"step_type": "sequence", "action": "inner", "steps": [{"action": "deep"}]}]}])).await;
+            {"step_type": "sequence", "action": "inner", "steps": [{"action": "deep"}]}]}]),
+    )
+    .await;
     let gate = claim(&db, c).await.unwrap();
     assert_eq!(gate.action, "gate");
-    assert!(claim(&db, c).await.is_none(), "a grandchild must wait for its grandparent's dependency");
+    assert!(
+        claim(&db, c).await.is_none(),
+        "a grandchild must wait for its grandparent's dependency"
+    );
     complete(&db, &gate, "open").await;
     assert_eq!(claim(&db, c).await.unwrap().action, "deep");
     db.finish().await;
@@ -41,12 +54,24 @@ async fn children_wait_for_the_dependencies_of_every_compound_ancestor() {
 async fn compound_parents_are_never_dispatched() {
     let db = TestDb::new().await;
     let c = campaign(&db, "none").await;
-    let ids = add_ids(&db, c, json!([{"step_type": "parallel_group", "action": "group",
-        "children": [{"action": "one"}, {"action": "two"}]}])).await;
-    let err = db.call("sortie.claim_step($1, 'w')", &[&ids[0]]).await.unwrap_err();
+    let ids = add_ids(
+        &db,
+        c,
+        json!([{"step_type": "parallel_group", "action": "group",
+        "children": [{"action": "one"}, {"action": "two"}]}]),
+    )
+    .await;
+    let err = db
+        .call("sortie.claim_step($1, 'w')", &[&ids[0]])
+        .await
+        .unwrap_err();
     assert_eq!(err.code, "invalid_state");
     let ran = run_all(&db, c).await;
-    assert_eq!(ran, vec!["one", "two"], "only atomic children are handed out");
+    assert_eq!(
+        ran,
+        vec!["one", "two"],
+        "only atomic children are handed out"
+    );
     assert_eq!(status(&db, ids[0]).await, "done");
     db.finish().await;
 }
@@ -55,12 +80,20 @@ async fn compound_parents_are_never_dispatched() {
 async fn a_sequence_runs_its_children_one_after_another() {
     let db = TestDb::new().await;
     let c = campaign(&db, "none").await;
-    add(&db, c, json!([{"step_type": "sequence", "action": "s", "steps": [
-        {"action": "1"}, {"action": "2"}, {"action": "3"}]}])).await;
+    add(
+        &db,
+        c,
+        json!([{"step_type": "sequence", "action": "s", "steps": [
+        {"action": "1"}, {"action": "2"}, {"action": "3"}]}]),
+    )
+    .await;
     for expected in ["1", "2", "3"] {
         let step = claim(&db, c).await.unwrap();
         assert_eq!(step.action, expected);
-        assert!(claim(&db, c).await.is_none(), "nothing else is ready while {expected} runs");
+        assert!(
+            claim(&db, c).await.is_none(),
+            "nothing else is ready while {expected} runs"
+        );
         complete(&db, &step, expected).await;
     }
     db.finish().await;
@@ -70,8 +103,13 @@ async fn a_sequence_runs_its_children_one_after_another() {
 async fn parallel_children_are_ready_together() {
     let db = TestDb::new().await;
     let c = campaign(&db, "none").await;
-    add(&db, c, json!([{"step_type": "parallel_group", "action": "p", "children": [
-        {"action": "1"}, {"action": "2"}, {"action": "3"}]}])).await;
+    add(
+        &db,
+        c,
+        json!([{"step_type": "parallel_group", "action": "p", "children": [
+        {"action": "1"}, {"action": "2"}, {"action": "3"}]}]),
+    )
+    .await;
     let mut claims = Vec::new();
     while let Some(step) = claim(&db, c).await {
         claims.push(step);
@@ -84,15 +122,21 @@ async fn parallel_children_are_ready_together() {
 async fn a_compound_step_starts_with_its_first_child_and_collects_outputs_in_order() {
     let db = TestDb::new().await;
     let c = campaign(&db, "none").await;
-    let ids = add_ids(&db, c, json!([{"step_type": "parallel_group", "action": "p", "children": [
-        {"action": "1"}, {"action": "2"}]}])).await;
+    let ids = add_ids(
+        &db,
+        c,
+        json!([{"step_type": "parallel_group", "action": "p", "children": [
+        {"action": "1"}, {"action": "2"}]}]),
+    )
+    .await;
     assert_eq!(status(&db, ids[0]).await, "pending");
     let one = claim(&db, c).await.unwrap();
     assert_eq!(status(&db, ids[0]).await, "running");
     let two = claim(&db, c).await.unwrap();
     complete(&db, &two, "second").await;
     complete(&db, &one, "first").await;
-    let output: serde_json::Value = serde_json::from_str(step_field(&db, ids[0], "output").await.as_str().unwrap()).unwrap();
+    let output: serde_json::Value =
+        serde_json::from_str(step_field(&db, ids[0], "output").await.as_str().unwrap()).unwrap();
     assert_eq!(output[0]["output"], "first");
     assert_eq!(output[1]["output"], "second");
     assert_eq!(campaign_status(&db, c).await, "done");
@@ -133,19 +177,41 @@ async fn invalid_step_json_changes_nothing() {
     let db = TestDb::new().await;
     let c = campaign(&db, "none").await;
     let cases = [
-        (json!([{"action": "a"}, {"step_type": "loop", "action": "b"}]), "invalid_argument"),
+        (
+            json!([{"action": "a"}, {"step_type": "loop", "action": "b"}]),
+            "invalid_argument",
+        ),
         (json!([{"agent": "x"}]), "invalid_argument"),
-        (json!([{"action": "a", "depends_on": ["missing"]}]), "invalid_argument"),
-        (json!([{"action": "a", "key": "a", "depends_on": ["b"]}, {"action": "b", "key": "b", "depends_on": ["a"]}]), "cycle"),
-        (json!([{"action": "a", "depends_on": [999999]}]), "not_found"),
+        (
+            json!([{"action": "a", "depends_on": ["missing"]}]),
+            "invalid_argument",
+        ),
+        (
+            json!([{"action": "a", "key": "a", "depends_on": ["b"]}, {"action": "b", "key": "b", "depends_on": ["a"]}]),
+            "cycle",
+        ),
+        (
+            json!([{"action": "a", "depends_on": [999999]}]),
+            "not_found",
+        ),
         (json!("not a list"), "invalid_argument"),
     ];
     for (steps, code) in cases {
-        let err = db.call("sortie.add_steps($1, $2)", &[&c, &steps]).await.unwrap_err();
+        let err = db
+            .call("sortie.add_steps($1, $2)", &[&c, &steps])
+            .await
+            .unwrap_err();
         assert_eq!(err.code, code, "{steps}: {err}");
     }
     assert_eq!(count(&db, "SELECT count(*) FROM sortie.steps").await, 0);
-    assert_eq!(count(&db, "SELECT count(*) FROM sortie.events WHERE kind = 'steps.added'").await, 0);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM sortie.events WHERE kind = 'steps.added'"
+        )
+        .await,
+        0
+    );
     db.finish().await;
 }
 
@@ -153,7 +219,13 @@ async fn invalid_step_json_changes_nothing() {
 async fn a_missing_dependency_id_is_never_counted_as_satisfied() {
     let db = TestDb::new().await;
     let c = campaign(&db, "none").await;
-    let err = db.call("sortie.add_steps($1, $2)", &[&c, &json!([{"action": "a", "depends_on": [424242]}])]).await.unwrap_err();
+    let err = db
+        .call(
+            "sortie.add_steps($1, $2)",
+            &[&c, &json!([{"action": "a", "depends_on": [424242]}])],
+        )
+        .await
+        .unwrap_err();
     assert_eq!(err.code, "not_found");
     assert!(claim(&db, c).await.is_none());
     db.finish().await;
@@ -165,7 +237,13 @@ async fn dependencies_never_cross_campaigns() {
     let a = campaign(&db, "none").await;
     let b = campaign(&db, "none").await;
     let in_a = add_ids(&db, a, json!([{"action": "a"}])).await;
-    let err = db.call("sortie.add_steps($1, $2)", &[&b, &json!([{"action": "b", "depends_on": [in_a[0]]}])]).await.unwrap_err();
+    let err = db
+        .call(
+            "sortie.add_steps($1, $2)",
+            &[&b, &json!([{"action": "b", "depends_on": [in_a[0]]}])],
+        )
+        .await
+        .unwrap_err();
     assert_eq!(err.code, "not_found");
     assert_eq!(count(&db, "SELECT count(*) FROM sortie.steps").await, 1);
     db.finish().await;
@@ -175,7 +253,12 @@ async fn dependencies_never_cross_campaigns() {
 async fn a_step_depending_on_a_failed_step_is_skipped_at_once() {
     let db = TestDb::new().await;
     let c = campaign(&db, "none").await;
-    let ids = add_ids(&db, c, json!([{"action": "doomed", "max_attempts": 1}, {"action": "keep"}])).await;
+    let ids = add_ids(
+        &db,
+        c,
+        json!([{"action": "doomed", "max_attempts": 1}, {"action": "keep"}]),
+    )
+    .await;
     let doomed = claim(&db, c).await.unwrap();
     fail(&db, &doomed, "broken").await;
     let late = add_ids(&db, c, json!([{"action": "late", "depends_on": [ids[0]]}])).await;
@@ -193,10 +276,22 @@ async fn a_paused_campaign_dispatches_nothing_until_resumed() {
     add(&db, c, json!([{"action": "a"}])).await;
     db.ok("sortie.pause_campaign($1)", &[&c]).await;
     assert!(claim(&db, c).await.is_none());
-    assert_eq!(db.call("sortie.pause_campaign($1)", &[&c]).await.unwrap_err().code, "invalid_state");
+    assert_eq!(
+        db.call("sortie.pause_campaign($1)", &[&c])
+            .await
+            .unwrap_err()
+            .code,
+        "invalid_state"
+    );
     db.ok("sortie.resume_campaign($1)", &[&c]).await;
     assert!(claim(&db, c).await.is_some());
-    assert_eq!(db.call("sortie.resume_campaign($1)", &[&c]).await.unwrap_err().code, "invalid_state");
+    assert_eq!(
+        db.call("sortie.resume_campaign($1)", &[&c])
+            .await
+            .unwrap_err()
+            .code,
+        "invalid_state"
+    );
     db.finish().await;
 }
 
@@ -204,18 +299,27 @@ async fn a_paused_campaign_dispatches_nothing_until_resumed() {
 async fn steps_with_conflicting_lock_keys_do_not_run_together() {
     let db = TestDb::new().await;
     let c = campaign(&db, "none").await;
-    add(&db, c, json!([
+    add(
+        &db,
+        c,
+        json!([
         {"action": "write repo", "requires_locks": ["repo"]},
         {"action": "write src", "requires_locks": ["repo/src"]},
         {"action": "read a", "requires_locks": ["shared:docs"]},
         {"action": "read b", "requires_locks": ["shared:docs"]},
-        {"action": "other", "requires_locks": ["repository"]}])).await;
+        {"action": "other", "requires_locks": ["repository"]}]),
+    )
+    .await;
     let mut running = Vec::new();
     while let Some(step) = claim(&db, c).await {
         running.push(step);
     }
     let actions: Vec<&str> = running.iter().map(|s| s.action.as_str()).collect();
-    assert_eq!(actions, vec!["write repo", "read a", "read b", "other"], "repo/src waits for repo; shared readers share");
+    assert_eq!(
+        actions,
+        vec!["write repo", "read a", "read b", "other"],
+        "repo/src waits for repo; shared readers share"
+    );
     complete(&db, &running[0], "done").await;
     assert_eq!(claim(&db, c).await.unwrap().action, "write src");
     db.finish().await;
@@ -240,7 +344,12 @@ async fn duplicate_steps_are_accepted_with_a_warning() {
     let db = TestDb::new().await;
     let c = campaign(&db, "none").await;
     let first = add(&db, c, json!([{"action": "Search  the web", "agent": "r"}])).await;
-    let second = add(&db, c, json!([{"action": "search the WEB ", "agent": "r"}, {"action": "other"}])).await;
+    let second = add(
+        &db,
+        c,
+        json!([{"action": "search the WEB ", "agent": "r"}, {"action": "other"}]),
+    )
+    .await;
     assert_eq!(second["created"], 2);
     let dups = second["duplicates"].as_array().unwrap();
     assert_eq!(dups.len(), 1);

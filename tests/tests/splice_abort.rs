@@ -4,7 +4,12 @@ use serde_json::json;
 use sortie_tests::fixtures::*;
 use sortie_tests::TestDb;
 
-async fn spawn(db: &TestDb, step: &Claim, subtasks: serde_json::Value, continuation: &str) -> Result<serde_json::Value, sortie_tests::DbError> {
+async fn spawn(
+    db: &TestDb,
+    step: &Claim,
+    subtasks: serde_json::Value,
+    continuation: &str,
+) -> Result<serde_json::Value, sortie_tests::DbError> {
     db.call(
         "sortie.spawn_and_continue(step_id => $1, claim_token => $2, subtasks => $3, continuation => to_jsonb($4::text), partial_output => 'half')",
         &[&step.step_id, &step.token, &subtasks, &continuation],
@@ -16,9 +21,21 @@ async fn spawn(db: &TestDb, step: &Claim, subtasks: serde_json::Value, continuat
 async fn a_splice_rewires_dependents_to_the_continuation() {
     let db = TestDb::new().await;
     let c = campaign(&db, "none").await;
-    let ids = add_ids(&db, c, json!([{"action": "research", "key": "r"}, {"action": "write", "depends_on": ["r"]}])).await;
+    let ids = add_ids(
+        &db,
+        c,
+        json!([{"action": "research", "key": "r"}, {"action": "write", "depends_on": ["r"]}]),
+    )
+    .await;
     let research = claim(&db, c).await.unwrap();
-    let answer = spawn(&db, &research, json!([{"action": "read paper A"}, {"action": "read paper B", "agent": "reader"}]), "synthesise").await.unwrap();
+    let answer = spawn(
+        &db,
+        &research,
+        json!([{"action": "read paper A"}, {"action": "read paper B", "agent": "reader"}]),
+        "synthesise",
+    )
+    .await
+    .unwrap();
     let subtasks = sortie_tests::fixtures::ids(&answer["subtask_ids"]);
     let continuation = answer["continuation_id"].as_i64().unwrap();
     assert_eq!(status(&db, ids[0]).await, "done");
@@ -26,12 +43,28 @@ async fn a_splice_rewires_dependents_to_the_continuation() {
     assert_eq!(step_field(&db, subtasks[0], "parent_id").await, ids[0]);
     assert_eq!(step_field(&db, subtasks[0], "depth").await, 1);
     assert_eq!(step_field(&db, continuation, "depth").await, 0);
-    assert_eq!(step_field(&db, continuation, "continuation_of").await, ids[0]);
-    let deps: i64 = db.client.query_one("SELECT depends_on FROM sortie.step_dependencies WHERE step_id = $1", &[&ids[1]])
-        .await.unwrap().get(0);
-    assert_eq!(deps, continuation, "write now waits for the continuation, not the spliced half");
+    assert_eq!(
+        step_field(&db, continuation, "continuation_of").await,
+        ids[0]
+    );
+    let deps: i64 = db
+        .client
+        .query_one(
+            "SELECT depends_on FROM sortie.step_dependencies WHERE step_id = $1",
+            &[&ids[1]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        deps, continuation,
+        "write now waits for the continuation, not the spliced half"
+    );
     let order = run_all(&db, c).await;
-    assert_eq!(order, vec!["read paper A", "read paper B", "synthesise", "write"]);
+    assert_eq!(
+        order,
+        vec!["read paper A", "read paper B", "synthesise", "write"]
+    );
     assert_eq!(campaign_status(&db, c).await, "done");
     db.finish().await;
 }
@@ -42,15 +75,30 @@ async fn a_later_dependency_on_a_spliced_step_resolves_to_the_newest_continuatio
     let c = campaign(&db, "none").await;
     let ids = add_ids(&db, c, json!([{"action": "work"}])).await;
     let first = claim(&db, c).await.unwrap();
-    let cont1 = spawn(&db, &first, json!([{"action": "sub 1"}]), "continue 1").await.unwrap()["continuation_id"].as_i64().unwrap();
+    let cont1 = spawn(&db, &first, json!([{"action": "sub 1"}]), "continue 1")
+        .await
+        .unwrap()["continuation_id"]
+        .as_i64()
+        .unwrap();
     let sub1 = claim(&db, c).await.unwrap();
     complete(&db, &sub1, "s1").await;
     let second = claim(&db, c).await.unwrap();
     assert_eq!(second.step_id, cont1);
-    let cont2 = spawn(&db, &second, json!([{"action": "sub 2"}]), "continue 2").await.unwrap()["continuation_id"].as_i64().unwrap();
+    let cont2 = spawn(&db, &second, json!([{"action": "sub 2"}]), "continue 2")
+        .await
+        .unwrap()["continuation_id"]
+        .as_i64()
+        .unwrap();
     let later = add_ids(&db, c, json!([{"action": "later", "depends_on": [ids[0]]}])).await;
-    let dep: i64 = db.client.query_one("SELECT depends_on FROM sortie.step_dependencies WHERE step_id = $1", &[&later[0]])
-        .await.unwrap().get(0);
+    let dep: i64 = db
+        .client
+        .query_one(
+            "SELECT depends_on FROM sortie.step_dependencies WHERE step_id = $1",
+            &[&later[0]],
+        )
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(dep, cont2);
     assert_eq!(run_all(&db, c).await, vec!["sub 2", "continue 2", "later"]);
     db.finish().await;
@@ -63,14 +111,30 @@ async fn a_parent_threshold_counts_the_continuation_not_the_spliced_half() {
     let ids = add_ids(&db, c, json!([{"step_type": "parallel_group", "action": "group", "children": [{"action": "a"}, {"action": "b"}]}])).await;
     let a = claim(&db, c).await.unwrap();
     let b = claim(&db, c).await.unwrap();
-    spawn(&db, &a, json!([{"action": "a.sub"}]), "a.cont").await.unwrap();
+    spawn(&db, &a, json!([{"action": "a.sub"}]), "a.cont")
+        .await
+        .unwrap();
     complete(&db, &b, "b done").await;
-    assert_eq!(status(&db, ids[0]).await, "running", "the group waits for a's continuation");
+    assert_eq!(
+        status(&db, ids[0]).await,
+        "running",
+        "the group waits for a's continuation"
+    );
     assert_eq!(run_all(&db, c).await, vec!["a.sub", "a.cont"]);
     assert_eq!(status(&db, ids[0]).await, "done");
-    let output: serde_json::Value = serde_json::from_str(step_field(&db, ids[0], "output").await.as_str().unwrap()).unwrap();
-    let outputs: Vec<&str> = output.as_array().unwrap().iter().map(|o| o["output"].as_str().unwrap()).collect();
-    assert_eq!(outputs, vec!["out:a.cont", "b done"], "the continuation takes the spliced step's position");
+    let output: serde_json::Value =
+        serde_json::from_str(step_field(&db, ids[0], "output").await.as_str().unwrap()).unwrap();
+    let outputs: Vec<&str> = output
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["output"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        outputs,
+        vec!["out:a.cont", "b done"],
+        "the continuation takes the spliced step's position"
+    );
     db.finish().await;
 }
 
@@ -84,7 +148,9 @@ async fn an_empty_splice_is_refused_and_changes_nothing() {
         let err = spawn(&db, &a, subtasks.clone(), "cont").await.unwrap_err();
         assert_eq!(err.code, "invalid_argument", "{subtasks}");
     }
-    let err = spawn(&db, &a, json!([{"action": "x"}]), "  ").await.unwrap_err();
+    let err = spawn(&db, &a, json!([{"action": "x"}]), "  ")
+        .await
+        .unwrap_err();
     assert_eq!(err.code, "invalid_argument");
     assert_eq!(status(&db, a.step_id).await, "running");
     assert_eq!(count(&db, "SELECT count(*) FROM sortie.steps").await, 1);
@@ -98,10 +164,18 @@ async fn only_the_claimed_running_step_may_splice() {
     let c = campaign(&db, "none").await;
     let ids = add_ids(&db, c, json!([{"action": "a"}, {"action": "b"}])).await;
     let a = claim(&db, c).await.unwrap();
-    let err = db.call("sortie.spawn_and_continue($1, $2, '[{\"action\": \"x\"}]', '\"c\"')", &[&ids[1], &a.token]).await.unwrap_err();
+    let err = db
+        .call(
+            "sortie.spawn_and_continue($1, $2, '[{\"action\": \"x\"}]', '\"c\"')",
+            &[&ids[1], &a.token],
+        )
+        .await
+        .unwrap_err();
     assert_eq!(err.code, "stale_claim", "another step's token does not fit");
     complete(&db, &a, "done").await;
-    let err = spawn(&db, &a, json!([{"action": "x"}]), "c").await.unwrap_err();
+    let err = spawn(&db, &a, json!([{"action": "x"}]), "c")
+        .await
+        .unwrap_err();
     assert_eq!(err.code, "stale_claim", "a finished step cannot splice");
     assert_eq!(count(&db, "SELECT count(*) FROM sortie.steps").await, 2);
     let b = claim(&db, c).await.unwrap();
@@ -112,18 +186,33 @@ async fn only_the_claimed_running_step_may_splice() {
 #[tokio::test]
 async fn splicing_beyond_max_depth_is_refused() {
     let db = TestDb::new().await;
-    let created = db.ok("sortie.create_campaign(goal => 'deep', planner => 'none', max_depth => 1)", &[]).await;
+    let created = db
+        .ok(
+            "sortie.create_campaign(goal => 'deep', planner => 'none', max_depth => 1)",
+            &[],
+        )
+        .await;
     let c = uuid::Uuid::parse_str(created["id"].as_str().unwrap()).unwrap();
     add(&db, c, json!([{"action": "top"}])).await;
     let top = claim(&db, c).await.unwrap();
     let nested = json!([{"step_type": "sequence", "action": "s", "steps": [{"action": "x"}]}]);
     let err = spawn(&db, &top, nested, "cont").await.unwrap_err();
-    assert_eq!(err.code, "depth_limit", "a nested subtask would reach depth 2");
+    assert_eq!(
+        err.code, "depth_limit",
+        "a nested subtask would reach depth 2"
+    );
     assert_eq!(count(&db, "SELECT count(*) FROM sortie.steps").await, 1);
-    let answer = spawn(&db, &top, json!([{"action": "level 1"}]), "cont").await.unwrap();
+    let answer = spawn(&db, &top, json!([{"action": "level 1"}]), "cont")
+        .await
+        .unwrap();
     let level1 = claim(&db, c).await.unwrap();
-    assert_eq!(level1.step_id, sortie_tests::fixtures::ids(&answer["subtask_ids"])[0]);
-    let err = spawn(&db, &level1, json!([{"action": "level 2"}]), "cont").await.unwrap_err();
+    assert_eq!(
+        level1.step_id,
+        sortie_tests::fixtures::ids(&answer["subtask_ids"])[0]
+    );
+    let err = spawn(&db, &level1, json!([{"action": "level 2"}]), "cont")
+        .await
+        .unwrap_err();
     assert_eq!(err.code, "depth_limit");
     assert_eq!(status(&db, level1.step_id).await, "running");
     complete(&db, &level1, "ok").await;
@@ -148,7 +237,11 @@ async fn abort_skips_the_open_subtree_and_completes_target_and_caller() {
     let prober = running.iter().find(|s| s.action == "prober").unwrap();
     let asker = running.iter().find(|s| s.action == "asker").unwrap();
     let p1 = running.iter().find(|s| s.action == "p1").unwrap();
-    db.ok("sortie.request_input($1, $2, 'keep going?')", &[&asker.step_id, &asker.token]).await;
+    db.ok(
+        "sortie.request_input($1, $2, 'keep going?')",
+        &[&asker.step_id, &asker.token],
+    )
+    .await;
 
     let answer = db
         .ok("sortie.abort_branch(target_id => $1, claim_token => $2, step_id => $3, output => 'approach debunked', reason => 'paper X refutes it')",
@@ -157,7 +250,10 @@ async fn abort_skips_the_open_subtree_and_completes_target_and_caller() {
     assert_eq!(status(&db, ids[0]).await, "done");
     assert_eq!(step_field(&db, ids[0], "output").await, "approach debunked");
     assert_eq!(status(&db, prober.step_id).await, "done");
-    assert_eq!(step_field(&db, prober.step_id, "output").await, "paper X refutes it");
+    assert_eq!(
+        step_field(&db, prober.step_id, "output").await,
+        "paper X refutes it"
+    );
     for action in ["asker", "pipeline", "p1", "p2"] {
         let id = step_by_action(&db, c, action).await;
         assert_eq!(status(&db, id).await, "skipped", "{action}");
@@ -165,10 +261,17 @@ async fn abort_skips_the_open_subtree_and_completes_target_and_caller() {
     }
     assert_eq!(answer["skipped"].as_array().unwrap().len(), 4);
     let note = db.ok("sortie.get_notes($1, ARRAY['abort'])", &[&c]).await;
-    assert!(note["notes"][0]["content"].as_str().unwrap().contains("paper X refutes it"));
+    assert!(note["notes"][0]["content"]
+        .as_str()
+        .unwrap()
+        .contains("paper X refutes it"));
     let late = complete(&db, p1, "late work").await;
     assert_eq!(late["status"], "skipped");
-    assert_eq!(step_field(&db, p1.step_id, "output").await, "late work", "late output is kept for audit");
+    assert_eq!(
+        step_field(&db, p1.step_id, "output").await,
+        "late work",
+        "late output is kept for audit"
+    );
     assert_eq!(run_all(&db, c).await, vec!["after branch"]);
     assert_eq!(campaign_status(&db, c).await, "done");
     db.finish().await;
@@ -178,19 +281,45 @@ async fn abort_skips_the_open_subtree_and_completes_target_and_caller() {
 async fn abort_needs_an_ancestor_target_and_the_callers_claim() {
     let db = TestDb::new().await;
     let c = campaign(&db, "none").await;
-    let ids = add_ids(&db, c, json!([
+    let ids = add_ids(
+        &db,
+        c,
+        json!([
         {"step_type": "parallel_group", "action": "g1", "children": [{"action": "in g1"}]},
-        {"step_type": "parallel_group", "action": "g2", "children": [{"action": "in g2"}]}])).await;
+        {"step_type": "parallel_group", "action": "g2", "children": [{"action": "in g2"}]}]),
+    )
+    .await;
     let in_g1 = claim(&db, c).await.unwrap();
     let in_g2 = claim(&db, c).await.unwrap();
     let abort = "sortie.abort_branch(target_id => $1, claim_token => $2, step_id => $3, output => 'o', reason => 'r')";
-    let err = db.call(abort, &[&ids[1], &in_g1.token, &in_g1.step_id]).await.unwrap_err();
-    assert_eq!(err.code, "invalid_argument", "g2 is not an ancestor of g1's child");
-    let err = db.call(abort, &[&in_g1.step_id, &in_g1.token, &in_g1.step_id]).await.unwrap_err();
-    assert_eq!(err.code, "invalid_argument", "a step is not its own strict ancestor");
-    let err = db.call(abort, &[&ids[0], &in_g2.token, &in_g1.step_id]).await.unwrap_err();
-    assert_eq!(err.code, "stale_claim", "the caller must present its own token");
-    let err = db.call(abort, &[&ids[0], &uuid::Uuid::new_v4(), &in_g1.step_id]).await.unwrap_err();
+    let err = db
+        .call(abort, &[&ids[1], &in_g1.token, &in_g1.step_id])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code, "invalid_argument",
+        "g2 is not an ancestor of g1's child"
+    );
+    let err = db
+        .call(abort, &[&in_g1.step_id, &in_g1.token, &in_g1.step_id])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code, "invalid_argument",
+        "a step is not its own strict ancestor"
+    );
+    let err = db
+        .call(abort, &[&ids[0], &in_g2.token, &in_g1.step_id])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code, "stale_claim",
+        "the caller must present its own token"
+    );
+    let err = db
+        .call(abort, &[&ids[0], &uuid::Uuid::new_v4(), &in_g1.step_id])
+        .await
+        .unwrap_err();
     assert_eq!(err.code, "stale_claim");
     assert_eq!(status(&db, ids[0]).await, "running");
     complete(&db, &in_g1, "ok").await;
@@ -204,15 +333,23 @@ async fn a_terminal_target_cannot_be_aborted() {
     let c = campaign(&db, "none").await;
     let ids = add_ids(&db, c, json!([{"action": "top"}])).await;
     let top = claim(&db, c).await.unwrap();
-    let answer = spawn(&db, &top, json!([{"action": "child"}]), "cont").await.unwrap();
+    let answer = spawn(&db, &top, json!([{"action": "child"}]), "cont")
+        .await
+        .unwrap();
     let child = claim(&db, c).await.unwrap();
-    assert_eq!(child.step_id, sortie_tests::fixtures::ids(&answer["subtask_ids"])[0]);
+    assert_eq!(
+        child.step_id,
+        sortie_tests::fixtures::ids(&answer["subtask_ids"])[0]
+    );
     let err = db
         .call("sortie.abort_branch(target_id => $1, claim_token => $2, step_id => $3, output => 'o', reason => 'r')",
               &[&ids[0], &child.token, &child.step_id])
         .await
         .unwrap_err();
-    assert_eq!(err.code, "invalid_state", "the spliced parent is already done");
+    assert_eq!(
+        err.code, "invalid_state",
+        "the spliced parent is already done"
+    );
     complete(&db, &child, "ok").await;
     run_all(&db, c).await;
     db.finish().await;

@@ -8,7 +8,9 @@ use sortie_mcp::tools::SortieServer;
 async fn main() -> anyhow::Result<()> {
     sortie_mcp::init_logging();
     let config = Config::from_env()?;
-    let service = SortieServer::new(config).serve(rmcp::transport::stdio()).await?;
+    let service = SortieServer::new(config)
+        .serve(rmcp::transport::stdio())
+        .await?;
     service.waiting().await?;
     Ok(())
 }

@@ -5,7 +5,11 @@ use sortie_mcp::config::Config;
 use sortie_mcp::db::Db;
 
 #[derive(Parser)]
-#[command(name = "sortie-runner", version, about = "Dispatches ready Sortie steps to agents")]
+#[command(
+    name = "sortie-runner",
+    version,
+    about = "Dispatches ready Sortie steps to agents"
+)]
 struct Cli {
     /// Run one tick and exit once its dispatches are finished (for cron).
     #[arg(long)]

@@ -113,9 +113,15 @@ pub struct AddSteps {
 
 #[tool_router(router = coordinator_router, vis = "pub(super)")]
 impl SortieServer {
-    #[tool(description = "Create a campaign for long-running, multi-step work. Returns its id, name and status. \
+    #[tool(
+        description = "Create a campaign for long-running, multi-step work. Returns its id, name and status. \
 Next: add_steps to give it a DAG (or let the planner grow one), then get_updates to follow it.",
-           annotations(read_only_hint = false, destructive_hint = false, idempotent_hint = false))]
+        annotations(
+            read_only_hint = false,
+            destructive_hint = false,
+            idempotent_hint = false
+        )
+    )]
     async fn create_campaign(&self, Parameters(p): Parameters<CreateCampaign>) -> CallToolResult {
         self.call(
             "create_campaign(goal => $1, name => $2, channel => $3, priority => coalesce($4, 'normal'), \
@@ -130,71 +136,139 @@ Next: add_steps to give it a DAG (or let the planner grow one), then get_updates
         .await
     }
 
-    #[tool(description = "List campaigns, newest first, optionally by status. Returns {campaigns: [{id, name, status, \
+    #[tool(
+        description = "List campaigns, newest first, optionally by status. Returns {campaigns: [{id, name, status, \
 priority, progress, open_steps}], next_cursor}; pass next_cursor back for the next page.",
-           annotations(read_only_hint = true, idempotent_hint = true))]
+        annotations(read_only_hint = true, idempotent_hint = true)
+    )]
     async fn list_campaigns(&self, Parameters(p): Parameters<ListCampaigns>) -> CallToolResult {
-        self.call("list_campaigns(status => $1, \"limit\" => coalesce($2, 20), cursor => $3)", &[&p.status, &p.limit, &p.cursor])
-            .await
+        self.call(
+            "list_campaigns(status => $1, \"limit\" => coalesce($2, 20), cursor => $3)",
+            &[&p.status, &p.limit, &p.cursor],
+        )
+        .await
     }
 
-    #[tool(description = "Full campaign state: goal, strategy, guidance, progress, counters, the step tree and the newest notes.",
-           annotations(read_only_hint = true, idempotent_hint = true))]
+    #[tool(
+        description = "Full campaign state: goal, strategy, guidance, progress, counters, the step tree and the newest notes.",
+        annotations(read_only_hint = true, idempotent_hint = true)
+    )]
     async fn get_campaign(&self, Parameters(p): Parameters<CampaignId>) -> CallToolResult {
         self.call("get_campaign(id => $1)", &[&p.id]).await
     }
 
-    #[tool(description = "What happened since your last call: completed, failed, retrying and skipped steps, new notes, \
+    #[tool(
+        description = "What happened since your last call: completed, failed, retrying and skipped steps, new notes, \
 campaign events, and every step waiting for your input. Omit id for all campaigns.",
-           annotations(read_only_hint = false, destructive_hint = false, idempotent_hint = false))]
+        annotations(
+            read_only_hint = false,
+            destructive_hint = false,
+            idempotent_hint = false
+        )
+    )]
     async fn get_updates(&self, Parameters(p): Parameters<GetUpdates>) -> CallToolResult {
         let consumer = p.consumer.unwrap_or_else(|| "coordinator".into());
-        self.call("get_updates(id => $1, consumer => $2)", &[&p.id, &consumer]).await
+        self.call("get_updates(id => $1, consumer => $2)", &[&p.id, &consumer])
+            .await
     }
 
-    #[tool(description = "Change a campaign's direction: your guidance is kept for the planner and never overwritten by it.",
-           annotations(read_only_hint = false, destructive_hint = false, idempotent_hint = false))]
+    #[tool(
+        description = "Change a campaign's direction: your guidance is kept for the planner and never overwritten by it.",
+        annotations(
+            read_only_hint = false,
+            destructive_hint = false,
+            idempotent_hint = false
+        )
+    )]
     async fn steer_campaign(&self, Parameters(p): Parameters<SteerCampaign>) -> CallToolResult {
-        self.call("steer_campaign(id => $1, guidance => $2)", &[&p.id, &p.guidance]).await
+        self.call(
+            "steer_campaign(id => $1, guidance => $2)",
+            &[&p.id, &p.guidance],
+        )
+        .await
     }
 
-    #[tool(description = "Pause a campaign: running steps finish, no new ones start. resume_campaign continues it.",
-           annotations(read_only_hint = false, destructive_hint = false, idempotent_hint = false))]
+    #[tool(
+        description = "Pause a campaign: running steps finish, no new ones start. resume_campaign continues it.",
+        annotations(
+            read_only_hint = false,
+            destructive_hint = false,
+            idempotent_hint = false
+        )
+    )]
     async fn pause_campaign(&self, Parameters(p): Parameters<CampaignId>) -> CallToolResult {
         self.call("pause_campaign(id => $1)", &[&p.id]).await
     }
 
-    #[tool(description = "Resume a paused campaign.",
-           annotations(read_only_hint = false, destructive_hint = false, idempotent_hint = false))]
+    #[tool(
+        description = "Resume a paused campaign.",
+        annotations(
+            read_only_hint = false,
+            destructive_hint = false,
+            idempotent_hint = false
+        )
+    )]
     async fn resume_campaign(&self, Parameters(p): Parameters<CampaignId>) -> CallToolResult {
         self.call("resume_campaign(id => $1)", &[&p.id]).await
     }
 
-    #[tool(description = "Cancel a campaign: every step not yet finished is skipped and running workers lose their claims.",
-           annotations(read_only_hint = false, destructive_hint = true, idempotent_hint = false))]
+    #[tool(
+        description = "Cancel a campaign: every step not yet finished is skipped and running workers lose their claims.",
+        annotations(
+            read_only_hint = false,
+            destructive_hint = true,
+            idempotent_hint = false
+        )
+    )]
     async fn cancel_campaign(&self, Parameters(p): Parameters<CancelCampaign>) -> CallToolResult {
-        self.call("cancel_campaign(id => $1, reason => $2)", &[&p.id, &p.reason]).await
+        self.call(
+            "cancel_campaign(id => $1, reason => $2)",
+            &[&p.id, &p.reason],
+        )
+        .await
     }
 
-    #[tool(description = "Answer a step that asked for input (see get_updates.waiting_inputs). The step is dispatched \
+    #[tool(
+        description = "Answer a step that asked for input (see get_updates.waiting_inputs). The step is dispatched \
 again with its original input, the question and your answer.",
-           annotations(read_only_hint = false, destructive_hint = false, idempotent_hint = false))]
+        annotations(
+            read_only_hint = false,
+            destructive_hint = false,
+            idempotent_hint = false
+        )
+    )]
     async fn provide_input(&self, Parameters(p): Parameters<ProvideInput>) -> CallToolResult {
-        self.call("provide_input(id => $1, step_id => $2, answer => $3)", &[&p.id, &p.step_id, &p.answer]).await
+        self.call(
+            "provide_input(id => $1, step_id => $2, answer => $3)",
+            &[&p.id, &p.step_id, &p.answer],
+        )
+        .await
     }
 
-    #[tool(description = "Evaluate the campaign's success contract: {met, reason, metric_value, target, iterations_used, \
+    #[tool(
+        description = "Evaluate the campaign's success contract: {met, reason, metric_value, target, iterations_used, \
 max_iterations}. Workers report the metric with add_note(tags=['metric:<name>'], content='<name>=<value>').",
-           annotations(read_only_hint = true, idempotent_hint = true))]
+        annotations(read_only_hint = true, idempotent_hint = true)
+    )]
     async fn check_success(&self, Parameters(p): Parameters<CampaignId>) -> CallToolResult {
         self.call("check_success(id => $1)", &[&p.id]).await
     }
 
-    #[tool(description = "Give a campaign steps: atomic, sequence, parallel_group and for_each, with dependencies. The whole \
+    #[tool(
+        description = "Give a campaign steps: atomic, sequence, parallel_group and for_each, with dependencies. The whole \
 call is validated first; unknown types, missing actions, unknown dependencies and cycles change nothing. Returns \
 {step_ids, keys, created, duplicates}.",
-           annotations(read_only_hint = false, destructive_hint = false, idempotent_hint = false))]
+        annotations(
+            read_only_hint = false,
+            destructive_hint = false,
+            idempotent_hint = false
+        )
+    )]
     async fn add_steps(&self, Parameters(p): Parameters<AddSteps>) -> CallToolResult {
-        self.call("add_steps(campaign_id => $1, steps => $2)", &[&p.campaign_id, &p.steps]).await
+        self.call(
+            "add_steps(campaign_id => $1, steps => $2)",
+            &[&p.campaign_id, &p.steps],
+        )
+        .await
     }
 }

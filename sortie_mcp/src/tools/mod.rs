@@ -7,13 +7,14 @@ mod worker;
 use std::sync::Arc;
 
 use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::tool::ToolCallContext;
 use rmcp::model::{
-    CallToolResult, ContentBlock, Implementation, ListToolsResult, PaginatedRequestParams, ServerCapabilities,
-    ServerConfig,
+    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation,
+    ListToolsResult, PaginatedRequestParams, ServerCapabilities, ServerConfig,
 };
 use rmcp::service::RequestContext;
 use rmcp::{tool_handler, ErrorData, RoleServer, ServerHandler};
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::sync::OnceCell;
 use tokio_postgres::types::ToSql;
 
@@ -43,13 +44,21 @@ impl SortieServer {
         if config.role == Role::Coordinator {
             tool_router.remove_route("claim_next");
         }
-        Self { config: Arc::new(config), db: Arc::new(OnceCell::new()), tool_router }
+        Self {
+            config: Arc::new(config),
+            db: Arc::new(OnceCell::new()),
+            tool_router,
+        }
     }
 
     /// Connected on first use, so that initialize and tools/list never wait for the database.
     async fn db(&self) -> Result<&Db, DbError> {
         self.db
-            .get_or_try_init(|| async { Db::connect(&self.config).await.map_err(|e| DbError::unavailable(format!("{e:#}"))) })
+            .get_or_try_init(|| async {
+                Db::connect(&self.config)
+                    .await
+                    .map_err(|e| DbError::unavailable(format!("{e:#}")))
+            })
             .await
     }
 
@@ -80,9 +89,15 @@ impl SortieServer {
     /// SPEC §3 depth limit: a worker session whose step is at max depth does not see
     /// spawn_and_continue. The extension refuses the splice either way.
     async fn session_at_max_depth(&self) -> bool {
-        let Some(step) = self.config.step_id else { return false };
-        let Ok(db) = self.db().await else { return false };
-        let Ok(client) = db.client().await else { return false };
+        let Some(step) = self.config.step_id else {
+            return false;
+        };
+        let Ok(db) = self.db().await else {
+            return false;
+        };
+        let Ok(client) = db.client().await else {
+            return false;
+        };
         let sql = format!(
             "SELECT s.depth >= c.max_depth FROM {schema}.steps s JOIN {schema}.campaigns c ON c.id = s.campaign_id WHERE s.id = $1",
             schema = db.schema()
@@ -99,19 +114,48 @@ pub fn tool_error(e: &DbError) -> CallToolResult {
 
 /// A refusal decided before calling the database (a missing session value).
 pub fn missing(what: &str) -> CallToolResult {
-    tool_error(&DbError { code: "invalid_argument".into(), message: format!("invalid_argument: {what}") })
-}
-
-pub fn to_value<T: serde::Serialize>(v: &Option<T>) -> Option<Value> {
-    v.as_ref().map(|x| serde_json::to_value(x).unwrap_or(Value::Null))
+    tool_error(&DbError {
+        code: "invalid_argument".into(),
+        message: format!("invalid_argument: {what}"),
+    })
 }
 
 #[tool_handler(router = self.tool_router)]
 impl ServerHandler for SortieServer {
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
-            .with_server_info(Implementation::new(env!("CARGO_PKG_NAME"), env!("CARGO_PKG_VERSION")))
+            .with_server_info(Implementation::new(
+                env!("CARGO_PKG_NAME"),
+                env!("CARGO_PKG_VERSION"),
+            ))
             .with_instructions(INSTRUCTIONS.to_string())
+    }
+
+    /// Arguments that do not fit a tool's schema come back from rmcp as an untyped tool error;
+    /// they get the stable code `invalid_argument` like every other refusal.
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let call = ToolCallContext::new(self, request, context);
+        Ok(match self.tool_router.call(call).await? {
+            CallToolResponse::Complete(result)
+                if result.is_error == Some(true) && result.structured_content.is_none() =>
+            {
+                let text: String = result
+                    .content
+                    .iter()
+                    .filter_map(|c| c.as_text().map(|t| t.text.clone()))
+                    .collect();
+                tool_error(&DbError {
+                    code: "invalid_argument".into(),
+                    message: format!("invalid_argument: {text}"),
+                })
+                .into()
+            }
+            other => other,
+        })
     }
 
     async fn list_tools(

@@ -12,7 +12,8 @@ use uuid::Uuid;
 use super::{missing, SortieServer};
 
 const NO_STEP: &str = "step_id is required: pass it, or run the server with SORTIE_STEP_ID set";
-const NO_CAMPAIGN: &str = "campaign_id is required: pass it, or run the server with SORTIE_CAMPAIGN_ID set";
+const NO_CAMPAIGN: &str =
+    "campaign_id is required: pass it, or run the server with SORTIE_CAMPAIGN_ID set";
 const NO_TOKEN: &str = "claim_token is required: pass the token claim_next returned, or run with SORTIE_CLAIM_TOKEN set";
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -153,18 +154,28 @@ pub struct ClaimNext {
 
 #[tool_router(router = worker_router, vis = "pub(super)")]
 impl SortieServer {
-    #[tool(description = "Your step's context: campaign goal, your task and input, upstream outputs as previews (head + \
+    #[tool(
+        description = "Your step's context: campaign goal, your task and input, upstream outputs as previews (head + \
 tail + total length; read_step_output reads the rest), any question and answer, and the newest notes. Call this first.",
-           annotations(read_only_hint = true, idempotent_hint = true))]
+        annotations(read_only_hint = true, idempotent_hint = true)
+    )]
     async fn get_my_context(&self, Parameters(p): Parameters<StepOnly>) -> CallToolResult {
-        let Some(step) = self.session_step(p.step_id) else { return missing(NO_STEP) };
+        let Some(step) = self.session_step(p.step_id) else {
+            return missing(NO_STEP);
+        };
         let (head, tail) = (self.config.preview_head, self.config.preview_tail);
-        self.call("get_my_context(step_id => $1, head => $2, tail => $3)", &[&step, &head, &tail]).await
+        self.call(
+            "get_my_context(step_id => $1, head => $2, tail => $3)",
+            &[&step, &head, &tail],
+        )
+        .await
     }
 
-    #[tool(description = "Read a range of a step's output (or input) by character offset: the counterpart of the previews \
+    #[tool(
+        description = "Read a range of a step's output (or input) by character offset: the counterpart of the previews \
 in get_my_context. Any step of your campaign is readable.",
-           annotations(read_only_hint = true, idempotent_hint = true))]
+        annotations(read_only_hint = true, idempotent_hint = true)
+    )]
     async fn read_step_output(&self, Parameters(p): Parameters<ReadStepOutput>) -> CallToolResult {
         let campaign = self.config.campaign_id;
         let reader = self.config.step_id;
@@ -176,67 +187,142 @@ in get_my_context. Any step of your campaign is readable.",
         .await
     }
 
-    #[tool(description = "Report that you are still working: extends your claim's lease (default 900 s). Long-running \
+    #[tool(
+        description = "Report that you are still working: extends your claim's lease (default 900 s). Long-running \
 workers call this every few minutes; a step whose lease runs out is reset and your claim becomes stale.",
-           annotations(read_only_hint = false, destructive_hint = false, idempotent_hint = true))]
+        annotations(
+            read_only_hint = false,
+            destructive_hint = false,
+            idempotent_hint = true
+        )
+    )]
     async fn heartbeat(&self, Parameters(p): Parameters<Heartbeat>) -> CallToolResult {
-        let Some(step) = self.session_step(p.step_id) else { return missing(NO_STEP) };
-        let Some(token) = self.session_token(p.claim_token) else { return missing(NO_TOKEN) };
+        let Some(step) = self.session_step(p.step_id) else {
+            return missing(NO_STEP);
+        };
+        let Some(token) = self.session_token(p.claim_token) else {
+            return missing(NO_TOKEN);
+        };
         let extend = p.extend_leases_sec.unwrap_or(900);
-        self.call("heartbeat(step_id => $1, claim_token => $2, extend_leases_sec => $3)", &[&step, &token, &extend]).await
+        self.call(
+            "heartbeat(step_id => $1, claim_token => $2, extend_leases_sec => $3)",
+            &[&step, &token, &extend],
+        )
+        .await
     }
 
-    #[tool(description = "Record a finding. Notes are shared with every step of the campaign and searchable. Returns the \
+    #[tool(
+        description = "Record a finding. Notes are shared with every step of the campaign and searchable. Returns the \
 note id. For metrics use tags ['metric:<name>'] and content '<name>=<value>'.",
-           annotations(read_only_hint = false, destructive_hint = false, idempotent_hint = false))]
+        annotations(
+            read_only_hint = false,
+            destructive_hint = false,
+            idempotent_hint = false
+        )
+    )]
     async fn add_note(&self, Parameters(p): Parameters<AddNote>) -> CallToolResult {
-        let Some(campaign) = self.session_campaign(p.campaign_id) else { return missing(NO_CAMPAIGN) };
+        let Some(campaign) = self.session_campaign(p.campaign_id) else {
+            return missing(NO_CAMPAIGN);
+        };
         let step = self.config.step_id;
-        self.call("add_note(campaign_id => $1, content => $2, tags => $3, step_id => $4)", &[&campaign, &p.content, &p.tags, &step])
-            .await
+        self.call(
+            "add_note(campaign_id => $1, content => $2, tags => $3, step_id => $4)",
+            &[&campaign, &p.content, &p.tags, &step],
+        )
+        .await
     }
 
-    #[tool(description = "List notes, newest first, filtered by tags (any of) or step.",
-           annotations(read_only_hint = true, idempotent_hint = true))]
+    #[tool(
+        description = "List notes, newest first, filtered by tags (any of) or step.",
+        annotations(read_only_hint = true, idempotent_hint = true)
+    )]
     async fn get_notes(&self, Parameters(p): Parameters<GetNotes>) -> CallToolResult {
-        let Some(campaign) = self.session_campaign(p.campaign_id) else { return missing(NO_CAMPAIGN) };
-        self.call("get_notes(campaign_id => $1, tags => $2, step_id => $3)", &[&campaign, &p.tags, &p.step_id]).await
+        let Some(campaign) = self.session_campaign(p.campaign_id) else {
+            return missing(NO_CAMPAIGN);
+        };
+        self.call(
+            "get_notes(campaign_id => $1, tags => $2, step_id => $3)",
+            &[&campaign, &p.tags, &p.step_id],
+        )
+        .await
     }
 
-    #[tool(description = "Search notes by meaning and words, in one campaign or all. Returns ranked hits, each with score and mode.",
-           annotations(read_only_hint = true, idempotent_hint = true))]
+    #[tool(
+        description = "Search notes by meaning and words, in one campaign or all. Returns ranked hits, each with score and mode.",
+        annotations(read_only_hint = true, idempotent_hint = true)
+    )]
     async fn search_notes(&self, Parameters(p): Parameters<SearchNotes>) -> CallToolResult {
         let top_k = p.top_k.unwrap_or(5);
-        self.call("search_notes(query => $1, campaign_id => $2, top_k => $3, tags => $4)", &[&p.query, &p.campaign_id, &top_k, &p.tags])
-            .await
+        self.call(
+            "search_notes(query => $1, campaign_id => $2, top_k => $3, tags => $4)",
+            &[&p.query, &p.campaign_id, &top_k, &p.tags],
+        )
+        .await
     }
 
-    #[tool(description = "Finish your step with a summary of what you accomplished (its output). If the step was skipped \
+    #[tool(
+        description = "Finish your step with a summary of what you accomplished (its output). If the step was skipped \
 while you worked, the answer says so and nothing else changes.",
-           annotations(read_only_hint = false, destructive_hint = false, idempotent_hint = false))]
+        annotations(
+            read_only_hint = false,
+            destructive_hint = false,
+            idempotent_hint = false
+        )
+    )]
     async fn complete_step(&self, Parameters(p): Parameters<CompleteStep>) -> CallToolResult {
-        let Some(step) = self.session_step(p.step_id) else { return missing(NO_STEP) };
-        let Some(token) = self.session_token(p.claim_token) else { return missing(NO_TOKEN) };
+        let Some(step) = self.session_step(p.step_id) else {
+            return missing(NO_STEP);
+        };
+        let Some(token) = self.session_token(p.claim_token) else {
+            return missing(NO_TOKEN);
+        };
         let tokens = p.tokens_used.unwrap_or(0);
-        self.call("complete_step(step_id => $1, claim_token => $2, summary => $3, tokens_used => $4)", &[&step, &token, &p.summary, &tokens])
-            .await
+        self.call(
+            "complete_step(step_id => $1, claim_token => $2, summary => $3, tokens_used => $4)",
+            &[&step, &token, &p.summary, &tokens],
+        )
+        .await
     }
 
-    #[tool(description = "Report that you cannot complete your step. It is retried with back-off while attempts remain; \
+    #[tool(
+        description = "Report that you cannot complete your step. It is retried with back-off while attempts remain; \
 then it fails and the steps depending on it are skipped.",
-           annotations(read_only_hint = false, destructive_hint = false, idempotent_hint = false))]
+        annotations(
+            read_only_hint = false,
+            destructive_hint = false,
+            idempotent_hint = false
+        )
+    )]
     async fn fail_step(&self, Parameters(p): Parameters<FailStep>) -> CallToolResult {
-        let Some(step) = self.session_step(p.step_id) else { return missing(NO_STEP) };
-        let Some(token) = self.session_token(p.claim_token) else { return missing(NO_TOKEN) };
-        self.call("fail_step(step_id => $1, claim_token => $2, error => $3)", &[&step, &token, &p.error]).await
+        let Some(step) = self.session_step(p.step_id) else {
+            return missing(NO_STEP);
+        };
+        let Some(token) = self.session_token(p.claim_token) else {
+            return missing(NO_TOKEN);
+        };
+        self.call(
+            "fail_step(step_id => $1, claim_token => $2, error => $3)",
+            &[&step, &token, &p.error],
+        )
+        .await
     }
 
-    #[tool(description = "Pause your step and ask the coordinator a question (a fork needing judgement, a risky action, \
+    #[tool(
+        description = "Pause your step and ask the coordinator a question (a fork needing judgement, a risky action, \
 unclear requirements). The step waits until provide_input; then it is dispatched again with the answer.",
-           annotations(read_only_hint = false, destructive_hint = false, idempotent_hint = false))]
+        annotations(
+            read_only_hint = false,
+            destructive_hint = false,
+            idempotent_hint = false
+        )
+    )]
     async fn request_input(&self, Parameters(p): Parameters<RequestInput>) -> CallToolResult {
-        let Some(step) = self.session_step(p.step_id) else { return missing(NO_STEP) };
-        let Some(token) = self.session_token(p.claim_token) else { return missing(NO_TOKEN) };
+        let Some(step) = self.session_step(p.step_id) else {
+            return missing(NO_STEP);
+        };
+        let Some(token) = self.session_token(p.claim_token) else {
+            return missing(NO_TOKEN);
+        };
         self.call(
             "request_input(step_id => $1, claim_token => $2, question => $3, partial_output => $4)",
             &[&step, &token, &p.question, &p.partial_output],
@@ -244,12 +330,25 @@ unclear requirements). The step waits until provide_input; then it is dispatched
         .await
     }
 
-    #[tool(description = "Split your work: spawn subtasks and a continuation that resumes once they are done. Your step \
+    #[tool(
+        description = "Split your work: spawn subtasks and a continuation that resumes once they are done. Your step \
 completes with partial_output and everything that waited for it waits for the continuation. Hidden at max depth.",
-           annotations(read_only_hint = false, destructive_hint = false, idempotent_hint = false))]
-    async fn spawn_and_continue(&self, Parameters(p): Parameters<SpawnAndContinue>) -> CallToolResult {
-        let Some(step) = self.session_step(p.step_id) else { return missing(NO_STEP) };
-        let Some(token) = self.session_token(p.claim_token) else { return missing(NO_TOKEN) };
+        annotations(
+            read_only_hint = false,
+            destructive_hint = false,
+            idempotent_hint = false
+        )
+    )]
+    async fn spawn_and_continue(
+        &self,
+        Parameters(p): Parameters<SpawnAndContinue>,
+    ) -> CallToolResult {
+        let Some(step) = self.session_step(p.step_id) else {
+            return missing(NO_STEP);
+        };
+        let Some(token) = self.session_token(p.claim_token) else {
+            return missing(NO_TOKEN);
+        };
         self.call(
             "spawn_and_continue(step_id => $1, claim_token => $2, subtasks => $3, continuation => $4, partial_output => $5)",
             &[&step, &token, &p.subtasks, &p.continuation, &p.partial_output],
@@ -257,12 +356,22 @@ completes with partial_output and everything that waited for it waits for the co
         .await
     }
 
-    #[tool(description = "Early return from an ancestor step when its whole branch is pointless: the target completes with \
+    #[tool(
+        description = "Early return from an ancestor step when its whole branch is pointless: the target completes with \
 your output, everything still open under it is skipped, your step completes with the reason (also kept as a note).",
-           annotations(read_only_hint = false, destructive_hint = true, idempotent_hint = false))]
+        annotations(
+            read_only_hint = false,
+            destructive_hint = true,
+            idempotent_hint = false
+        )
+    )]
     async fn abort_branch(&self, Parameters(p): Parameters<AbortBranch>) -> CallToolResult {
-        let Some(step) = self.session_step(p.step_id) else { return missing(NO_STEP) };
-        let Some(token) = self.session_token(p.claim_token) else { return missing(NO_TOKEN) };
+        let Some(step) = self.session_step(p.step_id) else {
+            return missing(NO_STEP);
+        };
+        let Some(token) = self.session_token(p.claim_token) else {
+            return missing(NO_TOKEN);
+        };
         self.call(
             "abort_branch(target_id => $1, claim_token => $2, step_id => $3, output => $4, reason => $5)",
             &[&p.target_id, &token, &step, &p.output, &p.reason],
@@ -270,10 +379,16 @@ your output, everything still open under it is skipped, your step completes with
         .await
     }
 
-    #[tool(description = "Pull mode: claim the best ready step for your agent name. Returns {step_id, campaign_id, action, \
+    #[tool(
+        description = "Pull mode: claim the best ready step for your agent name. Returns {step_id, campaign_id, action, \
 agent, depth, claim_token, lease_expires_at}, or {step_id: null} when nothing is ready. Pass the claim_token to the \
 worker calls for that step.",
-           annotations(read_only_hint = false, destructive_hint = false, idempotent_hint = false))]
+        annotations(
+            read_only_hint = false,
+            destructive_hint = false,
+            idempotent_hint = false
+        )
+    )]
     async fn claim_next(&self, Parameters(p): Parameters<ClaimNext>) -> CallToolResult {
         let lease = p.lease_seconds.unwrap_or(900);
         let owner = self.config.owner.clone();

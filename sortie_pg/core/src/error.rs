@@ -11,11 +11,17 @@ pub struct RuleError {
 
 impl RuleError {
     pub fn invalid(message: impl Into<String>) -> Self {
-        Self { code: "invalid_argument", message: message.into() }
+        Self {
+            code: "invalid_argument",
+            message: message.into(),
+        }
     }
 
     pub fn cycle(message: impl Into<String>) -> Self {
-        Self { code: "cycle", message: message.into() }
+        Self {
+            code: "cycle",
+            message: message.into(),
+        }
     }
 }
 

@@ -5,7 +5,10 @@ use sha2::{Digest, Sha256};
 
 /// Trimmed, whitespace runs collapsed to one space, lower case.
 pub fn normalise(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
+    text.split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase()
 }
 
 /// `input` is rendered as compact JSON with sorted keys (serde_json's default map is ordered),
@@ -47,7 +50,11 @@ mod tests {
     #[test]
     fn key_order_of_the_input_does_not_matter() {
         let a = fingerprint("x", None, Some(&json!({"a": 1, "b": 2})));
-        let b = fingerprint("x", None, Some(&serde_json::from_str(r#"{"b":2,"a":1}"#).unwrap()));
+        let b = fingerprint(
+            "x",
+            None,
+            Some(&serde_json::from_str(r#"{"b":2,"a":1}"#).unwrap()),
+        );
         assert_eq!(a, b);
     }
 }

@@ -32,7 +32,10 @@ pub fn name_from_goal(goal: &str) -> String {
 mod tests {
     #[test]
     fn names_come_from_the_first_words_of_the_goal() {
-        assert_eq!(super::name_from_goal("Find the 3 best papers on RAG, then summarise"), "find-the-3-best-papers-on");
+        assert_eq!(
+            super::name_from_goal("Find the 3 best papers on RAG, then summarise"),
+            "find-the-3-best-papers-on"
+        );
         assert_eq!(super::name_from_goal("!!!"), "campaign");
     }
 }

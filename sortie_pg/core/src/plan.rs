@@ -8,7 +8,12 @@ use crate::error::{RuleError, RuleResult};
 use crate::steps::{expand, Expansion};
 
 const FIELDS: &[&str] = &[
-    "new_steps", "strategy_update", "progress_update", "notify", "done", "next_delay_minutes",
+    "new_steps",
+    "strategy_update",
+    "progress_update",
+    "notify",
+    "done",
+    "next_delay_minutes",
     "reasoning",
 ];
 const LEVELS: &[&str] = &["milestone", "done", "error", "info"];
@@ -30,14 +35,22 @@ pub struct Plan {
 }
 
 pub fn parse_plan(plan: &Value) -> RuleResult<Plan> {
-    let object = plan.as_object().ok_or_else(|| RuleError::invalid("plan must be a JSON object"))?;
+    let object = plan
+        .as_object()
+        .ok_or_else(|| RuleError::invalid("plan must be a JSON object"))?;
     if let Some(unknown) = object.keys().find(|k| !FIELDS.contains(&k.as_str())) {
-        return Err(RuleError::invalid(format!("plan: unknown field '{unknown}' (allowed: {})", FIELDS.join(", "))));
+        return Err(RuleError::invalid(format!(
+            "plan: unknown field '{unknown}' (allowed: {})",
+            FIELDS.join(", ")
+        )));
     }
     let new_steps = match object.get("new_steps") {
         None | Some(Value::Null) => None,
         Some(Value::Array(list)) if list.is_empty() => None,
-        Some(steps) => Some(expand(steps).map_err(|e| RuleError { code: e.code, message: format!("new_steps: {}", e.message) })?),
+        Some(steps) => Some(expand(steps).map_err(|e| RuleError {
+            code: e.code,
+            message: format!("new_steps: {}", e.message),
+        })?),
     };
     let done = match object.get("done") {
         None | Some(Value::Null) => false,
@@ -45,13 +58,19 @@ pub fn parse_plan(plan: &Value) -> RuleResult<Plan> {
         Some(_) => return Err(RuleError::invalid("plan.done must be true or false")),
     };
     if done && new_steps.is_some() {
-        return Err(RuleError::invalid("plan: done=true with new_steps is contradictory; give one or the other"));
+        return Err(RuleError::invalid(
+            "plan: done=true with new_steps is contradictory; give one or the other",
+        ));
     }
     let next_delay_minutes = match object.get("next_delay_minutes") {
         None | Some(Value::Null) => None,
         Some(v) => match v.as_f64() {
             Some(m) if (0.0..=10_080.0).contains(&m) => Some(m),
-            _ => return Err(RuleError::invalid("plan.next_delay_minutes must be a number from 0 to 10080")),
+            _ => {
+                return Err(RuleError::invalid(
+                    "plan.next_delay_minutes must be a number from 0 to 10080",
+                ))
+            }
         },
     };
     Ok(Plan {
@@ -77,17 +96,33 @@ fn notify(object: &Map<String, Value>) -> RuleResult<Option<Notify>> {
     match object.get("notify") {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
-        Some(Value::String(s)) => Ok(Some(Notify { level: "info".into(), message: s.clone() })),
+        Some(Value::String(s)) => Ok(Some(Notify {
+            level: "info".into(),
+            message: s.clone(),
+        })),
         Some(Value::Object(o)) => {
-            let message = o.get("message").and_then(Value::as_str).filter(|m| !m.trim().is_empty())
-                .ok_or_else(|| RuleError::invalid("plan.notify.message must be a non-empty string"))?;
+            let message = o
+                .get("message")
+                .and_then(Value::as_str)
+                .filter(|m| !m.trim().is_empty())
+                .ok_or_else(|| {
+                    RuleError::invalid("plan.notify.message must be a non-empty string")
+                })?;
             let level = o.get("level").and_then(Value::as_str).unwrap_or("info");
             if !LEVELS.contains(&level) {
-                return Err(RuleError::invalid(format!("plan.notify.level must be one of {}", LEVELS.join(", "))));
+                return Err(RuleError::invalid(format!(
+                    "plan.notify.level must be one of {}",
+                    LEVELS.join(", ")
+                )));
             }
-            Ok(Some(Notify { level: level.into(), message: message.into() }))
+            Ok(Some(Notify {
+                level: level.into(),
+                message: message.into(),
+            }))
         }
-        Some(_) => Err(RuleError::invalid("plan.notify must be a string or {level, message}")),
+        Some(_) => Err(RuleError::invalid(
+            "plan.notify must be a string or {level, message}",
+        )),
     }
 }
 
@@ -98,9 +133,12 @@ mod tests {
 
     #[test]
     fn a_full_plan_parses() {
-        let p = parse_plan(&json!({"new_steps": [{"action": "a"}], "strategy_update": "go wide",
+        let p = parse_plan(
+            &json!({"new_steps": [{"action": "a"}], "strategy_update": "go wide",
             "progress_update": "half", "notify": {"level": "milestone", "message": "m"},
-            "next_delay_minutes": 5, "reasoning": "because"})).unwrap();
+            "next_delay_minutes": 5, "reasoning": "because"}),
+        )
+        .unwrap();
         assert_eq!(p.new_steps.unwrap().nodes.len(), 1);
         assert_eq!(p.notify.unwrap().level, "milestone");
         assert!(!p.done);
@@ -108,10 +146,15 @@ mod tests {
 
     #[test]
     fn malformed_plans_are_refused() {
-        for bad in [json!([]), json!({"new_steps": [{"nope": 1}]}), json!({"done": "yes"}),
-                    json!({"surprise": 1}), json!({"next_delay_minutes": -1}),
-                    json!({"notify": {"level": "loud", "message": "x"}}),
-                    json!({"done": true, "new_steps": [{"action": "a"}]})] {
+        for bad in [
+            json!([]),
+            json!({"new_steps": [{"nope": 1}]}),
+            json!({"done": "yes"}),
+            json!({"surprise": 1}),
+            json!({"next_delay_minutes": -1}),
+            json!({"notify": {"level": "loud", "message": "x"}}),
+            json!({"done": true, "new_steps": [{"action": "a"}]}),
+        ] {
             assert!(parse_plan(&bad).is_err(), "{bad} should be refused");
         }
     }

@@ -63,7 +63,10 @@ mod tests {
         assert!(shown.starts_with(&"a".repeat(600)));
         assert!(shown.ends_with(&"c".repeat(200)));
         assert_eq!(p["total_chars"], 1200);
-        assert!(p["hint"].as_str().unwrap().contains("read_step_output(step_id=7, offset=600"));
+        assert!(p["hint"]
+            .as_str()
+            .unwrap()
+            .contains("read_step_output(step_id=7, offset=600"));
     }
 
     #[test]
@@ -79,6 +82,9 @@ mod tests {
     #[test]
     fn limit_is_capped() {
         let text = "x".repeat(40_000);
-        assert_eq!(read_range(&text, 0, 100_000)["returned_chars"], MAX_READ_LIMIT);
+        assert_eq!(
+            read_range(&text, 0, 100_000)["returned_chars"],
+            MAX_READ_LIMIT
+        );
     }
 }

@@ -98,7 +98,11 @@ pub fn expand(steps: &Value) -> RuleResult<Expansion> {
     if list.is_empty() {
         return Err(RuleError::invalid("steps is empty: give at least one step"));
     }
-    let mut builder = Builder { nodes: Vec::new(), pending_deps: Vec::new(), keys: BTreeMap::new() };
+    let mut builder = Builder {
+        nodes: Vec::new(),
+        pending_deps: Vec::new(),
+        keys: BTreeMap::new(),
+    };
     let mut top_level = Vec::with_capacity(list.len());
     for (position, step) in list.iter().enumerate() {
         top_level.push(builder.parse(step, None, 0, position as u32, "steps")?);
@@ -106,7 +110,11 @@ pub fn expand(steps: &Value) -> RuleResult<Expansion> {
     builder.resolve_deps()?;
     inherit_failure_policy(&mut builder.nodes);
     find_cycle(&builder.nodes)?;
-    Ok(Expansion { nodes: builder.nodes, top_level, keys: builder.keys })
+    Ok(Expansion {
+        nodes: builder.nodes,
+        top_level,
+        keys: builder.keys,
+    })
 }
 
 /// Sequence semantics: child k depends on child k-1.
@@ -129,14 +137,30 @@ fn inherit_failure_policy(nodes: &mut [FlatStep]) {
 }
 
 const COMMON_FIELDS: &[&str] = &[
-    "step_type", "action", "agent", "input", "key", "depends_on", "failure_policy",
-    "max_attempts", "requires_locks",
+    "step_type",
+    "action",
+    "agent",
+    "input",
+    "key",
+    "depends_on",
+    "failure_policy",
+    "max_attempts",
+    "requires_locks",
 ];
 
 impl Builder {
-    fn parse(&mut self, value: &Value, parent: Option<usize>, level: u32, position: u32, path: &str) -> RuleResult<usize> {
+    fn parse(
+        &mut self,
+        value: &Value,
+        parent: Option<usize>,
+        level: u32,
+        position: u32,
+        path: &str,
+    ) -> RuleResult<usize> {
         if self.nodes.len() >= MAX_STEPS_PER_CALL {
-            return Err(RuleError::invalid(format!("more than {MAX_STEPS_PER_CALL} steps in one call")));
+            return Err(RuleError::invalid(format!(
+                "more than {MAX_STEPS_PER_CALL} steps in one call"
+            )));
         }
         let object = value
             .as_object()
@@ -144,7 +168,11 @@ impl Builder {
         let step_type = match object.get("step_type") {
             None | Some(Value::Null) => StepType::Atomic,
             Some(Value::String(s)) => StepType::parse(s).map_err(|e| at(path, e))?,
-            Some(_) => return Err(RuleError::invalid(format!("{path}.step_type must be a string"))),
+            Some(_) => {
+                return Err(RuleError::invalid(format!(
+                    "{path}.step_type must be a string"
+                )))
+            }
         };
         let extra: &[&str] = match step_type {
             StepType::Atomic => &[],
@@ -152,7 +180,10 @@ impl Builder {
             StepType::ParallelGroup => &["children", "completion_threshold"],
             StepType::ForEach => &["items", "template", "collect", "completion_threshold"],
         };
-        if let Some(unknown) = object.keys().find(|k| !COMMON_FIELDS.contains(&k.as_str()) && !extra.contains(&k.as_str())) {
+        if let Some(unknown) = object
+            .keys()
+            .find(|k| !COMMON_FIELDS.contains(&k.as_str()) && !extra.contains(&k.as_str()))
+        {
             let mut allowed: Vec<&str> = COMMON_FIELDS.to_vec();
             allowed.extend_from_slice(extra);
             return Err(RuleError::invalid(format!(
@@ -187,7 +218,9 @@ impl Builder {
         self.pending_deps.push(dep_refs(object, path)?);
         if let Some(key) = self.nodes[index].key.clone() {
             if self.keys.insert(key.clone(), index).is_some() {
-                return Err(RuleError::invalid(format!("{path}: key '{key}' is used twice in this call")));
+                return Err(RuleError::invalid(format!(
+                    "{path}: key '{key}' is used twice in this call"
+                )));
             }
         }
 
@@ -198,7 +231,9 @@ impl Builder {
                 Vec::new()
             }
             StepType::Sequence => self.parse_children(object, "steps", index, level, path)?,
-            StepType::ParallelGroup => self.parse_children(object, "children", index, level, path)?,
+            StepType::ParallelGroup => {
+                self.parse_children(object, "children", index, level, path)?
+            }
             StepType::ForEach => self.parse_items(object, index, level, path)?,
         };
         if step_type == StepType::Sequence {
@@ -222,23 +257,45 @@ impl Builder {
         Ok(index)
     }
 
-    fn parse_children(&mut self, object: &Map<String, Value>, field: &str, index: usize, level: u32, path: &str) -> RuleResult<Vec<usize>> {
-        let list = object
-            .get(field)
-            .and_then(Value::as_array)
-            .ok_or_else(|| RuleError::invalid(format!("{path}.{field} must be an array of steps")))?;
+    fn parse_children(
+        &mut self,
+        object: &Map<String, Value>,
+        field: &str,
+        index: usize,
+        level: u32,
+        path: &str,
+    ) -> RuleResult<Vec<usize>> {
+        let list = object.get(field).and_then(Value::as_array).ok_or_else(|| {
+            RuleError::invalid(format!("{path}.{field} must be an array of steps"))
+        })?;
         if list.is_empty() {
-            return Err(RuleError::invalid(format!("{path}.{field} is empty: a compound step needs at least one child")));
+            return Err(RuleError::invalid(format!(
+                "{path}.{field} is empty: a compound step needs at least one child"
+            )));
         }
         list.iter()
             .enumerate()
-            .map(|(i, child)| self.parse(child, Some(index), level + 1, i as u32, &format!("{path}.{field}[{i}]")))
+            .map(|(i, child)| {
+                self.parse(
+                    child,
+                    Some(index),
+                    level + 1,
+                    i as u32,
+                    &format!("{path}.{field}[{i}]"),
+                )
+            })
             .collect()
     }
 
     /// `for_each` items become children built from the template with `{item}` placeholders
     /// replaced in the parsed template's strings (SPEC §12: never text substitution).
-    fn parse_items(&mut self, object: &Map<String, Value>, index: usize, level: u32, path: &str) -> RuleResult<Vec<usize>> {
+    fn parse_items(
+        &mut self,
+        object: &Map<String, Value>,
+        index: usize,
+        level: u32,
+        path: &str,
+    ) -> RuleResult<Vec<usize>> {
         let items = object
             .get("items")
             .and_then(Value::as_array)
@@ -261,7 +318,14 @@ impl Builder {
     /// A `for_each` with `collect` is a sequence of the fan-out and the collect step, so that
     /// whoever depends on the for_each waits for the collect too. The outer sequence takes the
     /// for_each's key, dependencies and action.
-    fn parse_for_each_with_collect(&mut self, object: &Map<String, Value>, parent: Option<usize>, level: u32, position: u32, path: &str) -> RuleResult<usize> {
+    fn parse_for_each_with_collect(
+        &mut self,
+        object: &Map<String, Value>,
+        parent: Option<usize>,
+        level: u32,
+        position: u32,
+        path: &str,
+    ) -> RuleResult<usize> {
         let mut outer = Map::new();
         let mut fan_out = object.clone();
         fan_out.remove("collect");
@@ -271,21 +335,34 @@ impl Builder {
             }
         }
         outer.insert("step_type".into(), Value::from("sequence"));
-        outer.insert("action".into(), object.get("action").cloned().unwrap_or(Value::Null));
-        outer.insert("steps".into(), Value::Array(vec![Value::Object(fan_out), object["collect"].clone()]));
+        outer.insert(
+            "action".into(),
+            object.get("action").cloned().unwrap_or(Value::Null),
+        );
+        outer.insert(
+            "steps".into(),
+            Value::Array(vec![Value::Object(fan_out), object["collect"].clone()]),
+        );
         self.parse(&Value::Object(outer), parent, level, position, path)
     }
 
     fn resolve_deps(&mut self) -> RuleResult<()> {
-        for (index, refs) in std::mem::take(&mut self.pending_deps).into_iter().enumerate() {
+        for (index, refs) in std::mem::take(&mut self.pending_deps)
+            .into_iter()
+            .enumerate()
+        {
             for dep in refs {
                 match dep {
                     DepRef::Key(key) => {
                         let target = *self.keys.get(&key).ok_or_else(|| {
-                            RuleError::invalid(format!("depends_on names key '{key}', which no step of this call has"))
+                            RuleError::invalid(format!(
+                                "depends_on names key '{key}', which no step of this call has"
+                            ))
                         })?;
                         if target == index {
-                            return Err(RuleError::cycle(format!("step '{key}' depends on itself")));
+                            return Err(RuleError::cycle(format!(
+                                "step '{key}' depends on itself"
+                            )));
                         }
                         self.nodes[index].local_deps.push(target);
                     }
@@ -303,19 +380,34 @@ impl Builder {
 }
 
 fn at(path: &str, error: RuleError) -> RuleError {
-    RuleError { code: error.code, message: format!("{path}: {}", error.message) }
+    RuleError {
+        code: error.code,
+        message: format!("{path}: {}", error.message),
+    }
 }
 
-fn required_text(object: &Map<String, Value>, field: &str, max: usize, path: &str) -> RuleResult<String> {
+fn required_text(
+    object: &Map<String, Value>,
+    field: &str,
+    max: usize,
+    path: &str,
+) -> RuleResult<String> {
     match object.get(field) {
         Some(Value::String(s)) if !s.trim().is_empty() => check_length(s, field, max, path),
         Some(Value::String(_)) => Err(RuleError::invalid(format!("{path}.{field} is empty"))),
         None | Some(Value::Null) => Err(RuleError::invalid(format!("{path}: missing '{field}'"))),
-        Some(_) => Err(RuleError::invalid(format!("{path}.{field} must be a string"))),
+        Some(_) => Err(RuleError::invalid(format!(
+            "{path}.{field} must be a string"
+        ))),
     }
 }
 
-fn optional_text(object: &Map<String, Value>, field: &str, max: usize, path: &str) -> RuleResult<Option<String>> {
+fn optional_text(
+    object: &Map<String, Value>,
+    field: &str,
+    max: usize,
+    path: &str,
+) -> RuleResult<Option<String>> {
     match object.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(_) => required_text(object, field, max, path).map(Some),
@@ -324,20 +416,32 @@ fn optional_text(object: &Map<String, Value>, field: &str, max: usize, path: &st
 
 fn check_length(s: &str, field: &str, max: usize, path: &str) -> RuleResult<String> {
     if s.chars().count() > max {
-        return Err(RuleError::invalid(format!("{path}.{field} is longer than {max} characters")));
+        return Err(RuleError::invalid(format!(
+            "{path}.{field} is longer than {max} characters"
+        )));
     }
     if s.contains('\0') {
-        return Err(RuleError::invalid(format!("{path}.{field} contains a NUL character")));
+        return Err(RuleError::invalid(format!(
+            "{path}.{field} contains a NUL character"
+        )));
     }
     Ok(s.to_owned())
 }
 
-fn optional_int(object: &Map<String, Value>, field: &str, min: i64, max: i64, path: &str) -> RuleResult<Option<i64>> {
+fn optional_int(
+    object: &Map<String, Value>,
+    field: &str,
+    min: i64,
+    max: i64,
+    path: &str,
+) -> RuleResult<Option<i64>> {
     match object.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => match v.as_i64() {
             Some(n) if (min..=max).contains(&n) => Ok(Some(n)),
-            _ => Err(RuleError::invalid(format!("{path}.{field} must be an integer from {min} to {max}"))),
+            _ => Err(RuleError::invalid(format!(
+                "{path}.{field} must be an integer from {min} to {max}"
+            ))),
         },
     }
 }
@@ -346,7 +450,9 @@ fn failure_policy(object: &Map<String, Value>, path: &str) -> RuleResult<Option<
     match object.get("failure_policy") {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(p)) if p == "continue" || p == "fail_fast" => Ok(Some(p.clone())),
-        Some(_) => Err(RuleError::invalid(format!("{path}.failure_policy must be 'continue' or 'fail_fast'"))),
+        Some(_) => Err(RuleError::invalid(format!(
+            "{path}.failure_policy must be 'continue' or 'fail_fast'"
+        ))),
     }
 }
 
@@ -359,10 +465,14 @@ fn lock_keys(object: &Map<String, Value>, path: &str) -> RuleResult<Vec<String>>
                 Some(s) if !s.is_empty() && !s.trim_start_matches("shared:").is_empty() => {
                     check_length(s, "requires_locks", MAX_NAME_CHARS, path)
                 }
-                _ => Err(RuleError::invalid(format!("{path}.requires_locks must hold non-empty strings"))),
+                _ => Err(RuleError::invalid(format!(
+                    "{path}.requires_locks must hold non-empty strings"
+                ))),
             })
             .collect(),
-        Some(_) => Err(RuleError::invalid(format!("{path}.requires_locks must be an array of strings"))),
+        Some(_) => Err(RuleError::invalid(format!(
+            "{path}.requires_locks must be an array of strings"
+        ))),
     }
 }
 
@@ -370,7 +480,11 @@ fn dep_refs(object: &Map<String, Value>, path: &str) -> RuleResult<Vec<DepRef>> 
     let list = match object.get("depends_on") {
         None | Some(Value::Null) => return Ok(Vec::new()),
         Some(Value::Array(list)) => list,
-        Some(_) => return Err(RuleError::invalid(format!("{path}.depends_on must be an array of step ids or keys"))),
+        Some(_) => {
+            return Err(RuleError::invalid(format!(
+                "{path}.depends_on must be an array of step ids or keys"
+            )))
+        }
     };
     list.iter()
         .map(|d| match d {
@@ -389,7 +503,11 @@ fn dep_refs(object: &Map<String, Value>, path: &str) -> RuleResult<Vec<DepRef>> 
 fn substitute(template: &Value, item: &Value, path: &str) -> RuleResult<Value> {
     Ok(match template {
         Value::String(s) => substitute_text(s, item, path)?,
-        Value::Array(list) => Value::Array(list.iter().map(|v| substitute(v, item, path)).collect::<RuleResult<_>>()?),
+        Value::Array(list) => Value::Array(
+            list.iter()
+                .map(|v| substitute(v, item, path))
+                .collect::<RuleResult<_>>()?,
+        ),
         Value::Object(map) => Value::Object(
             map.iter()
                 .map(|(k, v)| Ok((k.clone(), substitute(v, item, path)?)))
@@ -408,7 +526,12 @@ fn substitute_text(text: &str, item: &Value, path: &str) -> RuleResult<Value> {
         let field_path = &after[..end];
         let valid = field_path.is_empty()
             || (field_path.starts_with('.')
-                && field_path[1..].split('.').all(|seg| !seg.is_empty() && seg.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '-')));
+                && field_path[1..].split('.').all(|seg| {
+                    !seg.is_empty()
+                        && seg
+                            .chars()
+                            .all(|c| c.is_alphanumeric() || c == '_' || c == '-')
+                }));
         if !valid {
             out.push_str(&rest[..start + 5]);
             rest = after;
@@ -438,7 +561,9 @@ fn lookup<'a>(item: &'a Value, field_path: &str, path: &str) -> RuleResult<&'a V
             _ => None,
         };
         current = next.ok_or_else(|| {
-            RuleError::invalid(format!("{path}: the template uses {{item{field_path}}} but this item has no '{segment}'"))
+            RuleError::invalid(format!(
+                "{path}: the template uses {{item{field_path}}} but this item has no '{segment}'"
+            ))
         })?;
     }
     Ok(current)
@@ -481,7 +606,10 @@ fn find_cycle(nodes: &[FlatStep]) -> RuleResult<()> {
                     }
                     1 => {
                         let node = &nodes[to / 2];
-                        let name = node.key.clone().unwrap_or_else(|| node.action.chars().take(60).collect());
+                        let name = node
+                            .key
+                            .clone()
+                            .unwrap_or_else(|| node.action.chars().take(60).collect());
                         return Err(RuleError::cycle(format!(
                             "the dependencies form a cycle through step '{name}': no order can run them all"
                         )));

@@ -10,25 +10,34 @@ fn atomic_steps_are_flat_and_independent() {
     let e = expand(&json!([{"action": "a"}, {"action": "b", "agent": "x"}])).unwrap();
     assert_eq!(e.nodes.len(), 2);
     assert_eq!(e.top_level, vec![0, 1]);
-    assert!(e.nodes.iter().all(|n| n.local_deps.is_empty() && n.parent.is_none()));
+    assert!(e
+        .nodes
+        .iter()
+        .all(|n| n.local_deps.is_empty() && n.parent.is_none()));
     assert_eq!(e.nodes[0].fingerprint.len(), 64);
 }
 
 #[test]
 fn sequence_children_depend_on_their_predecessor() {
     let e = expand(&json!([{"step_type": "sequence", "action": "s",
-        "steps": [{"action": "1"}, {"action": "2"}, {"action": "3"}]}])).unwrap();
+        "steps": [{"action": "1"}, {"action": "2"}, {"action": "3"}]}]))
+    .unwrap();
     assert_eq!(e.nodes[0].members, 3);
     assert_eq!(e.nodes[1].local_deps, Vec::<usize>::new());
     assert_eq!(e.nodes[2].local_deps, vec![1]);
     assert_eq!(e.nodes[3].local_deps, vec![2]);
-    assert!(e.nodes[1..].iter().all(|n| n.parent == Some(0) && n.level == 1));
+    assert!(e.nodes[1..]
+        .iter()
+        .all(|n| n.parent == Some(0) && n.level == 1));
 }
 
 #[test]
 fn parallel_group_children_are_independent() {
-    let e = expand(&json!([{"step_type": "parallel_group", "action": "p", "completion_threshold": 1,
-        "children": [{"action": "1"}, {"action": "2"}]}])).unwrap();
+    let e = expand(
+        &json!([{"step_type": "parallel_group", "action": "p", "completion_threshold": 1,
+        "children": [{"action": "1"}, {"action": "2"}]}]),
+    )
+    .unwrap();
     assert!(e.nodes[1..].iter().all(|n| n.local_deps.is_empty()));
     assert_eq!(e.nodes[0].completion_threshold, Some(1));
 }
@@ -43,15 +52,21 @@ fn for_each_substitutes_parsed_values_not_text() {
     assert_eq!(e.nodes[1].action, "review O'Brien \"quoted\" \\ back");
     let input = e.nodes[1].input.as_ref().unwrap();
     assert_eq!(input["who"], "O'Brien \"quoted\" \\ back");
-    assert_eq!(input["count"], 3, "a whole-string placeholder keeps the item's JSON type");
+    assert_eq!(
+        input["count"], 3,
+        "a whole-string placeholder keeps the item's JSON type"
+    );
     assert_eq!(input["all"]["n"], 3);
     assert_eq!(e.nodes[2].action, "review plain");
 }
 
 #[test]
 fn for_each_with_collect_becomes_fan_out_then_collect() {
-    let e = expand(&json!([{"step_type": "for_each", "action": "each", "key": "fe", "items": [1, 2],
-        "template": {"action": "do {item}"}, "collect": {"action": "merge"}}])).unwrap();
+    let e = expand(
+        &json!([{"step_type": "for_each", "action": "each", "key": "fe", "items": [1, 2],
+        "template": {"action": "do {item}"}, "collect": {"action": "merge"}}]),
+    )
+    .unwrap();
     // sequence(for_each(do 1, do 2), merge)
     assert_eq!(e.nodes[0].step_type, StepType::Sequence);
     assert_eq!(e.keys["fe"], 0);
@@ -63,14 +78,18 @@ fn for_each_with_collect_becomes_fan_out_then_collect() {
 
 #[test]
 fn a_missing_item_field_is_refused() {
-    let r = expand(&json!([{"step_type": "for_each", "action": "e", "items": [{"a": 1}],
-        "template": {"action": "x {item.b}"}}]));
+    let r = expand(
+        &json!([{"step_type": "for_each", "action": "e", "items": [{"a": 1}],
+        "template": {"action": "x {item.b}"}}]),
+    );
     assert_eq!(codes(r), "invalid_argument");
 }
 
 #[test]
 fn keys_resolve_and_ids_are_kept_for_the_database() {
-    let e = expand(&json!([{"action": "a", "key": "a"}, {"action": "b", "depends_on": ["a", 42, 42]}])).unwrap();
+    let e =
+        expand(&json!([{"action": "a", "key": "a"}, {"action": "b", "depends_on": ["a", 42, 42]}]))
+            .unwrap();
     assert_eq!(e.nodes[1].local_deps, vec![0]);
     assert_eq!(e.nodes[1].existing_deps, vec![42]);
 }
@@ -79,36 +98,94 @@ fn keys_resolve_and_ids_are_kept_for_the_database() {
 fn invalid_shapes_are_refused() {
     assert_eq!(codes(expand(&json!({"action": "a"}))), "invalid_argument");
     assert_eq!(codes(expand(&json!([]))), "invalid_argument");
-    assert_eq!(codes(expand(&json!([{"step_type": "loop", "action": "a"}]))), "invalid_argument");
+    assert_eq!(
+        codes(expand(&json!([{"step_type": "loop", "action": "a"}]))),
+        "invalid_argument"
+    );
     assert_eq!(codes(expand(&json!([{"agent": "x"}]))), "invalid_argument");
-    assert_eq!(codes(expand(&json!([{"action": "  "}]))), "invalid_argument");
-    assert_eq!(codes(expand(&json!([{"action": "a", "dependson": []}]))), "invalid_argument");
-    assert_eq!(codes(expand(&json!([{"action": "a", "depends_on": ["nope"]}]))), "invalid_argument");
-    assert_eq!(codes(expand(&json!([{"action": "a", "depends_on": [-1]}]))), "invalid_argument");
-    assert_eq!(codes(expand(&json!([{"action": "a", "key": "k"}, {"action": "b", "key": "k"}]))), "invalid_argument");
-    assert_eq!(codes(expand(&json!([{"step_type": "sequence", "action": "s", "steps": []}]))), "invalid_argument");
-    assert_eq!(codes(expand(&json!([{"action": "a", "failure_policy": "explode"}]))), "invalid_argument");
-    assert_eq!(codes(expand(&json!([{"action": "a", "max_attempts": 0}]))), "invalid_argument");
-    assert_eq!(codes(expand(&json!([{"action": "a", "completion_threshold": 1}]))), "invalid_argument");
-    assert_eq!(codes(expand(&json!([{"step_type": "parallel_group", "action": "p", "completion_threshold": 3,
-        "children": [{"action": "1"}]}]))), "invalid_argument");
-    assert_eq!(codes(expand(&json!([{"action": "a\u{0}"}]))), "invalid_argument");
+    assert_eq!(
+        codes(expand(&json!([{"action": "  "}]))),
+        "invalid_argument"
+    );
+    assert_eq!(
+        codes(expand(&json!([{"action": "a", "dependson": []}]))),
+        "invalid_argument"
+    );
+    assert_eq!(
+        codes(expand(&json!([{"action": "a", "depends_on": ["nope"]}]))),
+        "invalid_argument"
+    );
+    assert_eq!(
+        codes(expand(&json!([{"action": "a", "depends_on": [-1]}]))),
+        "invalid_argument"
+    );
+    assert_eq!(
+        codes(expand(
+            &json!([{"action": "a", "key": "k"}, {"action": "b", "key": "k"}])
+        )),
+        "invalid_argument"
+    );
+    assert_eq!(
+        codes(expand(
+            &json!([{"step_type": "sequence", "action": "s", "steps": []}])
+        )),
+        "invalid_argument"
+    );
+    assert_eq!(
+        codes(expand(
+            &json!([{"action": "a", "failure_policy": "explode"}])
+        )),
+        "invalid_argument"
+    );
+    assert_eq!(
+        codes(expand(&json!([{"action": "a", "max_attempts": 0}]))),
+        "invalid_argument"
+    );
+    assert_eq!(
+        codes(expand(&json!([{"action": "a", "completion_threshold": 1}]))),
+        "invalid_argument"
+    );
+    assert_eq!(
+        codes(expand(
+            &json!([{"step_type": "parallel_group", "action": "p", "completion_threshold": 3,
+        "children": [{"action": "1"}]}])
+        )),
+        "invalid_argument"
+    );
+    assert_eq!(
+        codes(expand(&json!([{"action": "a\u{0}"}]))),
+        "invalid_argument"
+    );
 }
 
 #[test]
 fn cycles_are_refused() {
-    assert_eq!(codes(expand(&json!([{"action": "a", "key": "a", "depends_on": ["b"]},
-        {"action": "b", "key": "b", "depends_on": ["a"]}]))), "cycle");
-    assert_eq!(codes(expand(&json!([{"action": "a", "key": "a", "depends_on": ["a"]}]))), "cycle");
+    assert_eq!(
+        codes(expand(
+            &json!([{"action": "a", "key": "a", "depends_on": ["b"]},
+        {"action": "b", "key": "b", "depends_on": ["a"]}])
+        )),
+        "cycle"
+    );
+    assert_eq!(
+        codes(expand(
+            &json!([{"action": "a", "key": "a", "depends_on": ["a"]}])
+        )),
+        "cycle"
+    );
 }
 
 #[test]
 fn a_step_waiting_on_its_own_ancestor_is_a_cycle() {
-    let r = expand(&json!([{"step_type": "parallel_group", "action": "p", "key": "p",
-        "children": [{"action": "c", "depends_on": ["p"]}]}]));
+    let r = expand(
+        &json!([{"step_type": "parallel_group", "action": "p", "key": "p",
+        "children": [{"action": "c", "depends_on": ["p"]}]}]),
+    );
     assert_eq!(codes(r), "cycle");
-    let r = expand(&json!([{"step_type": "parallel_group", "action": "p", "depends_on": ["c"],
-        "children": [{"action": "c", "key": "c"}]}]));
+    let r = expand(
+        &json!([{"step_type": "parallel_group", "action": "p", "depends_on": ["c"],
+        "children": [{"action": "c", "key": "c"}]}]),
+    );
     assert_eq!(codes(r), "cycle");
 }
 

@@ -1,0 +1,587 @@
+//! The real `sortie-mcp` binary driven by a real MCP client (rmcp) over stdio (SPEC §5).
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+
+use serde_json::{json, Value};
+use sortie_tests::fixtures::*;
+use sortie_tests::mcp::McpClient;
+use sortie_tests::{binary, TestDb};
+
+const COORDINATOR_TOOLS: [&str; 11] = [
+    "add_steps",
+    "cancel_campaign",
+    "check_success",
+    "create_campaign",
+    "get_campaign",
+    "get_updates",
+    "list_campaigns",
+    "pause_campaign",
+    "provide_input",
+    "resume_campaign",
+    "steer_campaign",
+];
+const WORKER_TOOLS: [&str; 12] = [
+    "abort_branch",
+    "add_note",
+    "claim_next",
+    "complete_step",
+    "fail_step",
+    "get_my_context",
+    "get_notes",
+    "heartbeat",
+    "read_step_output",
+    "request_input",
+    "search_notes",
+    "spawn_and_continue",
+];
+
+fn role(r: &str) -> Vec<(&'static str, String)> {
+    vec![("SORTIE_ROLE", r.to_string())]
+}
+
+#[tokio::test]
+async fn each_role_lists_its_own_tools() {
+    let db = TestDb::new().await;
+    let coordinator = McpClient::start(&db, &role("coordinator")).await;
+    assert_eq!(
+        coordinator.tool_names().await,
+        COORDINATOR_TOOLS.map(String::from).to_vec()
+    );
+    let worker = McpClient::start(&db, &role("worker")).await;
+    assert_eq!(
+        worker.tool_names().await,
+        WORKER_TOOLS.map(String::from).to_vec()
+    );
+    let both = McpClient::start(&db, &[]).await;
+    assert_eq!(
+        both.tool_names().await.len(),
+        COORDINATOR_TOOLS.len() + WORKER_TOOLS.len()
+    );
+    let tools = both.service.list_all_tools().await.unwrap();
+    let annotations = |name: &str| {
+        tools
+            .iter()
+            .find(|t| t.name == name)
+            .unwrap()
+            .annotations
+            .clone()
+            .unwrap()
+    };
+    assert_eq!(annotations("get_campaign").read_only_hint, Some(true));
+    assert_eq!(annotations("cancel_campaign").destructive_hint, Some(true));
+    assert_eq!(annotations("heartbeat").idempotent_hint, Some(true));
+    for client in [coordinator, worker, both] {
+        client.stop().await;
+    }
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn a_worker_at_max_depth_does_not_see_spawn_and_continue() {
+    let db = TestDb::new().await;
+    let shallow = db
+        .ok(
+            "sortie.create_campaign(goal => 'g', planner => 'none', max_depth => 0)",
+            &[],
+        )
+        .await;
+    let deep = db
+        .ok(
+            "sortie.create_campaign(goal => 'g', planner => 'none', max_depth => 3)",
+            &[],
+        )
+        .await;
+    let mut sessions = Vec::new();
+    for c in [&shallow, &deep] {
+        let id = uuid::Uuid::parse_str(c["id"].as_str().unwrap()).unwrap();
+        let step = add_ids(&db, id, json!([{"action": "a"}])).await[0];
+        let session = McpClient::start(
+            &db,
+            &[
+                ("SORTIE_ROLE", "worker".into()),
+                ("SORTIE_STEP_ID", step.to_string()),
+            ],
+        )
+        .await;
+        sessions.push(
+            session
+                .tool_names()
+                .await
+                .contains(&"spawn_and_continue".to_string()),
+        );
+        session.stop().await;
+        db.ok("sortie.cancel_campaign($1)", &[&id]).await;
+    }
+    assert_eq!(sessions, vec![false, true]);
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn a_whole_campaign_runs_through_the_mcp_tools() {
+    let db = TestDb::new().await;
+    let mcp = McpClient::start(&db, &[]).await;
+    let created = mcp
+        .ok(
+            "create_campaign",
+            json!({"goal": "Find out whether X holds", "planner": "none",
+                                       "success_metric": "confidence", "success_target": 0.8}),
+        )
+        .await;
+    let c = created["id"].as_str().unwrap().to_string();
+    let added = mcp
+        .ok("add_steps", json!({"campaign_id": c, "steps": [
+            {"action": "research X", "key": "r"},
+            {"step_type": "parallel_group", "action": "probe", "key": "g", "children": [{"action": "probe a"}, {"action": "probe b"}]},
+            {"action": "write up", "depends_on": ["r", "g"]}]}))
+        .await;
+    assert_eq!(added["created"], 5);
+
+    // research: context, a note, then a splice.
+    let research = mcp.ok("claim_next", json!({"campaign_id": c})).await;
+    assert_eq!(research["action"], "research X");
+    let (rid, rtoken) = (research["step_id"].clone(), research["claim_token"].clone());
+    let context = mcp.ok("get_my_context", json!({"step_id": rid})).await;
+    assert_eq!(context["campaign"]["goal"], "Find out whether X holds");
+    mcp.ok(
+        "add_note",
+        json!({"campaign_id": c, "content": "X was studied in 2019", "tags": ["finding"]}),
+    )
+    .await;
+    let spliced = mcp
+        .ok("spawn_and_continue", json!({"step_id": rid, "claim_token": rtoken, "partial_output": "need sources",
+                                          "subtasks": [{"action": "fetch sources"}], "continuation": "synthesise"}))
+        .await;
+    let cont = spliced["continuation_id"].as_i64().unwrap();
+
+    // The probes run meanwhile: one asks for input, the other ends the branch early.
+    let mut claimed = Vec::new();
+    for _ in 0..3 {
+        claimed.push(mcp.ok("claim_next", json!({"campaign_id": c})).await);
+    }
+    let by_action = |a: &str| claimed.iter().find(|s| s["action"] == a).unwrap().clone();
+    let fetch = by_action("fetch sources");
+    let long_output = "x".repeat(5000);
+    mcp.ok("complete_step", json!({"step_id": fetch["step_id"], "claim_token": fetch["claim_token"], "summary": long_output})).await;
+    let probe_a = by_action("probe a");
+    mcp.ok("request_input", json!({"step_id": probe_a["step_id"], "claim_token": probe_a["claim_token"], "question": "go on?"})).await;
+    let updates = mcp.ok("get_updates", json!({"id": c})).await;
+    assert_eq!(updates["waiting_inputs"][0]["question"], "go on?");
+    mcp.ok(
+        "provide_input",
+        json!({"id": c, "step_id": probe_a["step_id"], "answer": "no need"}),
+    )
+    .await;
+    let probe_b = by_action("probe b");
+    let group = added["keys"]["g"].clone();
+    let aborted = mcp
+        .ok("abort_branch", json!({"target_id": group, "step_id": probe_b["step_id"], "claim_token": probe_b["claim_token"],
+                                    "output": "X holds", "reason": "probe b settled it"}))
+        .await;
+    assert_eq!(
+        aborted["skipped"].as_array().unwrap().len(),
+        1,
+        "probe a, waiting again, is skipped"
+    );
+
+    // The continuation reads its subtask's output through a preview and a ranged read.
+    let synth = mcp.ok("claim_next", json!({"campaign_id": c})).await;
+    assert_eq!(synth["step_id"].as_i64().unwrap(), cont);
+    let context = mcp.ok("get_my_context", json!({"step_id": cont})).await;
+    let upstream = &context["upstream"][0];
+    assert_eq!(upstream["total_chars"], 5000);
+    assert!(upstream["hint"]
+        .as_str()
+        .unwrap()
+        .contains("read_step_output"));
+    let chunk = mcp
+        .ok(
+            "read_step_output",
+            json!({"step_id": fetch["step_id"], "offset": 4990, "limit": 100}),
+        )
+        .await;
+    assert_eq!(chunk["content"], "x".repeat(10));
+    mcp.ok(
+        "add_note",
+        json!({"campaign_id": c, "content": "confidence=0.9", "tags": ["metric:confidence"]}),
+    )
+    .await;
+    mcp.ok("complete_step", json!({"step_id": cont, "claim_token": synth["claim_token"], "summary": "X holds, with sources"})).await;
+
+    let write = mcp.ok("claim_next", json!({"campaign_id": c})).await;
+    assert_eq!(write["action"], "write up");
+    mcp.ok("complete_step", json!({"step_id": write["step_id"], "claim_token": write["claim_token"], "summary": "report"})).await;
+    let success = mcp.ok("check_success", json!({"id": c})).await;
+    assert_eq!(success["met"], true);
+    let state = mcp.ok("get_campaign", json!({"id": c})).await;
+    assert_eq!(state["status"], "done");
+    let last = mcp.ok("get_updates", json!({"id": c})).await;
+    assert!(last["campaigns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["event"] == "campaign.done"));
+    mcp.stop().await;
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn worker_tools_fall_back_to_the_session() {
+    let db = TestDb::new().await;
+    let c = campaign(&db, "none").await;
+    add(
+        &db,
+        c,
+        json!([{"action": "session step", "agent": "scout"}]),
+    )
+    .await;
+    let step = claim(&db, c).await.unwrap();
+    let session = McpClient::start(
+        &db,
+        &[
+            ("SORTIE_ROLE", "worker".into()),
+            ("SORTIE_STEP_ID", step.step_id.to_string()),
+            ("SORTIE_CAMPAIGN_ID", c.to_string()),
+            ("SORTIE_CLAIM_TOKEN", step.token.to_string()),
+        ],
+    )
+    .await;
+    let context = session.ok("get_my_context", json!({})).await;
+    assert_eq!(context["step"]["action"], "session step");
+    session.ok("heartbeat", json!({})).await;
+    session
+        .ok("add_note", json!({"content": "noted from the session"}))
+        .await;
+    let notes = db.ok("sortie.get_notes($1)", &[&c]).await;
+    assert_eq!(
+        notes["notes"][0]["step_id"], step.step_id,
+        "the note records the session's step"
+    );
+    assert_eq!(notes["notes"][0]["agent"], "scout", "and its agent");
+    session
+        .ok("complete_step", json!({"summary": "done via session"}))
+        .await;
+    assert_eq!(status(&db, step.step_id).await, "done");
+    session.stop().await;
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn a_stale_claim_is_a_tool_error_with_its_code() {
+    let db = TestDb::new().await;
+    let c = campaign(&db, "none").await;
+    add(&db, c, json!([{"action": "a"}])).await;
+    let step = claim(&db, c).await.unwrap();
+    let mcp = McpClient::start(&db, &[]).await;
+    let outcome = mcp
+        .call(
+            "complete_step",
+            json!({"step_id": step.step_id, "claim_token": uuid::Uuid::new_v4(), "summary": "x"}),
+        )
+        .await;
+    assert!(outcome.is_error);
+    assert_eq!(outcome.code(), "stale_claim");
+    assert!(outcome.text.starts_with("stale_claim:"), "{}", outcome.text);
+    assert_eq!(status(&db, step.step_id).await, "running");
+    mcp.stop().await;
+    complete(&db, &step, "ok").await;
+    db.finish().await;
+}
+
+/// Bad input on every tool: a tool error with a stable code (or a protocol error for a call
+/// that does not fit the schema), and no state change.
+type Snapshot = (i64, i64, i64, String, i64);
+
+async fn snapshot(db: &TestDb) -> Snapshot {
+    let row = db
+        .client
+        .query_one("SELECT (SELECT count(*) FROM sortie.campaigns), (SELECT count(*) FROM sortie.steps),
+                           (SELECT count(*) FROM sortie.notes), (SELECT string_agg(status, ',' ORDER BY id) FROM sortie.steps),
+                           (SELECT count(*) FROM sortie.events WHERE kind <> 'step.claimed')", &[])
+        .await
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4))
+}
+
+#[tokio::test]
+async fn bad_input_on_every_tool_changes_nothing() {
+    let db = TestDb::new().await;
+    let c = campaign(&db, "none").await;
+    add(&db, c, json!([{"action": "a"}])).await;
+    let mcp = McpClient::start(&db, &[]).await;
+    let before = snapshot(&db).await;
+    let unknown = uuid::Uuid::new_v4().to_string();
+    let huge = "y".repeat(1_100_000);
+    let hostile = "'); DROP TABLE sortie.steps; --";
+    let cases: Vec<(&str, Value, &str)> = vec![
+        (
+            "create_campaign",
+            json!({"goal": "   "}),
+            "invalid_argument",
+        ),
+        (
+            "create_campaign",
+            json!({"goal": "g", "priority": "asap"}),
+            "invalid_argument",
+        ),
+        (
+            "create_campaign",
+            json!({"goal": "g", "steps": [{"step_type": "loop", "action": "x"}]}),
+            "invalid_argument",
+        ),
+        (
+            "list_campaigns",
+            json!({"status": "sleeping"}),
+            "invalid_argument",
+        ),
+        (
+            "list_campaigns",
+            json!({"cursor": hostile}),
+            "invalid_argument",
+        ),
+        ("get_campaign", json!({"id": unknown}), "not_found"),
+        ("get_updates", json!({"id": unknown}), "not_found"),
+        (
+            "steer_campaign",
+            json!({"id": unknown, "guidance": "x"}),
+            "not_found",
+        ),
+        (
+            "steer_campaign",
+            json!({"id": c, "guidance": ""}),
+            "invalid_argument",
+        ),
+        ("pause_campaign", json!({"id": unknown}), "not_found"),
+        ("resume_campaign", json!({"id": c}), "invalid_state"),
+        ("cancel_campaign", json!({"id": unknown}), "not_found"),
+        (
+            "provide_input",
+            json!({"id": c, "step_id": 1, "answer": "a"}),
+            "invalid_state",
+        ),
+        (
+            "provide_input",
+            json!({"id": c, "step_id": 999999, "answer": "a"}),
+            "not_found",
+        ),
+        ("check_success", json!({"id": unknown}), "not_found"),
+        (
+            "add_steps",
+            json!({"campaign_id": c, "steps": [{"action": "a", "key": "k", "depends_on": ["k"]}]}),
+            "cycle",
+        ),
+        (
+            "add_steps",
+            json!({"campaign_id": c, "steps": [{"action": "a", "depends_on": [999999]}]}),
+            "not_found",
+        ),
+        (
+            "add_steps",
+            json!({"campaign_id": unknown, "steps": [{"action": "a"}]}),
+            "not_found",
+        ),
+        ("get_my_context", json!({"step_id": 999999}), "not_found"),
+        ("get_my_context", json!({}), "invalid_argument"),
+        ("read_step_output", json!({"step_id": 999999}), "not_found"),
+        (
+            "read_step_output",
+            json!({"step_id": 1, "field": "secrets"}),
+            "invalid_argument",
+        ),
+        (
+            "read_step_output",
+            json!({"step_id": 1, "offset": -5}),
+            "invalid_argument",
+        ),
+        ("heartbeat", json!({"step_id": 1}), "invalid_argument"),
+        (
+            "heartbeat",
+            json!({"step_id": 1, "claim_token": unknown}),
+            "stale_claim",
+        ),
+        (
+            "add_note",
+            json!({"campaign_id": unknown, "content": "x"}),
+            "not_found",
+        ),
+        (
+            "add_note",
+            json!({"campaign_id": c, "content": huge}),
+            "invalid_argument",
+        ),
+        (
+            "add_note",
+            json!({"campaign_id": c, "content": ""}),
+            "invalid_argument",
+        ),
+        ("search_notes", json!({"query": ""}), "invalid_argument"),
+        ("get_notes", json!({}), "invalid_argument"),
+        (
+            "complete_step",
+            json!({"step_id": 999999, "claim_token": unknown}),
+            "not_found",
+        ),
+        (
+            "fail_step",
+            json!({"step_id": 1, "claim_token": unknown}),
+            "stale_claim",
+        ),
+        (
+            "request_input",
+            json!({"step_id": 1, "claim_token": unknown, "question": "q"}),
+            "stale_claim",
+        ),
+        (
+            "spawn_and_continue",
+            json!({"step_id": 1, "claim_token": unknown, "subtasks": [], "continuation": "c"}),
+            "stale_claim",
+        ),
+        (
+            "abort_branch",
+            json!({"target_id": 1, "step_id": 1, "claim_token": unknown, "output": "o", "reason": "r"}),
+            "stale_claim",
+        ),
+        (
+            "claim_next",
+            json!({"lease_seconds": 0}),
+            "invalid_argument",
+        ),
+    ];
+    for (tool, args, code) in cases {
+        let outcome = mcp.call(tool, args.clone()).await;
+        assert!(outcome.is_error, "{tool} {args} should fail");
+        assert_eq!(outcome.code(), code, "{tool} {args}: {}", outcome.text);
+        assert!(
+            outcome.text.starts_with(code),
+            "{tool}: the text starts with the code: {}",
+            outcome.text
+        );
+    }
+    // Wrong types do not fit the tool's schema: refused before any SQL, with the same code.
+    for (tool, args) in [
+        ("get_campaign", json!({"id": 42})),
+        ("complete_step", json!({"step_id": "one"})),
+        ("get_campaign", json!({"id": "not-a-uuid"})),
+        ("add_note", json!({"tags": "x"})),
+    ] {
+        let outcome = mcp.call(tool, args.clone()).await;
+        assert!(outcome.is_error, "{tool} {args}");
+        assert_eq!(
+            outcome.code(),
+            "invalid_argument",
+            "{tool} {args}: {}",
+            outcome.text
+        );
+    }
+    // Hostile strings are data, never SQL.
+    let created = mcp
+        .ok(
+            "create_campaign",
+            json!({"goal": hostile, "name": hostile, "planner": "none"}),
+        )
+        .await;
+    assert_eq!(created["name"], hostile);
+    db.ok(
+        "sortie.cancel_campaign($1)",
+        &[&uuid::Uuid::parse_str(created["id"].as_str().unwrap()).unwrap()],
+    )
+    .await;
+    let after = snapshot(&db).await;
+    assert_eq!(
+        (before.1, before.2, &before.3),
+        (after.1, after.2, &after.3),
+        "steps and notes unchanged"
+    );
+    mcp.stop().await;
+    db.ok("sortie.cancel_campaign($1)", &[&c]).await;
+    db.finish().await;
+}
+
+/// Speaks raw JSON-RPC to the binary and returns every stdout line, each checked to be a
+/// JSON-RPC message: nothing else may appear on stdout.
+fn raw_session(
+    env: &[(&str, &str)],
+    remove_database_url: bool,
+    requests: &[Value],
+    answers: usize,
+) -> Vec<Value> {
+    let mut command = Command::new(binary("sortie-mcp"));
+    if remove_database_url {
+        command.env_remove("DATABASE_URL");
+    }
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command
+        .env("RUST_LOG", "debug")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for r in requests {
+        writeln!(stdin, "{r}").unwrap();
+    }
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut out = Vec::new();
+    while out.len() < answers {
+        let line = lines.next().expect("an answer").unwrap();
+        let message: Value =
+            serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON on stdout: {line}"));
+        assert_eq!(message["jsonrpc"], "2.0", "{line}");
+        out.push(message);
+    }
+    drop(stdin);
+    for line in lines {
+        let line = line.unwrap();
+        let message: Value =
+            serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON on stdout: {line}"));
+        assert_eq!(message["jsonrpc"], "2.0", "{line}");
+    }
+    child.wait().unwrap();
+    out
+}
+
+fn handshake() -> Vec<Value> {
+    vec![
+        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}),
+        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+        json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
+    ]
+}
+
+/// With no DATABASE_URL the embedded default is only started by a tool call: initialize and
+/// tools/list answer at once and touch no database.
+#[test]
+fn without_a_database_url_initialize_and_tools_list_answer_at_once() {
+    let data_dir = std::env::temp_dir().join(format!("sortie-mcp-nodb-{}", std::process::id()));
+    let dir = data_dir.to_string_lossy().to_string();
+    let answers = raw_session(&[("SORTIE_DATA_DIR", &dir)], true, &handshake(), 2);
+    assert_eq!(answers[0]["result"]["serverInfo"]["name"], "sortie_mcp");
+    assert_eq!(answers[1]["result"]["tools"].as_array().unwrap().len(), 23);
+    assert!(
+        !data_dir.exists(),
+        "no cluster was created for the handshake"
+    );
+}
+
+/// A database that cannot be reached is an error on that call, not a crash, and stdout stays
+/// pure JSON-RPC.
+#[test]
+fn an_unreachable_database_is_a_tool_error_and_stdout_stays_clean() {
+    let mut requests = handshake();
+    requests.push(json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "list_campaigns", "arguments": {}}}));
+    let answers = raw_session(
+        &[(
+            "DATABASE_URL",
+            "host=/nonexistent-sortie-socket user=nobody dbname=none",
+        )],
+        false,
+        &requests,
+        3,
+    );
+    assert_eq!(answers[2]["result"]["isError"], true);
+    let text = answers[2]["result"]["content"][0]["text"].as_str().unwrap();
+    assert!(text.starts_with("unavailable"), "{text}");
+}
