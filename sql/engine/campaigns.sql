@@ -378,7 +378,10 @@ BEGIN
            progress = coalesce(v_plan ->> 'progress_update', progress),
            planner_iterations = planner_iterations + 1,
            planner_lease_until = NULL,
-           next_action_at = clock() + make_interval(secs => coalesce((v_plan ->> 'next_delay_minutes')::double precision, 0) * 60),
+           -- A plan that neither adds steps nor ends the campaign would otherwise be asked again
+           -- at once: it waits 5 minutes unless it names its own delay.
+           next_action_at = clock() + make_interval(secs => 60 * coalesce((v_plan ->> 'next_delay_minutes')::double precision,
+                                                    CASE WHEN jsonb_typeof(v_plan -> 'new_steps') = 'object' THEN 0 ELSE 5 END)),
            updated_at = now()
      WHERE campaigns.id = c.id
     RETURNING * INTO c;

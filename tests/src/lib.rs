@@ -23,17 +23,30 @@ struct Shared {
 static SHARED: OnceLock<Shared> = OnceLock::new();
 static NEXT_DB: AtomicUsize = AtomicUsize::new(0);
 
+/// Tests trade durability for speed; benchmarks choose their own settings.
+pub const TEST_SETTINGS: &[(&str, &str)] = &[
+    ("fsync", "off"),
+    ("synchronous_commit", "off"),
+    ("full_page_writes", "off"),
+    ("max_connections", "300"),
+    ("shared_buffers", "256MB"),
+    ("log_min_messages", "warning"),
+];
+
 fn shared() -> &'static Shared {
     // Started on a thread of its own: tests call this from inside their tokio runtime.
     SHARED.get_or_init(|| {
-        std::thread::spawn(start_cluster)
+        std::thread::spawn(|| start_cluster(TEST_SETTINGS))
             .join()
             .expect("cluster thread")
+            .map(|cluster| Shared { cluster })
             .unwrap_or_else(|e| panic!("test cluster: {e:#}"))
     })
 }
 
-fn start_cluster() -> anyhow::Result<Shared> {
+/// A throwaway cluster with a template database holding the extension; stopped and removed
+/// when this process exits.
+pub fn start_cluster(settings: &[(&str, &str)]) -> anyhow::Result<Cluster> {
     // Not under /root or a private TMPDIR: the server user must reach it when we are root.
     let base = std::env::var_os("SORTIE_TEST_TMP")
         .map(PathBuf::from)
@@ -45,17 +58,10 @@ fn start_cluster() -> anyhow::Result<Shared> {
     ));
     std::fs::create_dir_all(&root)?;
     let mut cluster = Cluster::new(root.clone(), find_bin_dir()?);
-    cluster.settings = [
-        ("fsync", "off"),
-        ("synchronous_commit", "off"),
-        ("full_page_writes", "off"),
-        ("max_connections", "300"),
-        ("shared_buffers", "256MB"),
-        ("log_min_messages", "warning"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
+    cluster.settings = settings
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     cluster.ensure_running()?;
     spawn_watchdog(&cluster)?;
 
@@ -73,7 +79,21 @@ fn start_cluster() -> anyhow::Result<Shared> {
             .await?;
         anyhow::Ok(())
     })?;
-    Ok(Shared { cluster })
+    Ok(cluster)
+}
+
+/// A new database with the extension, cloned from the template; returns its name.
+pub async fn create_database(cluster: &Cluster) -> anyhow::Result<String> {
+    let name = format!(
+        "t_{}_{}",
+        std::process::id(),
+        NEXT_DB.fetch_add(1, Ordering::SeqCst)
+    );
+    let admin = connect_to(cluster, "postgres").await?;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {TEMPLATE}"))
+        .await?;
+    Ok(name)
 }
 
 /// Stops the cluster and removes its directory once this process is gone.
@@ -109,7 +129,7 @@ fn spawn_watchdog(cluster: &Cluster) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn connect_to(cluster: &Cluster, database: &str) -> anyhow::Result<Client> {
+pub async fn connect_to(cluster: &Cluster, database: &str) -> anyhow::Result<Client> {
     let (client, connection) =
         tokio_postgres::connect(&cluster.connection_string(database), NoTls).await?;
     tokio::spawn(async move {
@@ -129,16 +149,7 @@ pub struct TestDb {
 impl TestDb {
     pub async fn new() -> TestDb {
         let shared = shared();
-        let name = format!(
-            "t_{}_{}",
-            std::process::id(),
-            NEXT_DB.fetch_add(1, Ordering::SeqCst)
-        );
-        let admin = connect_to(&shared.cluster, "postgres")
-            .await
-            .expect("admin connection");
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {TEMPLATE}"))
+        let name = create_database(&shared.cluster)
             .await
             .expect("create test database");
         let client = connect_to(&shared.cluster, &name)

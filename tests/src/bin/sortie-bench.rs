@@ -1,0 +1,395 @@
+//! Sortie's benchmarks (SPEC §10): figures printed as Markdown tables, never asserted.
+//!
+//!   cargo run --release -p sortie_tests --bin sortie-bench -- [engine|mcp|all]
+//!
+//! Each figure names synchronous_commit, the number of runs and their spread. The cluster is
+//! a throwaway one with fsync on, so synchronous_commit=on pays the real flush.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use sortie_mcp::embedded::Cluster;
+use sortie_tests::{call_on, connect_to, create_database, start_cluster};
+use tokio_postgres::Client;
+
+const BENCH_SETTINGS: &[(&str, &str)] = &[
+    ("max_connections", "300"),
+    ("shared_buffers", "512MB"),
+    ("log_min_messages", "warning"),
+    ("max_wal_size", "4GB"),
+];
+const RUNS: usize = 3;
+const RUN_SECONDS: f64 = 4.0;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let what = std::env::args().nth(1).unwrap_or_else(|| "all".into());
+    let cluster = tokio::task::spawn_blocking(|| start_cluster(BENCH_SETTINGS)).await??;
+    println!("# Sortie benchmarks\n");
+    println!("Machine: {} cores, PostgreSQL 15 throwaway cluster (fsync on). {RUNS} runs per figure; median (min–max).\n",
+             std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+    if what == "engine" || what == "all" {
+        throughput(&cluster).await?;
+        head_of_line(&cluster).await?;
+        claim_latency_and_splice(&cluster).await?;
+        skip_cascade(&cluster).await?;
+    }
+    if what == "mcp" || what == "all" {
+        mcp_round_trip(&cluster).await?;
+    }
+    Ok(())
+}
+
+fn summary(mut values: Vec<f64>) -> String {
+    values.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let median = values[values.len() / 2];
+    format!("{median:.0} ({:.0}–{:.0})", values[0], values[values.len() - 1])
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn latency(mut samples: Vec<f64>) -> String {
+    samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    format!("{:.3} / {:.3} ms (n={})", percentile(&samples, 0.5), percentile(&samples, 0.99), samples.len())
+}
+
+async fn fresh(cluster: &Cluster) -> anyhow::Result<(String, Client)> {
+    let name = create_database(cluster).await?;
+    let client = connect_to(cluster, &name).await?;
+    Ok((name, client))
+}
+
+async fn drop_database(cluster: &Cluster, name: &str) -> anyhow::Result<()> {
+    let admin = connect_to(cluster, "postgres").await?;
+    admin.batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)")).await?;
+    Ok(())
+}
+
+async fn new_campaign(client: &Client, extra: &str) -> anyhow::Result<uuid::Uuid> {
+    let v = call_on(client, &format!("sortie.create_campaign(goal => 'bench'{extra})"), &[]).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(uuid::Uuid::parse_str(v["id"].as_str().unwrap_or_default())?)
+}
+
+/// `chains` chains of `length` steps each: step k of a chain depends on step k-1.
+fn chains(chains: usize, length: usize) -> Value {
+    let mut steps = Vec::new();
+    for c in 0..chains {
+        for k in 0..length {
+            let mut step = json!({"action": format!("c{c} s{k}"), "key": format!("c{c}s{k}")});
+            if k > 0 {
+                step["depends_on"] = json!([format!("c{c}s{}", k - 1)]);
+            }
+            steps.push(step);
+        }
+    }
+    Value::Array(steps)
+}
+
+async fn add(client: &Client, campaign: uuid::Uuid, steps: &Value) -> anyhow::Result<Value> {
+    call_on(client, "sortie.add_steps($1, $2)", &[&campaign, steps]).await.map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Variant {
+    Extension,
+    PlainSql,
+}
+
+const PLAIN_CLAIM: &str = "WITH c AS (SELECT id FROM sortie.steps WHERE campaign_id = $1 AND status = 'pending' AND step_type = 'atomic'
+      AND remaining_deps = 0 AND not_before <= now() ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
+    UPDATE sortie.steps s SET status = 'running', claim_token = gen_random_uuid(), claim_owner = $2, claimed_at = now(),
+      heartbeat_at = now(), lease_expires_at = now() + interval '15 minutes', started_at = now()
+    FROM c WHERE s.id = c.id RETURNING s.id, s.claim_token";
+const PLAIN_COMPLETE: &str = "UPDATE sortie.steps SET status = 'done', output = $3, completed_at = now(), claim_token = NULL,
+      lease_expires_at = NULL WHERE id = $1 AND claim_token = $2 AND status = 'running'";
+const PLAIN_ACTIVATE: &str = "UPDATE sortie.steps s SET remaining_deps = s.remaining_deps - 1 FROM sortie.step_dependencies d
+      WHERE d.depends_on = $1 AND s.id = d.step_id AND s.status = 'pending'";
+
+/// Cycles completed by `connections` workers in RUN_SECONDS, each in its own campaign.
+async fn cycle_run(cluster: &Cluster, variant: Variant, connections: usize, sync: &str) -> anyhow::Result<f64> {
+    let (name, setup) = fresh(cluster).await?;
+    // One campaign per worker, with more steps than it can finish in a run.
+    let campaigns_n = connections;
+    let mut campaigns = Vec::new();
+    let per_campaign = match (sync, connections) {
+        ("on", 1) => 1_000,
+        ("on", _) => 500,
+        (_, 1) => 10_000,
+        (_, 4) => 4_000,
+        _ => 1_500,
+    };
+    for _ in 0..campaigns_n {
+        let c = new_campaign(&setup, ", planner => 'llm'").await?;
+        add(&setup, c, &chains(per_campaign / 10, 10)).await?;
+        campaigns.push(c);
+    }
+    setup.batch_execute("VACUUM ANALYZE").await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for w in 0..connections {
+        let client = connect_to(cluster, &name).await?;
+        client.batch_execute(&format!("SET synchronous_commit = {sync}")).await?;
+        let (stop, done, campaign) = (stop.clone(), done.clone(), campaigns[w % campaigns_n]);
+        tasks.push(tokio::spawn(async move {
+            let claim = client.prepare("SELECT sortie.claim_next(owner => 'bench', campaign_id => $1)").await.unwrap();
+            let complete = client.prepare("SELECT sortie.complete_step($1, $2, 'ok')").await.unwrap();
+            let plain_claim = client.prepare(PLAIN_CLAIM).await.unwrap();
+            let plain_complete = client.prepare(PLAIN_COMPLETE).await.unwrap();
+            let plain_activate = client.prepare(PLAIN_ACTIVATE).await.unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                match variant {
+                    Variant::Extension => {
+                        let v: Value = client.query_one(&claim, &[&campaign]).await.unwrap().get(0);
+                        let Some(id) = v["step_id"].as_i64() else { tokio::time::sleep(Duration::from_millis(1)).await; continue };
+                        let token = uuid::Uuid::parse_str(v["claim_token"].as_str().unwrap()).unwrap();
+                        client.query_one(&complete, &[&id, &token]).await.unwrap();
+                    }
+                    Variant::PlainSql => {
+                        let Some(row) = client.query_opt(&plain_claim, &[&campaign, &"bench"]).await.unwrap() else {
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                            continue;
+                        };
+                        let (id, token): (i64, uuid::Uuid) = (row.get(0), row.get(1));
+                        client.batch_execute("BEGIN").await.unwrap();
+                        client.execute(&plain_complete, &[&id, &token, &"ok"]).await.unwrap();
+                        client.execute(&plain_activate, &[&id]).await.unwrap();
+                        client.batch_execute("COMMIT").await.unwrap();
+                    }
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let start = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(RUN_SECONDS)).await;
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = start.elapsed().as_secs_f64();
+    for t in tasks {
+        t.await?;
+    }
+    let rate = done.load(Ordering::Relaxed) as f64 / elapsed;
+    drop(setup);
+    drop_database(cluster, &name).await?;
+    Ok(rate)
+}
+
+async fn throughput(cluster: &Cluster) -> anyhow::Result<()> {
+    println!("## claim + complete + activate successor, cycles per second\n");
+    println!("One campaign of 10-step chains per worker, more than it can finish. Plain SQL: the same cycle as three prepared");
+    println!("statements (claim with SKIP LOCKED; complete and activate in one transaction) on the same tables, without");
+    println!("fencing checks, counters, events or NOTIFY.\n");
+    println!("| synchronous_commit | connections | extension | plain SQL | ratio |");
+    println!("|---|---|---|---|---|");
+    for sync in ["off", "on"] {
+        for connections in [1, 4, 16] {
+            let mut ext = Vec::new();
+            let mut plain = Vec::new();
+            for _ in 0..RUNS {
+                ext.push(cycle_run(cluster, Variant::Extension, connections, sync).await?);
+                plain.push(cycle_run(cluster, Variant::PlainSql, connections, sync).await?);
+            }
+            let ratio: Vec<f64> = ext.iter().zip(&plain).map(|(e, p)| 100.0 * e / p).collect();
+            println!("| {sync} | {connections} | {} | {} | {}% |", summary(ext), summary(plain), summary(ratio));
+        }
+    }
+    println!();
+    Ok(())
+}
+
+async fn head_of_line(cluster: &Cluster) -> anyhow::Result<()> {
+    println!("## Head of line: 49 campaigns beside an urgent campaign capped at max_parallel = 1\n");
+    println!("16 workers call claim_next without a campaign for {RUN_SECONDS} s (synchronous_commit off); steps of the 49 per second.\n");
+    let mut with_cap = Vec::new();
+    let mut without = Vec::new();
+    for _ in 0..RUNS {
+        for capped in [true, false] {
+            let (name, setup) = fresh(cluster).await?;
+            let many: Value = Value::Array((0..300).map(|i| json!({"action": format!("s{i}")})).collect());
+            let mut others = Vec::new();
+            for _ in 0..49 {
+                let c = new_campaign(&setup, ", planner => 'llm'").await?;
+                add(&setup, c, &many).await?;
+                others.push(c);
+            }
+            if capped {
+                let c = new_campaign(&setup, ", planner => 'llm', priority => 'urgent', max_parallel => 1").await?;
+                add(&setup, c, &many).await?;
+            }
+            setup.batch_execute("VACUUM ANALYZE").await?;
+            let stop = Arc::new(AtomicBool::new(false));
+            let done = Arc::new(AtomicU64::new(0));
+            let others = Arc::new(others);
+            let mut tasks = Vec::new();
+            for _ in 0..16 {
+                let client = connect_to(cluster, &name).await?;
+                client.batch_execute("SET synchronous_commit = off").await?;
+                let (stop, done, others) = (stop.clone(), done.clone(), others.clone());
+                tasks.push(tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        let v = call_on(&client, "sortie.claim_next(owner => 'bench')", &[]).await.unwrap();
+                        let Some(id) = v["step_id"].as_i64() else { continue };
+                        let token = uuid::Uuid::parse_str(v["claim_token"].as_str().unwrap()).unwrap();
+                        call_on(&client, "sortie.complete_step($1, $2, 'ok')", &[&id, &token]).await.unwrap();
+                        let campaign = uuid::Uuid::parse_str(v["campaign_id"].as_str().unwrap()).unwrap();
+                        if others.contains(&campaign) {
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }));
+            }
+            let start = Instant::now();
+            tokio::time::sleep(Duration::from_secs_f64(RUN_SECONDS)).await;
+            stop.store(true, Ordering::Relaxed);
+            let elapsed = start.elapsed().as_secs_f64();
+            for t in tasks {
+                t.await?;
+            }
+            let rate = done.load(Ordering::Relaxed) as f64 / elapsed;
+            if capped { with_cap.push(rate) } else { without.push(rate) }
+            drop(setup);
+            drop_database(cluster, &name).await?;
+        }
+    }
+    let ratio: Vec<f64> = with_cap.iter().zip(&without).map(|(a, b)| 100.0 * a / b).collect();
+    println!("| the 49 alone | the 49 beside the capped campaign | kept |");
+    println!("|---|---|---|");
+    println!("| {} | {} | {}% |\n", summary(without), summary(with_cap), summary(ratio));
+    Ok(())
+}
+
+/// Fills the table with `history` finished steps (another campaign), then measures claim_next
+/// latency over 10,000 ready steps, and splice latency.
+async fn claim_latency_and_splice(cluster: &Cluster) -> anyhow::Result<()> {
+    println!("## claim_next latency and splice latency by table size\n");
+    println!("One connection, synchronous_commit off. The table holds finished history plus 10,000 ready steps;");
+    println!("each claim is followed (untimed) by its completion. p50 / p99.\n");
+    println!("| steps in the table | claim_next | spawn_and_continue (3 subtasks) |");
+    println!("|---|---|---|");
+    for history in [0i64, 90_000, 990_000] {
+        let (name, client) = fresh(cluster).await?;
+        client.batch_execute("SET synchronous_commit = off").await?;
+        let old = new_campaign(&client, ", planner => 'llm'").await?;
+        client
+            .execute("INSERT INTO sortie.steps (campaign_id, action, status, completed_at)
+                      SELECT $1, 'history ' || g, 'done', now() FROM generate_series(1, $2::bigint) g", &[&old, &history])
+            .await?;
+        let c = new_campaign(&client, ", planner => 'llm'").await?;
+        let ready: Value = Value::Array((0..10_000).map(|i| json!({"action": format!("r{i}")})).collect());
+        add(&client, c, &ready).await?;
+        client.batch_execute("VACUUM ANALYZE").await?;
+        let mut claims = Vec::new();
+        let mut splices = Vec::new();
+        for i in 0..2000 {
+            let t = Instant::now();
+            let v = call_on(&client, "sortie.claim_next(owner => 'bench', campaign_id => $1)", &[&c]).await.unwrap();
+            claims.push(t.elapsed().as_secs_f64() * 1000.0);
+            let id = v["step_id"].as_i64().unwrap();
+            let token = uuid::Uuid::parse_str(v["claim_token"].as_str().unwrap()).unwrap();
+            if i % 4 == 0 {
+                let t = Instant::now();
+                call_on(&client, "sortie.spawn_and_continue($1, $2, '[{\"action\": \"a\"}, {\"action\": \"b\"}, {\"action\": \"c\"}]', '\"cont\"')", &[&id, &token]).await.unwrap();
+                splices.push(t.elapsed().as_secs_f64() * 1000.0);
+            } else {
+                call_on(&client, "sortie.complete_step($1, $2, 'ok')", &[&id, &token]).await.unwrap();
+            }
+        }
+        let total: i64 = client.query_one("SELECT count(*) FROM sortie.steps", &[]).await?.get(0);
+        println!("| {total} | {} | {} |", latency(claims), latency(splices));
+        drop(client);
+        drop_database(cluster, &name).await?;
+    }
+    println!();
+    Ok(())
+}
+
+async fn skip_cascade(cluster: &Cluster) -> anyhow::Result<()> {
+    println!("## Skip cascade\n");
+    println!("A failing root with a parallel group of N children depending on it: fail_step skips the group and all N");
+    println!("children. synchronous_commit off; milliseconds for the whole fail_step call.\n");
+    println!("| N | fail_step with cascade, ms |");
+    println!("|---|---|");
+    for n in [1_000usize, 10_000, 100_000] {
+        let mut times = Vec::new();
+        for _ in 0..RUNS {
+            let (name, client) = fresh(cluster).await?;
+            client.batch_execute("SET synchronous_commit = off").await?;
+            let c = new_campaign(&client, ", planner => 'none'").await?;
+            let children: Vec<Value> = (0..n).map(|i| json!({"action": format!("child {i}")})).collect();
+            add(&client, c, &json!([{"action": "root", "key": "root", "max_attempts": 1},
+                                    {"step_type": "parallel_group", "action": "group", "depends_on": ["root"], "children": children}])).await?;
+            client.batch_execute("VACUUM ANALYZE").await?;
+            let v = call_on(&client, "sortie.claim_next(owner => 'bench', campaign_id => $1)", &[&c]).await.unwrap();
+            let id = v["step_id"].as_i64().unwrap();
+            let token = uuid::Uuid::parse_str(v["claim_token"].as_str().unwrap()).unwrap();
+            let t = Instant::now();
+            call_on(&client, "sortie.fail_step($1, $2, 'boom')", &[&id, &token]).await.unwrap();
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+            let skipped: i64 = client.query_one("SELECT count(*) FROM sortie.steps WHERE status = 'skipped'", &[]).await?.get(0);
+            assert_eq!(skipped as usize, n + 1, "the cascade reached every step");
+            drop(client);
+            drop_database(cluster, &name).await?;
+        }
+        let mut sorted = times.clone();
+        sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        println!("| {n} | {:.1} ({:.1}–{:.1}) |", sorted[sorted.len() / 2], sorted[0], sorted[sorted.len() - 1]);
+    }
+    println!();
+    Ok(())
+}
+
+async fn mcp_round_trip(cluster: &Cluster) -> anyhow::Result<()> {
+    use rmcp::model::CallToolRequestParams;
+    use rmcp::transport::{ConfigureCommandExt, TokioChildProcess};
+    use rmcp::ServiceExt;
+
+    println!("## MCP over stdio (sortie-mcp, release build, rmcp client in the same process)\n");
+    let (name, client) = fresh(cluster).await?;
+    let url = cluster.connection_string(&name);
+    let program = sortie_tests::binary("sortie-mcp");
+    let mut starts = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        let url = url.clone();
+        let transport = TokioChildProcess::new(tokio::process::Command::new(&program).configure(|cmd| {
+            cmd.env("DATABASE_URL", &url).env("RUST_LOG", "warn");
+        }))?;
+        let service = ().serve(transport).await?;
+        service.list_all_tools().await?;
+        starts.push(t.elapsed().as_secs_f64() * 1000.0);
+        service.cancel().await?;
+    }
+    let c = new_campaign(&client, ", planner => 'llm'").await?;
+    let transport = TokioChildProcess::new(tokio::process::Command::new(&program).configure(|cmd| {
+        cmd.env("DATABASE_URL", &url).env("RUST_LOG", "warn");
+    }))?;
+    let service = ().serve(transport).await?;
+    let call = |tool: &'static str, args: Value| CallToolRequestParams::new(tool).with_arguments(args.as_object().cloned().unwrap_or_default());
+    for _ in 0..50 {
+        service.call_tool(call("get_campaign", json!({"id": c}))).await?;
+    }
+    let mut reads = Vec::new();
+    let mut writes = Vec::new();
+    for i in 0..1000 {
+        let t = Instant::now();
+        service.call_tool(call("get_campaign", json!({"id": c}))).await?;
+        reads.push(t.elapsed().as_secs_f64() * 1000.0);
+        let t = Instant::now();
+        service.call_tool(call("add_note", json!({"campaign_id": c, "content": format!("finding {i}")}))).await?;
+        writes.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    service.cancel().await?;
+    println!("| measure | p50 / p99 |");
+    println!("|---|---|");
+    println!("| spawn to first tools/list answer | {} |", latency(starts));
+    println!("| get_campaign (read, one SQL call) | {} |", latency(reads));
+    println!("| add_note (write, synchronous_commit on) | {} |", latency(writes));
+    println!();
+    drop(client);
+    drop_database(cluster, &name).await?;
+    Ok(())
+}
