@@ -3,8 +3,9 @@
 -- Where the objects go. `CREATE EXTENSION sortie SCHEMA other` installs into `other`. Without
 -- SCHEMA, PostgreSQL targets the first schema on search_path (normally `public`); a job engine's
 -- tables do not belong there, so that case installs into a schema of its own, `sortie`, created
--- here and dropped with the extension. Every function is created with the search_path set below
--- (`SET search_path FROM CURRENT`), so callers' search_path never changes what a rule reads.
+-- here and dropped with the extension. Every API function is created with the search_path set
+-- below (`SET search_path FROM CURRENT`), so callers' search_path never changes what a rule
+-- reads; internal helpers run under their caller's, which avoids a search_path switch per call.
 DO $bootstrap$
 DECLARE
     target text := CASE WHEN '@extschema@' = 'public' THEN 'sortie' ELSE '@extschema@' END;
@@ -25,7 +26,6 @@ $bootstrap$;
 -- clients map errors without parsing text. The message starts with the code.
 CREATE FUNCTION raise(code text, message text) RETURNS void
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
-SET search_path FROM CURRENT
 AS $$
 BEGIN
     RAISE EXCEPTION USING
@@ -102,9 +102,10 @@ CREATE TABLE campaigns (
     CHECK ((status IN ('done', 'failed', 'cancelled')) = (completed_at IS NOT NULL))
 );
 
--- Fair-share pick: active campaigns that have something to hand out.
-CREATE INDEX campaigns_dispatchable ON campaigns ((slot_seconds_used / weight), created_at)
-    WHERE status = 'active' AND ready_steps > 0;
+-- No index covers the counters or slot usage: they change on every claim and completion, and
+-- leaving them unindexed keeps those updates HOT. The fair-share pick reads the (small) set of
+-- campaigns directly.
+ALTER TABLE campaigns SET (fillfactor = 50);
 CREATE INDEX campaigns_status ON campaigns (status, created_at DESC);
 
 CREATE TABLE steps (

@@ -44,12 +44,11 @@ pub struct Config {
     pub webhook_url: Option<String>,
 }
 
-/// Reads a variable: unset and empty are the same.
-fn var(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
-}
+/// Where variables come from: the process environment, or a map in tests.
+type Vars<'a> = &'a dyn Fn(&str) -> Option<String>;
 
 fn parse<T: std::str::FromStr>(
+    var: Vars,
     name: &str,
     default: T,
     check: impl Fn(&T) -> bool,
@@ -64,7 +63,7 @@ fn parse<T: std::str::FromStr>(
     }
 }
 
-fn url(name: &str) -> Result<Option<String>> {
+fn url(var: Vars, name: &str) -> Result<Option<String>> {
     match var(name) {
         None => Ok(None),
         Some(u) if u.starts_with("http://") || u.starts_with("https://") => {
@@ -89,6 +88,13 @@ pub fn valid_identifier(name: &str) -> bool {
 
 impl Config {
     pub fn from_env() -> Result<Config> {
+        Self::from_vars(&|name| std::env::var(name).ok())
+    }
+
+    /// The configuration from any source of variables; unset and empty are the same.
+    pub fn from_vars(get: &dyn Fn(&str) -> Option<String>) -> Result<Config> {
+        let var = |name: &str| get(name).filter(|v| !v.trim().is_empty());
+        let var: Vars = &var;
         let schema = var("SORTIE_SCHEMA").unwrap_or_else(|| "sortie".into());
         if !valid_identifier(&schema) {
             bail!("SORTIE_SCHEMA={schema:?} is invalid: expected a lower-case SQL identifier such as sortie");
@@ -140,6 +146,7 @@ impl Config {
             claim_token: uuid_var("SORTIE_CLAIM_TOKEN")?,
             owner: var("SORTIE_OWNER").unwrap_or_else(default_owner),
             max_concurrent: parse(
+                var,
                 "SORTIE_MAX_CONCURRENT",
                 4,
                 |v| (1..=10_000).contains(v),
@@ -147,6 +154,7 @@ impl Config {
             )?,
             zombie_timeout: Duration::from_secs(
                 60 * parse(
+                    var,
                     "SORTIE_ZOMBIE_TIMEOUT",
                     30u64,
                     |v| (1..=10_080).contains(v),
@@ -154,31 +162,34 @@ impl Config {
                 )?,
             ),
             preview_head: parse(
+                var,
                 "SORTIE_PREVIEW_HEAD",
                 600,
                 |v| (0..=100_000).contains(v),
                 "characters from 0 to 100000",
             )?,
             preview_tail: parse(
+                var,
                 "SORTIE_PREVIEW_TAIL",
                 200,
                 |v| (0..=100_000).contains(v),
                 "characters from 0 to 100000",
             )?,
-            litellm_url: url("LITELLM_URL")?,
+            litellm_url: url(var, "LITELLM_URL")?,
             litellm_key: var("LITELLM_KEY"),
             planner_model: var("SORTIE_PLANNER_MODEL").unwrap_or_else(|| "qwen3.5:9b".into()),
             embedding_model: var("SORTIE_EMBEDDING_MODEL"),
             embedding_dim: parse(
+                var,
                 "SORTIE_EMBEDDING_DIM",
                 384,
                 |v| (1..=16_000).contains(v),
                 "a dimension from 1 to 16000",
             )?,
-            runtime_url: url("OPENCLAW_RUNTIME_URL")?,
+            runtime_url: url(var, "OPENCLAW_RUNTIME_URL")?,
             dispatch,
             agent_command: var("SORTIE_AGENT_COMMAND"),
-            webhook_url: url("SORTIE_WEBHOOK_URL")?,
+            webhook_url: url(var, "SORTIE_WEBHOOK_URL")?,
         };
         if config.dispatch == Dispatch::Http && config.runtime_url.is_none() {
             bail!("SORTIE_DISPATCH=http needs OPENCLAW_RUNTIME_URL");
@@ -200,6 +211,46 @@ fn default_owner() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config> {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_vars(&|name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
+    }
+
+    #[test]
+    fn defaults_apply_when_nothing_is_set() {
+        let c = config(&[]).unwrap();
+        assert_eq!(
+            (c.schema.as_str(), c.role, c.max_concurrent, c.dispatch),
+            ("sortie", Role::Both, 4, Dispatch::None)
+        );
+        assert_eq!(c.zombie_timeout, Duration::from_secs(30 * 60));
+        assert!(c.database_url.is_none());
+    }
+
+    #[test]
+    fn a_bad_value_is_an_error_naming_the_variable() {
+        for (name, value) in [
+            ("SORTIE_ROLE", "boss"),
+            ("SORTIE_MAX_CONCURRENT", "0"),
+            ("SORTIE_SCHEMA", "x; drop"),
+            ("SORTIE_STEP_ID", "-3"),
+            ("SORTIE_CLAIM_TOKEN", "nope"),
+            ("LITELLM_URL", "ftp://x"),
+            ("SORTIE_DISPATCH", "carrier-pigeon"),
+            ("SORTIE_ZOMBIE_TIMEOUT", "forever"),
+        ] {
+            let err = config(&[(name, value)]).unwrap_err().to_string();
+            assert!(err.contains(name), "{name}={value}: {err}");
+        }
+        let err = config(&[("SORTIE_DISPATCH", "http")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("OPENCLAW_RUNTIME_URL"), "{err}");
+    }
 
     #[test]
     fn schema_names_are_plain_identifiers() {

@@ -19,6 +19,7 @@ pub const EMBEDDED_DATABASE: &str = "sortie";
 pub struct Db {
     pool: Pool,
     schema: String,
+    connection_string: String,
 }
 
 /// Where to connect: DATABASE_URL, or the embedded cluster (started and prepared on demand).
@@ -56,7 +57,14 @@ impl Db {
         Ok(Db {
             pool,
             schema: config.schema.clone(),
+            connection_string,
         })
+    }
+
+    /// What agents and the event listener connect with: DATABASE_URL, or the embedded
+    /// cluster's socket.
+    pub fn connection_string(&self) -> &str {
+        &self.connection_string
     }
 
     pub fn schema(&self) -> &str {
@@ -133,7 +141,8 @@ async fn prepare_embedded(connection_string: &str) -> Result<()> {
     let (client, connection) = tokio_postgres::connect(connection_string, NoTls).await?;
     tokio::spawn(connection);
     client
-        .batch_execute("SELECT pg_advisory_lock(4242); CREATE EXTENSION IF NOT EXISTS sortie CASCADE; SELECT pg_advisory_unlock(4242)")
+        .batch_execute("SELECT pg_advisory_lock(4242); CREATE EXTENSION IF NOT EXISTS sortie CASCADE; \
+             ALTER EXTENSION sortie UPDATE; SELECT pg_advisory_unlock(4242)")
         .await
         .context("creating the sortie extension in the embedded database (run scripts/setup to install it)")?;
     Ok(())

@@ -1,65 +1,73 @@
 //! The README's main job: a small campaign run end to end on whatever database is configured
-//! (the embedded default when DATABASE_URL is unset), printing progress and the final tree.
+//! (the embedded default when DATABASE_URL is unset) by the real runner, dispatching each
+//! step to the bundled example agent (`sortie_mcp/examples/demo-agent.sh`) through the `command`
+//! back-end. The agent fans out, splices and leaves notes through `sortie-mcp`. With
+//! LITELLM_URL set the planner may grow the campaign further.
 
-use anyhow::{bail, Result};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
+use tokio::sync::watch;
 
-use crate::config::Config;
+use crate::config::{Config, Dispatch};
 use crate::db::Db;
+use crate::runner::Runner;
 
-pub async fn run(db: &Db, config: &Config) -> Result<()> {
+pub async fn run(db: Db, mut config: Config, shutdown: watch::Receiver<bool>) -> Result<()> {
+    let agent = demo_agent()?;
+    config.dispatch = Dispatch::Command;
+    config.agent_command = Some(shell_words::quote(&agent.to_string_lossy()).into_owned());
+    config.zombie_timeout = Duration::from_secs(120);
+    let planner = if config.litellm_url.is_some() {
+        "llm"
+    } else {
+        "none"
+    };
+
     let steps = json!([
         {"step_type": "for_each", "action": "survey the sources", "key": "survey",
          "items": [{"source": "arXiv"}, {"source": "ACL Anthology"}, {"source": "Semantic Scholar"}],
-         "template": {"action": "summarise recent work on campaign orchestration from {item.source}",
+         "template": {"action": "summarise recent work on agent orchestration from {item.source}",
                       "agent": "researcher", "input": {"source": "{item.source}"}},
          "collect": {"action": "merge the three summaries", "agent": "editor"}},
         {"action": "write the final report", "agent": "writer", "depends_on": ["survey"]}
     ]);
     let created = db
         .call(
-            "create_campaign(goal => $1, planner => 'none', steps => $2)",
+            "create_campaign(goal => $1, planner => $2, steps => $3)",
             &[
-                &"Demo: survey campaign-orchestration literature and write a report",
+                &"Demo: survey agent-orchestration literature and write a report",
+                &planner,
                 &steps,
             ],
         )
         .await?;
     let campaign = uuid::Uuid::parse_str(created["id"].as_str().unwrap_or_default())?;
     println!(
-        "campaign {} ({}) created",
+        "campaign {} ({campaign}) created; dispatching to {}",
         created["name"].as_str().unwrap_or_default(),
-        campaign
+        agent.display()
     );
 
-    let owner = format!("demo-worker/{}", config.owner);
+    let url = db.connection_string().to_string();
+    let mut runner = Runner::new(db.clone(), config, url, shutdown.clone())?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
     loop {
-        let claim = db
-            .call(
-                "claim_next(owner => $1, campaign_id => $2)",
-                &[&owner, &campaign],
-            )
+        runner.tick().await?;
+        let state = db
+            .call("get_campaign(id => $1, steps_limit => 1)", &[&campaign])
             .await?;
-        let Some(step_id) = claim["step_id"].as_i64() else {
+        if state["status"] != "active" || *shutdown.borrow() {
             break;
-        };
-        let token = uuid::Uuid::parse_str(claim["claim_token"].as_str().unwrap_or_default())?;
-        let action = claim["action"].as_str().unwrap_or_default().to_string();
-        println!("  step {step_id:>3} running  {action}");
-        let context = db
-            .call("get_my_context(step_id => $1)", &[&step_id])
-            .await?;
-        let upstream = context["upstream"].as_array().map(Vec::len).unwrap_or(0);
-        let output = format!(
-            "{action}: done by the demo worker after reading {upstream} upstream output(s)"
-        );
-        db.call(
-            "complete_step(step_id => $1, claim_token => $2, summary => $3, tokens_used => 100)",
-            &[&step_id, &token, &output],
-        )
-        .await?;
-        println!("  step {step_id:>3} done");
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the demo campaign did not finish within 5 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    runner.wait().await;
 
     let state = db.call("get_campaign(id => $1)", &[&campaign]).await?;
     println!(
@@ -67,26 +75,60 @@ pub async fn run(db: &Db, config: &Config) -> Result<()> {
         state["name"].as_str().unwrap_or_default(),
         state["status"].as_str().unwrap_or_default()
     );
-    print_tree(&state["steps"]);
+    print_tree(&db, &state["steps"]).await?;
+    let notes = db
+        .call("get_notes(campaign_id => $1)", &[&campaign])
+        .await?;
+    println!("\nnotes (newest first):");
+    for n in notes["notes"].as_array().into_iter().flatten() {
+        println!("  - {}", n["content"].as_str().unwrap_or_default());
+    }
     if state["status"] != "done" {
         bail!("the demo campaign ended {}", state["status"]);
     }
     Ok(())
 }
 
-fn print_tree(steps: &Value) {
-    let Some(steps) = steps.as_array() else {
-        return;
+/// The bundled agent script: next to the binaries' source tree, or where SORTIE_DEMO_AGENT says.
+fn demo_agent() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("SORTIE_DEMO_AGENT") {
+        return Ok(PathBuf::from(path));
+    }
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/demo-agent.sh");
+    path.canonicalize()
+        .with_context(|| format!("the demo agent {} is missing", path.display()))
+}
+
+/// Steps as a tree: each step followed by its children (compound members and spawned
+/// subtasks) in order.
+async fn print_tree(db: &Db, steps: &Value) -> Result<()> {
+    let steps: Vec<&Value> = steps.as_array().into_iter().flatten().collect();
+    let children = |parent: Option<i64>| -> Vec<&Value> {
+        steps
+            .iter()
+            .copied()
+            .filter(|s| s["parent_id"].as_i64() == parent)
+            .collect()
     };
-    for step in steps {
-        let depth = step["depth"].as_u64().unwrap_or(0) as usize;
-        let indent = "  ".repeat(depth + 1);
+    let mut stack: Vec<&Value> = children(None).into_iter().rev().collect();
+    while let Some(step) = stack.pop() {
+        let id = step["id"].as_i64().unwrap_or_default();
+        let indent = "  ".repeat(step["depth"].as_u64().unwrap_or(0) as usize + 1);
         println!(
-            "{indent}#{:<3} {:<8} {:<15} {}",
-            step["id"],
+            "{indent}#{id:<3} {:<8} {:<15} {}",
             step["status"].as_str().unwrap_or_default(),
             step["step_type"].as_str().unwrap_or_default(),
             step["action"].as_str().unwrap_or_default()
         );
+        if step["step_type"] == "atomic" {
+            let output = db
+                .call("read_step_output(step_id => $1, \"limit\" => 120)", &[&id])
+                .await?;
+            if let Some(text) = output["content"].as_str().filter(|t| !t.is_empty()) {
+                println!("{indent}       → {}", text.replace('\n', " "));
+            }
+        }
+        stack.extend(children(Some(id)).into_iter().rev());
     }
+    Ok(())
 }

@@ -53,6 +53,11 @@ extension_sql_file!(
     requires = ["core"]
 );
 extension_sql_file!(
+    "../../sql/engine/notifications.sql",
+    name = "notifications",
+    requires = ["claim"]
+);
+extension_sql_file!(
     "../../sql/engine/invariants.sql",
     name = "invariants",
     requires = ["core"],

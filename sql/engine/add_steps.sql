@@ -5,7 +5,6 @@
 -- Follows a spliced step to its newest continuation (SPEC §3 DAG splice).
 CREATE FUNCTION newest_continuation(p_step bigint) RETURNS bigint
 LANGUAGE sql STABLE
-SET search_path FROM CURRENT
 AS $$
     WITH RECURSIVE chain(id, next) AS (
         SELECT id, continued_by FROM steps WHERE id = p_step
@@ -18,7 +17,6 @@ $$;
 -- Raises the refusal carried by a pure function's answer, or returns its payload.
 CREATE FUNCTION unwrap(p_answer jsonb) RETURNS jsonb
 LANGUAGE plpgsql IMMUTABLE
-SET search_path FROM CURRENT
 AS $$
 BEGIN
     IF p_answer ? 'error' THEN
@@ -34,7 +32,6 @@ CREATE FUNCTION insert_steps(c campaigns, p_expansion jsonb, p_parent bigint, p_
                              p_max_depth integer DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
 AS $$
 DECLARE
     v_nodes jsonb := p_expansion -> 'nodes';

@@ -3,7 +3,6 @@
 
 CREATE FUNCTION campaign_summary(c campaigns) RETURNS jsonb
 LANGUAGE sql STABLE
-SET search_path FROM CURRENT
 AS $$
     SELECT jsonb_build_object(
         'id', c.id, 'name', c.name, 'goal', c.goal, 'status', c.status, 'status_reason', c.status_reason,
@@ -144,7 +143,6 @@ $$;
 
 CREATE FUNCTION step_row(s steps) RETURNS jsonb
 LANGUAGE sql IMMUTABLE
-SET search_path FROM CURRENT
 AS $$
     SELECT jsonb_strip_nulls(jsonb_build_object(
         'id', s.id, 'parent_id', s.parent_id, 'depth', s.depth, 'action', s.action, 'agent', s.agent,

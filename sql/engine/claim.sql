@@ -25,7 +25,6 @@ AS $$ SELECT CASE WHEN starts_with(p_entry, 'shared:') THEN 'shared' ELSE 'exclu
 -- shared across campaigns, so their roots are serialised with advisory locks, in sorted order.
 CREATE FUNCTION take_locks(s steps, p_expires timestamptz) RETURNS boolean
 LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
 AS $$
 DECLARE
     v_root text;
@@ -56,7 +55,6 @@ $$;
 
 CREATE FUNCTION claim_result(s steps) RETURNS jsonb
 LANGUAGE sql IMMUTABLE
-SET search_path FROM CURRENT
 AS $$
     SELECT jsonb_build_object('step_id', s.id, 'campaign_id', s.campaign_id, 'action', s.action,
                               'agent', s.agent, 'depth', s.depth, 'claim_token', s.claim_token,
@@ -66,7 +64,6 @@ $$;
 -- Claims a ready step of an already locked campaign. Returns NULL when its lock keys are busy.
 CREATE FUNCTION take_step(s steps, p_owner text, p_lease_seconds integer) RETURNS steps
 LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
 AS $$
 DECLARE
     v_expires timestamptz := clock() + make_interval(secs => p_lease_seconds);
@@ -99,7 +96,6 @@ $$;
 
 CREATE FUNCTION check_lease_seconds(p_lease_seconds integer) RETURNS integer
 LANGUAGE plpgsql IMMUTABLE
-SET search_path FROM CURRENT
 AS $$
 BEGIN
     IF p_lease_seconds IS NULL OR p_lease_seconds NOT BETWEEN 1 AND 604800 THEN
@@ -112,7 +108,6 @@ $$;
 -- Within one locked campaign: the first ready step for `p_agent` whose lock keys are free.
 CREATE FUNCTION claim_in_campaign(c campaigns, p_owner text, p_agent text, p_lease_seconds integer) RETURNS steps
 LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
 AS $$
 DECLARE
     s steps;
@@ -278,7 +273,6 @@ $$;
 -- Charges the real slot time of a step leaving `running`, replacing the provisional charge.
 CREATE FUNCTION settle_slot(s steps) RETURNS double precision
 LANGUAGE sql VOLATILE
-SET search_path FROM CURRENT
 AS $$
     UPDATE campaigns
        SET slot_seconds_used = greatest(slot_seconds_used - provisional_slot_seconds()
@@ -296,7 +290,6 @@ AS $$ SELECT make_interval(secs => least(10 * power(2, greatest(p_attempts - 1, 
 -- exponential back-off while attempts remain, else fail for good (SPEC §3 fail and retry).
 CREATE FUNCTION attempt_failed(s steps, p_error text) RETURNS text
 LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
 AS $$
 BEGIN
     PERFORM settle_slot(s);

@@ -11,7 +11,6 @@
 CREATE FUNCTION emit(p_campaign uuid, p_step bigint, p_kind text, p_payload jsonb DEFAULT '{}')
 RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
 AS $$
 DECLARE
     v_id bigint;
@@ -27,7 +26,6 @@ $$;
 CREATE FUNCTION notify_campaign(p_campaign uuid, p_level text, p_message text)
 RETURNS void
 LANGUAGE sql VOLATILE
-SET search_path FROM CURRENT
 AS $$
     INSERT INTO notifications (campaign_id, level, message, channel)
     SELECT p_campaign, p_level, p_message, c.channel FROM campaigns c WHERE c.id = p_campaign;
@@ -36,7 +34,6 @@ $$;
 -- The campaign row lock every writing rule takes first.
 CREATE FUNCTION lock_campaign(p_campaign uuid) RETURNS campaigns
 LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
 AS $$
 DECLARE
     c campaigns;
@@ -55,7 +52,6 @@ $$;
 -- Locks a step's campaign, then the step. Returns the step as it is under the lock.
 CREATE FUNCTION lock_step(p_step bigint) RETURNS steps
 LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
 AS $$
 DECLARE
     v_campaign uuid;
@@ -80,7 +76,6 @@ $$;
 -- (`invalid_state`).
 CREATE FUNCTION lock_claimed_step(p_step bigint, p_token uuid, p_call text) RETURNS steps
 LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
 AS $$
 DECLARE
     s steps := lock_step(p_step);
@@ -109,7 +104,6 @@ $$;
 CREATE FUNCTION bump_counters(p_campaign uuid, p_open integer, p_running integer, p_ready integer)
 RETURNS void
 LANGUAGE sql VOLATILE
-SET search_path FROM CURRENT
 AS $$
     UPDATE campaigns
        SET open_steps = open_steps + p_open,
@@ -124,7 +118,6 @@ $$;
 -- of every compound ancestor must be done), recursively.
 CREATE FUNCTION unblocked(p_campaign uuid, p_steps bigint[]) RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
 AS $$
 DECLARE
     v_ready integer := 0;
@@ -153,7 +146,6 @@ $$;
 -- A step became done: its dependents each have one dependency fewer.
 CREATE FUNCTION release_dependents(p_campaign uuid, p_step bigint) RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
 AS $$
 DECLARE
     v_zero bigint[];
@@ -177,7 +169,6 @@ $$;
 CREATE FUNCTION skip_cascade(p_campaign uuid, p_seeds bigint[], p_cause text, p_reason text)
 RETURNS bigint[]
 LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
 AS $$
 DECLARE
     v_skipped bigint[];
@@ -248,7 +239,6 @@ $$;
 CREATE FUNCTION member_settled(p_parent bigint, p_resolved integer, p_failed integer, p_failed_step bigint)
 RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
 AS $$
 DECLARE
     p steps;
@@ -284,7 +274,6 @@ $$;
 -- are skipped (threshold met early).
 CREATE FUNCTION settle_compound_done(p steps) RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
 AS $$
 DECLARE
     v_rest bigint[];
@@ -310,7 +299,6 @@ $$;
 -- Bookkeeping after any step (atomic or compound) became done.
 CREATE FUNCTION after_done(p_campaign uuid, p_step bigint, p_parent bigint) RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
 AS $$
 BEGIN
     PERFORM bump_counters(p_campaign, -1, 0, 0);
@@ -327,7 +315,6 @@ $$;
 -- and its parent — or with fail_fast at the top level, the campaign — hears of it.
 CREATE FUNCTION settle_failed(s steps, p_error text) RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
 AS $$
 DECLARE
     v_open_children bigint[];
@@ -372,7 +359,6 @@ $$;
 -- the campaign ends at once; with 'llm' it waits for a runner's planner (campaign.drained).
 CREATE FUNCTION check_drained(p_campaign uuid) RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
 AS $$
 DECLARE
     c campaigns;
@@ -394,7 +380,6 @@ $$;
 -- continuations, so they are not counted.
 CREATE FUNCTION finish_drained(c campaigns) RETURNS text
 LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
 AS $$
 DECLARE
     v_unresolved bigint[];
@@ -416,7 +401,6 @@ $$;
 -- failed and cancelled — every open step skipped with its claim revoked.
 CREATE FUNCTION end_campaign(p_campaign uuid, p_status text, p_reason text) RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
 AS $$
 DECLARE
     v_open bigint[];

@@ -4,7 +4,6 @@
 -- Token budget (SPEC §3): an exhausted campaign is paused and nothing new is dispatched.
 CREATE FUNCTION enforce_budget(p_campaign uuid) RETURNS boolean
 LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
 AS $$
 DECLARE
     c campaigns;
@@ -46,7 +45,6 @@ $$;
 
 CREATE FUNCTION check_tokens(p_tokens bigint) RETURNS bigint
 LANGUAGE plpgsql IMMUTABLE
-SET search_path FROM CURRENT
 AS $$
 BEGIN
     IF p_tokens IS NOT NULL AND p_tokens < 0 THEN

@@ -3,6 +3,9 @@
 use clap::{Parser, Subcommand};
 use sortie_mcp::config::Config;
 use sortie_mcp::db::Db;
+use sortie_mcp::runner::Runner;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
 
 #[derive(Parser)]
 #[command(
@@ -11,7 +14,7 @@ use sortie_mcp::db::Db;
     about = "Dispatches ready Sortie steps to agents"
 )]
 struct Cli {
-    /// Run one tick and exit once its dispatches are finished (for cron).
+    /// Run one tick and exit once every dispatch it started has finished (for cron).
     #[arg(long)]
     once: bool,
     #[command(subcommand)]
@@ -20,18 +23,36 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a small example campaign end to end and print its step tree.
+    /// Run the bundled example campaign end to end with the bundled example agent.
     Demo,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    sortie_mcp::init_logging();
     let cli = Cli::parse();
+    sortie_mcp::init_logging();
     let config = Config::from_env()?;
     let db = Db::connect(&config).await?;
+    let (stop, shutdown) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        let _ = stop.send(true);
+    });
     match cli.command {
-        Some(Command::Demo) => sortie_mcp::demo::run(&db, &config).await,
-        None => sortie_mcp::runner::run(&db, &config, cli.once).await,
+        Some(Command::Demo) => sortie_mcp::demo::run(db, config, shutdown).await,
+        None => {
+            let url = db.connection_string().to_string();
+            let runner = Runner::new(db, config, url, shutdown)?;
+            if cli.once {
+                runner.once().await
+            } else {
+                runner.run().await
+            }
+        }
     }
 }

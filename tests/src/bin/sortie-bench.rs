@@ -30,6 +30,9 @@ async fn main() -> anyhow::Result<()> {
     println!("# Sortie benchmarks\n");
     println!("Machine: {} cores, PostgreSQL 15 throwaway cluster (fsync on). {RUNS} runs per figure; median (min–max).\n",
              std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+    if what == "throughput" {
+        throughput(&cluster).await?;
+    }
     if what == "engine" || what == "all" {
         throughput(&cluster).await?;
         head_of_line(&cluster).await?;
@@ -39,13 +42,20 @@ async fn main() -> anyhow::Result<()> {
     if what == "mcp" || what == "all" {
         mcp_round_trip(&cluster).await?;
     }
+    if what == "runner" || what == "all" {
+        dispatch_latency(&cluster).await?;
+    }
     Ok(())
 }
 
 fn summary(mut values: Vec<f64>) -> String {
     values.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let median = values[values.len() / 2];
-    format!("{median:.0} ({:.0}–{:.0})", values[0], values[values.len() - 1])
+    format!(
+        "{median:.0} ({:.0}–{:.0})",
+        values[0],
+        values[values.len() - 1]
+    )
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -54,7 +64,12 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 fn latency(mut samples: Vec<f64>) -> String {
     samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    format!("{:.3} / {:.3} ms (n={})", percentile(&samples, 0.5), percentile(&samples, 0.99), samples.len())
+    format!(
+        "{:.3} / {:.3} ms (n={})",
+        percentile(&samples, 0.5),
+        percentile(&samples, 0.99),
+        samples.len()
+    )
 }
 
 async fn fresh(cluster: &Cluster) -> anyhow::Result<(String, Client)> {
@@ -65,12 +80,20 @@ async fn fresh(cluster: &Cluster) -> anyhow::Result<(String, Client)> {
 
 async fn drop_database(cluster: &Cluster, name: &str) -> anyhow::Result<()> {
     let admin = connect_to(cluster, "postgres").await?;
-    admin.batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)")).await?;
+    admin
+        .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .await?;
     Ok(())
 }
 
 async fn new_campaign(client: &Client, extra: &str) -> anyhow::Result<uuid::Uuid> {
-    let v = call_on(client, &format!("sortie.create_campaign(goal => 'bench'{extra})"), &[]).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let v = call_on(
+        client,
+        &format!("sortie.create_campaign(goal => 'bench'{extra})"),
+        &[],
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(uuid::Uuid::parse_str(v["id"].as_str().unwrap_or_default())?)
 }
 
@@ -90,7 +113,9 @@ fn chains(chains: usize, length: usize) -> Value {
 }
 
 async fn add(client: &Client, campaign: uuid::Uuid, steps: &Value) -> anyhow::Result<Value> {
-    call_on(client, "sortie.add_steps($1, $2)", &[&campaign, steps]).await.map_err(|e| anyhow::anyhow!("{e}"))
+    call_on(client, "sortie.add_steps($1, $2)", &[&campaign, steps])
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -110,21 +135,29 @@ const PLAIN_ACTIVATE: &str = "UPDATE sortie.steps s SET remaining_deps = s.remai
       WHERE d.depends_on = $1 AND s.id = d.step_id AND s.status = 'pending'";
 
 /// Cycles completed by `connections` workers in RUN_SECONDS, each in its own campaign.
-async fn cycle_run(cluster: &Cluster, variant: Variant, connections: usize, sync: &str) -> anyhow::Result<f64> {
+async fn cycle_run(
+    cluster: &Cluster,
+    variant: Variant,
+    connections: usize,
+    sync: &str,
+) -> anyhow::Result<f64> {
     let (name, setup) = fresh(cluster).await?;
     // One campaign per worker, with more steps than it can finish in a run.
     let campaigns_n = connections;
     let mut campaigns = Vec::new();
     let per_campaign = match (sync, connections) {
-        ("on", 1) => 1_000,
-        ("on", _) => 500,
-        (_, 1) => 10_000,
-        (_, 4) => 4_000,
-        _ => 1_500,
+        ("on", 1) => 2_000,
+        ("on", 4) => 1_500,
+        ("on", _) => 800,
+        (_, 1) => 20_000,
+        (_, 4) => 8_000,
+        _ => 3_000,
     };
     for _ in 0..campaigns_n {
         let c = new_campaign(&setup, ", planner => 'llm'").await?;
-        add(&setup, c, &chains(per_campaign / 10, 10)).await?;
+        for _ in 0..per_campaign / 1000 {
+            add(&setup, c, &chains(100, 10)).await?;
+        }
         campaigns.push(c);
     }
     setup.batch_execute("VACUUM ANALYZE").await?;
@@ -133,11 +166,19 @@ async fn cycle_run(cluster: &Cluster, variant: Variant, connections: usize, sync
     let mut tasks = Vec::new();
     for w in 0..connections {
         let client = connect_to(cluster, &name).await?;
-        client.batch_execute(&format!("SET synchronous_commit = {sync}")).await?;
+        client
+            .batch_execute(&format!("SET synchronous_commit = {sync}"))
+            .await?;
         let (stop, done, campaign) = (stop.clone(), done.clone(), campaigns[w % campaigns_n]);
         tasks.push(tokio::spawn(async move {
-            let claim = client.prepare("SELECT sortie.claim_next(owner => 'bench', campaign_id => $1)").await.unwrap();
-            let complete = client.prepare("SELECT sortie.complete_step($1, $2, 'ok')").await.unwrap();
+            let claim = client
+                .prepare("SELECT sortie.claim_next(owner => 'bench', campaign_id => $1)")
+                .await
+                .unwrap();
+            let complete = client
+                .prepare("SELECT sortie.complete_step($1, $2, 'ok')")
+                .await
+                .unwrap();
             let plain_claim = client.prepare(PLAIN_CLAIM).await.unwrap();
             let plain_complete = client.prepare(PLAIN_COMPLETE).await.unwrap();
             let plain_activate = client.prepare(PLAIN_ACTIVATE).await.unwrap();
@@ -145,18 +186,29 @@ async fn cycle_run(cluster: &Cluster, variant: Variant, connections: usize, sync
                 match variant {
                     Variant::Extension => {
                         let v: Value = client.query_one(&claim, &[&campaign]).await.unwrap().get(0);
-                        let Some(id) = v["step_id"].as_i64() else { tokio::time::sleep(Duration::from_millis(1)).await; continue };
-                        let token = uuid::Uuid::parse_str(v["claim_token"].as_str().unwrap()).unwrap();
+                        let Some(id) = v["step_id"].as_i64() else {
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                            continue;
+                        };
+                        let token =
+                            uuid::Uuid::parse_str(v["claim_token"].as_str().unwrap()).unwrap();
                         client.query_one(&complete, &[&id, &token]).await.unwrap();
                     }
                     Variant::PlainSql => {
-                        let Some(row) = client.query_opt(&plain_claim, &[&campaign, &"bench"]).await.unwrap() else {
+                        let Some(row) = client
+                            .query_opt(&plain_claim, &[&campaign, &"bench"])
+                            .await
+                            .unwrap()
+                        else {
                             tokio::time::sleep(Duration::from_millis(1)).await;
                             continue;
                         };
                         let (id, token): (i64, uuid::Uuid) = (row.get(0), row.get(1));
                         client.batch_execute("BEGIN").await.unwrap();
-                        client.execute(&plain_complete, &[&id, &token, &"ok"]).await.unwrap();
+                        client
+                            .execute(&plain_complete, &[&id, &token, &"ok"])
+                            .await
+                            .unwrap();
                         client.execute(&plain_activate, &[&id]).await.unwrap();
                         client.batch_execute("COMMIT").await.unwrap();
                     }
@@ -194,7 +246,12 @@ async fn throughput(cluster: &Cluster) -> anyhow::Result<()> {
                 plain.push(cycle_run(cluster, Variant::PlainSql, connections, sync).await?);
             }
             let ratio: Vec<f64> = ext.iter().zip(&plain).map(|(e, p)| 100.0 * e / p).collect();
-            println!("| {sync} | {connections} | {} | {} | {}% |", summary(ext), summary(plain), summary(ratio));
+            println!(
+                "| {sync} | {connections} | {} | {} | {}% |",
+                summary(ext),
+                summary(plain),
+                summary(ratio)
+            );
         }
     }
     println!();
@@ -202,14 +259,20 @@ async fn throughput(cluster: &Cluster) -> anyhow::Result<()> {
 }
 
 async fn head_of_line(cluster: &Cluster) -> anyhow::Result<()> {
-    println!("## Head of line: 49 campaigns beside an urgent campaign capped at max_parallel = 1\n");
+    println!(
+        "## Head of line: 49 campaigns beside an urgent campaign capped at max_parallel = 1\n"
+    );
     println!("16 workers call claim_next without a campaign for {RUN_SECONDS} s (synchronous_commit off); steps of the 49 per second.\n");
     let mut with_cap = Vec::new();
     let mut without = Vec::new();
     for _ in 0..RUNS {
         for capped in [true, false] {
             let (name, setup) = fresh(cluster).await?;
-            let many: Value = Value::Array((0..300).map(|i| json!({"action": format!("s{i}")})).collect());
+            let many: Value = Value::Array(
+                (0..300)
+                    .map(|i| json!({"action": format!("s{i}")}))
+                    .collect(),
+            );
             let mut others = Vec::new();
             for _ in 0..49 {
                 let c = new_campaign(&setup, ", planner => 'llm'").await?;
@@ -217,7 +280,11 @@ async fn head_of_line(cluster: &Cluster) -> anyhow::Result<()> {
                 others.push(c);
             }
             if capped {
-                let c = new_campaign(&setup, ", planner => 'llm', priority => 'urgent', max_parallel => 1").await?;
+                let c = new_campaign(
+                    &setup,
+                    ", planner => 'llm', priority => 'urgent', max_parallel => 1",
+                )
+                .await?;
                 add(&setup, c, &many).await?;
             }
             setup.batch_execute("VACUUM ANALYZE").await?;
@@ -231,11 +298,23 @@ async fn head_of_line(cluster: &Cluster) -> anyhow::Result<()> {
                 let (stop, done, others) = (stop.clone(), done.clone(), others.clone());
                 tasks.push(tokio::spawn(async move {
                     while !stop.load(Ordering::Relaxed) {
-                        let v = call_on(&client, "sortie.claim_next(owner => 'bench')", &[]).await.unwrap();
-                        let Some(id) = v["step_id"].as_i64() else { continue };
-                        let token = uuid::Uuid::parse_str(v["claim_token"].as_str().unwrap()).unwrap();
-                        call_on(&client, "sortie.complete_step($1, $2, 'ok')", &[&id, &token]).await.unwrap();
-                        let campaign = uuid::Uuid::parse_str(v["campaign_id"].as_str().unwrap()).unwrap();
+                        let v = call_on(&client, "sortie.claim_next(owner => 'bench')", &[])
+                            .await
+                            .unwrap();
+                        let Some(id) = v["step_id"].as_i64() else {
+                            continue;
+                        };
+                        let token =
+                            uuid::Uuid::parse_str(v["claim_token"].as_str().unwrap()).unwrap();
+                        call_on(
+                            &client,
+                            "sortie.complete_step($1, $2, 'ok')",
+                            &[&id, &token],
+                        )
+                        .await
+                        .unwrap();
+                        let campaign =
+                            uuid::Uuid::parse_str(v["campaign_id"].as_str().unwrap()).unwrap();
                         if others.contains(&campaign) {
                             done.fetch_add(1, Ordering::Relaxed);
                         }
@@ -250,15 +329,28 @@ async fn head_of_line(cluster: &Cluster) -> anyhow::Result<()> {
                 t.await?;
             }
             let rate = done.load(Ordering::Relaxed) as f64 / elapsed;
-            if capped { with_cap.push(rate) } else { without.push(rate) }
+            if capped {
+                with_cap.push(rate)
+            } else {
+                without.push(rate)
+            }
             drop(setup);
             drop_database(cluster, &name).await?;
         }
     }
-    let ratio: Vec<f64> = with_cap.iter().zip(&without).map(|(a, b)| 100.0 * a / b).collect();
+    let ratio: Vec<f64> = with_cap
+        .iter()
+        .zip(&without)
+        .map(|(a, b)| 100.0 * a / b)
+        .collect();
     println!("| the 49 alone | the 49 beside the capped campaign | kept |");
     println!("|---|---|---|");
-    println!("| {} | {} | {}% |\n", summary(without), summary(with_cap), summary(ratio));
+    println!(
+        "| {} | {} | {}% |\n",
+        summary(without),
+        summary(with_cap),
+        summary(ratio)
+    );
     Ok(())
 }
 
@@ -279,14 +371,24 @@ async fn claim_latency_and_splice(cluster: &Cluster) -> anyhow::Result<()> {
                       SELECT $1, 'history ' || g, 'done', now() FROM generate_series(1, $2::bigint) g", &[&old, &history])
             .await?;
         let c = new_campaign(&client, ", planner => 'llm'").await?;
-        let ready: Value = Value::Array((0..10_000).map(|i| json!({"action": format!("r{i}")})).collect());
+        let ready: Value = Value::Array(
+            (0..10_000)
+                .map(|i| json!({"action": format!("r{i}")}))
+                .collect(),
+        );
         add(&client, c, &ready).await?;
         client.batch_execute("VACUUM ANALYZE").await?;
         let mut claims = Vec::new();
         let mut splices = Vec::new();
         for i in 0..2000 {
             let t = Instant::now();
-            let v = call_on(&client, "sortie.claim_next(owner => 'bench', campaign_id => $1)", &[&c]).await.unwrap();
+            let v = call_on(
+                &client,
+                "sortie.claim_next(owner => 'bench', campaign_id => $1)",
+                &[&c],
+            )
+            .await
+            .unwrap();
             claims.push(t.elapsed().as_secs_f64() * 1000.0);
             let id = v["step_id"].as_i64().unwrap();
             let token = uuid::Uuid::parse_str(v["claim_token"].as_str().unwrap()).unwrap();
@@ -295,10 +397,19 @@ async fn claim_latency_and_splice(cluster: &Cluster) -> anyhow::Result<()> {
                 call_on(&client, "sortie.spawn_and_continue($1, $2, '[{\"action\": \"a\"}, {\"action\": \"b\"}, {\"action\": \"c\"}]', '\"cont\"')", &[&id, &token]).await.unwrap();
                 splices.push(t.elapsed().as_secs_f64() * 1000.0);
             } else {
-                call_on(&client, "sortie.complete_step($1, $2, 'ok')", &[&id, &token]).await.unwrap();
+                call_on(
+                    &client,
+                    "sortie.complete_step($1, $2, 'ok')",
+                    &[&id, &token],
+                )
+                .await
+                .unwrap();
             }
         }
-        let total: i64 = client.query_one("SELECT count(*) FROM sortie.steps", &[]).await?.get(0);
+        let total: i64 = client
+            .query_one("SELECT count(*) FROM sortie.steps", &[])
+            .await?
+            .get(0);
         println!("| {total} | {} | {} |", latency(claims), latency(splices));
         drop(client);
         drop_database(cluster, &name).await?;
@@ -319,24 +430,45 @@ async fn skip_cascade(cluster: &Cluster) -> anyhow::Result<()> {
             let (name, client) = fresh(cluster).await?;
             client.batch_execute("SET synchronous_commit = off").await?;
             let c = new_campaign(&client, ", planner => 'none'").await?;
-            let children: Vec<Value> = (0..n).map(|i| json!({"action": format!("child {i}")})).collect();
+            let children: Vec<Value> = (0..n)
+                .map(|i| json!({"action": format!("child {i}")}))
+                .collect();
             add(&client, c, &json!([{"action": "root", "key": "root", "max_attempts": 1},
                                     {"step_type": "parallel_group", "action": "group", "depends_on": ["root"], "children": children}])).await?;
             client.batch_execute("VACUUM ANALYZE").await?;
-            let v = call_on(&client, "sortie.claim_next(owner => 'bench', campaign_id => $1)", &[&c]).await.unwrap();
+            let v = call_on(
+                &client,
+                "sortie.claim_next(owner => 'bench', campaign_id => $1)",
+                &[&c],
+            )
+            .await
+            .unwrap();
             let id = v["step_id"].as_i64().unwrap();
             let token = uuid::Uuid::parse_str(v["claim_token"].as_str().unwrap()).unwrap();
             let t = Instant::now();
-            call_on(&client, "sortie.fail_step($1, $2, 'boom')", &[&id, &token]).await.unwrap();
+            call_on(&client, "sortie.fail_step($1, $2, 'boom')", &[&id, &token])
+                .await
+                .unwrap();
             times.push(t.elapsed().as_secs_f64() * 1000.0);
-            let skipped: i64 = client.query_one("SELECT count(*) FROM sortie.steps WHERE status = 'skipped'", &[]).await?.get(0);
+            let skipped: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM sortie.steps WHERE status = 'skipped'",
+                    &[],
+                )
+                .await?
+                .get(0);
             assert_eq!(skipped as usize, n + 1, "the cascade reached every step");
             drop(client);
             drop_database(cluster, &name).await?;
         }
         let mut sorted = times.clone();
         sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        println!("| {n} | {:.1} ({:.1}–{:.1}) |", sorted[sorted.len() / 2], sorted[0], sorted[sorted.len() - 1]);
+        println!(
+            "| {n} | {:.1} ({:.1}–{:.1}) |",
+            sorted[sorted.len() / 2],
+            sorted[0],
+            sorted[sorted.len() - 1]
+        );
     }
     println!();
     Ok(())
@@ -355,31 +487,45 @@ async fn mcp_round_trip(cluster: &Cluster) -> anyhow::Result<()> {
     for _ in 0..20 {
         let t = Instant::now();
         let url = url.clone();
-        let transport = TokioChildProcess::new(tokio::process::Command::new(&program).configure(|cmd| {
-            cmd.env("DATABASE_URL", &url).env("RUST_LOG", "warn");
-        }))?;
+        let transport =
+            TokioChildProcess::new(tokio::process::Command::new(&program).configure(|cmd| {
+                cmd.env("DATABASE_URL", &url).env("RUST_LOG", "warn");
+            }))?;
         let service = ().serve(transport).await?;
         service.list_all_tools().await?;
         starts.push(t.elapsed().as_secs_f64() * 1000.0);
         service.cancel().await?;
     }
     let c = new_campaign(&client, ", planner => 'llm'").await?;
-    let transport = TokioChildProcess::new(tokio::process::Command::new(&program).configure(|cmd| {
-        cmd.env("DATABASE_URL", &url).env("RUST_LOG", "warn");
-    }))?;
+    let transport =
+        TokioChildProcess::new(tokio::process::Command::new(&program).configure(|cmd| {
+            cmd.env("DATABASE_URL", &url).env("RUST_LOG", "warn");
+        }))?;
     let service = ().serve(transport).await?;
-    let call = |tool: &'static str, args: Value| CallToolRequestParams::new(tool).with_arguments(args.as_object().cloned().unwrap_or_default());
+    let call = |tool: &'static str, args: Value| {
+        CallToolRequestParams::new(tool)
+            .with_arguments(args.as_object().cloned().unwrap_or_default())
+    };
     for _ in 0..50 {
-        service.call_tool(call("get_campaign", json!({"id": c}))).await?;
+        service
+            .call_tool(call("get_campaign", json!({"id": c})))
+            .await?;
     }
     let mut reads = Vec::new();
     let mut writes = Vec::new();
     for i in 0..1000 {
         let t = Instant::now();
-        service.call_tool(call("get_campaign", json!({"id": c}))).await?;
+        service
+            .call_tool(call("get_campaign", json!({"id": c})))
+            .await?;
         reads.push(t.elapsed().as_secs_f64() * 1000.0);
         let t = Instant::now();
-        service.call_tool(call("add_note", json!({"campaign_id": c, "content": format!("finding {i}")}))).await?;
+        service
+            .call_tool(call(
+                "add_note",
+                json!({"campaign_id": c, "content": format!("finding {i}")}),
+            ))
+            .await?;
         writes.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     service.cancel().await?;
@@ -387,7 +533,59 @@ async fn mcp_round_trip(cluster: &Cluster) -> anyhow::Result<()> {
     println!("|---|---|");
     println!("| spawn to first tools/list answer | {} |", latency(starts));
     println!("| get_campaign (read, one SQL call) | {} |", latency(reads));
-    println!("| add_note (write, synchronous_commit on) | {} |", latency(writes));
+    println!(
+        "| add_note (write, synchronous_commit on) | {} |",
+        latency(writes)
+    );
+    println!();
+    drop(client);
+    drop_database(cluster, &name).await?;
+    Ok(())
+}
+
+/// Ready → dispatched: a step is added (committed) and the time until the runner's HTTP
+/// request for it reaches a fake runtime on 127.0.0.1 is measured.
+async fn dispatch_latency(cluster: &Cluster) -> anyhow::Result<()> {
+    use sortie_tests::fake_http::FakeHttp;
+
+    println!("## Runner dispatch latency (sortie-runner daemon, http back-end)\n");
+    let (name, client) = fresh(cluster).await?;
+    let runtime = FakeHttp::start(|_, _| (200, json!({"output": "ok"}))).await;
+    let mut runner = std::process::Command::new(sortie_tests::binary("sortie-runner"))
+        .env("DATABASE_URL", cluster.connection_string(&name))
+        .env("SORTIE_DISPATCH", "http")
+        .env("OPENCLAW_RUNTIME_URL", &runtime.url)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let c = new_campaign(&client, ", planner => 'llm'").await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut samples = Vec::new();
+    for i in 0..100 {
+        let before = runtime.requests().len();
+        let t = Instant::now();
+        add(&client, c, &json!([{"action": format!("latency {i}")}])).await?;
+        let added = t.elapsed();
+        loop {
+            let requests = runtime.requests();
+            if requests.len() > before {
+                samples
+                    .push((requests[before].at.duration_since(t) - added).as_secs_f64() * 1000.0);
+                break;
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    unsafe { libc::kill(runner.id() as i32, libc::SIGTERM) };
+    runner.wait()?;
+    println!("| measure | p50 / p99 |");
+    println!("|---|---|");
+    println!(
+        "| commit of add_steps → runtime request received | {} |",
+        latency(samples)
+    );
     println!();
     drop(client);
     drop_database(cluster, &name).await?;

@@ -1,0 +1,211 @@
+//! The runner (SPEC §6): hands ready steps to agents and keeps campaigns moving. Every
+//! decision — what is ready, who gets it, what a result means — is an extension call; the
+//! runner only moves data between the database, agents, the planner and the webhook.
+
+mod dispatch;
+mod listener;
+mod notifier;
+mod planner;
+mod prompt;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use serde_json::Value;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::config::{Config, Dispatch};
+use crate::db::Db;
+pub use dispatch::Claim;
+
+/// The safety-net tick; events wake the runner sooner.
+const TICK: Duration = Duration::from_secs(5);
+
+pub struct Runner {
+    db: Db,
+    config: Arc<Config>,
+    http: reqwest::Client,
+    /// The connection string agents get (the embedded cluster's, or DATABASE_URL).
+    database_url: String,
+    slots: Arc<Semaphore>,
+    dispatches: JoinSet<()>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Runner {
+    pub fn new(
+        db: Db,
+        config: Config,
+        database_url: String,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Runner> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()?;
+        let slots = Arc::new(Semaphore::new(config.max_concurrent as usize));
+        Ok(Runner {
+            db,
+            config: Arc::new(config),
+            http,
+            database_url,
+            slots,
+            dispatches: JoinSet::new(),
+            shutdown,
+        })
+    }
+
+    /// `--once`: one tick, then wait for every dispatch it started (SPEC §12: a cron runner
+    /// must not exit before its dispatches are sent).
+    pub async fn once(mut self) -> Result<()> {
+        self.tick().await?;
+        self.drain().await;
+        Ok(())
+    }
+
+    /// The daemon: a tick whenever an event arrives or the safety-net interval passes.
+    pub async fn run(mut self) -> Result<()> {
+        let mut wake = listener::listen(&self.database_url).await;
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            if let Err(e) = self.tick().await {
+                warn!(error = %e, "tick failed; retrying at the next one");
+            }
+            self.reap_finished();
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = wake.recv() => {}
+                _ = tokio::time::sleep(TICK) => {}
+            }
+        }
+        info!("shutting down: waiting for dispatches in flight");
+        self.drain().await;
+        Ok(())
+    }
+
+    /// Waits for every dispatch in flight.
+    pub async fn wait(&mut self) {
+        self.drain().await;
+    }
+
+    async fn drain(&mut self) {
+        while self.dispatches.join_next().await.is_some() {}
+    }
+
+    fn reap_finished(&mut self) {
+        while let Some(Some(_)) = self.dispatches.try_join_next().map(Some) {}
+    }
+
+    pub async fn tick(&mut self) -> Result<()> {
+        let reset = self.db.call("reset_zombies()", &[]).await?;
+        if reset["reset"].as_i64().unwrap_or(0) > 0 {
+            info!(reset = %reset["reset"], "reset steps whose lease expired");
+        }
+        self.db
+            .query_value("SELECT to_jsonb({schema}.reap_leases())", &[])
+            .await?;
+        self.db
+            .query_value("SELECT to_jsonb({schema}.enforce_budgets())", &[])
+            .await?;
+        self.dispatch_ready().await?;
+        self.plan_drained().await?;
+        notifier::deliver(&self.db, &self.http, self.config.webhook_url.as_deref()).await?;
+        Ok(())
+    }
+
+    /// Claims ready steps while there is capacity and hands each to the back-end.
+    async fn dispatch_ready(&mut self) -> Result<()> {
+        if self.config.dispatch == Dispatch::None || *self.shutdown.borrow() {
+            return Ok(());
+        }
+        let lease = self.config.zombie_timeout.as_secs() as i32;
+        loop {
+            let running = self
+                .db
+                .query_value("SELECT to_jsonb({schema}.running_count())", &[])
+                .await?;
+            if running.as_i64().unwrap_or(0) >= i64::from(self.config.max_concurrent) {
+                return Ok(());
+            }
+            let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+                return Ok(());
+            };
+            let claimed = self
+                .db
+                .call(
+                    "claim_next(owner => $1, lease_seconds => $2)",
+                    &[&self.config.owner, &lease],
+                )
+                .await?;
+            let Some(claim) = Claim::from_json(&claimed) else {
+                return Ok(());
+            };
+            let context = self
+                .db
+                .call(
+                    "get_my_context(step_id => $1, head => $2, tail => $3)",
+                    &[
+                        &claim.step_id,
+                        &self.config.preview_head,
+                        &self.config.preview_tail,
+                    ],
+                )
+                .await?;
+            info!(step = claim.step_id, campaign = %claim.campaign_id, action = %claim.action, "dispatching");
+            let job = dispatch::Job {
+                db: self.db.clone(),
+                config: self.config.clone(),
+                http: self.http.clone(),
+                database_url: self.database_url.clone(),
+                prompt: prompt::step_prompt(&context, claim.depth < max_depth(&context)),
+                claim,
+                shutdown: self.shutdown.clone(),
+            };
+            self.dispatches.spawn(async move {
+                job.run().await;
+                drop(permit);
+            });
+        }
+    }
+
+    /// Drained campaigns: the planner grows them; with no planner they end (SPEC §3, §4).
+    async fn plan_drained(&mut self) -> Result<()> {
+        let due = self
+            .db
+            .query_value(
+                "SELECT to_jsonb(array(SELECT {schema}.campaigns_to_plan(20)))",
+                &[],
+            )
+            .await?;
+        for id in due
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+        {
+            let id = uuid::Uuid::parse_str(id)?;
+            if self.config.litellm_url.is_none() {
+                match self.db.call("finish_campaign(id => $1)", &[&id]).await {
+                    Ok(ended) => info!(campaign = %id, status = %ended["status"], "campaign ended"),
+                    Err(e) => warn!(campaign = %id, error = %e, "could not end the campaign"),
+                }
+                continue;
+            }
+            let granted = self.db.call("begin_planning(id => $1)", &[&id]).await?;
+            if granted["granted"] != true {
+                continue;
+            }
+            if let Err(e) = planner::consult(&self.db, &self.http, &self.config, id).await {
+                // The planning lease runs out and the campaign is planned again later.
+                warn!(campaign = %id, error = %e, "planner failed; nothing was applied");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn max_depth(context: &Value) -> i64 {
+    context["step"]["max_depth"].as_i64().unwrap_or(0)
+}

@@ -1,0 +1,82 @@
+-- Notifications (SPEC §6): written by the rules, delivered by a runner to the campaign's
+-- channel. A runner takes a batch with a short lease, so two runners do not send one twice,
+-- and marks each delivered only on success.
+
+CREATE FUNCTION take_notifications("limit" integer DEFAULT 20, lease_seconds integer DEFAULT 60) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    v_taken jsonb;
+BEGIN
+    WITH due AS (
+        SELECT id FROM notifications
+         WHERE NOT delivered AND next_attempt_at <= clock()
+         ORDER BY id
+         LIMIT greatest("limit", 0)
+           FOR UPDATE SKIP LOCKED
+    ),
+    taken AS (
+        UPDATE notifications n SET next_attempt_at = clock() + make_interval(secs => greatest(lease_seconds, 1))
+          FROM due WHERE n.id = due.id
+        RETURNING n.*
+    )
+    SELECT coalesce(jsonb_agg(jsonb_build_object('id', t.id, 'campaign_id', t.campaign_id, 'level', t.level,
+                                                 'message', t.message, 'channel', t.channel,
+                                                 'delivery_attempts', t.delivery_attempts) ORDER BY t.id), '[]')
+      INTO v_taken FROM taken t;
+    RETURN v_taken;
+END
+$$;
+
+-- Outcome of one delivery. Failures back off exponentially (30 s doubling, at most an hour).
+CREATE FUNCTION notification_delivered(id bigint, ok boolean, error text DEFAULT NULL) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    n notifications;
+BEGIN
+    UPDATE notifications
+       SET delivered = ok,
+           delivered_at = CASE WHEN ok THEN clock() END,
+           delivery_attempts = delivery_attempts + 1,
+           last_error = CASE WHEN ok THEN NULL ELSE left(error, 1000) END,
+           next_attempt_at = CASE WHEN ok THEN next_attempt_at
+                                  ELSE clock() + make_interval(secs => least(30 * power(2, delivery_attempts), 3600)) END
+     WHERE notifications.id = id AND NOT delivered
+    RETURNING * INTO n;
+    IF NOT FOUND THEN
+        PERFORM raise('not_found', format('notification %s does not exist or was already delivered', id));
+    END IF;
+    RETURN jsonb_build_object('id', n.id, 'delivered', n.delivered, 'delivery_attempts', n.delivery_attempts,
+                              'next_attempt_at', n.next_attempt_at);
+END
+$$;
+
+-- A runner shutting down hands back a step it claimed but did not get to finish: pending
+-- again, no attempt counted.
+CREATE FUNCTION release_step(step_id bigint, claim_token uuid) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    s steps := lock_claimed_step(step_id, claim_token, 'release_step');
+BEGIN
+    PERFORM settle_slot(s);
+    DELETE FROM resource_leases WHERE resource_leases.step_id = s.id;
+    UPDATE steps SET status = 'pending', claim_token = NULL, claim_owner = NULL, lease_expires_at = NULL
+     WHERE id = s.id;
+    PERFORM bump_counters(s.campaign_id, 0, 0, 1);
+    PERFORM emit(s.campaign_id, s.id, 'step.released');
+    RETURN jsonb_build_object('step_id', s.id, 'status', 'pending');
+END
+$$;
+
+-- Running atomic steps across all campaigns, for the runner's global capacity.
+CREATE FUNCTION running_count() RETURNS bigint
+LANGUAGE sql STABLE
+SET search_path FROM CURRENT
+AS $$ SELECT coalesce(sum(running_steps), 0)::bigint FROM campaigns WHERE status IN ('active', 'paused') $$;

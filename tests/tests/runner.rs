@@ -1,0 +1,523 @@
+//! The runner (SPEC §4, §6) against a real database, with real HTTP servers on 127.0.0.1
+//! standing in for the agent runtime, the LLM and the webhook.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use sortie_mcp::config::Config;
+use sortie_mcp::db::Db;
+use sortie_mcp::runner::Runner;
+use sortie_tests::fake_http::FakeHttp;
+use sortie_tests::fixtures::*;
+use sortie_tests::{binary, TestDb};
+use tokio::sync::watch;
+
+async fn runner(db: &TestDb, vars: &[(&str, String)]) -> (Runner, watch::Sender<bool>) {
+    let mut all: Vec<(String, String)> = vec![
+        ("DATABASE_URL".into(), db.connection_string()),
+        ("SORTIE_OWNER".into(), "test-runner".into()),
+    ];
+    all.extend(vars.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    let config =
+        Config::from_vars(&|name| all.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
+            .expect("config");
+    let pool = Db::connect(&config).await.expect("connect");
+    let (stop, shutdown) = watch::channel(false);
+    (
+        Runner::new(pool, config, db.connection_string(), shutdown).expect("runner"),
+        stop,
+    )
+}
+
+/// Ticks until the campaign is no longer active (or `max` ticks), waiting for dispatches.
+async fn run_until_settled(runner: &mut Runner, db: &TestDb, c: uuid::Uuid, max: usize) {
+    for _ in 0..max {
+        runner.tick().await.expect("tick");
+        runner.wait().await;
+        if campaign_status(db, c).await != "active" {
+            return;
+        }
+    }
+}
+
+fn script(name: &str, body: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sortie-runner-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, body).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn http_dispatch_completes_steps_with_the_runtime_output() {
+    let db = TestDb::new().await;
+    let runtime = FakeHttp::start(|_, body| (200, json!({"output": format!("did: {}", body["prompt"].as_str().unwrap_or("").lines().find(|l| l.starts_with("summarise") || l.starts_with("write")).unwrap_or("?"))}))).await;
+    let c = campaign(&db, "none").await;
+    add(&db, c, json!([{"action": "summarise A", "key": "a"}, {"action": "write report", "depends_on": ["a"], "agent": "writer"}])).await;
+    let (mut runner, _stop) = runner(
+        &db,
+        &[
+            ("SORTIE_DISPATCH", "http".into()),
+            ("OPENCLAW_RUNTIME_URL", runtime.url.clone()),
+        ],
+    )
+    .await;
+    run_until_settled(&mut runner, &db, c, 10).await;
+    assert_eq!(campaign_status(&db, c).await, "done");
+    let requests = runtime.requests();
+    assert_eq!(requests.len(), 2);
+    let first = &requests[0];
+    assert_eq!(first.path, "/api/agent/execute");
+    assert!(first.body["prompt"].as_str().unwrap().contains("test goal"));
+    let tools: Vec<&str> = first.body["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    for tool in [
+        "heartbeat",
+        "read_step_output",
+        "complete_step",
+        "spawn_and_continue",
+    ] {
+        assert!(tools.contains(&tool), "{tool} missing from {tools:?}");
+    }
+    assert!(first.body["env"]["SORTIE_CLAIM_TOKEN"].as_str().is_some());
+    assert_eq!(requests[1].body["agent"], "writer");
+    assert!(
+        requests[1].body["prompt"]
+            .as_str()
+            .unwrap()
+            .contains("did: summarise A"),
+        "upstream output in the prompt"
+    );
+    let write = step_by_action(&db, c, "write report").await;
+    assert_eq!(step_field(&db, write, "output").await, "did: write report");
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn a_step_at_max_depth_is_dispatched_without_spawn_and_continue() {
+    let db = TestDb::new().await;
+    let runtime = FakeHttp::start(|_, _| (200, json!({"output": "ok"}))).await;
+    let created = db
+        .ok(
+            "sortie.create_campaign(goal => 'flat', planner => 'none', max_depth => 0)",
+            &[],
+        )
+        .await;
+    let c = uuid::Uuid::parse_str(created["id"].as_str().unwrap()).unwrap();
+    add(&db, c, json!([{"action": "only"}])).await;
+    let (mut runner, _stop) = runner(
+        &db,
+        &[
+            ("SORTIE_DISPATCH", "http".into()),
+            ("OPENCLAW_RUNTIME_URL", runtime.url.clone()),
+        ],
+    )
+    .await;
+    run_until_settled(&mut runner, &db, c, 5).await;
+    let request = &runtime.requests()[0];
+    assert!(!request.body["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t == "spawn_and_continue"));
+    assert!(request.body["prompt"]
+        .as_str()
+        .unwrap()
+        .contains("maximum depth"));
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn runtime_errors_are_retried_then_fail_the_step() {
+    let db = TestDb::new().await;
+    let runtime = FakeHttp::start(|_, _| (500, json!({"error": "runtime on fire"}))).await;
+    let c = campaign(&db, "none").await;
+    let ids = add_ids(&db, c, json!([{"action": "doomed", "max_attempts": 2}])).await;
+    let (mut runner, _stop) = runner(
+        &db,
+        &[
+            ("SORTIE_DISPATCH", "http".into()),
+            ("OPENCLAW_RUNTIME_URL", runtime.url.clone()),
+        ],
+    )
+    .await;
+    runner.tick().await.unwrap();
+    runner.wait().await;
+    assert_eq!(
+        status(&db, ids[0]).await,
+        "pending",
+        "retrying after back-off"
+    );
+    assert!(step_field(&db, ids[0], "error")
+        .await
+        .as_str()
+        .unwrap()
+        .contains("500"));
+    db.client
+        .execute(
+            "UPDATE sortie.steps SET not_before = '-infinity' WHERE id = $1",
+            &[&ids[0]],
+        )
+        .await
+        .unwrap();
+    run_until_settled(&mut runner, &db, c, 5).await;
+    assert_eq!(status(&db, ids[0]).await, "failed");
+    assert_eq!(runtime.requests().len(), 2);
+    assert_eq!(campaign_status(&db, c).await, "failed");
+    db.finish().await;
+}
+
+fn mcp_agent() -> PathBuf {
+    let mcp = binary("sortie-mcp");
+    script(
+        "mcp-agent.sh",
+        &format!(
+            r#"#!/usr/bin/env bash
+set -euo pipefail
+prompt=$(cat)
+if [[ $prompt == *"through mcp"* ]]; then
+    coproc MCP {{ {mcp} 2>/dev/null; }}
+    printf '%s\n' '{{"jsonrpc":"2.0","id":1,"method":"initialize","params":{{"protocolVersion":"2025-06-18","capabilities":{{}},"clientInfo":{{"name":"a","version":"1"}}}}}}' \
+        '{{"jsonrpc":"2.0","method":"notifications/initialized"}}' \
+        '{{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{{"name":"complete_step","arguments":{{"summary":"completed via mcp"}}}}}}' >&"${{MCP[1]}}"
+    while IFS= read -r line <&"${{MCP[0]}}"; do case $line in *'"id":2'*) break ;; esac; done
+    exec {{MCP[1]}}>&-
+    exit 0
+elif [[ $prompt == *"explode"* ]]; then
+    echo "cannot do this" >&2
+    exit 3
+fi
+echo "stdout result for step $SORTIE_STEP_ID"
+"#,
+            mcp = mcp.display()
+        ),
+    )
+}
+
+#[tokio::test]
+async fn command_dispatch_completes_through_stdout_and_through_mcp() {
+    let db = TestDb::new().await;
+    let c = campaign(&db, "none").await;
+    let ids = add_ids(
+        &db,
+        c,
+        json!([{"action": "answer on stdout"}, {"action": "answer through mcp"},
+                                      {"action": "explode", "max_attempts": 1}]),
+    )
+    .await;
+    let agent = mcp_agent();
+    let (mut runner, _stop) = runner(
+        &db,
+        &[
+            ("SORTIE_DISPATCH", "command".into()),
+            ("SORTIE_AGENT_COMMAND", agent.display().to_string()),
+        ],
+    )
+    .await;
+    run_until_settled(&mut runner, &db, c, 10).await;
+    assert_eq!(
+        step_field(&db, ids[0], "output").await,
+        format!("stdout result for step {}", ids[0])
+    );
+    assert_eq!(step_field(&db, ids[1], "output").await, "completed via mcp");
+    assert_eq!(status(&db, ids[2]).await, "failed");
+    assert!(step_field(&db, ids[2], "error")
+        .await
+        .as_str()
+        .unwrap()
+        .contains("cannot do this"));
+    assert_eq!(campaign_status(&db, c).await, "failed");
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn the_planner_grows_a_drained_campaign_and_ends_it() {
+    let db = TestDb::new().await;
+    let llm = FakeHttp::start(|_, body| {
+        let prompt = body["messages"][1]["content"].as_str().unwrap_or_default();
+        let plan = if prompt.contains("planned step") {
+            json!({"done": true, "progress_update": "all done"})
+        } else {
+            json!({"new_steps": [{"action": "planned step"}], "strategy_update": "one step will do"})
+        };
+        (200, json!({"choices": [{"message": {"role": "assistant", "content": plan.to_string()}}]}))
+    })
+    .await;
+    let runtime = FakeHttp::start(|_, _| (200, json!({"output": "planned work done"}))).await;
+    let c = campaign(&db, "llm").await;
+    db.ok("sortie.steer_campaign($1, 'keep it short')", &[&c])
+        .await;
+    let (mut runner, _stop) = runner(
+        &db,
+        &[
+            ("LITELLM_URL", llm.url.clone()),
+            ("SORTIE_DISPATCH", "http".into()),
+            ("OPENCLAW_RUNTIME_URL", runtime.url.clone()),
+        ],
+    )
+    .await;
+    run_until_settled(&mut runner, &db, c, 10).await;
+    assert_eq!(campaign_status(&db, c).await, "done");
+    let asks = llm.requests();
+    assert_eq!(
+        asks.len(),
+        2,
+        "asked once when empty, once when drained again"
+    );
+    assert_eq!(asks[0].path, "/v1/chat/completions");
+    let prompt = asks[0].body["messages"][1]["content"].as_str().unwrap();
+    assert!(
+        prompt.contains("test goal") && prompt.contains("keep it short"),
+        "{prompt}"
+    );
+    assert_eq!(asks[0].body["response_format"]["type"], "json_object");
+    let state = db.ok("sortie.get_campaign($1)", &[&c]).await;
+    assert_eq!(state["strategy"], "one step will do");
+    assert_eq!(state["guidance"][0]["text"], "keep it short");
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn a_malformed_plan_leaves_nothing_and_is_not_asked_again_at_once() {
+    let db = TestDb::new().await;
+    let llm = FakeHttp::start(|_, _| (200, json!({"choices": [{"message": {"content":
+        "{\"new_steps\": [{\"action\": \"fine\"}, {\"step_type\": \"nonsense\", \"action\": \"x\"}]}"}}]}))).await;
+    let c = campaign(&db, "llm").await;
+    let (mut runner, _stop) = runner(&db, &[("LITELLM_URL", llm.url.clone())]).await;
+    runner.tick().await.unwrap();
+    runner.tick().await.unwrap();
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM sortie.steps").await,
+        0,
+        "nothing of the plan was applied"
+    );
+    assert_eq!(campaign_status(&db, c).await, "active");
+    assert_eq!(
+        llm.requests().len(),
+        1,
+        "the planning lease holds off a second ask"
+    );
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn without_a_planner_a_drained_campaign_ends_by_the_rule() {
+    let db = TestDb::new().await;
+    let c = campaign(&db, "llm").await;
+    add(&db, c, json!([{"action": "a"}])).await;
+    run_all(&db, c).await;
+    assert_eq!(campaign_status(&db, c).await, "active");
+    let (mut runner, _stop) = runner(&db, &[]).await;
+    runner.tick().await.unwrap();
+    assert_eq!(campaign_status(&db, c).await, "done");
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn notifications_reach_the_webhook_and_failures_are_retried() {
+    let db = TestDb::new().await;
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = calls.clone();
+    let webhook = FakeHttp::start(move |_, _| {
+        if seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            (503, json!({}))
+        } else {
+            (204, json!({}))
+        }
+    })
+    .await;
+    let created = db
+        .ok(
+            "sortie.create_campaign(goal => 'notify me', planner => 'none', channel => 'ops')",
+            &[],
+        )
+        .await;
+    let c = uuid::Uuid::parse_str(created["id"].as_str().unwrap()).unwrap();
+    add(&db, c, json!([{"action": "a"}])).await;
+    run_all(&db, c).await;
+    let (mut runner, _stop) = runner(&db, &[("SORTIE_WEBHOOK_URL", webhook.url.clone())]).await;
+    runner.tick().await.unwrap();
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM sortie.notifications WHERE delivered"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM sortie.notifications WHERE delivery_attempts = 1"
+        )
+        .await,
+        1
+    );
+    db.client
+        .execute(
+            "UPDATE sortie.notifications SET next_attempt_at = now()",
+            &[],
+        )
+        .await
+        .unwrap();
+    runner.tick().await.unwrap();
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM sortie.notifications WHERE delivered"
+        )
+        .await,
+        1
+    );
+    let request = &webhook.requests()[1];
+    assert_eq!(request.body["channel"], "ops");
+    assert!(request.body["content"]
+        .as_str()
+        .unwrap()
+        .contains("Campaign done"));
+    db.finish().await;
+}
+
+fn runner_process(db: &TestDb, args: &[&str], env: &[(&str, String)]) -> std::process::Child {
+    let mut command = std::process::Command::new(binary("sortie-runner"));
+    command
+        .args(args)
+        .env("DATABASE_URL", db.connection_string())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.spawn().expect("start sortie-runner")
+}
+
+#[tokio::test]
+async fn once_exits_only_after_its_dispatches_finish() {
+    let db = TestDb::new().await;
+    let c = campaign(&db, "none").await;
+    let ids = add_ids(
+        &db,
+        c,
+        json!([{"action": "slow one"}, {"action": "slow two"}]),
+    )
+    .await;
+    let slow = script(
+        "slow-agent.sh",
+        "#!/bin/sh\ncat >/dev/null\nsleep 1\necho finished late\n",
+    );
+    let mut child = runner_process(
+        &db,
+        &["--once"],
+        &[
+            ("SORTIE_DISPATCH", "command".into()),
+            ("SORTIE_AGENT_COMMAND", slow.display().to_string()),
+        ],
+    );
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success());
+    for id in ids {
+        assert_eq!(status(&db, id).await, "done");
+        assert_eq!(step_field(&db, id, "output").await, "finished late");
+    }
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn two_runners_dispatch_each_step_once() {
+    let db = TestDb::new().await;
+    let runtime =
+        FakeHttp::start(|_, body| (200, json!({"output": format!("step {}", body["step_id"])})))
+            .await;
+    let c = campaign(&db, "none").await;
+    add(
+        &db,
+        c,
+        Value::Array(
+            (0..40)
+                .map(|i| json!({"action": format!("s{i}")}))
+                .collect(),
+        ),
+    )
+    .await;
+    let env = [
+        ("SORTIE_DISPATCH", "http".to_string()),
+        ("OPENCLAW_RUNTIME_URL", runtime.url.clone()),
+        ("SORTIE_MAX_CONCURRENT", "8".to_string()),
+    ];
+    let mut first = runner_process(&db, &[], &env);
+    let mut second = runner_process(&db, &[], &env);
+    for _ in 0..300 {
+        if campaign_status(&db, c).await != "active" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for child in [&mut first, &mut second] {
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    }
+    first.wait().unwrap();
+    second.wait().unwrap();
+    assert_eq!(campaign_status(&db, c).await, "done");
+    let mut dispatched: Vec<i64> = runtime
+        .requests()
+        .iter()
+        .map(|r| r.body["step_id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(dispatched.len(), 40, "each step dispatched once");
+    dispatched.sort();
+    dispatched.dedup();
+    assert_eq!(dispatched.len(), 40);
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn sigterm_hands_back_the_steps_in_flight() {
+    let db = TestDb::new().await;
+    let c = campaign(&db, "none").await;
+    let ids = add_ids(&db, c, json!([{"action": "endless"}])).await;
+    let endless = script("endless-agent.sh", "#!/bin/sh\ncat >/dev/null\nsleep 60\n");
+    let mut child = runner_process(
+        &db,
+        &[],
+        &[
+            ("SORTIE_DISPATCH", "command".into()),
+            ("SORTIE_AGENT_COMMAND", endless.display().to_string()),
+        ],
+    );
+    for _ in 0..100 {
+        if status(&db, ids[0]).await == "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status(&db, ids[0]).await, "running");
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success());
+    assert_eq!(
+        status(&db, ids[0]).await,
+        "pending",
+        "released, not half-claimed"
+    );
+    assert_eq!(
+        step_field(&db, ids[0], "attempts").await,
+        0,
+        "a release is not a failed attempt"
+    );
+    db.ok("sortie.cancel_campaign($1)", &[&c]).await;
+    db.finish().await;
+}
