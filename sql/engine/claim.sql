@@ -69,7 +69,7 @@ DECLARE
     v_expires timestamptz := clock() + make_interval(secs => p_lease_seconds);
     v_parent bigint := s.parent_id;
 BEGIN
-    IF NOT take_locks(s, v_expires) THEN
+    IF cardinality(s.requires_locks) > 0 AND NOT take_locks(s, v_expires) THEN
         RETURN NULL;
     END IF;
     UPDATE steps
@@ -78,7 +78,7 @@ BEGIN
            started_at = coalesce(started_at, clock())
      WHERE id = s.id
     RETURNING * INTO s;
-    -- A compound step becomes running when its first child starts.
+    -- A compound step becomes running when its first child starts (its parents with it).
     WHILE v_parent IS NOT NULL LOOP
         UPDATE steps SET status = 'running', started_at = clock()
          WHERE id = v_parent AND status = 'pending'
@@ -155,6 +155,7 @@ DECLARE
     c campaigns;
     s steps;
     v_busy uuid[] := '{}';
+    v_round integer;
 BEGIN
     IF owner IS NULL OR btrim(owner) = '' THEN
         PERFORM raise('invalid_argument', 'owner is required: name the worker or runner that claims');
@@ -164,31 +165,39 @@ BEGIN
         s := claim_in_campaign(c, owner, agent, v_lease);
         RETURN CASE WHEN s.id IS NULL THEN jsonb_build_object('step_id', NULL) ELSE claim_result(s) END;
     END IF;
-    FOR v_campaign IN
-        SELECT x.id FROM campaigns x
-         WHERE x.status = 'active' AND x.ready_steps > 0
-           AND (x.max_parallel IS NULL OR x.running_steps < x.max_parallel)
-           AND (x.token_budget IS NULL OR x.tokens_used < x.token_budget)
-         ORDER BY x.slot_seconds_used / x.weight, x.created_at
-    LOOP
-        -- Another claimer holds this campaign: try the next one, and come back only if
-        -- nothing else had work.
-        SELECT * INTO c FROM campaigns x WHERE x.id = v_campaign FOR UPDATE SKIP LOCKED;
-        IF NOT FOUND THEN
-            v_busy := v_busy || v_campaign;
-            CONTINUE;
-        END IF;
-        s := claim_in_campaign(c, owner, agent, v_lease);
-        IF s.id IS NOT NULL THEN
-            RETURN claim_result(s);
-        END IF;
-    END LOOP;
-    FOREACH v_campaign IN ARRAY v_busy LOOP
-        c := lock_campaign(v_campaign);
-        s := claim_in_campaign(c, owner, agent, v_lease);
-        IF s.id IS NOT NULL THEN
-            RETURN claim_result(s);
-        END IF;
+    -- Round 1 skips campaigns another transaction holds; round 2 waits for them, but only if
+    -- round 1 found nothing. Each try runs in a subtransaction that is undone when it claims
+    -- nothing, so a claimer never keeps a campaign it did not use and never waits while
+    -- holding one: two claimers cannot deadlock.
+    FOR v_round IN 1..2 LOOP
+        FOR v_campaign IN
+            SELECT x.id FROM campaigns x
+             WHERE x.status = 'active' AND x.ready_steps > 0
+               AND (x.max_parallel IS NULL OR x.running_steps < x.max_parallel)
+               AND (x.token_budget IS NULL OR x.tokens_used < x.token_budget)
+               AND (v_round = 1 OR x.id = ANY (v_busy))
+             ORDER BY x.slot_seconds_used / x.weight, x.created_at
+        LOOP
+            BEGIN
+                IF v_round = 1 THEN
+                    SELECT * INTO c FROM campaigns x WHERE x.id = v_campaign FOR UPDATE SKIP LOCKED;
+                ELSE
+                    SELECT * INTO c FROM campaigns x WHERE x.id = v_campaign FOR UPDATE;
+                END IF;
+                IF NOT FOUND THEN
+                    v_busy := v_busy || v_campaign;
+                ELSE
+                    s := claim_in_campaign(c, owner, agent, v_lease);
+                    IF s.id IS NULL THEN
+                        RAISE EXCEPTION 'nothing to claim here' USING ERRCODE = 'SR099';
+                    END IF;
+                    RETURN claim_result(s);
+                END IF;
+            EXCEPTION WHEN SQLSTATE 'SR099' THEN
+                NULL;
+            END;
+        END LOOP;
+        EXIT WHEN cardinality(v_busy) = 0;
     END LOOP;
     RETURN jsonb_build_object('step_id', NULL);
 END

@@ -73,33 +73,35 @@ $$;
 -- Fencing (SPEC §3): a worker mutation must present the step's current claim token. The
 -- order of checks decides which error a late worker sees: its step was skipped under it
 -- (`skipped`), its claim was reset or taken over (`stale_claim`), or it calls out of turn
--- (`invalid_state`).
-CREATE FUNCTION lock_claimed_step(p_step bigint, p_token uuid, p_call text) RETURNS steps
+-- (`invalid_state`). `s` is the step as locked by lock_step.
+CREATE FUNCTION check_claim(s steps, p_token uuid, p_call text) RETURNS steps
 LANGUAGE plpgsql VOLATILE
 AS $$
-DECLARE
-    s steps := lock_step(p_step);
 BEGIN
     IF p_token IS NULL THEN
         PERFORM raise('invalid_argument', format(
-            '%s needs the claim token of step %s (claim_token, or SORTIE_CLAIM_TOKEN)', p_call, p_step));
+            '%s needs the claim token of step %s (claim_token, or SORTIE_CLAIM_TOKEN)', p_call, s.id));
     END IF;
     IF s.status = 'skipped' AND s.claim_token = p_token THEN
         PERFORM raise('skipped', format(
-            'step %s was skipped (%s) while you worked on it; stop, nothing more is needed', p_step,
+            'step %s was skipped (%s) while you worked on it; stop, nothing more is needed', s.id,
             coalesce(s.error, s.skip_cause)));
     END IF;
     IF s.claim_token IS DISTINCT FROM p_token THEN
         PERFORM raise('stale_claim', format(
             'your claim on step %s is no longer valid (its lease expired or it was reset); stop working on it',
-            p_step));
+            s.id));
     END IF;
     IF s.status <> 'running' THEN
-        PERFORM raise('invalid_state', format('step %s is %s, not running; %s is not possible', p_step, s.status, p_call));
+        PERFORM raise('invalid_state', format('step %s is %s, not running; %s is not possible', s.id, s.status, p_call));
     END IF;
     RETURN s;
 END
 $$;
+
+CREATE FUNCTION lock_claimed_step(p_step bigint, p_token uuid, p_call text) RETURNS steps
+LANGUAGE sql VOLATILE
+AS $$ SELECT check_claim(lock_step(p_step), p_token, p_call) $$;
 
 CREATE FUNCTION bump_counters(p_campaign uuid, p_open integer, p_running integer, p_ready integer)
 RETURNS void
@@ -292,16 +294,17 @@ BEGIN
                                       ORDER BY c.position, c.id)::text
                        FROM steps c WHERE c.parent_id = p.id AND c.continued_by IS NULL)
      WHERE id = p.id;
+    PERFORM bump_counters(p.campaign_id, -1, 0, 0);
     PERFORM after_done(p.campaign_id, p.id, p.parent_id);
 END
 $$;
 
--- Bookkeeping after any step (atomic or compound) became done.
+-- Bookkeeping after any step (atomic or compound) became done. The caller has already taken
+-- it off the campaign's open_steps, in the same update as its other counters.
 CREATE FUNCTION after_done(p_campaign uuid, p_step bigint, p_parent bigint) RETURNS void
 LANGUAGE plpgsql VOLATILE
 AS $$
 BEGIN
-    PERFORM bump_counters(p_campaign, -1, 0, 0);
     PERFORM emit(p_campaign, p_step, 'step.done');
     PERFORM release_dependents(p_campaign, p_step);
     IF p_parent IS NOT NULL THEN

@@ -63,6 +63,7 @@ AS $$
 DECLARE
     v_tokens bigint := check_tokens(tokens_used);
     s steps := lock_step(step_id);
+    c campaigns;
 BEGIN
     -- A worker whose step was skipped under it (abort, cancel) is told so; what it produced is
     -- kept on the step for audit, and nothing else changes.
@@ -72,17 +73,27 @@ BEGIN
             'message', format('step %s was skipped (%s) while you worked; your output was kept for the record',
                               s.id, coalesce(s.error, s.skip_cause)));
     END IF;
-    s := lock_claimed_step(step_id, claim_token, 'complete_step');
+    s := check_claim(s, claim_token, 'complete_step');
     UPDATE steps
        SET status = 'done', output = coalesce(summary, ''), tokens_used = steps.tokens_used + v_tokens,
            duration_ms = (extract(epoch FROM clock() - s.claimed_at) * 1000)::bigint,
            completed_at = clock(), claim_token = NULL, lease_expires_at = NULL
      WHERE id = s.id;
-    DELETE FROM resource_leases WHERE resource_leases.step_id = s.id;
-    PERFORM settle_slot(s);
-    UPDATE campaigns SET tokens_used = campaigns.tokens_used + v_tokens WHERE id = s.campaign_id;
+    IF cardinality(s.requires_locks) > 0 THEN
+        DELETE FROM resource_leases WHERE resource_leases.step_id = s.id;
+    END IF;
+    -- One update for every counter this completion moves (slot time, tokens, open, running).
+    UPDATE campaigns
+       SET slot_seconds_used = greatest(slot_seconds_used - provisional_slot_seconds()
+                                        + extract(epoch FROM clock() - s.claimed_at), 0),
+           tokens_used = campaigns.tokens_used + v_tokens,
+           running_steps = running_steps - 1, open_steps = open_steps - 1, updated_at = now()
+     WHERE id = s.campaign_id
+    RETURNING * INTO c;
     PERFORM after_done(s.campaign_id, s.id, s.parent_id);
-    PERFORM enforce_budget(s.campaign_id);
+    IF c.token_budget IS NOT NULL THEN
+        PERFORM enforce_budget(s.campaign_id);
+    END IF;
     RETURN jsonb_build_object('step_id', s.id, 'status', 'done', 'accepted', true,
                               'campaign_status', (SELECT status FROM campaigns WHERE id = s.campaign_id));
 END
@@ -309,6 +320,7 @@ BEGIN
     RETURNING id INTO v_note;
     PERFORM emit(caller.campaign_id, caller.id, 'note.added', jsonb_build_object('note_id', v_note, 'tags', ARRAY['abort']));
 
+    PERFORM bump_counters(t.campaign_id, -1, 0, 0);
     PERFORM after_done(t.campaign_id, t.id, t.parent_id);
     RETURN jsonb_build_object('target_id', t.id, 'status', 'done', 'skipped', to_jsonb(v_skipped), 'note_id', v_note);
 END
