@@ -543,6 +543,14 @@ fn raw_session(
     out
 }
 
+/// Answers may come in any order: requests are served concurrently.
+fn by_id(answers: &[Value], id: i64) -> &Value {
+    answers
+        .iter()
+        .find(|a| a["id"] == id)
+        .unwrap_or_else(|| panic!("no answer with id {id}: {answers:?}"))
+}
+
 fn handshake() -> Vec<Value> {
     vec![
         json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}),
@@ -558,8 +566,17 @@ fn without_a_database_url_initialize_and_tools_list_answer_at_once() {
     let data_dir = std::env::temp_dir().join(format!("sortie-mcp-nodb-{}", std::process::id()));
     let dir = data_dir.to_string_lossy().to_string();
     let answers = raw_session(&[("SORTIE_DATA_DIR", &dir)], true, &handshake(), 2);
-    assert_eq!(answers[0]["result"]["serverInfo"]["name"], "sortie_mcp");
-    assert_eq!(answers[1]["result"]["tools"].as_array().unwrap().len(), 23);
+    assert_eq!(
+        by_id(&answers, 1)["result"]["serverInfo"]["name"],
+        "sortie_mcp"
+    );
+    assert_eq!(
+        by_id(&answers, 2)["result"]["tools"]
+            .as_array()
+            .unwrap()
+            .len(),
+        23
+    );
     assert!(
         !data_dir.exists(),
         "no cluster was created for the handshake"
@@ -581,7 +598,8 @@ fn an_unreachable_database_is_a_tool_error_and_stdout_stays_clean() {
         &requests,
         3,
     );
-    assert_eq!(answers[2]["result"]["isError"], true);
-    let text = answers[2]["result"]["content"][0]["text"].as_str().unwrap();
+    let call = by_id(&answers, 3);
+    assert_eq!(call["result"]["isError"], true, "{call}");
+    let text = call["result"]["content"][0]["text"].as_str().unwrap();
     assert!(text.starts_with("unavailable"), "{text}");
 }
