@@ -5,6 +5,7 @@ pub mod config;
 pub mod db;
 pub mod demo;
 pub mod embedded;
+pub mod http;
 pub mod runner;
 pub mod tools;
 

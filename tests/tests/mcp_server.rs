@@ -603,3 +603,97 @@ fn an_unreachable_database_is_a_tool_error_and_stdout_stays_clean() {
     let text = call["result"]["content"][0]["text"].as_str().unwrap();
     assert!(text.starts_with("unavailable"), "{text}");
 }
+
+/// `sortie-mcp --http`: streamable HTTP for remote agents, behind a bearer token.
+#[tokio::test]
+async fn the_http_transport_serves_tools_behind_a_bearer_token() {
+    use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+    use rmcp::transport::StreamableHttpClientTransport;
+    use rmcp::ServiceExt;
+
+    let db = TestDb::new().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let token = "a-test-token-long-enough";
+    let mut child = Command::new(binary("sortie-mcp"))
+        .args(["--http", &format!("127.0.0.1:{port}")])
+        .env("DATABASE_URL", db.connection_string())
+        .env("SORTIE_HTTP_TOKEN", token)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}/mcp");
+    let http = reqwest::Client::new();
+    let mut refused = None;
+    for _ in 0..100 {
+        if let Ok(r) = http
+            .post(&url)
+            .header("content-type", "application/json")
+            .body("{}")
+            .send()
+            .await
+        {
+            refused = Some(r.status().as_u16());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(refused, Some(401), "no token, no service");
+    let wrong = http
+        .post(&url)
+        .bearer_auth("wrong-token-wrong-token")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status().as_u16(), 401);
+
+    let transport = StreamableHttpClientTransport::from_config(
+        StreamableHttpClientTransportConfig::with_uri(url.clone()).auth_header(token),
+    );
+    let client = ().serve(transport).await.expect("initialize over HTTP");
+    let tools = client.list_all_tools().await.unwrap();
+    assert_eq!(tools.len(), 23);
+    let created = client
+        .call_tool(
+            rmcp::model::CallToolRequestParams::new("create_campaign").with_arguments(
+                json!({"goal": "over http", "planner": "none"})
+                    .as_object()
+                    .unwrap()
+                    .clone(),
+            ),
+        )
+        .await
+        .unwrap();
+    let id = created.structured_content.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    db.ok(
+        "sortie.cancel_campaign($1)",
+        &[&uuid::Uuid::parse_str(&id).unwrap()],
+    )
+    .await;
+    let _ = client.cancel().await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    db.finish().await;
+}
+
+#[test]
+fn the_http_transport_refuses_to_start_without_a_token() {
+    let output = Command::new(binary("sortie-mcp"))
+        .args(["--http", "127.0.0.1:0"])
+        .env_remove("SORTIE_HTTP_TOKEN")
+        .env("DATABASE_URL", "host=/nonexistent user=x dbname=x")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("SORTIE_HTTP_TOKEN"));
+    assert!(output.stdout.is_empty());
+}

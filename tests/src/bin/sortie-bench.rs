@@ -145,12 +145,9 @@ async fn cycle_run(
     // One campaign per worker, with more steps than it can finish in a run.
     let campaigns_n = connections;
     let mut campaigns = Vec::new();
-    let per_campaign = match (sync, connections) {
-        ("on", 1) => 2_000,
-        ("on", 4) => 1_500,
-        ("on", _) => 800,
-        (_, 1) => 20_000,
-        (_, 4) => 8_000,
+    let per_campaign = match connections {
+        1 => 20_000,
+        4 => 8_000,
         _ => 3_000,
     };
     for _ in 0..campaigns_n {
