@@ -4,6 +4,7 @@
 pub mod config;
 pub mod db;
 pub mod demo;
+pub mod embed;
 pub mod embedded;
 pub mod http;
 pub mod runner;

@@ -124,7 +124,9 @@ BEGIN
          WHERE campaign_id = c.id AND status = 'pending' AND step_type = 'atomic' AND remaining_deps = 0
            AND id > v_after AND not_before <= clock()
            AND (p_agent IS NULL OR agent IS NULL OR agent = p_agent)
-         ORDER BY id
+         -- The ready index's own order: a cached generic plan must not prefer walking the
+         -- primary key through the campaign's history.
+         ORDER BY campaign_id, id
          LIMIT 1
            FOR UPDATE SKIP LOCKED;
         IF NOT FOUND THEN

@@ -171,6 +171,9 @@ $$;
 CREATE FUNCTION skip_cascade(p_campaign uuid, p_seeds bigint[], p_cause text, p_reason text)
 RETURNS bigint[]
 LANGUAGE plpgsql VOLATILE
+-- One parent with thousands of children skews parent_id's statistics until a per-row seq scan
+-- looks cheap and the walk turns quadratic; every edge of the walk has an index.
+SET enable_seqscan = off
 AS $$
 DECLARE
     v_skipped bigint[];

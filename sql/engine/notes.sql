@@ -32,7 +32,56 @@ BEGIN
             content, coalesce(tags, '{}'), embedding, embedding_model)
     RETURNING id INTO v_id;
     PERFORM emit(campaign_id, step_id, 'note.added', jsonb_build_object('note_id', v_id, 'tags', coalesce(tags, '{}')));
-    RETURN jsonb_build_object('note_id', v_id, 'campaign_id', campaign_id, 'step_id', step_id);
+    RETURN jsonb_build_object('note_id', v_id, 'campaign_id', campaign_id, 'step_id', step_id,
+                              'embedded', embedding IS NOT NULL,
+                              'similar', similar_notes(campaign_id, embedding, embedding_model, 5, v_id));
+END
+$$;
+
+-- The nearest earlier notes of a campaign to an embedding made by the same model; above a
+-- similarity of 0.9 a note is flagged as a possible duplicate.
+CREATE FUNCTION similar_notes(campaign_id uuid, embedding vector, embedding_model text, k integer DEFAULT 5,
+                              exclude bigint DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE sql STABLE
+SET search_path FROM CURRENT
+AS $$
+    SELECT coalesce(jsonb_agg(jsonb_build_object('note_id', id, 'content', left(content, 300),
+                                                 'similarity', round(similarity::numeric, 4),
+                                                 'possible_duplicate', similarity >= 0.9)
+                              ORDER BY similarity DESC), '[]')
+      FROM (SELECT n.id, n.content, 1 - (n.embedding <=> $2) AS similarity
+              FROM notes n
+             WHERE $2 IS NOT NULL AND n.campaign_id = $1 AND n.embedding IS NOT NULL
+               AND n.embedding_model IS NOT DISTINCT FROM $3 AND n.id IS DISTINCT FROM $5
+             ORDER BY n.embedding <=> $2
+             LIMIT greatest($4, 0)) near;
+$$;
+
+-- Backfill (SPEC §8): notes written without an embedding, oldest first.
+CREATE FUNCTION notes_to_embed("limit" integer DEFAULT 100) RETURNS jsonb
+LANGUAGE sql STABLE
+SET search_path FROM CURRENT
+AS $$
+    SELECT coalesce(jsonb_agg(jsonb_build_object('note_id', id, 'content', content) ORDER BY id), '[]')
+      FROM (SELECT id, content FROM notes WHERE embedding IS NULL ORDER BY id LIMIT greatest($1, 0)) n;
+$$;
+
+CREATE FUNCTION set_note_embedding(note_id bigint, embedding vector, embedding_model text) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+BEGIN
+    IF embedding IS NULL OR embedding_model IS NULL THEN
+        PERFORM raise('invalid_argument', 'an embedding and the model that made it are required');
+    END IF;
+    UPDATE notes SET embedding = set_note_embedding.embedding, embedding_model = set_note_embedding.embedding_model
+     WHERE id = note_id;
+    IF NOT FOUND THEN
+        PERFORM raise('not_found', format('note %s does not exist', note_id));
+    END IF;
+    RETURN jsonb_build_object('note_id', note_id, 'embedding_model', embedding_model);
 END
 $$;
 
@@ -58,7 +107,8 @@ $$;
 -- fusion. Each hit says how it was found: `lexical`, `semantic` or `hybrid` (both). Without a
 -- query embedding the search is lexical only. SQL users bring their own vector.
 CREATE FUNCTION search_notes(query text, campaign_id uuid DEFAULT NULL, top_k integer DEFAULT 5,
-                             tags text[] DEFAULT NULL, query_embedding vector DEFAULT NULL)
+                             tags text[] DEFAULT NULL, query_embedding vector DEFAULT NULL,
+                             embedding_model text DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
@@ -93,6 +143,7 @@ BEGIN
           FROM (SELECT n.id, n.embedding <=> query_embedding AS distance
                   FROM notes n
                  WHERE query_embedding IS NOT NULL AND n.embedding IS NOT NULL
+                   AND (embedding_model IS NULL OR n.embedding_model = embedding_model)
                    AND (campaign_id IS NULL OR n.campaign_id = campaign_id)
                    AND (tags IS NULL OR n.tags && tags)
                  ORDER BY n.embedding <=> query_embedding

@@ -100,3 +100,33 @@ async fn callers_search_path_does_not_change_what_rules_read() {
     db.client.batch_execute("RESET search_path").await.unwrap();
     db.finish().await;
 }
+
+/// The embedded default's cluster: two processes (here, threads) starting it at once create
+/// one cluster, not a corrupted one; a second start finds it running.
+#[test]
+fn concurrent_starts_of_the_embedded_cluster_make_one_cluster() {
+    use sortie_mcp::embedded::{find_bin_dir, Cluster};
+    let root = std::path::PathBuf::from("/tmp")
+        .join(format!("sortie-embedded-race-{}", std::process::id()));
+    let cluster = Cluster::new(root.clone(), find_bin_dir().unwrap());
+    let starts: Vec<_> = (0..2)
+        .map(|_| {
+            let c = cluster.clone();
+            std::thread::spawn(move || c.ensure_running())
+        })
+        .collect();
+    for s in starts {
+        s.join().unwrap().expect("both starts succeed");
+    }
+    assert!(root.join("pgdata/PG_VERSION").is_file());
+    cluster
+        .ensure_running()
+        .expect("a third start finds it running");
+    let pid_file = std::fs::read_to_string(root.join("pgdata/postmaster.pid")).unwrap();
+    assert!(
+        pid_file.contains(&root.join("run").display().to_string()),
+        "it listens on its own socket directory"
+    );
+    cluster.stop("immediate").unwrap();
+    std::fs::remove_dir_all(&root).unwrap();
+}

@@ -19,6 +19,7 @@ use tracing::{info, warn};
 
 use crate::config::{Config, Dispatch};
 use crate::db::Db;
+use crate::embed::Embedder;
 pub use dispatch::Claim;
 
 /// The safety-net tick; events wake the runner sooner.
@@ -31,6 +32,7 @@ pub struct Runner {
     /// The connection string agents get (the embedded cluster's, or DATABASE_URL).
     database_url: String,
     slots: Arc<Semaphore>,
+    embedder: Embedder,
     dispatches: JoinSet<()>,
     shutdown: watch::Receiver<bool>,
 }
@@ -46,12 +48,14 @@ impl Runner {
             .connect_timeout(Duration::from_secs(10))
             .build()?;
         let slots = Arc::new(Semaphore::new(config.max_concurrent as usize));
+        let embedder = Embedder::from_config(&config, http.clone());
         Ok(Runner {
             db,
             config: Arc::new(config),
             http,
             database_url,
             slots,
+            embedder,
             dispatches: JoinSet::new(),
             shutdown,
         })
@@ -112,7 +116,34 @@ impl Runner {
         self.dispatch_ready().await?;
         self.plan_drained().await?;
         notifier::deliver(&self.db, &self.http, self.config.webhook_url.as_deref()).await?;
+        self.backfill_embeddings().await?;
         Ok(())
+    }
+
+    /// Notes written without an embedding (plain SQL, or while the service was down) get one.
+    pub async fn backfill_embeddings(&self) -> Result<usize> {
+        let pending = self.db.call("notes_to_embed(\"limit\" => 64)", &[]).await?;
+        let notes = pending.as_array().cloned().unwrap_or_default();
+        if notes.is_empty() {
+            return Ok(0);
+        }
+        let texts: Vec<String> = notes
+            .iter()
+            .map(|n| n["content"].as_str().unwrap_or_default().to_string())
+            .collect();
+        let embedded = self.embedder.embed(&texts).await;
+        for (note, vector) in notes.iter().zip(embedded.vectors) {
+            let id = note["note_id"].as_i64().unwrap_or_default();
+            let vector = pgvector::Vector::from(vector);
+            self.db
+                .call(
+                    "set_note_embedding(note_id => $1, embedding => $2, embedding_model => $3)",
+                    &[&id, &vector, &embedded.model],
+                )
+                .await?;
+        }
+        info!(notes = notes.len(), model = %embedded.model, "embedded notes");
+        Ok(notes.len())
     }
 
     /// Claims ready steps while there is capacity and hands each to the back-end.

@@ -20,6 +20,7 @@ use tokio_postgres::types::ToSql;
 
 use crate::config::{Config, Role};
 use crate::db::{Db, DbError};
+use crate::embed::Embedder;
 
 const INSTRUCTIONS: &str = "Sortie orchestrates campaigns: a goal and a DAG of steps. Coordinators create campaigns \
 (create_campaign, add_steps), watch them (get_updates, get_campaign) and steer them. Workers execute one claimed step: \
@@ -30,6 +31,7 @@ spawn_and_continue or abort_branch. Errors start with a stable code such as not_
 pub struct SortieServer {
     config: Arc<Config>,
     db: Arc<OnceCell<Db>>,
+    embedder: Arc<Embedder>,
     tool_router: ToolRouter<SortieServer>,
 }
 
@@ -44,9 +46,11 @@ impl SortieServer {
         if config.role == Role::Coordinator {
             tool_router.remove_route("claim_next");
         }
+        let embedder = Arc::new(Embedder::from_config(&config, reqwest::Client::new()));
         Self {
             config: Arc::new(config),
             db: Arc::new(OnceCell::new()),
+            embedder,
             tool_router,
         }
     }

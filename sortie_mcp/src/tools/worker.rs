@@ -225,9 +225,16 @@ note id. For metrics use tags ['metric:<name>'] and content '<name>=<value>'.",
             return missing(NO_CAMPAIGN);
         };
         let step = self.config.step_id;
+        // Embedding happens here, outside the database; the note is stored either way.
+        let embedded = self.embedder.embed(std::slice::from_ref(&p.content)).await;
+        let vector = embedded
+            .vectors
+            .into_iter()
+            .next()
+            .map(pgvector::Vector::from);
         self.call(
-            "add_note(campaign_id => $1, content => $2, tags => $3, step_id => $4)",
-            &[&campaign, &p.content, &p.tags, &step],
+            "add_note(campaign_id => $1, content => $2, tags => $3, step_id => $4, embedding => $5, embedding_model => $6)",
+            &[&campaign, &p.content, &p.tags, &step, &vector, &embedded.model],
         )
         .await
     }
@@ -253,11 +260,25 @@ note id. For metrics use tags ['metric:<name>'] and content '<name>=<value>'.",
     )]
     async fn search_notes(&self, Parameters(p): Parameters<SearchNotes>) -> CallToolResult {
         let top_k = p.top_k.unwrap_or(5);
-        self.call(
-            "search_notes(query => $1, campaign_id => $2, top_k => $3, tags => $4)",
-            &[&p.query, &p.campaign_id, &top_k, &p.tags],
-        )
-        .await
+        let embedded = self.embedder.embed(std::slice::from_ref(&p.query)).await;
+        let vector = embedded
+            .vectors
+            .into_iter()
+            .next()
+            .map(pgvector::Vector::from);
+        let mut result = self
+            .call(
+                "search_notes(query => $1, campaign_id => $2, top_k => $3, tags => $4, query_embedding => $5, embedding_model => $6)",
+                &[&p.query, &p.campaign_id, &top_k, &p.tags, &vector, &embedded.model],
+            )
+            .await;
+        if embedded.degraded {
+            if let Some(value) = result.structured_content.as_mut() {
+                value["embedder"] = serde_json::json!({"model": embedded.model, "degraded": true,
+                    "note": "the embedding service failed; the offline embedder answered"});
+            }
+        }
+        result
     }
 
     #[tool(

@@ -30,8 +30,11 @@ async fn main() -> anyhow::Result<()> {
     println!("# Sortie benchmarks\n");
     println!("Machine: {} cores, PostgreSQL 15 throwaway cluster (fsync on). {RUNS} runs per figure; median (min–max).\n",
              std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
-    if what == "throughput" {
-        throughput(&cluster).await?;
+    match what.as_str() {
+        "throughput" => throughput(&cluster).await?,
+        "latency" => claim_latency_and_splice(&cluster).await?,
+        "cascade" => skip_cascade(&cluster).await?,
+        _ => {}
     }
     if what == "engine" || what == "all" {
         throughput(&cluster).await?;

@@ -1,0 +1,232 @@
+//! Notes that find each other (SPEC §8): embeddings on add, hybrid search, degradation to the
+//! offline embedder, runner backfill, the HNSW index.
+
+use serde_json::json;
+use sortie_mcp::config::Config;
+use sortie_mcp::db::Db;
+use sortie_mcp::runner::Runner;
+use sortie_tests::fake_http::FakeHttp;
+use sortie_tests::fixtures::*;
+use sortie_tests::mcp::McpClient;
+use sortie_tests::TestDb;
+
+#[tokio::test]
+async fn add_note_returns_similar_earlier_notes_of_the_campaign() {
+    let db = TestDb::new().await;
+    let c = campaign(&db, "none").await;
+    let mcp = McpClient::start(&db, &[]).await;
+    let first = mcp.ok("add_note", json!({"campaign_id": c, "content": "The billing module migration to Rust is finished"})).await;
+    assert_eq!(first["embedded"], true);
+    assert_eq!(first["similar"], json!([]));
+    mcp.ok(
+        "add_note",
+        json!({"campaign_id": c, "content": "Protein folding papers from 2021 look promising"}),
+    )
+    .await;
+    let again = mcp.ok("add_note", json!({"campaign_id": c, "content": "The billing module migration to Rust is finished"})).await;
+    let similar = again["similar"].as_array().unwrap();
+    assert_eq!(similar[0]["note_id"], first["note_id"]);
+    assert_eq!(similar[0]["possible_duplicate"], true);
+    assert!(
+        similar[0]["similarity"].as_f64().unwrap() > similar[1]["similarity"].as_f64().unwrap()
+    );
+    mcp.stop().await;
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn search_notes_ranks_by_words_and_vectors_and_says_how_each_hit_was_found() {
+    let db = TestDb::new().await;
+    let c = campaign(&db, "none").await;
+    let other = campaign(&db, "none").await;
+    let mcp = McpClient::start(&db, &[]).await;
+    for (campaign, text) in [
+        (
+            c,
+            "Migrated the billing service; all integration tests pass",
+        ),
+        (
+            c,
+            "Literature search: three surveys on retrieval augmented generation",
+        ),
+        (
+            c,
+            "The billing migration exposed a rounding bug in invoices",
+        ),
+        (other, "Billing migration notes of another campaign"),
+    ] {
+        mcp.ok(
+            "add_note",
+            json!({"campaign_id": campaign, "content": text, "tags": ["finding"]}),
+        )
+        .await;
+    }
+    let found = mcp
+        .ok(
+            "search_notes",
+            json!({"query": "billing migration", "campaign_id": c, "top_k": 3}),
+        )
+        .await;
+    let results = found["results"].as_array().unwrap();
+    assert!(results.len() >= 2);
+    assert!(results[0]["content"].as_str().unwrap().contains("illing"));
+    assert_eq!(results[0]["mode"], "hybrid", "found by words and by vector");
+    assert!(
+        results.iter().all(|r| r["campaign_id"] == json!(c)),
+        "scoped to the campaign"
+    );
+    assert!(results
+        .windows(2)
+        .all(|w| w[0]["score"].as_f64() >= w[1]["score"].as_f64()));
+    let everywhere = mcp
+        .ok(
+            "search_notes",
+            json!({"query": "billing migration", "top_k": 10}),
+        )
+        .await;
+    assert!(everywhere["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["campaign_id"] == json!(other)));
+    let tagged = mcp
+        .ok(
+            "search_notes",
+            json!({"query": "billing", "tags": ["nothing-like-this"]}),
+        )
+        .await;
+    assert_eq!(tagged["results"], json!([]));
+    mcp.stop().await;
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn a_configured_embedding_service_is_used() {
+    let db = TestDb::new().await;
+    let service = FakeHttp::start(|_, body| {
+        let data: Vec<_> = body["input"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                let mut v = vec![0.0f32; 384];
+                v[text.as_str().unwrap().len() % 384] = 1.0;
+                json!({"index": i, "embedding": v})
+            })
+            .collect();
+        (200, json!({"data": data}))
+    })
+    .await;
+    let c = campaign(&db, "none").await;
+    let mcp = McpClient::start(
+        &db,
+        &[
+            ("LITELLM_URL", service.url.clone()),
+            ("SORTIE_EMBEDDING_MODEL", "fake-embed".into()),
+        ],
+    )
+    .await;
+    mcp.ok(
+        "add_note",
+        json!({"campaign_id": c, "content": "embedded by the service"}),
+    )
+    .await;
+    let model: String = db
+        .client
+        .query_one("SELECT embedding_model FROM sortie.notes", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(model, "fake-embed");
+    assert_eq!(service.requests()[0].path, "/v1/embeddings");
+    assert_eq!(service.requests()[0].body["model"], "fake-embed");
+    mcp.stop().await;
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn a_dead_embedding_service_degrades_to_the_offline_embedder() {
+    let db = TestDb::new().await;
+    let c = campaign(&db, "none").await;
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let mcp = McpClient::start(
+        &db,
+        &[
+            ("LITELLM_URL", dead),
+            ("SORTIE_EMBEDDING_MODEL", "unreachable-model".into()),
+        ],
+    )
+    .await;
+    let added = mcp
+        .call(
+            "add_note",
+            json!({"campaign_id": c, "content": "written while the service is down"}),
+        )
+        .await;
+    assert!(
+        !added.is_error,
+        "never an error to the agent: {}",
+        added.text
+    );
+    let found = mcp
+        .ok(
+            "search_notes",
+            json!({"query": "service down", "campaign_id": c}),
+        )
+        .await;
+    assert_eq!(found["embedder"]["degraded"], true);
+    assert!(!found["results"].as_array().unwrap().is_empty());
+    mcp.stop().await;
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn notes_written_without_an_embedding_are_backfilled_by_the_runner() {
+    let db = TestDb::new().await;
+    let c = campaign(&db, "none").await;
+    db.ok("sortie.add_note($1, 'written by plain SQL')", &[&c])
+        .await;
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM sortie.notes WHERE embedding IS NULL"
+        )
+        .await,
+        1
+    );
+    let config =
+        Config::from_vars(&|name| (name == "DATABASE_URL").then(|| db.connection_string()))
+            .unwrap();
+    let pool = Db::connect(&config).await.unwrap();
+    let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    let runner = Runner::new(pool, config, db.connection_string(), shutdown).unwrap();
+    assert_eq!(runner.backfill_embeddings().await.unwrap(), 1);
+    assert_eq!(count(&db, "SELECT count(*) FROM sortie.notes WHERE embedding IS NOT NULL AND embedding_model IS NOT NULL").await, 1);
+    assert_eq!(runner.backfill_embeddings().await.unwrap(), 0);
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn nearest_note_queries_use_the_hnsw_index() {
+    let db = TestDb::new().await;
+    db.client
+        .batch_execute("SET enable_seqscan = off")
+        .await
+        .unwrap();
+    let rows = db
+        .client
+        .query("EXPLAIN SELECT id FROM sortie.notes ORDER BY embedding <=> array_fill(0.1::real, ARRAY[384])::vector LIMIT 5", &[])
+        .await
+        .unwrap();
+    let plan: String = rows
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(plan.contains("notes_embedding"), "{plan}");
+    db.finish().await;
+}
