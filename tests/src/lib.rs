@@ -404,24 +404,26 @@ pub mod fixtures {
     }
 }
 
-/// The project's binaries, built by cargo for this test run.
+/// The project's binaries, built by cargo in the profile of the running test or benchmark.
 pub fn binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
+    let exe = std::env::current_exe().expect("test executable");
+    // target/<profile>/deps/<test> for tests, target/<profile>/<bin> for the benchmark.
+    let mut dir = exe.parent().expect("target dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
     BUILT.get_or_init(|| {
         // `cargo test -p sortie_tests` alone does not build another package's binaries.
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-q", "-p", "sortie_mcp", "--bins"])
-            .status()
-            .expect("cargo build");
-        assert!(status.success(), "building sortie_mcp's binaries failed");
+        let mut build = Command::new(cargo);
+        build.args(["build", "-q", "-p", "sortie_mcp", "--bins"]);
+        if dir.ends_with("release") {
+            build.arg("--release");
+        }
+        assert!(build.status().expect("cargo build").success(), "building sortie_mcp's binaries failed");
     });
-    let exe = std::env::current_exe().expect("test executable");
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    exe.parent()
-        .and_then(|deps| deps.parent())
-        .expect("target dir")
-        .join(name)
+    dir.join(name)
 }
 
 /// A real MCP client talking to the real `sortie-mcp` binary over stdio.

@@ -560,6 +560,8 @@ async fn dispatch_latency(cluster: &Cluster) -> anyhow::Result<()> {
         .stderr(std::process::Stdio::null())
         .spawn()?;
     let c = new_campaign(&client, ", planner => 'llm'").await?;
+    // Between samples the campaign is drained; keep the runner from ending it meanwhile.
+    client.execute("UPDATE sortie.campaigns SET next_action_at = now() + interval '1 day' WHERE id = $1", &[&c]).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut samples = Vec::new();
     for i in 0..100 {
