@@ -281,13 +281,17 @@ BEGIN
 END
 $$;
 
--- Charges the real slot time of a step leaving `running`, replacing the provisional charge.
+-- What a step leaving `running` adds to its campaign's slot time: its real duration in place
+-- of the provisional charge made at claim time.
+CREATE FUNCTION slot_correction(p_claimed_at timestamptz) RETURNS double precision
+LANGUAGE sql STABLE
+AS $$ SELECT extract(epoch FROM clock() - p_claimed_at)::double precision - provisional_slot_seconds() $$;
+
 CREATE FUNCTION settle_slot(s steps) RETURNS double precision
 LANGUAGE sql VOLATILE
 AS $$
     UPDATE campaigns
-       SET slot_seconds_used = greatest(slot_seconds_used - provisional_slot_seconds()
-                                        + extract(epoch FROM clock() - s.claimed_at), 0),
+       SET slot_seconds_used = greatest(slot_seconds_used + slot_correction(s.claimed_at), 0),
            running_steps = running_steps - 1, updated_at = now()
      WHERE id = s.campaign_id
     RETURNING slot_seconds_used;

@@ -84,8 +84,7 @@ BEGIN
     END IF;
     -- One update for every counter this completion moves (slot time, tokens, open, running).
     UPDATE campaigns
-       SET slot_seconds_used = greatest(slot_seconds_used - provisional_slot_seconds()
-                                        + extract(epoch FROM clock() - s.claimed_at), 0),
+       SET slot_seconds_used = greatest(slot_seconds_used + slot_correction(s.claimed_at), 0),
            tokens_used = campaigns.tokens_used + v_tokens,
            running_steps = running_steps - 1, open_steps = open_steps - 1, updated_at = now()
      WHERE id = s.campaign_id

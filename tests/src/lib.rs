@@ -421,7 +421,10 @@ pub fn binary(name: &str) -> PathBuf {
         if dir.ends_with("release") {
             build.arg("--release");
         }
-        assert!(build.status().expect("cargo build").success(), "building sortie_mcp's binaries failed");
+        assert!(
+            build.status().expect("cargo build").success(),
+            "building sortie_mcp's binaries failed"
+        );
     });
     dir.join(name)
 }

@@ -58,6 +58,8 @@ pub struct Job {
     pub http: reqwest::Client,
     pub database_url: String,
     pub prompt: String,
+    /// Whether spawn_and_continue is offered to the agent (below the campaign's max depth).
+    pub can_spawn: bool,
     pub claim: Claim,
     pub shutdown: watch::Receiver<bool>,
 }
@@ -166,7 +168,7 @@ impl Job {
             return Outcome::Failed("OPENCLAW_RUNTIME_URL is not set".into());
         };
         let mut tools: Vec<&str> = TOOLS.to_vec();
-        if self.claim.depth < self.max_depth().await {
+        if self.can_spawn {
             tools.push("spawn_and_continue");
         }
         let body = json!({
@@ -200,17 +202,6 @@ impl Job {
                 Err(e) => Outcome::Failed(format!("agent runtime answered with invalid JSON: {e}")),
             },
         }
-    }
-
-    async fn max_depth(&self) -> i64 {
-        let c = self
-            .db
-            .call(
-                "get_campaign(id => $1, steps_limit => 1)",
-                &[&self.claim.campaign_id],
-            )
-            .await;
-        c.ok().and_then(|v| v["max_depth"].as_i64()).unwrap_or(0)
     }
 
     /// Runs SORTIE_AGENT_COMMAND with the prompt on stdin and the session in its environment.

@@ -99,7 +99,7 @@ impl Runner {
     }
 
     fn reap_finished(&mut self) {
-        while let Some(Some(_)) = self.dispatches.try_join_next().map(Some) {}
+        while self.dispatches.try_join_next().is_some() {}
     }
 
     pub async fn tick(&mut self) -> Result<()> {
@@ -190,7 +190,8 @@ impl Runner {
                 config: self.config.clone(),
                 http: self.http.clone(),
                 database_url: self.database_url.clone(),
-                prompt: prompt::step_prompt(&context, claim.depth < max_depth(&context)),
+                prompt: prompt::step_prompt(&context, can_spawn(&context)),
+                can_spawn: can_spawn(&context),
                 claim,
                 shutdown: self.shutdown.clone(),
             };
@@ -237,6 +238,7 @@ impl Runner {
     }
 }
 
-fn max_depth(context: &Value) -> i64 {
-    context["step"]["max_depth"].as_i64().unwrap_or(0)
+/// The extension's verdict on whether this step may still splice (SPEC §3 depth limit).
+fn can_spawn(context: &Value) -> bool {
+    context["step"]["can_spawn"] == true
 }

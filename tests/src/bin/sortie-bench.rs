@@ -561,7 +561,12 @@ async fn dispatch_latency(cluster: &Cluster) -> anyhow::Result<()> {
         .spawn()?;
     let c = new_campaign(&client, ", planner => 'llm'").await?;
     // Between samples the campaign is drained; keep the runner from ending it meanwhile.
-    client.execute("UPDATE sortie.campaigns SET next_action_at = now() + interval '1 day' WHERE id = $1", &[&c]).await?;
+    client
+        .execute(
+            "UPDATE sortie.campaigns SET next_action_at = now() + interval '1 day' WHERE id = $1",
+            &[&c],
+        )
+        .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut samples = Vec::new();
     for i in 0..100 {
