@@ -1,15 +1,21 @@
 //! Embedders for notes (SPEC §8), behind one interface: an OpenAI-compatible `/v1/embeddings`
-//! client when one is configured, and the built-in offline embedder otherwise — or whenever
-//! the service fails, so that writing and searching notes never fails because of it.
+//! client when one is configured, and a built-in offline embedder otherwise — or whenever the
+//! service fails, so that writing and searching notes never fails because of it. The offline
+//! embedder is all-MiniLM-L6-v2 when scripts/setup installed its weights, else the lexical
+//! hashing embedder.
 
 mod hashing;
 mod http;
+mod minilm;
+
+use std::sync::{Arc, OnceLock};
 
 use tracing::warn;
 
 use crate::config::Config;
 pub use hashing::HashingEmbedder;
 pub use http::HttpEmbedder;
+pub use minilm::MiniLm;
 
 /// Vectors and the name of the model that made them; vectors of different models are never
 /// compared with each other.
@@ -23,7 +29,31 @@ pub struct Embedded {
 
 pub struct Embedder {
     service: Option<HttpEmbedder>,
-    offline: HashingEmbedder,
+    offline: Offline,
+}
+
+enum Offline {
+    /// all-MiniLM-L6-v2, whose weights are installed; loaded on first use, so that starting
+    /// the MCP server stays instant.
+    MiniLm,
+    Hashing(HashingEmbedder),
+}
+
+/// The MiniLM model, loaded once per process (about 90 MB of weights).
+fn shared_minilm() -> Option<Arc<MiniLm>> {
+    static MODEL: OnceLock<Option<Arc<MiniLm>>> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            let dir = minilm::find_model_dir()?;
+            match MiniLm::load(&dir) {
+                Ok(model) => Some(Arc::new(model)),
+                Err(e) => {
+                    warn!(error = %e, dir = %dir.display(), "could not load the offline MiniLM model; using the hashing embedder");
+                    None
+                }
+            }
+        })
+        .clone()
 }
 
 impl Embedder {
@@ -38,10 +68,13 @@ impl Embedder {
             )),
             _ => None,
         };
-        Embedder {
-            service,
-            offline: HashingEmbedder::new(config.embedding_dim as usize),
-        }
+        // MiniLM's vectors have 384 dimensions; another configured dimension keeps hashing.
+        let offline = if config.embedding_dim == 384 && minilm::find_model_dir().is_some() {
+            Offline::MiniLm
+        } else {
+            Offline::Hashing(HashingEmbedder::new(config.embedding_dim as usize))
+        };
+        Embedder { service, offline }
     }
 
     pub async fn embed(&self, texts: &[String]) -> Embedded {
@@ -57,10 +90,44 @@ impl Embedder {
                 Err(e) => warn!(error = %e, "embedding service failed; using the offline embedder"),
             }
         }
+        let degraded = self.service.is_some();
+        let hashing = match &self.offline {
+            Offline::Hashing(hashing) => {
+                return Embedded {
+                    vectors: texts.iter().map(|t| hashing.embed(t)).collect(),
+                    model: hashing.model().into(),
+                    degraded,
+                };
+            }
+            Offline::MiniLm => {
+                let batch = texts.to_vec();
+                match tokio::task::spawn_blocking(move || {
+                    shared_minilm().map(|model| model.embed(&batch))
+                })
+                .await
+                {
+                    Ok(Some(Ok(vectors))) => {
+                        return Embedded {
+                            vectors,
+                            model: minilm::MODEL_NAME.into(),
+                            degraded,
+                        }
+                    }
+                    Ok(Some(Err(e))) => {
+                        warn!(error = %e, "the MiniLM embedder failed; using the hashing embedder")
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        warn!(error = %e, "the MiniLM embedder panicked; using the hashing embedder")
+                    }
+                }
+                HashingEmbedder::new(384)
+            }
+        };
         Embedded {
-            vectors: texts.iter().map(|t| self.offline.embed(t)).collect(),
-            model: self.offline.model().to_string(),
-            degraded: self.service.is_some(),
+            vectors: texts.iter().map(|t| hashing.embed(t)).collect(),
+            model: hashing.model().into(),
+            degraded: true,
         }
     }
 }
