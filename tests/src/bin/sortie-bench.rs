@@ -48,6 +48,9 @@ async fn main() -> anyhow::Result<()> {
     if what == "runner" || what == "all" {
         dispatch_latency(&cluster).await?;
     }
+    if what == "notes" || what == "all" {
+        note_search(&cluster).await?;
+    }
     Ok(())
 }
 
@@ -593,6 +596,104 @@ async fn dispatch_latency(cluster: &Cluster) -> anyhow::Result<()> {
         "| commit of add_steps → runtime request received | {} |",
         latency(samples)
     );
+    println!();
+    drop(client);
+    drop_database(cluster, &name).await?;
+    Ok(())
+}
+
+/// search_notes over 10^5 notes: the extension's hybrid query (full text ⊕ HNSW, RRF) with a
+/// query vector, in one campaign of 10^4 and across all. Vectors come from the lexical hashing
+/// embedder so that filling the table takes seconds; the query path is the same for any model.
+async fn note_search(cluster: &Cluster) -> anyhow::Result<()> {
+    use sortie_mcp::embed::HashingEmbedder;
+
+    println!("## search_notes over 100,000 notes\n");
+    let (name, client) = fresh(cluster).await?;
+    client.batch_execute("SET synchronous_commit = off; SET maintenance_work_mem = '1GB'; DROP INDEX sortie.notes_embedding").await?;
+    let embedder = HashingEmbedder::new(384);
+    let topics = [
+        "billing",
+        "migration",
+        "retrieval",
+        "survey",
+        "latency",
+        "queue",
+        "database",
+        "outage",
+        "rust",
+        "python",
+        "benchmark",
+        "dataset",
+        "tokenizer",
+        "deployment",
+        "cache",
+        "index",
+        "schema",
+        "planner",
+        "agent",
+        "lease",
+    ];
+    let mut campaigns = Vec::new();
+    for _ in 0..10 {
+        campaigns.push(new_campaign(&client, ", planner => 'llm'").await?);
+    }
+    let total = 100_000usize;
+    for batch in 0..(total / 2000) {
+        let mut contents = Vec::new();
+        let mut vectors = Vec::new();
+        let mut owners = Vec::new();
+        for i in 0..2000 {
+            let n = batch * 2000 + i;
+            let text = format!(
+                "finding {n}: the {} {} work touched {} and {}",
+                topics[n % 20],
+                topics[(n / 20) % 20],
+                topics[(n / 400) % 20],
+                topics[(n / 7) % 20]
+            );
+            let v = embedder.embed(&text);
+            vectors.push(format!(
+                "[{}]",
+                v.iter()
+                    .map(|x| x.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ));
+            contents.push(text);
+            owners.push(campaigns[n % 10]);
+        }
+        client
+            .execute("INSERT INTO sortie.notes (campaign_id, content, embedding, embedding_model)
+                      SELECT c, t, v::vector, 'sortie-hashing-v1' FROM unnest($1::uuid[], $2::text[], $3::text[]) AS x(c, t, v)",
+                     &[&owners, &contents, &vectors])
+            .await?;
+    }
+    let t = Instant::now();
+    client.batch_execute("CREATE INDEX notes_embedding ON sortie.notes USING hnsw (embedding vector_cosine_ops)").await?;
+    client.batch_execute("VACUUM ANALYZE sortie.notes").await?;
+    let build = t.elapsed().as_secs_f64();
+    let mut scoped = Vec::new();
+    let mut global = Vec::new();
+    for q in 0..200 {
+        let query = format!("{} problems in {}", topics[q % 20], topics[(q * 7) % 20]);
+        let vector = pgvector::Vector::from(embedder.embed(&query));
+        for (campaign, samples) in [(Some(campaigns[q % 10]), &mut scoped), (None, &mut global)] {
+            let t = Instant::now();
+            let v = call_on(&client, "sortie.search_notes(query => $1, campaign_id => $2, top_k => 5, query_embedding => $3, embedding_model => 'sortie-hashing-v1')",
+                            &[&query, &campaign, &vector]).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            samples.push(t.elapsed().as_secs_f64() * 1000.0);
+            assert!(!v["results"].as_array().map(Vec::is_empty).unwrap_or(true));
+        }
+    }
+    println!("HNSW index built in {build:.1} s after loading {total} notes (384 dimensions).\n");
+    println!("| search_notes, top 5, hybrid | p50 / p99 |");
+    println!("|---|---|");
+    println!(
+        "| one campaign (10,000 of the notes) | {} |",
+        latency(scoped)
+    );
+    println!("| all campaigns | {} |", latency(global));
     println!();
     drop(client);
     drop_database(cluster, &name).await?;
