@@ -180,7 +180,7 @@ fn code_for_sqlstate(sqlstate: &str) -> Option<&'static str> {
         "SR008" => "skipped",
         "SR009" => "forbidden",
         // Bad input the extension's types caught before a rule ran.
-        "22P02" | "22003" | "22023" | "22007" | "22008" | "22021" | "22P05" | "42883" | "23514" => {
+        "22P02" | "22003" | "22023" | "22007" | "22008" | "22021" | "22P05" | "23514" => {
             "invalid_argument"
         }
         "40001" | "40P01" => "conflict",

@@ -414,10 +414,20 @@ pub fn binary(name: &str) -> PathBuf {
         dir.pop();
     }
     BUILT.get_or_init(|| {
-        // `cargo test -p sortie_tests` alone does not build another package's binaries.
+        // `cargo test -p sortie_tests` alone does not build another package's binaries. Both
+        // packages are named so that features resolve as in the test build: otherwise cargo
+        // rebuilds sortie_mcp with other features here, and again for the next test build.
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = Command::new(cargo);
-        build.args(["build", "-q", "-p", "sortie_mcp", "--bins"]);
+        build.args([
+            "build",
+            "-q",
+            "-p",
+            "sortie_mcp",
+            "-p",
+            "sortie_tests",
+            "--bins",
+        ]);
         if dir.ends_with("release") {
             build.arg("--release");
         }

@@ -364,3 +364,40 @@ async fn paraphrased_queries_find_their_notes() {
     mcp.stop().await;
     db.finish().await;
 }
+
+#[tokio::test]
+async fn the_backfill_pass_embeds_every_note_and_exits() {
+    let db = TestDb::new().await;
+    let c = campaign(&db, "none").await;
+    for i in 0..70 {
+        db.ok(
+            "sortie.add_note($1, $2)",
+            &[&c, &format!("plain SQL note {i}")],
+        )
+        .await;
+    }
+    let output = std::process::Command::new(sortie_tests::binary("sortie-runner"))
+        .arg("--backfill")
+        .env("DATABASE_URL", db.connection_string())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "embedded 70 notes"
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM sortie.notes WHERE embedding IS NULL"
+        )
+        .await,
+        0
+    );
+    db.finish().await;
+}

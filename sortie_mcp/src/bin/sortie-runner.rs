@@ -17,6 +17,9 @@ struct Cli {
     /// Run one tick and exit once every dispatch it started has finished (for cron).
     #[arg(long)]
     once: bool,
+    /// Embed every note that has no embedding yet, then exit.
+    #[arg(long, conflicts_with = "once")]
+    backfill: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -48,6 +51,17 @@ async fn main() -> anyhow::Result<()> {
         None => {
             let url = db.connection_string().to_string();
             let runner = Runner::new(db, config, url, shutdown)?;
+            if cli.backfill {
+                let mut total = 0;
+                loop {
+                    let n = runner.backfill_embeddings().await?;
+                    if n == 0 {
+                        println!("embedded {total} notes");
+                        return Ok(());
+                    }
+                    total += n;
+                }
+            }
             if cli.once {
                 runner.once().await
             } else {

@@ -670,7 +670,11 @@ async fn note_search(cluster: &Cluster) -> anyhow::Result<()> {
             .await?;
     }
     let t = Instant::now();
-    client.batch_execute("CREATE INDEX notes_embedding ON sortie.notes USING hnsw (embedding vector_cosine_ops)").await?;
+    client
+        .batch_execute(
+            "CREATE INDEX notes_embedding ON sortie.notes USING hnsw (embedding vector_cosine_ops)",
+        )
+        .await?;
     client.batch_execute("VACUUM ANALYZE sortie.notes").await?;
     let build = t.elapsed().as_secs_f64();
     let mut scoped = Vec::new();
