@@ -159,9 +159,7 @@ DECLARE
     v_busy uuid[] := '{}';
     v_round integer;
 BEGIN
-    IF owner IS NULL OR btrim(owner) = '' THEN
-        PERFORM raise('invalid_argument', 'owner is required: name the worker or runner that claims');
-    END IF;
+    PERFORM check_owner(owner);
     IF campaign_id IS NOT NULL THEN
         c := lock_campaign(campaign_id);
         s := claim_in_campaign(c, owner, agent, v_lease);
@@ -217,9 +215,7 @@ DECLARE
     c campaigns;
     v_claimed steps;
 BEGIN
-    IF owner IS NULL OR btrim(owner) = '' THEN
-        PERFORM raise('invalid_argument', 'owner is required: name the worker or runner that claims');
-    END IF;
+    PERFORM check_owner(owner);
     SELECT * INTO c FROM campaigns WHERE id = s.campaign_id;
     IF s.step_type <> 'atomic' THEN
         PERFORM raise('invalid_state', format('step %s is a %s step; only its atomic children are dispatched', s.id, s.step_type));
@@ -287,14 +283,27 @@ CREATE FUNCTION slot_correction(p_claimed_at timestamptz) RETURNS double precisi
 LANGUAGE sql STABLE
 AS $$ SELECT extract(epoch FROM clock() - p_claimed_at)::double precision - provisional_slot_seconds() $$;
 
-CREATE FUNCTION settle_slot(s steps) RETURNS double precision
+-- Everything a running atomic step gives up when it stops running, however it stops: its
+-- running slot (with the real slot time charged) and its lock keys.
+CREATE FUNCTION leave_running(s steps) RETURNS void
 LANGUAGE sql VOLATILE
 AS $$
     UPDATE campaigns
        SET slot_seconds_used = greatest(slot_seconds_used + slot_correction(s.claimed_at), 0),
            running_steps = running_steps - 1, updated_at = now()
-     WHERE id = s.campaign_id
-    RETURNING slot_seconds_used;
+     WHERE id = s.campaign_id;
+    DELETE FROM resource_leases WHERE step_id = s.id;
+$$;
+
+CREATE FUNCTION check_owner(p_owner text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+    IF p_owner IS NULL OR btrim(p_owner) = '' THEN
+        PERFORM raise('invalid_argument', 'owner is required: name the worker or runner that claims');
+    END IF;
+    RETURN p_owner;
+END
 $$;
 
 CREATE FUNCTION retry_backoff(p_attempts integer) RETURNS interval
@@ -307,8 +316,7 @@ CREATE FUNCTION attempt_failed(s steps, p_error text) RETURNS text
 LANGUAGE plpgsql VOLATILE
 AS $$
 BEGIN
-    PERFORM settle_slot(s);
-    DELETE FROM resource_leases WHERE step_id = s.id;
+    PERFORM leave_running(s);
     IF s.attempts + 1 < s.max_attempts THEN
         UPDATE steps
            SET status = 'pending', attempts = attempts + 1, error = p_error,

@@ -329,9 +329,9 @@ BEGIN
     UPDATE steps SET status = 'failed', error = p_error, completed_at = clock(),
                      claim_token = NULL, claim_owner = NULL, lease_expires_at = NULL
      WHERE id = s.id;
-    DELETE FROM resource_leases WHERE step_id = s.id;
     -- An atomic step only fails from running, and its caller has already taken it off the
-    -- running count (settle_slot); a compound step is never counted as running or ready.
+    -- running count and released its lock keys (leave_running); a compound step is never
+    -- counted as running or ready and holds no keys.
     PERFORM bump_counters(s.campaign_id, -1, 0, 0);
     PERFORM emit(s.campaign_id, s.id, 'step.failed', jsonb_build_object('error', p_error));
 

@@ -65,8 +65,7 @@ AS $$
 DECLARE
     s steps := lock_claimed_step(step_id, claim_token, 'release_step');
 BEGIN
-    PERFORM settle_slot(s);
-    DELETE FROM resource_leases WHERE resource_leases.step_id = s.id;
+    PERFORM leave_running(s);
     UPDATE steps SET status = 'pending', claim_token = NULL, claim_owner = NULL, lease_expires_at = NULL
      WHERE id = s.id;
     PERFORM bump_counters(s.campaign_id, 0, 0, 1);

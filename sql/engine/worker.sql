@@ -127,13 +127,12 @@ BEGIN
     IF question IS NULL OR btrim(question) = '' THEN
         PERFORM raise('invalid_argument', 'question is empty: ask what you need decided');
     END IF;
-    PERFORM settle_slot(s);
+    PERFORM leave_running(s);
     UPDATE steps
        SET status = 'waiting_input', question = request_input.question, answer = NULL,
            output = coalesce(partial_output, steps.output),
            claim_token = NULL, lease_expires_at = NULL
      WHERE id = s.id;
-    DELETE FROM resource_leases WHERE resource_leases.step_id = s.id;
     PERFORM emit(s.campaign_id, s.id, 'input.requested', jsonb_build_object('question', question));
     PERFORM notify_campaign(s.campaign_id, 'milestone', format('Step %s asks: %s', s.id, question));
     RETURN jsonb_build_object('step_id', s.id, 'status', 'waiting_input',
@@ -242,8 +241,7 @@ BEGIN
            duration_ms = (extract(epoch FROM clock() - s.claimed_at) * 1000)::bigint,
            completed_at = clock(), claim_token = NULL, lease_expires_at = NULL
      WHERE id = s.id;
-    DELETE FROM resource_leases WHERE resource_leases.step_id = s.id;
-    PERFORM settle_slot(s);
+    PERFORM leave_running(s);
     PERFORM bump_counters(s.campaign_id, -1, 0, 0);
     PERFORM emit(s.campaign_id, s.id, 'step.spliced', jsonb_build_object(
         'subtask_ids', to_jsonb(v_subtask_ids), 'continuation_id', v_cont));
@@ -299,8 +297,7 @@ BEGIN
                      lease_expires_at = NULL,
                      duration_ms = (extract(epoch FROM clock() - caller.claimed_at) * 1000)::bigint
      WHERE id = caller.id;
-    DELETE FROM resource_leases WHERE resource_leases.step_id = caller.id;
-    PERFORM settle_slot(caller);
+    PERFORM leave_running(caller);
     PERFORM bump_counters(caller.campaign_id, -1, 0, 0);
     PERFORM emit(caller.campaign_id, caller.id, 'step.done', jsonb_build_object('aborted_branch', t.id));
     PERFORM release_dependents(caller.campaign_id, caller.id);
