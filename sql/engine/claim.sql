@@ -21,63 +21,76 @@ CREATE FUNCTION lock_mode(p_entry text) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT CASE WHEN starts_with(p_entry, 'shared:') THEN 'shared' ELSE 'exclusive' END $$;
 
--- Takes the step's lock keys if all are free; false (and nothing taken) otherwise. Keys are
+-- Whether a campaign may start another step now: active, under max_parallel and within its
+-- token budget (SPEC §3). Inlined into the statements that use it.
+CREATE FUNCTION can_dispatch(p_status text, p_max_parallel integer, p_running integer,
+                             p_token_budget bigint, p_tokens_used bigint)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT p_status = 'active'
+       AND (p_max_parallel IS NULL OR p_running < p_max_parallel)
+       AND (p_token_budget IS NULL OR p_tokens_used < p_token_budget)
+$$;
+
+-- Takes a step's lock keys if all are free; false (and nothing taken) otherwise. Keys are
 -- shared across campaigns, so their roots are serialised with advisory locks, in sorted order.
-CREATE FUNCTION take_locks(s steps, p_expires timestamptz) RETURNS boolean
+CREATE FUNCTION take_locks(p_step bigint, p_campaign uuid, p_locks text[], p_expires timestamptz)
+RETURNS boolean
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
     v_root text;
 BEGIN
-    IF cardinality(s.requires_locks) = 0 THEN
+    IF cardinality(p_locks) = 0 THEN
         RETURN true;
     END IF;
-    FOR v_root IN SELECT DISTINCT split_part(lock_key(e), '/', 1) AS r FROM unnest(s.requires_locks) e ORDER BY r LOOP
+    FOR v_root IN SELECT DISTINCT split_part(lock_key(e), '/', 1) AS r FROM unnest(p_locks) e ORDER BY r LOOP
         PERFORM pg_advisory_xact_lock(hashtextextended('sortie.lock:' || v_root, 0));
     END LOOP;
     IF EXISTS (
         SELECT 1
-          FROM unnest(s.requires_locks) e
+          FROM unnest(p_locks) e
           JOIN resource_leases l
             ON (l.key = lock_key(e) OR starts_with(l.key, lock_key(e) || '/') OR starts_with(lock_key(e), l.key || '/'))
-         WHERE l.step_id <> s.id AND l.expires_at > clock()
+         WHERE l.step_id <> p_step AND l.expires_at > clock()
            AND NOT (l.mode = 'shared' AND lock_mode(e) = 'shared')) THEN
         RETURN false;
     END IF;
     INSERT INTO resource_leases (key, mode, campaign_id, step_id, expires_at)
-    SELECT DISTINCT ON (lock_key(e)) lock_key(e), lock_mode(e), s.campaign_id, s.id, p_expires
-      FROM unnest(s.requires_locks) e
+    SELECT DISTINCT ON (lock_key(e)) lock_key(e), lock_mode(e), p_campaign, p_step, p_expires
+      FROM unnest(p_locks) e
      ORDER BY lock_key(e), lock_mode(e) = 'shared'
     ON CONFLICT (key, step_id) DO UPDATE SET expires_at = EXCLUDED.expires_at;
     RETURN true;
 END
 $$;
 
-CREATE FUNCTION claim_result(s steps) RETURNS jsonb
-LANGUAGE sql IMMUTABLE
-AS $$
-    SELECT jsonb_build_object('step_id', s.id, 'campaign_id', s.campaign_id, 'action', s.action,
-                              'agent', s.agent, 'depth', s.depth, 'claim_token', s.claim_token,
-                              'lease_expires_at', s.lease_expires_at, 'attempts', s.attempts);
-$$;
-
--- Claims a ready step of an already locked campaign. Returns NULL when its lock keys are busy.
-CREATE FUNCTION take_step(s steps, p_owner text, p_lease_seconds integer) RETURNS steps
+-- Claims a ready step of an already locked campaign and returns the claim as the tools
+-- answer it; NULL when its lock keys are busy. Scalars rather than a `steps` row: this is
+-- the hot path, and whole-row values cost a tuple descriptor per call.
+CREATE FUNCTION take_step(p_step bigint, p_campaign uuid, p_parent bigint, p_locks text[],
+                          p_owner text, p_lease_seconds integer)
+RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
     v_expires timestamptz := clock() + make_interval(secs => p_lease_seconds);
-    v_parent bigint := s.parent_id;
+    v_parent bigint := p_parent;
+    v_claim jsonb;
 BEGIN
-    IF cardinality(s.requires_locks) > 0 AND NOT take_locks(s, v_expires) THEN
+    IF cardinality(p_locks) > 0 AND NOT take_locks(p_step, p_campaign, p_locks, v_expires) THEN
         RETURN NULL;
     END IF;
     UPDATE steps
        SET status = 'running', claim_token = gen_random_uuid(), claim_owner = p_owner,
            claimed_at = clock(), heartbeat_at = clock(), lease_expires_at = v_expires,
            started_at = coalesce(started_at, clock())
-     WHERE id = s.id
-    RETURNING * INTO s;
+     WHERE id = p_step
+    RETURNING jsonb_build_object('step_id', id, 'campaign_id', campaign_id, 'action', action,
+                                 'agent', agent, 'depth', depth, 'claim_token', claim_token,
+                                 'lease_expires_at', lease_expires_at, 'attempts', attempts)
+      INTO v_claim;
     -- A compound step becomes running when its first child starts (its parents with it).
     WHILE v_parent IS NOT NULL LOOP
         UPDATE steps SET status = 'running', started_at = clock()
@@ -88,9 +101,9 @@ BEGIN
     UPDATE campaigns
        SET running_steps = running_steps + 1, ready_steps = ready_steps - 1,
            slot_seconds_used = slot_seconds_used + provisional_slot_seconds(), updated_at = now()
-     WHERE id = s.campaign_id;
-    PERFORM emit(s.campaign_id, s.id, 'step.claimed', jsonb_build_object('owner', p_owner));
-    RETURN s;
+     WHERE id = p_campaign;
+    PERFORM emit(p_campaign, p_step, 'step.claimed', jsonb_build_object('owner', p_owner));
+    RETURN v_claim;
 END
 $$;
 
@@ -105,23 +118,23 @@ BEGIN
 END
 $$;
 
--- Within one locked campaign: the first ready step for `p_agent` whose lock keys are free.
-CREATE FUNCTION claim_in_campaign(c campaigns, p_owner text, p_agent text, p_lease_seconds integer) RETURNS steps
+-- Within a campaign its caller has locked and found dispatchable (can_dispatch): the first
+-- ready step for `p_agent` whose lock keys are free, claimed; NULL when there is none.
+CREATE FUNCTION claim_in_campaign(p_campaign uuid, p_owner text, p_agent text, p_lease_seconds integer)
+RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
-    s steps;
-    v_claimed steps;
+    v_step bigint;
+    v_parent bigint;
+    v_locks text[];
+    v_claim jsonb;
     v_after bigint := 0;
 BEGIN
-    IF c.status <> 'active'
-       OR (c.max_parallel IS NOT NULL AND c.running_steps >= c.max_parallel)
-       OR (c.token_budget IS NOT NULL AND c.tokens_used >= c.token_budget) THEN
-        RETURN NULL;
-    END IF;
     LOOP
-        SELECT * INTO s FROM steps
-         WHERE campaign_id = c.id AND status = 'pending' AND step_type = 'atomic' AND remaining_deps = 0
+        SELECT id, parent_id, requires_locks INTO v_step, v_parent, v_locks
+          FROM steps
+         WHERE campaign_id = p_campaign AND status = 'pending' AND step_type = 'atomic' AND remaining_deps = 0
            AND id > v_after AND not_before <= clock()
            AND (p_agent IS NULL OR agent IS NULL OR agent = p_agent)
          -- The ready index's own order: a cached generic plan must not prefer walking the
@@ -132,11 +145,11 @@ BEGIN
         IF NOT FOUND THEN
             RETURN NULL;
         END IF;
-        v_claimed := take_step(s, p_owner, p_lease_seconds);
-        IF v_claimed.id IS NOT NULL THEN
-            RETURN v_claimed;
+        v_claim := take_step(v_step, p_campaign, v_parent, v_locks, p_owner, p_lease_seconds);
+        IF v_claim IS NOT NULL THEN
+            RETURN v_claim;
         END IF;
-        v_after := s.id;
+        v_after := v_step;
     END LOOP;
 END
 $$;
@@ -154,16 +167,23 @@ AS $$
 DECLARE
     v_lease integer := check_lease_seconds(lease_seconds);
     v_campaign uuid;
-    c campaigns;
-    s steps;
+    v_dispatchable boolean;
+    v_claim jsonb;
     v_busy uuid[] := '{}';
     v_round integer;
 BEGIN
     PERFORM check_owner(owner);
     IF campaign_id IS NOT NULL THEN
-        c := lock_campaign(campaign_id);
-        s := claim_in_campaign(c, owner, agent, v_lease);
-        RETURN CASE WHEN s.id IS NULL THEN jsonb_build_object('step_id', NULL) ELSE claim_result(s) END;
+        SELECT can_dispatch(x.status, x.max_parallel, x.running_steps, x.token_budget, x.tokens_used)
+          INTO v_dispatchable
+          FROM campaigns x WHERE x.id = campaign_id FOR UPDATE;
+        IF NOT FOUND THEN
+            PERFORM raise('not_found', format('campaign %s does not exist', campaign_id));
+        END IF;
+        IF v_dispatchable THEN
+            v_claim := claim_in_campaign(campaign_id, owner, agent, v_lease);
+        END IF;
+        RETURN coalesce(v_claim, jsonb_build_object('step_id', NULL));
     END IF;
     -- Round 1 skips campaigns another transaction holds; round 2 waits for them, but only if
     -- round 1 found nothing. Each try runs in a subtransaction that is undone when it claims
@@ -172,26 +192,29 @@ BEGIN
     FOR v_round IN 1..2 LOOP
         FOR v_campaign IN
             SELECT x.id FROM campaigns x
-             WHERE x.status = 'active' AND x.ready_steps > 0
-               AND (x.max_parallel IS NULL OR x.running_steps < x.max_parallel)
-               AND (x.token_budget IS NULL OR x.tokens_used < x.token_budget)
+             WHERE x.ready_steps > 0
+               AND can_dispatch(x.status, x.max_parallel, x.running_steps, x.token_budget, x.tokens_used)
                AND (v_round = 1 OR x.id = ANY (v_busy))
              ORDER BY x.slot_seconds_used / x.weight, x.created_at
         LOOP
             BEGIN
                 IF v_round = 1 THEN
-                    SELECT * INTO c FROM campaigns x WHERE x.id = v_campaign FOR UPDATE SKIP LOCKED;
+                    SELECT can_dispatch(x.status, x.max_parallel, x.running_steps, x.token_budget, x.tokens_used)
+                      INTO v_dispatchable
+                      FROM campaigns x WHERE x.id = v_campaign FOR UPDATE SKIP LOCKED;
                 ELSE
-                    SELECT * INTO c FROM campaigns x WHERE x.id = v_campaign FOR UPDATE;
+                    SELECT can_dispatch(x.status, x.max_parallel, x.running_steps, x.token_budget, x.tokens_used)
+                      INTO v_dispatchable
+                      FROM campaigns x WHERE x.id = v_campaign FOR UPDATE;
                 END IF;
                 IF NOT FOUND THEN
                     v_busy := v_busy || v_campaign;
                 ELSE
-                    s := claim_in_campaign(c, owner, agent, v_lease);
-                    IF s.id IS NULL THEN
+                    v_claim := CASE WHEN v_dispatchable THEN claim_in_campaign(v_campaign, owner, agent, v_lease) END;
+                    IF v_claim IS NULL THEN
                         RAISE EXCEPTION 'nothing to claim here' USING ERRCODE = 'SR099';
                     END IF;
-                    RETURN claim_result(s);
+                    RETURN v_claim;
                 END IF;
             EXCEPTION WHEN SQLSTATE 'SR099' THEN
                 NULL;
@@ -213,7 +236,7 @@ DECLARE
     v_lease integer := check_lease_seconds(lease_seconds);
     s steps := lock_step(step_id);
     c campaigns;
-    v_claimed steps;
+    v_claim jsonb;
 BEGIN
     PERFORM check_owner(owner);
     SELECT * INTO c FROM campaigns WHERE id = s.campaign_id;
@@ -232,11 +255,11 @@ BEGIN
     ELSIF c.max_parallel IS NOT NULL AND c.running_steps >= c.max_parallel THEN
         PERFORM raise('invalid_state', format('campaign %s already runs max_parallel = %s steps', c.id, c.max_parallel));
     END IF;
-    v_claimed := take_step(s, owner, v_lease);
-    IF v_claimed.id IS NULL THEN
+    v_claim := take_step(s.id, s.campaign_id, s.parent_id, s.requires_locks, owner, v_lease);
+    IF v_claim IS NULL THEN
         PERFORM raise('invalid_state', format('step %s needs lock keys another running step holds', s.id));
     END IF;
-    RETURN claim_result(v_claimed);
+    RETURN v_claim;
 END
 $$;
 

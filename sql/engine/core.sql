@@ -49,22 +49,35 @@ BEGIN
 END
 $$;
 
+-- Locks a step's campaign (one statement: the hot paths call this) and returns its id.
+CREATE FUNCTION lock_step_campaign(p_step bigint) RETURNS uuid
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    v_campaign uuid;
+BEGIN
+    IF p_step IS NULL THEN
+        PERFORM raise('invalid_argument', 'a step id is required (pass step_id, or run with SORTIE_STEP_ID set)');
+    END IF;
+    SELECT c.id INTO v_campaign
+      FROM campaigns c
+     WHERE c.id = (SELECT s.campaign_id FROM steps s WHERE s.id = p_step)
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM raise('not_found', format('step %s does not exist', p_step));
+    END IF;
+    RETURN v_campaign;
+END
+$$;
+
 -- Locks a step's campaign, then the step. Returns the step as it is under the lock.
 CREATE FUNCTION lock_step(p_step bigint) RETURNS steps
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
-    v_campaign uuid;
     s steps;
 BEGIN
-    IF p_step IS NULL THEN
-        PERFORM raise('invalid_argument', 'a step id is required (pass step_id, or run with SORTIE_STEP_ID set)');
-    END IF;
-    SELECT campaign_id INTO v_campaign FROM steps WHERE id = p_step;
-    IF NOT FOUND THEN
-        PERFORM raise('not_found', format('step %s does not exist', p_step));
-    END IF;
-    PERFORM lock_campaign(v_campaign);
+    PERFORM lock_step_campaign(p_step);
     SELECT * INTO s FROM steps WHERE id = p_step FOR UPDATE;
     RETURN s;
 END
@@ -99,20 +112,30 @@ BEGIN
 END
 $$;
 
+-- PL/pgSQL rather than SQL from here on: a non-inlined SQL function is parsed and planned
+-- again at every call, a PL/pgSQL one once per session.
 CREATE FUNCTION lock_claimed_step(p_step bigint, p_token uuid, p_call text) RETURNS steps
-LANGUAGE sql VOLATILE
-AS $$ SELECT check_claim(lock_step(p_step), p_token, p_call) $$;
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+    RETURN check_claim(lock_step(p_step), p_token, p_call);
+END
+$$;
 
 CREATE FUNCTION bump_counters(p_campaign uuid, p_open integer, p_running integer, p_ready integer)
 RETURNS void
-LANGUAGE sql VOLATILE
+LANGUAGE plpgsql VOLATILE
 AS $$
-    UPDATE campaigns
-       SET open_steps = open_steps + p_open,
-           running_steps = running_steps + p_running,
-           ready_steps = ready_steps + p_ready,
-           updated_at = now()
-     WHERE id = p_campaign AND (p_open <> 0 OR p_running <> 0 OR p_ready <> 0);
+BEGIN
+    IF p_open <> 0 OR p_running <> 0 OR p_ready <> 0 THEN
+        UPDATE campaigns
+           SET open_steps = open_steps + p_open,
+               running_steps = running_steps + p_running,
+               ready_steps = ready_steps + p_ready,
+               updated_at = now()
+         WHERE id = p_campaign;
+    END IF;
+END
 $$;
 
 -- Steps whose remaining_deps just reached 0: an atomic one joins the ready set; a compound one
@@ -145,22 +168,29 @@ BEGIN
 END
 $$;
 
--- A step became done: its dependents each have one dependency fewer.
-CREATE FUNCTION release_dependents(p_campaign uuid, p_step bigint) RETURNS void
+-- A step became done: its dependents each have one dependency fewer. Compound ones that
+-- reached 0 open here; the atomic ones that became ready are counted, not added to the
+-- campaign's ready_steps: the caller folds that into its own counter update.
+CREATE FUNCTION release_dependents(p_campaign uuid, p_step bigint) RETURNS integer
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
-    v_zero bigint[];
+    v_ready integer;
+    v_compound bigint[];
 BEGIN
     WITH released AS (
         UPDATE steps s SET remaining_deps = s.remaining_deps - 1
           FROM step_dependencies d
          WHERE d.depends_on = p_step AND s.id = d.step_id AND s.status = 'pending'
-        RETURNING s.id, s.remaining_deps)
-    SELECT coalesce(array_agg(id) FILTER (WHERE remaining_deps = 0), '{}') INTO v_zero FROM released;
-    IF cardinality(v_zero) > 0 THEN
-        PERFORM unblocked(p_campaign, v_zero);
+        RETURNING s.id, s.step_type, s.remaining_deps)
+    SELECT count(*) FILTER (WHERE remaining_deps = 0 AND step_type = 'atomic'),
+           array_agg(id) FILTER (WHERE remaining_deps = 0 AND step_type <> 'atomic')
+      INTO v_ready, v_compound
+      FROM released;
+    IF v_compound IS NOT NULL THEN
+        PERFORM unblocked(p_campaign, v_compound);
     END IF;
+    RETURN v_ready;
 END
 $$;
 
@@ -309,7 +339,7 @@ LANGUAGE plpgsql VOLATILE
 AS $$
 BEGIN
     PERFORM emit(p_campaign, p_step, 'step.done');
-    PERFORM release_dependents(p_campaign, p_step);
+    PERFORM bump_counters(p_campaign, 0, 0, release_dependents(p_campaign, p_step));
     IF p_parent IS NOT NULL THEN
         PERFORM member_settled(p_parent, 1, 0, NULL);
     END IF;

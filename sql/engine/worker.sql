@@ -54,6 +54,8 @@ BEGIN
 END
 $$;
 
+-- The hot path: one guarded update of the step; the reasons a completion is refused are
+-- worked out only when that update finds nothing.
 CREATE FUNCTION complete_step(step_id bigint, claim_token uuid, summary text DEFAULT '', tokens_used bigint DEFAULT 0)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
@@ -62,39 +64,66 @@ AS $$
 #variable_conflict use_variable
 DECLARE
     v_tokens bigint := check_tokens(tokens_used);
-    s steps := lock_step(step_id);
-    c campaigns;
+    v_campaign uuid;
+    v_parent bigint;
+    v_claimed_at timestamptz;
+    v_locks text[];
+    v_ready integer;
+    v_open integer;
+    v_status text;
+    v_budget bigint;
+    s steps;
 BEGIN
-    -- A worker whose step was skipped under it (abort, cancel) is told so; what it produced is
-    -- kept on the step for audit, and nothing else changes.
-    IF s.status = 'skipped' AND s.claim_token = claim_token THEN
-        UPDATE steps SET output = coalesce(steps.output, summary) WHERE id = s.id;
-        RETURN jsonb_build_object('step_id', s.id, 'status', 'skipped', 'accepted', false,
-            'message', format('step %s was skipped (%s) while you worked; your output was kept for the record',
-                              s.id, coalesce(s.error, s.skip_cause)));
+    IF claim_token IS NULL THEN
+        PERFORM raise('invalid_argument', format(
+            'complete_step needs the claim token of step %s (claim_token, or SORTIE_CLAIM_TOKEN)', step_id));
     END IF;
-    s := check_claim(s, claim_token, 'complete_step');
+    v_campaign := lock_step_campaign(step_id);
     UPDATE steps
        SET status = 'done', output = coalesce(summary, ''), tokens_used = steps.tokens_used + v_tokens,
-           duration_ms = (extract(epoch FROM clock() - s.claimed_at) * 1000)::bigint,
+           duration_ms = (extract(epoch FROM clock() - claimed_at) * 1000)::bigint,
            completed_at = clock(), claim_token = NULL, lease_expires_at = NULL
-     WHERE id = s.id;
-    IF cardinality(s.requires_locks) > 0 THEN
-        DELETE FROM resource_leases WHERE resource_leases.step_id = s.id;
+     WHERE id = step_id AND steps.claim_token = complete_step.claim_token AND status = 'running'
+    RETURNING parent_id, claimed_at, requires_locks INTO v_parent, v_claimed_at, v_locks;
+    IF NOT FOUND THEN
+        SELECT * INTO s FROM steps WHERE id = step_id;
+        -- A worker whose step was skipped under it (abort, cancel) is told so; what it
+        -- produced is kept on the step for audit, and nothing else changes.
+        IF s.status = 'skipped' AND s.claim_token = claim_token THEN
+            UPDATE steps SET output = coalesce(steps.output, summary) WHERE id = s.id;
+            RETURN jsonb_build_object('step_id', s.id, 'status', 'skipped', 'accepted', false,
+                'message', format('step %s was skipped (%s) while you worked; your output was kept for the record',
+                                  s.id, coalesce(s.error, s.skip_cause)));
+        END IF;
+        PERFORM check_claim(s, claim_token, 'complete_step');
+        PERFORM raise('invalid_state', format('step %s cannot be completed', s.id));
     END IF;
-    -- One update for every counter this completion moves (slot time, tokens, open, running).
+    IF cardinality(v_locks) > 0 THEN
+        DELETE FROM resource_leases WHERE resource_leases.step_id = complete_step.step_id;
+    END IF;
+    PERFORM emit(v_campaign, step_id, 'step.done');
+    v_ready := release_dependents(v_campaign, step_id);
+    -- One update for every counter this completion moves (slot time, tokens, open, running,
+    -- ready): the same bookkeeping as leave_running() and after_done(), folded together.
     UPDATE campaigns
-       SET slot_seconds_used = greatest(slot_seconds_used + slot_correction(s.claimed_at), 0),
+       SET slot_seconds_used = greatest(slot_seconds_used + slot_correction(v_claimed_at), 0),
            tokens_used = campaigns.tokens_used + v_tokens,
-           running_steps = running_steps - 1, open_steps = open_steps - 1, updated_at = now()
-     WHERE id = s.campaign_id
-    RETURNING * INTO c;
-    PERFORM after_done(s.campaign_id, s.id, s.parent_id);
-    IF c.token_budget IS NOT NULL THEN
-        PERFORM enforce_budget(s.campaign_id);
+           running_steps = running_steps - 1, open_steps = open_steps - 1,
+           ready_steps = ready_steps + v_ready, updated_at = now()
+     WHERE id = v_campaign
+    RETURNING open_steps, status, token_budget INTO v_open, v_status, v_budget;
+    IF v_parent IS NOT NULL THEN
+        PERFORM member_settled(v_parent, 1, 0, NULL);
     END IF;
-    RETURN jsonb_build_object('step_id', s.id, 'status', 'done', 'accepted', true,
-                              'campaign_status', (SELECT status FROM campaigns WHERE id = s.campaign_id));
+    IF v_parent IS NOT NULL OR v_open = 0 OR v_budget IS NOT NULL THEN
+        PERFORM check_drained(v_campaign);
+        IF v_budget IS NOT NULL THEN
+            PERFORM enforce_budget(v_campaign);
+        END IF;
+        SELECT status INTO v_status FROM campaigns WHERE id = v_campaign;
+    END IF;
+    RETURN jsonb_build_object('step_id', step_id, 'status', 'done', 'accepted', true,
+                              'campaign_status', v_status);
 END
 $$;
 
@@ -300,7 +329,7 @@ BEGIN
     PERFORM leave_running(caller);
     PERFORM bump_counters(caller.campaign_id, -1, 0, 0);
     PERFORM emit(caller.campaign_id, caller.id, 'step.done', jsonb_build_object('aborted_branch', t.id));
-    PERFORM release_dependents(caller.campaign_id, caller.id);
+    PERFORM bump_counters(caller.campaign_id, 0, 0, release_dependents(caller.campaign_id, caller.id));
 
     SELECT coalesce(array_agg(id), '{}') INTO v_children FROM steps WHERE parent_id = t.id;
     v_skipped := skip_cascade(caller.campaign_id, v_children, 'abort',
