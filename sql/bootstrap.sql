@@ -56,46 +56,74 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT CASE priority WHEN 'urgent' THEN 8 WHEN 'high' THEN 4 WHEN 'normal' THEN 2
                            WHEN 'low' THEN 1 WHEN 'background' THEN 0.5 END::double precision $$;
 
+-- Column rules as domains rather than table CHECKs. PostgreSQL re-reads and re-plans every
+-- CHECK of a table for each INSERT or UPDATE statement it starts, which on the claim and
+-- completion path cost more than the statements themselves; a domain's check is planned once
+-- per session (typcache) and runs only when its column is assigned. Only the rules that tie
+-- several columns together remain table CHECKs.
+CREATE DOMAIN nonneg_int AS integer CHECK (VALUE >= 0);
+CREATE DOMAIN nonneg_bigint AS bigint CHECK (VALUE >= 0);
+CREATE DOMAIN positive_int AS integer CHECK (VALUE > 0);
+CREATE DOMAIN positive_bigint AS bigint CHECK (VALUE > 0);
+CREATE DOMAIN nonblank_text AS text CHECK (length(btrim(VALUE)) > 0);
+CREATE DOMAIN campaign_name AS text CHECK (length(VALUE) BETWEEN 1 AND 200);
+CREATE DOMAIN campaign_status AS text CHECK (VALUE IN ('active', 'paused', 'done', 'failed', 'cancelled'));
+CREATE DOMAIN campaign_priority AS text CHECK (VALUE IN ('urgent', 'high', 'normal', 'low', 'background'));
+CREATE DOMAIN depth_limit AS integer CHECK (VALUE BETWEEN 0 AND 64);
+CREATE DOMAIN failure_policy AS text CHECK (VALUE IN ('continue', 'fail_fast'));
+CREATE DOMAIN metric_direction AS text CHECK (VALUE IN ('max', 'min'));
+CREATE DOMAIN planner_kind AS text CHECK (VALUE IN ('llm', 'none'));
+CREATE DOMAIN jsonb_array AS jsonb CHECK (jsonb_typeof(VALUE) = 'array');
+CREATE DOMAIN jsonb_object AS jsonb CHECK (jsonb_typeof(VALUE) = 'object');
+CREATE DOMAIN step_type AS text CHECK (VALUE IN ('atomic', 'parallel_group', 'sequence', 'for_each'));
+CREATE DOMAIN step_status AS text
+    CHECK (VALUE IN ('pending', 'running', 'waiting_input', 'done', 'failed', 'skipped'));
+-- Why a step was skipped: an abort and an early-met threshold resolve it; the rest do not.
+CREATE DOMAIN skip_cause AS text
+    CHECK (VALUE IN ('abort', 'threshold', 'dependency', 'fail_fast', 'parent', 'campaign'));
+CREATE DOMAIN attempt_limit AS integer CHECK (VALUE BETWEEN 1 AND 100);
+CREATE DOMAIN event_kind AS text CHECK (VALUE ~ '^[a-z_]+\.[a-z_]+$');
+
 CREATE TABLE campaigns (
     id                  uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-    name                text NOT NULL CHECK (length(name) BETWEEN 1 AND 200),
-    goal                text NOT NULL CHECK (length(btrim(goal)) > 0),
-    status              text NOT NULL DEFAULT 'active'
-                        CHECK (status IN ('active', 'paused', 'done', 'failed', 'cancelled')),
+    name                campaign_name NOT NULL,
+    goal                nonblank_text NOT NULL,
+    status              campaign_status NOT NULL DEFAULT 'active',
     status_reason       text,
     strategy            text,
     -- User guidance from steer_campaign, newest last; the planner reads it and never writes it.
-    guidance            jsonb NOT NULL DEFAULT '[]' CHECK (jsonb_typeof(guidance) = 'array'),
+    guidance            jsonb_array NOT NULL DEFAULT '[]',
     progress            text,
     channel             text,
-    priority            text NOT NULL DEFAULT 'normal'
-                        CHECK (priority IN ('urgent', 'high', 'normal', 'low', 'background')),
+    priority            campaign_priority NOT NULL DEFAULT 'normal',
     weight              double precision GENERATED ALWAYS AS (priority_weight(priority)) STORED,
     slot_seconds_used   double precision NOT NULL DEFAULT 0,
-    max_depth           integer NOT NULL DEFAULT 4 CHECK (max_depth BETWEEN 0 AND 64),
-    max_parallel        integer CHECK (max_parallel > 0),
-    token_budget        bigint CHECK (token_budget > 0),
-    tokens_used         bigint NOT NULL DEFAULT 0 CHECK (tokens_used >= 0),
-    failure_policy      text NOT NULL DEFAULT 'continue' CHECK (failure_policy IN ('continue', 'fail_fast')),
+    max_depth           depth_limit NOT NULL DEFAULT 4,
+    max_parallel        positive_int,
+    token_budget        positive_bigint,
+    tokens_used         nonneg_bigint NOT NULL DEFAULT 0,
+    failure_policy      failure_policy NOT NULL DEFAULT 'continue',
     success_metric      text,
     success_target      double precision,
-    success_direction   text NOT NULL DEFAULT 'max' CHECK (success_direction IN ('max', 'min')),
+    success_direction   metric_direction NOT NULL DEFAULT 'max',
     benchmark_command   text,
     scope               text,
-    max_iterations      integer CHECK (max_iterations > 0),
-    planner             text NOT NULL DEFAULT 'llm' CHECK (planner IN ('llm', 'none')),
+    max_iterations      positive_int,
+    planner             planner_kind NOT NULL DEFAULT 'llm',
     -- A runner consulting the planner holds this lease, so one campaign is planned once at a time.
     planner_lease_until timestamptz,
     planner_iterations  integer NOT NULL DEFAULT 0,
     workflow            text,
     workflow_hash       text,
-    context             jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(context) = 'object'),
+    context             jsonb_object NOT NULL DEFAULT '{}',
     -- Counters kept by the rules, checked by check_invariants(): steps not yet terminal,
     -- atomic steps running now, atomic steps pending with every dependency met.
-    open_steps          integer NOT NULL DEFAULT 0 CHECK (open_steps >= 0),
-    running_steps       integer NOT NULL DEFAULT 0 CHECK (running_steps >= 0),
-    ready_steps         integer NOT NULL DEFAULT 0 CHECK (ready_steps >= 0),
+    open_steps          nonneg_int NOT NULL DEFAULT 0,
+    running_steps       nonneg_int NOT NULL DEFAULT 0,
+    ready_steps         nonneg_int NOT NULL DEFAULT 0,
     next_action_at      timestamptz,
+    -- When the campaign last woke LISTENers (emit): at most once per wake_interval().
+    notified_at         timestamptz,
     created_at          timestamptz NOT NULL DEFAULT now(),
     updated_at          timestamptz NOT NULL DEFAULT now(),
     completed_at        timestamptz,
@@ -112,27 +140,23 @@ CREATE TABLE steps (
     id                   bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     campaign_id          uuid NOT NULL REFERENCES campaigns (id) ON DELETE CASCADE,
     parent_id            bigint REFERENCES steps (id) ON DELETE CASCADE,
-    depth                integer NOT NULL DEFAULT 0 CHECK (depth >= 0),
+    depth                nonneg_int NOT NULL DEFAULT 0,
     position             integer NOT NULL DEFAULT 0,
-    action               text NOT NULL CHECK (length(btrim(action)) > 0),
+    action               nonblank_text NOT NULL,
     agent                text,
-    step_type            text NOT NULL DEFAULT 'atomic'
-                         CHECK (step_type IN ('atomic', 'parallel_group', 'sequence', 'for_each')),
-    status               text NOT NULL DEFAULT 'pending'
-                         CHECK (status IN ('pending', 'running', 'waiting_input', 'done', 'failed', 'skipped')),
-    -- Why a step was skipped: an abort and an early-met threshold resolve it; the rest do not.
-    skip_cause           text CHECK (skip_cause IN ('abort', 'threshold', 'dependency', 'fail_fast',
-                                                    'parent', 'campaign')),
-    failure_policy       text NOT NULL DEFAULT 'continue' CHECK (failure_policy IN ('continue', 'fail_fast')),
-    completion_threshold integer CHECK (completion_threshold > 0),
+    step_type            step_type NOT NULL DEFAULT 'atomic',
+    status               step_status NOT NULL DEFAULT 'pending',
+    skip_cause           skip_cause,
+    failure_policy       failure_policy NOT NULL DEFAULT 'continue',
+    completion_threshold positive_int,
     -- Compound steps: children that count toward the threshold (a spliced step hands its
     -- place to its continuation), and how many of them resolved or failed.
-    members              integer NOT NULL DEFAULT 0 CHECK (members >= 0),
-    members_resolved     integer NOT NULL DEFAULT 0 CHECK (members_resolved >= 0),
-    members_failed       integer NOT NULL DEFAULT 0 CHECK (members_failed >= 0),
+    members              nonneg_int NOT NULL DEFAULT 0,
+    members_resolved     nonneg_int NOT NULL DEFAULT 0,
+    members_failed       nonneg_int NOT NULL DEFAULT 0,
     -- Dependencies not yet done, plus one while a compound parent is itself still waiting:
     -- a step is ready exactly when this is 0 (SPEC §10: count, never re-scan predecessors).
-    remaining_deps       integer NOT NULL DEFAULT 0 CHECK (remaining_deps >= 0),
+    remaining_deps       nonneg_int NOT NULL DEFAULT 0,
     input                jsonb,
     question             text,
     answer               text,
@@ -142,8 +166,8 @@ CREATE TABLE steps (
     continuation_of      bigint REFERENCES steps (id) ON DELETE CASCADE,
     -- Set on a spliced step: its continuation, which takes its place for later dependents.
     continued_by         bigint REFERENCES steps (id) ON DELETE SET NULL,
-    attempts             integer NOT NULL DEFAULT 0 CHECK (attempts >= 0),
-    max_attempts         integer NOT NULL DEFAULT 3 CHECK (max_attempts BETWEEN 1 AND 100),
+    attempts             nonneg_int NOT NULL DEFAULT 0,
+    max_attempts         attempt_limit NOT NULL DEFAULT 3,
     not_before           timestamptz NOT NULL DEFAULT '-infinity',
     claim_owner          text,
     claim_token          uuid,
@@ -151,7 +175,7 @@ CREATE TABLE steps (
     heartbeat_at         timestamptz,
     lease_expires_at     timestamptz,
     requires_locks       text[] NOT NULL DEFAULT '{}',
-    tokens_used          bigint NOT NULL DEFAULT 0 CHECK (tokens_used >= 0),
+    tokens_used          nonneg_bigint NOT NULL DEFAULT 0,
     duration_ms          bigint,
     created_at           timestamptz NOT NULL DEFAULT now(),
     started_at           timestamptz,
@@ -192,7 +216,7 @@ CREATE TABLE events (
     tx          xid8 NOT NULL DEFAULT pg_current_xact_id(),
     campaign_id uuid REFERENCES campaigns (id) ON DELETE CASCADE,
     step_id     bigint,
-    kind        text NOT NULL CHECK (kind ~ '^[a-z_]+\.[a-z_]+$'),
+    kind        event_kind NOT NULL,
     payload     jsonb NOT NULL DEFAULT '{}',
     at          timestamptz NOT NULL DEFAULT now()
 );

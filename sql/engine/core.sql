@@ -6,8 +6,21 @@
 -- were the last, a claim cannot race a cancel, a splice cannot race an abort — and rules of
 -- different campaigns never wait on each other (SPEC §2 scale-out rule).
 
--- Appends to the event log and wakes LISTENers (`sortie_events`). NOTIFY is a hint; readers
--- page the table (SPEC §10).
+-- How often a campaign may wake LISTENers. NOTIFY serialises every notifying commit in the
+-- cluster — PostgreSQL holds one lock from pre-commit to the end of the commit, WAL flush
+-- included — so a NOTIFY per claim and completion caps the whole cluster at one commit at a
+-- time. A listener woken by a campaign polls for listen_poll_window() instead, which covers
+-- the events the interval held back (docs/decisions.md, "Waking listeners").
+CREATE FUNCTION wake_interval() RETURNS interval
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT interval '100 milliseconds' $$;
+
+CREATE FUNCTION listen_poll_window() RETURNS interval
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT interval '1 second' $$;
+
+-- Appends to the event log and, unless the campaign woke listeners within wake_interval(),
+-- wakes them (`sortie_events`). NOTIFY is a hint; readers page the table (SPEC §10).
 CREATE FUNCTION emit(p_campaign uuid, p_step bigint, p_kind text, p_payload jsonb DEFAULT '{}')
 RETURNS void
 LANGUAGE plpgsql VOLATILE
@@ -18,6 +31,15 @@ BEGIN
     INSERT INTO events (campaign_id, step_id, kind, payload)
     VALUES (p_campaign, p_step, p_kind, coalesce(p_payload, '{}'))
     RETURNING id INTO v_id;
+    IF p_campaign IS NOT NULL THEN
+        -- Every caller holds the campaign's row lock, so this read-and-set is not racy.
+        UPDATE campaigns SET notified_at = clock_timestamp()
+         WHERE id = p_campaign
+           AND (notified_at IS NULL OR notified_at <= clock_timestamp() - wake_interval());
+        IF NOT FOUND THEN
+            RETURN;
+        END IF;
+    END IF;
     PERFORM pg_notify('sortie_events', json_build_object(
         'id', v_id, 'campaign_id', p_campaign, 'step_id', p_step, 'kind', p_kind)::text);
 END

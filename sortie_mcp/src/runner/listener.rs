@@ -1,5 +1,7 @@
-//! LISTEN on `sortie_events`: every state change wakes the runner at once. NOTIFY is only a
-//! hint — the tick polls anyway — so a lost connection is re-established quietly.
+//! LISTEN on `sortie_events`: the first change of a quiet campaign wakes the runner at once
+//! (later ones within the extension's `wake_interval()` are left to the runner's polling).
+//! NOTIFY is only a hint — the tick polls anyway — so a lost connection is re-established
+//! quietly.
 
 use std::time::Duration;
 

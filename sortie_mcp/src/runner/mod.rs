@@ -24,6 +24,8 @@ pub use dispatch::Claim;
 
 /// The safety-net tick; events wake the runner sooner.
 const TICK: Duration = Duration::from_secs(5);
+/// How often a woken runner polls while the extension may be holding wake-ups back.
+const POLL: Duration = Duration::from_millis(25);
 
 pub struct Runner {
     db: Db,
@@ -69,24 +71,48 @@ impl Runner {
         Ok(())
     }
 
-    /// The daemon: a tick whenever an event arrives or the safety-net interval passes.
+    /// The daemon: a tick whenever an event arrives or the safety-net interval passes. A
+    /// campaign wakes listeners at most once per `wake_interval()`, so after a wake-up the
+    /// runner keeps polling for `listen_poll_window()`: the events held back in between are
+    /// seen within one POLL.
     pub async fn run(mut self) -> Result<()> {
+        let window = self.listen_poll_window().await?;
         let mut wake = listener::listen(&self.database_url).await;
         let mut shutdown = self.shutdown.clone();
+        let mut poll_until: Option<tokio::time::Instant> = None;
         loop {
             if let Err(e) = self.tick().await {
                 warn!(error = %e, "tick failed; retrying at the next one");
             }
             self.reap_finished();
+            let now = tokio::time::Instant::now();
+            let pause = match poll_until {
+                Some(until) if until > now => POLL,
+                _ => TICK,
+            };
             tokio::select! {
                 _ = shutdown.changed() => break,
-                _ = wake.recv() => {}
-                _ = tokio::time::sleep(TICK) => {}
+                _ = wake.recv() => poll_until = Some(tokio::time::Instant::now() + window),
+                _ = tokio::time::sleep(pause) => {}
             }
         }
         info!("shutting down: waiting for dispatches in flight");
         self.drain().await;
         Ok(())
+    }
+
+    async fn listen_poll_window(&self) -> Result<Duration> {
+        let seconds = self
+            .db
+            .query_value(
+                "SELECT to_jsonb(extract(epoch FROM {schema}.listen_poll_window())::float8)",
+                &[],
+            )
+            .await?;
+        let seconds = seconds
+            .as_f64()
+            .ok_or_else(|| anyhow::anyhow!("listen_poll_window() answered {seconds}"))?;
+        Ok(Duration::from_secs_f64(seconds))
     }
 
     /// Waits for every dispatch in flight.
