@@ -521,3 +521,67 @@ async fn sigterm_hands_back_the_steps_in_flight() {
     db.ok("sortie.cancel_campaign($1)", &[&c]).await;
     db.finish().await;
 }
+
+/// A campaign wakes listeners at most once per `wake_interval()`; what it holds back is found
+/// by the woken runner's polling, not left for the 5 s safety tick.
+#[tokio::test]
+async fn work_whose_wake_up_is_held_back_is_dispatched_by_polling() {
+    let db = TestDb::new().await;
+    // No output: the steps stay running (the agent would report through MCP).
+    let runtime = FakeHttp::start(|_, _| (200, json!({}))).await;
+    let c = campaign(&db, "none").await;
+    let mut child = runner_process(
+        &db,
+        &[],
+        &[
+            ("SORTIE_DISPATCH", "http".into()),
+            ("OPENCLAW_RUNTIME_URL", runtime.url.clone()),
+        ],
+    );
+    let dispatched = |n: usize| {
+        let runtime = &runtime;
+        async move {
+            for _ in 0..200 {
+                if runtime.requests().len() >= n {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            false
+        }
+    };
+    // Once one step has gone out the runner is up and listening; past the interval, the next
+    // change wakes it.
+    add(&db, c, json!([{"action": "first"}])).await;
+    assert!(dispatched(1).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    add(&db, c, json!([{"action": "second"}])).await;
+    assert!(dispatched(2).await);
+
+    // Within the interval of that wake-up: this change sends no NOTIFY.
+    db.client.batch_execute("BEGIN").await.unwrap();
+    db.client
+        .execute(
+            "UPDATE sortie.campaigns SET notified_at = clock_timestamp() WHERE id = $1",
+            &[&c],
+        )
+        .await
+        .unwrap();
+    add(&db, c, json!([{"action": "third"}])).await;
+    db.client.batch_execute("COMMIT").await.unwrap();
+    let added = std::time::Instant::now();
+    assert!(dispatched(3).await);
+    let waited = runtime.requests()[2].at.duration_since(added);
+    assert!(
+        waited < Duration::from_secs(2),
+        "dispatched after {waited:?}: the safety tick, not polling"
+    );
+
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    db.ok("sortie.cancel_campaign($1)", &[&c]).await;
+    db.finish().await;
+}
