@@ -55,6 +55,9 @@ async fn main() -> anyhow::Result<()> {
 }
 
 fn summary(mut values: Vec<f64>) -> String {
+    if values.is_empty() {
+        return "–".into();
+    }
     values.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let median = values[values.len() / 2];
     format!(
@@ -240,13 +243,25 @@ async fn throughput(cluster: &Cluster) -> anyhow::Result<()> {
     println!("fencing checks, counters, events or NOTIFY.\n");
     println!("| synchronous_commit | connections | extension | plain SQL | ratio |");
     println!("|---|---|---|---|---|");
+    // SORTIE_BENCH_SYNC=off and SORTIE_BENCH_CONNECTIONS=16 narrow the table to one row.
+    let only = |var: &str, value: &str| std::env::var(var).map_or(true, |v| v == value);
     for sync in ["off", "on"] {
         for connections in [1, 4, 16] {
+            if !only("SORTIE_BENCH_SYNC", sync)
+                || !only("SORTIE_BENCH_CONNECTIONS", &connections.to_string())
+            {
+                continue;
+            }
             let mut ext = Vec::new();
             let mut plain = Vec::new();
             for _ in 0..RUNS {
-                ext.push(cycle_run(cluster, Variant::Extension, connections, sync).await?);
-                plain.push(cycle_run(cluster, Variant::PlainSql, connections, sync).await?);
+                // SORTIE_BENCH_VARIANT=extension (or plain) runs one side only, for profiling.
+                if only("SORTIE_BENCH_VARIANT", "extension") {
+                    ext.push(cycle_run(cluster, Variant::Extension, connections, sync).await?);
+                }
+                if only("SORTIE_BENCH_VARIANT", "plain") {
+                    plain.push(cycle_run(cluster, Variant::PlainSql, connections, sync).await?);
+                }
             }
             let ratio: Vec<f64> = ext.iter().zip(&plain).map(|(e, p)| 100.0 * e / p).collect();
             println!(
