@@ -132,8 +132,10 @@ CREATE TABLE campaigns (
 
 -- No index covers the counters or slot usage: they change on every claim and completion, and
 -- leaving them unindexed keeps those updates HOT. The fair-share pick reads the (small) set of
--- campaigns directly.
-ALTER TABLE campaigns SET (fillfactor = 50);
+-- campaigns directly. Every rule of a campaign writes its row, so rows of busy campaigns
+-- sharing a page contend for it: the lowest fill factor keeps two or so rows per page and
+-- room for their new versions (16 workers on 16 campaigns: +25% cycles/s against 50).
+ALTER TABLE campaigns SET (fillfactor = 10);
 CREATE INDEX campaigns_status ON campaigns (status, created_at DESC);
 
 CREATE TABLE steps (
@@ -214,7 +216,10 @@ CREATE INDEX step_dependencies_depends_on ON step_dependencies (depends_on);
 CREATE TABLE events (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     tx          xid8 NOT NULL DEFAULT pg_current_xact_id(),
-    campaign_id uuid REFERENCES campaigns (id) ON DELETE CASCADE,
+    -- Not a foreign key: its check would lock the campaign's row once more for every event,
+    -- on a page every rule of that campaign is already working on; every rule holds the
+    -- campaign locked while it logs. Deleting a campaign deletes its events (trigger below).
+    campaign_id uuid,
     step_id     bigint,
     kind        event_kind NOT NULL,
     payload     jsonb NOT NULL DEFAULT '{}',
@@ -222,6 +227,18 @@ CREATE TABLE events (
 );
 CREATE INDEX events_order ON events (tx, id);
 CREATE INDEX events_campaign_order ON events (campaign_id, tx, id);
+
+CREATE FUNCTION forget_campaign_events() RETURNS trigger
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    DELETE FROM events WHERE campaign_id = OLD.id;
+    RETURN OLD;
+END
+$$;
+CREATE TRIGGER campaigns_forget_events AFTER DELETE ON campaigns
+    FOR EACH ROW EXECUTE FUNCTION forget_campaign_events();
 
 CREATE TABLE cursors (
     consumer      text PRIMARY KEY CHECK (length(consumer) BETWEEN 1 AND 300),

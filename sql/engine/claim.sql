@@ -67,7 +67,8 @@ END
 $$;
 
 -- Claims a ready step of an already locked campaign and returns the claim as the tools
--- answer it; NULL when its lock keys are busy. Scalars rather than a `steps` row: this is
+-- answer it; NULL when its lock keys are busy. The campaign's counters are the caller's
+-- (count_claim). Scalars rather than a `steps` row: this is
 -- the hot path, and whole-row values cost a tuple descriptor per call.
 CREATE FUNCTION take_step(p_step bigint, p_campaign uuid, p_parent bigint, p_locks text[],
                           p_owner text, p_lease_seconds integer)
@@ -98,12 +99,36 @@ BEGIN
         RETURNING parent_id INTO v_parent;
         EXIT WHEN NOT FOUND;
     END LOOP;
+    PERFORM emit(p_campaign, p_step, 'step.claimed', jsonb_build_object('owner', p_owner));
+    RETURN v_claim;
+END
+$$;
+
+-- A claim's share of the campaign counters: one more running, one fewer ready, and the
+-- provisional slot time. The update also locks the campaign, and does nothing (false) unless
+-- the campaign can dispatch and has a ready step: claim_next uses it as its campaign lock.
+CREATE FUNCTION count_claim(p_campaign uuid) RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
     UPDATE campaigns
        SET running_steps = running_steps + 1, ready_steps = ready_steps - 1,
            slot_seconds_used = slot_seconds_used + provisional_slot_seconds(), updated_at = now()
+     WHERE id = p_campaign AND ready_steps > 0
+       AND can_dispatch(status, max_parallel, running_steps, token_budget, tokens_used);
+    RETURN FOUND;
+END
+$$;
+
+-- Takes back count_claim() when no step could be claimed after all.
+CREATE FUNCTION uncount_claim(p_campaign uuid) RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+    UPDATE campaigns
+       SET running_steps = running_steps - 1, ready_steps = ready_steps + 1,
+           slot_seconds_used = slot_seconds_used - provisional_slot_seconds()
      WHERE id = p_campaign;
-    PERFORM emit(p_campaign, p_step, 'step.claimed', jsonb_build_object('owner', p_owner));
-    RETURN v_claim;
 END
 $$;
 
@@ -118,7 +143,7 @@ BEGIN
 END
 $$;
 
--- Within a campaign its caller has locked and found dispatchable (can_dispatch): the first
+-- Within a campaign its caller has locked and counted the claim in (count_claim): the first
 -- ready step for `p_agent` whose lock keys are free, claimed; NULL when there is none.
 CREATE FUNCTION claim_in_campaign(p_campaign uuid, p_owner text, p_agent text, p_lease_seconds integer)
 RETURNS jsonb
@@ -169,23 +194,27 @@ AS $$
 DECLARE
     v_lease integer := check_lease_seconds(lease_seconds);
     v_campaign uuid;
-    v_dispatchable boolean;
     v_claim jsonb;
     v_busy uuid[] := '{}';
     v_round integer;
 BEGIN
     PERFORM check_owner(owner);
     IF campaign_id IS NOT NULL THEN
-        SELECT can_dispatch(x.status, x.max_parallel, x.running_steps, x.token_budget, x.tokens_used)
-          INTO v_dispatchable
-          FROM campaigns x WHERE x.id = campaign_id FOR UPDATE;
-        IF NOT FOUND THEN
-            PERFORM raise('not_found', format('campaign %s does not exist', campaign_id));
+        -- One update locks the campaign and counts the claim; it is taken back when no ready
+        -- step fits after all (agent, back-off, lock keys).
+        IF NOT count_claim(campaign_id) THEN
+            PERFORM 1 FROM campaigns x WHERE x.id = campaign_id;
+            IF NOT FOUND THEN
+                PERFORM raise('not_found', format('campaign %s does not exist', campaign_id));
+            END IF;
+            RETURN jsonb_build_object('step_id', NULL);
         END IF;
-        IF v_dispatchable THEN
-            v_claim := claim_in_campaign(campaign_id, owner, agent, v_lease);
+        v_claim := claim_in_campaign(campaign_id, owner, agent, v_lease);
+        IF v_claim IS NULL THEN
+            PERFORM uncount_claim(campaign_id);
+            RETURN jsonb_build_object('step_id', NULL);
         END IF;
-        RETURN coalesce(v_claim, jsonb_build_object('step_id', NULL));
+        RETURN v_claim;
     END IF;
     -- Round 1 skips campaigns another transaction holds; round 2 waits for them, but only if
     -- round 1 found nothing. Each try runs in a subtransaction that is undone when it claims
@@ -201,18 +230,16 @@ BEGIN
         LOOP
             BEGIN
                 IF v_round = 1 THEN
-                    SELECT can_dispatch(x.status, x.max_parallel, x.running_steps, x.token_budget, x.tokens_used)
-                      INTO v_dispatchable
-                      FROM campaigns x WHERE x.id = v_campaign FOR UPDATE SKIP LOCKED;
+                    PERFORM 1 FROM campaigns x WHERE x.id = v_campaign FOR UPDATE SKIP LOCKED;
                 ELSE
-                    SELECT can_dispatch(x.status, x.max_parallel, x.running_steps, x.token_budget, x.tokens_used)
-                      INTO v_dispatchable
-                      FROM campaigns x WHERE x.id = v_campaign FOR UPDATE;
+                    PERFORM 1 FROM campaigns x WHERE x.id = v_campaign FOR UPDATE;
                 END IF;
                 IF NOT FOUND THEN
                     v_busy := v_busy || v_campaign;
                 ELSE
-                    v_claim := CASE WHEN v_dispatchable THEN claim_in_campaign(v_campaign, owner, agent, v_lease) END;
+                    -- Undone with the subtransaction when nothing is claimed.
+                    v_claim := CASE WHEN count_claim(v_campaign)
+                                    THEN claim_in_campaign(v_campaign, owner, agent, v_lease) END;
                     IF v_claim IS NULL THEN
                         RAISE EXCEPTION 'nothing to claim here' USING ERRCODE = 'SR099';
                     END IF;
@@ -260,6 +287,9 @@ BEGIN
     v_claim := take_step(s.id, s.campaign_id, s.parent_id, s.requires_locks, owner, v_lease);
     IF v_claim IS NULL THEN
         PERFORM raise('invalid_state', format('step %s needs lock keys another running step holds', s.id));
+    END IF;
+    IF NOT count_claim(s.campaign_id) THEN
+        RAISE EXCEPTION 'internal: campaign % counts no ready step while step % is ready', s.campaign_id, s.id;
     END IF;
     RETURN v_claim;
 END

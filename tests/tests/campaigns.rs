@@ -478,3 +478,41 @@ async fn a_capped_campaign_does_not_block_the_others() {
     run_all(&db, capped).await;
     db.finish().await;
 }
+
+/// Events carry no foreign key (a key check per event would lock the campaign row again);
+/// deleting a campaign still takes its events, steps and notes with it.
+#[tokio::test]
+async fn deleting_a_campaign_deletes_everything_it_owns() {
+    let db = TestDb::new().await;
+    let c = campaign(&db, "none").await;
+    let keep = campaign(&db, "none").await;
+    add(&db, c, json!([{"action": "a"}, {"action": "b"}])).await;
+    add(&db, keep, json!([{"action": "k"}])).await;
+    let keep_events = count(
+        &db,
+        &format!("SELECT count(*) FROM sortie.events WHERE campaign_id = '{keep}'"),
+    )
+    .await;
+    db.client
+        .execute("DELETE FROM sortie.campaigns WHERE id = $1", &[&c])
+        .await
+        .unwrap();
+    for table in ["events", "steps", "step_dependencies", "notes"] {
+        let left = count(
+            &db,
+            &format!("SELECT count(*) FROM sortie.{table} WHERE campaign_id = '{c}'"),
+        )
+        .await;
+        assert_eq!(left, 0, "{table} of the deleted campaign");
+    }
+    assert_eq!(
+        count(
+            &db,
+            &format!("SELECT count(*) FROM sortie.events WHERE campaign_id = '{keep}'")
+        )
+        .await,
+        keep_events
+    );
+    db.ok("sortie.cancel_campaign($1)", &[&keep]).await;
+    db.finish().await;
+}

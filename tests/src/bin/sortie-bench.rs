@@ -133,8 +133,12 @@ enum Variant {
     PlainSql,
 }
 
-const PLAIN_CLAIM: &str = "WITH c AS (SELECT id FROM sortie.steps WHERE campaign_id = $1 AND status = 'pending' AND step_type = 'atomic'
-      AND remaining_deps = 0 AND not_before <= now() ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
+// The plain claim gets the same index-friendly pick as the extension's (a row comparison on
+// (campaign_id, id)): written with `ORDER BY id` alone its generic plan walks the primary key
+// through finished steps, and the baseline would be slower than it needs to be.
+const PLAIN_CLAIM: &str = "WITH c AS (SELECT id FROM sortie.steps WHERE campaign_id = $1 AND (campaign_id, id) > ($1, 0)
+      AND status = 'pending' AND step_type = 'atomic' AND remaining_deps = 0 AND not_before <= now()
+      ORDER BY campaign_id, id LIMIT 1 FOR UPDATE SKIP LOCKED)
     UPDATE sortie.steps s SET status = 'running', claim_token = gen_random_uuid(), claim_owner = $2, claimed_at = now(),
       heartbeat_at = now(), lease_expires_at = now() + interval '15 minutes', started_at = now()
     FROM c WHERE s.id = c.id RETURNING s.id, s.claim_token";
