@@ -27,21 +27,24 @@ LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
     v_id bigint;
+    v_wake boolean;
 BEGIN
-    INSERT INTO events (campaign_id, step_id, kind, payload)
-    VALUES (p_campaign, p_step, p_kind, coalesce(p_payload, '{}'))
-    RETURNING id INTO v_id;
-    IF p_campaign IS NOT NULL THEN
-        -- Every caller holds the campaign's row lock, so this read-and-set is not racy.
+    -- One statement for the log and the wake-up decision; every caller holds the campaign's
+    -- row lock, so reading and setting notified_at is not racy.
+    WITH woke AS (
         UPDATE campaigns SET notified_at = clock_timestamp()
          WHERE id = p_campaign
-           AND (notified_at IS NULL OR notified_at <= clock_timestamp() - wake_interval());
-        IF NOT FOUND THEN
-            RETURN;
-        END IF;
+           AND (notified_at IS NULL OR notified_at <= clock_timestamp() - wake_interval())
+        RETURNING 1),
+    logged AS (
+        INSERT INTO events (campaign_id, step_id, kind, payload)
+        VALUES (p_campaign, p_step, p_kind, coalesce(p_payload, '{}'))
+        RETURNING id)
+    SELECT logged.id, EXISTS (SELECT 1 FROM woke) INTO v_id, v_wake FROM logged;
+    IF v_wake OR p_campaign IS NULL THEN
+        PERFORM pg_notify('sortie_events', json_build_object(
+            'id', v_id, 'campaign_id', p_campaign, 'step_id', p_step, 'kind', p_kind)::text);
     END IF;
-    PERFORM pg_notify('sortie_events', json_build_object(
-        'id', v_id, 'campaign_id', p_campaign, 'step_id', p_step, 'kind', p_kind)::text);
 END
 $$;
 
