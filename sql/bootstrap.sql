@@ -122,8 +122,6 @@ CREATE TABLE campaigns (
     running_steps       nonneg_int NOT NULL DEFAULT 0,
     ready_steps         nonneg_int NOT NULL DEFAULT 0,
     next_action_at      timestamptz,
-    -- When the campaign last woke LISTENers (emit): at most once per wake_interval().
-    notified_at         timestamptz,
     created_at          timestamptz NOT NULL DEFAULT now(),
     updated_at          timestamptz NOT NULL DEFAULT now(),
     completed_at        timestamptz,

@@ -6,11 +6,12 @@
 -- were the last, a claim cannot race a cancel, a splice cannot race an abort — and rules of
 -- different campaigns never wait on each other (SPEC §2 scale-out rule).
 
--- How often a campaign may wake LISTENers. NOTIFY serialises every notifying commit in the
--- cluster — PostgreSQL holds one lock from pre-commit to the end of the commit, WAL flush
+-- How often one connection may wake LISTENers. NOTIFY serialises every notifying commit in
+-- the cluster — PostgreSQL holds one lock from pre-commit to the end of the commit, WAL flush
 -- included — so a NOTIFY per claim and completion caps the whole cluster at one commit at a
--- time. A listener woken by a campaign polls for listen_poll_window() instead, which covers
--- the events the interval held back (docs/decisions.md, "Waking listeners").
+-- time. A woken listener polls for listen_poll_window() instead, which covers the events the
+-- interval held back, whichever campaign they belong to (docs/decisions.md, "Waking
+-- listeners").
 CREATE FUNCTION wake_interval() RETURNS interval
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT interval '100 milliseconds' $$;
@@ -19,29 +20,23 @@ CREATE FUNCTION listen_poll_window() RETURNS interval
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT interval '1 second' $$;
 
--- Appends to the event log and, unless the campaign woke listeners within wake_interval(),
--- wakes them (`sortie_events`). NOTIFY is a hint; readers page the table (SPEC §10).
+-- Appends to the event log and, unless this connection woke listeners within
+-- wake_interval(), wakes them (`sortie_events`). NOTIFY is a hint; readers page the table
+-- (SPEC §10). The connection's last wake-up is a session setting: reading it touches no
+-- shared page, and an aborted transaction takes it back together with its NOTIFY.
 CREATE FUNCTION emit(p_campaign uuid, p_step bigint, p_kind text, p_payload jsonb DEFAULT '{}')
 RETURNS void
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
     v_id bigint;
-    v_wake boolean;
+    v_woke text := current_setting('sortie.woke_at', true);
 BEGIN
-    -- One statement for the log and the wake-up decision; every caller holds the campaign's
-    -- row lock, so reading and setting notified_at is not racy.
-    WITH woke AS (
-        UPDATE campaigns SET notified_at = clock_timestamp()
-         WHERE id = p_campaign
-           AND (notified_at IS NULL OR notified_at <= clock_timestamp() - wake_interval())
-        RETURNING 1),
-    logged AS (
-        INSERT INTO events (campaign_id, step_id, kind, payload)
-        VALUES (p_campaign, p_step, p_kind, coalesce(p_payload, '{}'))
-        RETURNING id)
-    SELECT logged.id, EXISTS (SELECT 1 FROM woke) INTO v_id, v_wake FROM logged;
-    IF v_wake OR p_campaign IS NULL THEN
+    INSERT INTO events (campaign_id, step_id, kind, payload)
+    VALUES (p_campaign, p_step, p_kind, coalesce(p_payload, '{}'))
+    RETURNING id INTO v_id;
+    IF coalesce(v_woke, '') = '' OR v_woke::timestamptz <= clock_timestamp() - wake_interval() THEN
+        PERFORM set_config('sortie.woke_at', clock_timestamp()::text, false);
         PERFORM pg_notify('sortie_events', json_build_object(
             'id', v_id, 'campaign_id', p_campaign, 'step_id', p_step, 'kind', p_kind)::text);
     END IF;

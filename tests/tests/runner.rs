@@ -522,8 +522,8 @@ async fn sigterm_hands_back_the_steps_in_flight() {
     db.finish().await;
 }
 
-/// A campaign wakes listeners at most once per `wake_interval()`; what it holds back is found
-/// by the woken runner's polling, not left for the 5 s safety tick.
+/// A connection wakes listeners at most once per `wake_interval()`; what it holds back is
+/// found by the woken runner's polling, not left for the 5 s safety tick.
 #[tokio::test]
 async fn work_whose_wake_up_is_held_back_is_dispatched_by_polling() {
     let db = TestDb::new().await;
@@ -558,17 +558,12 @@ async fn work_whose_wake_up_is_held_back_is_dispatched_by_polling() {
     add(&db, c, json!([{"action": "second"}])).await;
     assert!(dispatched(2).await);
 
-    // Within the interval of that wake-up: this change sends no NOTIFY.
-    db.client.batch_execute("BEGIN").await.unwrap();
+    // As if this connection had just woken listeners: this change sends no NOTIFY.
     db.client
-        .execute(
-            "UPDATE sortie.campaigns SET notified_at = clock_timestamp() WHERE id = $1",
-            &[&c],
-        )
+        .batch_execute("SELECT set_config('sortie.woke_at', clock_timestamp()::text, false)")
         .await
         .unwrap();
     add(&db, c, json!([{"action": "third"}])).await;
-    db.client.batch_execute("COMMIT").await.unwrap();
     let added = std::time::Instant::now();
     assert!(dispatched(3).await);
     let waited = runtime.requests()[2].at.duration_since(added);

@@ -1,5 +1,5 @@
 //! Events and NOTIFY (SPEC §2 events, §10): every state change is logged; NOTIFY on
-//! `sortie_events` is a hint that wakes listeners, sent by a campaign at most once per
+//! `sortie_events` is a hint that wakes listeners, sent by a connection at most once per
 //! `wake_interval()` because PostgreSQL serialises every notifying commit.
 
 use std::time::Duration;
@@ -50,7 +50,7 @@ async fn received(rx: &mut mpsc::UnboundedReceiver<Value>, wait: Duration) -> Ve
 }
 
 #[tokio::test]
-async fn a_quiet_campaign_wakes_listeners_with_its_first_change() {
+async fn a_quiet_connection_wakes_listeners_with_its_first_change() {
     let db = TestDb::new().await;
     let c = campaign(&db, "none").await;
     let mut rx = start_listening(&db).await;
@@ -74,21 +74,30 @@ async fn a_quiet_campaign_wakes_listeners_with_its_first_change() {
 }
 
 #[tokio::test]
-async fn a_busy_campaign_wakes_listeners_once_per_interval_and_logs_every_change() {
+async fn a_busy_connection_wakes_listeners_once_per_interval_and_logs_every_change() {
     let db = TestDb::new().await;
     let x = campaign(&db, "none").await;
     let y = campaign(&db, "none").await;
+    let other = db.connect().await;
     tokio::time::sleep(Duration::from_millis(150)).await;
     let mut rx = start_listening(&db).await;
     let before = count(&db, "SELECT count(*) FROM sortie.events").await;
 
-    // Several changes of x in one transaction (so well within one interval), then one of y.
+    // Several changes in one transaction (so well within one interval), of two campaigns.
     db.client.batch_execute("BEGIN").await.unwrap();
     for i in 0..3 {
         add(&db, x, json!([{"action": format!("x{i}")}])).await;
     }
-    db.client.batch_execute("COMMIT").await.unwrap();
     add(&db, y, json!([{"action": "y"}])).await;
+    db.client.batch_execute("COMMIT").await.unwrap();
+    // Another connection is not held back by this one.
+    other
+        .execute(
+            "SELECT sortie.add_steps($1, '[{\"action\": \"y2\"}]')",
+            &[&y],
+        )
+        .await
+        .unwrap();
     let got = received(&mut rx, Duration::from_millis(500)).await;
     let campaigns: Vec<&str> = got
         .iter()
@@ -97,15 +106,15 @@ async fn a_busy_campaign_wakes_listeners_once_per_interval_and_logs_every_change
     assert_eq!(
         campaigns,
         vec![x.to_string(), y.to_string()],
-        "one wake-up per campaign"
+        "one wake-up per connection"
     );
     assert_eq!(
         count(&db, "SELECT count(*) FROM sortie.events").await - before,
-        4,
+        5,
         "every change is still logged"
     );
 
-    // After the interval, x wakes listeners again.
+    // After the interval, the first connection wakes listeners again.
     tokio::time::sleep(Duration::from_millis(150)).await;
     add(&db, x, json!([{"action": "x again"}])).await;
     let got = received(&mut rx, Duration::from_millis(500)).await;

@@ -1,4 +1,4 @@
-//! LISTEN on `sortie_events`: the first change of a quiet campaign wakes the runner at once
+//! LISTEN on `sortie_events`: the first change after a quiet interval wakes the runner at once
 //! (later ones within the extension's `wake_interval()` are left to the runner's polling).
 //! NOTIFY is only a hint — the tick polls anyway — so a lost connection is re-established
 //! quietly.

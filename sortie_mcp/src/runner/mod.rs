@@ -72,7 +72,7 @@ impl Runner {
     }
 
     /// The daemon: a tick whenever an event arrives or the safety-net interval passes. A
-    /// campaign wakes listeners at most once per `wake_interval()`, so after a wake-up the
+    /// connection wakes listeners at most once per `wake_interval()`, so after a wake-up the
     /// runner keeps polling for `listen_poll_window()`: the events held back in between are
     /// seen within one POLL.
     pub async fn run(mut self) -> Result<()> {
