@@ -47,8 +47,7 @@ DECLARE
     v_cursor cursors;
     v_horizon xid8 := event_horizon();
     v_limit integer := least(greatest(coalesce("limit", 200), 1), 1000);
-    v_events jsonb;
-    v_last record;
+    v_page events[];
 BEGIN
     IF consumer IS NULL OR btrim(consumer) = '' OR length(consumer) > 200 THEN
         PERFORM raise('invalid_argument', 'consumer must be a name of 1 to 200 characters');
@@ -60,18 +59,18 @@ BEGIN
     INSERT INTO cursors (consumer) VALUES (v_key) ON CONFLICT ON CONSTRAINT cursors_pkey DO NOTHING;
     SELECT * INTO v_cursor FROM cursors WHERE cursors.consumer = v_key FOR UPDATE;
 
-    CREATE TEMP TABLE IF NOT EXISTS pg_temp.sortie_update_page (LIKE events) ON COMMIT DROP;
-    TRUNCATE pg_temp.sortie_update_page;
-    INSERT INTO pg_temp.sortie_update_page
-    SELECT e.* FROM events e
-     WHERE (e.tx, e.id) > (v_cursor.last_tx, v_cursor.last_event_id) AND e.tx < v_horizon
-       AND (id IS NULL OR e.campaign_id = id)
-     ORDER BY e.tx, e.id
-     LIMIT v_limit;
+    -- The page is an array, not a temporary table: creating and dropping a table per call
+    -- bloats the catalog and makes every commit wait for its WAL flush.
+    SELECT coalesce(array_agg(e ORDER BY e.tx, e.id), '{}') INTO v_page
+      FROM (SELECT e.* FROM events e
+             WHERE (e.tx, e.id) > (v_cursor.last_tx, v_cursor.last_event_id) AND e.tx < v_horizon
+               AND (id IS NULL OR e.campaign_id = id)
+             ORDER BY e.tx, e.id
+             LIMIT v_limit) e;
 
-    SELECT e.tx, e.id AS event_id INTO v_last FROM pg_temp.sortie_update_page e ORDER BY e.tx DESC, e.id DESC LIMIT 1;
-    IF FOUND THEN
-        UPDATE cursors SET last_tx = v_last.tx, last_event_id = v_last.event_id, updated_at = now()
+    IF cardinality(v_page) > 0 THEN
+        UPDATE cursors SET last_tx = (v_page[cardinality(v_page)]).tx,
+                           last_event_id = (v_page[cardinality(v_page)]).id, updated_at = now()
          WHERE cursors.consumer = v_key;
     END IF;
 
@@ -79,23 +78,23 @@ BEGIN
         'completed', (SELECT coalesce(jsonb_agg(jsonb_build_object('step_id', s.id, 'campaign_id', s.campaign_id,
                                        'action', s.action, 'output_preview', left(s.output, 300),
                                        'output_chars', length(s.output)) ORDER BY e.tx, e.id), '[]')
-                        FROM pg_temp.sortie_update_page e JOIN steps s ON s.id = e.step_id WHERE e.kind = 'step.done'),
+                        FROM unnest(v_page) e JOIN steps s ON s.id = e.step_id WHERE e.kind = 'step.done'),
         'failed', (SELECT coalesce(jsonb_agg(jsonb_build_object('step_id', e.step_id, 'campaign_id', e.campaign_id,
                                     'error', e.payload ->> 'error') ORDER BY e.tx, e.id), '[]')
-                     FROM pg_temp.sortie_update_page e WHERE e.kind = 'step.failed'),
+                     FROM unnest(v_page) e WHERE e.kind = 'step.failed'),
         'retrying', (SELECT coalesce(jsonb_agg(jsonb_build_object('step_id', e.step_id, 'campaign_id', e.campaign_id,
                                       'error', e.payload ->> 'error', 'attempts', e.payload -> 'attempts') ORDER BY e.tx, e.id), '[]')
-                       FROM pg_temp.sortie_update_page e WHERE e.kind = 'step.retry'),
+                       FROM unnest(v_page) e WHERE e.kind = 'step.retry'),
         'skipped', (SELECT coalesce(jsonb_agg(jsonb_build_object('campaign_id', e.campaign_id) || e.payload ORDER BY e.tx, e.id), '[]')
-                      FROM pg_temp.sortie_update_page e WHERE e.kind = 'step.skipped'),
+                      FROM unnest(v_page) e WHERE e.kind = 'step.skipped'),
         'notes', (SELECT coalesce(jsonb_agg(jsonb_build_object('note_id', n.id, 'campaign_id', n.campaign_id,
                                   'step_id', n.step_id, 'agent', n.agent, 'tags', n.tags,
                                   'content', left(n.content, 500)) ORDER BY n.id DESC), '[]')
-                    FROM pg_temp.sortie_update_page e JOIN notes n ON n.id = (e.payload ->> 'note_id')::bigint
+                    FROM unnest(v_page) e JOIN notes n ON n.id = (e.payload ->> 'note_id')::bigint
                    WHERE e.kind = 'note.added'),
         'campaigns', (SELECT coalesce(jsonb_agg(jsonb_build_object('campaign_id', e.campaign_id, 'event', e.kind,
                                       'reason', e.payload ->> 'reason', 'at', e.at) ORDER BY e.tx, e.id), '[]')
-                        FROM pg_temp.sortie_update_page e WHERE e.kind LIKE 'campaign.%' OR e.kind = 'plan.applied'),
+                        FROM unnest(v_page) e WHERE e.kind LIKE 'campaign.%' OR e.kind = 'plan.applied'),
         -- Waiting steps are listed for as long as they wait, not only when they start waiting.
         'waiting_inputs', (SELECT coalesce(jsonb_agg(jsonb_build_object('step_id', s.id, 'campaign_id', s.campaign_id,
                                           'action', s.action, 'question', s.question) ORDER BY s.id), '[]')
@@ -103,7 +102,7 @@ BEGIN
                             WHERE s.status = 'waiting_input' AND (id IS NULL OR s.campaign_id = id)
                               AND (id IS NOT NULL OR EXISTS (SELECT 1 FROM campaigns c WHERE c.id = s.campaign_id
                                                                 AND c.status IN ('active', 'paused')))),
-        'events_read', (SELECT count(*) FROM pg_temp.sortie_update_page),
-        'has_more', (SELECT count(*) FROM pg_temp.sortie_update_page) = v_limit);
+        'events_read', cardinality(v_page),
+        'has_more', cardinality(v_page) = v_limit);
 END
 $$;
