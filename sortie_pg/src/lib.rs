@@ -70,7 +70,7 @@ mod tests {
     use pgrx::prelude::*;
 
     #[pg_test(
-        error = "new row for relation \"steps\" violates check constraint \"steps_status_check\""
+        error = "value for domain sortie.step_status violates check constraint \"step_status_check\""
     )]
     fn the_schema_refuses_a_bogus_status() {
         let campaign = Spi::get_one::<pgrx::Uuid>(
