@@ -68,8 +68,8 @@ $$;
 
 -- Claims a ready step of an already locked campaign and returns the claim as the tools
 -- answer it; NULL when its lock keys are busy. The campaign's counters are the caller's
--- (count_claim). Scalars rather than a `steps` row: this is
--- the hot path, and whole-row values cost a tuple descriptor per call.
+-- (count_claim). Scalars rather than a `steps` row: this is the hot path, and whole-row
+-- values cost a tuple descriptor per call.
 CREATE FUNCTION take_step(p_step bigint, p_campaign uuid, p_parent bigint, p_locks text[],
                           p_owner text, p_lease_seconds integer)
 RETURNS jsonb

@@ -35,8 +35,10 @@ BEGIN
     INSERT INTO events (campaign_id, step_id, kind, payload)
     VALUES (p_campaign, p_step, p_kind, coalesce(p_payload, '{}'))
     RETURNING id INTO v_id;
-    IF coalesce(v_woke, '') = '' OR v_woke::timestamptz <= clock_timestamp() - wake_interval() THEN
-        PERFORM set_config('sortie.woke_at', clock_timestamp()::text, false);
+    -- Seconds since the epoch: independent of the session's DateStyle.
+    IF coalesce(v_woke, '') = ''
+       OR v_woke::double precision <= extract(epoch FROM clock_timestamp() - wake_interval()) THEN
+        PERFORM set_config('sortie.woke_at', extract(epoch FROM clock_timestamp())::text, false);
         PERFORM pg_notify('sortie_events', json_build_object(
             'id', v_id, 'campaign_id', p_campaign, 'step_id', p_step, 'kind', p_kind)::text);
     END IF;

@@ -74,10 +74,6 @@ DECLARE
     v_budget bigint;
     s steps;
 BEGIN
-    IF claim_token IS NULL THEN
-        PERFORM raise('invalid_argument', format(
-            'complete_step needs the claim token of step %s (claim_token, or SORTIE_CLAIM_TOKEN)', step_id));
-    END IF;
     v_campaign := lock_step_campaign(step_id);
     UPDATE steps
        SET status = 'done', output = coalesce(summary, ''), tokens_used = steps.tokens_used + v_tokens,

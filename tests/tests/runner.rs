@@ -560,7 +560,7 @@ async fn work_whose_wake_up_is_held_back_is_dispatched_by_polling() {
 
     // As if this connection had just woken listeners: this change sends no NOTIFY.
     db.client
-        .batch_execute("SELECT set_config('sortie.woke_at', clock_timestamp()::text, false)")
+        .batch_execute("SELECT set_config('sortie.woke_at', extract(epoch FROM clock_timestamp())::text, false)")
         .await
         .unwrap();
     add(&db, c, json!([{"action": "third"}])).await;

@@ -76,9 +76,19 @@ impl Runner {
     /// runner keeps polling for `listen_poll_window()`: the events held back in between are
     /// seen within one POLL.
     pub async fn run(mut self) -> Result<()> {
-        let window = self.listen_poll_window().await?;
-        let mut wake = listener::listen(&self.database_url).await;
         let mut shutdown = self.shutdown.clone();
+        // Like a tick, this waits out a database that is not up yet.
+        let window = loop {
+            match self.listen_poll_window().await {
+                Ok(window) => break window,
+                Err(e) => warn!(error = %e, "cannot read listen_poll_window(); retrying"),
+            }
+            tokio::select! {
+                _ = shutdown.changed() => return Ok(()),
+                _ = tokio::time::sleep(TICK) => {}
+            }
+        };
+        let mut wake = listener::listen(&self.database_url).await;
         let mut poll_until: Option<tokio::time::Instant> = None;
         loop {
             if let Err(e) = self.tick().await {
