@@ -339,15 +339,26 @@ LANGUAGE sql STABLE
 AS $$ SELECT extract(epoch FROM clock() - p_claimed_at)::double precision - provisional_slot_seconds() $$;
 
 -- Everything a running atomic step gives up when it stops running, however it stops: its
--- running slot (with the real slot time charged) and its lock keys.
-CREATE FUNCTION leave_running(s steps) RETURNS void
-LANGUAGE sql VOLATILE
+-- running slot (with the real slot time charged) and its lock keys. A completion folds its
+-- own counter changes (open, ready, tokens) into the same update. Returns the campaign's
+-- counters and status as they now stand.
+CREATE FUNCTION leave_running(p_campaign uuid, p_step bigint, p_claimed_at timestamptz, p_locks text[],
+                              p_open integer DEFAULT 0, p_ready integer DEFAULT 0, p_tokens bigint DEFAULT 0,
+                              OUT open_steps integer, OUT status text, OUT token_budget bigint)
+LANGUAGE plpgsql VOLATILE
 AS $$
-    UPDATE campaigns
-       SET slot_seconds_used = greatest(slot_seconds_used + slot_correction(s.claimed_at), 0),
-           running_steps = running_steps - 1, updated_at = now()
-     WHERE id = s.campaign_id;
-    DELETE FROM resource_leases WHERE step_id = s.id;
+BEGIN
+    UPDATE campaigns c
+       SET slot_seconds_used = greatest(c.slot_seconds_used + slot_correction(p_claimed_at), 0),
+           tokens_used = c.tokens_used + p_tokens,
+           running_steps = c.running_steps - 1, open_steps = c.open_steps + p_open,
+           ready_steps = c.ready_steps + p_ready, updated_at = now()
+     WHERE c.id = p_campaign
+    RETURNING c.open_steps, c.status, c.token_budget INTO open_steps, status, token_budget;
+    IF cardinality(p_locks) > 0 THEN
+        DELETE FROM resource_leases WHERE step_id = p_step;
+    END IF;
+END
 $$;
 
 CREATE FUNCTION check_owner(p_owner text) RETURNS text
@@ -371,7 +382,7 @@ CREATE FUNCTION attempt_failed(s steps, p_error text) RETURNS text
 LANGUAGE plpgsql VOLATILE
 AS $$
 BEGIN
-    PERFORM leave_running(s);
+    PERFORM leave_running(s.campaign_id, s.id, s.claimed_at, s.requires_locks);
     IF s.attempts + 1 < s.max_attempts THEN
         UPDATE steps
            SET status = 'pending', attempts = attempts + 1, error = p_error,

@@ -65,7 +65,7 @@ AS $$
 DECLARE
     s steps := lock_claimed_step(step_id, claim_token, 'release_step');
 BEGIN
-    PERFORM leave_running(s);
+    PERFORM leave_running(s.campaign_id, s.id, s.claimed_at, s.requires_locks);
     UPDATE steps SET status = 'pending', claim_token = NULL, claim_owner = NULL, lease_expires_at = NULL
      WHERE id = s.id;
     PERFORM bump_counters(s.campaign_id, 0, 0, 1);

@@ -94,20 +94,13 @@ BEGIN
         PERFORM check_claim(s, claim_token, 'complete_step');
         PERFORM raise('invalid_state', format('step %s cannot be completed', s.id));
     END IF;
-    IF cardinality(v_locks) > 0 THEN
-        DELETE FROM resource_leases WHERE resource_leases.step_id = complete_step.step_id;
-    END IF;
     PERFORM emit(v_campaign, step_id, 'step.done');
     v_ready := release_dependents(v_campaign, step_id);
-    -- One update for every counter this completion moves (slot time, tokens, open, running,
-    -- ready): the same bookkeeping as leave_running() and after_done(), folded together.
-    UPDATE campaigns
-       SET slot_seconds_used = greatest(slot_seconds_used + slot_correction(v_claimed_at), 0),
-           tokens_used = campaigns.tokens_used + v_tokens,
-           running_steps = running_steps - 1, open_steps = open_steps - 1,
-           ready_steps = ready_steps + v_ready, updated_at = now()
-     WHERE id = v_campaign
-    RETURNING open_steps, status, token_budget INTO v_open, v_status, v_budget;
+    -- One campaign update for every counter this completion moves: it stops running, is no
+    -- longer open, made v_ready steps ready and spent v_tokens.
+    SELECT r.open_steps, r.status, r.token_budget INTO v_open, v_status, v_budget
+      FROM leave_running(v_campaign, step_id, v_claimed_at, v_locks,
+                         p_open => -1, p_ready => v_ready, p_tokens => v_tokens) r;
     IF v_parent IS NOT NULL THEN
         PERFORM member_settled(v_parent, 1, 0, NULL);
     END IF;
@@ -152,7 +145,7 @@ BEGIN
     IF question IS NULL OR btrim(question) = '' THEN
         PERFORM raise('invalid_argument', 'question is empty: ask what you need decided');
     END IF;
-    PERFORM leave_running(s);
+    PERFORM leave_running(s.campaign_id, s.id, s.claimed_at, s.requires_locks);
     UPDATE steps
        SET status = 'waiting_input', question = request_input.question, answer = NULL,
            output = coalesce(partial_output, steps.output),
@@ -266,8 +259,7 @@ BEGIN
            duration_ms = (extract(epoch FROM clock() - s.claimed_at) * 1000)::bigint,
            completed_at = clock(), claim_token = NULL, lease_expires_at = NULL
      WHERE id = s.id;
-    PERFORM leave_running(s);
-    PERFORM bump_counters(s.campaign_id, -1, 0, 0);
+    PERFORM leave_running(s.campaign_id, s.id, s.claimed_at, s.requires_locks, p_open => -1);
     PERFORM emit(s.campaign_id, s.id, 'step.spliced', jsonb_build_object(
         'subtask_ids', to_jsonb(v_subtask_ids), 'continuation_id', v_cont));
     RETURN jsonb_build_object('step_id', s.id, 'status', 'done', 'subtask_ids', to_jsonb(v_subtask_ids),
@@ -322,8 +314,8 @@ BEGIN
                      lease_expires_at = NULL,
                      duration_ms = (extract(epoch FROM clock() - caller.claimed_at) * 1000)::bigint
      WHERE id = caller.id;
-    PERFORM leave_running(caller);
-    PERFORM bump_counters(caller.campaign_id, -1, 0, 0);
+    PERFORM leave_running(caller.campaign_id, caller.id, caller.claimed_at, caller.requires_locks,
+                          p_open => -1);
     PERFORM emit(caller.campaign_id, caller.id, 'step.done', jsonb_build_object('aborted_branch', t.id));
     PERFORM bump_counters(caller.campaign_id, 0, 0, release_dependents(caller.campaign_id, caller.id));
 
