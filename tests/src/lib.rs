@@ -169,6 +169,28 @@ impl TestDb {
             .expect("extra connection")
     }
 
+    /// Another connection whose asynchronous messages (NOTIFY, NOTICE) arrive on the receiver
+    /// instead of being dropped; the receiver ends when the client is dropped.
+    pub async fn connect_with_messages(
+        &self,
+    ) -> (
+        Client,
+        tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::AsyncMessage>,
+    ) {
+        use futures_util::{stream, StreamExt};
+        let (client, mut connection) = tokio_postgres::connect(&self.connection_string(), NoTls)
+            .await
+            .expect("extra connection");
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut messages = stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(Ok(message)) = messages.next().await {
+                let _ = tx.send(message);
+            }
+        });
+        (client, rx)
+    }
+
     pub fn connection_string(&self) -> String {
         shared().cluster.connection_string(&self.name)
     }

@@ -2,29 +2,10 @@
 //! auto_explain reports the plans of the statements inside the extension's functions as
 //! NOTICEs, so the test reads the plan the function really ran.
 
-use futures_util::{stream, StreamExt};
 use serde_json::json;
 use sortie_tests::fixtures::*;
 use sortie_tests::TestDb;
-use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, NoTls};
-
-/// A connection whose NOTICEs are collected.
-async fn noticing(db: &TestDb) -> (tokio_postgres::Client, mpsc::UnboundedReceiver<String>) {
-    let (client, mut connection) = tokio_postgres::connect(&db.connection_string(), NoTls)
-        .await
-        .expect("connection");
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut messages = stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(Ok(message)) = messages.next().await {
-            if let AsyncMessage::Notice(n) = message {
-                let _ = tx.send(n.message().to_string());
-            }
-        }
-    });
-    (client, rx)
-}
+use tokio_postgres::AsyncMessage;
 
 #[tokio::test]
 async fn claim_next_reads_the_ready_index_whatever_the_history() {
@@ -51,7 +32,7 @@ async fn claim_next_reads_the_ready_index_whatever_the_history() {
     .await;
     db.client.batch_execute("VACUUM ANALYZE").await.unwrap();
 
-    let (client, mut notices) = noticing(&db).await;
+    let (client, mut messages) = db.connect_with_messages().await;
     // The generic plan is the one a long-lived connection ends up with.
     client
         .batch_execute(
@@ -75,8 +56,10 @@ async fn claim_next_reads_the_ready_index_whatever_the_history() {
     drop(client);
 
     let mut plans = Vec::new();
-    while let Some(n) = notices.recv().await {
-        plans.push(n);
+    while let Some(message) = messages.recv().await {
+        if let AsyncMessage::Notice(n) = message {
+            plans.push(n.message().to_string());
+        }
     }
     let pick = plans
         .iter()

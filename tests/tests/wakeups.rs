@@ -4,47 +4,27 @@
 
 use std::time::Duration;
 
-use futures_util::{stream, StreamExt};
 use serde_json::{json, Value};
 use sortie_tests::fixtures::*;
 use sortie_tests::TestDb;
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::{AsyncMessage, Client};
 
-/// A connection LISTENing on `sortie_events`; yields each notification's payload.
-async fn start_listening(db: &TestDb) -> mpsc::UnboundedReceiver<Value> {
-    let (client, mut connection) = tokio_postgres::connect(&db.connection_string(), NoTls)
-        .await
-        .expect("listener connection");
-    let (tx, rx) = mpsc::unbounded_channel();
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let mut messages = stream::poll_fn(move |cx| connection.poll_message(cx));
-        let pump = async {
-            while let Some(Ok(message)) = messages.next().await {
-                if let AsyncMessage::Notification(n) = message {
-                    let _ = tx.send(serde_json::from_str::<Value>(n.payload()).expect("json"));
-                }
-            }
-        };
-        let listen = async {
-            client.batch_execute("LISTEN sortie_events").await.unwrap();
-            let _ = ready_tx.send(());
-            // Keep the client alive for as long as the pump runs.
-            std::future::pending::<()>().await;
-        };
-        tokio::select! { _ = pump => {}, _ = listen => {} }
-    });
-    ready_rx.await.expect("LISTEN issued");
-    rx
+/// A connection LISTENing on `sortie_events`; keep the client for as long as you listen.
+async fn start_listening(db: &TestDb) -> (Client, mpsc::UnboundedReceiver<AsyncMessage>) {
+    let (client, messages) = db.connect_with_messages().await;
+    client.batch_execute("LISTEN sortie_events").await.unwrap();
+    (client, messages)
 }
 
-/// Everything that arrives within `wait`.
-async fn received(rx: &mut mpsc::UnboundedReceiver<Value>, wait: Duration) -> Vec<Value> {
+/// The payloads of the notifications that arrive within `wait`.
+async fn received(rx: &mut mpsc::UnboundedReceiver<AsyncMessage>, wait: Duration) -> Vec<Value> {
     let mut all = Vec::new();
     let deadline = tokio::time::Instant::now() + wait;
-    while let Ok(Some(v)) = tokio::time::timeout_at(deadline, rx.recv()).await {
-        all.push(v);
+    while let Ok(Some(message)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+        if let AsyncMessage::Notification(n) = message {
+            all.push(serde_json::from_str(n.payload()).expect("json payload"));
+        }
     }
     all
 }
@@ -53,7 +33,7 @@ async fn received(rx: &mut mpsc::UnboundedReceiver<Value>, wait: Duration) -> Ve
 async fn a_quiet_connection_wakes_listeners_with_its_first_change() {
     let db = TestDb::new().await;
     let c = campaign(&db, "none").await;
-    let mut rx = start_listening(&db).await;
+    let (_listener, mut rx) = start_listening(&db).await;
     tokio::time::sleep(Duration::from_millis(150)).await; // past create_campaign's wake-up
     add(&db, c, json!([{"action": "a"}])).await;
     let got = received(&mut rx, Duration::from_millis(500)).await;
@@ -80,7 +60,7 @@ async fn a_busy_connection_wakes_listeners_once_per_interval_and_logs_every_chan
     let y = campaign(&db, "none").await;
     let other = db.connect().await;
     tokio::time::sleep(Duration::from_millis(150)).await;
-    let mut rx = start_listening(&db).await;
+    let (_listener, mut rx) = start_listening(&db).await;
     let before = count(&db, "SELECT count(*) FROM sortie.events").await;
 
     // Several changes in one transaction (so well within one interval), of two campaigns.
