@@ -356,3 +356,31 @@ async fn duplicate_steps_are_accepted_with_a_warning() {
     assert_eq!(dups[0]["duplicate_of"], first["step_ids"][0]);
     db.finish().await;
 }
+
+/// claim_next with a campaign locks and counts the claim in one update (count_claim): an
+/// unknown campaign is `not_found`, and a campaign that cannot dispatch answers no step with
+/// its counters untouched.
+#[tokio::test]
+async fn claim_next_refuses_an_unknown_campaign_and_leaves_a_paused_one_unchanged() {
+    let db = TestDb::new().await;
+    let err = db
+        .call(
+            "sortie.claim_next(owner => 'w', campaign_id => gen_random_uuid())",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, "not_found");
+
+    let c = campaign(&db, "none").await;
+    add(&db, c, json!([{"action": "a"}])).await;
+    db.ok("sortie.pause_campaign($1)", &[&c]).await;
+    let counters = "SELECT (running_steps * 1000 + ready_steps)::bigint FROM sortie.campaigns";
+    let before = count(&db, counters).await;
+    assert!(claim(&db, c).await.is_none());
+    assert_eq!(count(&db, counters).await, before);
+    db.ok("sortie.resume_campaign($1)", &[&c]).await;
+    assert!(claim(&db, c).await.is_some());
+    db.ok("sortie.cancel_campaign($1)", &[&c]).await;
+    db.finish().await;
+}
