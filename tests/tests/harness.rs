@@ -41,6 +41,14 @@ async fn check_constraints_refuse_bogus_states() {
         "INSERT INTO sortie.steps (campaign_id, action, failure_policy) VALUES ($1, 'a', 'explode')",
         "UPDATE sortie.campaigns SET priority = 'whenever' WHERE id = $1",
         "UPDATE sortie.campaigns SET status = 'sleeping' WHERE id = $1",
+        // The rules that tie columns of a row together.
+        "UPDATE sortie.campaigns SET status = 'done' WHERE id = $1",
+        "UPDATE sortie.campaigns SET completed_at = now() WHERE id = $1",
+        "INSERT INTO sortie.steps (campaign_id, action, status) VALUES ($1, 'a', 'running')",
+        "INSERT INTO sortie.steps (campaign_id, action, claim_token) VALUES ($1, 'a', gen_random_uuid())",
+        "INSERT INTO sortie.steps (campaign_id, action, status, completed_at) VALUES ($1, 'a', 'skipped', now())",
+        "INSERT INTO sortie.steps (campaign_id, action, status) VALUES ($1, 'a', 'done')",
+        "INSERT INTO sortie.steps (campaign_id, action, members) VALUES ($1, 'a', 2)",
     ] {
         let err = db.client.execute(sql, &[&c]).await.expect_err(sql);
         assert_eq!(err.code().map(|c| c.code()), Some("23514"), "{sql}: {err}");
