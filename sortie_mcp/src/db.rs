@@ -184,6 +184,10 @@ fn code_for_sqlstate(sqlstate: &str) -> Option<&'static str> {
             "invalid_argument"
         }
         "40001" | "40P01" => "conflict",
+        // The server is shutting down, restarting or not yet accepting connections: the call
+        // did not happen, and the same call can be made again once it is back.
+        "57P01" | "57P02" | "57P03" => "unavailable",
+        s if s.starts_with("08") => "unavailable",
         _ => return None,
     })
 }
@@ -212,5 +216,24 @@ impl From<tokio_postgres::Error> for DbError {
             },
             None => DbError::unavailable(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::code_for_sqlstate;
+
+    #[test]
+    fn a_server_going_away_is_unavailable_and_the_rules_keep_their_codes() {
+        for sqlstate in ["57P01", "57P02", "57P03", "08006", "08001"] {
+            assert_eq!(
+                code_for_sqlstate(sqlstate),
+                Some("unavailable"),
+                "{sqlstate}"
+            );
+        }
+        assert_eq!(code_for_sqlstate("SR003"), Some("stale_claim"));
+        assert_eq!(code_for_sqlstate("23514"), Some("invalid_argument"));
+        assert_eq!(code_for_sqlstate("42P01"), None);
     }
 }

@@ -195,6 +195,23 @@ impl TestDb {
         shared().cluster.connection_string(&self.name)
     }
 
+    /// Stops this test binary's cluster (fast shutdown: every session is cut off), keeps it
+    /// down for `down_for`, starts it again and reconnects `client`. Every test of the binary
+    /// sees the restart, so a test that calls this needs a binary of its own.
+    pub async fn restart_server(&mut self, down_for: std::time::Duration) {
+        let cluster = &shared().cluster;
+        tokio::task::spawn_blocking(move || cluster.stop("fast"))
+            .await
+            .unwrap()
+            .expect("stop the test cluster");
+        tokio::time::sleep(down_for).await;
+        tokio::task::spawn_blocking(move || cluster.ensure_running())
+            .await
+            .unwrap()
+            .expect("start the test cluster again");
+        self.client = self.connect().await;
+    }
+
     /// Calls a SQL function returning jsonb, e.g. `db.call("sortie.get_campaign($1)", &[&id])`.
     pub async fn call(
         &self,

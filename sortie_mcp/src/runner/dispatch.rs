@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::{Config, Dispatch};
-use crate::db::Db;
+use crate::db::{Db, DbError};
 
 const TOOLS: &[&str] = &[
     "get_my_context",
@@ -84,34 +84,8 @@ impl Job {
             Dispatch::None => Outcome::Interrupted,
         };
         heartbeat.abort();
-        let (step, token) = (self.claim.step_id, self.claim.token);
-        let result = match &outcome {
-            Outcome::Output(output) => {
-                self.db
-                    .call(
-                        "complete_step(step_id => $1, claim_token => $2, summary => $3)",
-                        &[&step, &token, output],
-                    )
-                    .await
-            }
-            Outcome::Reported => Ok(Value::Null),
-            Outcome::Failed(error) => {
-                self.db
-                    .call(
-                        "fail_step(step_id => $1, claim_token => $2, error => $3)",
-                        &[&step, &token, error],
-                    )
-                    .await
-            }
-            Outcome::Interrupted => {
-                self.db
-                    .call(
-                        "release_step(step_id => $1, claim_token => $2)",
-                        &[&step, &token],
-                    )
-                    .await
-            }
-        };
+        let result = self.record(&outcome).await;
+        let step = self.claim.step_id;
         match result {
             Ok(v) => {
                 info!(step, outcome = outcome.name(), status = %v["status"], "dispatch finished")
@@ -125,6 +99,57 @@ impl Job {
                 )
             }
             Err(e) => warn!(step, error = %e, "could not record the dispatch's outcome"),
+        }
+    }
+
+    /// Records how the dispatch ended. While the database is unreachable (restarting, say) the
+    /// same call is made again, until the step's lease would have run out or the runner is
+    /// shutting down: the agent's work is not lost to an outage, and a late record is refused
+    /// by fencing if the step was reset meanwhile.
+    async fn record(&self, outcome: &Outcome) -> Result<Value, DbError> {
+        let (step, token) = (self.claim.step_id, self.claim.token);
+        let give_up = tokio::time::Instant::now() + self.config.zombie_timeout;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let result = match outcome {
+                Outcome::Output(output) => {
+                    self.db
+                        .call(
+                            "complete_step(step_id => $1, claim_token => $2, summary => $3)",
+                            &[&step, &token, output],
+                        )
+                        .await
+                }
+                Outcome::Reported => Ok(Value::Null),
+                Outcome::Failed(error) => {
+                    self.db
+                        .call(
+                            "fail_step(step_id => $1, claim_token => $2, error => $3)",
+                            &[&step, &token, error],
+                        )
+                        .await
+                }
+                Outcome::Interrupted => {
+                    self.db
+                        .call(
+                            "release_step(step_id => $1, claim_token => $2)",
+                            &[&step, &token],
+                        )
+                        .await
+                }
+            };
+            match result {
+                Err(e)
+                    if e.code == "unavailable"
+                        && tokio::time::Instant::now() + pause < give_up
+                        && !*self.shutdown.borrow() =>
+                {
+                    warn!(step, error = %e, "cannot record the dispatch's outcome yet; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+                result => return result,
+            }
         }
     }
 

@@ -90,13 +90,21 @@ impl Runner {
         };
         let mut wake = listener::listen(&self.database_url).await;
         let mut poll_until: Option<tokio::time::Instant> = None;
+        // While the database is down (a restart, say) ticks fail; they are retried sooner than
+        // the safety tick, but backing off rather than at the polling rate.
+        let mut failed_ticks = 0u32;
         loop {
-            if let Err(e) = self.tick().await {
-                warn!(error = %e, "tick failed; retrying at the next one");
+            match self.tick().await {
+                Ok(()) => failed_ticks = 0,
+                Err(e) => {
+                    failed_ticks += 1;
+                    warn!(error = %e, failed_ticks, "tick failed; retrying");
+                }
             }
             self.reap_finished();
             let now = tokio::time::Instant::now();
             let pause = match poll_until {
+                _ if failed_ticks > 0 => (POLL * 2u32.pow(failed_ticks.min(8))).min(TICK),
                 Some(until) if until > now => POLL,
                 _ => TICK,
             };
