@@ -107,36 +107,25 @@ impl Job {
     /// shutting down: the agent's work is not lost to an outage, and a late record is refused
     /// by fencing if the step was reset meanwhile.
     async fn record(&self, outcome: &Outcome) -> Result<Value, DbError> {
+        let (sql, text) = match outcome {
+            Outcome::Output(output) => (
+                "complete_step(step_id => $1, claim_token => $2, summary => $3)",
+                Some(output),
+            ),
+            Outcome::Failed(error) => (
+                "fail_step(step_id => $1, claim_token => $2, error => $3)",
+                Some(error),
+            ),
+            Outcome::Interrupted => ("release_step(step_id => $1, claim_token => $2)", None),
+            Outcome::Reported => return Ok(Value::Null),
+        };
         let (step, token) = (self.claim.step_id, self.claim.token);
         let give_up = tokio::time::Instant::now() + self.config.zombie_timeout;
         let mut pause = Duration::from_millis(100);
         loop {
-            let result = match outcome {
-                Outcome::Output(output) => {
-                    self.db
-                        .call(
-                            "complete_step(step_id => $1, claim_token => $2, summary => $3)",
-                            &[&step, &token, output],
-                        )
-                        .await
-                }
-                Outcome::Reported => Ok(Value::Null),
-                Outcome::Failed(error) => {
-                    self.db
-                        .call(
-                            "fail_step(step_id => $1, claim_token => $2, error => $3)",
-                            &[&step, &token, error],
-                        )
-                        .await
-                }
-                Outcome::Interrupted => {
-                    self.db
-                        .call(
-                            "release_step(step_id => $1, claim_token => $2)",
-                            &[&step, &token],
-                        )
-                        .await
-                }
+            let result = match text {
+                Some(text) => self.db.call(sql, &[&step, &token, text]).await,
+                None => self.db.call(sql, &[&step, &token]).await,
             };
             match result {
                 Err(e)
