@@ -171,10 +171,11 @@ const KEPT_LEAVE: &str = "UPDATE sortie.campaigns SET running_steps = running_st
                                    - sortie.provisional_slot_seconds(), 0)
     WHERE id = $1";
 
-/// One worker's loop: claim and complete until `stop`; false when nothing was ready.
+/// One worker's connection with the statements of its variant, prepared.
 struct Worker {
     client: Client,
     campaign: uuid::Uuid,
+    variant: Variant,
     statements: Vec<tokio_postgres::Statement>,
 }
 
@@ -203,13 +204,15 @@ impl Worker {
         Ok(Worker {
             client,
             campaign,
+            variant,
             statements,
         })
     }
 
-    async fn cycle(&self, variant: Variant) -> Result<bool, tokio_postgres::Error> {
+    /// Claims and completes one step; false when nothing was ready.
+    async fn cycle(&self) -> Result<bool, tokio_postgres::Error> {
         let (c, s, campaign) = (&self.client, &self.statements, &self.campaign);
-        match variant {
+        match self.variant {
             Variant::Extension => {
                 let v: Value = c.query_one(&s[0], &[campaign]).await?.get(0);
                 let Some(id) = v["step_id"].as_i64() else {
@@ -297,7 +300,7 @@ async fn cycle_run(
         let (stop, done) = (stop.clone(), done.clone());
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                if worker.cycle(variant).await.unwrap() {
+                if worker.cycle().await.unwrap() {
                     done.fetch_add(1, Ordering::Relaxed);
                 } else {
                     tokio::time::sleep(Duration::from_millis(1)).await;
