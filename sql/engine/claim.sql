@@ -289,7 +289,8 @@ BEGIN
         PERFORM raise('invalid_state', format('step %s needs lock keys another running step holds', s.id));
     END IF;
     IF NOT count_claim(s.campaign_id) THEN
-        RAISE EXCEPTION 'internal: campaign % counts no ready step while step % is ready', s.campaign_id, s.id;
+        RAISE EXCEPTION 'internal: campaign % counts no ready step while step % is ready', s.campaign_id, s.id
+              USING ERRCODE = 'internal_error';
     END IF;
     RETURN v_claim;
 END

@@ -314,10 +314,10 @@ BEGIN
                      lease_expires_at = NULL,
                      duration_ms = (extract(epoch FROM clock() - caller.claimed_at) * 1000)::bigint
      WHERE id = caller.id;
-    PERFORM leave_running(caller.campaign_id, caller.id, caller.claimed_at, caller.requires_locks,
-                          p_open => -1);
     PERFORM emit(caller.campaign_id, caller.id, 'step.done', jsonb_build_object('aborted_branch', t.id));
-    PERFORM bump_counters(caller.campaign_id, 0, 0, release_dependents(caller.campaign_id, caller.id));
+    -- As in complete_step: the caller's counters and the steps it made ready in one update.
+    PERFORM leave_running(caller.campaign_id, caller.id, caller.claimed_at, caller.requires_locks,
+                          p_open => -1, p_ready => release_dependents(caller.campaign_id, caller.id));
 
     SELECT coalesce(array_agg(id), '{}') INTO v_children FROM steps WHERE parent_id = t.id;
     v_skipped := skip_cascade(caller.campaign_id, v_children, 'abort',
