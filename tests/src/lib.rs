@@ -478,6 +478,32 @@ pub fn binary(name: &str) -> PathBuf {
     dir.join(name)
 }
 
+/// An executable script (a stand-in agent) in this test process's temporary directory.
+pub fn script(name: &str, body: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sortie-runner-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, body).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// A `sortie-runner` process against the test database, quiet on stdout and stderr.
+pub fn runner_process(db: &TestDb, args: &[&str], env: &[(&str, String)]) -> std::process::Child {
+    let mut command = Command::new(binary("sortie-runner"));
+    command
+        .args(args)
+        .env("DATABASE_URL", db.connection_string())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.spawn().expect("start sortie-runner")
+}
+
 /// A real MCP client talking to the real `sortie-mcp` binary over stdio.
 pub mod mcp {
     use super::*;

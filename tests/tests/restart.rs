@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use sortie_tests::fixtures::*;
 use sortie_tests::mcp::McpClient;
-use sortie_tests::{binary, TestDb};
+use sortie_tests::{runner_process, script, TestDb};
 
 #[tokio::test]
 async fn a_restart_under_the_runner_and_the_mcp_server_loses_nothing() {
@@ -27,30 +27,23 @@ async fn a_restart_under_the_runner_and_the_mcp_server_loses_nothing() {
     let ids = add_ids(&db, c, Value::Array(steps)).await;
 
     // Each dispatch is logged; the agent's output is finished while the server is down.
-    let dir = std::env::temp_dir().join(format!("sortie-restart-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let log = dir.join("dispatches");
-    let agent = dir.join("agent.sh");
-    std::fs::write(
-        &agent,
-        format!(
+    let log =
+        std::env::temp_dir().join(format!("sortie-restart-dispatches-{}", std::process::id()));
+    let agent = script(
+        "restart-agent.sh",
+        &format!(
             "#!/bin/sh\ncat >/dev/null\necho \"$SORTIE_STEP_ID\" >> {}\nsleep 0.5\necho \"output of $SORTIE_STEP_ID\"\n",
             log.display()
         ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).unwrap();
-
-    let mut runner = std::process::Command::new(binary("sortie-runner"))
-        .env("DATABASE_URL", db.connection_string())
-        .env("SORTIE_DISPATCH", "command")
-        .env("SORTIE_AGENT_COMMAND", agent.display().to_string())
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start sortie-runner");
+    );
+    let mut runner = runner_process(
+        &db,
+        &[],
+        &[
+            ("SORTIE_DISPATCH", "command".into()),
+            ("SORTIE_AGENT_COMMAND", agent.display().to_string()),
+        ],
+    );
     let mcp = McpClient::start(&db, &[]).await;
     assert_eq!(
         mcp.ok("get_campaign", json!({"id": c})).await["status"],

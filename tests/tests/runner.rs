@@ -10,7 +10,7 @@ use sortie_mcp::db::Db;
 use sortie_mcp::runner::Runner;
 use sortie_tests::fake_http::FakeHttp;
 use sortie_tests::fixtures::*;
-use sortie_tests::{binary, TestDb};
+use sortie_tests::{binary, runner_process, script, TestDb};
 use tokio::sync::watch;
 
 async fn runner(db: &TestDb, vars: &[(&str, String)]) -> (Runner, watch::Sender<bool>) {
@@ -39,16 +39,6 @@ async fn run_until_settled(runner: &mut Runner, db: &TestDb, c: uuid::Uuid, max:
             return;
         }
     }
-}
-
-fn script(name: &str, body: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sortie-runner-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    std::fs::write(&path, body).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path
 }
 
 #[tokio::test]
@@ -383,20 +373,6 @@ async fn notifications_reach_the_webhook_and_failures_are_retried() {
         .unwrap()
         .contains("Campaign done"));
     db.finish().await;
-}
-
-fn runner_process(db: &TestDb, args: &[&str], env: &[(&str, String)]) -> std::process::Child {
-    let mut command = std::process::Command::new(binary("sortie-runner"));
-    command
-        .args(args)
-        .env("DATABASE_URL", db.connection_string())
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    command.spawn().expect("start sortie-runner")
 }
 
 #[tokio::test]
