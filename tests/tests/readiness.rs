@@ -1,6 +1,6 @@
 //! SPEC §3 readiness, compound steps and step JSON, against the real extension.
 
-use serde_json::json;
+use serde_json::{json, Value};
 use sortie_tests::fixtures::*;
 use sortie_tests::TestDb;
 
@@ -382,5 +382,37 @@ async fn claim_next_refuses_an_unknown_campaign_and_leaves_a_paused_one_unchange
     db.ok("sortie.resume_campaign($1)", &[&c]).await;
     assert!(claim(&db, c).await.is_some());
     db.ok("sortie.cancel_campaign($1)", &[&c]).await;
+    db.finish().await;
+}
+
+/// claim_step counts its claim with count_claim; when the campaign's counters disagree with the
+/// step (a broken invariant, forced here by hand) the claim is refused as an internal error
+/// (SQLSTATE XX000) and nothing changes.
+#[tokio::test]
+async fn claim_step_refuses_a_claim_its_counters_cannot_account_for() {
+    let db = TestDb::new().await;
+    let c = campaign(&db, "none").await;
+    let ids = add_ids(&db, c, json!([{"action": "a"}])).await;
+    db.client
+        .execute(
+            "UPDATE sortie.campaigns SET ready_steps = 0 WHERE id = $1",
+            &[&c],
+        )
+        .await
+        .unwrap();
+    let err = db
+        .call("sortie.claim_step($1, 'w')", &[&ids[0]])
+        .await
+        .unwrap_err();
+    assert_eq!(err.sqlstate, "XX000", "{err}");
+    assert_eq!(status(&db, ids[0]).await, "pending");
+    assert_eq!(step_field(&db, ids[0], "claim_token").await, Value::Null);
+    db.client
+        .execute(
+            "UPDATE sortie.campaigns SET ready_steps = 1 WHERE id = $1",
+            &[&c],
+        )
+        .await
+        .unwrap();
     db.finish().await;
 }

@@ -27,6 +27,19 @@ const TICK: Duration = Duration::from_secs(5);
 /// How often a woken runner polls while the extension may be holding wake-ups back.
 const POLL: Duration = Duration::from_millis(25);
 
+/// How long the daemon waits before its next tick. While the database is down (a restart,
+/// say) ticks fail; they are retried sooner than the safety tick, but backing off rather than
+/// at the polling rate.
+fn pause_after(failed_ticks: u32, polling: bool) -> Duration {
+    if failed_ticks > 0 {
+        (POLL * 2u32.pow(failed_ticks.min(8))).min(TICK)
+    } else if polling {
+        POLL
+    } else {
+        TICK
+    }
+}
+
 pub struct Runner {
     db: Db,
     config: Arc<Config>,
@@ -90,8 +103,6 @@ impl Runner {
         };
         let mut wake = listener::listen(&self.database_url).await;
         let mut poll_until: Option<tokio::time::Instant> = None;
-        // While the database is down (a restart, say) ticks fail; they are retried sooner than
-        // the safety tick, but backing off rather than at the polling rate.
         let mut failed_ticks = 0u32;
         loop {
             match self.tick().await {
@@ -102,12 +113,8 @@ impl Runner {
                 }
             }
             self.reap_finished();
-            let now = tokio::time::Instant::now();
-            let pause = match poll_until {
-                _ if failed_ticks > 0 => (POLL * 2u32.pow(failed_ticks.min(8))).min(TICK),
-                Some(until) if until > now => POLL,
-                _ => TICK,
-            };
+            let polling = poll_until.is_some_and(|until| until > tokio::time::Instant::now());
+            let pause = pause_after(failed_ticks, polling);
             tokio::select! {
                 _ = shutdown.changed() => break,
                 _ = wake.recv() => poll_until = Some(tokio::time::Instant::now() + window),
@@ -285,4 +292,19 @@ impl Runner {
 /// The extension's verdict on whether this step may still splice (SPEC §3 depth limit).
 fn can_spawn(context: &Value) -> bool {
     context["step"]["can_spawn"] == true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_ticks_back_off_to_the_safety_tick() {
+        let pauses: Vec<u64> = (1..=9)
+            .map(|n| pause_after(n, true).as_millis() as u64)
+            .collect();
+        assert_eq!(pauses, [50, 100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        assert_eq!(pause_after(0, true), POLL);
+        assert_eq!(pause_after(0, false), TICK);
+    }
 }
