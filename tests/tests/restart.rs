@@ -26,16 +26,35 @@ async fn a_restart_under_the_runner_and_the_mcp_server_loses_nothing() {
         .collect();
     let ids = add_ids(&db, c, Value::Array(steps)).await;
 
-    // Each dispatch is logged; the agent's output is finished while the server is down.
+    // Each dispatch is logged. The first steps of chains 1 and 2 run long, so their agents
+    // finish while the server is down; the other steps are quick.
     let log =
         std::env::temp_dir().join(format!("sortie-restart-dispatches-{}", std::process::id()));
     let agent = script(
         "restart-agent.sh",
         &format!(
-            "#!/bin/sh\ncat >/dev/null\necho \"$SORTIE_STEP_ID\" >> {}\nsleep 0.5\necho \"output of $SORTIE_STEP_ID\"\n",
-            log.display()
+            "#!/bin/sh\ncat >/dev/null\necho \"$SORTIE_STEP_ID\" >> {log}\n\
+             case \"$SORTIE_STEP_ID\" in {} | {}) sleep 3 ;; *) sleep 0.3 ;; esac\n\
+             echo \"output of $SORTIE_STEP_ID\"\n",
+            ids[4],
+            ids[8],
+            log = log.display()
         ),
     );
+    let mcp = McpClient::start(&db, &[]).await;
+    assert_eq!(
+        mcp.ok("get_campaign", json!({"id": c})).await["status"],
+        "active"
+    );
+
+    // First outage: a claim made and not yet handed to an agent. The notes table is locked
+    // before the runner starts, so its first claim commits and then reading that step's context
+    // (which reads notes) waits; the server goes down under it.
+    let locker = db.connect().await;
+    locker
+        .batch_execute("BEGIN; LOCK sortie.notes IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
     let mut runner = runner_process(
         &db,
         &[],
@@ -44,32 +63,30 @@ async fn a_restart_under_the_runner_and_the_mcp_server_loses_nothing() {
             ("SORTIE_AGENT_COMMAND", agent.display().to_string()),
         ],
     );
-    let mcp = McpClient::start(&db, &[]).await;
-    assert_eq!(
-        mcp.ok("get_campaign", json!({"id": c})).await["status"],
-        "active"
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%get_my_context%'";
+    wait_for(|| async { count(&db, waiting).await > 0 }).await;
+    assert!(
+        count(&db, waiting).await > 0,
+        "the runner waits for a claimed step's context"
     );
-
-    // Down while the first steps run, so their agents finish during the outage.
-    for _ in 0..100 {
-        if count(&db, &format!("SELECT count(*) FROM sortie.steps WHERE campaign_id = '{c}' AND status = 'running'")).await > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     db.restart_server(Duration::from_millis(1500)).await;
+
+    // Second outage: two agents still running, so their outputs arrive while the server is down.
+    let dispatched = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    wait_for(|| async { dispatched() >= 3 }).await;
+    db.restart_server(Duration::from_millis(3000)).await;
 
     // The MCP server's next call works on a new connection.
     assert_eq!(
         mcp.ok("get_campaign", json!({"id": c})).await["status"],
         "active"
     );
-    for _ in 0..400 {
-        if campaign_status(&db, c).await != "active" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for(|| async { campaign_status(&db, c).await != "active" }).await;
     unsafe { libc::kill(runner.id() as i32, libc::SIGTERM) };
     runner.wait().unwrap();
     mcp.stop().await;
@@ -94,4 +111,14 @@ async fn a_restart_under_the_runner_and_the_mcp_server_loses_nothing() {
         );
     }
     db.finish().await;
+}
+
+/// Waits up to 20 s for `ready`; the assertions after it say what went wrong if it never is.
+async fn wait_for<F: std::future::Future<Output = bool>>(mut ready: impl FnMut() -> F) {
+    for _ in 0..400 {
+        if ready().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -11,6 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use super::prompt;
 use crate::config::{Config, Dispatch};
 use crate::db::{Db, DbError};
 
@@ -52,16 +53,23 @@ impl Claim {
     }
 }
 
+/// One claimed step, from its claim to the record of how it ended. Once a step is claimed its
+/// job owns it: whatever happens (an outage, the runner shutting down) the job completes,
+/// fails or releases it, so a claim is never left for the lease to clean up.
 pub struct Job {
     pub db: Db,
     pub config: Arc<Config>,
     pub http: reqwest::Client,
     pub database_url: String,
-    pub prompt: String,
-    /// Whether spawn_and_continue is offered to the agent (below the campaign's max depth).
-    pub can_spawn: bool,
     pub claim: Claim,
     pub shutdown: watch::Receiver<bool>,
+}
+
+/// What the agent is handed: the step's prompt, and whether it may split the step.
+struct Brief {
+    prompt: String,
+    /// Whether spawn_and_continue is offered (the extension's verdict on the depth limit).
+    can_spawn: bool,
 }
 
 /// How a dispatch ended, as far as the runner can tell.
@@ -78,10 +86,16 @@ enum Outcome {
 impl Job {
     pub async fn run(self) {
         let heartbeat = self.keep_alive();
-        let outcome = match self.config.dispatch {
-            Dispatch::Http => self.post().await,
-            Dispatch::Command => self.command().await,
-            Dispatch::None => Outcome::Interrupted,
+        let outcome = match self.brief().await {
+            Ok(brief) => match self.config.dispatch {
+                Dispatch::Http => self.post(&brief).await,
+                Dispatch::Command => self.command(&brief).await,
+                Dispatch::None => Outcome::Interrupted,
+            },
+            Err(e) => {
+                warn!(step = self.claim.step_id, error = %e, "cannot read the step's context; handing it back");
+                Outcome::Interrupted
+            }
         };
         heartbeat.abort();
         let result = self.record(&outcome).await;
@@ -102,10 +116,28 @@ impl Job {
         }
     }
 
-    /// Records how the dispatch ended. While the database is unreachable (restarting, say) the
-    /// same call is made again, until the step's lease would have run out or the runner is
-    /// shutting down: the agent's work is not lost to an outage, and a late record is refused
-    /// by fencing if the step was reset meanwhile.
+    async fn brief(&self) -> Result<Brief, DbError> {
+        let config = &self.config;
+        let context = self
+            .call_through_outage(
+                "get_my_context(step_id => $1, head => $2, tail => $3)",
+                &[
+                    &self.claim.step_id,
+                    &config.preview_head,
+                    &config.preview_tail,
+                ],
+            )
+            .await?;
+        let can_spawn = context["step"]["can_spawn"] == true;
+        Ok(Brief {
+            prompt: prompt::step_prompt(&context, can_spawn),
+            can_spawn,
+        })
+    }
+
+    /// Records how the dispatch ended. An outage does not lose the agent's work: the record is
+    /// retried through it, and a late record is refused by fencing if the step was reset
+    /// meanwhile.
     async fn record(&self, outcome: &Outcome) -> Result<Value, DbError> {
         let (sql, text) = match outcome {
             Outcome::Output(output) => (
@@ -120,20 +152,30 @@ impl Job {
             Outcome::Reported => return Ok(Value::Null),
         };
         let (step, token) = (self.claim.step_id, self.claim.token);
+        match text {
+            Some(text) => self.call_through_outage(sql, &[&step, &token, text]).await,
+            None => self.call_through_outage(sql, &[&step, &token]).await,
+        }
+    }
+
+    /// Makes an extension call, and makes it again while the database is unreachable
+    /// (restarting, say), until the step's lease would have run out or the runner is shutting
+    /// down.
+    async fn call_through_outage(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Value, DbError> {
         let give_up = tokio::time::Instant::now() + self.config.zombie_timeout;
         let mut pause = Duration::from_millis(100);
         loop {
-            let result = match text {
-                Some(text) => self.db.call(sql, &[&step, &token, text]).await,
-                None => self.db.call(sql, &[&step, &token]).await,
-            };
-            match result {
+            match self.db.call(sql, params).await {
                 Err(e)
                     if e.code == "unavailable"
                         && tokio::time::Instant::now() + pause < give_up
                         && !*self.shutdown.borrow() =>
                 {
-                    warn!(step, error = %e, "cannot record the dispatch's outcome yet; retrying");
+                    warn!(step = self.claim.step_id, error = %e, "the database is unreachable; retrying");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(2));
                 }
@@ -149,14 +191,14 @@ impl Job {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs((lease / 3) as u64)).await;
-                if db
+                let beat = db
                     .call(
                         "heartbeat(step_id => $1, claim_token => $2, extend_leases_sec => $3)",
                         &[&step, &token, &lease],
                     )
-                    .await
-                    .is_err()
-                {
+                    .await;
+                // Through an outage the heartbeats go on; a refused one means the claim is gone.
+                if beat.is_err_and(|e| e.code != "unavailable") {
                     return;
                 }
             }
@@ -177,16 +219,16 @@ impl Job {
         ]
     }
 
-    async fn post(&self) -> Outcome {
+    async fn post(&self, brief: &Brief) -> Outcome {
         let Some(base) = &self.config.runtime_url else {
             return Outcome::Failed("OPENCLAW_RUNTIME_URL is not set".into());
         };
         let mut tools: Vec<&str> = TOOLS.to_vec();
-        if self.can_spawn {
+        if brief.can_spawn {
             tools.push("spawn_and_continue");
         }
         let body = json!({
-            "agent": self.claim.agent, "prompt": self.prompt, "step_id": self.claim.step_id,
+            "agent": self.claim.agent, "prompt": brief.prompt, "step_id": self.claim.step_id,
             "campaign_id": self.claim.campaign_id, "tools": tools,
             "env": self.session_env().into_iter().map(|(k, v)| (k, Value::String(v))).collect::<serde_json::Map<_, _>>(),
         });
@@ -219,7 +261,7 @@ impl Job {
     }
 
     /// Runs SORTIE_AGENT_COMMAND with the prompt on stdin and the session in its environment.
-    async fn command(&self) -> Outcome {
+    async fn command(&self, brief: &Brief) -> Outcome {
         let Some(line) = &self.config.agent_command else {
             return Outcome::Failed("SORTIE_AGENT_COMMAND is not set".into());
         };
@@ -251,7 +293,7 @@ impl Job {
             }
         };
         let mut stdin = child.stdin.take();
-        let prompt = self.prompt.clone();
+        let prompt = brief.prompt.clone();
         tokio::spawn(async move {
             if let Some(stdin) = stdin.as_mut() {
                 let _ = stdin.write_all(prompt.as_bytes()).await;

@@ -224,25 +224,13 @@ impl Runner {
             let Some(claim) = Claim::from_json(&claimed) else {
                 return Ok(());
             };
-            let context = self
-                .db
-                .call(
-                    "get_my_context(step_id => $1, head => $2, tail => $3)",
-                    &[
-                        &claim.step_id,
-                        &self.config.preview_head,
-                        &self.config.preview_tail,
-                    ],
-                )
-                .await?;
             info!(step = claim.step_id, campaign = %claim.campaign_id, action = %claim.action, "dispatching");
+            // From here the job owns the claim: nothing below may fail and leave it unattended.
             let job = dispatch::Job {
                 db: self.db.clone(),
                 config: self.config.clone(),
                 http: self.http.clone(),
                 database_url: self.database_url.clone(),
-                prompt: prompt::step_prompt(&context, can_spawn(&context)),
-                can_spawn: can_spawn(&context),
                 claim,
                 shutdown: self.shutdown.clone(),
             };
@@ -287,11 +275,6 @@ impl Runner {
         }
         Ok(())
     }
-}
-
-/// The extension's verdict on whether this step may still splice (SPEC §3 depth limit).
-fn can_spawn(context: &Value) -> bool {
-    context["step"]["can_spawn"] == true
 }
 
 #[cfg(test)]
