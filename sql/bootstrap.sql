@@ -40,6 +40,7 @@ BEGIN
             WHEN 'cycle'            THEN 'SR007'
             WHEN 'skipped'          THEN 'SR008'
             WHEN 'forbidden'        THEN 'SR009'
+            WHEN 'choice_required'  THEN 'SR010'
             ELSE 'SR000'
         END;
 END
@@ -146,6 +147,8 @@ CREATE TABLE campaigns (
     planner_iterations  integer NOT NULL DEFAULT 0,
     workflow            text,
     workflow_hash       text,
+    -- A workflow instance's current step (a step name of its pinned definition).
+    workflow_step       text,
     context             jsonb_object NOT NULL DEFAULT '{}',
     -- Counters kept by the rules, checked by check_invariants(): steps not yet terminal,
     -- atomic steps running now, atomic steps pending with every dependency met.
@@ -308,6 +311,20 @@ CREATE TABLE workflows (
     loaded_at   timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (name, hash)
 );
+
+-- One row per advance or resume of a workflow instance: what was reported on which step, and
+-- the next step determined from it.
+CREATE TABLE workflow_history (
+    id                   bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    campaign_id          uuid NOT NULL REFERENCES campaigns (id) ON DELETE CASCADE,
+    step_name            text,
+    report               jsonb,
+    outcome_status       text,
+    determined_next_step text,
+    decided_by           text NOT NULL CHECK (decided_by IN ('start', 'transition', 'choice', 'resume')),
+    at                   timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX workflow_history_campaign ON workflow_history (campaign_id, id);
 
 -- Notes carry an embedding whose dimension is fixed when the extension is created:
 -- `SET sortie.embedding_dim = 768` before CREATE EXTENSION to change the default 384.

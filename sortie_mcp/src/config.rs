@@ -42,6 +42,8 @@ pub struct Config {
     pub dispatch: Dispatch,
     pub agent_command: Option<String>,
     pub webhook_url: Option<String>,
+    /// Folder of Markdown workflows (SPEC §7), one sub-folder per workflow.
+    pub workflows_dir: Option<std::path::PathBuf>,
 }
 
 /// Where variables come from: the process environment, or a map in tests.
@@ -190,6 +192,7 @@ impl Config {
             dispatch,
             agent_command: var("SORTIE_AGENT_COMMAND"),
             webhook_url: url(var, "SORTIE_WEBHOOK_URL")?,
+            workflows_dir: var("WORKFLOW_DEFINITIONS_DIR").map(std::path::PathBuf::from),
         };
         if config.dispatch == Dispatch::Http && config.runtime_url.is_none() {
             bail!("SORTIE_DISPATCH=http needs OPENCLAW_RUNTIME_URL");

@@ -179,6 +179,7 @@ fn code_for_sqlstate(sqlstate: &str) -> Option<&'static str> {
         "SR007" => "cycle",
         "SR008" => "skipped",
         "SR009" => "forbidden",
+        "SR010" => "choice_required",
         // Bad input the extension's types caught before a rule ran.
         "22P02" | "22003" | "22023" | "22007" | "22008" | "22021" | "22P05" | "23514" => {
             "invalid_argument"

@@ -7,8 +7,10 @@ pub mod demo;
 pub mod embed;
 pub mod embedded;
 pub mod http;
+pub mod llm;
 pub mod runner;
 pub mod tools;
+pub mod workflows;
 
 /// Logs go to stderr only: stdout carries nothing but JSON-RPC (SPEC §5).
 pub fn init_logging() {

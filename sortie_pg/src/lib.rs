@@ -58,6 +58,11 @@ extension_sql_file!(
     requires = ["claim"]
 );
 extension_sql_file!(
+    "../../sql/engine/workflows.sql",
+    name = "workflows",
+    requires = ["core"]
+);
+extension_sql_file!(
     "../../sql/engine/invariants.sql",
     name = "invariants",
     requires = ["core"],

@@ -422,7 +422,8 @@ DECLARE
     c campaigns;
 BEGIN
     SELECT * INTO c FROM campaigns WHERE id = p_campaign;
-    IF c.open_steps > 0 OR c.status NOT IN ('active', 'paused') THEN
+    -- A workflow instance has no steps of its own: it ends when an advance reaches FINISH.
+    IF c.open_steps > 0 OR c.status NOT IN ('active', 'paused') OR c.workflow IS NOT NULL THEN
         RETURN;
     END IF;
     IF c.planner = 'none' THEN

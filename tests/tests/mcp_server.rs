@@ -8,17 +8,22 @@ use sortie_tests::fixtures::*;
 use sortie_tests::mcp::McpClient;
 use sortie_tests::{binary, TestDb};
 
-const COORDINATOR_TOOLS: [&str; 11] = [
+const COORDINATOR_TOOLS: [&str; 16] = [
     "add_steps",
+    "advance_workflow",
     "cancel_campaign",
     "check_success",
     "create_campaign",
     "get_campaign",
     "get_updates",
+    "get_workflow_status",
     "list_campaigns",
+    "list_workflows",
     "pause_campaign",
     "provide_input",
     "resume_campaign",
+    "resume_workflow",
+    "start_workflow",
     "steer_campaign",
 ];
 const WORKER_TOOLS: [&str; 12] = [
@@ -575,7 +580,7 @@ fn without_a_database_url_initialize_and_tools_list_answer_at_once() {
             .as_array()
             .unwrap()
             .len(),
-        23
+        COORDINATOR_TOOLS.len() + WORKER_TOOLS.len()
     );
     assert!(
         !data_dir.exists(),
@@ -658,7 +663,7 @@ async fn the_http_transport_serves_tools_behind_a_bearer_token() {
     );
     let client = ().serve(transport).await.expect("initialize over HTTP");
     let tools = client.list_all_tools().await.unwrap();
-    assert_eq!(tools.len(), 23);
+    assert_eq!(tools.len(), COORDINATOR_TOOLS.len() + WORKER_TOOLS.len());
     let created = client
         .call_tool(
             rmcp::model::CallToolRequestParams::new("create_campaign").with_arguments(

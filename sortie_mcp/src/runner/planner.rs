@@ -2,8 +2,8 @@
 //! applied by the extension's `apply_plan`, all or nothing; a failed or malformed answer
 //! changes nothing and the campaign is planned again when the planning lease runs out.
 
-use anyhow::{bail, Context, Result};
-use serde_json::{json, Value};
+use anyhow::Result;
+use serde_json::Value;
 use tracing::info;
 
 use crate::config::Config;
@@ -23,37 +23,10 @@ pub async fn consult(
     config: &Config,
     campaign: uuid::Uuid,
 ) -> Result<()> {
-    let Some(base) = &config.litellm_url else {
-        bail!("LITELLM_URL is not set")
-    };
     let state = db
         .call("get_campaign(id => $1, steps_limit => 200)", &[&campaign])
         .await?;
-    let body = json!({
-        "model": config.planner_model,
-        "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": planner_prompt(&state)}],
-        "response_format": {"type": "json_object"},
-        "temperature": 0.2,
-    });
-    let mut request = http
-        .post(format!("{base}/v1/chat/completions"))
-        .timeout(std::time::Duration::from_secs(120))
-        .json(&body);
-    if let Some(key) = &config.litellm_key {
-        request = request.bearer_auth(key);
-    }
-    let response = request.send().await.context("planner unreachable")?;
-    if !response.status().is_success() {
-        bail!("planner answered {}", response.status());
-    }
-    let answer: Value = response
-        .json()
-        .await
-        .context("planner answer is not JSON")?;
-    let content = answer["choices"][0]["message"]["content"]
-        .as_str()
-        .context("planner answer has no message content")?;
-    let plan = parse_plan_text(content)?;
+    let plan = crate::llm::ask_json(http, config, SYSTEM, &planner_prompt(&state)).await?;
     let applied = db
         .call(
             "apply_plan(campaign_id => $1, plan => $2)",
@@ -62,17 +35,6 @@ pub async fn consult(
         .await?;
     info!(campaign = %campaign, created = %applied["steps"]["created"], status = %applied["status"], "plan applied");
     Ok(())
-}
-
-/// The model's JSON, also when wrapped in a Markdown code fence.
-pub fn parse_plan_text(content: &str) -> Result<Value> {
-    let trimmed = content.trim();
-    let unfenced = trimmed
-        .strip_prefix("```json")
-        .or_else(|| trimmed.strip_prefix("```"))
-        .and_then(|rest| rest.strip_suffix("```"))
-        .unwrap_or(trimmed);
-    serde_json::from_str(unfenced.trim()).context("planner content is not a JSON object")
 }
 
 fn planner_prompt(state: &Value) -> String {
@@ -123,19 +85,4 @@ fn planner_prompt(state: &Value) -> String {
         failed = pick("failed").join("\n"),
         notes = notes.join("\n"),
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fenced_and_plain_plans_parse() {
-        assert_eq!(parse_plan_text("{\"done\": true}").unwrap()["done"], true);
-        assert_eq!(
-            parse_plan_text("```json\n{\"done\": true}\n```").unwrap()["done"],
-            true
-        );
-        assert!(parse_plan_text("sure! here is the plan").is_err());
-    }
 }

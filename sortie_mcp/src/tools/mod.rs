@@ -3,6 +3,7 @@
 
 mod coordinator;
 mod worker;
+mod workflows;
 
 use std::sync::Arc;
 
@@ -25,32 +26,39 @@ use crate::embed::Embedder;
 const INSTRUCTIONS: &str = "Sortie orchestrates campaigns: a goal and a DAG of steps. Coordinators create campaigns \
 (create_campaign, add_steps), watch them (get_updates, get_campaign) and steer them. Workers execute one claimed step: \
 get_my_context first, then add_note for findings, and finish with complete_step, fail_step, request_input, \
-spawn_and_continue or abort_branch. Errors start with a stable code such as not_found or stale_claim.";
+spawn_and_continue or abort_branch. Markdown workflows: list_workflows, start_workflow, then advance_workflow \
+with a report on each step. Errors start with a stable code such as not_found or stale_claim.";
 
 #[derive(Clone)]
 pub struct SortieServer {
     config: Arc<Config>,
     db: Arc<OnceCell<Db>>,
     embedder: Arc<Embedder>,
+    /// For the planner LLM (workflow choices).
+    http: reqwest::Client,
     tool_router: ToolRouter<SortieServer>,
 }
 
 impl SortieServer {
     pub fn new(config: Config) -> Self {
         let mut tool_router = match config.role {
-            Role::Coordinator => Self::coordinator_router(),
+            Role::Coordinator => Self::coordinator_router() + Self::workflow_router(),
             Role::Worker => Self::worker_router(),
-            Role::Both => Self::coordinator_router() + Self::worker_router(),
+            Role::Both => {
+                Self::coordinator_router() + Self::workflow_router() + Self::worker_router()
+            }
         };
         // Pull-mode workers claim their own steps; coordinators add steps.
         if config.role == Role::Coordinator {
             tool_router.remove_route("claim_next");
         }
-        let embedder = Arc::new(Embedder::from_config(&config, reqwest::Client::new()));
+        let http = reqwest::Client::new();
+        let embedder = Arc::new(Embedder::from_config(&config, http.clone()));
         Self {
             config: Arc::new(config),
             db: Arc::new(OnceCell::new()),
             embedder,
+            http,
             tool_router,
         }
     }

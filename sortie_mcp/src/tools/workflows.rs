@@ -1,0 +1,294 @@
+//! Workflow tools (SPEC §7). The Markdown folder is read here and loaded into the extension,
+//! which pins it by hash and decides every move. When a step declares no transitions the
+//! extension answers `choice_required`; the planner LLM then picks one of the names the
+//! extension lists, and the extension checks the pick. An LLM outage changes nothing: the
+//! call fails with `unavailable` and can be made again.
+
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::CallToolResult;
+use rmcp::{tool, tool_router};
+use schemars::JsonSchema;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::{tool_error, SortieServer};
+use crate::db::DbError;
+
+const CHOOSER: &str = "You are a workflow orchestrator. From the workflow definition (follow each step's Orchestrator \
+Guidance), the instance's state, its recent history and the client's report on the current step, choose the next step. \
+Answer with one JSON object only: {\"next_step_name\": one of the valid step names, exactly as listed, \"reasoning\": string}. \
+Choose FINISH when the workflow is complete.";
+
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct StartWorkflow {
+    /// Name of the workflow (its folder under WORKFLOW_DEFINITIONS_DIR).
+    pub workflow_name: String,
+    /// Initial context (a JSON object).
+    pub context: Option<Value>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct InstanceId {
+    /// Workflow instance id (returned by start_workflow).
+    pub instance_id: Uuid,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct AdvanceWorkflow {
+    /// Workflow instance id.
+    pub instance_id: Uuid,
+    /// Outcome of the current step: {"step_id": current step name, "status": e.g. success, "result": ...}.
+    pub report: Value,
+    /// Keys to merge into the instance's context.
+    pub context_updates: Option<Value>,
+    /// The next step, when the current step declares no transitions; otherwise the planner LLM chooses.
+    pub next_step: Option<String>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct ResumeWorkflow {
+    /// Workflow instance id.
+    pub instance_id: Uuid,
+    /// The step you believe is current.
+    pub assumed_current_step_name: String,
+    /// Your report; with a status and the right step it advances the instance.
+    pub report: Option<Value>,
+    /// Keys to merge into the instance's context.
+    pub context_updates: Option<Value>,
+    /// The next step, when advancing from a step that declares no transitions.
+    pub next_step: Option<String>,
+}
+
+fn refused(code: &str, message: String) -> CallToolResult {
+    tool_error(&DbError {
+        code: code.into(),
+        message: format!("{code}: {message}"),
+    })
+}
+
+#[tool_router(router = workflow_router, vis = "pub(super)")]
+impl SortieServer {
+    #[tool(
+        description = "The Markdown workflows available to start_workflow, with their goals and step names.",
+        annotations(read_only_hint = true, idempotent_hint = true)
+    )]
+    async fn list_workflows(&self) -> CallToolResult {
+        let Some(dir) = &self.config.workflows_dir else {
+            return CallToolResult::structured(
+                json!({"workflows": [], "hint": "set WORKFLOW_DEFINITIONS_DIR to a folder of workflows"}),
+            );
+        };
+        let names = match crate::workflows::list(dir) {
+            Ok(names) => names,
+            Err(e) => return refused("invalid_state", e),
+        };
+        let workflows: Vec<Value> = names
+            .iter()
+            .map(|name| match crate::workflows::load(dir, name) {
+                Ok(def) => json!({
+                    "name": name, "goal": def["goal"],
+                    "steps": def["steps"].as_array().into_iter().flatten().map(|s| s["name"].clone()).collect::<Vec<_>>(),
+                }),
+                Err(e) => json!({"name": name, "error": e}),
+            })
+            .collect();
+        CallToolResult::structured(json!({ "workflows": workflows }))
+    }
+
+    #[tool(
+        description = "Start an instance of a workflow: its definition is pinned as it is now, and the first step's \
+client instructions come back. Then do the step and call advance_workflow with your report.",
+        annotations(
+            read_only_hint = false,
+            destructive_hint = false,
+            idempotent_hint = false
+        )
+    )]
+    async fn start_workflow(&self, Parameters(p): Parameters<StartWorkflow>) -> CallToolResult {
+        let Some(dir) = &self.config.workflows_dir else {
+            return refused(
+                "invalid_state",
+                "WORKFLOW_DEFINITIONS_DIR is not set: there are no workflows to start".into(),
+            );
+        };
+        let definition = match crate::workflows::load(dir, &p.workflow_name) {
+            Ok(def) => def,
+            Err(e) => return refused("not_found", e),
+        };
+        let db = match self.db().await {
+            Ok(db) => db,
+            Err(e) => return tool_error(&e),
+        };
+        let loaded = match db
+            .call(
+                "load_workflow(name => $1, definition => $2)",
+                &[&p.workflow_name, &definition],
+            )
+            .await
+        {
+            Ok(loaded) => loaded,
+            Err(e) => return tool_error(&e),
+        };
+        let hash = loaded["hash"].as_str().unwrap_or_default().to_string();
+        let context = p.context.unwrap_or_else(|| json!({}));
+        self.call(
+            "start_workflow(workflow_name => $1, workflow_hash => $2, context => $3)",
+            &[&p.workflow_name, &hash, &context],
+        )
+        .await
+    }
+
+    #[tool(
+        description = "A workflow instance: status, current step and its instructions, context, recent history.",
+        annotations(read_only_hint = true, idempotent_hint = true)
+    )]
+    async fn get_workflow_status(&self, Parameters(p): Parameters<InstanceId>) -> CallToolResult {
+        self.call("get_workflow_status(instance_id => $1)", &[&p.instance_id])
+            .await
+    }
+
+    #[tool(
+        description = "Report the outcome of the current step and get the next one. A transition declared for the \
+reported status decides; otherwise next_step, or the planner LLM, chooses among the workflow's steps (or FINISH).",
+        annotations(
+            read_only_hint = false,
+            destructive_hint = false,
+            idempotent_hint = false
+        )
+    )]
+    async fn advance_workflow(&self, Parameters(p): Parameters<AdvanceWorkflow>) -> CallToolResult {
+        let updates = p.context_updates.unwrap_or_else(|| json!({}));
+        let sql = "advance_workflow(instance_id => $1, report => $2, context_updates => $3, next_step => $4)";
+        let first = self
+            .try_call(sql, &[&p.instance_id, &p.report, &updates, &p.next_step])
+            .await;
+        match self.chosen_step(first, p.instance_id, &p.report).await {
+            Ok(next) => {
+                self.call(sql, &[&p.instance_id, &p.report, &updates, &Some(next)])
+                    .await
+            }
+            Err(result) => result,
+        }
+    }
+
+    #[tool(
+        description = "Reconnect to a workflow instance with the step you believe is current. The stored state wins: \
+if your step is current and your report has a status, the instance advances; otherwise you get the current step back.",
+        annotations(
+            read_only_hint = false,
+            destructive_hint = false,
+            idempotent_hint = false
+        )
+    )]
+    async fn resume_workflow(&self, Parameters(p): Parameters<ResumeWorkflow>) -> CallToolResult {
+        let updates = p.context_updates.unwrap_or_else(|| json!({}));
+        let sql =
+            "resume_workflow(instance_id => $1, assumed_current_step_name => $2, report => $3, \
+                   context_updates => $4, next_step => $5)";
+        let first = self
+            .try_call(
+                sql,
+                &[
+                    &p.instance_id,
+                    &p.assumed_current_step_name,
+                    &p.report,
+                    &updates,
+                    &p.next_step,
+                ],
+            )
+            .await;
+        let report = p.report.clone().unwrap_or_else(|| json!({}));
+        match self.chosen_step(first, p.instance_id, &report).await {
+            Ok(next) => {
+                self.call(
+                    sql,
+                    &[
+                        &p.instance_id,
+                        &p.assumed_current_step_name,
+                        &p.report,
+                        &updates,
+                        &Some(next),
+                    ],
+                )
+                .await
+            }
+            Err(result) => result,
+        }
+    }
+}
+
+impl SortieServer {
+    async fn try_call(
+        &self,
+        function_call: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Value, DbError> {
+        self.db().await?.call(function_call, params).await
+    }
+
+    /// After a first advance: the planner's pick to advance with, when the extension asked for a
+    /// choice and a planner is configured; otherwise (Err) the tool result to return as it is.
+    async fn chosen_step(
+        &self,
+        first: Result<Value, DbError>,
+        instance: Uuid,
+        report: &Value,
+    ) -> Result<String, CallToolResult> {
+        let error = match first {
+            Ok(value) => return Err(CallToolResult::structured(value)),
+            Err(e) if e.code == "choice_required" && self.config.litellm_url.is_some() => e,
+            Err(e) => return Err(tool_error(&e)),
+        };
+        let state = self
+            .try_call(
+                "get_workflow_status(instance_id => $1, with_definition => true)",
+                &[&instance],
+            )
+            .await
+            .map_err(|e| tool_error(&e))?;
+        let prompt = chooser_prompt(&state, report, &error.message);
+        match crate::llm::ask_json(&self.http, &self.config, CHOOSER, &prompt).await {
+            Ok(answer) => match answer["next_step_name"].as_str() {
+                Some(name) => Ok(name.to_string()),
+                None => Err(refused(
+                    "unavailable",
+                    "the planner LLM gave no next_step_name; nothing changed, call again".into(),
+                )),
+            },
+            Err(e) => Err(refused(
+                "unavailable",
+                format!("the planner LLM could not choose the next step ({e:#}); nothing changed, call again"),
+            )),
+        }
+    }
+}
+
+fn chooser_prompt(state: &Value, report: &Value, choices: &str) -> String {
+    let mut definition = String::new();
+    for step in state["definition"]["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        definition.push_str(&format!(
+            "\n---\n## Step: {}\n{}\n",
+            step["name"].as_str().unwrap_or_default(),
+            step["text"]
+                .as_str()
+                .or(step["instructions"].as_str())
+                .unwrap_or_default()
+        ));
+    }
+    format!(
+        "WORKFLOW: {}\nGOAL: {}\n{definition}\n---\nCURRENT STEP: {}\nCONTEXT: {}\nRECENT HISTORY: {}\nREPORT: {}\n\
+         VALID NEXT STEPS: {}\n({choices})",
+        state["workflow_name"],
+        state["definition"]["goal"],
+        state["current_step"]["step_name"],
+        state["context"],
+        state["history"],
+        report,
+        state["valid_next_steps"],
+    )
+}
