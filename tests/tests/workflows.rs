@@ -353,10 +353,19 @@ async fn resume_hands_back_the_stored_step_and_bad_definitions_are_refused() {
         .await;
     assert_eq!(advanced["status"], "done");
 
-    let missing = mcp
+    let broken = mcp
         .call("start_workflow", json!({"workflow_name": "BROKEN"}))
         .await;
-    assert_eq!(missing.code(), "not_found");
+    assert_eq!(
+        broken.code(),
+        "invalid_argument",
+        "a workflow with a missing step file"
+    );
+    assert!(
+        broken.text.contains("steps/missing.md does not exist"),
+        "{}",
+        broken.text
+    );
     let escape = mcp
         .call("start_workflow", json!({"workflow_name": "../REVIEW"}))
         .await;

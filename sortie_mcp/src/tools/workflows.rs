@@ -114,7 +114,18 @@ client instructions come back. Then do the step and call advance_workflow with y
         };
         let definition = match crate::workflows::load(dir, &p.workflow_name) {
             Ok(def) => def,
-            Err(e) => return refused("not_found", e),
+            Err(e) => {
+                let exists =
+                    crate::workflows::list(dir).is_ok_and(|names| names.contains(&p.workflow_name));
+                return refused(
+                    if exists {
+                        "invalid_argument"
+                    } else {
+                        "not_found"
+                    },
+                    e,
+                );
+            }
         };
         let db = match self.db().await {
             Ok(db) => db,
