@@ -451,6 +451,32 @@ async fn bad_input_on_every_tool_changes_nothing() {
             json!({"lease_seconds": 0}),
             "invalid_argument",
         ),
+        // No WORKFLOW_DEFINITIONS_DIR here, and c is no workflow instance.
+        (
+            "start_workflow",
+            json!({"workflow_name": "REVIEW"}),
+            "invalid_state",
+        ),
+        (
+            "get_workflow_status",
+            json!({"instance_id": unknown}),
+            "not_found",
+        ),
+        (
+            "get_workflow_status",
+            json!({"instance_id": c}),
+            "not_found",
+        ),
+        (
+            "advance_workflow",
+            json!({"instance_id": c, "report": {"step_id": "a"}}),
+            "not_found",
+        ),
+        (
+            "resume_workflow",
+            json!({"instance_id": unknown, "assumed_current_step_name": hostile}),
+            "not_found",
+        ),
     ];
     for (tool, args, code) in cases {
         let outcome = mcp.call(tool, args.clone()).await;
