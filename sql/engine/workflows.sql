@@ -162,7 +162,7 @@ $$;
 -- Moves a locked, active instance from its current step: a transition declared for the
 -- reported status decides; otherwise p_next_step must name a step of the definition (or
 -- FINISH). Without either, nothing changes and the error (choice_required) lists the choices.
-CREATE FUNCTION workflow_move(c campaigns, p_report jsonb, p_updates jsonb, p_next_step text, p_decided_by text)
+CREATE FUNCTION workflow_move(c campaigns, p_report jsonb, p_updates jsonb, p_next_step text)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 AS $$
@@ -172,7 +172,7 @@ DECLARE
     v_transitions jsonb := coalesce(workflow_step(v_def, c.workflow_step) -> 'transitions', '{}');
     v_status text := p_report ->> 'status';
     v_next text;
-    v_how text := p_decided_by;
+    v_how text := 'choice';
 BEGIN
     IF v_transitions <> '{}' THEN
         IF v_status IS NULL OR NOT v_transitions ? v_status THEN
@@ -244,7 +244,7 @@ BEGIN
         PERFORM raise('invalid_state', format('report.step_id %L is not the current step %L (get_workflow_status, or resume_workflow)',
                       report ->> 'step_id', c.workflow_step));
     END IF;
-    RETURN workflow_move(c, report, context_updates, next_step, 'choice');
+    RETURN workflow_move(c, report, context_updates, next_step);
 END
 $$;
 
@@ -267,7 +267,7 @@ BEGIN
         PERFORM raise('invalid_argument', format('%L is not a step of workflow %s', assumed_current_step_name, c.workflow));
     END IF;
     IF v_assumed = c.workflow_step AND report ? 'status' THEN
-        RETURN workflow_move(c, report || jsonb_build_object('step_id', v_assumed), context_updates, next_step, 'choice');
+        RETURN workflow_move(c, report || jsonb_build_object('step_id', v_assumed), context_updates, next_step);
     END IF;
     UPDATE campaigns SET context = context || coalesce(context_updates, '{}'), updated_at = now()
      WHERE id = c.id RETURNING * INTO c;

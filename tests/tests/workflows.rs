@@ -60,6 +60,13 @@ fn instance(v: &Value) -> String {
     v["instance_id"].as_str().unwrap().to_string()
 }
 
+async fn start_review(mcp: &McpClient) -> String {
+    instance(
+        &mcp.ok("start_workflow", json!({"workflow_name": "REVIEW"}))
+            .await,
+    )
+}
+
 async fn history_len(mcp: &McpClient, id: &str) -> usize {
     mcp.ok("get_workflow_status", json!({"instance_id": id}))
         .await["history"]
@@ -217,10 +224,7 @@ async fn the_planner_llm_picks_only_valid_steps_and_its_outage_changes_nothing()
     })
     .await;
     let mcp = client(&db, &dir, Some(&llm)).await;
-    let id = instance(
-        &mcp.ok("start_workflow", json!({"workflow_name": "REVIEW"}))
-            .await,
-    );
+    let id = start_review(&mcp).await;
     mcp.ok(
         "advance_workflow",
         json!({"instance_id": id, "report": {"step_id": "Read Diff", "status": "success"}}),
@@ -265,10 +269,7 @@ async fn two_clients_advancing_from_the_same_step_move_the_instance_once() {
     let db = TestDb::new().await;
     let dir = workflows_dir();
     let mcp = client(&db, &dir, None).await;
-    let id = instance(
-        &mcp.ok("start_workflow", json!({"workflow_name": "REVIEW"}))
-            .await,
-    );
+    let id = start_review(&mcp).await;
     let c = uuid::Uuid::parse_str(&id).unwrap();
 
     // Both advances queue behind a held row lock, then race for it.
@@ -324,10 +325,7 @@ async fn resume_hands_back_the_stored_step_and_bad_definitions_are_refused() {
     let db = TestDb::new().await;
     let dir = workflows_dir();
     let mcp = client(&db, &dir, None).await;
-    let id = instance(
-        &mcp.ok("start_workflow", json!({"workflow_name": "REVIEW"}))
-            .await,
-    );
+    let id = start_review(&mcp).await;
 
     let resumed = mcp
         .ok("resume_workflow", json!({"instance_id": id, "assumed_current_step_name": "Wrap Up",
