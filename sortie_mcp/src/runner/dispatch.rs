@@ -54,8 +54,9 @@ impl Claim {
 }
 
 /// One claimed step, from its claim to the record of how it ended. Once a step is claimed its
-/// job owns it: whatever happens (an outage, the runner shutting down) the job completes,
-/// fails or releases it, so a claim is never left for the lease to clean up.
+/// job owns it and ends by completing, failing or releasing it, through outages too: only a
+/// database that stays away for the whole lease (or past the runner's shutdown) leaves the
+/// claim for the lease to clean up.
 pub struct Job {
     pub db: Db,
     pub config: Arc<Config>,
