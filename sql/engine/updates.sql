@@ -95,6 +95,11 @@ BEGIN
         'campaigns', (SELECT coalesce(jsonb_agg(jsonb_build_object('campaign_id', e.campaign_id, 'event', e.kind,
                                       'reason', e.payload ->> 'reason', 'at', e.at) ORDER BY e.tx, e.id), '[]')
                         FROM unnest(v_page) e WHERE e.kind LIKE 'campaign.%' OR e.kind = 'plan.applied'),
+        -- Workflow instances move without steps: each move is listed with where it went.
+        'workflow_moves', (SELECT coalesce(jsonb_agg(jsonb_build_object('instance_id', e.campaign_id,
+                                           'from', e.payload ->> 'from', 'to', e.payload ->> 'to',
+                                           'decided_by', e.payload ->> 'decided_by', 'at', e.at) ORDER BY e.tx, e.id), '[]')
+                             FROM unnest(v_page) e WHERE e.kind = 'workflow.advanced'),
         -- Waiting steps are listed for as long as they wait, not only when they start waiting.
         'waiting_inputs', (SELECT coalesce(jsonb_agg(jsonb_build_object('step_id', s.id, 'campaign_id', s.campaign_id,
                                           'action', s.action, 'question', s.question) ORDER BY s.id), '[]')

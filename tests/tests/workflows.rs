@@ -196,6 +196,20 @@ async fn declared_transitions_decide_and_finish_ends_the_instance() {
         .map(|h| h["determined_next_step"].as_str().unwrap())
         .collect();
     assert_eq!(path, ["Read Diff", "Verdict", "Wrap Up", "FINISH"]);
+    // A coordinator watching updates sees each move and the end.
+    let updates = mcp.ok("get_updates", json!({"id": id})).await;
+    let moves: Vec<&str> = updates["workflow_moves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["to"].as_str().unwrap())
+        .collect();
+    assert_eq!(moves, ["Verdict", "Wrap Up", "FINISH"]);
+    assert!(updates["campaigns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["event"] == "campaign.done"));
     let after = mcp
         .call(
             "advance_workflow",
