@@ -117,7 +117,11 @@ AS $$
 DECLARE
     v_k integer := least(greatest(coalesce(top_k, 5), 1), 100);
     v_pool integer := least(greatest(coalesce(top_k, 5), 1), 100) * 4;
+    -- A word of the query matching at most this many notes in scope is rare.
+    v_cap constant integer := 2000;
     v_tsquery tsquery;
+    v_rare tsquery;
+    v_common tsquery;
     v_hits jsonb;
 BEGIN
     IF query IS NULL OR btrim(query) = '' THEN
@@ -126,16 +130,44 @@ BEGIN
     IF campaign_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM campaigns c WHERE c.id = campaign_id) THEN
         PERFORM raise('not_found', format('campaign %s does not exist', campaign_id));
     END IF;
-    -- Any of the words, so a question phrased differently from the note still meets it.
-    v_tsquery := (SELECT string_agg(quote_literal(lexeme)::tsquery::text, ' | ')::tsquery
-                    FROM unnest(to_tsvector('english', query)) AS t(lexeme, positions, weights));
-    WITH lexical AS (
-        SELECT n.id, row_number() OVER (ORDER BY ts_rank_cd(n.content_tsv, v_tsquery) DESC, n.id DESC) AS rank
+    -- Any of the words, so a question phrased differently from the note still meets it. Within
+    -- one campaign every match is ranked. Across campaigns, ranking every note that shares a
+    -- common word costs time in proportion to the whole table, so the words are split by how
+    -- many notes they match (counted up to v_cap + 1): every match of a rare word is a candidate
+    -- and ranks first, as the rarer word says more; of the notes sharing only common words, the
+    -- newest v_cap are.
+    SELECT string_agg(w.term, ' | ') FILTER (WHERE w.rare)::tsquery,
+           string_agg(w.term, ' | ') FILTER (WHERE NOT w.rare)::tsquery,
+           string_agg(w.term, ' | ')::tsquery
+      INTO v_rare, v_common, v_tsquery
+      FROM (SELECT t.term,
+                   CASE WHEN campaign_id IS NOT NULL THEN true
+                        ELSE (SELECT count(*) FROM (SELECT 1 FROM notes n
+                                                     WHERE n.content_tsv @@ t.term::tsquery
+                                                       AND (tags IS NULL OR n.tags && tags)
+                                                     LIMIT v_cap + 1) m) <= v_cap END AS rare
+              FROM (SELECT quote_literal(lexeme)::tsquery::text AS term
+                      FROM unnest(to_tsvector('english', query)) AS u(lexeme, positions, weights)) t) w;
+    WITH candidates AS (
+        SELECT n.id, n.content_tsv, true AS rare
           FROM notes n
-         WHERE v_tsquery IS NOT NULL AND n.content_tsv @@ v_tsquery
+         WHERE v_rare IS NOT NULL AND n.content_tsv @@ v_rare
            AND (campaign_id IS NULL OR n.campaign_id = campaign_id)
            AND (tags IS NULL OR n.tags && tags)
-         ORDER BY ts_rank_cd(n.content_tsv, v_tsquery) DESC, n.id DESC
+        UNION ALL
+        (SELECT n.id, n.content_tsv, false
+           FROM notes n
+          WHERE v_common IS NOT NULL AND n.content_tsv @@ v_common
+            AND NOT (v_rare IS NOT NULL AND n.content_tsv @@ v_rare)
+            AND (campaign_id IS NULL OR n.campaign_id = campaign_id)
+            AND (tags IS NULL OR n.tags && tags)
+          ORDER BY n.id DESC
+          LIMIT v_cap)
+    ),
+    lexical AS (
+        SELECT c.id, row_number() OVER (ORDER BY c.rare DESC, ts_rank_cd(c.content_tsv, v_tsquery) DESC, c.id DESC) AS rank
+          FROM candidates c
+         ORDER BY c.rare DESC, ts_rank_cd(c.content_tsv, v_tsquery) DESC, c.id DESC
          LIMIT v_pool
     ),
     semantic AS (

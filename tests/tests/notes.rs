@@ -401,3 +401,47 @@ async fn the_backfill_pass_embeds_every_note_and_exits() {
     );
     db.finish().await;
 }
+
+/// Across campaigns, notes sharing a common word with the query are ranked only among the
+/// newest few thousand, so search stays fast; a rare word of the query still finds every note
+/// that has it, however old, and those notes come first.
+#[tokio::test]
+async fn a_rare_query_word_finds_an_old_note_behind_thousands_of_common_matches() {
+    let db = TestDb::new().await;
+    let c = campaign(&db, "none").await;
+    db.client
+        .execute(
+            "INSERT INTO sortie.notes (campaign_id, content) VALUES ($1, 'Zeppelin sighting logged')",
+            &[&c],
+        )
+        .await
+        .unwrap();
+    db.client
+        .execute(
+            "INSERT INTO sortie.notes (campaign_id, content)
+             SELECT $1, 'invoice report number ' || i FROM generate_series(1, 2500) i",
+            &[&c],
+        )
+        .await
+        .unwrap();
+    let found = db
+        .ok(
+            "sortie.search_notes(query => 'zeppelin report', top_k => 3)",
+            &[],
+        )
+        .await;
+    let results = found["results"].as_array().unwrap();
+    assert_eq!(results.len(), 3);
+    assert_eq!(results[0]["content"], "Zeppelin sighting logged", "{found}");
+    assert_eq!(results[0]["mode"], "lexical");
+    assert_eq!(results[1]["content"], "invoice report number 2500");
+    // Within one campaign every match is ranked; the old note is among them.
+    let scoped = db
+        .ok(
+            "sortie.search_notes(query => 'zeppelin', campaign_id => $1, top_k => 3)",
+            &[&c],
+        )
+        .await;
+    assert_eq!(scoped["results"][0]["content"], "Zeppelin sighting logged");
+    db.finish().await;
+}
