@@ -117,7 +117,7 @@ AS $$
 DECLARE
     v_k integer := least(greatest(coalesce(top_k, 5), 1), 100);
     v_pool integer := least(greatest(coalesce(top_k, 5), 1), 100) * 4;
-    -- A word of the query matching at most this many notes in scope is rare.
+    -- Across campaigns, a word of the query that at most this many notes contain is rare.
     v_cap constant integer := 2000;
     v_tsquery tsquery;
     v_rare tsquery;
