@@ -116,18 +116,30 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION start_workflow(workflow_name text, workflow_hash text, context jsonb DEFAULT '{}') RETURNS jsonb
+-- Starts an instance of a loaded definition (by hash), or loads the given definition and starts
+-- it in the same transaction.
+CREATE FUNCTION start_workflow(workflow_name text, workflow_hash text DEFAULT NULL, context jsonb DEFAULT '{}',
+                               definition jsonb DEFAULT NULL) RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
 DECLARE
+    v_hash text := workflow_hash;
     v_def jsonb;
     v_first text;
     c campaigns;
 BEGIN
-    SELECT definition INTO v_def FROM workflows w WHERE w.name = workflow_name AND w.hash = workflow_hash;
+    IF definition IS NOT NULL THEN
+        v_hash := load_workflow(workflow_name, definition) ->> 'hash';
+        IF workflow_hash IS NOT NULL AND workflow_hash <> v_hash THEN
+            PERFORM raise('invalid_argument', format('workflow_hash %s is not the hash of the definition given (%s)', workflow_hash, v_hash));
+        END IF;
+    ELSIF v_hash IS NULL THEN
+        PERFORM raise('invalid_argument', 'pass the workflow_hash of a loaded definition, or the definition itself');
+    END IF;
+    SELECT w.definition INTO v_def FROM workflows w WHERE w.name = workflow_name AND w.hash = v_hash;
     IF NOT FOUND THEN
-        PERFORM raise('not_found', format('workflow %s with hash %s is not loaded', workflow_name, workflow_hash));
+        PERFORM raise('not_found', format('workflow %s with hash %s is not loaded', workflow_name, v_hash));
     END IF;
     IF context IS NOT NULL AND jsonb_typeof(context) <> 'object' THEN
         PERFORM raise('invalid_argument', 'context must be a JSON object');
@@ -135,7 +147,7 @@ BEGIN
     v_first := (workflow_step_names(v_def))[1];
     INSERT INTO campaigns (name, goal, planner, context, workflow, workflow_hash, workflow_step)
     VALUES (left(workflow_name, 200), coalesce(nullif(btrim(v_def ->> 'goal'), ''), 'workflow ' || workflow_name),
-            'none', coalesce(context, '{}'), workflow_name, workflow_hash, v_first)
+            'none', coalesce(context, '{}'), workflow_name, v_hash, v_first)
     RETURNING * INTO c;
     INSERT INTO workflow_history (campaign_id, determined_next_step, decided_by, at)
     VALUES (c.id, v_first, 'start', clock());

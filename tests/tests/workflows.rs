@@ -415,6 +415,43 @@ async fn resume_hands_back_the_stored_step_and_bad_definitions_are_refused() {
         .await,
         0
     );
+    // From SQL, a definition is loaded and started in one call; a start needs one or the other.
+    let definition = json!({"goal": "g", "steps": [step("Only", json!({"done": "FINISH"}))]});
+    let started = db
+        .ok(
+            "sortie.start_workflow(workflow_name => 'SQL', definition => $1)",
+            &[&definition],
+        )
+        .await;
+    assert_eq!(started["current_step"]["step_name"], "Only");
+    let hash = started["workflow_hash"].as_str().unwrap().to_string();
+    let again = db
+        .ok(
+            "sortie.start_workflow(workflow_name => 'SQL', workflow_hash => $1)",
+            &[&hash],
+        )
+        .await;
+    assert_eq!(again["workflow_hash"], started["workflow_hash"]);
+    for (call, code) in [
+        (
+            "sortie.start_workflow(workflow_name => 'SQL')",
+            "invalid_argument",
+        ),
+        (
+            "sortie.start_workflow(workflow_name => 'SQL', workflow_hash => 'beef')",
+            "not_found",
+        ),
+    ] {
+        assert_eq!(db.call(call, &[]).await.unwrap_err().code, code, "{call}");
+    }
+    let mismatch = db
+        .call(
+            "sortie.start_workflow(workflow_name => 'SQL', workflow_hash => 'beef', definition => $1)",
+            &[&definition],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(mismatch.code, "invalid_argument");
     mcp.stop().await;
     db.finish().await;
 }

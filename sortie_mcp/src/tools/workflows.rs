@@ -127,25 +127,10 @@ client instructions come back. Then do the step and call advance_workflow with y
                 );
             }
         };
-        let db = match self.db().await {
-            Ok(db) => db,
-            Err(e) => return tool_error(&e),
-        };
-        let loaded = match db
-            .call(
-                "load_workflow(name => $1, definition => $2)",
-                &[&p.workflow_name, &definition],
-            )
-            .await
-        {
-            Ok(loaded) => loaded,
-            Err(e) => return tool_error(&e),
-        };
-        let hash = loaded["hash"].as_str().unwrap_or_default().to_string();
         let context = p.context.unwrap_or_else(|| json!({}));
         self.call(
-            "start_workflow(workflow_name => $1, workflow_hash => $2, context => $3)",
-            &[&p.workflow_name, &hash, &context],
+            "start_workflow(workflow_name => $1, context => $2, definition => $3)",
+            &[&p.workflow_name, &context, &definition],
         )
         .await
     }
