@@ -74,13 +74,18 @@ impl SortieServer {
             .await
     }
 
+    /// One extension call.
+    async fn try_call(
+        &self,
+        function_call: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<serde_json::Value, DbError> {
+        self.db().await?.call(function_call, params).await
+    }
+
     /// One extension call, shaped as a tool result.
     async fn call(&self, function_call: &str, params: &[&(dyn ToSql + Sync)]) -> CallToolResult {
-        let outcome = match self.db().await {
-            Ok(db) => db.call(function_call, params).await,
-            Err(e) => Err(e),
-        };
-        match outcome {
+        match self.try_call(function_call, params).await {
             Ok(value) => CallToolResult::structured(value),
             Err(e) => tool_error(&e),
         }

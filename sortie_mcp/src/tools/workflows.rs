@@ -155,17 +155,14 @@ reported status decides; otherwise next_step, or the planner LLM, chooses among 
     )]
     async fn advance_workflow(&self, Parameters(p): Parameters<AdvanceWorkflow>) -> CallToolResult {
         let updates = p.context_updates.unwrap_or_else(|| json!({}));
-        let sql = "advance_workflow(instance_id => $1, report => $2, context_updates => $3, next_step => $4)";
-        let first = self
-            .try_call(sql, &[&p.instance_id, &p.report, &updates, &p.next_step])
-            .await;
-        match self.chosen_step(first, p.instance_id, &p.report).await {
-            Ok(next) => {
-                self.call(sql, &[&p.instance_id, &p.report, &updates, &Some(next)])
-                    .await
-            }
-            Err(result) => result,
-        }
+        self.move_instance(
+            "advance_workflow(instance_id => $1, report => $2, context_updates => $3, next_step => $4)",
+            &[&p.instance_id, &p.report, &updates],
+            p.next_step,
+            p.instance_id,
+            &p.report,
+        )
+        .await
     }
 
     #[tool(
@@ -179,48 +176,46 @@ if your step is current and your report has a status, the instance advances; oth
     )]
     async fn resume_workflow(&self, Parameters(p): Parameters<ResumeWorkflow>) -> CallToolResult {
         let updates = p.context_updates.unwrap_or_else(|| json!({}));
-        let sql =
-            "resume_workflow(instance_id => $1, assumed_current_step_name => $2, report => $3, \
-                   context_updates => $4, next_step => $5)";
-        let first = self
-            .try_call(
-                sql,
-                &[
-                    &p.instance_id,
-                    &p.assumed_current_step_name,
-                    &p.report,
-                    &updates,
-                    &p.next_step,
-                ],
-            )
-            .await;
         let report = p.report.clone().unwrap_or_else(|| json!({}));
-        match self.chosen_step(first, p.instance_id, &report).await {
-            Ok(next) => {
-                self.call(
-                    sql,
-                    &[
-                        &p.instance_id,
-                        &p.assumed_current_step_name,
-                        &p.report,
-                        &updates,
-                        &Some(next),
-                    ],
-                )
-                .await
-            }
-            Err(result) => result,
-        }
+        self.move_instance(
+            "resume_workflow(instance_id => $1, assumed_current_step_name => $2, report => $3, \
+             context_updates => $4, next_step => $5)",
+            &[
+                &p.instance_id,
+                &p.assumed_current_step_name,
+                &p.report,
+                &updates,
+            ],
+            p.next_step,
+            p.instance_id,
+            &report,
+        )
+        .await
     }
 }
 
 impl SortieServer {
-    async fn try_call(
+    /// A move of an instance: `function_call` with `params` and `next_step` as its last
+    /// parameter. When the extension answers `choice_required` and a planner is configured, the
+    /// planner picks the next step and the same call is made again with it.
+    async fn move_instance(
         &self,
         function_call: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> Result<Value, DbError> {
-        self.db().await?.call(function_call, params).await
+        next_step: Option<String>,
+        instance: Uuid,
+        report: &Value,
+    ) -> CallToolResult {
+        let mut all = params.to_vec();
+        all.push(&next_step);
+        let first = self.try_call(function_call, &all).await;
+        let chosen = match self.chosen_step(first, instance, report).await {
+            Ok(next) => Some(next),
+            Err(result) => return result,
+        };
+        let mut all = params.to_vec();
+        all.push(&chosen);
+        self.call(function_call, &all).await
     }
 
     /// After a first advance: the planner's pick to advance with, when the extension asked for a
