@@ -478,6 +478,18 @@ pub fn binary(name: &str) -> PathBuf {
     dir.join(name)
 }
 
+/// Polls `ready` every 50 ms until it holds or `limit` has passed; the assertions after it say
+/// what went wrong if it never holds.
+pub async fn wait_for<F: std::future::Future<Output = bool>>(
+    limit: std::time::Duration,
+    mut ready: impl FnMut() -> F,
+) {
+    let until = std::time::Instant::now() + limit;
+    while !ready().await && std::time::Instant::now() < until {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// An executable script (a stand-in agent) in this test process's temporary directory.
 pub fn script(name: &str, body: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("sortie-runner-test-{}", std::process::id()));

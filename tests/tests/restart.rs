@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use sortie_tests::fixtures::*;
 use sortie_tests::mcp::McpClient;
-use sortie_tests::{runner_process, script, TestDb};
+use sortie_tests::{runner_process, script, wait_for, TestDb};
 
 #[tokio::test]
 async fn a_restart_under_the_runner_and_the_mcp_server_loses_nothing() {
@@ -64,7 +64,10 @@ async fn a_restart_under_the_runner_and_the_mcp_server_loses_nothing() {
         ],
     );
     let waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%get_my_context%'";
-    wait_for(|| async { count(&db, waiting).await > 0 }).await;
+    wait_for(Duration::from_secs(20), || async {
+        count(&db, waiting).await > 0
+    })
+    .await;
     assert!(
         count(&db, waiting).await > 0,
         "the runner waits for a claimed step's context"
@@ -78,7 +81,7 @@ async fn a_restart_under_the_runner_and_the_mcp_server_loses_nothing() {
             .lines()
             .count()
     };
-    wait_for(|| async { dispatched() >= 3 }).await;
+    wait_for(Duration::from_secs(20), || async { dispatched() >= 3 }).await;
     db.restart_server(Duration::from_millis(3000)).await;
 
     // The MCP server's next call works on a new connection.
@@ -86,7 +89,10 @@ async fn a_restart_under_the_runner_and_the_mcp_server_loses_nothing() {
         mcp.ok("get_campaign", json!({"id": c})).await["status"],
         "active"
     );
-    wait_for(|| async { campaign_status(&db, c).await != "active" }).await;
+    wait_for(Duration::from_secs(20), || async {
+        campaign_status(&db, c).await != "active"
+    })
+    .await;
     unsafe { libc::kill(runner.id() as i32, libc::SIGTERM) };
     runner.wait().unwrap();
     mcp.stop().await;
@@ -111,14 +117,4 @@ async fn a_restart_under_the_runner_and_the_mcp_server_loses_nothing() {
         );
     }
     db.finish().await;
-}
-
-/// Waits up to 20 s for `ready`; the assertions after it say what went wrong if it never is.
-async fn wait_for<F: std::future::Future<Output = bool>>(mut ready: impl FnMut() -> F) {
-    for _ in 0..400 {
-        if ready().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }

@@ -10,7 +10,7 @@ use sortie_mcp::db::Db;
 use sortie_mcp::runner::Runner;
 use sortie_tests::fake_http::FakeHttp;
 use sortie_tests::fixtures::*;
-use sortie_tests::{binary, runner_process, script, TestDb};
+use sortie_tests::{binary, runner_process, script, wait_for, TestDb};
 use tokio::sync::watch;
 
 async fn runner(db: &TestDb, vars: &[(&str, String)]) -> (Runner, watch::Sender<bool>) {
@@ -433,12 +433,10 @@ async fn two_runners_dispatch_each_step_once() {
     ];
     let mut first = runner_process(&db, &[], &env);
     let mut second = runner_process(&db, &[], &env);
-    for _ in 0..300 {
-        if campaign_status(&db, c).await != "active" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for(Duration::from_secs(30), || async {
+        campaign_status(&db, c).await != "active"
+    })
+    .await;
     for child in [&mut first, &mut second] {
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     }
@@ -471,12 +469,10 @@ async fn sigterm_hands_back_the_steps_in_flight() {
             ("SORTIE_AGENT_COMMAND", endless.display().to_string()),
         ],
     );
-    for _ in 0..100 {
-        if status(&db, ids[0]).await == "running" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for(Duration::from_secs(10), || async {
+        status(&db, ids[0]).await == "running"
+    })
+    .await;
     assert_eq!(status(&db, ids[0]).await, "running");
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let exit = tokio::task::spawn_blocking(move || child.wait())
@@ -517,13 +513,11 @@ async fn work_whose_wake_up_is_held_back_is_dispatched_by_polling() {
     let dispatched = |n: usize| {
         let runtime = &runtime;
         async move {
-            for _ in 0..200 {
-                if runtime.requests().len() >= n {
-                    return true;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            false
+            wait_for(Duration::from_secs(10), || async {
+                runtime.requests().len() >= n
+            })
+            .await;
+            runtime.requests().len() >= n
         }
     };
     // Once one step has gone out the runner is up and listening; past the interval, the next

@@ -5,12 +5,13 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use sortie_tests::fake_http::FakeHttp;
 use sortie_tests::fixtures::*;
 use sortie_tests::mcp::McpClient;
-use sortie_tests::{call_on, TestDb};
+use sortie_tests::{call_on, wait_for, TestDb};
 
 /// A folder with workflow REVIEW: Read Diff (transitions), Verdict (none: a choice), Wrap Up.
 fn workflows_dir() -> PathBuf {
@@ -308,12 +309,10 @@ async fn two_clients_advancing_from_the_same_step_move_the_instance_once() {
         }));
     }
     let waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%advance_workflow%'";
-    for _ in 0..500 {
-        if count(&db, waiting).await == 2 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    wait_for(Duration::from_secs(10), || async {
+        count(&db, waiting).await == 2
+    })
+    .await;
     assert_eq!(
         count(&db, waiting).await,
         2,
