@@ -103,18 +103,6 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION lock_workflow_instance(p_instance uuid) RETURNS campaigns
-LANGUAGE plpgsql VOLATILE
-AS $$
-DECLARE
-    c campaigns := lock_campaign(p_instance);
-BEGIN
-    IF c.workflow IS NULL THEN
-        PERFORM raise('not_found', format('campaign %s is not a workflow instance', p_instance));
-    END IF;
-    RETURN c;
-END
-$$;
 
 -- Starts an instance of a loaded definition (by hash), or loads the given definition and starts
 -- it in the same transaction.
@@ -222,10 +210,17 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION check_workflow_input(c campaigns, p_report jsonb, p_updates jsonb) RETURNS void
-LANGUAGE plpgsql IMMUTABLE
+-- The instance, locked, once it is known to be an active workflow instance and the report and
+-- context updates given for it are JSON objects.
+CREATE FUNCTION lock_active_workflow(p_instance uuid, p_report jsonb, p_updates jsonb) RETURNS campaigns
+LANGUAGE plpgsql VOLATILE
 AS $$
+DECLARE
+    c campaigns := lock_campaign(p_instance);
 BEGIN
+    IF c.workflow IS NULL THEN
+        PERFORM raise('not_found', format('campaign %s is not a workflow instance', p_instance));
+    END IF;
     IF c.status <> 'active' THEN
         PERFORM raise('invalid_state', format('workflow instance %s is %s', c.id, c.status));
     END IF;
@@ -235,6 +230,7 @@ BEGIN
     IF p_updates IS NOT NULL AND jsonb_typeof(p_updates) <> 'object' THEN
         PERFORM raise('invalid_argument', 'context_updates must be a JSON object');
     END IF;
+    RETURN c;
 END
 $$;
 
@@ -246,9 +242,8 @@ LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
 DECLARE
-    c campaigns := lock_workflow_instance(instance_id);
+    c campaigns := lock_active_workflow(instance_id, report, context_updates);
 BEGIN
-    PERFORM check_workflow_input(c, report, context_updates);
     IF report IS NULL OR jsonb_typeof(report -> 'step_id') IS DISTINCT FROM 'string' THEN
         PERFORM raise('invalid_argument', format('report.step_id is required: the name of the step reported on (now %L)', c.workflow_step));
     END IF;
@@ -270,10 +265,9 @@ LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
 DECLARE
-    c campaigns := lock_workflow_instance(instance_id);
+    c campaigns := lock_active_workflow(instance_id, report, context_updates);
     v_assumed text;
 BEGIN
-    PERFORM check_workflow_input(c, report, context_updates);
     v_assumed := workflow_step_named(workflow_step_names(workflow_definition(c)), assumed_current_step_name);
     IF v_assumed IS NULL OR v_assumed = workflow_finish() THEN
         PERFORM raise('invalid_argument', format('%L is not a step of workflow %s', assumed_current_step_name, c.workflow));
