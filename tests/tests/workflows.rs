@@ -395,6 +395,11 @@ async fn resume_hands_back_the_stored_step_and_bad_definitions_are_refused() {
         ),
         (json!({"steps": [step("finish", json!({}))]}), "reserved"),
         (json!({"steps": []}), "no steps"),
+        (json!({"steps": [{"name": "A"}]}), "no client instructions"),
+        (
+            json!({"steps": [{"name": "A", "instructions": "do", "transitions": ["B"]}]}),
+            "must be an object",
+        ),
     ] {
         let refused = db
             .call(
@@ -406,6 +411,14 @@ async fn resume_hands_back_the_stored_step_and_bad_definitions_are_refused() {
         assert_eq!(refused.code, "invalid_argument");
         assert!(refused.message.contains(why), "{}", refused.message);
     }
+    let bad_name = db
+        .call(
+            "sortie.load_workflow(name => '../X', definition => $1)",
+            &[&json!({"steps": [step("A", json!({}))]})],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(bad_name.code, "invalid_argument");
     assert_eq!(
         count(
             &db,
