@@ -63,6 +63,11 @@ extension_sql_file!(
     requires = ["core"]
 );
 extension_sql_file!(
+    "../../sql/engine/observe.sql",
+    name = "observe",
+    requires = ["core", "updates", "campaigns"]
+);
+extension_sql_file!(
     "../../sql/engine/invariants.sql",
     name = "invariants",
     requires = ["core"],

@@ -108,6 +108,11 @@ BEGIN
                               AND (id IS NOT NULL OR EXISTS (SELECT 1 FROM campaigns c WHERE c.id = s.campaign_id
                                                                 AND c.status IN ('active', 'paused')))),
         'events_read', cardinality(v_page),
-        'has_more', cardinality(v_page) = v_limit);
+        'has_more', cardinality(v_page) = v_limit,
+        -- SPEC §16: events committed behind a transaction still open wait for it to end; say
+        -- whose (observe.sql), since nothing else would tell the caller why nothing comes.
+        'held_back_by', CASE WHEN cardinality(v_page) < v_limit AND EXISTS (
+                                  SELECT 1 FROM events e WHERE e.tx >= v_horizon AND (id IS NULL OR e.campaign_id = id))
+                             THEN _horizon_holder(v_horizon) END);
 END
 $$;

@@ -3,6 +3,7 @@
 //! runner only moves data between the database, agents, the planner and the webhook.
 
 mod dispatch;
+mod health;
 mod listener;
 mod notifier;
 mod planner;
@@ -168,6 +169,7 @@ impl Runner {
         self.plan_drained().await?;
         notifier::deliver(&self.db, &self.http, self.config.webhook_url.as_deref()).await?;
         self.backfill_embeddings().await?;
+        health::warn_if_unhealthy(&self.db).await;
         Ok(())
     }
 

@@ -1,0 +1,319 @@
+-- Seeing a campaign (SPEC §16): reading the event log, a campaign's graph, what runs now, and
+-- the health of the installation. Every function here only reads; the `sortie` CLI, the MCP
+-- resources and the web view call these and never read the tables themselves.
+
+-- `events()` pages the log by id. The log's primary key is (tx, id), ordered for get_updates;
+-- a block-range index on id costs nearly nothing to keep (ids grow with the table's pages)
+-- and lets a follower ask for "the events after id N" without reading the whole log.
+CREATE INDEX events_id_range ON events USING brin (id);
+
+CREATE FUNCTION event_row(e events) RETURNS jsonb
+LANGUAGE sql IMMUTABLE
+AS $$
+    SELECT jsonb_build_object('id', e.id, 'campaign_id', e.campaign_id, 'step_id', e.step_id,
+                              'kind', e.kind, 'payload', e.payload, 'at', e.at);
+$$;
+
+-- The log, oldest first, after `after_id`. With `after_id` 0 the newest `limit` events are
+-- returned (still oldest first), so a viewer starts from what happened last. This is a reader
+-- for people: an event whose transaction commits after a later-numbered one may appear behind
+-- a follower's position; get_updates is the delivery guarantee (docs/decisions.md).
+CREATE FUNCTION events(campaign_id uuid DEFAULT NULL, after_id bigint DEFAULT 0, "limit" integer DEFAULT 100)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_limit integer := least(greatest(coalesce("limit", 100), 1), 1000);
+    v_rows jsonb;
+BEGIN
+    IF after_id IS NOT NULL AND after_id < 0 THEN
+        PERFORM raise('invalid_argument', 'after_id must be 0 or an event id');
+    END IF;
+    IF campaign_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM campaigns c WHERE c.id = campaign_id) THEN
+        PERFORM raise('not_found', format('campaign %s does not exist', campaign_id));
+    END IF;
+    IF coalesce(after_id, 0) = 0 THEN
+        SELECT coalesce(jsonb_agg(event_row(e) ORDER BY e.id), '[]') INTO v_rows
+          FROM (SELECT * FROM events e
+                 WHERE campaign_id IS NULL OR e.campaign_id = campaign_id
+                 ORDER BY e.tx DESC, e.id DESC
+                 LIMIT v_limit) e;
+    ELSE
+        SELECT coalesce(jsonb_agg(event_row(e) ORDER BY e.id), '[]') INTO v_rows
+          FROM (SELECT * FROM events e
+                 WHERE e.id > after_id AND (campaign_id IS NULL OR e.campaign_id = campaign_id)
+                 ORDER BY e.id
+                 LIMIT v_limit) e;
+    END IF;
+    RETURN jsonb_build_object(
+        'events', v_rows,
+        'next_after_id', coalesce((v_rows -> -1 ->> 'id')::bigint, after_id, 0),
+        'has_more', coalesce(after_id, 0) > 0 AND jsonb_array_length(v_rows) = v_limit);
+END
+$$;
+
+-- The session whose transaction is the event horizon (updates.sql): get_updates passes no
+-- event of a transaction at or above it until it ends. SECURITY DEFINER for the same reason as
+-- event_horizon(): other sessions' rows of pg_stat_activity.
+CREATE FUNCTION _horizon_holder(p_horizon xid8) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    v_holder jsonb;
+BEGIN
+    SELECT jsonb_build_object('pid', a.pid, 'state', a.state, 'application_name', a.application_name,
+                              'age_seconds', round(extract(epoch FROM clock_timestamp() - a.xact_start)::numeric, 1),
+                              'query', left(a.query, 200))
+      INTO v_holder
+      FROM pg_stat_activity a
+     WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() AND a.backend_xid IS NOT NULL
+       AND widen_xid(a.backend_xid) = p_horizon
+     LIMIT 1;
+    IF v_holder IS NULL THEN
+        SELECT jsonb_build_object('prepared_transaction', p.gid, 'state', 'prepared',
+                                  'age_seconds', round(extract(epoch FROM clock_timestamp() - p.prepared)::numeric, 1))
+          INTO v_holder
+          FROM pg_prepared_xacts p
+         WHERE p.database = current_database() AND widen_xid(p.transaction) = p_horizon
+         LIMIT 1;
+    END IF;
+    RETURN v_holder;
+END
+$$;
+
+-- The installation's health (SPEC §16). Facts are always reported; each becomes a problem
+-- only once it has lasted `grace` (a claim in flight is an open transaction too, for a few
+-- milliseconds). SECURITY DEFINER: other sessions' transactions in pg_stat_activity.
+CREATE FUNCTION health(grace interval DEFAULT '30 seconds') RETURNS jsonb
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    v_grace double precision := extract(epoch FROM coalesce(grace, interval '30 seconds'));
+    v_horizon xid8 := event_horizon();
+    v_waiting bigint;
+    v_holder jsonb;
+    v_oldest jsonb;
+    v_leases jsonb;
+    v_tables jsonb;
+    v_notifications jsonb;
+    v_stalled jsonb;
+    v_problems jsonb := '[]';
+BEGIN
+    IF v_grace < 0 THEN
+        PERFORM raise('invalid_argument', 'grace must not be negative');
+    END IF;
+    PERFORM pg_stat_clear_snapshot();
+    -- Events committed behind the horizon: what get_updates cannot hand out yet.
+    SELECT count(*) INTO v_waiting FROM events e WHERE e.tx >= v_horizon;
+    v_holder := _horizon_holder(v_horizon);
+
+    SELECT jsonb_build_object(
+               'pid', a.pid, 'state', a.state, 'application_name', a.application_name,
+               'age_seconds', round(extract(epoch FROM clock_timestamp() - a.xact_start)::numeric, 1),
+               'query', left(a.query, 200),
+               'has_transaction_id', a.backend_xid IS NOT NULL,
+               -- A transaction id at the horizon holds get_updates back; an old snapshot
+               -- (backend_xmin) holds back the clean-up of dead rows.
+               'holds_back_updates', a.backend_xid IS NOT NULL AND widen_xid(a.backend_xid) = v_horizon,
+               'holds_back_cleanup', a.backend_xmin IS NOT NULL,
+               'events_waiting', CASE WHEN a.backend_xid IS NOT NULL AND widen_xid(a.backend_xid) = v_horizon
+                                      THEN v_waiting ELSE 0 END)
+      INTO v_oldest
+      FROM pg_stat_activity a
+     WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() AND a.xact_start IS NOT NULL
+       AND a.backend_type = 'client backend'
+     ORDER BY a.xact_start
+     LIMIT 1;
+    IF v_holder IS NOT NULL AND v_waiting > 0 AND (v_holder ->> 'age_seconds')::double precision >= v_grace THEN
+        v_problems := v_problems || jsonb_build_object('code', 'open_transaction',
+            'message', format('%s events wait behind %s (%s, open %s s): get_updates hands none of them out until it ends',
+                              v_waiting, coalesce('pid ' || (v_holder ->> 'pid'), 'prepared transaction ' || (v_holder ->> 'prepared_transaction')),
+                              v_holder ->> 'state', v_holder ->> 'age_seconds'));
+    ELSIF v_oldest IS NOT NULL AND (v_oldest ->> 'holds_back_updates')::boolean
+          AND (v_oldest ->> 'age_seconds')::double precision >= greatest(v_grace, 60) THEN
+        v_problems := v_problems || jsonb_build_object('code', 'open_transaction',
+            'message', format('pid %s has held a transaction open for %s s (%s); get_updates will hold back every event until it ends',
+                              v_oldest ->> 'pid', v_oldest ->> 'age_seconds', v_oldest ->> 'state'));
+    END IF;
+
+    SELECT jsonb_build_object('count', count(*),
+                              'oldest_expired_seconds', round(max(extract(epoch FROM clock() - s.lease_expires_at))::numeric, 1),
+                              'step_ids', coalesce((array_agg(s.id ORDER BY s.lease_expires_at))[1:20], '{}'))
+      INTO v_leases
+      FROM steps s
+     WHERE s.status = 'running' AND s.step_type = 'atomic' AND s.lease_expires_at < clock();
+    IF (v_leases ->> 'count')::bigint > 0 AND (v_leases ->> 'oldest_expired_seconds')::double precision >= v_grace THEN
+        v_problems := v_problems || jsonb_build_object('code', 'expired_leases',
+            'message', format('%s running steps have an expired lease that nothing reset (is sortie-runner running? reset_zombies() resets them)',
+                              v_leases ->> 'count'));
+    END IF;
+
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+               'table', t.relname, 'live_rows', t.n_live_tup, 'dead_rows', t.n_dead_tup,
+               'dead_ratio', round((t.n_dead_tup::numeric / greatest(t.n_live_tup + t.n_dead_tup, 1)), 3),
+               'last_autovacuum', t.last_autovacuum) ORDER BY t.relname), '[]')
+      INTO v_tables
+      FROM pg_stat_user_tables t
+     WHERE t.relid IN ('steps'::regclass, 'campaigns'::regclass, 'events'::regclass, 'notes'::regclass);
+    SELECT v_problems || coalesce(jsonb_agg(jsonb_build_object('code', 'table_bloat',
+               'message', format('%s is %s%% dead rows (%s): vacuum cannot keep up, often because of an old open transaction',
+                                 x ->> 'table', round((x ->> 'dead_ratio')::numeric * 100), x ->> 'dead_rows'))), '[]')
+      INTO v_problems
+      FROM jsonb_array_elements(v_tables) x
+     WHERE (x ->> 'dead_rows')::bigint >= 10000 AND (x ->> 'dead_ratio')::numeric >= 0.5;
+
+    SELECT jsonb_build_object('count', count(*) FILTER (WHERE NOT n.delivered AND n.given_up_at IS NULL),
+                              'given_up', count(*) FILTER (WHERE n.given_up_at IS NOT NULL),
+                              'oldest_seconds', round(max(extract(epoch FROM now() - n.created_at))
+                                                      FILTER (WHERE NOT n.delivered AND n.given_up_at IS NULL)::numeric, 1))
+      INTO v_notifications
+      FROM notifications n
+     WHERE NOT n.delivered;
+    IF (v_notifications ->> 'count')::bigint > 0
+       AND (v_notifications ->> 'oldest_seconds')::double precision >= greatest(v_grace, 300) THEN
+        v_problems := v_problems || jsonb_build_object('code', 'undelivered_notifications',
+            'message', format('%s notifications are undelivered, the oldest for %s s (is sortie-runner running with SORTIE_WEBHOOK_URL?)',
+                              v_notifications ->> 'count', v_notifications ->> 'oldest_seconds'));
+    END IF;
+
+    -- Active, nothing ready, nothing running, nobody asked a question: only the planner or a
+    -- coordinator's add_steps can move it, or a dependency it waits for never resolves.
+    SELECT coalesce(jsonb_agg(jsonb_build_object('id', c.id, 'name', c.name, 'open_steps', c.open_steps,
+                                                 'planner', c.planner,
+                                                 'idle_seconds', round(extract(epoch FROM clock() - c.updated_at)::numeric, 1))
+                              ORDER BY c.updated_at), '[]')
+      INTO v_stalled
+      FROM campaigns c
+     WHERE c.status = 'active' AND c.ready_steps = 0 AND c.running_steps = 0
+       AND NOT EXISTS (SELECT 1 FROM steps w WHERE w.campaign_id = c.id AND w.status = 'waiting_input');
+    SELECT v_problems || coalesce(jsonb_agg(jsonb_build_object('code', 'stalled_campaign',
+               'message', format('campaign %s (%s) is active with nothing ready and nothing running for %s s; %s',
+                                 x ->> 'id', x ->> 'name', x ->> 'idle_seconds',
+                                 CASE WHEN (x ->> 'open_steps')::int = 0
+                                      THEN CASE x ->> 'planner' WHEN 'llm' THEN 'it waits for the planner (LITELLM_URL) or add_steps'
+                                                ELSE 'it waits for add_steps or finish_campaign' END
+                                      ELSE 'its open steps wait for something that is not moving' END))), '[]')
+      INTO v_problems
+      FROM jsonb_array_elements(v_stalled) x
+     WHERE (x ->> 'idle_seconds')::double precision >= greatest(v_grace, 60);
+
+    RETURN jsonb_build_object(
+        'ok', jsonb_array_length(v_problems) = 0,
+        'problems', v_problems,
+        'oldest_transaction', v_oldest,
+        'updates_held_back_by', CASE WHEN v_waiting > 0 THEN v_holder || jsonb_build_object('events_waiting', v_waiting) END,
+        'expired_leases', v_leases,
+        'tables', v_tables,
+        'undelivered_notifications', v_notifications,
+        'stalled_campaigns', v_stalled,
+        'checked_at', clock_timestamp());
+END
+$$;
+
+-- A step as a graph node: what the CLI's tree, the Mermaid/DOT pictures and the web view show.
+-- `spawned_by` is set on a subtask of spawn_and_continue (its parent is an atomic step).
+CREATE FUNCTION graph_node(s steps, p_parent_type text) RETURNS jsonb
+LANGUAGE sql STABLE
+AS $$
+    SELECT jsonb_strip_nulls(jsonb_build_object(
+        'id', s.id, 'parent_id', s.parent_id, 'position', s.position, 'depth', s.depth,
+        'action', s.action, 'agent', s.agent, 'step_type', s.step_type, 'status', s.status,
+        'skip_cause', s.skip_cause, 'attempts', s.attempts, 'max_attempts', s.max_attempts,
+        'continuation_of', s.continuation_of, 'continued_by', s.continued_by,
+        'spawned_by', CASE WHEN p_parent_type = 'atomic' THEN s.parent_id END,
+        'claim_owner', CASE WHEN s.status = 'running' THEN s.claim_owner END,
+        'started_at', s.started_at, 'completed_at', s.completed_at,
+        'duration_ms', coalesce(s.duration_ms,
+                                CASE WHEN s.status = 'running' AND s.claimed_at IS NOT NULL
+                                     THEN (extract(epoch FROM clock() - s.claimed_at) * 1000)::bigint END),
+        'lease_expires_at', CASE WHEN s.status = 'running' THEN s.lease_expires_at END,
+        'output_line', left(split_part(btrim(s.output, E' \n\r\t'), E'\n', 1), 200),
+        'output_chars', length(s.output),
+        'error', left(s.error, 300), 'question', s.question));
+$$;
+
+-- One campaign as nodes and edges (SPEC §16: the DAG after its splices). Edges: `dependency`
+-- (from the step waited for to the waiting step), `spawned` (spawner to subtask) and
+-- `continues` (spawner to its continuation). Containment in compound steps is each node's
+-- parent_id.
+CREATE FUNCTION campaign_graph(id uuid, max_steps integer DEFAULT 5000) RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    c campaigns;
+    v_limit integer := least(greatest(coalesce(max_steps, 5000), 1), 20000);
+    v_total bigint;
+BEGIN
+    SELECT * INTO c FROM campaigns WHERE campaigns.id = id;
+    IF NOT FOUND THEN
+        PERFORM raise('not_found', format('campaign %s does not exist', id));
+    END IF;
+    SELECT count(*) INTO v_total FROM steps WHERE steps.campaign_id = c.id;
+    RETURN jsonb_build_object(
+        'campaign', campaign_summary(c) || jsonb_build_object('ready_steps', c.ready_steps),
+        'step_counts', (SELECT coalesce(jsonb_object_agg(t.status, t.n), '{}')
+                          FROM (SELECT s.status, count(*) AS n FROM steps s WHERE s.campaign_id = c.id GROUP BY s.status) t),
+        'nodes', (SELECT coalesce(jsonb_agg(graph_node(s, p.step_type) ORDER BY s.id), '[]')
+                    FROM (SELECT * FROM steps WHERE steps.campaign_id = c.id ORDER BY steps.id LIMIT v_limit) s
+                    LEFT JOIN steps p ON p.id = s.parent_id),
+        'edges', (SELECT coalesce(jsonb_agg(e ORDER BY e ->> 'kind', (e ->> 'to')::bigint, (e ->> 'from')::bigint), '[]') FROM (
+                    SELECT jsonb_build_object('from', d.depends_on, 'to', d.step_id, 'kind', 'dependency') AS e
+                      FROM step_dependencies d
+                     WHERE d.campaign_id = c.id AND d.step_id <= (SELECT max(x.id) FROM (SELECT steps.id FROM steps WHERE steps.campaign_id = c.id ORDER BY steps.id LIMIT v_limit) x)
+                    UNION ALL
+                    SELECT jsonb_build_object('from', s.parent_id, 'to', s.id, 'kind', 'spawned')
+                      FROM steps s JOIN steps p ON p.id = s.parent_id AND p.step_type = 'atomic'
+                     WHERE s.campaign_id = c.id
+                    UNION ALL
+                    SELECT jsonb_build_object('from', s.continuation_of, 'to', s.id, 'kind', 'continues')
+                      FROM steps s
+                     WHERE s.campaign_id = c.id AND s.continuation_of IS NOT NULL) edges),
+        'total_steps', v_total,
+        'truncated', v_total > v_limit);
+END
+$$;
+
+-- What runs now (`sortie top`): running atomic steps with their lease left, and the progress
+-- of every active or paused campaign.
+CREATE FUNCTION activity("limit" integer DEFAULT 50) RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_limit integer := least(greatest(coalesce("limit", 50), 1), 1000);
+BEGIN
+    RETURN jsonb_build_object(
+        'running', (SELECT coalesce(jsonb_agg(r ORDER BY r ->> 'started_at'), '[]') FROM (
+            SELECT jsonb_strip_nulls(jsonb_build_object(
+                       'step_id', s.id, 'campaign_id', s.campaign_id, 'campaign_name', c.name,
+                       'action', s.action, 'agent', s.agent, 'claim_owner', s.claim_owner,
+                       'attempts', s.attempts, 'started_at', s.claimed_at,
+                       'running_seconds', round(extract(epoch FROM clock() - s.claimed_at)::numeric, 1),
+                       'lease_seconds_left', round(extract(epoch FROM s.lease_expires_at - clock())::numeric, 1))) AS r
+              FROM steps s JOIN campaigns c ON c.id = s.campaign_id
+             WHERE s.status = 'running' AND s.step_type = 'atomic'
+             ORDER BY s.claimed_at
+             LIMIT v_limit) running),
+        'campaigns', (SELECT coalesce(jsonb_agg(x ORDER BY x ->> 'created_at' DESC), '[]') FROM (
+            SELECT jsonb_build_object('id', c.id, 'name', c.name, 'status', c.status, 'priority', c.priority,
+                                      'progress', c.progress, 'open_steps', c.open_steps,
+                                      'running_steps', c.running_steps, 'ready_steps', c.ready_steps,
+                                      'step_counts', (SELECT coalesce(jsonb_object_agg(t.status, t.n), '{}')
+                                                        FROM (SELECT s.status, count(*) AS n FROM steps s
+                                                               WHERE s.campaign_id = c.id AND s.step_type = 'atomic'
+                                                               GROUP BY s.status) t),
+                                      'created_at', c.created_at) AS x
+              FROM campaigns c
+             WHERE c.status IN ('active', 'paused')
+             ORDER BY c.created_at DESC
+             LIMIT v_limit) active),
+        'at', clock());
+END
+$$;

@@ -1,0 +1,299 @@
+//! SPEC §16 in SQL: the event log reader, a campaign's graph, what runs now, health(), and
+//! get_updates naming the transaction that holds its events back.
+
+use serde_json::{json, Value};
+use sortie_tests::fixtures::*;
+use sortie_tests::TestDb;
+
+/// A campaign with a parallel group, a dependency and a splice: every kind of edge.
+async fn spliced_campaign(db: &TestDb) -> (uuid::Uuid, Value) {
+    let c = campaign(db, "none").await;
+    add(
+        db,
+        c,
+        json!([
+            {"action": "research", "key": "r"},
+            {"step_type": "parallel_group", "action": "probe", "key": "p", "depends_on": ["r"],
+             "children": [{"action": "probe a"}, {"action": "probe b"}]},
+            {"action": "write", "depends_on": ["r"]}
+        ]),
+    )
+    .await;
+    let research = claim(db, c).await.unwrap();
+    assert_eq!(research.action, "research");
+    let spliced = db
+        .ok(
+            "sortie.spawn_and_continue(step_id => $1, claim_token => $2, subtasks => $3, continuation => to_jsonb('synthesise'::text))",
+            &[&research.step_id, &research.token, &json!([{"action": "read paper A"}, {"action": "read paper B"}])],
+        )
+        .await;
+    (c, spliced)
+}
+
+#[tokio::test]
+async fn events_reads_the_log_oldest_first_and_pages_after_an_id() {
+    let db = TestDb::new().await;
+    let c = campaign(&db, "none").await;
+    add(&db, c, json!([{"action": "a"}, {"action": "b"}])).await;
+    run_all(&db, c).await;
+    let all = db.ok("sortie.events(campaign_id => $1)", &[&c]).await;
+    let events = all["events"].as_array().unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds.first(), Some(&"campaign.created"), "{kinds:?}");
+    assert_eq!(kinds.iter().filter(|k| **k == "step.done").count(), 2);
+    let ids: Vec<i64> = events.iter().map(|e| e["id"].as_i64().unwrap()).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "oldest first: {ids:?}");
+    assert_eq!(all["next_after_id"], *ids.last().unwrap());
+
+    // Paging: two at a time from the first id, until the last.
+    let mut seen = vec![ids[0]];
+    let mut after = ids[0];
+    loop {
+        let page = db
+            .ok(
+                "sortie.events(campaign_id => $1, after_id => $2, \"limit\" => 2)",
+                &[&c, &after],
+            )
+            .await;
+        let got: Vec<i64> = page["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_i64().unwrap())
+            .collect();
+        if got.is_empty() {
+            assert_eq!(page["next_after_id"], after);
+            break;
+        }
+        assert!(got.len() <= 2);
+        after = page["next_after_id"].as_i64().unwrap();
+        seen.extend(got);
+    }
+    assert_eq!(seen, ids);
+
+    // Another campaign's events are not this one's.
+    let other = campaign(&db, "none").await;
+    let theirs = db.ok("sortie.events(campaign_id => $1)", &[&other]).await;
+    assert!(theirs["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| e["campaign_id"] == json!(other.to_string())));
+
+    let missing = db
+        .call("sortie.events(campaign_id => $1)", &[&uuid::Uuid::new_v4()])
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code, "not_found");
+    let negative = db
+        .call("sortie.events(after_id => -1)", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(negative.code, "invalid_argument");
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn an_idle_transaction_is_named_by_get_updates_and_health() {
+    let db = TestDb::new().await;
+    let c = campaign(&db, "none").await;
+    add(&db, c, json!([{"action": "a"}])).await;
+    // Caught up before the transaction opens.
+    db.ok("sortie.get_updates($1, 'watcher')", &[&c]).await;
+
+    let idle = db.connect().await;
+    idle.batch_execute("BEGIN; SELECT txid_current();")
+        .await
+        .unwrap();
+    let idle_pid: i32 = idle
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let step = claim(&db, c).await.unwrap();
+    complete(&db, &step, "finished").await;
+
+    let held = db.ok("sortie.get_updates($1, 'watcher')", &[&c]).await;
+    assert_eq!(held["completed"], json!([]), "{held}");
+    assert_eq!(held["held_back_by"]["pid"], idle_pid, "{held}");
+    assert_eq!(held["held_back_by"]["state"], "idle in transaction");
+    assert!(held["held_back_by"]["age_seconds"].as_f64().unwrap() >= 0.0);
+
+    let health = db.ok("sortie.health(grace => '0 seconds')", &[]).await;
+    let oldest = &health["oldest_transaction"];
+    assert_eq!(oldest["pid"], idle_pid, "{health}");
+    assert_eq!(oldest["holds_back_updates"], true);
+    assert!(oldest["events_waiting"].as_i64().unwrap() >= 1);
+    assert_eq!(health["updates_held_back_by"]["pid"], idle_pid);
+    assert_eq!(health["ok"], false);
+    assert!(
+        health["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["code"] == "open_transaction"),
+        "{health}"
+    );
+
+    idle.batch_execute("COMMIT").await.unwrap();
+    let delivered = db.ok("sortie.get_updates($1, 'watcher')", &[&c]).await;
+    assert_eq!(delivered["completed"][0]["step_id"], step.step_id);
+    assert_eq!(delivered["held_back_by"], Value::Null);
+    let health = db.ok("sortie.health(grace => '0 seconds')", &[]).await;
+    assert_eq!(health["updates_held_back_by"], Value::Null, "{health}");
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn health_reports_expired_leases_and_stalled_campaigns() {
+    let db = TestDb::new().await;
+    let c = campaign(&db, "none").await;
+    add(&db, c, json!([{"action": "slow"}])).await;
+    let step = claim(&db, c).await.unwrap();
+    let stalled = campaign(&db, "none").await;
+
+    let now = db.ok("sortie.health()", &[]).await;
+    assert_eq!(now["expired_leases"]["count"], 0, "{now}");
+    assert!(!now["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["code"] == "expired_leases"));
+
+    // Two hours on: the lease ran out and nothing reset it; the empty campaign has waited.
+    set_clock(&db.client, 7200).await;
+    let later = db.ok("sortie.health()", &[]).await;
+    assert_eq!(later["expired_leases"]["count"], 1, "{later}");
+    assert_eq!(later["expired_leases"]["step_ids"], json!([step.step_id]));
+    let codes: Vec<&str> = later["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["code"].as_str().unwrap())
+        .collect();
+    assert!(codes.contains(&"expired_leases"), "{codes:?}");
+    assert!(codes.contains(&"stalled_campaign"), "{codes:?}");
+    let stalled_ids: Vec<&str> = later["stalled_campaigns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(stalled_ids, vec![stalled.to_string().as_str()]);
+    let tables: Vec<&str> = later["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["table"].as_str().unwrap())
+        .collect();
+    assert_eq!(tables, vec!["campaigns", "events", "notes", "steps"]);
+
+    let refused = db
+        .call("sortie.health(grace => '-1 second')", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code, "invalid_argument");
+    db.client
+        .execute("SELECT set_config('sortie.fake_now', '', false)", &[])
+        .await
+        .unwrap();
+    complete(&db, &step, "done").await;
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn campaign_graph_shows_containment_dependencies_spawns_and_continuations() {
+    let db = TestDb::new().await;
+    let (c, spliced) = spliced_campaign(&db).await;
+    let graph = db.ok("sortie.campaign_graph($1)", &[&c]).await;
+    let nodes = graph["nodes"].as_array().unwrap();
+    let node = |action: &str| -> Value {
+        nodes
+            .iter()
+            .find(|n| n["action"] == action)
+            .unwrap_or_else(|| panic!("{action} missing from {graph}"))
+            .clone()
+    };
+    let total: i64 = count(
+        &db,
+        &format!("SELECT count(*) FROM sortie.steps WHERE campaign_id = '{c}'"),
+    )
+    .await;
+    assert_eq!(nodes.len() as i64, total);
+    assert_eq!(graph["total_steps"], total);
+    let research = node("research");
+    let probe = node("probe");
+    let continuation = node("synthesise");
+    assert_eq!(research["continued_by"], spliced["continuation_id"]);
+    assert_eq!(continuation["continuation_of"], research["id"]);
+    assert_eq!(node("read paper A")["spawned_by"], research["id"]);
+    assert_eq!(node("probe a")["parent_id"], probe["id"]);
+    assert_eq!(node("probe a").get("spawned_by"), None);
+    assert_eq!(probe["step_type"], "parallel_group");
+
+    let edges = graph["edges"].as_array().unwrap();
+    let has = |from: &Value, to: &Value, kind: &str| {
+        edges
+            .iter()
+            .any(|e| &e["from"] == from && &e["to"] == to && e["kind"] == kind)
+    };
+    // The splice rewired "probe" and "write" to wait for the continuation.
+    assert!(
+        has(&continuation["id"], &probe["id"], "dependency"),
+        "{graph}"
+    );
+    assert!(has(&continuation["id"], &node("write")["id"], "dependency"));
+    assert!(has(&research["id"], &node("read paper B")["id"], "spawned"));
+    assert!(has(&research["id"], &continuation["id"], "continues"));
+    assert!(has(
+        &node("read paper A")["id"],
+        &continuation["id"],
+        "dependency"
+    ));
+    assert!(edges.iter().all(|e| {
+        let known = |id: &Value| nodes.iter().any(|n| &n["id"] == id);
+        known(&e["from"]) && known(&e["to"])
+    }));
+
+    let missing = db
+        .call("sortie.campaign_graph($1)", &[&uuid::Uuid::new_v4()])
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code, "not_found");
+    run_all(&db, c).await;
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn activity_lists_running_steps_with_their_lease_and_campaign_progress() {
+    let db = TestDb::new().await;
+    let c = campaign(&db, "none").await;
+    add(
+        &db,
+        c,
+        json!([{"action": "a", "agent": "coder"}, {"action": "b"}]),
+    )
+    .await;
+    let step = db
+        .ok(
+            "sortie.claim_next(owner => 'w1', campaign_id => $1, lease_seconds => 600)",
+            &[&c],
+        )
+        .await;
+    let activity = db.ok("sortie.activity()", &[]).await;
+    let running = activity["running"].as_array().unwrap();
+    assert_eq!(running.len(), 1, "{activity}");
+    assert_eq!(running[0]["step_id"], step["step_id"]);
+    assert_eq!(running[0]["agent"], "coder");
+    assert_eq!(running[0]["claim_owner"], "w1");
+    let left = running[0]["lease_seconds_left"].as_f64().unwrap();
+    assert!(left > 0.0 && left <= 600.0, "{left}");
+    let campaign_row = &activity["campaigns"][0];
+    assert_eq!(campaign_row["id"], json!(c.to_string()));
+    assert_eq!(campaign_row["step_counts"]["running"], 1);
+    assert_eq!(campaign_row["step_counts"]["pending"], 1);
+    let claim = parse_claim(&step).unwrap();
+    complete(&db, &claim, "ok").await;
+    run_all(&db, c).await;
+    db.finish().await;
+}
