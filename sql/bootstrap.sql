@@ -210,6 +210,9 @@ CREATE TABLE steps (
     heartbeat_at         timestamptz,
     lease_expires_at     timestamptz,
     requires_locks       text[] NOT NULL DEFAULT '{}',
+    -- Whether the current claim is a runner's dispatch, which uses one of the runner slots
+    -- (SPEC §13: SORTIE_MAX_CONCURRENT); a pull-mode worker's claim does not.
+    dispatched           boolean NOT NULL DEFAULT false,
     tokens_used          nonneg_bigint NOT NULL DEFAULT 0,
     duration_ms          bigint,
     created_at           timestamptz NOT NULL DEFAULT now(),
@@ -223,6 +226,7 @@ CREATE TABLE steps (
 CREATE INDEX steps_ready ON steps (campaign_id, id)
     WHERE status = 'pending' AND step_type = 'atomic' AND remaining_deps = 0;
 CREATE INDEX steps_running_lease ON steps (lease_expires_at) WHERE status = 'running' AND step_type = 'atomic';
+CREATE INDEX steps_dispatched ON steps (id) WHERE status = 'running' AND dispatched;
 CREATE INDEX steps_campaign ON steps (campaign_id, id);
 CREATE INDEX steps_parent ON steps (parent_id, position) WHERE parent_id IS NOT NULL;
 CREATE INDEX steps_fingerprint ON steps (campaign_id, fingerprint) WHERE fingerprint IS NOT NULL;
@@ -288,9 +292,12 @@ CREATE TABLE notifications (
     last_error        text,
     next_attempt_at   timestamptz NOT NULL DEFAULT now(),
     created_at        timestamptz NOT NULL DEFAULT now(),
-    delivered_at      timestamptz
+    delivered_at      timestamptz,
+    -- Set when delivery stopped for good: refused by the webhook (a 4xx other than 408 and
+    -- 429), or 10 attempts failed (SPEC §13).
+    given_up_at       timestamptz
 );
-CREATE INDEX notifications_undelivered ON notifications (next_attempt_at) WHERE NOT delivered;
+CREATE INDEX notifications_undelivered ON notifications (next_attempt_at) WHERE NOT delivered AND given_up_at IS NULL;
 
 -- Hierarchical lock keys held by running steps: `a/b` conflicts with `a` and with `a/b/c`;
 -- two `shared` holders of one key do not conflict.

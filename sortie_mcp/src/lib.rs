@@ -1,6 +1,7 @@
 //! Sortie's MCP server and runner. Both only call the extension's SQL functions; no DAG rule
 //! lives here.
 
+pub mod cli;
 pub mod config;
 pub mod db;
 pub mod demo;
@@ -10,6 +11,7 @@ pub mod http;
 pub mod llm;
 pub mod runner;
 pub mod tools;
+pub mod view;
 pub mod workflows;
 
 /// Logs go to stderr only: stdout carries nothing but JSON-RPC (SPEC §5).

@@ -69,6 +69,7 @@ fn expand(root: &Path, file: &Path, stack: &mut Vec<PathBuf>) -> Result<String, 
         ));
     }
     let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    let text = editor_neutral(&text);
     stack.push(path);
     let mut out = String::with_capacity(text.len());
     let mut rest = text.as_str();
@@ -174,6 +175,15 @@ fn transition(line: &str) -> Option<(String, String)> {
     (!target.is_empty()).then(|| (status.to_string(), target.to_string()))
 }
 
+/// A file as its author meant it, whatever the editor saved (SPEC §13): a leading UTF-8
+/// byte-order mark is dropped and Windows line ends become `\n`, so neither a title nor an
+/// `on <status>:` line is lost to them.
+fn editor_neutral(text: &str) -> String {
+    text.strip_prefix('\u{feff}')
+        .unwrap_or(text)
+        .replace("\r\n", "\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,6 +204,23 @@ mod tests {
     }
 
     const INDEX: &str = "# Review a change\n\nSteps:\n\n- [Read Diff](steps/read.md)\n- [Verdict](steps/verdict.md)\n";
+
+    #[test]
+    fn a_byte_order_mark_or_windows_line_ends_lose_nothing() {
+        let bom = "\u{feff}";
+        let dir = folder(&[
+            ("wf/index.md", &format!("{bom}{}", INDEX.replace('\n', "\r\n"))),
+            ("wf/steps/read.md", &format!("{bom}# Orchestrator Guidance\r\non success: Verdict\r\n\r\n# Client Instructions\r\nRead it. {{{{file:shared/tone.md}}}}\r\n")),
+            ("wf/steps/verdict.md", &format!("{bom}# Orchestrator Guidance\non done: FINISH\n# Client Instructions\nSay yes or no.\n")),
+            ("wf/shared/tone.md", &format!("{bom}Be brief.")),
+        ]);
+        let def = load(&dir, "wf").unwrap();
+        assert_eq!(def["goal"], "Review a change");
+        assert_eq!(def["steps"][0]["name"], "Read Diff");
+        assert_eq!(def["steps"][0]["transitions"], json!({"success": "Verdict"}));
+        assert_eq!(def["steps"][0]["instructions"], "Read it. Be brief.");
+        assert_eq!(def["steps"][1]["transitions"], json!({"done": "FINISH"}));
+    }
 
     #[test]
     fn a_folder_becomes_a_definition_with_sections_includes_and_transitions() {

@@ -82,3 +82,35 @@ pub fn metric_met(value: f64, target: f64, direction: &str) -> bool {
 pub fn name_from_goal(goal: &str) -> String {
     sortie_core::name_from_goal(goal)
 }
+
+/// A step on a cycle of waits among the given steps, or NULL (SPEC §13: `check_invariants()`
+/// reports any dependency cycle). `ids[i]` has compound parent `parents[i]` (NULL, or a step
+/// outside `ids`, for none); `dep_steps[j]` depends on `dep_on[j]`, and pairs naming a step
+/// outside `ids` are ignored, as finished steps wait for nothing.
+#[pg_extern(immutable, parallel_safe)]
+pub fn wait_cycle_step(
+    ids: Vec<i64>,
+    parents: Vec<Option<i64>>,
+    dep_steps: Vec<i64>,
+    dep_on: Vec<i64>,
+) -> Option<i64> {
+    let index: std::collections::HashMap<i64, usize> =
+        ids.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+    let parent_indexes: Vec<Option<usize>> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, _)| {
+            parents
+                .get(i)
+                .copied()
+                .flatten()
+                .and_then(|p| index.get(&p).copied())
+        })
+        .collect();
+    let deps: Vec<(usize, usize)> = dep_steps
+        .iter()
+        .zip(&dep_on)
+        .filter_map(|(s, d)| Some((*index.get(s)?, *index.get(d)?)))
+        .collect();
+    steps::wait_cycle(&parent_indexes, &deps).map(|i| ids[i])
+}

@@ -71,13 +71,14 @@ $$;
 -- (count_claim). Scalars rather than a `steps` row: this is the hot path, and whole-row
 -- values cost a tuple descriptor per call.
 CREATE FUNCTION take_step(p_step bigint, p_campaign uuid, p_parent bigint, p_locks text[],
-                          p_owner text, p_lease_seconds integer)
+                          p_owner text, p_lease_seconds integer, p_dispatched boolean DEFAULT false)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
     v_expires timestamptz := clock() + make_interval(secs => p_lease_seconds);
     v_parent bigint := p_parent;
+    v_started bigint;
     v_claim jsonb;
 BEGIN
     IF cardinality(p_locks) > 0 AND NOT take_locks(p_step, p_campaign, p_locks, v_expires) THEN
@@ -86,18 +87,20 @@ BEGIN
     UPDATE steps
        SET status = 'running', claim_token = gen_random_uuid(), claim_owner = p_owner,
            claimed_at = clock(), heartbeat_at = clock(), lease_expires_at = v_expires,
-           started_at = coalesce(started_at, clock())
+           started_at = coalesce(started_at, clock()), dispatched = p_dispatched
      WHERE id = p_step
     RETURNING jsonb_build_object('step_id', id, 'campaign_id', campaign_id, 'action', action,
                                  'agent', agent, 'depth', depth, 'claim_token', claim_token,
                                  'lease_expires_at', lease_expires_at, 'attempts', attempts)
       INTO v_claim;
-    -- A compound step becomes running when its first child starts (its parents with it).
+    -- A compound step becomes running when its first child starts (its parents with it), and
+    -- says so in the log like any other step (SPEC §13).
     WHILE v_parent IS NOT NULL LOOP
         UPDATE steps SET status = 'running', started_at = clock()
          WHERE id = v_parent AND status = 'pending'
-        RETURNING parent_id INTO v_parent;
+        RETURNING id, parent_id INTO v_started, v_parent;
         EXIT WHEN NOT FOUND;
+        PERFORM emit(p_campaign, v_started, 'step.started', jsonb_build_object('step_type', 'compound'));
     END LOOP;
     PERFORM emit(p_campaign, p_step, 'step.claimed', jsonb_build_object('owner', p_owner));
     RETURN v_claim;
@@ -145,7 +148,8 @@ $$;
 
 -- Within a campaign its caller has locked and counted the claim in (count_claim): the first
 -- ready step for `p_agent` whose lock keys are free, claimed; NULL when there is none.
-CREATE FUNCTION claim_in_campaign(p_campaign uuid, p_owner text, p_agent text, p_lease_seconds integer)
+CREATE FUNCTION claim_in_campaign(p_campaign uuid, p_owner text, p_agent text, p_lease_seconds integer,
+                                  p_dispatched boolean DEFAULT false)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 AS $$
@@ -172,7 +176,7 @@ BEGIN
         IF NOT FOUND THEN
             RETURN NULL;
         END IF;
-        v_claim := take_step(v_step, p_campaign, v_parent, v_locks, p_owner, p_lease_seconds);
+        v_claim := take_step(v_step, p_campaign, v_parent, v_locks, p_owner, p_lease_seconds, p_dispatched);
         IF v_claim IS NOT NULL THEN
             RETURN v_claim;
         END IF;
@@ -185,7 +189,7 @@ $$;
 -- Campaigns are tried in fair-share order — lowest slot_seconds_used / weight first — and
 -- capped, paused or over-budget campaigns are never tried, so they cannot block the others.
 CREATE FUNCTION claim_next(owner text, agent text DEFAULT NULL, campaign_id uuid DEFAULT NULL,
-                           lease_seconds integer DEFAULT 900)
+                           lease_seconds integer DEFAULT 900, max_dispatched integer DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
@@ -197,8 +201,21 @@ DECLARE
     v_claim jsonb;
     v_busy uuid[] := '{}';
     v_round integer;
+    v_dispatched boolean := max_dispatched IS NOT NULL;
 BEGIN
     PERFORM check_owner(owner);
+    -- A runner's dispatch (SPEC §13): all runners sharing the database share one cap of
+    -- `max_dispatched` running dispatches. Their claims take turns on one advisory lock, so
+    -- two runners cannot both see the last free slot; pull-mode claims neither wait nor count.
+    IF v_dispatched THEN
+        IF max_dispatched < 1 THEN
+            PERFORM raise('invalid_argument', 'max_dispatched must be at least 1');
+        END IF;
+        PERFORM pg_advisory_xact_lock(hashtextextended('sortie.runner_slots', 0));
+        IF (SELECT count(*) FROM steps x WHERE x.status = 'running' AND x.dispatched) >= max_dispatched THEN
+            RETURN jsonb_build_object('step_id', NULL, 'reason', 'capacity');
+        END IF;
+    END IF;
     IF campaign_id IS NOT NULL THEN
         -- One update locks the campaign and counts the claim; it is taken back when no ready
         -- step fits after all (agent, back-off, lock keys).
@@ -209,7 +226,7 @@ BEGIN
             END IF;
             RETURN jsonb_build_object('step_id', NULL);
         END IF;
-        v_claim := claim_in_campaign(campaign_id, owner, agent, v_lease);
+        v_claim := claim_in_campaign(campaign_id, owner, agent, v_lease, v_dispatched);
         IF v_claim IS NULL THEN
             PERFORM uncount_claim(campaign_id);
             RETURN jsonb_build_object('step_id', NULL);
@@ -239,7 +256,7 @@ BEGIN
                 ELSE
                     -- Undone with the subtransaction when nothing is claimed.
                     v_claim := CASE WHEN count_claim(v_campaign)
-                                    THEN claim_in_campaign(v_campaign, owner, agent, v_lease) END;
+                                    THEN claim_in_campaign(v_campaign, owner, agent, v_lease, v_dispatched) END;
                     IF v_claim IS NULL THEN
                         RAISE EXCEPTION 'nothing to claim here' USING ERRCODE = 'SR099';
                     END IF;
@@ -439,4 +456,37 @@ AS $$
             OR NOT EXISTS (SELECT 1 FROM steps s WHERE s.id = l.step_id AND s.status = 'running')
         RETURNING 1)
     SELECT count(*)::integer FROM reaped;
+$$;
+
+-- Why a runner claims nothing although steps are ready (SPEC §13: it logs why). Counts the
+-- pending atomic steps whose dependencies are done, and what holds each back, first reason
+-- first: its campaign is not active, has spent its token budget, or runs max_parallel steps;
+-- the step is backing off after a failed attempt, or its lock keys are held; and, when
+-- `max_dispatched` is given, whether every runner slot is in use.
+CREATE FUNCTION dispatch_blockers(max_dispatched integer DEFAULT NULL) RETURNS jsonb
+LANGUAGE sql STABLE
+SET search_path FROM CURRENT
+AS $$
+    WITH ready AS (
+        SELECT CASE
+                   WHEN c.status <> 'active' THEN 'campaign_' || c.status
+                   WHEN c.token_budget IS NOT NULL AND c.tokens_used >= c.token_budget THEN 'budget'
+                   WHEN c.max_parallel IS NOT NULL AND c.running_steps >= c.max_parallel THEN 'max_parallel'
+                   WHEN s.not_before > clock() THEN 'backoff'
+                   WHEN EXISTS (
+                       SELECT 1 FROM unnest(s.requires_locks) e JOIN resource_leases l
+                         ON (l.key = lock_key(e) OR starts_with(l.key, lock_key(e) || '/') OR starts_with(lock_key(e), l.key || '/'))
+                        WHERE l.expires_at > clock() AND NOT (l.mode = 'shared' AND lock_mode(e) = 'shared')) THEN 'locks'
+                   ELSE 'claimable' END AS held_by
+          FROM steps s JOIN campaigns c ON c.id = s.campaign_id
+         WHERE s.status = 'pending' AND s.step_type = 'atomic' AND s.remaining_deps = 0
+           AND c.status IN ('active', 'paused')
+    ),
+    slots AS (SELECT count(*) AS in_use FROM steps WHERE status = 'running' AND dispatched)
+    SELECT jsonb_build_object(
+        'ready_steps', (SELECT count(*) FROM ready),
+        'held_back', coalesce((SELECT jsonb_object_agg(held_by, n)
+                                 FROM (SELECT held_by, count(*) AS n FROM ready GROUP BY held_by) g), '{}'),
+        'runner_slots', jsonb_build_object('in_use', (SELECT in_use FROM slots), 'cap', max_dispatched),
+        'capacity_reached', max_dispatched IS NOT NULL AND (SELECT in_use FROM slots) >= max_dispatched);
 $$;

@@ -345,9 +345,10 @@ BEGIN
                              format('step %s met its completion threshold without it', p.id));
     END IF;
     UPDATE steps
-       SET output = (SELECT jsonb_agg(jsonb_build_object('step_id', c.id, 'status', c.status, 'output', c.output)
-                                      ORDER BY c.position, c.id)::text
-                       FROM steps c WHERE c.parent_id = p.id AND c.continued_by IS NULL)
+       -- A compound step with no members (a for_each over no items) outputs [] (SPEC §13).
+       SET output = coalesce((SELECT jsonb_agg(jsonb_build_object('step_id', c.id, 'status', c.status, 'output', c.output)
+                                               ORDER BY c.position, c.id)
+                                FROM steps c WHERE c.parent_id = p.id AND c.continued_by IS NULL), '[]')::text
      WHERE id = p.id;
     PERFORM bump_counters(p.campaign_id, -1, 0, 0);
     PERFORM after_done(p.campaign_id, p.id, p.parent_id);
@@ -413,6 +414,14 @@ BEGIN
 END
 $$;
 
+-- Whether a campaign has ever had a step (SPEC §13); steps are never deleted while their
+-- campaign exists, so one row is enough.
+CREATE FUNCTION has_had_steps(p_campaign uuid) RETURNS boolean
+LANGUAGE sql STABLE
+AS $$
+    SELECT EXISTS (SELECT 1 FROM steps WHERE campaign_id = p_campaign);
+$$;
+
 -- Campaign end (SPEC §3). Drained = nothing pending, running or waiting. With planner 'none'
 -- the campaign ends at once; with 'llm' it waits for a runner's planner (campaign.drained).
 CREATE FUNCTION check_drained(p_campaign uuid) RETURNS void
@@ -424,6 +433,11 @@ BEGIN
     SELECT * INTO c FROM campaigns WHERE id = p_campaign;
     -- A workflow instance has no steps of its own: it ends when an advance reaches FINISH.
     IF c.open_steps > 0 OR c.status NOT IN ('active', 'paused') OR c.workflow IS NOT NULL THEN
+        RETURN;
+    END IF;
+    -- SPEC §13: a campaign that never had a step is waiting for its first steps (add_steps, or
+    -- the planner once its plan delay has passed), not drained.
+    IF NOT has_had_steps(p_campaign) THEN
         RETURN;
     END IF;
     IF c.planner = 'none' THEN

@@ -2,6 +2,32 @@
 -- Returns one row per problem; no rows means the state is consistent. The test suite runs it
 -- after every test.
 
+-- A step of campaign `p_campaign` on a cycle of waits among its open steps, or NULL (SPEC §13).
+-- Finished steps wait for nothing, so only open steps and their dependencies are read.
+CREATE FUNCTION campaign_wait_cycle(p_campaign uuid) RETURNS bigint
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    v_ids bigint[];
+    v_parents bigint[];
+    v_dep_steps bigint[];
+    v_dep_on bigint[];
+BEGIN
+    SELECT coalesce(array_agg(s.id ORDER BY s.id), '{}'), coalesce(array_agg(s.parent_id ORDER BY s.id), '{}')
+      INTO v_ids, v_parents
+      FROM steps s
+     WHERE s.campaign_id = p_campaign AND s.status IN ('pending', 'running', 'waiting_input');
+    IF cardinality(v_ids) = 0 THEN
+        RETURN NULL;
+    END IF;
+    SELECT coalesce(array_agg(d.step_id), '{}'), coalesce(array_agg(d.depends_on), '{}')
+      INTO v_dep_steps, v_dep_on
+      FROM step_dependencies d
+     WHERE d.step_id = ANY (v_ids);
+    RETURN wait_cycle_step(v_ids, v_parents, v_dep_steps, v_dep_on);
+END
+$$;
+
 CREATE FUNCTION check_invariants(campaign_id uuid DEFAULT NULL) RETURNS SETOF text
 LANGUAGE sql STABLE
 SET search_path FROM CURRENT
@@ -78,5 +104,11 @@ AS $$
     UNION ALL
     SELECT format('lease on %s held by step %s which is %s', l.key, l.step_id, s.status)
       FROM resource_leases l JOIN steps s ON s.id = l.step_id
-     WHERE s.status <> 'running';
+     WHERE s.status <> 'running'
+    UNION ALL
+    -- SPEC §13: a cycle of waits among open steps (dependencies, and compound parents waiting
+    -- for their members) can never finish.
+    SELECT format('campaign %s: steps wait for each other in a cycle through step %s', c.id, w.step)
+      FROM scope c CROSS JOIN LATERAL (SELECT campaign_wait_cycle(c.id) AS step) w
+     WHERE w.step IS NOT NULL;
 $$;

@@ -11,7 +11,7 @@ DECLARE
 BEGIN
     WITH due AS (
         SELECT id FROM notifications
-         WHERE NOT delivered AND next_attempt_at <= clock()
+         WHERE NOT delivered AND given_up_at IS NULL AND next_attempt_at <= clock()
          ORDER BY id
          LIMIT greatest("limit", 0)
            FOR UPDATE SKIP LOCKED
@@ -29,8 +29,16 @@ BEGIN
 END
 $$;
 
--- Outcome of one delivery. Failures back off exponentially (30 s doubling, at most an hour).
-CREATE FUNCTION notification_delivered(id bigint, ok boolean, error text DEFAULT NULL) RETURNS jsonb
+-- How many delivery attempts a notification gets before it is given up (SPEC §13).
+CREATE FUNCTION notification_max_attempts() RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT 10 $$;
+
+-- Outcome of one delivery. Failures back off exponentially (30 s doubling, at most an hour);
+-- `retry => false` (the webhook refused it: a 4xx other than 408 and 429) gives it up at once,
+-- and so does the last of notification_max_attempts() attempts (SPEC §13).
+CREATE FUNCTION notification_delivered(id bigint, ok boolean, error text DEFAULT NULL, retry boolean DEFAULT true)
+RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
@@ -44,14 +52,17 @@ BEGIN
            delivery_attempts = delivery_attempts + 1,
            last_error = CASE WHEN ok THEN NULL ELSE left(error, 1000) END,
            next_attempt_at = CASE WHEN ok THEN next_attempt_at
-                                  ELSE clock() + make_interval(secs => least(30 * power(2, delivery_attempts), 3600)) END
-     WHERE notifications.id = id AND NOT delivered
+                                  ELSE clock() + make_interval(secs => least(30 * power(2, delivery_attempts), 3600)) END,
+           given_up_at = CASE WHEN NOT ok AND (NOT coalesce(retry, true)
+                                               OR delivery_attempts + 1 >= notification_max_attempts())
+                              THEN clock() END
+     WHERE notifications.id = id AND NOT delivered AND given_up_at IS NULL
     RETURNING * INTO n;
     IF NOT FOUND THEN
-        PERFORM raise('not_found', format('notification %s does not exist or was already delivered', id));
+        PERFORM raise('not_found', format('notification %s does not exist, was delivered or was given up', id));
     END IF;
     RETURN jsonb_build_object('id', n.id, 'delivered', n.delivered, 'delivery_attempts', n.delivery_attempts,
-                              'next_attempt_at', n.next_attempt_at);
+                              'next_attempt_at', n.next_attempt_at, 'given_up', n.given_up_at IS NOT NULL);
 END
 $$;
 

@@ -30,6 +30,17 @@ async fn runner(db: &TestDb, vars: &[(&str, String)]) -> (Runner, watch::Sender<
     )
 }
 
+/// A campaign without steps that its planner may plan at once (SPEC §13: plan delay 0).
+async fn campaign_to_plan_now(db: &TestDb) -> uuid::Uuid {
+    let created = db
+        .ok(
+            "sortie.create_campaign(goal => 'test goal', planner => 'llm', plan_delay => 0)",
+            &[],
+        )
+        .await;
+    uuid::Uuid::parse_str(created["id"].as_str().unwrap()).unwrap()
+}
+
 /// Ticks until the campaign is no longer active (or `max` ticks), waiting for dispatches.
 async fn run_until_settled(runner: &mut Runner, db: &TestDb, c: uuid::Uuid, max: usize) {
     for _ in 0..max {
@@ -241,13 +252,14 @@ async fn the_planner_grows_a_drained_campaign_and_ends_it() {
     })
     .await;
     let runtime = FakeHttp::start(|_, _| (200, json!({"output": "planned work done"}))).await;
-    let c = campaign(&db, "llm").await;
+    let c = campaign_to_plan_now(&db).await;
     db.ok("sortie.steer_campaign($1, 'keep it short')", &[&c])
         .await;
     let (mut runner, _stop) = runner(
         &db,
         &[
             ("LITELLM_URL", llm.url.clone()),
+            ("SORTIE_PLAN_DELAY", "0".into()),
             ("SORTIE_DISPATCH", "http".into()),
             ("OPENCLAW_RUNTIME_URL", runtime.url.clone()),
         ],
@@ -279,8 +291,15 @@ async fn a_malformed_plan_leaves_nothing_and_is_not_asked_again_at_once() {
     let db = TestDb::new().await;
     let llm = FakeHttp::start(|_, _| (200, json!({"choices": [{"message": {"content":
         "{\"new_steps\": [{\"action\": \"fine\"}, {\"step_type\": \"nonsense\", \"action\": \"x\"}]}"}}]}))).await;
-    let c = campaign(&db, "llm").await;
-    let (mut runner, _stop) = runner(&db, &[("LITELLM_URL", llm.url.clone())]).await;
+    let c = campaign_to_plan_now(&db).await;
+    let (mut runner, _stop) = runner(
+        &db,
+        &[
+            ("LITELLM_URL", llm.url.clone()),
+            ("SORTIE_PLAN_DELAY", "0".into()),
+        ],
+    )
+    .await;
     runner.tick().await.unwrap();
     runner.tick().await.unwrap();
     assert_eq!(

@@ -29,6 +29,8 @@ const TOOLS: &[&str] = &[
 ];
 /// Only the tail of a failing agent's stderr is kept as the step's error.
 const ERROR_TAIL: usize = 2000;
+/// The error of an attempt whose agent neither printed output nor reported (SPEC §13).
+const SILENT_AGENT: &str = "agent exited without output or a report";
 
 #[derive(Debug, Clone)]
 pub struct Claim {
@@ -76,9 +78,11 @@ struct Brief {
 /// How a dispatch ended, as far as the runner can tell.
 enum Outcome {
     /// The agent produced output; complete the step with it unless the agent already did.
-    Output(String),
-    /// The agent ran and reported through MCP itself (or said nothing to report).
-    Reported,
+    Output { text: String, tokens_used: i64 },
+    /// The agent ran and produced no output: it must have reported through MCP itself
+    /// (complete_step, request_input, spawn_and_continue…). If it did not, the step is failed
+    /// at once rather than left to the lease (SPEC §13).
+    Silent(String),
     Failed(String),
     /// The runner is shutting down: hand the step back untouched.
     Interrupted,
@@ -106,7 +110,7 @@ impl Job {
                 info!(step, outcome = outcome.name(), status = %v["status"], "dispatch finished")
             }
             // The agent finished through MCP already, or the claim was reset: nothing to do.
-            Err(e) if e.code == "stale_claim" || e.code == "skipped" => {
+            Err(e) if settled_elsewhere(&e) => {
                 info!(
                     step,
                     outcome = outcome.name(),
@@ -139,23 +143,65 @@ impl Job {
     /// Records how the dispatch ended. An outage does not lose the agent's work: the record is
     /// retried through it, and a late record is refused by fencing if the step was reset
     /// meanwhile.
+    ///
+    /// SPEC §13: the runner never leaves its claim to the lease. A record the extension refuses
+    /// for any reason but the step being settled already (by the agent through MCP, or by a
+    /// reset) is followed by a failed attempt naming the refusal, and if even that is refused,
+    /// by handing the step back.
     async fn record(&self, outcome: &Outcome) -> Result<Value, DbError> {
-        let (sql, text) = match outcome {
-            Outcome::Output(output) => (
-                "complete_step(step_id => $1, claim_token => $2, summary => $3)",
-                Some(output),
-            ),
-            Outcome::Failed(error) => (
-                "fail_step(step_id => $1, claim_token => $2, error => $3)",
-                Some(error),
-            ),
-            Outcome::Interrupted => ("release_step(step_id => $1, claim_token => $2)", None),
-            Outcome::Reported => return Ok(Value::Null),
-        };
         let (step, token) = (self.claim.step_id, self.claim.token);
-        match text {
-            Some(text) => self.call_through_outage(sql, &[&step, &token, text]).await,
-            None => self.call_through_outage(sql, &[&step, &token]).await,
+        let first = match outcome {
+            Outcome::Output { text, tokens_used } => {
+                self.call_through_outage(
+                    "complete_step(step_id => $1, claim_token => $2, summary => $3, tokens_used => $4)",
+                    &[&step, &token, text, tokens_used],
+                )
+                .await
+            }
+            Outcome::Failed(error) | Outcome::Silent(error) => {
+                self.call_through_outage(
+                    "fail_step(step_id => $1, claim_token => $2, error => $3)",
+                    &[&step, &token, error],
+                )
+                .await
+            }
+            Outcome::Interrupted => {
+                return self
+                    .call_through_outage(
+                        "release_step(step_id => $1, claim_token => $2)",
+                        &[&step, &token],
+                    )
+                    .await
+            }
+        };
+        let refusal = match first {
+            Err(e) if !settled_elsewhere(&e) && e.code != "unavailable" => e,
+            other => return other,
+        };
+        warn!(step, error = %refusal, "the extension refused the dispatch's record; failing the attempt instead");
+        let error = format!(
+            "the runner could not record the agent's result: {}",
+            refusal.message
+        );
+        let failed = match outcome {
+            Outcome::Failed(_) | Outcome::Silent(_) => Err(refusal),
+            _ => {
+                self.call_through_outage(
+                    "fail_step(step_id => $1, claim_token => $2, error => $3)",
+                    &[&step, &token, &error],
+                )
+                .await
+            }
+        };
+        match failed {
+            Err(e) if !settled_elsewhere(&e) && e.code != "unavailable" => {
+                self.call_through_outage(
+                    "release_step(step_id => $1, claim_token => $2)",
+                    &[&step, &token],
+                )
+                .await
+            }
+            other => other,
         }
     }
 
@@ -251,12 +297,9 @@ impl Job {
                 let text = r.text().await.unwrap_or_default();
                 Outcome::Failed(format!("agent runtime answered {status}: {}", tail(&text)))
             }
-            Ok(r) => match r.json::<Value>().await {
-                Ok(answer) => match answer.get("output").and_then(Value::as_str) {
-                    Some(output) => Outcome::Output(output.to_string()),
-                    None => Outcome::Reported,
-                },
-                Err(e) => Outcome::Failed(format!("agent runtime answered with invalid JSON: {e}")),
+            Ok(r) => match r.bytes().await {
+                Ok(body) => runtime_answer(&body),
+                Err(e) => Outcome::Failed(format!("reading the agent runtime's answer: {e}")),
             },
         }
     }
@@ -302,19 +345,20 @@ impl Job {
         });
         let mut stdout = child.stdout.take();
         let mut stderr = child.stderr.take();
+        // Bytes, not strings: an agent printing invalid UTF-8 must not lose its whole output.
         let read_out = tokio::spawn(async move {
-            let mut s = String::new();
+            let mut bytes = Vec::new();
             if let Some(o) = stdout.as_mut() {
-                let _ = o.read_to_string(&mut s).await;
+                let _ = o.read_to_end(&mut bytes).await;
             }
-            s
+            agent_text(&bytes)
         });
         let read_err = tokio::spawn(async move {
-            let mut s = String::new();
+            let mut bytes = Vec::new();
             if let Some(e) = stderr.as_mut() {
-                let _ = e.read_to_string(&mut s).await;
+                let _ = e.read_to_end(&mut bytes).await;
             }
-            s
+            agent_text(&bytes)
         });
         let mut shutdown = self.shutdown.clone();
         let status = tokio::select! {
@@ -337,9 +381,12 @@ impl Job {
             Ok(Err(e)) => Outcome::Failed(format!("waiting for the agent command: {e}")),
             Ok(Ok(s)) if s.success() => {
                 if out.trim().is_empty() {
-                    Outcome::Reported
+                    Outcome::Silent(SILENT_AGENT.into())
                 } else {
-                    Outcome::Output(out.trim_end().to_string())
+                    Outcome::Output {
+                        text: out.trim_end().to_string(),
+                        tokens_used: 0,
+                    }
                 }
             }
             Ok(Ok(s)) => Outcome::Failed(format!(
@@ -353,17 +400,98 @@ impl Job {
 impl Outcome {
     fn name(&self) -> &'static str {
         match self {
-            Outcome::Output(_) => "output",
-            Outcome::Reported => "reported",
+            Outcome::Output { .. } => "output",
+            Outcome::Silent(_) => "silent",
             Outcome::Failed(_) => "failed",
             Outcome::Interrupted => "interrupted",
         }
     }
 }
 
+/// Whether a refused record means the step was settled without this dispatch: the agent
+/// reported through MCP itself (its claim is then spent), or the claim was reset or skipped.
+fn settled_elsewhere(e: &DbError) -> bool {
+    matches!(e.code.as_str(), "stale_claim" | "skipped")
+}
+
+/// An agent's bytes as text the database can store (SPEC §13): invalid UTF-8 is decoded
+/// lossily and U+0000, which PostgreSQL's text cannot hold, becomes U+FFFD.
+pub(crate) fn agent_text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).replace('\0', "\u{FFFD}")
+}
+
+/// An agent runtime's answer (SPEC §6, §13): `output` completes the step (with the
+/// `tokens_used` it reports), `error` fails the attempt, and an answer with neither — or not
+/// JSON at all — fails it too rather than leaving the claim to the lease.
+fn runtime_answer(body: &[u8]) -> Outcome {
+    let answer: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => {
+            return Outcome::Failed(format!(
+                "agent runtime answered with invalid JSON ({e}): {}",
+                tail(&agent_text(body))
+            ))
+        }
+    };
+    let tokens_used = answer
+        .get("tokens_used")
+        .and_then(Value::as_i64)
+        .unwrap_or(0)
+        .max(0);
+    let text = |v: &Value| match v {
+        Value::String(s) => Some(agent_text(s.as_bytes())),
+        Value::Null => None,
+        other => Some(other.to_string()),
+    };
+    if let Some(error) = answer.get("error").and_then(text).filter(|e| !e.trim().is_empty()) {
+        return Outcome::Failed(format!("agent runtime reported an error: {}", tail(&error)));
+    }
+    match answer.get("output").and_then(text) {
+        Some(output) if !output.trim().is_empty() => Outcome::Output {
+            text: output,
+            tokens_used,
+        },
+        _ => Outcome::Silent(
+            "agent runtime answered without output or error, and the agent made no report".into(),
+        ),
+    }
+}
+
+/// The end of a text as an error the database can store: at most ERROR_TAIL characters,
+/// U+0000 replaced.
 fn tail(text: &str) -> String {
     let chars: Vec<char> = text.trim().chars().collect();
     chars[chars.len().saturating_sub(ERROR_TAIL)..]
         .iter()
+        .map(|&c| if c == '\0' { '\u{FFFD}' } else { c })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_bytes_become_storable_text() {
+        assert_eq!(agent_text(b"before\0after"), "before\u{FFFD}after");
+        assert_eq!(agent_text(b"caf\xe9"), "caf\u{FFFD}");
+        assert_eq!(tail("a\0b"), "a\u{FFFD}b");
+    }
+
+    #[test]
+    fn a_runtime_answer_needs_output_or_error() {
+        match runtime_answer(br#"{"output": "done", "tokens_used": 42}"#) {
+            Outcome::Output { text, tokens_used } => {
+                assert_eq!((text.as_str(), tokens_used), ("done", 42))
+            }
+            other => panic!("{}", other.name()),
+        }
+        assert!(matches!(runtime_answer(b"{}"), Outcome::Silent(_)));
+        assert!(matches!(runtime_answer(br#"{"output": null}"#), Outcome::Silent(_)));
+        match runtime_answer(br#"{"error": "refused"}"#) {
+            Outcome::Failed(e) => assert!(e.contains("refused"), "{e}"),
+            other => panic!("{}", other.name()),
+        }
+        assert!(matches!(runtime_answer(b"not json"), Outcome::Failed(_)));
+    }
 }

@@ -4,7 +4,7 @@
 
 mod dispatch;
 mod health;
-mod listener;
+pub mod listener;
 mod notifier;
 mod planner;
 mod prompt;

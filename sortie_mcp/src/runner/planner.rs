@@ -24,7 +24,7 @@ pub async fn consult(
     campaign: uuid::Uuid,
 ) -> Result<()> {
     let state = db
-        .call("get_campaign(id => $1, steps_limit => 200)", &[&campaign])
+        .call("planner_context(campaign_id => $1)", &[&campaign])
         .await?;
     let plan = crate::llm::ask_json(http, config, SYSTEM, &planner_prompt(&state)).await?;
     let applied = db
@@ -37,52 +37,86 @@ pub async fn consult(
     Ok(())
 }
 
-fn planner_prompt(state: &Value) -> String {
-    let steps = state["steps"].as_array().cloned().unwrap_or_default();
-    let pick = |status: &str| -> Vec<String> {
-        steps
-            .iter()
-            .rev()
-            .filter(|s| s["status"] == status)
-            .take(15)
-            .map(|s| {
-                format!(
-                    "- [{}] {}{}",
-                    s["id"],
-                    s["action"].as_str().unwrap_or_default(),
-                    s["error"]
-                        .as_str()
-                        .map(|e| format!(" — error: {e}"))
-                        .unwrap_or_default()
-                )
-            })
-            .collect()
+/// The planner's prompt from `planner_context()`: goal, scope, guidance, the newest done,
+/// failed and open steps, notes, and the duplicate warnings (SPEC §4, §13).
+pub(crate) fn planner_prompt(state: &Value) -> String {
+    let list = |field: &str, line: &dyn Fn(&Value) -> String| -> String {
+        let lines: Vec<String> = state[field]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(line)
+            .collect();
+        if lines.is_empty() {
+            "(none)".into()
+        } else {
+            lines.join("\n")
+        }
     };
-    let notes: Vec<String> = state["recent_notes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|n| format!("- {}", n["content"].as_str().unwrap_or_default()))
-        .collect();
-    let guidance: Vec<String> = state["guidance"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|g| format!("- {}", g["text"].as_str().unwrap_or_default()))
-        .collect();
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    let step = |s: &Value| format!("- [{}] {}", s["id"], text(&s["action"]));
+    let failed = |s: &Value| {
+        format!(
+            "- [{}] {} — error: {}",
+            s["id"],
+            text(&s["action"]),
+            text(&s["error"])
+        )
+    };
+    let open = |s: &Value| format!("- [{}] {} ({})", s["id"], text(&s["action"]), text(&s["status"]));
+    let duplicate = |d: &Value| {
+        format!(
+            "- step {} ({}, {}) repeats step {} ({}): do not add this work again",
+            d["step_id"],
+            text(&d["action"]),
+            text(&d["status"]),
+            d["duplicate_of"],
+            text(&d["duplicate_status"])
+        )
+    };
+    let note = |n: &Value| format!("- {}", text(&n["content"]));
+    let guidance = |g: &Value| format!("- {}", text(&g["text"]));
     format!(
-        "Goal: {goal}\nStrategy: {strategy}\nProgress: {progress}\nUser guidance (follow it):\n{guidance}\n\
-         Max depth: {depth}. Tokens used: {used} of {budget}.\n\nDone steps (newest first):\n{done}\n\n\
-         Failed steps:\n{failed}\n\nNewest notes:\n{notes}\n\nNothing is pending, running or waiting. What next?",
-        goal = state["goal"].as_str().unwrap_or_default(),
+        "Goal: {goal}\nScope (stay within it): {scope}\nStrategy: {strategy}\nProgress: {progress}\n\
+         User guidance (follow it):\n{guidance}\n\
+         Max depth: {depth}. Tokens used: {used} of {budget}.\n\n\
+         Done steps (newest first):\n{done}\n\nFailed steps:\n{failed}\n\nOpen steps:\n{open}\n\n\
+         Duplicate warnings:\n{duplicates}\n\nNewest notes:\n{notes}\n\n\
+         Nothing is pending, running or waiting. What next?",
+        goal = text(&state["goal"]),
+        scope = state["scope"].as_str().unwrap_or("(not limited)"),
         strategy = state["strategy"].as_str().unwrap_or("(none yet)"),
         progress = state["progress"].as_str().unwrap_or("(none yet)"),
-        guidance = if guidance.is_empty() { "(none)".into() } else { guidance.join("\n") },
+        guidance = list("guidance", &guidance),
         depth = state["max_depth"],
         used = state["tokens_used"],
-        budget = state["token_budget"].as_i64().map(|b| b.to_string()).unwrap_or_else(|| "unlimited".into()),
-        done = pick("done").join("\n"),
-        failed = pick("failed").join("\n"),
-        notes = notes.join("\n"),
+        budget = state["token_budget"]
+            .as_i64()
+            .map(|b| b.to_string())
+            .unwrap_or_else(|| "unlimited".into()),
+        done = list("done", &step),
+        failed = list("failed", &failed),
+        open = list("open", &open),
+        duplicates = list("duplicates", &duplicate),
+        notes = list("recent_notes", &note),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_prompt_shows_scope_and_duplicate_warnings() {
+        let prompt = planner_prompt(&json!({
+            "goal": "ship it", "scope": "only the docs folder", "max_depth": 4, "tokens_used": 0,
+            "done": [{"id": 1, "action": "write intro"}],
+            "duplicates": [{"step_id": 3, "action": "write intro", "status": "pending",
+                            "duplicate_of": 1, "duplicate_status": "done"}]
+        }));
+        assert!(prompt.contains("Scope (stay within it): only the docs folder"), "{prompt}");
+        assert!(prompt.contains("step 3 (write intro, pending) repeats step 1 (done)"), "{prompt}");
+        assert!(prompt.contains("Failed steps:\n(none)"), "{prompt}");
+    }
 }

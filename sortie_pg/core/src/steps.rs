@@ -500,8 +500,26 @@ fn dep_refs(object: &Map<String, Value>, path: &str) -> RuleResult<Vec<DepRef>> 
 /// Replaces `{item}` and `{item.path.to.field}` in every string of `template` with the item's
 /// values. A string that is exactly one placeholder takes the value itself (keeping its JSON
 /// type); inside longer text, strings are inserted as they are and other values as JSON.
+///
+/// A `for_each` nested in the template keeps its own `template` untouched: there `{item}` is
+/// the inner loop's item (SPEC §13). The outer item reaches the inner loop through the inner
+/// loop's other fields (its `items`, `action`, `collect`), which are substituted here.
 fn substitute(template: &Value, item: &Value, path: &str) -> RuleResult<Value> {
     Ok(match template {
+        Value::Object(map) if map.get("step_type").and_then(Value::as_str) == Some("for_each") => {
+            Value::Object(
+                map.iter()
+                    .map(|(k, v)| {
+                        let value = if k == "template" {
+                            v.clone()
+                        } else {
+                            substitute(v, item, path)?
+                        };
+                        Ok((k.clone(), value))
+                    })
+                    .collect::<RuleResult<Map<_, _>>>()?,
+            )
+        }
         Value::String(s) => substitute_text(s, item, path)?,
         Value::Array(list) => Value::Array(
             list.iter()
@@ -569,24 +587,48 @@ fn lookup<'a>(item: &'a Value, field_path: &str, path: &str) -> RuleResult<&'a V
     Ok(current)
 }
 
-/// Refuses any set of steps that could never all finish. Each step has a start and an end
-/// event; a dependency orders dep.end before start, a compound step's start comes before its
-/// children's and its end after theirs. A cycle among these events is a deadlock — which also
-/// catches a step depending on its own ancestor or descendant.
+/// Refuses any set of steps that could never all finish (see [`wait_cycle`]).
 fn find_cycle(nodes: &[FlatStep]) -> RuleResult<()> {
-    let n = nodes.len();
+    let parents: Vec<Option<usize>> = nodes.iter().map(|n| n.parent).collect();
+    let deps: Vec<(usize, usize)> = nodes
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| n.local_deps.iter().map(move |&dep| (i, dep)))
+        .collect();
+    match wait_cycle(&parents, &deps) {
+        None => Ok(()),
+        Some(i) => {
+            let node = &nodes[i];
+            let name = node
+                .key
+                .clone()
+                .unwrap_or_else(|| node.action.chars().take(60).collect());
+            Err(RuleError::cycle(format!(
+                "the dependencies form a cycle through step '{name}': no order can run them all"
+            )))
+        }
+    }
+}
+
+/// A step on a cycle of waits, if there is one. Steps are indexes `0..parents.len()`;
+/// `parents[i]` is step i's compound parent, `deps` are `(step, depends_on)` pairs. Each step
+/// has a start and an end event; a dependency orders dep.end before start, a compound step's
+/// start comes before its children's and its end after theirs. A cycle among these events is a
+/// deadlock — which also catches a step depending on its own ancestor or descendant.
+pub fn wait_cycle(parents: &[Option<usize>], deps: &[(usize, usize)]) -> Option<usize> {
+    let n = parents.len();
     let start = |i: usize| 2 * i;
     let end = |i: usize| 2 * i + 1;
     let mut edges: Vec<Vec<usize>> = vec![Vec::new(); 2 * n];
-    for (i, node) in nodes.iter().enumerate() {
+    for (i, parent) in parents.iter().enumerate() {
         edges[start(i)].push(end(i));
-        for &dep in &node.local_deps {
-            edges[end(dep)].push(start(i));
-        }
-        if let Some(parent) = node.parent {
+        if let Some(parent) = *parent {
             edges[start(parent)].push(start(i));
             edges[end(i)].push(end(parent));
         }
+    }
+    for &(step, dep) in deps {
+        edges[end(dep)].push(start(step));
     }
     // Iterative three-colour DFS: deep nesting must not overflow the stack.
     let mut colour = vec![0u8; 2 * n];
@@ -604,16 +646,7 @@ fn find_cycle(nodes: &[FlatStep]) -> RuleResult<()> {
                         colour[to] = 1;
                         stack.push((to, 0));
                     }
-                    1 => {
-                        let node = &nodes[to / 2];
-                        let name = node
-                            .key
-                            .clone()
-                            .unwrap_or_else(|| node.action.chars().take(60).collect());
-                        return Err(RuleError::cycle(format!(
-                            "the dependencies form a cycle through step '{name}': no order can run them all"
-                        )));
-                    }
+                    1 => return Some(to / 2),
                     _ => {}
                 }
             } else {
@@ -622,7 +655,7 @@ fn find_cycle(nodes: &[FlatStep]) -> RuleResult<()> {
             }
         }
     }
-    Ok(())
+    None
 }
 
 #[cfg(test)]

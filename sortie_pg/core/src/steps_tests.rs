@@ -77,6 +77,47 @@ fn for_each_with_collect_becomes_fan_out_then_collect() {
 }
 
 #[test]
+fn a_nested_for_each_substitutes_its_own_item_in_its_template() {
+    let e = expand(&json!([{"step_type": "for_each", "action": "outer", "items": ["A", "B"],
+        "template": {"step_type": "for_each", "action": "inner {item}", "items": ["x", "y"],
+                     "template": {"action": "do {item}"}}}]))
+    .unwrap();
+    let atomic: Vec<&str> = e
+        .nodes
+        .iter()
+        .filter(|n| n.step_type == StepType::Atomic)
+        .map(|n| n.action.as_str())
+        .collect();
+    assert_eq!(atomic, ["do x", "do y", "do x", "do y"]);
+    let inner: Vec<&str> = e
+        .nodes
+        .iter()
+        .filter(|n| n.level == 1)
+        .map(|n| n.action.as_str())
+        .collect();
+    assert_eq!(inner, ["inner A", "inner B"], "the inner loop's own fields take the outer item");
+}
+
+#[test]
+fn the_outer_item_reaches_a_nested_loop_through_its_items_and_collect() {
+    let e = expand(&json!([{"step_type": "for_each", "action": "outer", "items": ["A", "B"],
+        "template": {"step_type": "sequence", "action": "per {item}", "steps": [
+            {"step_type": "for_each", "action": "inner", "items": ["{item}/x", "{item}/y"],
+             "template": {"action": "do {item}"}, "collect": {"action": "merge {item}"}}]}}]))
+    .unwrap();
+    let atomic: Vec<&str> = e
+        .nodes
+        .iter()
+        .filter(|n| n.step_type == StepType::Atomic)
+        .map(|n| n.action.as_str())
+        .collect();
+    assert_eq!(
+        atomic,
+        ["do A/x", "do A/y", "merge A", "do B/x", "do B/y", "merge B"]
+    );
+}
+
+#[test]
 fn a_missing_item_field_is_refused() {
     let r = expand(
         &json!([{"step_type": "for_each", "action": "e", "items": [{"a": 1}],
