@@ -84,7 +84,7 @@ impl Db {
         let row = client
             .query_one(&statement, params)
             .await
-            .map_err(DbError::from)?;
+            .map_err(DbError::after_sent)?;
         Ok(row.get::<_, Option<Value>>(0).unwrap_or(Value::Null))
     }
 
@@ -103,7 +103,7 @@ impl Db {
         let row = client
             .query_one(&statement, params)
             .await
-            .map_err(DbError::from)?;
+            .map_err(DbError::after_sent)?;
         Ok(row.get::<_, Option<Value>>(0).unwrap_or(Value::Null))
     }
 
@@ -198,6 +198,23 @@ impl DbError {
         DbError {
             code: "unavailable".into(),
             message: format!("the database is not reachable ({e}); retry shortly"),
+        }
+    }
+
+    /// An error of a call that was already sent (SPEC §14): when the connection was lost, the
+    /// call may have committed before its reply was lost, so it is `in_doubt`, never
+    /// `unavailable` (which says it did not happen). The rules' own refusals keep their codes.
+    pub fn after_sent(e: tokio_postgres::Error) -> DbError {
+        let error = DbError::from(e);
+        if error.code != "unavailable" {
+            return error;
+        }
+        DbError {
+            code: "in_doubt".into(),
+            message: format!(
+                "in_doubt: the connection to the database was lost after the call was sent ({}); it may have taken effect; repeat it with the same request_id",
+                error.message
+            ),
         }
     }
 }

@@ -51,7 +51,16 @@ async fn authorize(expected: &str, request: Request, next: Next) -> Response {
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     if !presented.is_some_and(|p| constant_time_eq(p.as_bytes(), expected.as_bytes())) {
-        return (StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n").into_response();
+        // RFC 6750 §3: a 401 names the scheme the client must use (SPEC §14).
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(
+                axum::http::header::WWW_AUTHENTICATE,
+                "Bearer realm=\"sortie-mcp\"",
+            )],
+            "missing or wrong bearer token\n",
+        )
+            .into_response();
     }
     next.run(request).await
 }

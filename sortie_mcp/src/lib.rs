@@ -11,6 +11,7 @@ pub mod http;
 pub mod llm;
 pub mod runner;
 pub mod tools;
+pub mod transport;
 pub mod view;
 pub mod workflows;
 

@@ -63,6 +63,11 @@ extension_sql_file!(
     requires = ["core"]
 );
 extension_sql_file!(
+    "../../sql/engine/idempotency.sql",
+    name = "idempotency",
+    requires = ["core"]
+);
+extension_sql_file!(
     "../../sql/engine/observe.sql",
     name = "observe",
     requires = ["core", "updates", "campaigns"]

@@ -143,17 +143,30 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION add_steps(campaign_id uuid, steps jsonb) RETURNS jsonb
+CREATE FUNCTION add_steps(campaign_id uuid, steps jsonb, request_id text DEFAULT NULL) RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
 DECLARE
-    v_expansion jsonb := unwrap(expand_steps(steps));
-    c campaigns := lock_campaign(campaign_id);
+    v_expansion jsonb;
+    c campaigns;
 BEGIN
+    -- SPEC §14: a repeat with the same request_id returns the first result (idempotency.sql).
+    IF request_id IS NOT NULL THEN
+        RETURN coalesce(_replay(request_id, 'add_steps', jsonb_build_object('campaign_id', campaign_id, 'steps', steps)),
+                        _keep(request_id, 'add_steps', jsonb_build_object('campaign_id', campaign_id, 'steps', steps),
+                              add_steps(campaign_id => campaign_id, steps => steps)));
+    END IF;
+    v_expansion := unwrap(expand_steps(steps));
+    c := lock_campaign(campaign_id);
     IF c.status NOT IN ('active', 'paused') THEN
         PERFORM raise('invalid_state', format('campaign %s is %s; steps can only be added to an active or paused campaign',
                                               c.id, c.status));
+    END IF;
+    -- SPEC §13: the plan delay held the planner off until the coordinator's first steps; they
+    -- are here, so once they drain the planner may follow at once.
+    IF c.next_action_at > clock() AND NOT has_had_steps(c.id) THEN
+        UPDATE campaigns SET next_action_at = clock() WHERE id = c.id;
     END IF;
     RETURN insert_steps(c, v_expansion, NULL, 0);
 END

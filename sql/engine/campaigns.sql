@@ -34,7 +34,8 @@ CREATE FUNCTION create_campaign(
     planner text DEFAULT 'llm',
     failure_policy text DEFAULT 'continue',
     context jsonb DEFAULT '{}',
-    steps jsonb DEFAULT NULL)
+    steps jsonb DEFAULT NULL,
+    request_id text DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
@@ -43,7 +44,26 @@ DECLARE
     c campaigns;
     v_expansion jsonb;
     v_steps jsonb;
+    v_arguments jsonb;
 BEGIN
+    -- SPEC §14: a repeat with the same request_id returns the first result (idempotency.sql).
+    IF request_id IS NOT NULL THEN
+        v_arguments := jsonb_build_object('goal', goal, 'name', name, 'channel', channel, 'priority', priority,
+            'max_depth', max_depth, 'token_budget', token_budget, 'dry_run', dry_run, 'success_metric', success_metric,
+            'success_target', success_target, 'success_direction', success_direction,
+            'benchmark_command', benchmark_command, 'scope', scope, 'max_iterations', max_iterations,
+            'max_parallel', max_parallel, 'planner', planner, 'failure_policy', failure_policy,
+            'context', context, 'steps', steps);
+        RETURN coalesce(_replay(request_id, 'create_campaign', v_arguments),
+                        _keep(request_id, 'create_campaign', v_arguments, create_campaign(
+                            goal => goal, name => name, channel => channel, priority => priority,
+                            max_depth => max_depth, token_budget => token_budget, dry_run => dry_run,
+                            success_metric => success_metric, success_target => success_target,
+                            success_direction => success_direction, benchmark_command => benchmark_command,
+                            scope => scope, max_iterations => max_iterations, max_parallel => max_parallel,
+                            planner => planner, failure_policy => failure_policy, context => context,
+                            steps => steps)));
+    END IF;
     IF goal IS NULL OR btrim(goal) = '' THEN
         PERFORM raise('invalid_argument', 'goal is required: say what the campaign should accomplish');
     END IF;
@@ -153,23 +173,40 @@ AS $$
         'depends_on', (SELECT jsonb_agg(d.depends_on ORDER BY d.depends_on) FROM step_dependencies d WHERE d.step_id = s.id)));
 $$;
 
-CREATE FUNCTION get_campaign(id uuid, steps_limit integer DEFAULT 500) RETURNS jsonb
+-- Steps come a page at a time in id order (SPEC §14): `steps_cursor` is the
+-- `next_steps_cursor` of the page before, absent on the last page.
+CREATE FUNCTION get_campaign(id uuid, steps_limit integer DEFAULT 500, steps_cursor text DEFAULT NULL) RETURNS jsonb
 LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
 AS $$
 DECLARE
     c campaigns;
+    v_after bigint;
+    v_limit integer := least(greatest(coalesce(steps_limit, 500), 1), 5000);
+    v_steps jsonb;
 BEGIN
+    IF steps_cursor IS NOT NULL THEN
+        BEGIN
+            v_after := steps_cursor::bigint;
+        EXCEPTION WHEN others THEN
+            PERFORM raise('invalid_argument', 'steps_cursor is not one get_campaign returned');
+        END;
+    END IF;
     SELECT * INTO c FROM campaigns WHERE campaigns.id = get_campaign.id;
     IF NOT FOUND THEN
         PERFORM raise('not_found', format('campaign %s does not exist', get_campaign.id));
     END IF;
+    SELECT coalesce(jsonb_agg(step_row(s) ORDER BY s.id), '[]') INTO v_steps
+      FROM (SELECT * FROM steps
+             WHERE campaign_id = c.id AND (v_after IS NULL OR steps.id > v_after)
+             ORDER BY steps.id
+             LIMIT v_limit + 1) s;
     RETURN campaign_summary(c) || jsonb_build_object(
         'step_counts', (SELECT coalesce(jsonb_object_agg(status, n), '{}')
                           FROM (SELECT status, count(*) AS n FROM steps WHERE campaign_id = c.id GROUP BY status) t),
-        'steps', (SELECT coalesce(jsonb_agg(step_row(s) ORDER BY s.id), '[]')
-                    FROM (SELECT * FROM steps WHERE campaign_id = c.id ORDER BY id
-                          LIMIT least(greatest(coalesce(steps_limit, 500), 1), 5000)) s),
+        'steps', CASE WHEN jsonb_array_length(v_steps) > v_limit THEN v_steps - v_limit ELSE v_steps END,
+        'next_steps_cursor', CASE WHEN jsonb_array_length(v_steps) > v_limit
+                                  THEN (v_steps -> (v_limit - 1) ->> 'id') END,
         'recent_notes', (SELECT coalesce(jsonb_agg(jsonb_build_object('id', n.id, 'step_id', n.step_id, 'agent', n.agent,
                                     'content', left(n.content, 500), 'tags', n.tags, 'created_at', n.created_at)
                                     ORDER BY n.id DESC), '[]')
@@ -178,13 +215,19 @@ END
 $$;
 
 -- User guidance is appended, never replaced by the planner (SPEC §12).
-CREATE FUNCTION steer_campaign(id uuid, guidance text) RETURNS jsonb
+CREATE FUNCTION steer_campaign(id uuid, guidance text, request_id text DEFAULT NULL) RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
 DECLARE
     c campaigns := lock_campaign(id);
 BEGIN
+    -- SPEC §14: a repeat with the same request_id returns the first result (idempotency.sql).
+    IF request_id IS NOT NULL THEN
+        RETURN coalesce(_replay(request_id, 'steer_campaign', jsonb_build_object('id', id, 'guidance', guidance)),
+                        _keep(request_id, 'steer_campaign', jsonb_build_object('id', id, 'guidance', guidance),
+                              steer_campaign(id => id, guidance => guidance)));
+    END IF;
     IF guidance IS NULL OR btrim(guidance) = '' THEN
         PERFORM raise('invalid_argument', 'guidance is empty: say what should change');
     END IF;

@@ -2,7 +2,8 @@
 -- column is stored now so that notes written today are searchable later.
 
 CREATE FUNCTION add_note(campaign_id uuid, content text, tags text[] DEFAULT '{}', step_id bigint DEFAULT NULL,
-                         agent text DEFAULT NULL, embedding vector DEFAULT NULL, embedding_model text DEFAULT NULL)
+                         agent text DEFAULT NULL, embedding vector DEFAULT NULL, embedding_model text DEFAULT NULL,
+                         request_id text DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
@@ -10,7 +11,18 @@ AS $$
 #variable_conflict use_variable
 DECLARE
     v_id bigint;
+    v_arguments jsonb;
 BEGIN
+    -- SPEC §14: a repeat with the same request_id returns the first result (idempotency.sql).
+    -- The embedding is not compared: the same text embeds the same way.
+    IF request_id IS NOT NULL THEN
+        v_arguments := jsonb_build_object('campaign_id', campaign_id, 'content', content, 'tags', tags,
+                                          'step_id', step_id, 'agent', agent);
+        RETURN coalesce(_replay(request_id, 'add_note', v_arguments),
+                        _keep(request_id, 'add_note', v_arguments, add_note(
+                            campaign_id => campaign_id, content => content, tags => tags, step_id => step_id,
+                            agent => agent, embedding => embedding, embedding_model => embedding_model)));
+    END IF;
     IF content IS NULL OR btrim(content) = '' THEN
         PERFORM raise('invalid_argument', 'content is empty: write what you found');
     END IF;
@@ -86,21 +98,35 @@ END
 $$;
 
 -- Newest first (SPEC §12: never oldest-first). `tags` matches any of them.
+-- Paged (SPEC §14): `cursor` is the `next_cursor` of the page before. With `preview_chars`
+-- each content is cut to that many characters and `content_chars` gives its whole length.
 CREATE FUNCTION get_notes(campaign_id uuid, tags text[] DEFAULT NULL, step_id bigint DEFAULT NULL,
-                          "limit" integer DEFAULT 50)
+                          "limit" integer DEFAULT 50, cursor text DEFAULT NULL, preview_chars integer DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE sql STABLE
 SET search_path FROM CURRENT
 AS $$
-    SELECT jsonb_build_object('notes', coalesce(jsonb_agg(jsonb_build_object(
-               'id', n.id, 'step_id', n.step_id, 'agent', n.agent, 'content', n.content, 'tags', n.tags,
-               'created_at', n.created_at) ORDER BY n.id DESC), '[]'))
-      FROM (SELECT * FROM notes n
-             WHERE n.campaign_id = $1
-               AND ($2 IS NULL OR n.tags && $2)
-               AND ($3 IS NULL OR n.step_id = $3)
-             ORDER BY n.id DESC
-             LIMIT least(greatest(coalesce($4, 50), 1), 500)) n;
+    WITH page AS (
+        SELECT * FROM notes n
+         WHERE n.campaign_id = $1
+           AND ($2 IS NULL OR n.tags && $2)
+           AND ($3 IS NULL OR n.step_id = $3)
+           AND ($5 IS NULL OR n.id < CASE WHEN $5 ~ '^[0-9]{1,18}$' THEN $5::bigint END)
+         ORDER BY n.id DESC
+         LIMIT least(greatest(coalesce($4, 50), 1), 500) + 1),
+    shown AS (
+        SELECT * FROM page ORDER BY id DESC LIMIT least(greatest(coalesce($4, 50), 1), 500))
+    SELECT jsonb_build_object(
+        'notes', coalesce((SELECT jsonb_agg(jsonb_build_object(
+               'id', n.id, 'step_id', n.step_id, 'agent', n.agent,
+               'content', CASE WHEN $6 IS NULL THEN n.content ELSE left(n.content, greatest($6, 1)) END,
+               'tags', n.tags, 'created_at', n.created_at)
+               || CASE WHEN $6 IS NULL THEN '{}'::jsonb
+                       ELSE jsonb_build_object('content_chars', length(n.content),
+                                               'truncated', length(n.content) > greatest($6, 1)) END
+               ORDER BY n.id DESC) FROM shown n), '[]'),
+        'next_cursor', CASE WHEN (SELECT count(*) FROM page) > least(greatest(coalesce($4, 50), 1), 500)
+                            THEN (SELECT min(id) FROM shown)::text END);
 $$;
 
 -- Search (SPEC §8): full-text rank fused with pgvector cosine distance by reciprocal rank

@@ -91,6 +91,10 @@ BEGIN
                 'message', format('step %s was skipped (%s) while you worked; your output was kept for the record',
                                   s.id, coalesce(s.error, s.skip_cause)));
         END IF;
+        -- SPEC §14: the claim that completed the step, repeating itself, gets its first answer.
+        IF _finished_claim(s.id, claim_token, 'complete_step') IS NOT NULL THEN
+            RETURN _finished_claim(s.id, claim_token, 'complete_step');
+        END IF;
         PERFORM check_claim(s, claim_token, 'complete_step');
         PERFORM raise('invalid_state', format('step %s cannot be completed', s.id));
     END IF;
@@ -111,8 +115,9 @@ BEGIN
         END IF;
         SELECT status INTO v_status FROM campaigns WHERE id = v_campaign;
     END IF;
-    RETURN jsonb_build_object('step_id', step_id, 'status', 'done', 'accepted', true,
-                              'campaign_status', v_status);
+    RETURN _keep_finished_claim(step_id, claim_token, 'complete_step',
+                                jsonb_build_object('step_id', step_id, 'status', 'done', 'accepted', true,
+                                                   'campaign_status', v_status));
 END
 $$;
 
@@ -122,12 +127,19 @@ SET search_path FROM CURRENT
 AS $$
 #variable_conflict use_variable
 DECLARE
-    s steps := lock_claimed_step(step_id, claim_token, 'fail_step');
-    v_now text := attempt_failed(s, coalesce(nullif(error, ''), 'failed without a reason'));
+    -- SPEC §14: the claim that failed the step, repeating itself, gets its first answer.
+    v_replay jsonb := _finished_claim(step_id, claim_token, 'fail_step');
+    s steps;
+    v_now text;
 BEGIN
-    RETURN jsonb_build_object('step_id', s.id, 'status', v_now, 'attempts', s.attempts + 1,
-        'max_attempts', s.max_attempts, 'will_retry', v_now = 'pending',
-        'not_before', (SELECT not_before FROM steps WHERE id = s.id AND status = 'pending'));
+    IF v_replay IS NOT NULL THEN
+        RETURN v_replay;
+    END IF;
+    s := lock_claimed_step(step_id, claim_token, 'fail_step');
+    v_now := attempt_failed(s, coalesce(nullif(error, ''), 'failed without a reason'));
+    RETURN _keep_finished_claim(s.id, claim_token, 'fail_step', jsonb_build_object('step_id', s.id, 'status', v_now,
+        'attempts', s.attempts + 1, 'max_attempts', s.max_attempts, 'will_retry', v_now = 'pending',
+        'not_before', (SELECT not_before FROM steps WHERE id = s.id AND status = 'pending')));
 END
 $$;
 
@@ -158,7 +170,7 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION provide_input(id uuid, step_id bigint, answer text) RETURNS jsonb
+CREATE FUNCTION provide_input(id uuid, step_id bigint, answer text, request_id text DEFAULT NULL) RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
@@ -167,6 +179,12 @@ DECLARE
     c campaigns := lock_campaign(id);
     s steps;
 BEGIN
+    -- SPEC §14: a repeat with the same request_id returns the first result (idempotency.sql).
+    IF request_id IS NOT NULL THEN
+        RETURN coalesce(_replay(request_id, 'provide_input', jsonb_build_object('id', id, 'step_id', step_id, 'answer', answer)),
+                        _keep(request_id, 'provide_input', jsonb_build_object('id', id, 'step_id', step_id, 'answer', answer),
+                              provide_input(id => id, step_id => step_id, answer => answer)));
+    END IF;
     IF answer IS NULL OR btrim(answer) = '' THEN
         PERFORM raise('invalid_argument', 'answer is empty');
     END IF;
@@ -189,14 +207,15 @@ $$;
 -- become its children, and a continuation at its own place waits for them and takes over
 -- everything that waited for it.
 CREATE FUNCTION spawn_and_continue(step_id bigint, claim_token uuid, subtasks jsonb, continuation jsonb,
-                                   partial_output text DEFAULT '')
+                                   partial_output text DEFAULT '', request_id text DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
 #variable_conflict use_variable
 DECLARE
-    s steps := lock_claimed_step(step_id, claim_token, 'spawn_and_continue');
+    s steps;
+    v_arguments jsonb;
     c campaigns;
     v_expansion jsonb;
     v_spawned jsonb;
@@ -206,6 +225,16 @@ DECLARE
     v_cont_input jsonb;
     v_cont bigint;
 BEGIN
+    -- SPEC §14: a repeat with the same request_id returns the first result (idempotency.sql).
+    IF request_id IS NOT NULL THEN
+        v_arguments := jsonb_build_object('step_id', step_id, 'claim_token', claim_token, 'subtasks', subtasks,
+                                          'continuation', continuation, 'partial_output', partial_output);
+        RETURN coalesce(_replay(request_id, 'spawn_and_continue', v_arguments),
+                        _keep(request_id, 'spawn_and_continue', v_arguments, spawn_and_continue(
+                            step_id => step_id, claim_token => claim_token, subtasks => subtasks,
+                            continuation => continuation, partial_output => partial_output)));
+    END IF;
+    s := lock_claimed_step(step_id, claim_token, 'spawn_and_continue');
     SELECT * INTO c FROM campaigns WHERE id = s.campaign_id;
     IF subtasks IS NULL OR jsonb_typeof(subtasks) <> 'array' OR jsonb_array_length(subtasks) = 0 THEN
         PERFORM raise('invalid_argument', 'subtasks must list at least one step; to finish alone, call complete_step');

@@ -107,7 +107,7 @@ $$;
 -- Starts an instance of a loaded definition (by hash), or loads the given definition and starts
 -- it in the same transaction.
 CREATE FUNCTION start_workflow(workflow_name text, workflow_hash text DEFAULT NULL, context jsonb DEFAULT '{}',
-                               definition jsonb DEFAULT NULL) RETURNS jsonb
+                               definition jsonb DEFAULT NULL, request_id text DEFAULT NULL) RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
@@ -117,6 +117,14 @@ DECLARE
     v_first text;
     c campaigns;
 BEGIN
+    -- SPEC §14: a repeat with the same request_id returns the first result (idempotency.sql).
+    -- The definition is not compared: the folder may have been edited between the two calls.
+    IF request_id IS NOT NULL THEN
+        RETURN coalesce(_replay(request_id, 'start_workflow', jsonb_build_object('workflow_name', workflow_name, 'context', context)),
+                        _keep(request_id, 'start_workflow', jsonb_build_object('workflow_name', workflow_name, 'context', context),
+                              start_workflow(workflow_name => workflow_name, workflow_hash => workflow_hash,
+                                             context => context, definition => definition)));
+    END IF;
     IF definition IS NOT NULL THEN
         v_hash := load_workflow(workflow_name, definition) ->> 'hash';
         IF workflow_hash IS NOT NULL AND workflow_hash <> v_hash THEN
@@ -236,14 +244,26 @@ $$;
 
 -- One transaction under the instance's row lock: the report must be for the current step, so
 -- two clients advancing from the same step move the instance once (the second is refused).
-CREATE FUNCTION advance_workflow(instance_id uuid, report jsonb, context_updates jsonb DEFAULT '{}', next_step text DEFAULT NULL)
+CREATE FUNCTION advance_workflow(instance_id uuid, report jsonb, context_updates jsonb DEFAULT '{}', next_step text DEFAULT NULL,
+                                 request_id text DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
 DECLARE
-    c campaigns := lock_active_workflow(instance_id, report, context_updates);
+    c campaigns;
+    v_arguments jsonb := jsonb_build_object('instance_id', instance_id, 'report', report,
+                                            'context_updates', context_updates);
 BEGIN
+    -- SPEC §14: a repeat with the same request_id returns the first result (idempotency.sql).
+    -- next_step is not compared: the server may have had the planner pick it.
+    IF request_id IS NOT NULL THEN
+        RETURN coalesce(_replay(request_id, 'advance_workflow', v_arguments),
+                        _keep(request_id, 'advance_workflow', v_arguments, advance_workflow(
+                            instance_id => instance_id, report => report, context_updates => context_updates,
+                            next_step => next_step)));
+    END IF;
+    c := lock_active_workflow(instance_id, report, context_updates);
     IF report IS NULL OR jsonb_typeof(report -> 'step_id') IS DISTINCT FROM 'string' THEN
         PERFORM raise('invalid_argument', format('report.step_id is required: the name of the step reported on (now %L)', c.workflow_step));
     END IF;

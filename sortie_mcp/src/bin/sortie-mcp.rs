@@ -26,7 +26,10 @@ async fn main() -> anyhow::Result<()> {
         return sortie_mcp::http::serve(server, addr, std::env::var("SORTIE_HTTP_TOKEN").ok())
             .await;
     }
-    let service = server.serve(rmcp::transport::stdio()).await?;
+    // Sortie's own framing: every request line is answered, even one rmcp could not decode.
+    let service = server
+        .serve(sortie_mcp::transport::LineTransport::stdio())
+        .await?;
     service.waiting().await?;
     Ok(())
 }

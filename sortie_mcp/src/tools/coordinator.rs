@@ -8,15 +8,17 @@ use serde::Deserialize;
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::SortieServer;
+use super::{schemas, SortieServer};
 
 #[derive(Debug, Deserialize, JsonSchema)]
 pub struct CreateCampaign {
     /// What this campaign should accomplish.
     pub goal: String,
     /// Short display name; generated from the goal when omitted.
+    #[schemars(length(max = 200))]
     pub name: Option<String>,
     /// Notification channel (for example a Discord channel) for milestones and the end.
+    #[schemars(length(max = 200))]
     pub channel: Option<String>,
     /// urgent, high, normal (default), low or background: its share of dispatch slots.
     pub priority: Option<String>,
@@ -28,6 +30,7 @@ pub struct CreateCampaign {
     #[serde(default)]
     pub dry_run: bool,
     /// Metric name workers report with notes tagged metric:<name> (for check_success).
+    #[schemars(length(max = 200))]
     pub success_metric: Option<String>,
     /// Value the metric must reach.
     pub success_target: Option<f64>,
@@ -46,7 +49,13 @@ pub struct CreateCampaign {
     /// continue (default) or fail_fast: whether one failure fails the siblings and parent at once.
     pub failure_policy: Option<String>,
     /// Initial steps, in the add_steps format.
+    #[serde(default)]
+    #[schemars(schema_with = "schemas::step_list")]
     pub steps: Option<Value>,
+    /// Optional: your name for this request (at most 200 characters). Repeating the call with the same
+    /// request_id returns the first result with replayed: true and changes nothing; use it when you retry.
+    #[schemars(length(max = 200))]
+    pub request_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -66,6 +75,16 @@ pub struct CampaignId {
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
+pub struct GetCampaign {
+    /// Campaign UUID.
+    pub id: Uuid,
+    /// Steps per page (default 100, at most 500), in id order.
+    pub steps_limit: Option<i32>,
+    /// next_steps_cursor from the previous page.
+    pub steps_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
 pub struct GetUpdates {
     /// Campaign UUID; omit for updates across all campaigns.
     pub id: Option<Uuid>,
@@ -79,6 +98,10 @@ pub struct SteerCampaign {
     pub id: Uuid,
     /// New direction, constraints or focus; kept beside the planner's strategy, never overwritten.
     pub guidance: String,
+    /// Optional: your name for this request (at most 200 characters). Repeating the call with the same
+    /// request_id returns the first result with replayed: true and changes nothing; use it when you retry.
+    #[schemars(length(max = 200))]
+    pub request_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -97,6 +120,10 @@ pub struct ProvideInput {
     pub step_id: i64,
     /// Your decision or the information the worker asked for.
     pub answer: String,
+    /// Optional: your name for this request (at most 200 characters). Repeating the call with the same
+    /// request_id returns the first result with replayed: true and changes nothing; use it when you retry.
+    #[schemars(length(max = 200))]
+    pub request_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -108,7 +135,12 @@ pub struct AddSteps {
     /// {step_type: "parallel_group", action, children: [...], completion_threshold?},
     /// {step_type: "for_each", action, items: [...], template: {step with {item} / {item.field}}, collect?: {step}}.
     /// depends_on holds keys of steps in this call (strings) or ids of existing steps (integers).
+    #[schemars(schema_with = "schemas::step_list")]
     pub steps: Value,
+    /// Optional: your name for this request (at most 200 characters). Repeating the call with the same
+    /// request_id returns the first result with replayed: true and changes nothing; use it when you retry.
+    #[schemars(length(max = 200))]
+    pub request_id: Option<String>,
 }
 
 #[tool_router(router = coordinator_router, vis = "pub(super)")]
@@ -128,10 +160,10 @@ Next: add_steps to give it a DAG (or let the planner grow one), then get_updates
              max_depth => coalesce($5, 4), token_budget => $6, dry_run => $7, success_metric => $8, \
              success_target => $9, success_direction => coalesce($10, 'max'), benchmark_command => $11, scope => $12, \
              max_iterations => $13, max_parallel => $14, planner => coalesce($15, 'llm'), \
-             failure_policy => coalesce($16, 'continue'), steps => $17)",
+             failure_policy => coalesce($16, 'continue'), steps => $17, request_id => $18)",
             &[&p.goal, &p.name, &p.channel, &p.priority, &p.max_depth, &p.token_budget, &p.dry_run, &p.success_metric,
               &p.success_target, &p.success_direction, &p.benchmark_command, &p.scope, &p.max_iterations,
-              &p.max_parallel, &p.planner, &p.failure_policy, &p.steps],
+              &p.max_parallel, &p.planner, &p.failure_policy, &p.steps, &p.request_id],
         )
         .await
     }
@@ -150,11 +182,17 @@ priority, progress, open_steps}], next_cursor}; pass next_cursor back for the ne
     }
 
     #[tool(
-        description = "Full campaign state: goal, strategy, guidance, progress, counters, the step tree and the newest notes.",
+        description = "Full campaign state: goal, strategy, guidance, progress, counters, one page of the step tree \
+(steps_limit, default 100) and the newest notes. When next_steps_cursor is set, pass it as steps_cursor for the next page.",
         annotations(read_only_hint = true, idempotent_hint = true)
     )]
-    async fn get_campaign(&self, Parameters(p): Parameters<CampaignId>) -> CallToolResult {
-        self.call("get_campaign(id => $1)", &[&p.id]).await
+    async fn get_campaign(&self, Parameters(p): Parameters<GetCampaign>) -> CallToolResult {
+        let limit = p.steps_limit.unwrap_or(100).clamp(1, 500);
+        self.call(
+            "get_campaign(id => $1, steps_limit => $2, steps_cursor => $3)",
+            &[&p.id, &limit, &p.steps_cursor],
+        )
+        .await
     }
 
     #[tool(
@@ -182,8 +220,8 @@ campaign events, and every step waiting for your input. Omit id for all campaign
     )]
     async fn steer_campaign(&self, Parameters(p): Parameters<SteerCampaign>) -> CallToolResult {
         self.call(
-            "steer_campaign(id => $1, guidance => $2)",
-            &[&p.id, &p.guidance],
+            "steer_campaign(id => $1, guidance => $2, request_id => $3)",
+            &[&p.id, &p.guidance, &p.request_id],
         )
         .await
     }
@@ -239,8 +277,8 @@ again with its original input, the question and your answer.",
     )]
     async fn provide_input(&self, Parameters(p): Parameters<ProvideInput>) -> CallToolResult {
         self.call(
-            "provide_input(id => $1, step_id => $2, answer => $3)",
-            &[&p.id, &p.step_id, &p.answer],
+            "provide_input(id => $1, step_id => $2, answer => $3, request_id => $4)",
+            &[&p.id, &p.step_id, &p.answer, &p.request_id],
         )
         .await
     }
@@ -266,8 +304,8 @@ call is validated first; unknown types, missing actions, unknown dependencies an
     )]
     async fn add_steps(&self, Parameters(p): Parameters<AddSteps>) -> CallToolResult {
         self.call(
-            "add_steps(campaign_id => $1, steps => $2)",
-            &[&p.campaign_id, &p.steps],
+            "add_steps(campaign_id => $1, steps => $2, request_id => $3)",
+            &[&p.campaign_id, &p.steps, &p.request_id],
         )
         .await
     }

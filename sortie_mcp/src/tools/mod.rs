@@ -1,10 +1,13 @@
 //! The MCP server (SPEC §5). Each tool parses its parameters, makes one call of an extension
 //! function and returns its JSON; no DAG decision is made here.
 
+pub mod arguments;
 mod coordinator;
+pub mod schemas;
 mod worker;
 mod workflows;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use rmcp::handler::server::router::tool::ToolRouter;
@@ -13,6 +16,9 @@ use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation,
     ListToolsResult, PaginatedRequestParams, ServerCapabilities, ServerConfig,
 };
+// SPEC §14 asks for logging/setLevel, which the protocol has since deprecated (SEP-2577).
+#[allow(deprecated)]
+use rmcp::model::SetLevelRequestParams;
 use rmcp::service::RequestContext;
 use rmcp::{tool_handler, ErrorData, RoleServer, ServerHandler};
 use serde_json::json;
@@ -37,6 +43,8 @@ pub struct SortieServer {
     /// For the planner LLM (workflow choices).
     http: reqwest::Client,
     tool_router: ToolRouter<SortieServer>,
+    /// Each tool's input schema as schemars wrote it: what `arguments::prepare` reads.
+    raw_schemas: Arc<HashMap<String, serde_json::Map<String, serde_json::Value>>>,
 }
 
 impl SortieServer {
@@ -52,6 +60,14 @@ impl SortieServer {
         if config.role == Role::Coordinator {
             tool_router.remove_route("claim_next");
         }
+        // Clients see portable schemas (SPEC §14); the raw ones drive the argument pre-pass.
+        let mut raw_schemas = HashMap::new();
+        for route in tool_router.map.values_mut() {
+            let raw = route.attr.input_schema.as_ref().clone();
+            route.attr.input_schema = Arc::new(schemas::portable(&raw));
+            route.attr.output_schema = Some(Arc::new(schemas::output_schema(&route.attr.name)));
+            raw_schemas.insert(route.attr.name.to_string(), raw);
+        }
         let http = reqwest::Client::new();
         let embedder = Arc::new(Embedder::from_config(&config, http.clone()));
         Self {
@@ -60,6 +76,7 @@ impl SortieServer {
             embedder,
             http,
             tool_router,
+            raw_schemas: Arc::new(raw_schemas),
         }
     }
 
@@ -129,6 +146,14 @@ pub fn tool_error(e: &DbError) -> CallToolResult {
     result
 }
 
+/// A refusal of the arguments, decided before any work.
+pub fn refuse(sentence: String) -> CallToolResult {
+    tool_error(&DbError {
+        code: "invalid_argument".into(),
+        message: format!("invalid_argument: {sentence}"),
+    })
+}
+
 /// A refusal decided before calling the database (a missing session value).
 pub fn missing(what: &str) -> CallToolResult {
     tool_error(&DbError {
@@ -139,8 +164,14 @@ pub fn missing(what: &str) -> CallToolResult {
 
 #[tool_handler(router = self.tool_router)]
 impl ServerHandler for SortieServer {
+    #[allow(deprecated)] // enable_logging: see SetLevelRequestParams above
     fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+        ServerConfig::new(
+            ServerCapabilities::builder()
+                .enable_tools()
+                .enable_logging()
+                .build(),
+        )
             .with_server_info(Implementation::new(
                 env!("CARGO_PKG_NAME"),
                 env!("CARGO_PKG_VERSION"),
@@ -152,9 +183,15 @@ impl ServerHandler for SortieServer {
     /// they get the stable code `invalid_argument` like every other refusal.
     async fn call_tool(
         &self,
-        request: CallToolRequestParams,
+        mut request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
+        if let Some(schema) = self.raw_schemas.get(request.name.as_ref()) {
+            match arguments::prepare(&request.name, schema, request.arguments.take()) {
+                Ok(prepared) => request.arguments = Some(prepared),
+                Err(refusal) => return Ok(refuse(refusal).into()),
+            }
+        }
         let call = ToolCallContext::new(self, request, context);
         Ok(match self.tool_router.call(call).await? {
             CallToolResponse::Complete(result)
@@ -173,6 +210,18 @@ impl ServerHandler for SortieServer {
             }
             other => other,
         })
+    }
+
+    /// SPEC §14: `logging/setLevel` is accepted. Logs go to stderr (never stdout), filtered by
+    /// RUST_LOG; the level a client asks for is acknowledged and recorded.
+    #[allow(deprecated)]
+    async fn set_level(
+        &self,
+        request: SetLevelRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        tracing::info!(level = ?request.level, "client set the logging level");
+        Ok(())
     }
 
     async fn list_tools(

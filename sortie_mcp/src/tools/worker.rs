@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::{missing, SortieServer};
+use super::{missing, schemas, SortieServer};
 
 const NO_STEP: &str = "step_id is required: pass it, or run the server with SORTIE_STEP_ID set";
 const NO_CAMPAIGN: &str =
@@ -49,10 +49,16 @@ pub struct AddNote {
     /// Campaign UUID (defaults to the session's).
     pub campaign_id: Option<Uuid>,
     /// What you found. Be specific.
+    #[schemars(length(max = 100000))]
     pub content: String,
     /// Tags for filtering, e.g. ["finding"], or ["metric:accuracy"] with content "accuracy=0.91".
     #[serde(default)]
+    #[schemars(schema_with = "schemas::tags")]
     pub tags: Vec<String>,
+    /// Optional: your name for this request (at most 200 characters). Repeating the call with the same
+    /// request_id returns the first result with replayed: true and changes nothing; use it when you retry.
+    #[schemars(length(max = 200))]
+    pub request_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -60,9 +66,18 @@ pub struct GetNotes {
     /// Campaign UUID (defaults to the session's).
     pub campaign_id: Option<Uuid>,
     /// Only notes with any of these tags.
+    #[serde(default)]
+    #[schemars(schema_with = "schemas::tags")]
     pub tags: Option<Vec<String>>,
     /// Only notes of this step.
     pub step_id: Option<i64>,
+    /// Notes per page (default 20, at most 100).
+    pub limit: Option<i32>,
+    /// next_cursor from the previous page.
+    pub cursor: Option<String>,
+    /// Characters of each note's content to return (default 1000, at most 100000); content_chars
+    /// gives the whole length.
+    pub preview_chars: Option<i32>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -71,9 +86,11 @@ pub struct SearchNotes {
     pub query: String,
     /// Campaign UUID; omit to search every campaign.
     pub campaign_id: Option<Uuid>,
-    /// Number of results (default 5).
+    /// Number of results (default 5, at most 50).
     pub top_k: Option<i32>,
     /// Only notes with any of these tags.
+    #[serde(default)]
+    #[schemars(schema_with = "schemas::tags")]
     pub tags: Option<Vec<String>>,
 }
 
@@ -121,9 +138,15 @@ pub struct SpawnAndContinue {
     #[serde(default)]
     pub partial_output: String,
     /// The work that must happen first: [{action, agent?, input?}, ...] (add_steps shapes are accepted too).
+    #[schemars(schema_with = "schemas::step_list")]
     pub subtasks: Value,
     /// The action of the step that resumes your work once every subtask is done (a string, or {action, agent?, input?}).
+    #[schemars(schema_with = "schemas::continuation")]
     pub continuation: Value,
+    /// Optional: your name for this request (at most 200 characters). Repeating the call with the same
+    /// request_id returns the first result with replayed: true and changes nothing; use it when you retry.
+    #[schemars(length(max = 200))]
+    pub request_id: Option<String>,
     /// Your claim token (defaults to the session's).
     pub claim_token: Option<Uuid>,
 }
@@ -145,11 +168,32 @@ pub struct AbortBranch {
 #[derive(Debug, Deserialize, JsonSchema)]
 pub struct ClaimNext {
     /// Your agent name: you get steps for this agent or for no agent in particular.
+    #[schemars(length(max = 200))]
     pub agent: Option<String>,
     /// Only this campaign.
     pub campaign_id: Option<Uuid>,
     /// Lease length in seconds (default 900); call heartbeat before it runs out.
     pub lease_seconds: Option<i32>,
+}
+
+/// Characters of a note shown in a search hit; get_notes(preview_chars) reads more.
+const HIT_PREVIEW_CHARS: usize = 1000;
+
+/// SPEC §14: a search result stays bounded (50 hits of 100,000-character notes would not):
+/// each hit's content is cut to a preview, with its whole length beside it.
+fn preview_hits(value: &mut Value) {
+    for hit in value["results"].as_array_mut().into_iter().flatten() {
+        let Some(content) = hit["content"].as_str() else {
+            continue;
+        };
+        let chars = content.chars().count();
+        if chars > HIT_PREVIEW_CHARS {
+            let preview: String = content.chars().take(HIT_PREVIEW_CHARS).collect();
+            hit["content"] = Value::String(preview);
+            hit["content_chars"] = chars.into();
+            hit["truncated"] = true.into();
+        }
+    }
 }
 
 #[tool_router(router = worker_router, vis = "pub(super)")]
@@ -233,33 +277,40 @@ note id. For metrics use tags ['metric:<name>'] and content '<name>=<value>'.",
             .next()
             .map(pgvector::Vector::from);
         self.call(
-            "add_note(campaign_id => $1, content => $2, tags => $3, step_id => $4, embedding => $5, embedding_model => $6)",
-            &[&campaign, &p.content, &p.tags, &step, &vector, &embedded.model],
+            "add_note(campaign_id => $1, content => $2, tags => $3, step_id => $4, embedding => $5, embedding_model => $6, \
+             request_id => $7)",
+            &[&campaign, &p.content, &p.tags, &step, &vector, &embedded.model, &p.request_id],
         )
         .await
     }
 
     #[tool(
-        description = "List notes, newest first, filtered by tags (any of) or step.",
+        description = "List notes, newest first, filtered by tags (any of) or step: one page (limit, default 20) of \
+previews (preview_chars, default 1000; content_chars is the whole length). When next_cursor is set, pass it as cursor \
+for the next page.",
         annotations(read_only_hint = true, idempotent_hint = true)
     )]
     async fn get_notes(&self, Parameters(p): Parameters<GetNotes>) -> CallToolResult {
         let Some(campaign) = self.session_campaign(p.campaign_id) else {
             return missing(NO_CAMPAIGN);
         };
+        let limit = p.limit.unwrap_or(20).clamp(1, 100);
+        let preview = p.preview_chars.unwrap_or(1000).clamp(1, 100_000);
         self.call(
-            "get_notes(campaign_id => $1, tags => $2, step_id => $3)",
-            &[&campaign, &p.tags, &p.step_id],
+            "get_notes(campaign_id => $1, tags => $2, step_id => $3, \"limit\" => $4, cursor => $5, preview_chars => $6)",
+            &[&campaign, &p.tags, &p.step_id, &limit, &p.cursor, &preview],
         )
         .await
     }
 
     #[tool(
-        description = "Search notes by meaning and words, in one campaign or all. Returns ranked hits, each with score and mode.",
+        description = "Search notes by meaning and words, in one campaign or all. Returns ranked hits (at most 50), each \
+with score, mode and a preview of the note (content_chars is its whole length; get_notes reads more).",
         annotations(read_only_hint = true, idempotent_hint = true)
     )]
     async fn search_notes(&self, Parameters(p): Parameters<SearchNotes>) -> CallToolResult {
-        let top_k = p.top_k.unwrap_or(5);
+        // SPEC §14: results stay bounded; 50 hits of note previews fit.
+        let top_k = p.top_k.unwrap_or(5).clamp(1, 50);
         let embedded = self.embedder.embed(std::slice::from_ref(&p.query)).await;
         let vector = embedded
             .vectors
@@ -272,13 +323,19 @@ note id. For metrics use tags ['metric:<name>'] and content '<name>=<value>'.",
                 &[&p.query, &p.campaign_id, &top_k, &p.tags, &vector, &embedded.model],
             )
             .await;
-        if embedded.degraded {
-            if let Some(value) = result.structured_content.as_mut() {
-                value["embedder"] = serde_json::json!({"model": embedded.model, "degraded": true,
-                    "note": "the embedding service failed; the offline embedder answered"});
-            }
+        if result.is_error == Some(true) {
+            return result;
         }
-        result
+        let Some(mut value) = result.structured_content.take() else {
+            return result;
+        };
+        if embedded.degraded {
+            value["embedder"] = serde_json::json!({"model": embedded.model, "degraded": true,
+                "note": "the embedding service failed; the offline embedder answered"});
+        }
+        preview_hits(&mut value);
+        // Built again so that the text content carries the same JSON.
+        CallToolResult::structured(value)
     }
 
     #[tool(
@@ -371,8 +428,9 @@ completes with partial_output and everything that waited for it waits for the co
             return missing(NO_TOKEN);
         };
         self.call(
-            "spawn_and_continue(step_id => $1, claim_token => $2, subtasks => $3, continuation => $4, partial_output => $5)",
-            &[&step, &token, &p.subtasks, &p.continuation, &p.partial_output],
+            "spawn_and_continue(step_id => $1, claim_token => $2, subtasks => $3, continuation => $4, partial_output => $5, \
+             request_id => $6)",
+            &[&step, &token, &p.subtasks, &p.continuation, &p.partial_output, &p.request_id],
         )
         .await
     }

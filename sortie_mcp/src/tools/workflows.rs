@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use super::{tool_error, SortieServer};
+use super::{schemas, tool_error, SortieServer};
 use crate::db::DbError;
 
 const CHOOSER: &str = "You are a workflow orchestrator. From the workflow definition (follow each step's Orchestrator \
@@ -25,7 +25,13 @@ pub struct StartWorkflow {
     /// Name of the workflow (its folder under WORKFLOW_DEFINITIONS_DIR).
     pub workflow_name: String,
     /// Initial context (a JSON object).
+    #[serde(default)]
+    #[schemars(schema_with = "schemas::free_object")]
     pub context: Option<Value>,
+    /// Optional: your name for this request (at most 200 characters). Repeating the call with the same
+    /// request_id returns the first result with replayed: true and changes nothing; use it when you retry.
+    #[schemars(length(max = 200))]
+    pub request_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -39,11 +45,18 @@ pub struct AdvanceWorkflow {
     /// Workflow instance id.
     pub instance_id: Uuid,
     /// Outcome of the current step: {"step_id": current step name, "status": e.g. success, "result": ...}.
+    #[schemars(schema_with = "schemas::free_object")]
     pub report: Value,
     /// Keys to merge into the instance's context.
+    #[serde(default)]
+    #[schemars(schema_with = "schemas::free_object")]
     pub context_updates: Option<Value>,
     /// The next step, when the current step declares no transitions; otherwise the planner LLM chooses.
     pub next_step: Option<String>,
+    /// Optional: your name for this request (at most 200 characters). Repeating the call with the same
+    /// request_id returns the first result with replayed: true and changes nothing; use it when you retry.
+    #[schemars(length(max = 200))]
+    pub request_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -53,8 +66,12 @@ pub struct ResumeWorkflow {
     /// The step you believe is current.
     pub assumed_current_step_name: String,
     /// Your report; with a status and the right step it advances the instance.
+    #[serde(default)]
+    #[schemars(schema_with = "schemas::free_object")]
     pub report: Option<Value>,
     /// Keys to merge into the instance's context.
+    #[serde(default)]
+    #[schemars(schema_with = "schemas::free_object")]
     pub context_updates: Option<Value>,
     /// The next step, when advancing from a step that declares no transitions.
     pub next_step: Option<String>,
@@ -129,8 +146,8 @@ client instructions come back. Then do the step and call advance_workflow with y
         };
         let context = p.context.unwrap_or_else(|| json!({}));
         self.call(
-            "start_workflow(workflow_name => $1, context => $2, definition => $3)",
-            &[&p.workflow_name, &context, &definition],
+            "start_workflow(workflow_name => $1, context => $2, definition => $3, request_id => $4)",
+            &[&p.workflow_name, &context, &definition, &p.request_id],
         )
         .await
     }
@@ -156,8 +173,8 @@ reported status decides; otherwise next_step, or the planner LLM, chooses among 
     async fn advance_workflow(&self, Parameters(p): Parameters<AdvanceWorkflow>) -> CallToolResult {
         let updates = p.context_updates.unwrap_or_else(|| json!({}));
         self.move_instance(
-            "advance_workflow(instance_id => $1, report => $2, context_updates => $3, next_step => $4)",
-            &[&p.instance_id, &p.report, &updates],
+            "advance_workflow(instance_id => $1, report => $2, context_updates => $3, request_id => $4, next_step => $5)",
+            &[&p.instance_id, &p.report, &updates, &p.request_id],
             p.next_step,
             p.instance_id,
             &p.report,

@@ -1,0 +1,118 @@
+-- Idempotency (SPEC §14): a call made again after its reply was lost changes nothing.
+--
+-- Calls that create something take an optional `request_id`. The first call's result is kept
+-- here (at least 24 hours); a repeat with the same request_id and the same arguments gets that
+-- result back with "replayed": true, and the same request_id with other arguments is refused.
+-- Each such function starts with
+--     IF request_id IS NOT NULL THEN
+--         RETURN coalesce(_replay(request_id, '<call>', <arguments>),
+--                         _keep(request_id, '<call>', <arguments>, <the same call without request_id>));
+--     END IF;
+-- COALESCE evaluates its second argument only when the first is NULL, so the call runs once.
+--
+-- Worker calls that finish a step (complete_step, fail_step) need no request_id: the claim
+-- token already names the attempt. The claim that finished a step is kept with its answer, and
+-- the same claim finishing it again is answered as the first time instead of `stale_claim`.
+
+CREATE TABLE idempotency_records (
+    request_id      text PRIMARY KEY CHECK (length(request_id) BETWEEN 1 AND 200),
+    call            text NOT NULL,
+    arguments_hash  text NOT NULL,
+    result          jsonb NOT NULL,
+    created_at      timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX idempotency_records_created_at ON idempotency_records (created_at);
+
+CREATE TABLE finished_claims (
+    claim_token  uuid PRIMARY KEY,
+    step_id      bigint NOT NULL,
+    call         text NOT NULL,
+    result       jsonb NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX finished_claims_created_at ON finished_claims (created_at);
+
+-- How long a result is kept at least (SPEC §14 says 24 hours; records are pruned after twice
+-- that, a few at a time, by the calls that add new ones).
+CREATE FUNCTION idempotency_retention() RETURNS interval
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT interval '48 hours' $$;
+
+CREATE FUNCTION _arguments_hash(p_arguments jsonb) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT encode(sha256(convert_to(p_arguments::text, 'UTF8')), 'hex') $$;
+
+-- The kept result of an earlier call with this request_id, marked replayed; NULL when there is
+-- none. Concurrent calls with one request_id wait here for each other (the lock is held to the
+-- end of the transaction), so the second sees the first's record.
+CREATE FUNCTION _replay(p_request_id text, p_call text, p_arguments jsonb) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    r idempotency_records;
+BEGIN
+    IF length(p_request_id) NOT BETWEEN 1 AND 200 THEN
+        PERFORM raise('invalid_argument', format('request_id must be 1 to 200 characters, not %s',
+                                                 length(p_request_id)));
+    END IF;
+    PERFORM pg_advisory_xact_lock(1397704788, hashtext(p_request_id));
+    SELECT * INTO r FROM idempotency_records WHERE request_id = p_request_id;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF r.call <> p_call OR r.arguments_hash <> _arguments_hash(p_arguments) THEN
+        PERFORM raise('invalid_argument', format(
+            'request_id %L was already used by a %s call with other arguments; use a new request_id for a new request',
+            p_request_id, r.call));
+    END IF;
+    RETURN r.result || '{"replayed": true}';
+END
+$$;
+
+-- Keeps the result of the first call with this request_id and returns it.
+CREATE FUNCTION _keep(p_request_id text, p_call text, p_arguments jsonb, p_result jsonb) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    DELETE FROM idempotency_records
+     WHERE request_id IN (SELECT request_id FROM idempotency_records
+                           WHERE created_at < now() - idempotency_retention()
+                           ORDER BY created_at LIMIT 10);
+    INSERT INTO idempotency_records (request_id, call, arguments_hash, result)
+    VALUES (p_request_id, p_call, _arguments_hash(p_arguments), p_result);
+    RETURN p_result;
+END
+$$;
+
+-- The answer the claim `p_token` got when it finished step `p_step` with `p_call`, marked
+-- replayed; NULL when that claim did not finish it.
+CREATE FUNCTION _finished_claim(p_step bigint, p_token uuid, p_call text) RETURNS jsonb
+LANGUAGE sql STABLE
+SET search_path FROM CURRENT
+AS $$
+    SELECT f.result || '{"replayed": true}'
+      FROM finished_claims f
+     WHERE f.claim_token = p_token AND f.step_id = p_step AND f.call = p_call
+$$;
+
+-- Keeps the answer of the call with which a claim finished its step, and returns it.
+CREATE FUNCTION _keep_finished_claim(p_step bigint, p_token uuid, p_call text, p_result jsonb) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    IF p_token IS NULL THEN
+        RETURN p_result;
+    END IF;
+    DELETE FROM finished_claims
+     WHERE claim_token IN (SELECT claim_token FROM finished_claims
+                            WHERE created_at < now() - idempotency_retention()
+                            ORDER BY created_at LIMIT 10);
+    INSERT INTO finished_claims (claim_token, step_id, call, result)
+    VALUES (p_token, p_step, p_call, p_result)
+    ON CONFLICT (claim_token) DO NOTHING;
+    RETURN p_result;
+END
+$$;
