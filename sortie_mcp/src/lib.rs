@@ -2,6 +2,7 @@
 //! lives here.
 
 pub mod cli;
+pub mod cli;
 pub mod config;
 pub mod db;
 pub mod demo;
@@ -12,6 +13,7 @@ pub mod llm;
 pub mod runner;
 pub mod tools;
 pub mod transport;
+pub mod view;
 pub mod view;
 pub mod workflows;
 
