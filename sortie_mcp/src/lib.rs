@@ -10,6 +10,7 @@ pub mod embed;
 pub mod embedded;
 pub mod http;
 pub mod llm;
+pub mod resources;
 pub mod runner;
 pub mod tools;
 pub mod transport;

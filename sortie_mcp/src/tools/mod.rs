@@ -45,6 +45,8 @@ pub struct SortieServer {
     tool_router: ToolRouter<SortieServer>,
     /// Each tool's input schema as schemars wrote it: what `arguments::prepare` reads.
     raw_schemas: Arc<HashMap<String, serde_json::Map<String, serde_json::Value>>>,
+    /// This session's resource subscriptions (SPEC §16, crate::resources).
+    subscriptions: crate::resources::Subscriptions,
 }
 
 impl SortieServer {
@@ -77,6 +79,7 @@ impl SortieServer {
             http,
             tool_router,
             raw_schemas: Arc::new(raw_schemas),
+            subscriptions: Default::default(),
         }
     }
 
@@ -170,6 +173,9 @@ impl ServerHandler for SortieServer {
             ServerCapabilities::builder()
                 .enable_tools()
                 .enable_logging()
+                .enable_prompts()
+                .enable_resources()
+                .enable_resources_subscribe()
                 .build(),
         )
             .with_server_info(Implementation::new(
@@ -234,5 +240,71 @@ impl ServerHandler for SortieServer {
             tools.retain(|t| t.name != "spawn_and_continue");
         }
         Ok(ListToolsResult::with_all_items(tools))
+    }
+
+    // SPEC §16: resources and prompts live in crate::resources.
+    async fn list_resources(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::ListResourcesResult, ErrorData> {
+        Ok(crate::resources::list())
+    }
+
+    async fn list_resource_templates(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::ListResourceTemplatesResult, ErrorData> {
+        Ok(crate::resources::templates())
+    }
+
+    async fn read_resource(
+        &self,
+        request: rmcp::model::ReadResourceRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::ReadResourceResponse, ErrorData> {
+        let db = self.db().await.map_err(crate::resources::unavailable)?;
+        Ok(crate::resources::read(db, &request.uri).await?.into())
+    }
+
+    #[allow(deprecated)]
+    async fn subscribe(
+        &self,
+        request: rmcp::model::SubscribeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        let db = self.db().await.map_err(crate::resources::unavailable)?;
+        self.subscriptions
+            .subscribe(db, &request.uri, context.peer.clone())
+            .await
+    }
+
+    #[allow(deprecated)]
+    async fn unsubscribe(
+        &self,
+        request: rmcp::model::UnsubscribeRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        self.subscriptions.unsubscribe(&request.uri);
+        Ok(())
+    }
+
+    async fn list_prompts(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::ListPromptsResult, ErrorData> {
+        Ok(crate::resources::prompts())
+    }
+
+    async fn get_prompt(
+        &self,
+        request: rmcp::model::GetPromptRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::GetPromptResponse, ErrorData> {
+        let prompt =
+            crate::resources::prompt(self.db().await, &request.name, request.arguments.as_ref());
+        Ok(prompt.await?.into())
     }
 }
