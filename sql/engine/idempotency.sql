@@ -12,7 +12,8 @@
 --
 -- Worker calls that finish a step (complete_step, fail_step) need no request_id: the claim
 -- token already names the attempt. The claim that finished a step is kept with its answer, and
--- the same claim finishing it again is answered as the first time instead of `stale_claim`.
+-- the same claim repeating the same call (same arguments) is answered as the first time instead
+-- of `stale_claim`; a different late call by that claim is still `stale_claim`.
 
 CREATE TABLE idempotency_records (
     request_id      text PRIMARY KEY CHECK (length(request_id) BETWEEN 1 AND 200),
@@ -27,6 +28,7 @@ CREATE TABLE finished_claims (
     claim_token  uuid PRIMARY KEY,
     step_id      bigint NOT NULL,
     call         text NOT NULL,
+    arguments_hash text NOT NULL,
     result       jsonb NOT NULL,
     created_at   timestamptz NOT NULL DEFAULT now()
 );
@@ -86,19 +88,21 @@ BEGIN
 END
 $$;
 
--- The answer the claim `p_token` got when it finished step `p_step` with `p_call`, marked
--- replayed; NULL when that claim did not finish it.
-CREATE FUNCTION _finished_claim(p_step bigint, p_token uuid, p_call text) RETURNS jsonb
+-- The answer the claim `p_token` got when it finished step `p_step` with `p_call` and these
+-- arguments, marked replayed; NULL when that claim did not finish it so.
+CREATE FUNCTION _finished_claim(p_step bigint, p_token uuid, p_call text, p_arguments jsonb) RETURNS jsonb
 LANGUAGE sql STABLE
 SET search_path FROM CURRENT
 AS $$
     SELECT f.result || '{"replayed": true}'
       FROM finished_claims f
      WHERE f.claim_token = p_token AND f.step_id = p_step AND f.call = p_call
+       AND f.arguments_hash = _arguments_hash(p_arguments)
 $$;
 
 -- Keeps the answer of the call with which a claim finished its step, and returns it.
-CREATE FUNCTION _keep_finished_claim(p_step bigint, p_token uuid, p_call text, p_result jsonb) RETURNS jsonb
+CREATE FUNCTION _keep_finished_claim(p_step bigint, p_token uuid, p_call text, p_arguments jsonb, p_result jsonb)
+RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
@@ -110,8 +114,8 @@ BEGIN
      WHERE claim_token IN (SELECT claim_token FROM finished_claims
                             WHERE created_at < now() - idempotency_retention()
                             ORDER BY created_at LIMIT 10);
-    INSERT INTO finished_claims (claim_token, step_id, call, result)
-    VALUES (p_token, p_step, p_call, p_result)
+    INSERT INTO finished_claims (claim_token, step_id, call, arguments_hash, result)
+    VALUES (p_token, p_step, p_call, _arguments_hash(p_arguments), p_result)
     ON CONFLICT (claim_token) DO NOTHING;
     RETURN p_result;
 END

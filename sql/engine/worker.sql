@@ -92,8 +92,8 @@ BEGIN
                                   s.id, coalesce(s.error, s.skip_cause)));
         END IF;
         -- SPEC §14: the claim that completed the step, repeating itself, gets its first answer.
-        IF _finished_claim(s.id, claim_token, 'complete_step') IS NOT NULL THEN
-            RETURN _finished_claim(s.id, claim_token, 'complete_step');
+        IF _finished_claim(s.id, claim_token, 'complete_step', jsonb_build_object('summary', summary, 'tokens_used', v_tokens)) IS NOT NULL THEN
+            RETURN _finished_claim(s.id, claim_token, 'complete_step', jsonb_build_object('summary', summary, 'tokens_used', v_tokens));
         END IF;
         PERFORM check_claim(s, claim_token, 'complete_step');
         PERFORM raise('invalid_state', format('step %s cannot be completed', s.id));
@@ -116,6 +116,7 @@ BEGIN
         SELECT status INTO v_status FROM campaigns WHERE id = v_campaign;
     END IF;
     RETURN _keep_finished_claim(step_id, claim_token, 'complete_step',
+                                jsonb_build_object('summary', summary, 'tokens_used', v_tokens),
                                 jsonb_build_object('step_id', step_id, 'status', 'done', 'accepted', true,
                                                    'campaign_status', v_status));
 END
@@ -128,7 +129,7 @@ AS $$
 #variable_conflict use_variable
 DECLARE
     -- SPEC §14: the claim that failed the step, repeating itself, gets its first answer.
-    v_replay jsonb := _finished_claim(step_id, claim_token, 'fail_step');
+    v_replay jsonb := _finished_claim(step_id, claim_token, 'fail_step', jsonb_build_object('error', error));
     s steps;
     v_now text;
 BEGIN
@@ -137,7 +138,8 @@ BEGIN
     END IF;
     s := lock_claimed_step(step_id, claim_token, 'fail_step');
     v_now := attempt_failed(s, coalesce(nullif(error, ''), 'failed without a reason'));
-    RETURN _keep_finished_claim(s.id, claim_token, 'fail_step', jsonb_build_object('step_id', s.id, 'status', v_now,
+    RETURN _keep_finished_claim(s.id, claim_token, 'fail_step', jsonb_build_object('error', error),
+        jsonb_build_object('step_id', s.id, 'status', v_now,
         'attempts', s.attempts + 1, 'max_attempts', s.max_attempts, 'will_retry', v_now = 'pending',
         'not_before', (SELECT not_before FROM steps WHERE id = s.id AND status = 'pending')));
 END
