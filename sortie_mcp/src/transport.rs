@@ -167,9 +167,9 @@ async fn read_lines(
 }
 
 fn human_size(bytes: usize) -> String {
-    if bytes % (1024 * 1024) == 0 {
+    if bytes.is_multiple_of(1024 * 1024) {
         format!("{} MiB", bytes / (1024 * 1024))
-    } else if bytes % 1024 == 0 {
+    } else if bytes.is_multiple_of(1024) {
         format!("{} KiB", bytes / 1024)
     } else {
         format!("{bytes} bytes")
@@ -193,7 +193,10 @@ async fn decode(writer: &Writer, bytes: &[u8]) -> Option<ClientJsonRpcMessage> {
             return None;
         }
     };
-    let id = value.get("id").filter(|id| id.is_string() || id.is_i64() || id.is_u64()).cloned();
+    let id = value
+        .get("id")
+        .filter(|id| id.is_string() || id.is_i64() || id.is_u64())
+        .cloned();
     let is_request = value.get("method").is_some_and(Value::is_string);
     let problem = if !value.is_object() {
         Some("a JSON-RPC message must be a JSON object".to_string())
@@ -210,7 +213,13 @@ async fn decode(writer: &Writer, bytes: &[u8]) -> Option<ClientJsonRpcMessage> {
         // A notification (a method and no id) is never answered; anything else is.
         let notification = is_request && value.get("id").is_none();
         if !notification {
-            answer(writer, id, INVALID_REQUEST, format!("invalid request: {problem}")).await;
+            answer(
+                writer,
+                id,
+                INVALID_REQUEST,
+                format!("invalid request: {problem}"),
+            )
+            .await;
         }
         return None;
     }
@@ -335,18 +344,31 @@ mod tests {
     fn lone_surrogates_become_replacement_characters_and_pairs_stay() {
         assert_eq!(replace_lone_surrogates(r#""a\ud83d""#), r#""a\uFFFD""#);
         assert_eq!(replace_lone_surrogates(r#""\ude00x""#), r#""\uFFFDx""#);
-        assert_eq!(replace_lone_surrogates(r#""\ud83d\ude00""#), r#""\ud83d\ude00""#);
+        assert_eq!(
+            replace_lone_surrogates(r#""\ud83d\ude00""#),
+            r#""\ud83d\ude00""#
+        );
         assert_eq!(replace_lone_surrogates(r#""\\ud83d""#), r#""\\ud83d""#);
-        assert_eq!(replace_lone_surrogates(r#""\ud83d\u0041""#), r#""\uFFFD\u0041""#);
-        let v: Value = serde_json::from_str(&replace_lone_surrogates(r#"{"g":"x\ud83d"}"#)).unwrap();
+        assert_eq!(
+            replace_lone_surrogates(r#""\ud83d\u0041""#),
+            r#""\uFFFD\u0041""#
+        );
+        let v: Value =
+            serde_json::from_str(&replace_lone_surrogates(r#"{"g":"x\ud83d"}"#)).unwrap();
         assert_eq!(v["g"], "x\u{FFFD}");
     }
 
     #[test]
     fn ids_are_found_in_lines_that_do_not_parse() {
-        assert_eq!(find_id(br#"{"jsonrpc":"2.0","id":7,"method":"x","params":{"#), Some(json!(7)));
+        assert_eq!(
+            find_id(br#"{"jsonrpc":"2.0","id":7,"method":"x","params":{"#),
+            Some(json!(7))
+        );
         assert_eq!(find_id(br#"{"id": "abc", "method""#), Some(json!("abc")));
-        assert_eq!(find_id_last(br#"aaaa"}},"jsonrpc":"2.0","id":12}"#), Some(json!(12)));
+        assert_eq!(
+            find_id_last(br#"aaaa"}},"jsonrpc":"2.0","id":12}"#),
+            Some(json!(12))
+        );
         assert_eq!(find_id(b"garbage"), None);
     }
 }

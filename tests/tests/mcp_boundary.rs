@@ -27,7 +27,12 @@ struct RawServer {
 impl RawServer {
     fn start(db: &TestDb, env: &[(&str, &str)]) -> RawServer {
         let mut command = Command::new(binary("sortie-mcp"));
-        for key in ["SORTIE_ROLE", "SORTIE_STEP_ID", "SORTIE_CAMPAIGN_ID", "SORTIE_CLAIM_TOKEN"] {
+        for key in [
+            "SORTIE_ROLE",
+            "SORTIE_STEP_ID",
+            "SORTIE_CAMPAIGN_ID",
+            "SORTIE_CLAIM_TOKEN",
+        ] {
             command.env_remove(key);
         }
         let mut child = command
@@ -45,9 +50,8 @@ impl RawServer {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).split(b'\n') {
                 let Ok(line) = line else { break };
-                let message: Value = serde_json::from_slice(&line).unwrap_or_else(|_| {
-                    json!({"not_json": String::from_utf8_lossy(&line)})
-                });
+                let message: Value = serde_json::from_slice(&line)
+                    .unwrap_or_else(|_| json!({"not_json": String::from_utf8_lossy(&line)}));
                 if tx.send(message).is_err() {
                     break;
                 }
@@ -82,7 +86,10 @@ impl RawServer {
                 .answers
                 .recv_timeout(Duration::from_secs(30))
                 .unwrap_or_else(|_| panic!("no answer to request {id} within 30 s"));
-            assert_eq!(message["jsonrpc"], "2.0", "not JSON-RPC on stdout: {message}");
+            assert_eq!(
+                message["jsonrpc"], "2.0",
+                "not JSON-RPC on stdout: {message}"
+            );
             if &message["id"] == id {
                 return message;
             }
@@ -110,7 +117,9 @@ async fn a_lone_surrogate_or_invalid_utf8_in_a_string_is_replaced_and_answered()
         );
         let answer = server.answer_to_line(line.as_bytes(), id);
         assert_eq!(answer["result"]["isError"], false, "{answer}");
-        let campaign = answer["result"]["structuredContent"]["id"].as_str().unwrap();
+        let campaign = answer["result"]["structuredContent"]["id"]
+            .as_str()
+            .unwrap();
         let stored: String = db
             .client
             .query_one(
@@ -128,11 +137,15 @@ async fn a_lone_surrogate_or_invalid_utf8_in_a_string_is_replaced_and_answered()
     line.extend_from_slice(br#" bytes","planner":"none"}}}"#);
     let answer = server.answer_to_line(&line, 3);
     assert_eq!(answer["result"]["isError"], false, "{answer}");
-    let mut line = br#"{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"get_campaign"#.to_vec();
+    let mut line =
+        br#"{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"get_campaign"#.to_vec();
     line.extend_from_slice(&[0x80]);
     line.extend_from_slice(br#"","arguments":{}}}"#);
     let answer = server.answer_to_line(&line, 4);
-    assert!(answer.get("error").is_some() || answer["result"]["isError"] == true, "{answer}");
+    assert!(
+        answer.get("error").is_some() || answer["result"]["isError"] == true,
+        "{answer}"
+    );
     server.stop();
     for c in open_campaigns(&db).await {
         db.ok("sortie.cancel_campaign($1)", &[&c]).await;
@@ -192,19 +205,39 @@ async fn a_line_over_the_size_limit_is_answered_with_its_size_and_the_limit() {
     let message = answer["error"]["message"].as_str().unwrap_or_default();
     assert!(answer["error"]["code"].is_i64(), "{answer}");
     assert!(message.contains(&first.len().to_string()), "{message}");
-    assert!(message.contains("16777216") && message.contains("16 MiB"), "{message}");
+    assert!(
+        message.contains("16777216") && message.contains("16 MiB"),
+        "{message}"
+    );
     let last = format!(
         r#"{{"method":"tools/call","params":{{"name":"add_note","arguments":{{"content":"{filler}"}}}},"jsonrpc":"2.0","id":22}}"#
     );
     let answer = server.answer_to_line(last.as_bytes(), 22);
-    assert!(answer["error"]["message"].as_str().unwrap().contains("limit"), "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("limit"),
+        "{answer}"
+    );
     server.send_json(&json!({"jsonrpc": "2.0", "id": 23, "method": "tools/list"}));
     server.answer_to(&json!(23));
     server.stop();
     // The limit is configurable.
     let mut small = RawServer::start(&db, &[("SORTIE_MAX_REQUEST_BYTES", "1000")]);
-    let answer = small.answer_to_line(tool_call(24, "list_campaigns", json!({"status": "x".repeat(2000)})).to_string().as_bytes(), 24);
-    assert!(answer["error"]["message"].as_str().unwrap().contains("1000 bytes"), "{answer}");
+    let answer = small.answer_to_line(
+        tool_call(24, "list_campaigns", json!({"status": "x".repeat(2000)}))
+            .to_string()
+            .as_bytes(),
+        24,
+    );
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("1000 bytes"),
+        "{answer}"
+    );
     small.stop();
     db.finish().await;
 }
@@ -250,19 +283,27 @@ async fn base_arguments(db: &TestDb, tool: &str) -> Value {
         "advance_workflow" => {
             json!({"instance_id": nowhere, "report": {"step_id": "x", "status": "success"}, "context_updates": {"a": 1}})
         }
-        "resume_workflow" => json!({"instance_id": nowhere, "assumed_current_step_name": "x", "report": {"a": 1}}),
+        "resume_workflow" => {
+            json!({"instance_id": nowhere, "assumed_current_step_name": "x", "report": {"a": 1}})
+        }
         "get_my_context" => json!({"step_id": s}),
         "read_step_output" => json!({"step_id": s, "limit": 10}),
         "heartbeat" => json!({"step_id": s, "claim_token": t, "extend_leases_sec": 600}),
         "add_note" => json!({"campaign_id": c, "content": "a finding", "tags": ["finding"]}),
-        "search_notes" => json!({"query": "finding", "campaign_id": c, "top_k": 3, "tags": ["finding"]}),
+        "search_notes" => {
+            json!({"query": "finding", "campaign_id": c, "top_k": 3, "tags": ["finding"]})
+        }
         "get_notes" => json!({"campaign_id": c, "tags": ["finding"], "limit": 5}),
-        "complete_step" => json!({"step_id": s, "claim_token": t, "summary": "done", "tokens_used": 3}),
+        "complete_step" => {
+            json!({"step_id": s, "claim_token": t, "summary": "done", "tokens_used": 3})
+        }
         "fail_step" => json!({"step_id": s, "claim_token": t, "error": "broke"}),
         "request_input" => json!({"step_id": s, "claim_token": t, "question": "which?"}),
         "spawn_and_continue" => json!({"step_id": s, "claim_token": t, "partial_output": "half",
             "subtasks": [{"action": "sub"}], "continuation": {"action": "merge", "agent": "writer"}}),
-        "abort_branch" => json!({"target_id": s, "step_id": s, "claim_token": t, "output": "o", "reason": "r"}),
+        "abort_branch" => {
+            json!({"target_id": s, "step_id": s, "claim_token": t, "output": "o", "reason": "r"})
+        }
         "claim_next" => json!({"campaign_id": c, "lease_seconds": 60}),
         other => panic!("tool {other} has no base arguments in mcp_boundary.rs: add them"),
     }
@@ -300,7 +341,11 @@ fn required(schema: &Map<String, Value>) -> Vec<String> {
     schema
         .get("required")
         .and_then(Value::as_array)
-        .map(|r| r.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+        .map(|r| {
+            r.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -313,11 +358,21 @@ fn with(base: &Value, key: &str, value: Value) -> Value {
 /// What must stay untouched by a refused call: rows of every table a tool writes.
 async fn footprint(db: &TestDb) -> Vec<i64> {
     let mut counts = Vec::new();
-    for table in ["campaigns", "steps", "notes", "events", "idempotency_records"] {
+    for table in [
+        "campaigns",
+        "steps",
+        "notes",
+        "events",
+        "idempotency_records",
+    ] {
         counts.push(count(db, &format!("SELECT count(*) FROM sortie.{table}")).await);
     }
     counts.push(
-        count(db, "SELECT count(*) FROM sortie.steps WHERE status = 'running'").await,
+        count(
+            db,
+            "SELECT count(*) FROM sortie.steps WHERE status = 'running'",
+        )
+        .await,
     );
     counts
 }
@@ -334,12 +389,33 @@ async fn every_tool_refuses_an_unknown_parameter_naming_it_and_its_parameters_an
             let before = footprint(&db).await;
             let outcome = mcp.call(&tool.name, with(&base, unknown, json!("x"))).await;
             assert!(outcome.is_error, "{} accepted {unknown}", tool.name);
-            assert_eq!(outcome.code(), "invalid_argument", "{}: {}", tool.name, outcome.text);
-            assert!(outcome.text.contains(&format!("'{unknown}'")), "{}: {}", tool.name, outcome.text);
+            assert_eq!(
+                outcome.code(),
+                "invalid_argument",
+                "{}: {}",
+                tool.name,
+                outcome.text
+            );
+            assert!(
+                outcome.text.contains(&format!("'{unknown}'")),
+                "{}: {}",
+                tool.name,
+                outcome.text
+            );
             for name in properties(&tool.input).keys() {
-                assert!(outcome.text.contains(name.as_str()), "{} lists {name}: {}", tool.name, outcome.text);
+                assert!(
+                    outcome.text.contains(name.as_str()),
+                    "{} lists {name}: {}",
+                    tool.name,
+                    outcome.text
+                );
             }
-            assert_eq!(before, footprint(&db).await, "{} changed something", tool.name);
+            assert_eq!(
+                before,
+                footprint(&db).await,
+                "{} changed something",
+                tool.name
+            );
         }
     }
     mcp.stop().await;
@@ -391,7 +467,13 @@ async fn every_tool_takes_null_on_an_optional_parameter_as_not_given() {
             }
         }
         let outcome = mcp.call(&tool.name, args).await;
-        assert_eq!(outcome.code(), expected.code(), "{}: {}", tool.name, outcome.text);
+        assert_eq!(
+            outcome.code(),
+            expected.code(),
+            "{}: {}",
+            tool.name,
+            outcome.text
+        );
     }
     // The case of the report: complete_step(summary=null) completes.
     let c = campaign(&db, "none").await;
@@ -419,7 +501,10 @@ async fn every_tool_takes_json_text_of_a_structured_parameter_as_its_value() {
     for tool in listed_tools(&mcp).await {
         let props = properties(&tool.input);
         for (name, property) in &props {
-            if !matches!(declared_type(property), "array" | "object" | "integer" | "number" | "boolean") {
+            if !matches!(
+                declared_type(property),
+                "array" | "object" | "integer" | "number" | "boolean"
+            ) {
                 continue;
             }
             let base = base_arguments(&db, &tool.name).await;
@@ -430,7 +515,9 @@ async fn every_tool_takes_json_text_of_a_structured_parameter_as_its_value() {
             let expected = mcp.call(&tool.name, base.clone()).await;
             let base = base_arguments(&db, &tool.name).await;
             let value = base.get(name).cloned().unwrap_or(value);
-            let outcome = mcp.call(&tool.name, with(&base, name, json!(value.to_string()))).await;
+            let outcome = mcp
+                .call(&tool.name, with(&base, name, json!(value.to_string())))
+                .await;
             assert_eq!(
                 (outcome.is_error, outcome.code()),
                 (expected.is_error, expected.code()),
@@ -441,15 +528,21 @@ async fn every_tool_takes_json_text_of_a_structured_parameter_as_its_value() {
             );
         }
     }
-    assert!(structured >= 10, "only {structured} structured parameters exercised");
+    assert!(
+        structured >= 10,
+        "only {structured} structured parameters exercised"
+    );
     // The cases of the report: subtasks as text; continuation as text keeps its agent.
     let c = campaign(&db, "none").await;
     add_ids(&db, c, json!([{"action": "a"}])).await;
     let claim = claim(&db, c).await.unwrap();
     let spawned = mcp
-        .ok("spawn_and_continue", json!({"step_id": claim.step_id, "claim_token": claim.token.to_string(),
+        .ok(
+            "spawn_and_continue",
+            json!({"step_id": claim.step_id, "claim_token": claim.token.to_string(),
             "subtasks": "[{\"action\": \"research\"}]",
-            "continuation": "{\"action\": \"merge results\", \"agent\": \"writer\"}"}))
+            "continuation": "{\"action\": \"merge results\", \"agent\": \"writer\"}"}),
+        )
         .await;
     assert!(spawned.is_object());
     let agent: Option<String> = db
@@ -484,9 +577,25 @@ async fn every_tool_names_the_parameter_of_a_type_error() {
             };
             let before = footprint(&db).await;
             let outcome = mcp.call(&tool.name, with(&base, &name, wrong)).await;
-            assert_eq!(outcome.code(), "invalid_argument", "{}.{name}: {}", tool.name, outcome.text);
-            assert!(outcome.text.contains(&format!("'{name}'")), "{}.{name}: {}", tool.name, outcome.text);
-            assert_eq!(before, footprint(&db).await, "{}.{name} changed something", tool.name);
+            assert_eq!(
+                outcome.code(),
+                "invalid_argument",
+                "{}.{name}: {}",
+                tool.name,
+                outcome.text
+            );
+            assert!(
+                outcome.text.contains(&format!("'{name}'")),
+                "{}.{name}: {}",
+                tool.name,
+                outcome.text
+            );
+            assert_eq!(
+                before,
+                footprint(&db).await,
+                "{}.{name} changed something",
+                tool.name
+            );
         }
     }
     mcp.stop().await;
@@ -506,7 +615,9 @@ async fn every_tool_taking_a_campaign_as_id_also_takes_campaign_id() {
             continue;
         }
         exercised += 1;
-        let expected = mcp.call(&tool.name, base_arguments(&db, &tool.name).await).await;
+        let expected = mcp
+            .call(&tool.name, base_arguments(&db, &tool.name).await)
+            .await;
         let mut args = base_arguments(&db, &tool.name).await;
         let id = args.as_object_mut().unwrap().remove("id").unwrap();
         args["campaign_id"] = id;
@@ -549,8 +660,12 @@ fn check_portable(node: &Value, path: &str, problems: &mut Vec<String>) {
             problems.push(format!("{path}: format {format}"));
         }
     }
-    if map.get("type") == Some(&json!("object")) && map.get("additionalProperties") != Some(&json!(false)) {
-        problems.push(format!("{path}: object without additionalProperties: false"));
+    if map.get("type") == Some(&json!("object"))
+        && map.get("additionalProperties") != Some(&json!(false))
+    {
+        problems.push(format!(
+            "{path}: object without additionalProperties: false"
+        ));
     }
     if let Some(props) = map.get("properties").and_then(Value::as_object) {
         for (name, property) in props {
@@ -564,7 +679,13 @@ fn check_portable(node: &Value, path: &str, problems: &mut Vec<String>) {
         check_portable(items, &format!("{path}[]"), problems);
     }
     for key in ["anyOf", "oneOf", "allOf"] {
-        for (i, branch) in map.get(key).and_then(Value::as_array).into_iter().flatten().enumerate() {
+        for (i, branch) in map
+            .get(key)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
             check_portable(branch, &format!("{path}.{key}[{i}]"), problems);
         }
     }
@@ -576,12 +697,25 @@ async fn every_input_and_output_schema_is_portable() {
     let mcp = McpClient::start(&db, &[]).await;
     let mut problems = Vec::new();
     for tool in listed_tools(&mcp).await {
-        check_portable(&Value::Object(tool.input.clone()), &format!("{}.input", tool.name), &mut problems);
-        assert_eq!(tool.input.get("type"), Some(&json!("object")), "{}", tool.name);
+        check_portable(
+            &Value::Object(tool.input.clone()),
+            &format!("{}.input", tool.name),
+            &mut problems,
+        );
+        assert_eq!(
+            tool.input.get("type"),
+            Some(&json!("object")),
+            "{}",
+            tool.name
+        );
         match &tool.output {
             Some(output) => {
                 assert_eq!(output.get("type"), Some(&json!("object")), "{}", tool.name);
-                check_portable(&Value::Object(output.clone()), &format!("{}.output", tool.name), &mut problems);
+                check_portable(
+                    &Value::Object(output.clone()),
+                    &format!("{}.output", tool.name),
+                    &mut problems,
+                );
             }
             None => problems.push(format!("{}: no outputSchema", tool.name)),
         }
@@ -620,7 +754,12 @@ fn validate(schema: &Value, value: &Value, path: &str, errors: &mut Vec<String>)
     }
     if let Some(object) = value.as_object() {
         let props = schema.get("properties").and_then(Value::as_object);
-        for name in schema.get("required").and_then(Value::as_array).into_iter().flatten() {
+        for name in schema
+            .get("required")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             if !object.contains_key(name.as_str().unwrap_or_default()) {
                 errors.push(format!("{path}: missing {name}"));
             }
@@ -628,7 +767,9 @@ fn validate(schema: &Value, value: &Value, path: &str, errors: &mut Vec<String>)
         let open = schema
             .get("patternProperties")
             .and_then(Value::as_object)
-            .is_some_and(|p| p.keys().all(|k| k == "^.*$" || k == ".*" || k.is_empty()) && !p.is_empty());
+            .is_some_and(|p| {
+                p.keys().all(|k| k == "^.*$" || k == ".*" || k.is_empty()) && !p.is_empty()
+            });
         for (key, item) in object {
             match props.and_then(|p| p.get(key)) {
                 Some(property) => validate(property, item, &format!("{path}.{key}"), errors),
@@ -645,7 +786,10 @@ fn validate(schema: &Value, value: &Value, path: &str, errors: &mut Vec<String>)
             validate(items, item, &format!("{path}[{i}]"), errors);
         }
     }
-    if let (Some(max), Some(text)) = (schema.get("maxLength").and_then(Value::as_u64), value.as_str()) {
+    if let (Some(max), Some(text)) = (
+        schema.get("maxLength").and_then(Value::as_u64),
+        value.as_str(),
+    ) {
         if text.chars().count() as u64 > max {
             errors.push(format!("{path}: longer than {max}"));
         }
@@ -661,12 +805,24 @@ async fn every_tool_result_validates_against_its_output_schema_errors_included()
     let mut errors = Vec::new();
     for tool in listed_tools(&mcp).await {
         let schema = Value::Object(tool.output.clone().expect("an outputSchema"));
-        let good = mcp.call(&tool.name, base_arguments(&db, &tool.name).await).await;
+        let good = mcp
+            .call(&tool.name, base_arguments(&db, &tool.name).await)
+            .await;
         let refused = mcp.call(&tool.name, json!({"no_such_parameter": 1})).await;
         assert!(refused.is_error);
         for (label, outcome) in [("result", &good), ("refusal", &refused)] {
-            assert!(outcome.value.is_object(), "{} {label} has no structuredContent: {}", tool.name, outcome.text);
-            validate(&schema, &outcome.value, &format!("{}.{label}", tool.name), &mut errors);
+            assert!(
+                outcome.value.is_object(),
+                "{} {label} has no structuredContent: {}",
+                tool.name,
+                outcome.text
+            );
+            validate(
+                &schema,
+                &outcome.value,
+                &format!("{}.{label}", tool.name),
+                &mut errors,
+            );
         }
     }
     assert!(errors.is_empty(), "{}", errors.join("\n"));
@@ -690,7 +846,9 @@ async fn large_campaigns_and_many_notes_come_back_in_pages_under_the_limit() {
     let mcp = McpClient::start(&db, &[]).await;
     let c = campaign(&db, "none").await;
     let action = "a".repeat(200);
-    let steps: Vec<Value> = (0..500).map(|i| json!({"action": format!("{action} {i}")})).collect();
+    let steps: Vec<Value> = (0..500)
+        .map(|i| json!({"action": format!("{action} {i}")}))
+        .collect();
     add(&db, c, json!(steps)).await;
     // Steps, a page at a time, every step once.
     let mut seen = std::collections::BTreeSet::new();
@@ -702,9 +860,16 @@ async fn large_campaigns_and_many_notes_come_back_in_pages_under_the_limit() {
         }
         let page = mcp.call("get_campaign", args).await;
         assert!(!page.is_error, "{}", page.text);
-        assert!(size(&page) < RESULT_LIMIT, "get_campaign page of {} chars", size(&page));
+        assert!(
+            size(&page) < RESULT_LIMIT,
+            "get_campaign page of {} chars",
+            size(&page)
+        );
         for step in page.value["steps"].as_array().unwrap() {
-            assert!(seen.insert(step["id"].as_i64().unwrap()), "a step on two pages");
+            assert!(
+                seen.insert(step["id"].as_i64().unwrap()),
+                "a step on two pages"
+            );
         }
         match page.value["next_steps_cursor"].as_str() {
             Some(next) => cursor = Some(next.to_string()),
@@ -729,7 +894,11 @@ async fn large_campaigns_and_many_notes_come_back_in_pages_under_the_limit() {
         }
         let page = mcp.call("get_notes", args).await;
         assert!(!page.is_error, "{}", page.text);
-        assert!(size(&page) < RESULT_LIMIT, "get_notes page of {} chars", size(&page));
+        assert!(
+            size(&page) < RESULT_LIMIT,
+            "get_notes page of {} chars",
+            size(&page)
+        );
         for note in page.value["notes"].as_array().unwrap() {
             assert!(note["content"].as_str().unwrap().len() <= 1000);
             assert!(note["content_chars"].as_i64().unwrap() > 3000);
@@ -741,10 +910,16 @@ async fn large_campaigns_and_many_notes_come_back_in_pages_under_the_limit() {
         }
     }
     assert_eq!(notes, 50);
-    let search = mcp.call("search_notes", json!({"query": "note word", "top_k": 1000})).await;
+    let search = mcp
+        .call("search_notes", json!({"query": "note word", "top_k": 1000}))
+        .await;
     assert!(!search.is_error, "{}", search.text);
     assert!(search.value["results"].as_array().unwrap().len() <= 50);
-    assert!(size(&search) < RESULT_LIMIT, "search_notes of {} chars", size(&search));
+    assert!(
+        size(&search) < RESULT_LIMIT,
+        "search_notes of {} chars",
+        size(&search)
+    );
     let list = mcp.call("list_campaigns", json!({})).await;
     assert!(list.value.get("next_cursor").is_some());
     mcp.stop().await;
@@ -760,30 +935,57 @@ async fn over_long_names_and_notes_are_refused_before_any_work() {
     let long = "n".repeat(201);
     let cases = [
         ("create_campaign", json!({"goal": "g", "name": long})),
-        ("create_campaign", json!({"goal": "g", "channel": "c".repeat(10_000_000)})),
-        ("create_campaign", json!({"goal": "g", "success_metric": long})),
+        (
+            "create_campaign",
+            json!({"goal": "g", "channel": "c".repeat(10_000_000)}),
+        ),
+        (
+            "create_campaign",
+            json!({"goal": "g", "success_metric": long}),
+        ),
         ("claim_next", json!({"agent": long})),
-        ("add_note", json!({"campaign_id": c, "content": "x", "tags": ["ok", long]})),
+        (
+            "add_note",
+            json!({"campaign_id": c, "content": "x", "tags": ["ok", long]}),
+        ),
         ("get_notes", json!({"campaign_id": c, "tags": [long]})),
-        ("add_steps", json!({"campaign_id": c, "steps": [{"action": "a"}], "request_id": long})),
+        (
+            "add_steps",
+            json!({"campaign_id": c, "steps": [{"action": "a"}], "request_id": long}),
+        ),
     ];
     for (tool, args) in cases {
         let before = footprint(&db).await;
         let outcome = mcp.call(tool, args).await;
-        assert_eq!(outcome.code(), "invalid_argument", "{tool}: {}", outcome.text);
+        assert_eq!(
+            outcome.code(),
+            "invalid_argument",
+            "{tool}: {}",
+            outcome.text
+        );
         assert!(outcome.text.contains("at most"), "{tool}: {}", outcome.text);
         assert_eq!(before, footprint(&db).await, "{tool} changed something");
     }
     // 8 MB of note is refused at once, before the embedder sees it.
     let started = std::time::Instant::now();
     let outcome = mcp
-        .call("add_note", json!({"campaign_id": c, "content": "w ".repeat(4_000_000)}))
+        .call(
+            "add_note",
+            json!({"campaign_id": c, "content": "w ".repeat(4_000_000)}),
+        )
         .await;
     assert_eq!(outcome.code(), "invalid_argument", "{}", outcome.text);
     assert!(outcome.text.contains("100000"), "{}", outcome.text);
-    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
     let exactly = mcp
-        .call("add_note", json!({"campaign_id": c, "content": "x".repeat(100_000)}))
+        .call(
+            "add_note",
+            json!({"campaign_id": c, "content": "x".repeat(100_000)}),
+        )
         .await;
     assert!(!exactly.is_error, "{}", exactly.text);
     mcp.stop().await;
@@ -811,47 +1013,116 @@ async fn every_idempotent_tool_replays_its_first_result_and_refuses_other_argume
     add_ids(&db, c, json!([{"action": "split me"}])).await;
     let split = claim(&db, c).await.unwrap();
     let started = mcp
-        .ok("start_workflow", json!({"workflow_name": "greet", "request_id": "wf-start"}))
+        .ok(
+            "start_workflow",
+            json!({"workflow_name": "greet", "request_id": "wf-start"}),
+        )
         .await;
     let instance = started["instance_id"].as_str().unwrap().to_string();
     let cases: Vec<(&str, Value, &str)> = vec![
-        ("create_campaign", json!({"goal": "g", "planner": "none"}), "goal"),
-        ("add_steps", json!({"campaign_id": cs, "steps": [{"action": "x"}, {"action": "y"}]}), "steps"),
-        ("add_note", json!({"campaign_id": cs, "content": "seen once"}), "content"),
-        ("steer_campaign", json!({"id": cs, "guidance": "left"}), "guidance"),
-        ("provide_input", json!({"id": cs, "step_id": asking, "answer": "blue"}), "answer"),
-        ("spawn_and_continue", json!({"step_id": split.step_id, "claim_token": split.token.to_string(),
-            "subtasks": [{"action": "part"}], "continuation": "merge"}), "partial_output"),
-        ("start_workflow", json!({"workflow_name": "greet", "context": {"who": "x"}}), "context"),
-        ("advance_workflow", json!({"instance_id": instance, "report": {"step_id": "hello", "status": "success"}}), "report"),
+        (
+            "create_campaign",
+            json!({"goal": "g", "planner": "none"}),
+            "goal",
+        ),
+        (
+            "add_steps",
+            json!({"campaign_id": cs, "steps": [{"action": "x"}, {"action": "y"}]}),
+            "steps",
+        ),
+        (
+            "add_note",
+            json!({"campaign_id": cs, "content": "seen once"}),
+            "content",
+        ),
+        (
+            "steer_campaign",
+            json!({"id": cs, "guidance": "left"}),
+            "guidance",
+        ),
+        (
+            "provide_input",
+            json!({"id": cs, "step_id": asking, "answer": "blue"}),
+            "answer",
+        ),
+        (
+            "spawn_and_continue",
+            json!({"step_id": split.step_id, "claim_token": split.token.to_string(),
+            "subtasks": [{"action": "part"}], "continuation": "merge"}),
+            "partial_output",
+        ),
+        (
+            "start_workflow",
+            json!({"workflow_name": "greet", "context": {"who": "x"}}),
+            "context",
+        ),
+        (
+            "advance_workflow",
+            json!({"instance_id": instance, "report": {"step_id": "hello", "status": "success"}}),
+            "report",
+        ),
     ];
     for (tool, args, changed) in cases {
         let request_id = format!("req-{tool}");
         let args = with(&args, "request_id", json!(request_id));
         let first = mcp.ok(tool, args.clone()).await;
-        assert!(first.get("replayed").is_none_or(|r| r == false), "{tool}: {first}");
+        assert!(
+            first.get("replayed").is_none_or(|r| r == false),
+            "{tool}: {first}"
+        );
         let before = footprint(&db).await;
         let again = mcp.ok(tool, args.clone()).await;
         assert_eq!(again["replayed"], true, "{tool}: {again}");
         let mut without = again.clone();
         without.as_object_mut().unwrap().remove("replayed");
         assert_eq!(without, first, "{tool} answers as the first time");
-        assert_eq!(before, footprint(&db).await, "{tool}: the repeat changed something");
-        let other = with(&args, changed, if changed == "steps" {
-            json!([{"action": "z"}])
-        } else if changed == "context" || changed == "report" {
-            json!({"step_id": "other"})
-        } else {
-            json!("something else")
-        });
+        assert_eq!(
+            before,
+            footprint(&db).await,
+            "{tool}: the repeat changed something"
+        );
+        let other = with(
+            &args,
+            changed,
+            if changed == "steps" {
+                json!([{"action": "z"}])
+            } else if changed == "context" || changed == "report" {
+                json!({"step_id": "other"})
+            } else {
+                json!("something else")
+            },
+        );
         let refused = mcp.call(tool, other).await;
-        assert_eq!(refused.code(), "invalid_argument", "{tool}: {}", refused.text);
-        assert!(refused.text.contains("request_id"), "{tool}: {}", refused.text);
-        assert_eq!(before, footprint(&db).await, "{tool}: the refusal changed something");
+        assert_eq!(
+            refused.code(),
+            "invalid_argument",
+            "{tool}: {}",
+            refused.text
+        );
+        assert!(
+            refused.text.contains("request_id"),
+            "{tool}: {}",
+            refused.text
+        );
+        assert_eq!(
+            before,
+            footprint(&db).await,
+            "{tool}: the refusal changed something"
+        );
     }
     // SQL callers get the same.
-    let first = db.ok("sortie.add_steps($1, '[{\"action\": \"sql\"}]', request_id => 'sql-1')", &[&c]).await;
-    let again = db.ok("sortie.add_steps($1, '[{\"action\": \"sql\"}]', request_id => 'sql-1')", &[&c]).await;
+    let first = db
+        .ok(
+            "sortie.add_steps($1, '[{\"action\": \"sql\"}]', request_id => 'sql-1')",
+            &[&c],
+        )
+        .await;
+    let again = db
+        .ok(
+            "sortie.add_steps($1, '[{\"action\": \"sql\"}]', request_id => 'sql-1')",
+            &[&c],
+        )
+        .await;
     assert_eq!(again["replayed"], true);
     assert_eq!(again["step_ids"], first["step_ids"]);
     mcp.stop().await;
@@ -864,7 +1135,11 @@ fn workflow_dir() -> String {
     let dir = std::env::temp_dir().join(format!("sortie-boundary-wf-{}", Uuid::new_v4()));
     let greet = dir.join("greet");
     std::fs::create_dir_all(greet.join("steps")).unwrap();
-    std::fs::write(greet.join("index.md"), "# Say hello\n- [hello](steps/hello.md)\n").unwrap();
+    std::fs::write(
+        greet.join("index.md"),
+        "# Say hello\n- [hello](steps/hello.md)\n",
+    )
+    .unwrap();
     std::fs::write(
         greet.join("steps/hello.md"),
         "# Orchestrator Guidance\non success: FINISH\n\n# Client Instructions\nSay hello.\n",
@@ -878,7 +1153,12 @@ async fn a_repeated_complete_or_fail_by_the_finishing_claim_answers_as_the_first
     let db = TestDb::new().await;
     let mcp = McpClient::start(&db, &[]).await;
     let c = campaign(&db, "none").await;
-    add_ids(&db, c, json!([{"action": "a", "max_attempts": 1}, {"action": "b", "max_attempts": 3}])).await;
+    add_ids(
+        &db,
+        c,
+        json!([{"action": "a", "max_attempts": 1}, {"action": "b", "max_attempts": 3}]),
+    )
+    .await;
     for tool in ["complete_step", "fail_step"] {
         let claim = claim(&db, c).await.unwrap();
         let args = json!({"step_id": claim.step_id, "claim_token": claim.token.to_string()});
@@ -892,7 +1172,10 @@ async fn a_repeated_complete_or_fail_by_the_finishing_claim_answers_as_the_first
         assert_eq!(before, footprint(&db).await);
         // Another claim's token is still stale.
         let stranger = mcp
-            .call(tool, json!({"step_id": claim.step_id, "claim_token": Uuid::new_v4().to_string()}))
+            .call(
+                tool,
+                json!({"step_id": claim.step_id, "claim_token": Uuid::new_v4().to_string()}),
+            )
             .await;
         assert!(stranger.is_error, "{tool}: {}", stranger.text);
     }
@@ -921,47 +1204,75 @@ async fn a_server_killed_after_commit_and_before_its_reply_is_retried_safely() {
     let c = campaign(&db, "none").await;
     // Few enough steps that the answer fits PostgreSQL's send buffer: the backend commits before
     // it tries to write to the dead connection.
-    let steps: Vec<Value> = (0..300).map(|i| json!({"action": format!("s{i}")})).collect();
+    let steps: Vec<Value> = (0..300)
+        .map(|i| json!({"action": format!("s{i}")}))
+        .collect();
     let args = json!({"campaign_id": c.to_string(), "steps": steps, "request_id": "kill-add"});
     // Hold the campaign so that the call waits inside the database.
     let holder = db.connect().await;
     holder.batch_execute("BEGIN").await.unwrap();
     holder
-        .execute("SELECT 1 FROM sortie.campaigns WHERE id = $1 FOR UPDATE", &[&c])
+        .execute(
+            "SELECT 1 FROM sortie.campaigns WHERE id = $1 FOR UPDATE",
+            &[&c],
+        )
         .await
         .unwrap();
     let mut server = RawServer::start(&db, &[]);
     server.send_json(&tool_call(31, "add_steps", args.clone()));
-    wait_for(Duration::from_secs(20), || async { waiting_backend(&db, "add_steps").await.is_some() }).await;
-    assert!(waiting_backend(&db, "add_steps").await.is_some(), "the call reached the database");
+    wait_for(Duration::from_secs(20), || async {
+        waiting_backend(&db, "add_steps").await.is_some()
+    })
+    .await;
+    assert!(
+        waiting_backend(&db, "add_steps").await.is_some(),
+        "the call reached the database"
+    );
     server.stop(); // SIGKILL: no reply will ever be written
     holder.batch_execute("COMMIT").await.unwrap();
     wait_for(Duration::from_secs(20), || async {
         count(&db, "SELECT count(*) FROM sortie.steps").await == 300
     })
     .await;
-    assert_eq!(count(&db, "SELECT count(*) FROM sortie.steps").await, 300, "the call committed");
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM sortie.steps").await,
+        300,
+        "the call committed"
+    );
     let mcp = McpClient::start(&db, &[]).await;
     let retried = mcp.ok("add_steps", args).await;
     assert_eq!(retried["replayed"], true, "{retried}");
     assert_eq!(retried["step_ids"].as_array().unwrap().len(), 300);
-    assert_eq!(count(&db, "SELECT count(*) FROM sortie.steps").await, 300, "no step twice");
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM sortie.steps").await,
+        300,
+        "no step twice"
+    );
 
     // The same for a completion: the retry by the same claim is answered, not stale_claim.
     let claim = claim(&db, c).await.unwrap();
     let holder = db.connect().await;
     holder.batch_execute("BEGIN").await.unwrap();
     holder
-        .execute("SELECT 1 FROM sortie.campaigns WHERE id = $1 FOR UPDATE", &[&c])
+        .execute(
+            "SELECT 1 FROM sortie.campaigns WHERE id = $1 FOR UPDATE",
+            &[&c],
+        )
         .await
         .unwrap();
     let complete = json!({"step_id": claim.step_id, "claim_token": claim.token.to_string(), "summary": "once"});
     let mut server = RawServer::start(&db, &[]);
     server.send_json(&tool_call(32, "complete_step", complete.clone()));
-    wait_for(Duration::from_secs(20), || async { waiting_backend(&db, "complete_step").await.is_some() }).await;
+    wait_for(Duration::from_secs(20), || async {
+        waiting_backend(&db, "complete_step").await.is_some()
+    })
+    .await;
     server.stop();
     holder.batch_execute("COMMIT").await.unwrap();
-    wait_for(Duration::from_secs(20), || async { status(&db, claim.step_id).await == "done" }).await;
+    wait_for(Duration::from_secs(20), || async {
+        status(&db, claim.step_id).await == "done"
+    })
+    .await;
     let retried = mcp.ok("complete_step", complete).await;
     assert_eq!(retried["replayed"], true, "{retried}");
     assert_eq!(retried["status"], "done");
@@ -979,7 +1290,10 @@ async fn a_call_whose_connection_is_lost_in_flight_answers_in_doubt() {
     let holder = db.connect().await;
     holder.batch_execute("BEGIN").await.unwrap();
     holder
-        .execute("SELECT 1 FROM sortie.campaigns WHERE id = $1 FOR UPDATE", &[&c])
+        .execute(
+            "SELECT 1 FROM sortie.campaigns WHERE id = $1 FOR UPDATE",
+            &[&c],
+        )
         .await
         .unwrap();
     let mcp = McpClient::start(&db, &[]).await;
@@ -988,8 +1302,13 @@ async fn a_call_whose_connection_is_lost_in_flight_answers_in_doubt() {
         json!({"id": c.to_string(), "guidance": "left", "request_id": "doubt-1"}),
     );
     let cut = async {
-        wait_for(Duration::from_secs(20), || async { waiting_backend(&db, "steer_campaign").await.is_some() }).await;
-        let pid = waiting_backend(&db, "steer_campaign").await.expect("the call waits");
+        wait_for(Duration::from_secs(20), || async {
+            waiting_backend(&db, "steer_campaign").await.is_some()
+        })
+        .await;
+        let pid = waiting_backend(&db, "steer_campaign")
+            .await
+            .expect("the call waits");
         db.client
             .execute("SELECT pg_terminate_backend($1)", &[&pid])
             .await
@@ -1001,7 +1320,10 @@ async fn a_call_whose_connection_is_lost_in_flight_answers_in_doubt() {
     assert!(outcome.text.contains("same request_id"), "{}", outcome.text);
     // The repeat is safe either way.
     let again = mcp
-        .call("steer_campaign", json!({"id": c.to_string(), "guidance": "left", "request_id": "doubt-1"}))
+        .call(
+            "steer_campaign",
+            json!({"id": c.to_string(), "guidance": "left", "request_id": "doubt-1"}),
+        )
         .await;
     assert!(!again.is_error, "{}", again.text);
     mcp.stop().await;

@@ -15,7 +15,8 @@ fn clients_dir() -> PathBuf {
 }
 
 fn python() -> PathBuf {
-    let venv = std::env::var("SORTIE_CLIENTS_DIR").unwrap_or_else(|_| "/var/cache/sortie/clients".into());
+    let venv =
+        std::env::var("SORTIE_CLIENTS_DIR").unwrap_or_else(|_| "/var/cache/sortie/clients".into());
     let python = Path::new(&venv).join("venv/bin/python");
     assert!(
         python.is_file(),
@@ -69,7 +70,10 @@ fn check(client: &str, seen: &Value) {
     assert_eq!(seen["setLevel"], true, "{client}");
     let calls = seen["calls"].as_object().unwrap();
     for (label, call) in calls {
-        assert!(call.get("threw").is_none(), "{client} {label} threw: {call}");
+        assert!(
+            call.get("threw").is_none(),
+            "{client} {label} threw: {call}"
+        );
     }
     let ok = |label: &str| {
         let call = &calls[label];
@@ -81,24 +85,52 @@ fn check(client: &str, seen: &Value) {
     assert_eq!(again["replayed"], true, "{client}: {again}");
     assert_eq!(again["id"], created["id"], "{client}");
     assert_eq!(ok("add_steps_as_text")["created"], 2, "{client}");
-    assert_eq!(ok("get_campaign")["steps"].as_array().unwrap().len(), 1, "{client}");
-    assert!(ok("get_campaign")["next_steps_cursor"].is_string(), "{client}");
-    assert_eq!(ok("get_campaign_by_campaign_id")["id"], created["id"], "{client}");
+    assert_eq!(
+        ok("get_campaign")["steps"].as_array().unwrap().len(),
+        1,
+        "{client}"
+    );
+    assert!(
+        ok("get_campaign")["next_steps_cursor"].is_string(),
+        "{client}"
+    );
+    assert_eq!(
+        ok("get_campaign_by_campaign_id")["id"],
+        created["id"],
+        "{client}"
+    );
     ok("list_campaigns");
     ok("get_updates");
     assert!(ok("claim")["step_id"].is_i64(), "{client}");
     assert!(ok("add_note")["note_id"].is_i64(), "{client}");
-    assert!(!ok("get_notes")["notes"].as_array().unwrap().is_empty(), "{client}");
-    assert!(ok("search_notes")["results"].as_array().unwrap().len() <= 50, "{client}");
+    assert!(
+        !ok("get_notes")["notes"].as_array().unwrap().is_empty(),
+        "{client}"
+    );
+    assert!(
+        ok("search_notes")["results"].as_array().unwrap().len() <= 50,
+        "{client}"
+    );
     ok("list_workflows");
     ok("cancel");
-    for (label, code) in [("not_found", "not_found"), ("unknown_parameter", "invalid_argument")] {
+    for (label, code) in [
+        ("not_found", "not_found"),
+        ("unknown_parameter", "invalid_argument"),
+    ] {
         let call = &calls[label];
         assert_eq!(call["isError"], true, "{client} {label}: {call}");
-        assert_eq!(call["structured"]["error"]["code"], code, "{client} {label}: {call}");
+        assert_eq!(
+            call["structured"]["error"]["code"], code,
+            "{client} {label}: {call}"
+        );
     }
-    let message = calls["unknown_parameter"]["structured"]["error"]["message"].as_str().unwrap();
-    assert!(message.contains("'output'") && message.contains("summary"), "{client}: {message}");
+    let message = calls["unknown_parameter"]["structured"]["error"]["message"]
+        .as_str()
+        .unwrap();
+    assert!(
+        message.contains("'output'") && message.contains("summary"),
+        "{client}: {message}"
+    );
 }
 
 #[tokio::test]
@@ -115,6 +147,10 @@ async fn the_official_typescript_sdk_validates_results_and_errors_against_output
     let seen = run_client(&db, Path::new(node()), "ts_client.mjs");
     check("typescript", &seen);
     // The TypeScript SDK validated the domain errors too: they did not throw.
-    assert_eq!(seen["calls"]["type_error"]["isError"], true, "{}", seen["calls"]["type_error"]);
+    assert_eq!(
+        seen["calls"]["type_error"]["isError"], true,
+        "{}",
+        seen["calls"]["type_error"]
+    );
     db.finish().await;
 }

@@ -57,7 +57,9 @@ pub fn prepare(
         };
         if value.is_null() {
             if required.contains(&name.as_str()) {
-                return Err(format!("parameter '{name}' is required and may not be null"));
+                return Err(format!(
+                    "parameter '{name}' is required and may not be null"
+                ));
             }
             continue;
         }
@@ -85,7 +87,10 @@ pub fn declared_type(property: &Value) -> Option<&str> {
     match property.get("type") {
         Some(Value::String(t)) => return Some(t),
         Some(Value::Array(types)) => {
-            return types.iter().filter_map(Value::as_str).find(|t| *t != "null");
+            return types
+                .iter()
+                .filter_map(Value::as_str)
+                .find(|t| *t != "null");
         }
         _ => {}
     }
@@ -139,7 +144,8 @@ fn coerce(name: &str, property: &Value, value: Value) -> Result<Value, Refusal> 
         }
         other => other,
     };
-    if !fits(&value, declared) && !(accepts_string && value.is_string()) {
+    let fits_declared = fits(&value, declared) || (accepts_string && value.is_string());
+    if !fits_declared {
         return Err(format!(
             "parameter '{name}' must be {} {declared}{}, not {} {}",
             article(declared),
@@ -219,8 +225,10 @@ mod tests {
 
     #[test]
     fn json_text_of_the_declared_type_is_taken_as_that_value() {
-        let out = run(json!({"id": ID, "steps": "[{\"action\":\"a\"}]", "limit": "5",
-            "continuation": "{\"action\":\"m\"}"}))
+        let out = run(
+            json!({"id": ID, "steps": "[{\"action\":\"a\"}]", "limit": "5",
+            "continuation": "{\"action\":\"m\"}"}),
+        )
         .unwrap();
         assert_eq!(out["steps"], json!([{"action": "a"}]));
         assert_eq!(out["limit"], json!(5));
@@ -243,8 +251,14 @@ mod tests {
     fn campaign_id_is_taken_as_id_and_type_errors_name_the_parameter() {
         assert_eq!(run(json!({"campaign_id": ID})).unwrap()["id"], json!(ID));
         assert!(run(json!({"id": "nope"})).unwrap_err().contains("'id'"));
-        assert!(run(json!({"id": ID, "steps": "not json"})).unwrap_err().contains("'steps'"));
-        assert!(run(json!({"id": ID, "tags": ["abcd"]})).unwrap_err().contains("'tags'"));
-        assert!(run(json!({"id": ID, "tags": [1]})).unwrap_err().contains("'tags'"));
+        assert!(run(json!({"id": ID, "steps": "not json"}))
+            .unwrap_err()
+            .contains("'steps'"));
+        assert!(run(json!({"id": ID, "tags": ["abcd"]}))
+            .unwrap_err()
+            .contains("'tags'"));
+        assert!(run(json!({"id": ID, "tags": [1]}))
+            .unwrap_err()
+            .contains("'tags'"));
     }
 }

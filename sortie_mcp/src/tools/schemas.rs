@@ -45,7 +45,8 @@ pub fn continuation(_: &mut SchemaGenerator) -> Schema {
 /// A step object (SPEC §3a). Its children are step objects too; since `$ref` is not portable,
 /// they are described as open objects.
 fn step_object() -> Value {
-    let open = json!({"type": "object", "patternProperties": {"^.*$": {}}, "additionalProperties": false});
+    let open =
+        json!({"type": "object", "patternProperties": {"^.*$": {}}, "additionalProperties": false});
     let open_list = json!({"type": "array", "items": open});
     json!({
         "type": "object",
@@ -120,8 +121,16 @@ fn rewrite(value: &mut Value, defs: &Value, depth: usize) {
     }
     // Option<T> as ["T", "null"]: optional means "not required", so the null goes.
     if let Some(Value::Array(types)) = map.get("type").cloned() {
-        let kept: Vec<&Value> = types.iter().filter(|t| t.as_str() != Some("null")).collect();
-        map.insert("type".into(), kept.first().map(|t| (*t).clone()).unwrap_or(json!("string")));
+        let kept: Vec<&Value> = types
+            .iter()
+            .filter(|t| t.as_str() != Some("null"))
+            .collect();
+        map.insert(
+            "type".into(),
+            kept.first()
+                .map(|t| (*t).clone())
+                .unwrap_or(json!("string")),
+        );
     }
     // Option<Struct> as anyOf [T, null].
     if let Some(Value::Array(branches)) = map.get("anyOf").cloned() {
