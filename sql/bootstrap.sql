@@ -139,6 +139,14 @@ CREATE TABLE campaigns (
     success_target      double precision,
     success_direction   metric_direction NOT NULL DEFAULT 'max',
     benchmark_command   text,
+    -- SPEC §17: set when a campaign with a benchmark_command drains; a runner takes it (with a
+    -- lease), runs the command and records the outcome (record_benchmark), which clears it.
+    benchmark_due       boolean NOT NULL DEFAULT false,
+    benchmark_lease_until timestamptz,
+    -- The benchmark runs so far (each one an iteration) and the last one's outcome:
+    -- {exit_code, metric_line, metric_value, output_tail, at}.
+    benchmark_runs      nonneg_int NOT NULL DEFAULT 0,
+    last_benchmark      jsonb,
     scope               text,
     max_iterations      positive_int,
     planner             planner_kind NOT NULL DEFAULT 'llm',
@@ -155,6 +163,10 @@ CREATE TABLE campaigns (
     open_steps          nonneg_int NOT NULL DEFAULT 0,
     running_steps       nonneg_int NOT NULL DEFAULT 0,
     ready_steps         nonneg_int NOT NULL DEFAULT 0,
+    -- No ready step of the campaign has a lower id (SPEC §18): claims scan `steps_ready` from
+    -- here, past the entries finished history left behind. Raised by claims, lowered by the
+    -- trigger `steps_lower_ready_floor` whenever a step becomes ready again.
+    ready_floor         bigint NOT NULL DEFAULT 0,
     next_action_at      timestamptz,
     created_at          timestamptz NOT NULL DEFAULT now(),
     updated_at          timestamptz NOT NULL DEFAULT now(),
@@ -210,6 +222,12 @@ CREATE TABLE steps (
     heartbeat_at         timestamptz,
     lease_expires_at     timestamptz,
     requires_locks       text[] NOT NULL DEFAULT '{}',
+    -- SPEC §17: a command that must pass before the step is done; while it runs the step stays
+    -- running with the worker's summary stored (verification_requested_at ≥ claimed_at), and
+    -- its output is kept as `verification`.
+    verify               text,
+    verification_requested_at timestamptz,
+    verification         text,
     -- Whether the current claim is a runner's dispatch, which uses one of the runner slots
     -- (SPEC §13: SORTIE_MAX_CONCURRENT); a pull-mode worker's claim does not.
     dispatched           boolean NOT NULL DEFAULT false,
@@ -225,6 +243,22 @@ CREATE TABLE steps (
 -- The ready set (SPEC §10): small, partial, ordered the way claims take it.
 CREATE INDEX steps_ready ON steps (campaign_id, id)
     WHERE status = 'pending' AND step_type = 'atomic' AND remaining_deps = 0;
+-- A step becoming ready through an update (dependencies met, a retry, a release, a reset)
+-- lowers its campaign's ready_floor to its id; an inserted step needs nothing, as its id is
+-- above every existing one. The WHEN clause keeps the trigger off every other update.
+CREATE FUNCTION lower_ready_floor() RETURNS trigger
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    UPDATE campaigns SET ready_floor = NEW.id WHERE id = NEW.campaign_id AND ready_floor > NEW.id;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER steps_lower_ready_floor AFTER UPDATE ON steps FOR EACH ROW
+    WHEN (NEW.status = 'pending' AND NEW.step_type = 'atomic' AND NEW.remaining_deps = 0
+          AND NOT (OLD.status = 'pending' AND OLD.step_type = 'atomic' AND OLD.remaining_deps = 0))
+    EXECUTE FUNCTION lower_ready_floor();
 CREATE INDEX steps_running_lease ON steps (lease_expires_at) WHERE status = 'running' AND step_type = 'atomic';
 CREATE INDEX steps_dispatched ON steps (id) WHERE status = 'running' AND dispatched;
 CREATE INDEX steps_campaign ON steps (campaign_id, id);

@@ -31,6 +31,9 @@ pub struct Config {
     pub owner: String,
     pub max_concurrent: u32,
     pub zombie_timeout: Duration,
+    /// SPEC §13: how long a campaign created without steps waits for its coordinator's
+    /// add_steps before the planner may plan it (SORTIE_PLAN_DELAY, seconds).
+    pub plan_delay: Duration,
     pub preview_head: i32,
     pub preview_tail: i32,
     pub litellm_url: Option<String>,
@@ -44,6 +47,16 @@ pub struct Config {
     pub webhook_url: Option<String>,
     /// Folder of Markdown workflows (SPEC §7), one sub-folder per workflow.
     pub workflows_dir: Option<std::path::PathBuf>,
+    /// SPEC §17: where verify and benchmark commands run (SORTIE_WORKDIR; unset: the
+    /// process's own working directory).
+    pub workdir: Option<std::path::PathBuf>,
+    /// SPEC §17: how long a verify or benchmark command may run (SORTIE_VERIFY_TIMEOUT, s).
+    pub verify_timeout: Duration,
+    /// How long a planner or workflow LLM call may take (AI_REQUEST_TIMEOUT_MS).
+    pub ai_request_timeout: Duration,
+    /// A deterministic stand-in for the planner LLM (USE_STUB_AI_CLIENT=true), for trying
+    /// campaigns and workflows without a model.
+    pub stub_ai: bool,
 }
 
 /// Where variables come from: the process environment, or a map in tests.
@@ -89,6 +102,11 @@ pub fn valid_identifier(name: &str) -> bool {
 }
 
 impl Config {
+    /// Whether a planner answers: an LLM at LITELLM_URL, or the stub (USE_STUB_AI_CLIENT).
+    pub fn has_planner(&self) -> bool {
+        self.litellm_url.is_some() || self.stub_ai
+    }
+
     pub fn from_env() -> Result<Config> {
         Self::from_vars(&|name| std::env::var(name).ok())
     }
@@ -109,7 +127,9 @@ impl Config {
                 bail!("SORTIE_ROLE={other:?} is invalid: expected coordinator, worker or both")
             }
         };
+        // SPEC §13: an agent runtime's address alone means dispatching to it.
         let dispatch = match var("SORTIE_DISPATCH").as_deref().map(str::trim) {
+            None if var("OPENCLAW_RUNTIME_URL").is_some() => Dispatch::Http,
             None | Some("none") => Dispatch::None,
             Some("http") => Dispatch::Http,
             Some("command") => Dispatch::Command,
@@ -154,6 +174,13 @@ impl Config {
                 |v| (1..=10_000).contains(v),
                 "a whole number from 1 to 10000",
             )?,
+            plan_delay: Duration::from_secs(parse(
+                var,
+                "SORTIE_PLAN_DELAY",
+                10u64,
+                |v| *v <= 86_400,
+                "seconds from 0 to 86400",
+            )?),
             zombie_timeout: Duration::from_secs(
                 60 * parse(
                     var,
@@ -193,6 +220,26 @@ impl Config {
             agent_command: var("SORTIE_AGENT_COMMAND"),
             webhook_url: url(var, "SORTIE_WEBHOOK_URL")?,
             workflows_dir: var("WORKFLOW_DEFINITIONS_DIR").map(std::path::PathBuf::from),
+            workdir: var("SORTIE_WORKDIR").map(std::path::PathBuf::from),
+            verify_timeout: Duration::from_secs(parse(
+                var,
+                "SORTIE_VERIFY_TIMEOUT",
+                600u64,
+                |v| (1..=86_400).contains(v),
+                "seconds from 1 to 86400",
+            )?),
+            ai_request_timeout: Duration::from_millis(parse(
+                var,
+                "AI_REQUEST_TIMEOUT_MS",
+                120_000u64,
+                |v| (100..=3_600_000).contains(v),
+                "milliseconds from 100 to 3600000",
+            )?),
+            stub_ai: match var("USE_STUB_AI_CLIENT").as_deref().map(str::trim) {
+                None | Some("") | Some("false") | Some("0") => false,
+                Some("true") | Some("1") => true,
+                Some(other) => bail!("USE_STUB_AI_CLIENT={other:?} is invalid: expected true or false"),
+            },
         };
         if config.dispatch == Dispatch::Http && config.runtime_url.is_none() {
             bail!("SORTIE_DISPATCH=http needs OPENCLAW_RUNTIME_URL");
@@ -202,6 +249,100 @@ impl Config {
         }
         Ok(config)
     }
+}
+
+/// Which program reads a variable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reader {
+    Both,
+    Mcp,
+    Runner,
+    /// The `sortie` command-line tool.
+    Cli,
+}
+
+/// One environment variable: the single table `--help` of both binaries is generated from,
+/// so the help cannot drift from what the programs read (a test checks every variable the
+/// code reads is here).
+pub struct EnvVar {
+    pub name: &'static str,
+    pub default: &'static str,
+    pub meaning: &'static str,
+    pub read_by: Reader,
+}
+
+const fn env(
+    name: &'static str,
+    default: &'static str,
+    meaning: &'static str,
+    read_by: Reader,
+) -> EnvVar {
+    EnvVar {
+        name,
+        default,
+        meaning,
+        read_by,
+    }
+}
+
+pub const ENV_VARS: &[EnvVar] = &[
+    env("DATABASE_URL", "embedded cluster", "PostgreSQL connection string (postgresql://user:pass@host:5432/db or key=value); unset: a private cluster under SORTIE_DATA_DIR", Reader::Both),
+    env("SORTIE_SCHEMA", "sortie", "schema the sortie extension is installed in", Reader::Both),
+    env("SORTIE_ROLE", "both", "coordinator, worker or both: which MCP tools are listed", Reader::Both),
+    env("SORTIE_STEP_ID", "-", "a worker session's step (set by the runner)", Reader::Both),
+    env("SORTIE_CAMPAIGN_ID", "-", "a worker session's campaign (set by the runner)", Reader::Both),
+    env("SORTIE_CLAIM_TOKEN", "-", "a worker session's claim token (set by the runner)", Reader::Both),
+    env("SORTIE_OWNER", "host/pid", "claim owner name", Reader::Both),
+    env("SORTIE_MAX_CONCURRENT", "4", "dispatched steps running at once, one cap shared by every runner of the database (pull-mode claims do not count)", Reader::Both),
+    env("SORTIE_PLAN_DELAY", "10", "seconds a campaign created without steps waits for add_steps before the planner may plan it", Reader::Both),
+    env("SORTIE_ZOMBIE_TIMEOUT", "30", "minutes: lease the runner gives each dispatch", Reader::Both),
+    env("SORTIE_PREVIEW_HEAD", "600", "characters of an upstream output shown from its start", Reader::Both),
+    env("SORTIE_PREVIEW_TAIL", "200", "characters of an upstream output shown from its end", Reader::Both),
+    env("LITELLM_URL", "-", "OpenAI-compatible endpoint for the planner and embeddings", Reader::Both),
+    env("LITELLM_KEY", "-", "API key for LITELLM_URL", Reader::Both),
+    env("SORTIE_PLANNER_MODEL", "qwen3.5:9b", "planner model at LITELLM_URL", Reader::Both),
+    env("SORTIE_EMBEDDING_MODEL", "-", "embedding model at LITELLM_URL (unset: offline all-MiniLM-L6-v2)", Reader::Both),
+    env("SORTIE_EMBEDDING_DIM", "384", "embedding dimension", Reader::Both),
+    env("OPENCLAW_RUNTIME_URL", "-", "agent runtime for SORTIE_DISPATCH=http", Reader::Both),
+    env("SORTIE_DISPATCH", "none (http when OPENCLAW_RUNTIME_URL is set)", "http, command or none (workers pull with claim_next)", Reader::Both),
+    env("SORTIE_AGENT_COMMAND", "-", "agent command line for SORTIE_DISPATCH=command (prompt on stdin)", Reader::Both),
+    env("SORTIE_WEBHOOK_URL", "-", "Discord-compatible webhook for notifications", Reader::Both),
+    env("SORTIE_WORKDIR", "current directory", "where verify and benchmark commands run (sh -c)", Reader::Both),
+    env("SORTIE_VERIFY_TIMEOUT", "600", "seconds a verify or benchmark command may run", Reader::Both),
+    env("AI_REQUEST_TIMEOUT_MS", "120000", "milliseconds a planner or workflow LLM call may take", Reader::Both),
+    env("USE_STUB_AI_CLIENT", "false", "true: a deterministic stub stands in for the planner LLM (no model needed)", Reader::Both),
+    env("LOG_LEVEL", "info", "Sortie's own log level when RUST_LOG is unset (error, warn, info, debug, trace)", Reader::Both),
+    env("WORKFLOW_DEFINITIONS_DIR", "-", "folder of Markdown workflows, one sub-folder each", Reader::Both),
+    env("SORTIE_MAX_REQUEST_BYTES", "16777216", "longest JSON-RPC request line sortie-mcp accepts, in bytes", Reader::Mcp),
+    env("SORTIE_HTTP_TOKEN", "-", "bearer token --http requires (16 characters or more)", Reader::Mcp),
+    env("SORTIE_DATA_DIR", "~/.local/share/sortie", "where the embedded cluster lives (/var/lib/sortie for root)", Reader::Both),
+    env("SORTIE_PG_BIN", "pg_config --bindir", "PostgreSQL server binaries (initdb, pg_ctl) for the embedded cluster", Reader::Both),
+    env("SORTIE_MODEL_DIR", "~/.local/share/sortie/models/all-MiniLM-L6-v2", "the offline embedder's model files", Reader::Both),
+    env("SORTIE_DEMO_AGENT", "examples/demo-agent.sh", "agent script `sortie-runner demo` runs", Reader::Runner),
+    env("XDG_DATA_HOME", "~/.local/share", "base of the default SORTIE_DATA_DIR and SORTIE_MODEL_DIR", Reader::Both),
+    env("RUST_LOG", "warn,sortie_mcp=info", "log filter; logs go to stderr", Reader::Both),
+    env("NO_COLOR", "-", "any value turns colour off (colour is only used on a terminal)", Reader::Cli),
+];
+
+/// The `--help` epilogue of one binary: its variables with defaults, then examples.
+pub fn env_help(reader: Reader, examples: &[&str]) -> String {
+    let vars: Vec<&EnvVar> = ENV_VARS
+        .iter()
+        .filter(|v| v.read_by == Reader::Both || v.read_by == reader)
+        .collect();
+    let width = vars.iter().map(|v| v.name.len()).max().unwrap_or(0);
+    let mut text = String::from("Environment variables (default in brackets):\n");
+    for v in vars {
+        text.push_str(&format!(
+            "  {:width$}  {} [{}]\n",
+            v.name, v.meaning, v.default
+        ));
+    }
+    text.push_str("\nExamples:\n");
+    for example in examples {
+        text.push_str(&format!("  {example}\n"));
+    }
+    text
 }
 
 fn default_owner() -> String {
@@ -253,6 +394,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("OPENCLAW_RUNTIME_URL"), "{err}");
+    }
+
+    #[test]
+    fn every_variable_the_config_reads_is_in_the_help_table() {
+        let asked = std::cell::RefCell::new(Vec::new());
+        let _ = Config::from_vars(&|name| {
+            asked.borrow_mut().push(name.to_string());
+            None
+        });
+        let asked = asked.into_inner();
+        assert!(asked.contains(&"DATABASE_URL".to_string()), "{asked:?}");
+        for name in asked {
+            assert!(
+                ENV_VARS.iter().any(|v| v.name == name),
+                "{name} is read but missing from ENV_VARS (the --help table)"
+            );
+        }
     }
 
     #[test]

@@ -24,7 +24,7 @@ pub async fn ask_json(
     });
     let mut request = http
         .post(format!("{base}/v1/chat/completions"))
-        .timeout(std::time::Duration::from_secs(120))
+        .timeout(config.ai_request_timeout)
         .json(&body);
     if let Some(key) = &config.litellm_key {
         request = request.bearer_auth(key);

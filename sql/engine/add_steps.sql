@@ -70,7 +70,7 @@ BEGIN
 
     INSERT INTO steps (id, campaign_id, parent_id, depth, position, action, agent, step_type,
                        failure_policy, completion_threshold, members, remaining_deps, input,
-                       fingerprint, max_attempts, requires_locks, created_at)
+                       fingerprint, max_attempts, requires_locks, verify, created_at)
     OVERRIDING SYSTEM VALUE
     SELECT v_ids[i],
            c.id,
@@ -89,6 +89,7 @@ BEGIN
            nullif(n ->> 'fingerprint', ''),
            coalesce((n ->> 'max_attempts')::integer, 3),
            ARRAY(SELECT jsonb_array_elements_text(n -> 'requires_locks')),
+           n ->> 'verify',
            clock()
       FROM jsonb_array_elements(v_nodes) WITH ORDINALITY AS t(n, i);
 

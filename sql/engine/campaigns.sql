@@ -35,6 +35,7 @@ CREATE FUNCTION create_campaign(
     failure_policy text DEFAULT 'continue',
     context jsonb DEFAULT '{}',
     steps jsonb DEFAULT NULL,
+    plan_delay double precision DEFAULT 10,
     request_id text DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
@@ -53,7 +54,7 @@ BEGIN
             'success_target', success_target, 'success_direction', success_direction,
             'benchmark_command', benchmark_command, 'scope', scope, 'max_iterations', max_iterations,
             'max_parallel', max_parallel, 'planner', planner, 'failure_policy', failure_policy,
-            'context', context, 'steps', steps);
+            'context', context, 'steps', steps, 'plan_delay', plan_delay);
         RETURN coalesce(_replay(request_id, 'create_campaign', v_arguments),
                         _keep(request_id, 'create_campaign', v_arguments, create_campaign(
                             goal => goal, name => name, channel => channel, priority => priority,
@@ -62,7 +63,7 @@ BEGIN
                             success_direction => success_direction, benchmark_command => benchmark_command,
                             scope => scope, max_iterations => max_iterations, max_parallel => max_parallel,
                             planner => planner, failure_policy => failure_policy, context => context,
-                            steps => steps)));
+                            steps => steps, plan_delay => plan_delay)));
     END IF;
     IF goal IS NULL OR btrim(goal) = '' THEN
         PERFORM raise('invalid_argument', 'goal is required: say what the campaign should accomplish');
@@ -97,6 +98,9 @@ BEGIN
     IF context IS NOT NULL AND jsonb_typeof(context) <> 'object' THEN
         PERFORM raise('invalid_argument', 'context must be a JSON object');
     END IF;
+    IF plan_delay IS NOT NULL AND NOT (plan_delay BETWEEN 0 AND 86400) THEN
+        PERFORM raise('invalid_argument', 'plan_delay must be from 0 to 86400 seconds');
+    END IF;
     IF steps IS NOT NULL THEN
         v_expansion := unwrap(expand_steps(steps));
     END IF;
@@ -110,7 +114,11 @@ BEGIN
             CASE WHEN dry_run THEN 'dry_run: review, then resume_campaign' END,
             success_metric, success_target, coalesce(success_direction, 'max'), benchmark_command, scope,
             max_iterations, max_parallel, coalesce(planner, 'llm'), coalesce(failure_policy, 'continue'),
-            coalesce(context, '{}'), clock())
+            coalesce(context, '{}'),
+            -- SPEC §13: a campaign created without steps gives its coordinator plan_delay
+            -- seconds to add them before the planner may.
+            CASE WHEN v_expansion IS NULL THEN clock() + make_interval(secs => coalesce(plan_delay, 10))
+                 ELSE clock() END)
     RETURNING * INTO c;
     PERFORM emit(c.id, NULL, 'campaign.created', jsonb_build_object('name', c.name));
     IF v_expansion IS NOT NULL THEN
@@ -314,6 +322,11 @@ BEGIN
     IF c.open_steps > 0 THEN
         PERFORM raise('invalid_state', format('campaign %s still has %s open steps', c.id, c.open_steps));
     END IF;
+    -- SPEC §13: never having had a step is waiting, not being drained.
+    IF NOT has_had_steps(c.id) THEN
+        PERFORM raise('invalid_state', format('campaign %s has had no steps yet: add_steps to it, or cancel_campaign to end it',
+                                              c.id));
+    END IF;
     RETURN jsonb_build_object('id', c.id, 'status', finish_drained(c));
 END
 $$;
@@ -337,7 +350,9 @@ BEGIN
         RETURN jsonb_build_object('met', NULL, 'reason', 'this campaign has no success contract (success_metric is not set)',
                                   'status', c.status);
     END IF;
-    SELECT count(*) INTO v_iterations FROM notes n
+    -- An iteration is a metric note with a value, or a benchmark run (SPEC §17), which also
+    -- counts when it printed no value.
+    SELECT greatest(count(*), c.benchmark_runs) INTO v_iterations FROM notes n
      WHERE n.campaign_id = c.id AND ('metric:' || c.success_metric) = ANY (n.tags)
        AND parse_metric(c.success_metric, n.content) IS NOT NULL;
     SELECT parse_metric(c.success_metric, n.content), n.id INTO v_value, v_note
@@ -363,6 +378,8 @@ BEGIN
         'iterations_used', v_iterations,
         'max_iterations', c.max_iterations,
         'iterations_exhausted', c.max_iterations IS NOT NULL AND v_iterations >= c.max_iterations,
+        'benchmark_command', c.benchmark_command,
+        'last_run', c.last_benchmark,
         'status', c.status);
 END
 $$;
@@ -387,17 +404,166 @@ BEGIN
 END
 $$;
 
--- Drained, active, llm-planned campaigns whose planner is due, oldest first.
-CREATE FUNCTION campaigns_to_plan("limit" integer DEFAULT 10) RETURNS SETOF uuid
+-- Drained, active, llm-planned campaigns whose planner is due, oldest first. A runner with a
+-- planner LLM (`planner_configured`) plans a campaign that never had a step only once
+-- `plan_delay` seconds have passed since its creation; a runner without one gets only the
+-- campaigns that had steps, to end them (SPEC §13: never having had a step is not drained).
+CREATE FUNCTION campaigns_to_plan("limit" integer DEFAULT 10, planner_configured boolean DEFAULT true,
+                                  plan_delay double precision DEFAULT 10)
+RETURNS SETOF uuid
 LANGUAGE sql STABLE
 SET search_path FROM CURRENT
 AS $$
-    SELECT id FROM campaigns
-     WHERE status = 'active' AND open_steps = 0 AND planner = 'llm'
-       AND (planner_lease_until IS NULL OR planner_lease_until <= clock())
-       AND (next_action_at IS NULL OR next_action_at <= clock())
-     ORDER BY next_action_at NULLS FIRST, created_at
+    SELECT c.id FROM campaigns c
+     WHERE c.status = 'active' AND c.open_steps = 0 AND c.planner = 'llm'
+       -- SPEC §17: its benchmark runs first; record_benchmark() hands it back.
+       AND NOT c.benchmark_due
+       AND CASE WHEN coalesce(planner_configured, true) THEN
+                     (c.planner_lease_until IS NULL OR c.planner_lease_until <= clock())
+                 AND (c.next_action_at IS NULL OR c.next_action_at <= clock())
+                 AND (c.created_at + make_interval(secs => greatest(coalesce(plan_delay, 10), 0)) <= clock()
+                      OR has_had_steps(c.id))
+                -- Nothing to plan with: only the planner's schedule would wait, so a drained
+                -- campaign is handed over to be ended at once.
+                ELSE has_had_steps(c.id) END
+     ORDER BY c.next_action_at NULLS FIRST, c.created_at
      LIMIT greatest("limit", 0);
+$$;
+
+-- What the planner is shown (SPEC §4, §13): the campaign's goal, strategy, progress, guidance,
+-- scope and budget; its newest done, failed and open steps (15 of each); its newest notes; and
+-- the duplicate warnings of its pending and 50 newest steps (an atomic step whose fingerprint
+-- matches an earlier non-failed step's), so the planner does not add the same work again.
+CREATE FUNCTION planner_context(campaign_id uuid) RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    c campaigns;
+BEGIN
+    SELECT * INTO c FROM campaigns x WHERE x.id = campaign_id;
+    IF NOT FOUND THEN
+        PERFORM raise('not_found', format('campaign %s does not exist', campaign_id));
+    END IF;
+    RETURN jsonb_build_object(
+        'goal', c.goal, 'strategy', c.strategy, 'progress', c.progress, 'guidance', c.guidance,
+        'scope', c.scope, 'max_depth', c.max_depth, 'tokens_used', c.tokens_used, 'token_budget', c.token_budget,
+        'success_metric', c.success_metric, 'success_target', c.success_target,
+        'success', CASE WHEN c.success_metric IS NOT NULL THEN check_success(c.id) END,
+        'done', (SELECT coalesce(jsonb_agg(jsonb_build_object('id', s.id, 'action', s.action) ORDER BY s.id DESC), '[]')
+                   FROM (SELECT * FROM steps s WHERE s.campaign_id = c.id AND s.status = 'done' AND s.step_type = 'atomic'
+                          ORDER BY s.id DESC LIMIT 15) s),
+        'failed', (SELECT coalesce(jsonb_agg(jsonb_build_object('id', s.id, 'action', s.action, 'error', left(s.error, 300))
+                                             ORDER BY s.id DESC), '[]')
+                     FROM (SELECT * FROM steps s WHERE s.campaign_id = c.id AND s.status = 'failed'
+                            ORDER BY s.id DESC LIMIT 15) s),
+        'open', (SELECT coalesce(jsonb_agg(jsonb_build_object('id', s.id, 'action', s.action, 'status', s.status)
+                                           ORDER BY s.id DESC), '[]')
+                   FROM (SELECT * FROM steps s WHERE s.campaign_id = c.id AND s.status IN ('pending', 'running', 'waiting_input')
+                          AND s.step_type = 'atomic' ORDER BY s.id DESC LIMIT 15) s),
+        'duplicates', (SELECT coalesce(jsonb_agg(jsonb_build_object('step_id', n.id, 'action', n.action, 'status', n.status,
+                                                                    'duplicate_of', d.id, 'duplicate_status', d.status)
+                                                 ORDER BY n.id DESC), '[]')
+                         FROM (SELECT * FROM steps s
+                                WHERE s.campaign_id = c.id AND s.fingerprint IS NOT NULL
+                                  AND (s.status = 'pending'
+                                       OR s.id >= coalesce((SELECT min(r.id) FROM (SELECT x.id FROM steps x WHERE x.campaign_id = c.id
+                                                                                    ORDER BY x.id DESC LIMIT 50) r), 0))) n
+                        CROSS JOIN LATERAL (
+                            SELECT o.id, o.status FROM steps o
+                             WHERE o.campaign_id = c.id AND o.fingerprint = n.fingerprint AND o.id < n.id
+                               AND o.status <> 'failed'
+                             ORDER BY o.id LIMIT 1) d),
+        'recent_notes', (SELECT coalesce(jsonb_agg(jsonb_build_object('id', n.id, 'content', left(n.content, 500))
+                                                   ORDER BY n.id DESC), '[]')
+                           FROM (SELECT * FROM notes n WHERE n.campaign_id = c.id ORDER BY n.id DESC LIMIT 10) n));
+END
+$$;
+
+-- SPEC §17: a runner takes one campaign whose benchmark is due, with a lease (seconds) so that
+-- one runner runs it at a time; NULL when none is due. Answers {campaign_id, benchmark_command,
+-- success_metric}.
+CREATE FUNCTION take_benchmark(lease_seconds integer DEFAULT 900) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    c campaigns;
+BEGIN
+    SELECT * INTO c FROM campaigns
+     WHERE benchmark_due AND status = 'active'
+       AND (benchmark_lease_until IS NULL OR benchmark_lease_until <= clock())
+     ORDER BY updated_at
+     LIMIT 1
+       FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    UPDATE campaigns SET benchmark_lease_until = clock() + make_interval(secs => greatest(coalesce(lease_seconds, 900), 1))
+     WHERE id = c.id;
+    RETURN jsonb_build_object('campaign_id', c.id, 'benchmark_command', c.benchmark_command,
+                              'success_metric', c.success_metric);
+END
+$$;
+
+-- SPEC §17: the outcome of a campaign's benchmark run. `output` is the command's stdout; the
+-- last line `<success_metric>=<number>` is recorded as a `metric:<name>` note.
+-- The run counts as one iteration and is kept as `last_benchmark`. Then the campaign is judged
+-- (finish_drained: done only when the success contract is met), except that an llm-planned
+-- campaign whose contract is not met and whose iterations are not spent goes back to its
+-- planner. Answers {campaign_id, status, metric_value, iterations_used, met}. Errors:
+-- not_found; invalid_state when no benchmark is due.
+CREATE FUNCTION record_benchmark(campaign_id uuid, exit_code integer, output text DEFAULT '') RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    c campaigns := lock_campaign(campaign_id);
+    v_line text;
+    v_value double precision;
+    v_success jsonb;
+    v_status text;
+BEGIN
+    IF NOT c.benchmark_due OR c.status <> 'active' THEN
+        PERFORM raise('invalid_state', format('campaign %s has no benchmark due', c.id));
+    END IF;
+    IF c.success_metric IS NOT NULL THEN
+        SELECT l.line, parse_metric(c.success_metric, l.line) INTO v_line, v_value
+          FROM regexp_split_to_table(coalesce(output, ''), E'\n') WITH ORDINALITY AS l(line, n)
+         WHERE strpos(l.line, '=') > 0 AND parse_metric(c.success_metric, l.line) IS NOT NULL
+         ORDER BY l.n DESC
+         LIMIT 1;
+        IF v_line IS NOT NULL THEN
+            PERFORM add_note(campaign_id => c.id, content => left(btrim(v_line), 1000),
+                             tags => ARRAY['metric:' || c.success_metric, 'benchmark'], agent => 'benchmark');
+        END IF;
+    END IF;
+    UPDATE campaigns
+       SET benchmark_due = false, benchmark_lease_until = NULL, benchmark_runs = benchmark_runs + 1,
+           last_benchmark = jsonb_build_object('exit_code', exit_code, 'metric_line', v_line, 'metric_value', v_value,
+                                               'output_tail', right(coalesce(output, ''), 2000), 'at', clock()),
+           updated_at = now()
+     WHERE id = c.id
+    RETURNING * INTO c;
+    PERFORM emit(c.id, NULL, 'campaign.benchmark_run', jsonb_build_object('exit_code', exit_code, 'metric_value', v_value));
+    v_success := CASE WHEN c.success_metric IS NOT NULL THEN check_success(c.id) END;
+    IF c.open_steps > 0 THEN
+        v_status := c.status;
+    ELSIF c.planner = 'llm' AND (v_success ->> 'met')::boolean IS NOT TRUE
+          AND (v_success IS NULL OR (v_success ->> 'iterations_exhausted')::boolean IS NOT TRUE) THEN
+        -- Not there yet: the planner is asked for more at once.
+        UPDATE campaigns SET next_action_at = clock() WHERE id = c.id;
+        PERFORM emit(c.id, NULL, 'campaign.drained');
+        v_status := 'active';
+    ELSE
+        v_status := finish_drained(c);
+    END IF;
+    RETURN jsonb_build_object('campaign_id', c.id, 'status', v_status, 'metric_value', v_value,
+                              'metric_line', v_line, 'exit_code', exit_code,
+                              'iterations_used', v_success -> 'iterations_used', 'met', v_success -> 'met');
+END
 $$;
 
 -- Applies a planner answer all or nothing: it is validated completely before any change.

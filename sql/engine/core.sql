@@ -440,6 +440,15 @@ BEGIN
     IF NOT has_had_steps(p_campaign) THEN
         RETURN;
     END IF;
+    -- SPEC §17: a campaign with a benchmark command is judged by it; a runner runs it and
+    -- record_benchmark() decides what follows.
+    IF c.benchmark_command IS NOT NULL THEN
+        IF NOT c.benchmark_due THEN
+            UPDATE campaigns SET benchmark_due = true, benchmark_lease_until = NULL WHERE id = p_campaign;
+            PERFORM emit(p_campaign, NULL, 'campaign.benchmark_due');
+        END IF;
+        RETURN;
+    END IF;
     IF c.planner = 'none' THEN
         PERFORM finish_drained(c);
     ELSE
@@ -450,23 +459,35 @@ $$;
 
 -- The done/failed rule for a drained campaign: done when every top-level step resolved
 -- (done, or skipped by an abort), failed otherwise. Spliced steps hand over to their
--- continuations, so they are not counted.
+-- continuations, so they are not counted. A campaign with a success contract (SPEC §17:
+-- success_metric and success_target) is done only when check_success() says it is met, and
+-- failed with 'success contract not met' otherwise.
 CREATE FUNCTION finish_drained(c campaigns) RETURNS text
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
     v_unresolved bigint[];
+    v_success jsonb;
 BEGIN
     SELECT coalesce(array_agg(id ORDER BY id), '{}') INTO v_unresolved
       FROM steps
      WHERE campaign_id = c.id AND parent_id IS NULL AND continued_by IS NULL
        AND NOT (status = 'done' OR (status = 'skipped' AND skip_cause IN ('abort', 'threshold')));
-    IF cardinality(v_unresolved) = 0 THEN
-        PERFORM end_campaign(c.id, 'done', 'all steps done');
+    IF cardinality(v_unresolved) > 0 THEN
+        PERFORM end_campaign(c.id, 'failed', format('top-level steps did not succeed: %s', array_to_string(v_unresolved, ', ')));
+        RETURN 'failed';
+    END IF;
+    IF c.success_metric IS NOT NULL AND c.success_target IS NOT NULL THEN
+        v_success := check_success(c.id);
+        IF (v_success ->> 'met')::boolean IS NOT TRUE THEN
+            PERFORM end_campaign(c.id, 'failed', format('success contract not met: %s', v_success ->> 'reason'));
+            RETURN 'failed';
+        END IF;
+        PERFORM end_campaign(c.id, 'done', format('success contract met: %s', v_success ->> 'reason'));
         RETURN 'done';
     END IF;
-    PERFORM end_campaign(c.id, 'failed', format('top-level steps did not succeed: %s', array_to_string(v_unresolved, ', ')));
-    RETURN 'failed';
+    PERFORM end_campaign(c.id, 'done', 'all steps done');
+    RETURN 'done';
 END
 $$;
 

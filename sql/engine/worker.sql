@@ -80,9 +80,27 @@ BEGIN
            duration_ms = (extract(epoch FROM clock() - claimed_at) * 1000)::bigint,
            completed_at = clock(), claim_token = NULL, lease_expires_at = NULL
      WHERE id = step_id AND steps.claim_token = complete_step.claim_token AND status = 'running'
+       AND steps.verify IS NULL
     RETURNING parent_id, claimed_at, requires_locks INTO v_parent, v_claimed_at, v_locks;
     IF NOT FOUND THEN
         SELECT * INTO s FROM steps WHERE id = step_id;
+        -- SPEC §17: a step with a check stays running, the summary stored, until its command
+        -- passed (record_verification); the caller runs the command.
+        IF s.verify IS NOT NULL AND s.status = 'running' AND s.claim_token = claim_token THEN
+            UPDATE steps
+               SET output = coalesce(summary, ''), tokens_used = steps.tokens_used + v_tokens,
+                   verification_requested_at = clock()
+             WHERE id = s.id;
+            -- Tokens were spent whatever the check says.
+            IF v_tokens > 0 THEN
+                UPDATE campaigns SET tokens_used = campaigns.tokens_used + v_tokens WHERE id = v_campaign;
+                PERFORM enforce_budget(v_campaign);
+            END IF;
+            PERFORM emit(v_campaign, s.id, 'step.verifying', jsonb_build_object('verify', s.verify));
+            RETURN jsonb_build_object('step_id', s.id, 'status', 'running', 'accepted', true,
+                                      'verification', 'pending', 'verify', s.verify,
+                                      'message', 'the step is done once its verify command passes');
+        END IF;
         -- A worker whose step was skipped under it (abort, cancel) is told so; what it
         -- produced is kept on the step for audit, and nothing else changes.
         IF s.status = 'skipped' AND s.claim_token = claim_token THEN
@@ -119,6 +137,53 @@ BEGIN
                                 jsonb_build_object('summary', summary, 'tokens_used', v_tokens),
                                 jsonb_build_object('step_id', step_id, 'status', 'done', 'accepted', true,
                                                    'campaign_status', v_status));
+END
+$$;
+
+-- SPEC §17: the outcome of a step's verify command, recorded by whoever ran it (the runner for
+-- its dispatches, sortie-mcp for complete_step over MCP, or a SQL caller) with the step's claim.
+-- `passed` makes the step done with the stored summary as its output and `output` kept as
+-- `verification`; otherwise the attempt fails with the command's output (its last 4,000
+-- characters) as the error, retried as usual. Errors: stale_claim, skipped (as complete_step);
+-- invalid_state when no verification is pending.
+CREATE FUNCTION record_verification(step_id bigint, claim_token uuid, passed boolean, output text DEFAULT '')
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    s steps := lock_claimed_step(step_id, claim_token, 'record_verification');
+    v_ready integer;
+    v_status text;
+    v_open integer;
+    v_output text := right(coalesce(output, ''), 4000);
+BEGIN
+    IF s.verify IS NULL OR s.verification_requested_at IS NULL OR s.verification_requested_at < s.claimed_at THEN
+        PERFORM raise('invalid_state', format('step %s has no verification pending: complete_step asks for it', s.id));
+    END IF;
+    IF NOT coalesce(passed, false) THEN
+        v_status := attempt_failed(s, format('verification failed: `%s` did not pass:%s%s', s.verify, E'\n', v_output));
+        SELECT status INTO v_status FROM steps WHERE id = s.id;
+        RETURN jsonb_build_object('step_id', s.id, 'status', v_status, 'accepted', false, 'verification', 'failed',
+                                  'will_retry', v_status = 'pending');
+    END IF;
+    UPDATE steps
+       SET status = 'done', verification = v_output,
+           duration_ms = (extract(epoch FROM clock() - s.claimed_at) * 1000)::bigint,
+           completed_at = clock(), claim_token = NULL, lease_expires_at = NULL
+     WHERE id = s.id;
+    PERFORM emit(s.campaign_id, s.id, 'step.done', jsonb_build_object('verified', true));
+    v_ready := release_dependents(s.campaign_id, s.id);
+    SELECT r.open_steps INTO v_open
+      FROM leave_running(s.campaign_id, s.id, s.claimed_at, s.requires_locks, p_open => -1, p_ready => v_ready) r;
+    IF s.parent_id IS NOT NULL THEN
+        PERFORM member_settled(s.parent_id, 1, 0, NULL);
+    END IF;
+    PERFORM check_drained(s.campaign_id);
+    SELECT status INTO v_status FROM campaigns WHERE id = s.campaign_id;
+    RETURN jsonb_build_object('step_id', s.id, 'status', 'done', 'accepted', true, 'verification', 'passed',
+                              'campaign_status', v_status);
 END
 $$;
 
@@ -208,6 +273,29 @@ $$;
 -- DAG splice (SPEC §3): the running step becomes done with its partial output, its subtasks
 -- become its children, and a continuation at its own place waits for them and takes over
 -- everything that waited for it.
+-- Every step that cannot finish before `p_step` does, `p_step` included: its dependents, its
+-- compound ancestors (they wait for their members), and — for a step that waits through a
+-- dependency — its descendants (their gate is its start), transitively. A subtask spliced in
+-- place of `p_step` that depended on one of these would close a cycle (SPEC §13).
+CREATE FUNCTION steps_waiting_for(p_step bigint) RETURNS SETOF bigint
+LANGUAGE sql STABLE
+AS $$
+    WITH RECURSIVE down(id, started_after) AS (
+        SELECT p_step, false
+        UNION
+        SELECT next.id, next.started_after
+          FROM down
+         CROSS JOIN LATERAL (
+             SELECT d.step_id AS id, true AS started_after FROM step_dependencies d WHERE d.depends_on = down.id
+             UNION ALL
+             SELECT s.parent_id, false FROM steps s WHERE s.id = down.id AND s.parent_id IS NOT NULL
+             UNION ALL
+             SELECT s.id, true FROM steps s WHERE s.parent_id = down.id AND down.started_after
+         ) next
+    )
+    SELECT DISTINCT id FROM down;
+$$;
+
 CREATE FUNCTION spawn_and_continue(step_id bigint, claim_token uuid, subtasks jsonb, continuation jsonb,
                                    partial_output text DEFAULT '', request_id text DEFAULT NULL)
 RETURNS jsonb
@@ -226,6 +314,7 @@ DECLARE
     v_cont_agent text;
     v_cont_input jsonb;
     v_cont bigint;
+    v_cycle_dep bigint;
 BEGIN
     -- SPEC §14: a repeat with the same request_id returns the first result (idempotency.sql).
     IF request_id IS NOT NULL THEN
@@ -262,19 +351,36 @@ BEGIN
         PERFORM raise('invalid_argument', 'continuation is required: the action that resumes your work once the subtasks are done');
     END IF;
     v_expansion := unwrap(expand_steps(subtasks));
+    -- SPEC §13: once rewired, whatever waited for this step waits for the continuation, which
+    -- waits for the subtasks; a subtask depending on any of those would wait for itself.
+    SELECT x.dep INTO v_cycle_dep
+      FROM (SELECT DISTINCT e::bigint AS dep
+              FROM jsonb_array_elements(v_expansion -> 'nodes') n,
+                   jsonb_array_elements_text(n -> 'existing_deps') e) x
+     WHERE EXISTS (SELECT 1 FROM steps o WHERE o.id = x.dep AND o.campaign_id = s.campaign_id)
+       AND newest_continuation(x.dep) IN (SELECT steps_waiting_for(s.id))
+     ORDER BY x.dep
+     LIMIT 1;
+    IF v_cycle_dep IS NOT NULL THEN
+        PERFORM raise('cycle', format(
+            'a subtask depends on step %s, which waits for step %s; once the continuation takes step %s''s place they would wait for each other forever. A subtask cannot depend on work that waits for its spawner: drop that dependency',
+            v_cycle_dep, s.id, s.id));
+    END IF;
 
     -- New work first, so the campaign never looks drained in between.
     v_spawned := insert_steps(c, v_expansion, s.id, s.depth + 1, c.max_depth);
     SELECT array_agg(x::bigint) INTO v_subtask_ids FROM jsonb_array_elements_text(v_spawned -> 'step_ids') x;
 
     INSERT INTO steps (campaign_id, parent_id, depth, position, action, agent, step_type, failure_policy,
-                       remaining_deps, input, fingerprint, continuation_of, max_attempts, requires_locks, created_at)
+                       remaining_deps, input, fingerprint, continuation_of, max_attempts, requires_locks, verify,
+                       created_at)
+    -- The continuation finishes the spawner's work, so the spawner's check (SPEC §17) is its.
     VALUES (s.campaign_id, s.parent_id, s.depth, s.position, v_cont_action, coalesce(v_cont_agent, s.agent), 'atomic',
             s.failure_policy,
             (SELECT count(*) FROM steps WHERE id = ANY (v_subtask_ids) AND status <> 'done'),
             coalesce(v_cont_input, s.input),
             step_fingerprint(v_cont_action, coalesce(v_cont_agent, s.agent), coalesce(v_cont_input, s.input)),
-            s.id, s.max_attempts, s.requires_locks, clock())
+            s.id, s.max_attempts, s.requires_locks, s.verify, clock())
     RETURNING id INTO v_cont;
     INSERT INTO step_dependencies (campaign_id, step_id, depends_on)
     SELECT s.campaign_id, v_cont, x FROM unnest(v_subtask_ids) x;

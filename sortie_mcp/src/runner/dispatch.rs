@@ -102,8 +102,9 @@ impl Job {
                 Outcome::Interrupted
             }
         };
-        heartbeat.abort();
+        // Heartbeats go on through the record: a verify command (SPEC §17) may take a while.
         let result = self.record(&outcome).await;
+        heartbeat.abort();
         let step = self.claim.step_id;
         match result {
             Ok(v) => {
@@ -152,11 +153,16 @@ impl Job {
         let (step, token) = (self.claim.step_id, self.claim.token);
         let first = match outcome {
             Outcome::Output { text, tokens_used } => {
-                self.call_through_outage(
-                    "complete_step(step_id => $1, claim_token => $2, summary => $3, tokens_used => $4)",
-                    &[&step, &token, text, tokens_used],
-                )
-                .await
+                match self
+                    .call_through_outage(
+                        "complete_step(step_id => $1, claim_token => $2, summary => $3, tokens_used => $4)",
+                        &[&step, &token, text, tokens_used],
+                    )
+                    .await
+                {
+                    Ok(answer) if answer["verification"] == "pending" => self.verify(&answer).await,
+                    other => other,
+                }
             }
             Outcome::Failed(error) | Outcome::Silent(error) => {
                 self.call_through_outage(
@@ -203,6 +209,32 @@ impl Job {
             }
             other => other,
         }
+    }
+
+    /// SPEC §17: the step's verify command, run in the agent's environment and in
+    /// SORTIE_WORKDIR; its outcome decides whether the completion stands.
+    async fn verify(&self, pending: &Value) -> Result<Value, DbError> {
+        let command = pending["verify"].as_str().unwrap_or_default();
+        let run = crate::checks::run(
+            command,
+            self.config.workdir.as_deref(),
+            &self.session_env(),
+            false,
+            self.config.verify_timeout,
+        )
+        .await;
+        info!(step = self.claim.step_id, passed = run.passed(), "verify command ran");
+        let (step, token, passed, report) = (
+            self.claim.step_id,
+            self.claim.token,
+            run.passed(),
+            run.report(),
+        );
+        self.call_through_outage(
+            "record_verification(step_id => $1, claim_token => $2, passed => $3, output => $4)",
+            &[&step, &token, &passed, &report],
+        )
+        .await
     }
 
     /// Makes an extension call, and makes it again while the database is unreachable

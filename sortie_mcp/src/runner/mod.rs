@@ -27,6 +27,8 @@ pub use dispatch::Claim;
 const TICK: Duration = Duration::from_secs(5);
 /// How often a woken runner polls while the extension may be holding wake-ups back.
 const POLL: Duration = Duration::from_millis(25);
+/// At most one "why nothing is dispatched" warning per this interval (SPEC §13).
+const IDLE_REPORT_INTERVAL: Duration = Duration::from_secs(60);
 
 /// How long the daemon waits before its next tick. While the database is down (a restart,
 /// say) ticks fail; they are retried sooner than the safety tick, but backing off rather than
@@ -51,6 +53,8 @@ pub struct Runner {
     embedder: Embedder,
     dispatches: JoinSet<()>,
     shutdown: watch::Receiver<bool>,
+    /// When the runner last said why it dispatched nothing.
+    last_idle_report: Option<std::time::Instant>,
 }
 
 impl Runner {
@@ -74,6 +78,7 @@ impl Runner {
             embedder,
             dispatches: JoinSet::new(),
             shutdown,
+            last_idle_report: None,
         })
     }
 
@@ -166,6 +171,7 @@ impl Runner {
             .query_value("SELECT to_jsonb({schema}.enforce_budgets())", &[])
             .await?;
         self.dispatch_ready().await?;
+        self.run_benchmarks().await?;
         self.plan_drained().await?;
         notifier::deliver(&self.db, &self.http, self.config.webhook_url.as_deref()).await?;
         self.backfill_embeddings().await?;
@@ -199,33 +205,32 @@ impl Runner {
         Ok(notes.len())
     }
 
-    /// Claims ready steps while there is capacity and hands each to the back-end.
+    /// Claims ready steps while there is capacity and hands each to the back-end. The cap is
+    /// the extension's (SPEC §13): one `SORTIE_MAX_CONCURRENT` for every runner sharing the
+    /// database, counting runner dispatches only; this runner's own slots keep it from
+    /// starting more jobs than that itself.
     async fn dispatch_ready(&mut self) -> Result<()> {
         if self.config.dispatch == Dispatch::None || *self.shutdown.borrow() {
             return Ok(());
         }
         let lease = self.config.zombie_timeout.as_secs() as i32;
+        let cap = self.config.max_concurrent as i32;
+        let mut dispatched = 0usize;
         loop {
-            let running = self
-                .db
-                .query_value("SELECT to_jsonb({schema}.running_count())", &[])
-                .await?;
-            if running.as_i64().unwrap_or(0) >= i64::from(self.config.max_concurrent) {
-                return Ok(());
-            }
             let Ok(permit) = self.slots.clone().try_acquire_owned() else {
-                return Ok(());
+                break;
             };
             let claimed = self
                 .db
                 .call(
-                    "claim_next(owner => $1, lease_seconds => $2)",
-                    &[&self.config.owner, &lease],
+                    "claim_next(owner => $1, lease_seconds => $2, max_dispatched => $3)",
+                    &[&self.config.owner, &lease, &cap],
                 )
                 .await?;
             let Some(claim) = Claim::from_json(&claimed) else {
-                return Ok(());
+                break;
             };
+            dispatched += 1;
             info!(step = claim.step_id, campaign = %claim.campaign_id, action = %claim.action, "dispatching");
             // From here the job owns the claim: nothing below may fail and leave it unattended.
             let job = dispatch::Job {
@@ -241,15 +246,111 @@ impl Runner {
                 drop(permit);
             });
         }
+        if dispatched == 0 {
+            self.explain_idle().await;
+        }
+        Ok(())
     }
 
-    /// Drained campaigns: the planner grows them; with no planner they end (SPEC §3, §4).
+    /// SPEC §13: when nothing was dispatched although steps are ready, say why, at most once
+    /// a minute (capacity, max_parallel, budgets, back-off, lock keys, paused campaigns).
+    async fn explain_idle(&mut self) {
+        if self
+            .last_idle_report
+            .is_some_and(|at| at.elapsed() < IDLE_REPORT_INTERVAL)
+        {
+            return;
+        }
+        let cap = self.config.max_concurrent as i32;
+        let blockers = match self
+            .db
+            .call("dispatch_blockers(max_dispatched => $1)", &[&cap])
+            .await
+        {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(error = %e, "cannot read why no step is dispatched");
+                return;
+            }
+        };
+        let ready = blockers["ready_steps"].as_i64().unwrap_or(0);
+        if ready == 0 {
+            return;
+        }
+        self.last_idle_report = Some(std::time::Instant::now());
+        let local_busy = self.slots.available_permits() == 0;
+        warn!(
+            ready_steps = ready,
+            held_back = %blockers["held_back"],
+            runner_slots = %blockers["runner_slots"],
+            this_runner_full = local_busy,
+            "{}",
+            idle_reason(&blockers, local_busy)
+        );
+    }
+
+    /// SPEC §17: drained campaigns with a benchmark_command. Each due one is taken with a lease,
+    /// its command run (`sh -c` in SORTIE_WORKDIR, SORTIE_VERIFY_TIMEOUT) beside the
+    /// dispatches, and its stdout recorded; the extension judges the campaign by it.
+    async fn run_benchmarks(&mut self) -> Result<()> {
+        if *self.shutdown.borrow() {
+            return Ok(());
+        }
+        let lease = (self.config.verify_timeout.as_secs() + 60).min(i32::MAX as u64) as i32;
+        for _ in 0..4 {
+            let taken = self
+                .db
+                .call("take_benchmark(lease_seconds => $1)", &[&lease])
+                .await?;
+            let (Some(id), Some(command)) = (
+                taken["campaign_id"].as_str().and_then(|v| uuid::Uuid::parse_str(v).ok()),
+                taken["benchmark_command"].as_str().map(String::from),
+            ) else {
+                return Ok(());
+            };
+            let (db, config) = (self.db.clone(), self.config.clone());
+            info!(campaign = %id, command = %command, "running the campaign's benchmark");
+            self.dispatches.spawn(async move {
+                let run = crate::checks::run(
+                    &command,
+                    config.workdir.as_deref(),
+                    &[],
+                    false,
+                    config.verify_timeout,
+                )
+                .await;
+                let output = if run.timed_out {
+                    format!("{}\n(stopped after {} s)", run.stdout, config.verify_timeout.as_secs())
+                } else {
+                    run.stdout.clone()
+                };
+                match db
+                    .call(
+                        "record_benchmark(campaign_id => $1, exit_code => $2, output => $3)",
+                        &[&id, &run.exit_code, &output],
+                    )
+                    .await
+                {
+                    Ok(v) => info!(campaign = %id, status = %v["status"], metric = %v["metric_value"], "benchmark recorded"),
+                    // The lease runs out and the benchmark is run again.
+                    Err(e) => warn!(campaign = %id, error = %e, "could not record the benchmark"),
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Drained campaigns: the planner grows them; with no planner they end (SPEC §3, §4). A
+    /// campaign that never had a step is planned only after SORTIE_PLAN_DELAY, and never
+    /// ended for want of steps (SPEC §13).
     async fn plan_drained(&mut self) -> Result<()> {
+        let planner_configured = self.config.has_planner();
+        let plan_delay = self.config.plan_delay.as_secs_f64();
         let due = self
             .db
             .query_value(
-                "SELECT to_jsonb(array(SELECT {schema}.campaigns_to_plan(20)))",
-                &[],
+                "SELECT to_jsonb(array(SELECT {schema}.campaigns_to_plan(20, $1, $2)))",
+                &[&planner_configured, &plan_delay],
             )
             .await?;
         for id in due
@@ -259,7 +360,7 @@ impl Runner {
             .filter_map(Value::as_str)
         {
             let id = uuid::Uuid::parse_str(id)?;
-            if self.config.litellm_url.is_none() {
+            if !self.config.has_planner() {
                 match self.db.call("finish_campaign(id => $1)", &[&id]).await {
                     Ok(ended) => info!(campaign = %id, status = %ended["status"], "campaign ended"),
                     Err(e) => warn!(campaign = %id, error = %e, "could not end the campaign"),
@@ -279,9 +380,57 @@ impl Runner {
     }
 }
 
+/// The one-line reason of the idle warning, from `dispatch_blockers()`' answer.
+fn idle_reason(blockers: &Value, this_runner_full: bool) -> String {
+    if blockers["capacity_reached"] == true {
+        return format!(
+            "steps are ready but every runner slot is in use ({} of SORTIE_MAX_CONCURRENT = {} dispatched steps running, across all runners)",
+            blockers["runner_slots"]["in_use"], blockers["runner_slots"]["cap"]
+        );
+    }
+    if this_runner_full {
+        return "steps are ready but this runner's own dispatches fill its SORTIE_MAX_CONCURRENT slots".into();
+    }
+    let held: Vec<String> = blockers["held_back"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, n)| n.as_i64().unwrap_or(0) > 0)
+        .map(|(why, n)| {
+            let why = match why.as_str() {
+                "budget" => "their campaign spent its token budget",
+                "max_parallel" => "their campaign already runs max_parallel steps",
+                "backoff" => "they are backing off after a failed attempt",
+                "locks" => "their lock keys are held by running steps",
+                "claimable" => "claimable (another runner or worker may be taking them)",
+                "campaign_paused" => "their campaign is paused",
+                other => other,
+            };
+            format!("{n}: {why}")
+        })
+        .collect();
+    format!(
+        "{} steps are ready but none was dispatched: {}",
+        blockers["ready_steps"],
+        held.join("; ")
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_idle_reason_names_what_holds_steps_back() {
+        let full = serde_json::json!({"ready_steps": 3, "capacity_reached": true,
+            "runner_slots": {"in_use": 4, "cap": 4}, "held_back": {"claimable": 3}});
+        assert!(idle_reason(&full, false).contains("every runner slot is in use (4 of SORTIE_MAX_CONCURRENT = 4"));
+        let held = serde_json::json!({"ready_steps": 3, "capacity_reached": false,
+            "runner_slots": {"in_use": 0, "cap": 4}, "held_back": {"locks": 2, "budget": 1}});
+        let reason = idle_reason(&held, false);
+        assert!(reason.contains("2: their lock keys are held"), "{reason}");
+        assert!(reason.contains("1: their campaign spent its token budget"), "{reason}");
+    }
 
     #[test]
     fn failed_ticks_back_off_to_the_safety_tick() {

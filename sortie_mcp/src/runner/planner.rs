@@ -3,7 +3,7 @@
 //! changes nothing and the campaign is planned again when the planning lease runs out.
 
 use anyhow::Result;
-use serde_json::Value;
+use serde_json::{json, Value};
 use tracing::info;
 
 use crate::config::Config;
@@ -26,7 +26,11 @@ pub async fn consult(
     let state = db
         .call("planner_context(campaign_id => $1)", &[&campaign])
         .await?;
-    let plan = crate::llm::ask_json(http, config, SYSTEM, &planner_prompt(&state)).await?;
+    let plan = if config.stub_ai {
+        stub_plan(&state)
+    } else {
+        crate::llm::ask_json(http, config, SYSTEM, &planner_prompt(&state)).await?
+    };
     let applied = db
         .call(
             "apply_plan(campaign_id => $1, plan => $2)",
@@ -102,10 +106,48 @@ pub(crate) fn planner_prompt(state: &Value) -> String {
     )
 }
 
+/// How many steps the stub planner adds before it calls a campaign done.
+const STUB_ROUNDS: usize = 3;
+
+/// The stub planner (USE_STUB_AI_CLIENT=true): deterministic, for trying Sortie without a
+/// model. An empty campaign gets one step toward its goal; a campaign whose success contract
+/// is not met (SPEC §17) gets one step to improve the metric, up to STUB_ROUNDS done steps;
+/// otherwise it is done.
+pub(crate) fn stub_plan(state: &Value) -> Value {
+    let goal = state["goal"].as_str().unwrap_or("the goal");
+    let done = state["done"].as_array().map_or(0, Vec::len);
+    let failed = state["failed"].as_array().map_or(0, Vec::len);
+    let unmet = state["success"]["met"] == false;
+    if done + failed == 0 {
+        return json!({"new_steps": [{"action": format!("Work toward the goal: {goal}")}],
+                      "strategy_update": "stub planner: one step toward the goal"});
+    }
+    if unmet && done < STUB_ROUNDS {
+        return json!({"new_steps": [{"action": format!(
+                          "Improve {} (round {}): {}", state["success_metric"].as_str().unwrap_or("the metric"),
+                          done + 1, state["success"]["reason"].as_str().unwrap_or("not met yet"))}],
+                      "progress_update": format!("stub planner: {done} steps done, contract not met")});
+    }
+    json!({"done": true, "progress_update": format!("stub planner: {done} steps done, {failed} failed")})
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_stub_planner_starts_retries_an_unmet_contract_and_stops() {
+        let empty = stub_plan(&json!({"goal": "ship"}));
+        assert_eq!(empty["new_steps"][0]["action"], "Work toward the goal: ship");
+        let unmet = stub_plan(&json!({"goal": "ship", "done": [{"id": 1}], "success_metric": "acc",
+                                      "success": {"met": false, "reason": "acc = 0.7 does not meet 0.9"}}));
+        assert!(unmet["new_steps"][0]["action"].as_str().unwrap().starts_with("Improve acc (round 2)"));
+        let met = stub_plan(&json!({"goal": "ship", "done": [{"id": 1}], "success": {"met": true}}));
+        assert_eq!(met["done"], true);
+        let spent = stub_plan(&json!({"done": [{"id": 1}, {"id": 2}, {"id": 3}], "success": {"met": false}}));
+        assert_eq!(spent["done"], true);
+    }
 
     #[test]
     fn the_prompt_shows_scope_and_duplicate_warnings() {

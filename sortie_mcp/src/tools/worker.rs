@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::{missing, schemas, SortieServer};
+use super::{missing, schemas, tool_error, SortieServer};
 
 const NO_STEP: &str = "step_id is required: pass it, or run the server with SORTIE_STEP_ID set";
 const NO_CAMPAIGN: &str =
@@ -355,9 +355,33 @@ while you worked, the answer says so and nothing else changes.",
             return missing(NO_TOKEN);
         };
         let tokens = p.tokens_used.unwrap_or(0);
+        let answer = match self
+            .try_call(
+                "complete_step(step_id => $1, claim_token => $2, summary => $3, tokens_used => $4)",
+                &[&step, &token, &p.summary, &tokens],
+            )
+            .await
+        {
+            Ok(answer) => answer,
+            Err(e) => return tool_error(&e),
+        };
+        if answer["verification"] != "pending" {
+            return CallToolResult::structured(answer);
+        }
+        // SPEC §17: whoever completes runs the step's check; over MCP that is this server, in
+        // the worker's environment (an agent's sortie-mcp inherits the agent's).
+        let run = crate::checks::run(
+            answer["verify"].as_str().unwrap_or_default(),
+            self.config.workdir.as_deref(),
+            &[],
+            false,
+            self.config.verify_timeout,
+        )
+        .await;
+        let (passed, report) = (run.passed(), run.report());
         self.call(
-            "complete_step(step_id => $1, claim_token => $2, summary => $3, tokens_used => $4)",
-            &[&step, &token, &p.summary, &tokens],
+            "record_verification(step_id => $1, claim_token => $2, passed => $3, output => $4)",
+            &[&step, &token, &passed, &report],
         )
         .await
     }

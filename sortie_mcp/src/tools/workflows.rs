@@ -245,7 +245,7 @@ impl SortieServer {
     ) -> Result<String, CallToolResult> {
         let error = match first {
             Ok(value) => return Err(CallToolResult::structured(value)),
-            Err(e) if e.code == "choice_required" && self.config.litellm_url.is_some() => e,
+            Err(e) if e.code == "choice_required" && self.config.has_planner() => e,
             Err(e) => return Err(tool_error(&e)),
         };
         let state = self
@@ -255,6 +255,9 @@ impl SortieServer {
             )
             .await
             .map_err(|e| tool_error(&e))?;
+        if self.config.stub_ai {
+            return Ok(stub_choice(&state));
+        }
         let prompt = chooser_prompt(&state, report, &error.message);
         match crate::llm::ask_json(&self.http, &self.config, CHOOSER, &prompt).await {
             Ok(answer) => match answer["next_step_name"].as_str() {
@@ -270,6 +273,24 @@ impl SortieServer {
             )),
         }
     }
+}
+
+/// The stub chooser (USE_STUB_AI_CLIENT=true): deterministic, the step after the current one
+/// in the definition's order, FINISH after the last.
+fn stub_choice(state: &Value) -> String {
+    let names: Vec<&str> = state["definition"]["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    let current = state["current_step"]["step_name"].as_str().unwrap_or_default();
+    names
+        .iter()
+        .position(|n| *n == current)
+        .and_then(|i| names.get(i + 1))
+        .map(|n| n.to_string())
+        .unwrap_or_else(|| "FINISH".into())
 }
 
 fn chooser_prompt(state: &Value, report: &Value, choices: &str) -> String {

@@ -59,6 +59,8 @@ pub struct FlatStep {
     pub max_attempts: Option<i64>,
     pub requires_locks: Vec<String>,
     pub completion_threshold: Option<i64>,
+    /// SPEC §17: a shell command that must exit 0 before the step is done.
+    pub verify: Option<String>,
     pub local_deps: Vec<usize>,
     pub existing_deps: Vec<i64>,
     pub fingerprint: String,
@@ -175,7 +177,8 @@ impl Builder {
             }
         };
         let extra: &[&str] = match step_type {
-            StepType::Atomic => &[],
+            // SPEC §17: only an atomic step is done by a worker, so only it can be checked.
+            StepType::Atomic => &["verify"],
             StepType::Sequence => &["steps"],
             StepType::ParallelGroup => &["children", "completion_threshold"],
             StepType::ForEach => &["items", "template", "collect", "completion_threshold"],
@@ -209,6 +212,7 @@ impl Builder {
             max_attempts: optional_int(object, "max_attempts", 1, 100, path)?,
             requires_locks: lock_keys(object, path)?,
             completion_threshold: optional_int(object, "completion_threshold", 1, i64::MAX, path)?,
+            verify: optional_text(object, "verify", MAX_ACTION_CHARS, path)?,
             local_deps: Vec::new(),
             existing_deps: Vec::new(),
             fingerprint: String::new(),

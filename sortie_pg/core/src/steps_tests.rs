@@ -248,3 +248,14 @@ fn children_inherit_the_nearest_failure_policy() {
     assert_eq!(e.nodes[2].failure_policy.as_deref(), Some("continue"));
     assert_eq!(e.nodes[3].failure_policy, None);
 }
+
+#[test]
+fn verify_is_a_command_of_atomic_steps_only() {
+    let e = expand(&json!([{"action": "build", "verify": "cargo test"}])).unwrap();
+    assert_eq!(e.nodes[0].verify.as_deref(), Some("cargo test"));
+    let compound = expand(&json!([{"step_type": "sequence", "action": "s", "verify": "true",
+                                   "steps": [{"action": "a"}]}]));
+    assert_eq!(codes(compound), "invalid_argument");
+    assert_eq!(codes(expand(&json!([{"action": "a", "verify": ""}]))), "invalid_argument");
+    assert_eq!(codes(expand(&json!([{"action": "a", "verify": 3}]))), "invalid_argument");
+}
