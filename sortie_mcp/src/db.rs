@@ -44,8 +44,17 @@ impl Db {
         if embedded {
             prepare_embedded(&connection_string).await?;
         }
-        let pg_config = tokio_postgres::Config::from_str(&connection_string)
-            .context("DATABASE_URL is not a valid connection string")?;
+        let mut pg_config = tokio_postgres::Config::from_str(&connection_string)
+            .map_err(|e| anyhow::anyhow!("DATABASE_URL: {}", with_causes(&e)))?;
+        if pg_config.get_connect_timeout().is_none() {
+            pg_config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        let source = if embedded {
+            "the embedded cluster (DATABASE_URL is unset)"
+        } else {
+            "DATABASE_URL"
+        };
+        check_database(&pg_config, &config.schema, source).await?;
         let manager = Manager::from_config(
             pg_config,
             NoTls,
@@ -109,6 +118,111 @@ impl Db {
 
     pub async fn client(&self) -> Result<deadpool_postgres::Object, DbError> {
         self.pool.get().await.map_err(DbError::unavailable)
+    }
+}
+
+/// How long a start-up connection attempt may take when DATABASE_URL does not say.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The command that installs the extension into a database, in every message that needs it.
+pub const INSTALL_EXTENSION: &str = "CREATE EXTENSION sortie CASCADE";
+
+/// An error and its causes on one line: tokio-postgres keeps the reason ("Connection
+/// refused", "invalid port") in the source, not in its own message.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        text.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    text
+}
+
+/// Where a connection string points, without its password: for messages.
+fn describe_target(config: &tokio_postgres::Config) -> String {
+    use tokio_postgres::config::Host;
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let port = config.get_ports().get(i).or(config.get_ports().first());
+            let port = port.map(|p| format!(":{p}")).unwrap_or_default();
+            match host {
+                Host::Tcp(name) => format!("{name}{port}"),
+                Host::Unix(path) => format!("socket {}{port}", path.display()),
+            }
+        })
+        .collect();
+    let hosts = if hosts.is_empty() {
+        "localhost".to_string()
+    } else {
+        hosts.join(",")
+    };
+    let database = config.get_dbname().or(config.get_user()).unwrap_or("?");
+    format!("{hosts} (database {database:?})")
+}
+
+/// Start-up check (SPEC §9): the server answers and the extension is installed in the
+/// configured schema, so a bad DATABASE_URL or a missing extension stops the program before
+/// it serves anything, with a message naming the variable and the fix.
+async fn check_database(config: &tokio_postgres::Config, schema: &str, source: &str) -> Result<()> {
+    let target = describe_target(config);
+    let (client, connection) = match config.connect(NoTls).await {
+        Ok(pair) => pair,
+        Err(e) => match e.as_db_error() {
+            Some(db) => anyhow::bail!(
+                "{source}: the server at {target} refused the connection: {} ({})",
+                db.message(),
+                db.code().code()
+            ),
+            None => anyhow::bail!("{source}: cannot reach {target}: {}", with_causes(&e)),
+        },
+    };
+    tokio::spawn(connection);
+    let installed = client
+        .query_opt(
+            // The schema holding the extension's tables; not pg_extension's own schema, which
+            // is `public` when the default put the objects in `sortie` (bootstrap.sql).
+            "SELECT coalesce((SELECT n.nspname::text
+                                FROM pg_depend d
+                                JOIN pg_class c ON d.classid = 'pg_class'::regclass AND c.oid = d.objid
+                                JOIN pg_namespace n ON n.oid = c.relnamespace
+                               WHERE d.refclassid = 'pg_extension'::regclass AND d.refobjid = e.oid
+                                 AND d.deptype = 'e' AND c.relname = 'campaigns'), '')
+               FROM pg_extension e WHERE e.extname = 'sortie'",
+            &[],
+        )
+        .await
+        .with_context(|| format!("{source}: querying {target}"))?;
+    match installed {
+        Some(row) => {
+            let installed_in: String = row.get(0);
+            if installed_in != schema {
+                anyhow::bail!(
+                    "SORTIE_SCHEMA: the sortie extension in {target} is installed in schema \"{installed_in}\", not \"{schema}\": set SORTIE_SCHEMA={installed_in}"
+                );
+            }
+            Ok(())
+        }
+        None => {
+            let available = client
+                .query_opt(
+                    "SELECT 1 FROM pg_available_extensions WHERE name = 'sortie'",
+                    &[],
+                )
+                .await?
+                .is_some();
+            if available {
+                anyhow::bail!(
+                    "{source}: the database {target} does not have the sortie extension: install it with {INSTALL_EXTENSION}; as the database owner or a superuser (psql \"$DATABASE_URL\" -c '{INSTALL_EXTENSION}')"
+                )
+            }
+            anyhow::bail!(
+                "{source}: the server at {target} has no sortie extension to install: run scripts/setup --extension on the database machine, then {INSTALL_EXTENSION}; in the database"
+            )
+        }
     }
 }
 
@@ -222,6 +336,17 @@ impl DbError {
 impl From<tokio_postgres::Error> for DbError {
     fn from(e: tokio_postgres::Error) -> DbError {
         match e.as_db_error() {
+            // The extension's schema is gone (dropped after start, or the wrong SORTIE_SCHEMA):
+            // nothing happened, and the same call works once it is installed again.
+            Some(db) if db.code() == &tokio_postgres::error::SqlState::INVALID_SCHEMA_NAME => {
+                DbError {
+                    code: "unavailable".into(),
+                    message: format!(
+                        "{}: the sortie extension is not installed in this database; install it with {INSTALL_EXTENSION}; (or set SORTIE_SCHEMA to the schema it is in)",
+                        db.message()
+                    ),
+                }
+            }
             Some(db) => match code_for_sqlstate(db.code().code()) {
                 Some(code) => DbError {
                     code: code.into(),

@@ -19,6 +19,8 @@ pub async fn serve(server: SortieServer, addr: SocketAddr, token: Option<String>
     let Some(token) = token.filter(|t| t.len() >= 16) else {
         bail!("--http needs SORTIE_HTTP_TOKEN set to a secret of at least 16 characters");
     };
+    // Start-up check: the database is reached before the address is bound.
+    server.connect_now().await?;
     let expected: Arc<str> = format!("Bearer {token}").into();
     // Sessions share the template server's database pool and tool router.
     let service = StreamableHttpService::new(

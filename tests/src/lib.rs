@@ -138,6 +138,25 @@ pub async fn connect_to(cluster: &Cluster, database: &str) -> anyhow::Result<Cli
     Ok(client)
 }
 
+/// A new, empty database of the test cluster without the extension (start-up checks);
+/// returns its connection string.
+pub async fn database_without_extension() -> String {
+    let cluster = &shared().cluster;
+    let name = format!(
+        "plain_{}_{}",
+        std::process::id(),
+        NEXT_DB.fetch_add(1, Ordering::SeqCst)
+    );
+    let admin = connect_to(cluster, "postgres")
+        .await
+        .expect("admin connection");
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create a database without the extension");
+    cluster.connection_string(&name)
+}
+
 /// A fresh database with the extension, for one test. Finish every test with
 /// `db.finish().await`, which checks the engine's invariants.
 pub struct TestDb {
@@ -499,6 +518,118 @@ pub fn script(name: &str, body: &str) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
     path
+}
+
+/// Runs one of the project's binaries to its end with `stdin` as its input. Every variable of
+/// Sortie's table is removed from its environment first, so only `env` (and a quiet RUST_LOG)
+/// applies; pass DATABASE_URL or SORTIE_DATA_DIR, never the user's embedded cluster.
+pub fn run_binary(
+    name: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    stdin: &str,
+) -> std::process::Output {
+    use std::io::Write;
+    let mut command = Command::new(binary(name));
+    for var in sortie_mcp::config::ENV_VARS {
+        command.env_remove(var.name);
+    }
+    command
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {name}: {e}"));
+    let mut input = child.stdin.take().expect("stdin");
+    // A program that exits at start closes its stdin before reading: ignore the broken pipe.
+    let _ = input.write_all(stdin.as_bytes());
+    drop(input);
+    child.wait_with_output().expect("wait for the binary")
+}
+
+/// Fenced code blocks of a Markdown file, for tests that run the documentation's examples.
+pub mod markdown {
+    /// One fenced block: its info string (`sql`, `sh no-run`, ...), its text and the line of
+    /// its opening fence (1-based), for messages.
+    #[derive(Debug, Clone)]
+    pub struct Block {
+        pub info: String,
+        pub text: String,
+        pub line: usize,
+    }
+
+    impl Block {
+        /// The block's language: the first word of its info string.
+        pub fn language(&self) -> &str {
+            self.info.split_whitespace().next().unwrap_or("")
+        }
+
+        /// Whether the info string carries `word` after the language (`no-run`, `refused`).
+        pub fn has(&self, word: &str) -> bool {
+            self.info.split_whitespace().skip(1).any(|w| w == word)
+        }
+    }
+
+    /// Every block fenced with three backticks, in order. A fence may be indented (a block
+    /// inside a list item); that indentation is removed from the block's lines.
+    pub fn code_blocks(markdown: &str) -> Vec<Block> {
+        let mut blocks = Vec::new();
+        let mut open: Option<(Block, usize)> = None;
+        for (i, line) in markdown.lines().enumerate() {
+            let indent = line.len() - line.trim_start().len();
+            match (&mut open, line.trim_start().strip_prefix("```")) {
+                (None, Some(info)) => {
+                    let block = Block {
+                        info: info.trim().to_string(),
+                        text: String::new(),
+                        line: i + 1,
+                    };
+                    open = Some((block, indent));
+                }
+                (Some(_), Some(rest)) if rest.trim().is_empty() => {
+                    blocks.extend(open.take().map(|(block, _)| block));
+                }
+                (Some((block, fence_indent)), _) => {
+                    let cut = indent.min(*fence_indent);
+                    block.text.push_str(&line[cut..]);
+                    block.text.push('\n');
+                }
+                (None, None) => {}
+            }
+        }
+        assert!(open.is_none(), "a code block is never closed");
+        blocks
+    }
+
+    /// A file of the repository, by its path from the repository's root.
+    pub fn read(path: &str) -> String {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        std::fs::read_to_string(root.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+}
+
+/// Runs SQL through `psql` (so `\gset` and other psql commands work, as a reader pastes them)
+/// against `connection_string`, stopping at the first error.
+pub fn psql(connection_string: &str, sql: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = Command::new("psql")
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", connection_string])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start psql");
+    child
+        .stdin
+        .take()
+        .expect("psql stdin")
+        .write_all(sql.as_bytes())
+        .expect("write to psql");
+    child.wait_with_output().expect("wait for psql")
 }
 
 /// A `sortie-runner` process against the test database, quiet on stdout and stderr.

@@ -590,13 +590,22 @@ fn handshake() -> Vec<Value> {
     ]
 }
 
-/// With no DATABASE_URL the embedded default is only started by a tool call: initialize and
-/// tools/list answer at once and touch no database.
+/// With no DATABASE_URL the embedded default is started (and its extension created) before the
+/// server answers `initialize` (issue 17: a database problem stops the program at start).
+/// Unreachable servers and missing extensions are tested in startup.rs.
 #[test]
-fn without_a_database_url_initialize_and_tools_list_answer_at_once() {
+fn without_a_database_url_the_embedded_cluster_is_started_before_serving() {
     let data_dir = std::env::temp_dir().join(format!("sortie-mcp-nodb-{}", std::process::id()));
     let dir = data_dir.to_string_lossy().to_string();
     let answers = raw_session(&[("SORTIE_DATA_DIR", &dir)], true, &handshake(), 2);
+    let cluster = sortie_mcp::embedded::Cluster::new(
+        data_dir.clone(),
+        sortie_mcp::embedded::find_bin_dir().unwrap(),
+    );
+    let started = data_dir.join("pgdata/PG_VERSION").is_file();
+    let _ = cluster.stop("immediate");
+    let _ = std::fs::remove_dir_all(&data_dir);
+    assert!(started, "the embedded cluster was created before serving");
     assert_eq!(
         by_id(&answers, 1)["result"]["serverInfo"]["name"],
         "sortie_mcp"
@@ -608,31 +617,6 @@ fn without_a_database_url_initialize_and_tools_list_answer_at_once() {
             .len(),
         COORDINATOR_TOOLS.len() + WORKER_TOOLS.len()
     );
-    assert!(
-        !data_dir.exists(),
-        "no cluster was created for the handshake"
-    );
-}
-
-/// A database that cannot be reached is an error on that call, not a crash, and stdout stays
-/// pure JSON-RPC.
-#[test]
-fn an_unreachable_database_is_a_tool_error_and_stdout_stays_clean() {
-    let mut requests = handshake();
-    requests.push(json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "list_campaigns", "arguments": {}}}));
-    let answers = raw_session(
-        &[(
-            "DATABASE_URL",
-            "host=/nonexistent-sortie-socket user=nobody dbname=none",
-        )],
-        false,
-        &requests,
-        3,
-    );
-    let call = by_id(&answers, 3);
-    assert_eq!(call["result"]["isError"], true, "{call}");
-    let text = call["result"]["content"][0]["text"].as_str().unwrap();
-    assert!(text.starts_with("unavailable"), "{text}");
 }
 
 /// `sortie-mcp --http`: streamable HTTP for remote agents, behind a bearer token.

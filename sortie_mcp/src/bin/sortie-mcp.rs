@@ -8,7 +8,16 @@ use sortie_mcp::config::Config;
 use sortie_mcp::tools::SortieServer;
 
 #[derive(Parser)]
-#[command(name = "sortie-mcp", version, about = "Sortie's MCP server")]
+#[command(
+    name = "sortie-mcp",
+    version = sortie_mcp::VERSION,
+    about = "Sortie's MCP server",
+    after_help = sortie_mcp::config::env_help(sortie_mcp::config::Reader::Mcp, &[
+        "sortie-mcp                       # stdio, embedded cluster",
+        "DATABASE_URL=postgresql://me:secret@db.example:5432/app sortie-mcp",
+        "SORTIE_HTTP_TOKEN=$(openssl rand -hex 16) sortie-mcp --http 127.0.0.1:8765",
+    ])
+)]
 struct Cli {
     /// Serve streamable HTTP on this address (e.g. 127.0.0.1:8765) instead of stdio;
     /// requires SORTIE_HTTP_TOKEN.
@@ -26,6 +35,8 @@ async fn main() -> anyhow::Result<()> {
         return sortie_mcp::http::serve(server, addr, std::env::var("SORTIE_HTTP_TOKEN").ok())
             .await;
     }
+    // Start-up check: the database is reached before the server answers `initialize`.
+    server.connect_now().await?;
     // Sortie's own framing: every request line is answered, even one rmcp could not decode.
     let service = server
         .serve(sortie_mcp::transport::LineTransport::stdio())

@@ -10,8 +10,13 @@ use tokio::sync::watch;
 #[derive(Parser)]
 #[command(
     name = "sortie-runner",
-    version,
-    about = "Dispatches ready Sortie steps to agents"
+    version = sortie_mcp::VERSION,
+    about = "Dispatches ready Sortie steps to agents",
+    after_help = sortie_mcp::config::env_help(sortie_mcp::config::Reader::Runner, &[
+        "sortie-runner --once             # one tick on the embedded cluster (cron)",
+        "SORTIE_DISPATCH=command SORTIE_AGENT_COMMAND='claude -p' sortie-runner",
+        "DATABASE_URL=postgresql://me:secret@db.example:5432/app SORTIE_MAX_CONCURRENT=8 sortie-runner",
+    ])
 )]
 struct Cli {
     /// Run one tick and exit once every dispatch it started has finished (for cron).

@@ -83,6 +83,14 @@ impl SortieServer {
         }
     }
 
+    /// Connects and checks the database now (the binary's start-up check), so a bad
+    /// DATABASE_URL or a missing extension stops the program before it serves anything.
+    pub async fn connect_now(&self) -> anyhow::Result<()> {
+        let db = Db::connect(&self.config).await?;
+        let _ = self.db.set(db);
+        Ok(())
+    }
+
     /// Connected on first use, so that initialize and tools/list never wait for the database.
     async fn db(&self) -> Result<&Db, DbError> {
         self.db
