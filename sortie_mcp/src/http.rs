@@ -21,6 +21,8 @@ pub async fn serve(server: SortieServer, addr: SocketAddr, token: Option<String>
     };
     // Start-up check: the database is reached before the address is bound.
     server.connect_now().await?;
+    // SPEC §16: the web view at `/`, beside MCP at `/mcp`; it checks the same token itself.
+    let web = crate::web::router(server.database().await?, &token);
     let expected: Arc<str> = format!("Bearer {token}").into();
     // Sessions share the template server's database pool and tool router.
     let service = StreamableHttpService::new(
@@ -38,7 +40,8 @@ pub async fn serve(server: SortieServer, addr: SocketAddr, token: Option<String>
         .layer(middleware::from_fn(move |request: Request, next: Next| {
             let expected = expected.clone();
             async move { authorize(&expected, request, next).await }
-        }));
+        }))
+        .merge(web);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
@@ -68,6 +71,6 @@ async fn authorize(expected: &str, request: Request, next: Next) -> Response {
 }
 
 /// Comparison whose time does not depend on where the strings differ.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

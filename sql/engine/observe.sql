@@ -223,6 +223,9 @@ AS $$
         'id', s.id, 'parent_id', s.parent_id, 'position', s.position, 'depth', s.depth,
         'action', s.action, 'agent', s.agent, 'step_type', s.step_type, 'status', s.status,
         'skip_cause', s.skip_cause, 'attempts', s.attempts, 'max_attempts', s.max_attempts,
+        -- `attempts` counts failed attempts; `tries` adds the one running or that succeeded.
+        'tries', s.attempts + CASE WHEN s.step_type = 'atomic' AND s.status IN ('running', 'waiting_input', 'done')
+                                   THEN 1 ELSE 0 END,
         'continuation_of', s.continuation_of, 'continued_by', s.continued_by,
         'spawned_by', CASE WHEN p_parent_type = 'atomic' THEN s.parent_id END,
         'claim_owner', CASE WHEN s.status = 'running' THEN s.claim_owner END,

@@ -96,7 +96,7 @@ async fn show_prints_the_step_tree_and_json_has_every_step() {
         "{research}"
     );
     assert!(
-        research.contains("0 attempts") && research.contains("continued by #"),
+        research.contains("1 attempt ") && research.contains("continued by #"),
         "{}",
         tree.stdout
     );

@@ -91,6 +91,11 @@ impl SortieServer {
         Ok(())
     }
 
+    /// The database, for the web view (SPEC §16) served beside MCP.
+    pub async fn database(&self) -> Result<Db, DbError> {
+        self.db().await.cloned()
+    }
+
     /// Connected on first use, so that initialize and tools/list never wait for the database.
     async fn db(&self) -> Result<&Db, DbError> {
         self.db

@@ -18,6 +18,8 @@ pub struct Node {
     pub status: String,
     pub skip_cause: Option<String>,
     pub attempts: i64,
+    /// Attempts made: the failed ones and the one running or that succeeded.
+    pub tries: Option<i64>,
     pub max_attempts: Option<i64>,
     pub continuation_of: Option<i64>,
     pub continued_by: Option<i64>,
@@ -183,11 +185,12 @@ pub fn step_line(node: &Node, colour: bool) -> String {
         let _ = write!(line, " · {agent}");
     }
     if !node.is_compound() {
+        let tries = node.tries.unwrap_or(node.attempts);
         let _ = write!(
             line,
             " · {} attempt{}",
-            node.attempts,
-            if node.attempts == 1 { "" } else { "s" }
+            tries,
+            if tries == 1 { "" } else { "s" }
         );
     }
     if let Some(ms) = node.duration_ms {
