@@ -277,7 +277,7 @@ async fn base_arguments(db: &TestDb, tool: &str) -> Value {
         "steer_campaign" => json!({"id": c, "guidance": "go left"}),
         "provide_input" => json!({"id": c, "step_id": steps[1], "answer": "yes"}),
         "add_steps" => json!({"campaign_id": c, "steps": [{"action": "more"}]}),
-        "list_workflows" => json!({}),
+        "list_workflows" | "get_howto_create_workflow" => json!({}),
         "start_workflow" => json!({"workflow_name": "none", "context": {"k": 1}}),
         "get_workflow_status" => json!({"instance_id": nowhere}),
         "advance_workflow" => {
@@ -951,6 +951,15 @@ async fn over_long_names_and_notes_are_refused_before_any_work() {
         ("get_notes", json!({"campaign_id": c, "tags": [long]})),
         (
             "add_steps",
+            json!({"campaign_id": c, "steps": [{"action": "a", "children": [{"action": "b", "agent": long}]}]}),
+        ),
+        (
+            "spawn_and_continue",
+            json!({"step_id": 1, "claim_token": Uuid::new_v4().to_string(), "subtasks": [{"action": "a"}],
+                   "continuation": {"action": "m", "agent": long}}),
+        ),
+        (
+            "add_steps",
             json!({"campaign_id": c, "steps": [{"action": "a"}], "request_id": long}),
         ),
     ];
@@ -988,6 +997,16 @@ async fn over_long_names_and_notes_are_refused_before_any_work() {
         )
         .await;
     assert!(!exactly.is_error, "{}", exactly.text);
+    // SQL callers get the same limit.
+    let too_long = "x".repeat(100_001);
+    let refused = db
+        .call(
+            "sortie.add_note(campaign_id => $1, content => $2)",
+            &[&Uuid::parse_str(&c).unwrap(), &too_long],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code, "invalid_argument");
     mcp.stop().await;
     cancel_all(&db).await;
     db.finish().await;

@@ -8,13 +8,14 @@ use sortie_tests::fixtures::*;
 use sortie_tests::mcp::McpClient;
 use sortie_tests::{binary, TestDb};
 
-const COORDINATOR_TOOLS: [&str; 16] = [
+const COORDINATOR_TOOLS: [&str; 17] = [
     "add_steps",
     "advance_workflow",
     "cancel_campaign",
     "check_success",
     "create_campaign",
     "get_campaign",
+    "get_howto_create_workflow",
     "get_updates",
     "get_workflow_status",
     "list_campaigns",

@@ -241,6 +241,7 @@ fn known_keys(tool: &str) -> &'static [(&'static str, &'static str, &'static str
     match tool {
         "list_campaigns" => &[("campaigns", "array", "One page of campaigns.")],
         "list_workflows" => &[("workflows", "array", "The workflows available.")],
+        "get_howto_create_workflow" => &[("howto", "string", "The workflow format, in Markdown.")],
         "get_notes" => &[("notes", "array", "One page of notes, newest first.")],
         "search_notes" => &[("results", "array", "Ranked hits.")],
         _ => &[],

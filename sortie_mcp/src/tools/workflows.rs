@@ -77,6 +77,19 @@ pub struct ResumeWorkflow {
     pub next_step: Option<String>,
 }
 
+/// The workflow format, one text for the tool and for WORKFLOW_CREATOR's steps (SPEC §19).
+const WORKFLOW_FORMAT: &str =
+    include_str!("../../../examples/workflows/WORKFLOW_CREATOR/shared/format.md");
+
+/// The workflows shipped in examples/workflows (SPEC §19).
+const BUNDLED_WORKFLOWS: &[&str] = &[
+    "CODE_REVIEW",
+    "README_FRESHNESS_CHECK",
+    "REFACTOR_WITH_TESTS",
+    "RESEARCH_FANOUT",
+    "WORKFLOW_CREATOR",
+];
+
 fn refused(code: &str, message: String) -> CallToolResult {
     tool_error(&DbError {
         code: code.into(),
@@ -86,6 +99,20 @@ fn refused(code: &str, message: String) -> CallToolResult {
 
 #[tool_router(router = workflow_router, vis = "pub(super)")]
 impl SortieServer {
+    #[tool(
+        description = "How to write a Markdown workflow (SPEC §7, §19): the folder layout, the two sections of a \
+step file, transitions, choices and includes. Returns {howto, examples}: the format in Markdown and the bundled \
+example workflows (examples/workflows in the Sortie repository).",
+        annotations(read_only_hint = true, idempotent_hint = true)
+    )]
+    async fn get_howto_create_workflow(&self) -> CallToolResult {
+        CallToolResult::structured(json!({
+            "howto": WORKFLOW_FORMAT,
+            "examples": BUNDLED_WORKFLOWS,
+            "workflows_dir": self.config.workflows_dir.as_ref().map(|d| d.display().to_string()),
+        }))
+    }
+
     #[tool(
         description = "The Markdown workflows available to start_workflow, with their goals and step names.",
         annotations(read_only_hint = true, idempotent_hint = true)
