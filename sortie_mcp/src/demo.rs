@@ -20,6 +20,11 @@ pub async fn run(db: Db, mut config: Config, shutdown: watch::Receiver<bool>) ->
     config.dispatch = Dispatch::Command;
     config.agent_command = Some(shell_words::quote(&agent.to_string_lossy()).into_owned());
     config.zombie_timeout = Duration::from_secs(120);
+    // The writer's report is a file; the step's check (SPEC §17) looks at it there.
+    let workdir = std::env::temp_dir().join(format!("sortie-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&workdir)
+        .with_context(|| format!("creating the demo's work directory {}", workdir.display()))?;
+    config.workdir = Some(workdir.clone());
     let planner = if config.litellm_url.is_some() {
         "llm"
     } else {
@@ -32,7 +37,8 @@ pub async fn run(db: Db, mut config: Config, shutdown: watch::Receiver<bool>) ->
          "template": {"action": "summarise recent work on agent orchestration from {item.source}",
                       "agent": "researcher", "input": {"source": "{item.source}"}},
          "collect": {"action": "merge the three summaries", "agent": "editor"}},
-        {"action": "write the final report", "agent": "writer", "depends_on": ["survey"]}
+        {"action": "write the final report", "agent": "writer", "depends_on": ["survey"],
+         "verify": "test -s report.md && grep -q '^# ' report.md"}
     ]);
     let created = db
         .call(
@@ -83,6 +89,14 @@ pub async fn run(db: Db, mut config: Config, shutdown: watch::Receiver<bool>) ->
     for n in notes["notes"].as_array().into_iter().flatten() {
         println!("  - {}", n["content"].as_str().unwrap_or_default());
     }
+    let report = workdir.join("report.md");
+    let written = std::fs::read_to_string(&report).unwrap_or_default();
+    println!(
+        "\nthe report step was checked by its verify command; {} says:\n{}",
+        report.display(),
+        written.trim_end()
+    );
+    let _ = std::fs::remove_dir_all(&workdir);
     if state["status"] != "done" {
         bail!("the demo campaign ended {}", state["status"]);
     }

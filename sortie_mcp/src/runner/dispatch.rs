@@ -359,6 +359,10 @@ impl Job {
         {
             command.env("SORTIE_BIN_DIR", dir);
         }
+        // SPEC §17: verify commands run in SORTIE_WORKDIR, so the agent works there too.
+        if let Some(dir) = &self.config.workdir {
+            command.current_dir(dir).env("SORTIE_WORKDIR", dir);
+        }
         let mut child = match command.spawn() {
             Ok(c) => c,
             Err(e) => {
