@@ -250,3 +250,52 @@ fn version_names_the_commit_it_was_built_from() {
         assert!(text.starts_with(&format!("{binary} ")), "{text:?}");
     }
 }
+
+/// `scripts/setup` on a machine without Rust, or with Debian's old cargo, says what is missing
+/// and the command that gets it, before it installs anything.
+#[test]
+fn setup_says_how_to_get_rust_before_doing_anything() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let tmp = std::env::temp_dir().join(format!("sortie-setup-test-{}", std::process::id()));
+    let bin = tmp.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    // Only the tools the check itself uses: no cargo, no apt-get, no sudo.
+    for tool in ["dirname", "awk", "sort", "head", "id"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .unwrap();
+        let path = String::from_utf8(found.stdout).unwrap();
+        std::os::unix::fs::symlink(path.trim(), bin.join(tool)).unwrap();
+    }
+    let setup = |home: &std::path::Path| {
+        Command::new("/bin/bash")
+            .arg(root.join("scripts/setup"))
+            .arg("--deps")
+            .env_clear()
+            .env("PATH", &bin)
+            .env("HOME", home)
+            .output()
+            .unwrap()
+    };
+    let missing = setup(&tmp);
+    let said = String::from_utf8_lossy(&missing.stderr).to_string();
+    assert_eq!(missing.status.code(), Some(1), "{said}");
+    assert!(said.contains("cargo (Rust) is not installed"), "{said}");
+    assert!(said.contains("https://sh.rustup.rs"), "{said}");
+    assert!(
+        !said.contains("installing"),
+        "nothing else was started: {said}"
+    );
+
+    std::fs::write(bin.join("cargo"), "#!/bin/sh\necho 'cargo 1.63.0'\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(bin.join("cargo"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let old = setup(&tmp);
+    let said = String::from_utf8_lossy(&old.stderr).to_string();
+    assert_eq!(old.status.code(), Some(1), "{said}");
+    assert!(said.contains("cargo 1.63.0"), "{said}");
+    assert!(said.contains("older than Rust 1.95"), "{said}");
+    assert!(said.contains("https://sh.rustup.rs"), "{said}");
+    let _ = std::fs::remove_dir_all(&tmp);
+}
