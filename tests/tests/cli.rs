@@ -490,3 +490,89 @@ fn help_names_the_environment_and_an_example_per_command() {
         );
     }
 }
+
+/// `top` on a terminal (a pseudo-terminal from util-linux `script`): it redraws in colour until
+/// q is pressed; with NO_COLOR the same frame has no colour.
+#[tokio::test]
+async fn top_on_a_terminal_refreshes_in_colour_and_quits_on_q() {
+    use std::io::{Read, Write};
+    let db = TestDb::new().await;
+    let c = campaign(&db, "none").await;
+    add(&db, c, json!([{"action": "long job", "agent": "coder"}])).await;
+    let running = claim(&db, c).await.unwrap();
+    let on_terminal = |args: &str, no_color: bool| {
+        let mut command = Command::new("script");
+        command
+            .args([
+                "-q",
+                "-e",
+                "-c",
+                &format!("{} {args}", binary("sortie").display()),
+                "/dev/null",
+            ])
+            .env("DATABASE_URL", db.connection_string())
+            .env("RUST_LOG", "warn")
+            .env_remove("NO_COLOR")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        if no_color {
+            command.env("NO_COLOR", "1");
+        }
+        command.spawn().expect("script (util-linux)")
+    };
+    let mut live = on_terminal("top --interval 0.2", false);
+    let mut stdout = live.stdout.take().unwrap();
+    let screen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let collected = screen.clone();
+    std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut chunk) {
+            if n == 0 {
+                return;
+            }
+            collected
+                .lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&chunk[..n]));
+        }
+    });
+    let frames = || screen.lock().unwrap().matches("RUNNING (1)").count();
+    wait_for(std::time::Duration::from_secs(30), || {
+        let n = frames();
+        async move { n >= 2 }
+    })
+    .await;
+    assert!(
+        frames() >= 2,
+        "top did not refresh: {:?}",
+        screen.lock().unwrap()
+    );
+    live.stdin.as_mut().unwrap().write_all(b"q").unwrap();
+    let mut status = None;
+    wait_for(std::time::Duration::from_secs(30), || {
+        status = live.try_wait().unwrap();
+        let exited = status.is_some();
+        async move { exited }
+    })
+    .await;
+    let status = status.unwrap_or_else(|| {
+        let _ = live.kill();
+        panic!("top did not quit on q")
+    });
+    assert!(status.success(), "{status:?}");
+    let text = screen.lock().unwrap().clone();
+    assert!(text.contains("\x1b[2J"), "the screen is redrawn");
+    assert!(text.contains("\x1b[1mRUNNING (1)\x1b[0m"), "{text:?}");
+    assert!(text.contains("(q quits)"));
+
+    let plain = on_terminal("top --once", true).wait_with_output().unwrap();
+    let plain = String::from_utf8_lossy(&plain.stdout);
+    assert!(
+        plain.contains("RUNNING (1)") && plain.contains("long job"),
+        "{plain:?}"
+    );
+    assert!(!plain.contains("\x1b["), "NO_COLOR: {plain:?}");
+    complete(&db, &running, "ok").await;
+    db.finish().await;
+}

@@ -297,3 +297,48 @@ async fn activity_lists_running_steps_with_their_lease_and_campaign_progress() {
     run_all(&db, c).await;
     db.finish().await;
 }
+
+#[tokio::test]
+async fn the_runner_warns_when_health_finds_a_problem() {
+    let db = TestDb::new().await;
+    let stalled = campaign(&db, "none").await;
+    // The runner's sessions see a clock two hours on: the empty campaign has waited that long.
+    let later: String = db
+        .client
+        .query_one("SELECT (now() + interval '2 hours')::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    db.client
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{}\" SET sortie.fake_now = '{later}'",
+            db.name
+        ))
+        .await
+        .unwrap();
+    let url = db.connection_string();
+    let output = sortie_tests::run_binary(
+        "sortie-runner",
+        &["--once"],
+        &[("DATABASE_URL", url.as_str())],
+        "",
+    );
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{log}");
+    let warning = log
+        .lines()
+        .find(|l| l.contains("stalled_campaign"))
+        .unwrap_or_else(|| panic!("no health warning in:\n{log}"));
+    assert!(
+        warning.contains("WARN") && warning.contains(&stalled.to_string()),
+        "{warning}"
+    );
+    db.client
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{}\" RESET sortie.fake_now",
+            db.name
+        ))
+        .await
+        .unwrap();
+    db.finish().await;
+}
