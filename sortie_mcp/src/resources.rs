@@ -382,6 +382,11 @@ pub async fn prompt(
     }
 }
 
+/// The database could not be reached: an internal error with the stable code in its data.
+pub fn unavailable(e: DbError) -> ErrorData {
+    ErrorData::internal_error(e.to_string(), Some(json!({"code": e.code})))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -406,9 +411,4 @@ mod tests {
         assert!(!Address::Campaigns.changed_by(Some(&id_text), Some(1), "step.done"));
         assert!(Address::StepOutput(3).changed_by(Some(&id_text), Some(3), "step.done"));
     }
-}
-
-/// The database could not be reached: an internal error with the stable code in its data.
-pub fn unavailable(e: DbError) -> ErrorData {
-    ErrorData::internal_error(e.to_string(), Some(json!({"code": e.code})))
 }

@@ -137,7 +137,7 @@ async fn resources_are_listed_with_templates_and_read() {
         )),
         "{graph}"
     );
-    assert!(graph.contains(&format!(":::done")), "{graph}");
+    assert!(graph.contains(":::done"), "{graph}");
     assert!(
         graph.contains(&format!("s{} --> s{write}", research.step_id)),
         "{graph}"

@@ -303,7 +303,6 @@ pub fn mermaid(graph: &Graph) -> String {
     let contained = graph.contained();
     fn emit(
         out: &mut String,
-        graph: &Graph,
         contained: &HashMap<Option<i64>, Vec<&Node>>,
         container: Option<i64>,
         indent: usize,
@@ -318,7 +317,7 @@ pub fn mermaid(graph: &Graph) -> String {
                     node.id,
                     escape(&label(node))
                 );
-                emit(out, graph, contained, Some(node.id), indent + 1, escape);
+                emit(out, contained, Some(node.id), indent + 1, escape);
                 let _ = writeln!(out, "{pad}end");
                 let _ = writeln!(out, "{pad}class s{} {}", node.id, node.status);
             } else {
@@ -332,7 +331,7 @@ pub fn mermaid(graph: &Graph) -> String {
             }
         }
     }
-    emit(&mut out, graph, &contained, None, 1, &escape);
+    emit(&mut out, &contained, None, 1, &escape);
     for edge in &graph.edges {
         let arrow = match edge.kind.as_str() {
             "spawned" => "-. spawned .->",
