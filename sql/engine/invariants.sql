@@ -47,6 +47,10 @@ AS $$
     UNION ALL
     SELECT format('campaign %s: ready_steps is %s, actual %s', id, ready_steps, ready_actual) FROM counts WHERE ready_steps <> ready_actual
     UNION ALL
+    SELECT format('campaign %s: ready step %s lies below ready_floor %s', c.id, s.id, c.ready_floor)
+      FROM scope c JOIN steps s ON s.campaign_id = c.id
+     WHERE s.status = 'pending' AND s.step_type = 'atomic' AND s.remaining_deps = 0 AND s.id < c.ready_floor
+    UNION ALL
     SELECT format('step %s: remaining_deps is %s, expected %s', s.id, s.remaining_deps, expected)
       FROM scope c JOIN steps s ON s.campaign_id = c.id
       LEFT JOIN steps p ON p.id = s.parent_id

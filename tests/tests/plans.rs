@@ -71,3 +71,155 @@ async fn claim_next_reads_the_ready_index_whatever_the_history() {
     db.ok("sortie.cancel_campaign($1)", &[&c]).await;
     db.finish().await;
 }
+
+/// The plans of the statements one call runs, as auto_explain reports them (with the rows and
+/// buffers each node touched when `analyze` is on), under the generic plan a long-lived
+/// connection ends up with.
+async fn plans_of(
+    db: &TestDb,
+    call: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    analyze: bool,
+) -> (serde_json::Value, Vec<String>) {
+    let (client, mut messages) = db.connect_with_messages().await;
+    client
+        .batch_execute(&format!(
+            "SET plan_cache_mode = force_generic_plan;
+             LOAD 'auto_explain';
+             SET auto_explain.log_min_duration = 0;
+             SET auto_explain.log_nested_statements = on;
+             SET auto_explain.log_analyze = {analyze};
+             SET auto_explain.log_buffers = {analyze};
+             SET auto_explain.log_level = notice;"
+        ))
+        .await
+        .unwrap();
+    let result: serde_json::Value = client.query_one(call, params).await.unwrap().get(0);
+    drop(client);
+    let mut plans = Vec::new();
+    while let Some(message) = messages.recv().await {
+        if let AsyncMessage::Notice(n) = message {
+            plans.push(n.message().to_string());
+        }
+    }
+    (result, plans)
+}
+
+/// Shared buffers a plan's top node touched (`Buffers: shared hit=… read=…`).
+fn buffers(plan: &str) -> i64 {
+    let line = plan
+        .lines()
+        .find(|l| l.trim_start().starts_with("Buffers:"))
+        .unwrap_or_else(|| panic!("no Buffers line in {plan}"));
+    line.split(|c: char| c == ' ' || c == ',')
+        .filter_map(|w| w.split_once('='))
+        .filter(|(k, _)| *k == "hit" || *k == "read")
+        .map(|(_, v)| v.parse::<i64>().unwrap())
+        .sum()
+}
+
+/// Heap tuples an index-only scan had to visit (`Heap Fetches: n`); 0 for other plans.
+fn heap_fetches(plan: &str) -> i64 {
+    plan.lines()
+        .filter_map(|l| l.trim_start().strip_prefix("Heap Fetches: "))
+        .map(|n| n.trim().parse::<i64>().unwrap())
+        .sum()
+}
+
+#[tokio::test]
+async fn claim_next_starts_past_its_own_campaigns_finished_history() {
+    // SPEC §18: a claim's cost does not grow with its campaign's history. Each claimed step
+    // leaves a dead entry in steps_ready until VACUUM; while a snapshot older than those claims
+    // is open they cannot even be marked dead, and a scan from the campaign's first step
+    // fetched every one of them. The claim starts at the campaign's ready_floor instead.
+    let db = TestDb::new().await;
+    let c = campaign(&db, "llm").await;
+    add(
+        &db,
+        c,
+        json!((0..3_000)
+            .map(|i| json!({"action": format!("s{i}")}))
+            .collect::<Vec<_>>()),
+    )
+    .await;
+    // A long transaction elsewhere (a report, an idle client) holds the oldest snapshot.
+    let old_reader = db.connect().await;
+    old_reader
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM sortie.steps")
+        .await
+        .unwrap();
+    db.client
+        .batch_execute(&format!(
+            "DO $$
+             DECLARE v jsonb;
+             BEGIN
+                 FOR i IN 1..2000 LOOP
+                     v := sortie.claim_next(owner => 'history', campaign_id => '{c}');
+                     PERFORM sortie.complete_step((v->>'step_id')::bigint, (v->>'claim_token')::uuid, 'ok');
+                 END LOOP;
+             END $$"
+        ))
+        .await
+        .unwrap();
+    // Two claims: the first may still raise the floor past the history, the second must not
+    // need to walk any of it.
+    db.ok("sortie.claim_next(owner => 'w', campaign_id => $1)", &[&c])
+        .await;
+    let (claimed, plans) = plans_of(
+        &db,
+        "SELECT sortie.claim_next(owner => 'w', campaign_id => $1)",
+        &[&c],
+        true,
+    )
+    .await;
+    let step = claimed["step_id"].as_i64().expect("a claim");
+    let first_ready = count(
+        &db,
+        &format!("SELECT min(id) FROM sortie.steps WHERE campaign_id = '{c}' AND action = 's2001'"),
+    )
+    .await;
+    assert_eq!(step, first_ready, "claims go in id order");
+    let reads: Vec<&String> = plans
+        .iter()
+        .filter(|p| {
+            p.contains("FROM steps")
+                && p.contains("remaining_deps = 0")
+                && p.contains("ORDER BY campaign_id, id")
+        })
+        .collect();
+    assert_eq!(reads.len(), 2, "the floor read and the pick: {plans:#?}");
+    for plan in reads {
+        assert!(plan.contains("steps_ready"), "{plan}");
+        // 2,000 claimed steps lie before the first ready one: walking them costs 2,000 heap
+        // visits; the floor leaves a handful.
+        assert!(buffers(plan) < 40, "{plan}");
+        assert!(heap_fetches(plan) < 40, "{plan}");
+    }
+    // The contrast: from a floor of 0 (always a true floor) the same read walks the history.
+    db.client
+        .execute(
+            "UPDATE sortie.campaigns SET ready_floor = 0 WHERE id = $1",
+            &[&c],
+        )
+        .await
+        .unwrap();
+    let (_, plans) = plans_of(
+        &db,
+        "SELECT sortie.claim_next(owner => 'w', campaign_id => $1)",
+        &[&c],
+        true,
+    )
+    .await;
+    let floor_read = plans
+        .iter()
+        .find(|p| {
+            p.contains("remaining_deps = 0")
+                && !p.contains("SKIP LOCKED")
+                && p.contains("ORDER BY campaign_id, id")
+        })
+        .unwrap_or_else(|| panic!("no floor read among {plans:#?}"));
+    assert!(heap_fetches(floor_read) > 1_000, "{floor_read}");
+    old_reader.batch_execute("COMMIT").await.unwrap();
+    db.ok("sortie.cancel_campaign($1)", &[&c]).await;
+    db.finish().await;
+}

@@ -34,12 +34,14 @@ async fn main() -> anyhow::Result<()> {
         "throughput" => throughput(&cluster).await?,
         "latency" => claim_latency_and_splice(&cluster).await?,
         "cascade" => skip_cascade(&cluster).await?,
+        "claim-history" => claim_history(&cluster).await?,
         _ => {}
     }
     if what == "engine" || what == "all" {
         throughput(&cluster).await?;
         head_of_line(&cluster).await?;
         claim_latency_and_splice(&cluster).await?;
+        claim_history(&cluster).await?;
         skip_cascade(&cluster).await?;
     }
     if what == "mcp" || what == "all" {
@@ -544,6 +546,106 @@ async fn claim_latency_and_splice(cluster: &Cluster) -> anyhow::Result<()> {
         println!("| {total} | {} | {} |", latency(claims), latency(splices));
         drop(client);
         drop_database(cluster, &name).await?;
+    }
+    println!();
+    Ok(())
+}
+
+/// Milliseconds with three decimals: median (min–max) over runs.
+fn summary_ms(mut values: Vec<f64>) -> String {
+    values.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    format!(
+        "{:.3} ({:.3}–{:.3})",
+        values[values.len() / 2],
+        values[0],
+        values[values.len() - 1]
+    )
+}
+
+/// claim_next in a campaign whose *own* history is 10^3, 10^4 or 10^5 finished steps
+/// (SPEC §18; goal: p99 at 10^5 at most 1.5× p99 at 10^3). The history is finished after a
+/// long transaction (another connection's REPEATABLE READ snapshot) began, the worst case
+/// between vacuums: its dead entries in `steps_ready` cannot be removed or even marked dead.
+/// "no" runs the same without that transaction.
+async fn claim_history(cluster: &Cluster) -> anyhow::Result<()> {
+    const CLAIMS: usize = 1000;
+    println!("## claim_next by the claiming campaign's own finished history\n");
+    println!("One connection, synchronous_commit off, prepared statements. The campaign holds N finished steps and");
+    println!("{CLAIMS} ready steps after them; each claim is followed (untimed, its own transaction) by its completion.");
+    println!("Long transaction: another connection holds a snapshot taken before the history was finished.");
+    println!(
+        "p50 and p99 of the {CLAIMS} claims per run, ms: median (min–max) over {RUNS} runs.\n"
+    );
+    println!("| finished steps in the campaign | long transaction open | claim_next p50 | claim_next p99 |");
+    println!("|---|---|---|---|");
+    for long_transaction in [true, false] {
+        for history in [1_000i64, 10_000, 100_000] {
+            let (mut p50, mut p99) = (Vec::new(), Vec::new());
+            for _ in 0..RUNS {
+                let (name, client) = fresh(cluster).await?;
+                client.batch_execute("SET synchronous_commit = off").await?;
+                let c = new_campaign(&client, ", planner => 'llm'").await?;
+                // The history as steps that were ready and then finished: inserted pending (in
+                // steps_ready), then marked done once the long transaction holds its snapshot.
+                client
+                    .execute(
+                        "INSERT INTO sortie.steps (campaign_id, action)
+                         SELECT $1, 'history ' || g FROM generate_series(1, $2::bigint) g",
+                        &[&c, &history],
+                    )
+                    .await?;
+                client.batch_execute("ANALYZE").await?;
+                let reader = connect_to(cluster, &name).await?;
+                if long_transaction {
+                    reader
+                        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM sortie.campaigns")
+                        .await?;
+                }
+                client
+                    .execute(
+                        "UPDATE sortie.steps SET status = 'done', completed_at = now()
+                          WHERE campaign_id = $1 AND status = 'pending'",
+                        &[&c],
+                    )
+                    .await?;
+                let ready = Value::Array(
+                    (0..CLAIMS + 10)
+                        .map(|i| json!({"action": format!("r{i}")}))
+                        .collect(),
+                );
+                add(&client, c, &ready).await?;
+                let claim = client
+                    .prepare("SELECT sortie.claim_next(owner => 'bench', campaign_id => $1)")
+                    .await?;
+                let complete = client
+                    .prepare("SELECT sortie.complete_step($1, $2, 'ok')")
+                    .await?;
+                let mut samples = Vec::with_capacity(CLAIMS);
+                for _ in 0..CLAIMS {
+                    let t = Instant::now();
+                    let v: Value = client.query_one(&claim, &[&c]).await?.get(0);
+                    samples.push(t.elapsed().as_secs_f64() * 1000.0);
+                    let id = v["step_id"]
+                        .as_i64()
+                        .ok_or_else(|| anyhow::anyhow!("nothing claimed: {v}"))?;
+                    let token =
+                        uuid::Uuid::parse_str(v["claim_token"].as_str().unwrap_or_default())?;
+                    client.query_one(&complete, &[&id, &token]).await?;
+                }
+                samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                p50.push(percentile(&samples, 0.5));
+                p99.push(percentile(&samples, 0.99));
+                drop(reader);
+                drop(client);
+                drop_database(cluster, &name).await?;
+            }
+            println!(
+                "| {history} | {} | {} | {} |",
+                if long_transaction { "yes" } else { "no" },
+                summary_ms(p50),
+                summary_ms(p99)
+            );
+        }
     }
     println!();
     Ok(())
