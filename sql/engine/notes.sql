@@ -26,8 +26,10 @@ BEGIN
     IF content IS NULL OR btrim(content) = '' THEN
         PERFORM raise('invalid_argument', 'content is empty: write what you found');
     END IF;
-    IF length(content) > 1000000 THEN
-        PERFORM raise('invalid_argument', 'content is longer than 1,000,000 characters; store large results as step output');
+    -- SPEC §14: at most 100,000 characters (the MCP server checks before it embeds).
+    IF length(content) > 100000 THEN
+        PERFORM raise('invalid_argument', format('content is %s characters long; at most 100000 are allowed: store large results as step output',
+                                                 length(content)));
     END IF;
     IF EXISTS (SELECT 1 FROM unnest(tags) t WHERE t IS NULL OR btrim(t) = '' OR length(t) > 200) THEN
         PERFORM raise('invalid_argument', 'tags must be non-empty strings of at most 200 characters');

@@ -161,6 +161,8 @@ fn coerce(name: &str, property: &Value, value: Value) -> Result<Value, Refusal> 
         }
     }
     check_length(name, property, &value)?;
+    check_range(name, property, &value)?;
+    check_agents(name, &value)?;
     if let (Value::Array(items), Some(item_schema)) = (&value, property.get("items")) {
         if let Some(item_type) = declared_type(item_schema) {
             for (i, item) in items.iter().enumerate() {
@@ -177,6 +179,66 @@ fn coerce(name: &str, property: &Value, value: Value) -> Result<Value, Refusal> 
     }
     Ok(value)
 }
+
+/// Integers must fit the Rust type behind them (schemars writes it as `format`), so an
+/// overflow is refused naming the parameter rather than by serde's anonymous message.
+fn check_range(name: &str, property: &Value, value: &Value) -> Result<(), Refusal> {
+    let (low, high): (i128, i128) = match property.get("format").and_then(Value::as_str) {
+        Some("int32") => (i32::MIN.into(), i32::MAX.into()),
+        Some("uint32") => (0, u32::MAX.into()),
+        Some("int64") => (i64::MIN.into(), i64::MAX.into()),
+        _ => return Ok(()),
+    };
+    let n: Option<i128> = value
+        .as_i64()
+        .map(i128::from)
+        .or_else(|| value.as_u64().map(i128::from));
+    match n {
+        Some(n) if n < low || n > high => Err(format!(
+            "parameter '{name}' is {value}, outside {low}..={high}"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// SPEC §14: an agent name is at most 200 characters wherever it appears, in steps nested in
+/// `steps`, `subtasks` or `continuation` too.
+fn check_agents(name: &str, value: &Value) -> Result<(), Refusal> {
+    fn walk(value: &Value, path: &mut String, name: &str) -> Result<(), Refusal> {
+        match value {
+            Value::Object(map) => {
+                for (key, item) in map {
+                    if let (true, Some(agent)) = (key == "agent", item.as_str()) {
+                        let length = agent.chars().count();
+                        if length > AGENT_MAX_CHARS {
+                            return Err(format!(
+                                "parameter '{name}': {path}.agent is {length} characters long; at most {AGENT_MAX_CHARS} are allowed"
+                            ));
+                        }
+                    }
+                    let before = path.len();
+                    path.push('.');
+                    path.push_str(key);
+                    walk(item, path, name)?;
+                    path.truncate(before);
+                }
+            }
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    let before = path.len();
+                    path.push_str(&format!("[{i}]"));
+                    walk(item, path, name)?;
+                    path.truncate(before);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+    walk(value, &mut name.to_string(), name)
+}
+
+const AGENT_MAX_CHARS: usize = 200;
 
 fn check_length(name: &str, property: &Value, value: &Value) -> Result<(), Refusal> {
     let (Some(max), Some(text)) = (
@@ -207,7 +269,7 @@ mod tests {
                 "steps": {"type": "array", "items": {"type": "object"}},
                 "summary": {"type": "string"},
                 "tags": {"type": ["array", "null"], "items": {"type": "string", "maxLength": 3}},
-                "limit": {"type": ["integer", "null"]},
+                "limit": {"type": ["integer", "null"], "format": "int32"},
                 "continuation": {"type": "object", ACCEPTS_STRING: true},
             },
             "required": ["id"],
@@ -260,5 +322,11 @@ mod tests {
         assert!(run(json!({"id": ID, "tags": [1]}))
             .unwrap_err()
             .contains("'tags'"));
+        let long = "a".repeat(201);
+        let nested = json!({"id": ID, "steps": [{"action": "a", "steps": [{"action": "b", "agent": long}]}]});
+        let e = run(nested).unwrap_err();
+        assert!(e.contains("'steps'") && e.contains("agent"), "{e}");
+        let e = run(json!({"id": ID, "limit": 10_000_000_000_i64})).unwrap_err();
+        assert!(e.contains("'limit'"), "{e}");
     }
 }
