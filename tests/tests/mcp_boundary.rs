@@ -1364,3 +1364,58 @@ async fn the_server_accepts_logging_set_level() {
     server.stop();
     db.finish().await;
 }
+
+/// An HTTP request without the right token is a 401 that names the scheme (RFC 6750).
+#[tokio::test]
+async fn an_http_401_carries_www_authenticate_bearer() {
+    let db = TestDb::new().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(binary("sortie-mcp"))
+        .args(["--http", &format!("127.0.0.1:{port}")])
+        .env("DATABASE_URL", db.connection_string())
+        .env("SORTIE_HTTP_TOKEN", "a-test-token-long-enough")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}/mcp");
+    let http = reqwest::Client::new();
+    let mut answers = Vec::new();
+    for token in [None, Some("wrong-token-wrong-token")] {
+        let mut response = None;
+        for _ in 0..200 {
+            let mut request = http
+                .post(&url)
+                .header("content-type", "application/json")
+                .body("{}");
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            if let Ok(r) = request.send().await {
+                response = Some(r);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        answers.push(response.expect("the HTTP server answers"));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    for response in answers {
+        assert_eq!(response.status().as_u16(), 401);
+        let challenge = response
+            .headers()
+            .get("www-authenticate")
+            .expect("a WWW-Authenticate header")
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert!(challenge.starts_with("Bearer"), "{challenge}");
+    }
+    db.finish().await;
+}
