@@ -51,9 +51,19 @@ pub fn default_root() -> Result<PathBuf> {
 /// The PostgreSQL server binaries: `SORTIE_PG_BIN`, else `pg_config --bindir`, else Debian's
 /// PostgreSQL 15 location.
 pub fn find_bin_dir() -> Result<PathBuf> {
-    let candidates = std::env::var_os("SORTIE_PG_BIN")
-        .map(PathBuf::from)
-        .into_iter()
+    let has_server = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
+    // A directory named on purpose that is wrong is a start-up error, not a silent fallback.
+    if let Some(dir) = std::env::var_os("SORTIE_PG_BIN").filter(|d| !d.is_empty()) {
+        let dir = PathBuf::from(dir);
+        if !has_server(&dir) {
+            bail!(
+                "SORTIE_PG_BIN={:?} is invalid: expected a directory with initdb and pg_ctl, such as /usr/lib/postgresql/15/bin",
+                dir.display().to_string()
+            );
+        }
+        return Ok(dir);
+    }
+    let candidates = std::iter::empty()
         .chain(
             Command::new("pg_config")
                 .arg("--bindir")
@@ -64,7 +74,7 @@ pub fn find_bin_dir() -> Result<PathBuf> {
         )
         .chain([PathBuf::from("/usr/lib/postgresql/15/bin")]);
     for dir in candidates {
-        if dir.join("initdb").is_file() && dir.join("pg_ctl").is_file() {
+        if has_server(&dir) {
             return Ok(dir);
         }
     }

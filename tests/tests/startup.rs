@@ -303,3 +303,25 @@ fn setup_says_how_to_get_rust_before_doing_anything() {
     assert!(said.contains("https://sh.rustup.rs"), "{said}");
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+/// With no DATABASE_URL, a SORTIE_PG_BIN without the server binaries is named at start instead
+/// of being passed over for another PostgreSQL, and no cluster is made.
+#[test]
+fn a_wrong_sortie_pg_bin_stops_both_binaries_naming_it() {
+    let data = std::env::temp_dir().join(format!("sortie-pg-bin-test-{}", std::process::id()));
+    let data_dir = data.to_string_lossy().to_string();
+    for binary in BINARIES {
+        assert_refused_at_start(
+            binary,
+            &[
+                ("SORTIE_DATA_DIR", &data_dir),
+                ("SORTIE_PG_BIN", "/nonexistent-postgresql/bin"),
+            ],
+            &[
+                "SORTIE_PG_BIN=\"/nonexistent-postgresql/bin\" is invalid",
+                "initdb",
+            ],
+        );
+    }
+    assert!(!data.exists(), "no cluster was made");
+}
