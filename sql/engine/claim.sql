@@ -162,7 +162,8 @@ AS $$ SELECT 32::bigint $$;
 -- VACUUM, and while any snapshot older than the claim is open (a long transaction anywhere)
 -- the scan cannot even mark them dead, so a scan from the campaign's first id fetched every
 -- claimed step's heap tuple: 0.6 → 2.1 ms a claim over 5,000 claims (docs/benchmarks.md).
--- Whichever index a plan picks, it starts past the finished history.
+-- Whichever index a plan picks (stale statistics can make steps_campaign look as good as the
+-- partial index), the scan is positioned at (p_campaign, floor), past the finished history.
 CREATE FUNCTION claim_in_campaign(p_campaign uuid, p_owner text, p_agent text, p_lease_seconds integer,
                                   p_dispatched boolean DEFAULT false)
 RETURNS jsonb
@@ -182,7 +183,7 @@ BEGIN
     -- it, so the floor may rise to it.
     SELECT id INTO v_first
       FROM steps
-     WHERE campaign_id = p_campaign AND (campaign_id, id) >= (p_campaign, v_floor)
+     WHERE (campaign_id, id) >= (p_campaign, v_floor) AND campaign_id <= p_campaign
        AND status = 'pending' AND step_type = 'atomic' AND remaining_deps = 0
      ORDER BY campaign_id, id
      LIMIT 1;
@@ -198,8 +199,11 @@ BEGIN
           FROM steps
          -- The row comparison is an index condition only an index led by (campaign_id, id)
          -- can take: with a plain `id > v_after` a cached generic plan walked the primary key
-         -- through other campaigns' history (13 ms at 10^5 steps, docs/benchmarks.md).
-         WHERE campaign_id = p_campaign AND (campaign_id, id) > (p_campaign, v_after)
+         -- through other campaigns' history (13 ms at 10^5 steps, docs/benchmarks.md). And it
+         -- is the only lower bound on campaign_id: beside `campaign_id = p_campaign` the
+         -- B-tree starts the scan at the equality, the campaign's first entry, and walks
+         -- every entry before (p_campaign, v_after); `campaign_id <= p_campaign` ends it.
+         WHERE (campaign_id, id) > (p_campaign, v_after) AND campaign_id <= p_campaign
            AND status = 'pending' AND step_type = 'atomic' AND remaining_deps = 0
            AND not_before <= clock()
            AND (p_agent IS NULL OR agent IS NULL OR agent = p_agent)
