@@ -11,9 +11,9 @@ use std::time::Duration;
 use rmcp::model::{
     GetPromptResult, ListPromptsResult, ListResourceTemplatesResult, ListResourcesResult, Prompt,
     PromptArgument, PromptMessage, ReadResourceResult, Resource, ResourceContents,
-    ResourceTemplate, ResourceUpdatedNotificationParam, Role,
+    ResourceTemplate, ResourceUpdatedNotificationParam, Role, SubscriptionFilter,
 };
-use rmcp::service::Peer;
+use rmcp::service::{Peer, SubscriptionContext};
 use rmcp::{ErrorData, RoleServer};
 use serde_json::{json, Value};
 
@@ -205,11 +205,74 @@ impl Subscriptions {
     }
 }
 
+/// A session's legacy subscriptions (`resources/subscribe`): followed until the session's
+/// server value is dropped or the client stops answering.
+async fn watch(db: Db, peer: Peer<RoleServer>, state: std::sync::Weak<Mutex<Watch>>) {
+    follow(
+        db,
+        move || {
+            let state = state.upgrade()?;
+            let addresses = state.lock().unwrap_or_else(|e| e.into_inner());
+            Some(addresses.addresses.iter().cloned().collect())
+        },
+        move |uri| {
+            let peer = peer.clone();
+            async move {
+                peer.notify_resource_updated(ResourceUpdatedNotificationParam::new(uri))
+                    .await
+                    .is_ok()
+            }
+        },
+    )
+    .await;
+}
+
+/// Protocol 2026-07-28 (`subscriptions/listen`): the well-formed resource addresses among
+/// those requested; the rest of the filter (list changes) is not offered.
+pub fn accepted_filter(requested: &SubscriptionFilter) -> Option<SubscriptionFilter> {
+    let mut accepted = SubscriptionFilter::new();
+    accepted.resource_subscriptions = requested.resource_subscriptions.as_ref().map(|uris| {
+        uris.iter()
+            .filter(|uri| Address::parse(uri).is_ok())
+            .cloned()
+            .collect()
+    });
+    Some(accepted)
+}
+
+/// One `subscriptions/listen` stream, until the client cancels it.
+pub async fn listen(db: &Db, context: SubscriptionContext) -> Result<(), ErrorData> {
+    let uris: Vec<String> = context
+        .accepted()
+        .resource_subscriptions
+        .clone()
+        .unwrap_or_default();
+    let sink = context.sink().clone();
+    tokio::select! {
+        _ = context.cancelled() => {}
+        _ = follow(
+            db.clone(),
+            move || Some(uris.clone()),
+            move |uri| {
+                let sink = sink.clone();
+                async move { sink.notify_resource_updated(uri).await.is_ok() }
+            },
+        ) => {}
+    }
+    Ok(())
+}
+
 /// Follows the event log (woken by `sortie_events`, polling a second after each wake-up since
 /// the extension wakes listeners at most once per `wake_interval()` a connection, and every
-/// few seconds in case a wake-up was lost) and tells the client which subscribed resources
-/// changed. Ends when the session ends.
-async fn watch(db: Db, peer: Peer<RoleServer>, state: std::sync::Weak<Mutex<Watch>>) {
+/// few seconds in case a wake-up was lost) and announces each of `addresses()` an event
+/// changed. Ends when `addresses()` answers None or an announcement cannot be sent.
+async fn follow<F>(
+    db: Db,
+    addresses: impl Fn() -> Option<Vec<String>>,
+    announce: impl Fn(String) -> F,
+) where
+    F: std::future::Future<Output = bool>,
+{
     let mut wake = crate::runner::listener::listen(db.connection_string()).await;
     let mut after = match db.call("events(\"limit\" => 1)", &[]).await {
         Ok(page) => page["next_after_id"].as_i64().unwrap_or(0),
@@ -238,19 +301,11 @@ async fn watch(db: Db, peer: Peer<RoleServer>, state: std::sync::Weak<Mutex<Watc
             continue;
         };
         after = page["next_after_id"].as_i64().unwrap_or(after);
-        let Some(state) = state.upgrade() else {
+        let Some(subscribed) = addresses() else {
             return;
         };
-        let addresses: Vec<String> = state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .addresses
-            .iter()
-            .cloned()
-            .collect();
-        drop(state);
         let events = page["events"].as_array().cloned().unwrap_or_default();
-        for uri in addresses {
+        for uri in subscribed {
             let Ok(address) = Address::parse(&uri) else {
                 continue;
             };
@@ -261,12 +316,7 @@ async fn watch(db: Db, peer: Peer<RoleServer>, state: std::sync::Weak<Mutex<Watc
                     e["kind"].as_str().unwrap_or(""),
                 )
             });
-            if changed
-                && peer
-                    .notify_resource_updated(ResourceUpdatedNotificationParam::new(uri))
-                    .await
-                    .is_err()
-            {
+            if changed && !announce(uri).await {
                 return; // the client is gone
             }
         }

@@ -308,3 +308,66 @@ async fn prompts_plan_a_campaign_and_brief_a_worker() {
     complete(&db, &step, "ok").await;
     db.finish().await;
 }
+
+/// Protocol 2026-07-28: the same updates through `subscriptions/listen`.
+#[tokio::test]
+async fn a_listen_subscription_announces_changes_of_its_campaign() {
+    use rmcp::model::{ProtocolVersion, ServerNotification, SubscriptionFilter};
+    use rmcp::service::{serve_client_with_lifecycle, ClientLifecycleMode};
+
+    let db = TestDb::new().await;
+    let c = campaign(&db, "none").await;
+    let other = campaign(&db, "none").await;
+    add(&db, c, json!([{"action": "a"}])).await;
+    add(&db, other, json!([{"action": "elsewhere"}])).await;
+    let url = db.connection_string();
+    let transport = TokioChildProcess::new(
+        tokio::process::Command::new(binary("sortie-mcp")).configure(|cmd| {
+            for var in sortie_mcp::config::ENV_VARS {
+                cmd.env_remove(var.name);
+            }
+            cmd.env("DATABASE_URL", &url).env("RUST_LOG", "warn");
+        }),
+    )
+    .expect("spawn sortie-mcp");
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let service = serve_client_with_lifecycle(
+        Watcher { updates: tx },
+        transport,
+        ClientLifecycleMode::Discover {
+            preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+        },
+    )
+    .await
+    .expect("server/discover");
+    let uri = format!("sortie://campaigns/{c}");
+    let mut subscription = service
+        .peer()
+        .listen(
+            SubscriptionFilter::builder()
+                .resource_subscription(uri.clone())
+                .resource_subscription("sortie://nowhere")
+                .build(),
+        )
+        .await
+        .expect("subscriptions/listen");
+    assert_eq!(
+        subscription.acknowledged().resource_subscriptions,
+        Some(vec![uri.clone()]),
+        "only well-formed addresses are accepted"
+    );
+    run_all(&db, other).await;
+    run_all(&db, c).await;
+    let notification =
+        tokio::time::timeout(std::time::Duration::from_secs(30), subscription.next())
+            .await
+            .expect("an update within 30 s")
+            .expect("subscription open")
+            .expect("a notification");
+    match notification {
+        ServerNotification::ResourceUpdatedNotification(n) => assert_eq!(n.params.uri, uri),
+        other => panic!("unexpected {other:?}"),
+    }
+    let _ = service.cancel().await;
+    db.finish().await;
+}

@@ -293,6 +293,19 @@ impl ServerHandler for SortieServer {
             .await
     }
 
+    /// Protocol 2026-07-28's subscriptions (resources only).
+    fn accepted_subscription_filter(
+        &self,
+        requested: &rmcp::model::SubscriptionFilter,
+    ) -> Option<rmcp::model::SubscriptionFilter> {
+        crate::resources::accepted_filter(requested)
+    }
+
+    async fn listen(&self, context: rmcp::service::SubscriptionContext) -> Result<(), ErrorData> {
+        let db = self.db().await.map_err(crate::resources::unavailable)?;
+        crate::resources::listen(db, context).await
+    }
+
     #[allow(deprecated)]
     async fn unsubscribe(
         &self,
