@@ -281,23 +281,19 @@ impl std::fmt::Display for DbError {
 
 impl std::error::Error for DbError {}
 
-/// The extension's own SQLSTATEs (class SR), in `raise()`'s order.
-fn code_for_sqlstate(sqlstate: &str) -> Option<&'static str> {
+/// The stable code of a SQLSTATE: the extension's own (class SR) from the one error table in
+/// `sortie_core` (ERROR_CODES, which `raise()` is tested against), then PostgreSQL's own.
+pub fn code_for_sqlstate(sqlstate: &str) -> Option<&'static str> {
+    if let Some(code) = sortie_core::code_for_sqlstate(sqlstate) {
+        return Some(code);
+    }
     Some(match sqlstate {
-        "SR001" => "not_found",
-        "SR002" => "invalid_state",
-        "SR003" => "stale_claim",
-        "SR004" => "depth_limit",
-        "SR005" => "invalid_argument",
-        "SR006" => "budget_exhausted",
-        "SR007" => "cycle",
-        "SR008" => "skipped",
-        "SR009" => "forbidden",
-        "SR010" => "choice_required",
         // Bad input the extension's types caught before a rule ran.
         "22P02" | "22003" | "22023" | "22007" | "22008" | "22021" | "22P05" | "23514" => {
             "invalid_argument"
         }
+        // SPEC §15: the login holds no role that may call this function (or read that table).
+        "42501" => "forbidden",
         "40001" | "40P01" => "conflict",
         // The server is shutting down, restarting or not yet accepting connections: the call
         // did not happen, and the same call can be made again once it is back.
@@ -343,6 +339,15 @@ impl From<tokio_postgres::Error> for DbError {
                     code: "unavailable".into(),
                     message: format!(
                         "{}: the sortie extension is not installed in this database; install it with {INSTALL_EXTENSION}; (or set SORTIE_SCHEMA to the schema it is in)",
+                        db.message()
+                    ),
+                }
+            }
+            Some(db) if db.code() == &tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE => {
+                DbError {
+                    code: "forbidden".into(),
+                    message: format!(
+                        "forbidden: {}: the database login holds no sortie role allowed to make this call (docs/security.md)",
                         db.message()
                     ),
                 }

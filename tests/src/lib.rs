@@ -307,9 +307,15 @@ pub async fn call_on(
             let message = db
                 .map(|d| d.message().to_string())
                 .unwrap_or_else(|| e.to_string());
+            let sqlstate = db.map(|d| d.code().code().to_string()).unwrap_or_default();
+            // The code comes from the SQLSTATE, through the same table as the MCP server's,
+            // never from the message text.
+            let code = sortie_mcp::db::code_for_sqlstate(&sqlstate)
+                .unwrap_or("internal")
+                .to_string();
             Err(DbError {
-                sqlstate: db.map(|d| d.code().code().to_string()).unwrap_or_default(),
-                code: message.split(':').next().unwrap_or_default().to_string(),
+                sqlstate,
+                code,
                 message,
             })
         }

@@ -10,7 +10,7 @@ pub mod plan;
 pub mod preview;
 pub mod steps;
 
-pub use error::{RuleError, RuleResult};
+pub use error::{code_for_sqlstate, RuleError, RuleResult, ERROR_CODES};
 
 /// A readable campaign name from its goal: the first six words, lower case, hyphenated.
 pub fn name_from_goal(goal: &str) -> String {
