@@ -73,6 +73,11 @@ extension_sql_file!(
     requires = ["core", "updates", "campaigns"]
 );
 extension_sql_file!(
+    "../../sql/engine/batches.sql",
+    name = "batches",
+    requires = ["worker", "claim"]
+);
+extension_sql_file!(
     "../../sql/engine/invariants.sql",
     name = "invariants",
     requires = ["core"],

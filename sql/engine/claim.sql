@@ -222,51 +222,33 @@ BEGIN
 END
 $$;
 
--- Pull-mode claim (SPEC §3): the best ready step for `agent` (steps with no agent fit anyone).
+-- One claim for claim_next, after its checks: the best ready step for `p_agent` in
+-- `p_campaign`, or in any campaign when it is NULL; NULL when there is none.
 -- Campaigns are tried in fair-share order — lowest slot_seconds_used / weight first — and
 -- capped, paused or over-budget campaigns are never tried, so they cannot block the others.
-CREATE FUNCTION claim_next(owner text, agent text DEFAULT NULL, campaign_id uuid DEFAULT NULL,
-                           lease_seconds integer DEFAULT 900, max_dispatched integer DEFAULT NULL)
+CREATE FUNCTION _claim_one(p_owner text, p_agent text, p_campaign uuid, p_lease integer, p_dispatched boolean)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
 AS $$
-#variable_conflict use_variable
 DECLARE
-    v_lease integer := check_lease_seconds(lease_seconds);
     v_campaign uuid;
     v_claim jsonb;
     v_busy uuid[] := '{}';
     v_round integer;
-    v_dispatched boolean := max_dispatched IS NOT NULL;
 BEGIN
-    PERFORM check_owner(owner);
-    -- A runner's dispatch (SPEC §13): all runners sharing the database share one cap of
-    -- `max_dispatched` running dispatches. Their claims take turns on one advisory lock, so
-    -- two runners cannot both see the last free slot; pull-mode claims neither wait nor count.
-    IF v_dispatched THEN
-        IF max_dispatched < 1 THEN
-            PERFORM raise('invalid_argument', 'max_dispatched must be at least 1');
-        END IF;
-        PERFORM pg_advisory_xact_lock(hashtextextended('sortie.runner_slots', 0));
-        IF (SELECT count(*) FROM steps x WHERE x.status = 'running' AND x.dispatched) >= max_dispatched THEN
-            RETURN jsonb_build_object('step_id', NULL, 'reason', 'capacity');
-        END IF;
-    END IF;
-    IF campaign_id IS NOT NULL THEN
+    IF p_campaign IS NOT NULL THEN
         -- One update locks the campaign and counts the claim; it is taken back when no ready
         -- step fits after all (agent, back-off, lock keys).
-        IF NOT count_claim(campaign_id) THEN
-            PERFORM 1 FROM campaigns x WHERE x.id = campaign_id;
+        IF NOT count_claim(p_campaign) THEN
+            PERFORM 1 FROM campaigns x WHERE x.id = p_campaign;
             IF NOT FOUND THEN
-                PERFORM raise('not_found', format('campaign %s does not exist', campaign_id));
+                PERFORM raise('not_found', format('campaign %s does not exist', p_campaign));
             END IF;
-            RETURN jsonb_build_object('step_id', NULL);
+            RETURN NULL;
         END IF;
-        v_claim := claim_in_campaign(campaign_id, owner, agent, v_lease, v_dispatched);
+        v_claim := claim_in_campaign(p_campaign, p_owner, p_agent, p_lease, p_dispatched);
         IF v_claim IS NULL THEN
-            PERFORM uncount_claim(campaign_id);
-            RETURN jsonb_build_object('step_id', NULL);
+            PERFORM uncount_claim(p_campaign);
         END IF;
         RETURN v_claim;
     END IF;
@@ -293,7 +275,7 @@ BEGIN
                 ELSE
                     -- Undone with the subtransaction when nothing is claimed.
                     v_claim := CASE WHEN count_claim(v_campaign)
-                                    THEN claim_in_campaign(v_campaign, owner, agent, v_lease, v_dispatched) END;
+                                    THEN claim_in_campaign(v_campaign, p_owner, p_agent, p_lease, p_dispatched) END;
                     IF v_claim IS NULL THEN
                         RAISE EXCEPTION 'nothing to claim here' USING ERRCODE = 'SR099';
                     END IF;
@@ -305,7 +287,63 @@ BEGIN
         END LOOP;
         EXIT WHEN cardinality(v_busy) = 0;
     END LOOP;
-    RETURN jsonb_build_object('step_id', NULL);
+    RETURN NULL;
+END
+$$;
+
+-- Pull-mode claim (SPEC §3): the best ready step for `agent` (steps with no agent fit anyone),
+-- in `campaign_id` or, without one, in fair-share order across campaigns (_claim_one).
+--
+-- Without `max_steps`: one claim object {step_id, campaign_id, action, agent, depth,
+-- claim_token, lease_expires_at, attempts}, or {step_id: null} when nothing is ready
+-- ({step_id: null, reason: 'capacity'} when every runner slot is in use).
+-- With `max_steps` n (1..1000, SPEC §18 batches): a JSON array of up to n such claims, taken
+-- one after another in this one transaction (each as the single-step call would take it, so
+-- fair share applies per claim); [] when nothing is ready or no runner slot is free.
+-- `max_dispatched` (a runner's dispatch, SPEC §13): all runners sharing the database share one
+-- cap of that many running dispatches; a batch claims at most the free slots.
+-- Errors: invalid_argument (owner, lease_seconds 1..604800, max_dispatched ≥ 1, max_steps
+-- 1..1000), not_found (campaign_id).
+CREATE FUNCTION claim_next(owner text, agent text DEFAULT NULL, campaign_id uuid DEFAULT NULL,
+                           lease_seconds integer DEFAULT 900, max_dispatched integer DEFAULT NULL,
+                           max_steps integer DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_lease integer := check_lease_seconds(lease_seconds);
+    v_dispatched boolean := max_dispatched IS NOT NULL;
+    v_limit integer := coalesce(max_steps, 1);
+    v_claim jsonb;
+    v_claims jsonb := '[]';
+BEGIN
+    PERFORM check_owner(owner);
+    IF max_steps IS NOT NULL AND max_steps NOT BETWEEN 1 AND 1000 THEN
+        PERFORM raise('invalid_argument', 'max_steps must be from 1 to 1000');
+    END IF;
+    -- A runner's dispatch (SPEC §13): claims of all runners take turns on one advisory lock, so
+    -- two runners cannot both see the last free slot; pull-mode claims neither wait nor count.
+    IF v_dispatched THEN
+        IF max_dispatched < 1 THEN
+            PERFORM raise('invalid_argument', 'max_dispatched must be at least 1');
+        END IF;
+        PERFORM pg_advisory_xact_lock(hashtextextended('sortie.runner_slots', 0));
+        v_limit := least(v_limit, max_dispatched - (SELECT count(*) FROM steps x WHERE x.status = 'running' AND x.dispatched)::integer);
+        IF v_limit <= 0 THEN
+            RETURN CASE WHEN max_steps IS NULL THEN jsonb_build_object('step_id', NULL, 'reason', 'capacity') ELSE '[]' END;
+        END IF;
+    END IF;
+    FOR i IN 1..v_limit LOOP
+        v_claim := _claim_one(owner, agent, campaign_id, v_lease, v_dispatched);
+        EXIT WHEN v_claim IS NULL;
+        v_claims := v_claims || jsonb_build_array(v_claim);
+    END LOOP;
+    IF max_steps IS NOT NULL THEN
+        RETURN v_claims;
+    END IF;
+    RETURN coalesce(v_claims -> 0, jsonb_build_object('step_id', NULL));
 END
 $$;
 

@@ -208,7 +208,9 @@ impl Runner {
     /// Claims ready steps while there is capacity and hands each to the back-end. The cap is
     /// the extension's (SPEC §13): one `SORTIE_MAX_CONCURRENT` for every runner sharing the
     /// database, counting runner dispatches only; this runner's own slots keep it from
-    /// starting more jobs than that itself.
+    /// starting more jobs than that itself. Each round claims as many steps as this runner has
+    /// free slots in one batch (SPEC §18: `claim_next(max_steps)`, one transaction), and the
+    /// extension cuts the batch to the slots free across runners.
     async fn dispatch_ready(&mut self) -> Result<()> {
         if self.config.dispatch == Dispatch::None || *self.shutdown.borrow() {
             return Ok(());
@@ -217,34 +219,48 @@ impl Runner {
         let cap = self.config.max_concurrent as i32;
         let mut dispatched = 0usize;
         loop {
-            let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+            let mut permits = Vec::new();
+            while let Ok(permit) = self.slots.clone().try_acquire_owned() {
+                permits.push(permit);
+            }
+            if permits.is_empty() {
                 break;
-            };
+            }
+            let wanted = permits.len();
             let claimed = self
                 .db
                 .call(
-                    "claim_next(owner => $1, lease_seconds => $2, max_dispatched => $3)",
-                    &[&self.config.owner, &lease, &cap],
+                    "claim_next(owner => $1, lease_seconds => $2, max_dispatched => $3, max_steps => $4)",
+                    &[&self.config.owner, &lease, &cap, &(wanted as i32)],
                 )
                 .await?;
-            let Some(claim) = Claim::from_json(&claimed) else {
+            let claims: Vec<Claim> = claimed
+                .as_array()
+                .map(|a| a.iter().filter_map(Claim::from_json).collect())
+                .unwrap_or_default();
+            let got = claims.len();
+            for (claim, permit) in claims.into_iter().zip(permits.drain(..)) {
+                dispatched += 1;
+                info!(step = claim.step_id, campaign = %claim.campaign_id, action = %claim.action, "dispatching");
+                // From here the job owns the claim: nothing below may fail and leave it unattended.
+                let job = dispatch::Job {
+                    db: self.db.clone(),
+                    config: self.config.clone(),
+                    http: self.http.clone(),
+                    database_url: self.database_url.clone(),
+                    claim,
+                    shutdown: self.shutdown.clone(),
+                };
+                self.dispatches.spawn(async move {
+                    job.run().await;
+                    drop(permit);
+                });
+            }
+            // Slots left unused go back; fewer claims than asked means nothing more is ready now.
+            drop(permits);
+            if got < wanted {
                 break;
-            };
-            dispatched += 1;
-            info!(step = claim.step_id, campaign = %claim.campaign_id, action = %claim.action, "dispatching");
-            // From here the job owns the claim: nothing below may fail and leave it unattended.
-            let job = dispatch::Job {
-                db: self.db.clone(),
-                config: self.config.clone(),
-                http: self.http.clone(),
-                database_url: self.database_url.clone(),
-                claim,
-                shutdown: self.shutdown.clone(),
-            };
-            self.dispatches.spawn(async move {
-                job.run().await;
-                drop(permit);
-            });
+            }
         }
         if dispatched == 0 {
             self.explain_idle().await;

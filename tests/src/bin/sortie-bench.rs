@@ -21,6 +21,8 @@ const BENCH_SETTINGS: &[(&str, &str)] = &[
     ("max_wal_size", "4GB"),
 ];
 const RUNS: usize = 3;
+/// Steps per batch in the batched cycle (claim_next(max_steps) + complete_steps).
+const BATCH: i32 = 10;
 const RUN_SECONDS: f64 = 4.0;
 
 #[tokio::main]
@@ -132,6 +134,8 @@ async fn add(client: &Client, campaign: uuid::Uuid, steps: &Value) -> anyhow::Re
 #[derive(Clone, Copy, PartialEq)]
 enum Variant {
     Extension,
+    /// claim_next(max_steps => BATCH) and complete_steps: BATCH steps per two calls.
+    Batched,
     PlainSql,
     PlainBookkept,
 }
@@ -188,6 +192,10 @@ impl Worker {
                 "SELECT sortie.claim_next(owner => 'bench', campaign_id => $1)",
                 "SELECT sortie.complete_step($1, $2, 'ok')",
             ],
+            Variant::Batched => &[
+                "SELECT sortie.claim_next(owner => 'bench', campaign_id => $1, max_steps => $2)",
+                "SELECT sortie.complete_steps($1)",
+            ],
             Variant::PlainSql => &[PLAIN_CLAIM, PLAIN_COMPLETE, PLAIN_ACTIVATE],
             Variant::PlainBookkept => &[
                 KEPT_COUNT_CLAIM,
@@ -211,21 +219,39 @@ impl Worker {
         })
     }
 
-    /// Claims and completes one step; false when nothing was ready.
-    async fn cycle(&self) -> Result<bool, tokio_postgres::Error> {
+    /// Claims and completes one step (BATCH for the batched variant); the number of steps
+    /// completed, 0 when nothing was ready.
+    async fn cycle(&self) -> Result<u64, tokio_postgres::Error> {
         let (c, s, campaign) = (&self.client, &self.statements, &self.campaign);
         match self.variant {
             Variant::Extension => {
                 let v: Value = c.query_one(&s[0], &[campaign]).await?.get(0);
                 let Some(id) = v["step_id"].as_i64() else {
-                    return Ok(false);
+                    return Ok(0);
                 };
                 let token = uuid::Uuid::parse_str(v["claim_token"].as_str().unwrap()).unwrap();
                 c.query_one(&s[1], &[&id, &token]).await?;
             }
+            Variant::Batched => {
+                let v: Value = c.query_one(&s[0], &[campaign, &BATCH]).await?.get(0);
+                let items: Vec<Value> = v
+                    .as_array()
+                    .map(|claims| {
+                        claims
+                            .iter()
+                            .map(|c| json!({"step_id": c["step_id"], "claim_token": c["claim_token"], "summary": "ok"}))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if items.is_empty() {
+                    return Ok(0);
+                }
+                let done: Value = c.query_one(&s[1], &[&Value::Array(items)]).await?.get(0);
+                return Ok(done["completed"].as_array().map_or(0, |d| d.len() as u64));
+            }
             Variant::PlainSql => {
                 let Some(row) = c.query_opt(&s[0], &[campaign, &"bench"]).await? else {
-                    return Ok(false);
+                    return Ok(0);
                 };
                 let (id, token): (i64, uuid::Uuid) = (row.get(0), row.get(1));
                 c.batch_execute("BEGIN").await?;
@@ -241,7 +267,7 @@ impl Worker {
                 };
                 let Some(row) = claimed else {
                     c.batch_execute("ROLLBACK").await?;
-                    return Ok(false);
+                    return Ok(0);
                 };
                 let (id, token): (i64, uuid::Uuid) = (row.get(0), row.get(1));
                 let owner = json!({"owner": "bench"});
@@ -258,7 +284,7 @@ impl Worker {
                 c.batch_execute("COMMIT").await?;
             }
         }
-        Ok(true)
+        Ok(1)
     }
 }
 
@@ -302,8 +328,9 @@ async fn cycle_run(
         let (stop, done) = (stop.clone(), done.clone());
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                if worker.cycle().await.unwrap() {
-                    done.fetch_add(1, Ordering::Relaxed);
+                let n = worker.cycle().await.unwrap();
+                if n > 0 {
+                    done.fetch_add(n, Ordering::Relaxed);
                 } else {
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
@@ -342,11 +369,12 @@ async fn throughput(cluster: &Cluster) -> anyhow::Result<()> {
     println!("statements (claim with SKIP LOCKED; complete and activate in one transaction) on the same tables, without");
     println!("fencing checks, counters, events or NOTIFY. Plain SQL + bookkeeping: that cycle plus what the extension");
     println!("keeps besides it (campaign lock and counters, an event per claim and per completion), as prepared");
-    println!("statements in two transactions.\n");
-    println!("| synchronous_commit | connections | extension | plain SQL | ratio | plain SQL + bookkeeping | ratio |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("statements in two transactions. Batched: claim_next(max_steps => {BATCH}) then complete_steps of those");
+    println!("claims (SPEC §18), steps per second; its ratio is against the bare plain SQL cycle of the same run.\n");
+    println!("| synchronous_commit | connections | extension | plain SQL | ratio | plain SQL + bookkeeping | ratio | extension, batches of {BATCH} | ratio to plain SQL |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     // SORTIE_BENCH_SYNC=off and SORTIE_BENCH_CONNECTIONS=16 narrow the table to one row;
-    // SORTIE_BENCH_VARIANT=extension (plain, bookkept) runs one side only, for profiling.
+    // SORTIE_BENCH_VARIANT=extension (plain, bookkept, batched) runs one side only, for profiling.
     let only = |var: &str, value: &str| std::env::var(var).map_or(true, |v| v == value);
     for sync in ["off", "on"] {
         for connections in [1, 4, 16] {
@@ -359,8 +387,9 @@ async fn throughput(cluster: &Cluster) -> anyhow::Result<()> {
                 ("extension", Variant::Extension),
                 ("plain", Variant::PlainSql),
                 ("bookkept", Variant::PlainBookkept),
+                ("batched", Variant::Batched),
             ];
-            let mut rates: [Vec<f64>; 3] = Default::default();
+            let mut rates: [Vec<f64>; 4] = Default::default();
             for _ in 0..RUNS {
                 for (i, (label, variant)) in variants.iter().enumerate() {
                     if only("SORTIE_BENCH_VARIANT", label) {
@@ -368,22 +397,22 @@ async fn throughput(cluster: &Cluster) -> anyhow::Result<()> {
                     }
                 }
             }
-            let ratio = |base: &[f64]| -> Vec<f64> {
-                rates[0]
-                    .iter()
-                    .zip(base)
-                    .map(|(e, p)| 100.0 * e / p)
-                    .collect()
+            let ratio = |num: &[f64], base: &[f64]| -> Vec<f64> {
+                num.iter().zip(base).map(|(e, p)| 100.0 * e / p).collect()
             };
-            let (plain_ratio, kept_ratio) = (ratio(&rates[1]), ratio(&rates[2]));
-            let [ext, plain, kept] = rates;
+            let plain_ratio = ratio(&rates[0], &rates[1]);
+            let kept_ratio = ratio(&rates[0], &rates[2]);
+            let batch_ratio = ratio(&rates[3], &rates[1]);
+            let [ext, plain, kept, batched] = rates;
             println!(
-                "| {sync} | {connections} | {} | {} | {}% | {} | {}% |",
+                "| {sync} | {connections} | {} | {} | {}% | {} | {}% | {} | {}% |",
                 summary(ext),
                 summary(plain),
                 summary(plain_ratio),
                 summary(kept),
-                summary(kept_ratio)
+                summary(kept_ratio),
+                summary(batched),
+                summary(batch_ratio)
             );
         }
     }
