@@ -266,6 +266,9 @@ CREATE INDEX steps_parent ON steps (parent_id, position) WHERE parent_id IS NOT 
 CREATE INDEX steps_fingerprint ON steps (campaign_id, fingerprint) WHERE fingerprint IS NOT NULL;
 CREATE INDEX steps_waiting ON steps (campaign_id) WHERE status = 'waiting_input';
 CREATE INDEX steps_continuation_of ON steps (continuation_of) WHERE continuation_of IS NOT NULL;
+-- For the foreign keys' ON DELETE actions when prune() removes steps (SPEC §18): without it
+-- each removed step had the whole table scanned for steps it continued.
+CREATE INDEX steps_continued_by ON steps (continued_by) WHERE continued_by IS NOT NULL;
 
 CREATE TABLE step_dependencies (
     campaign_id uuid NOT NULL REFERENCES campaigns (id) ON DELETE CASCADE,
@@ -396,3 +399,5 @@ CREATE INDEX notes_content_tsv ON notes USING gin (content_tsv);
 CREATE INDEX notes_tags ON notes USING gin (tags);
 CREATE INDEX notes_campaign ON notes (campaign_id, id DESC);
 CREATE INDEX notes_unembedded ON notes (id) WHERE embedding IS NULL;
+-- notes.step_id's ON DELETE SET NULL looks notes up by step when steps are removed (prune).
+CREATE INDEX notes_step ON notes (step_id) WHERE step_id IS NOT NULL;

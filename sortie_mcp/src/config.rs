@@ -57,6 +57,9 @@ pub struct Config {
     /// A deterministic stand-in for the planner LLM (USE_STUB_AI_CLIENT=true), for trying
     /// campaigns and workflows without a model.
     pub stub_ai: bool,
+    /// SPEC §18: the runner prunes campaigns that ended more than this many days ago, once a
+    /// day (SORTIE_RETENTION_DAYS; 0 keeps everything).
+    pub retention_days: u32,
 }
 
 /// Where variables come from: the process environment, or a map in tests.
@@ -173,6 +176,13 @@ impl Config {
                 4,
                 |v| (1..=10_000).contains(v),
                 "a whole number from 1 to 10000",
+            )?,
+            retention_days: parse(
+                var,
+                "SORTIE_RETENTION_DAYS",
+                30,
+                |v| *v <= 36_500,
+                "days from 0 (keep everything) to 36500",
             )?,
             plan_delay: Duration::from_secs(parse(
                 var,
@@ -295,6 +305,7 @@ pub const ENV_VARS: &[EnvVar] = &[
     env("SORTIE_OWNER", "host/pid", "claim owner name", Reader::Both),
     env("SORTIE_MAX_CONCURRENT", "4", "dispatched steps running at once, one cap shared by every runner of the database (pull-mode claims do not count)", Reader::Both),
     env("SORTIE_PLAN_DELAY", "10", "seconds a campaign created without steps waits for add_steps before the planner may plan it", Reader::Both),
+    env("SORTIE_RETENTION_DAYS", "30", "days after its end a campaign is removed with its steps, events and notes, by the runner once a day (0: never)", Reader::Runner),
     env("SORTIE_ZOMBIE_TIMEOUT", "30", "minutes: lease the runner gives each dispatch", Reader::Both),
     env("SORTIE_PREVIEW_HEAD", "600", "characters of an upstream output shown from its start", Reader::Both),
     env("SORTIE_PREVIEW_TAIL", "200", "characters of an upstream output shown from its end", Reader::Both),

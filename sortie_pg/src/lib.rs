@@ -78,6 +78,11 @@ extension_sql_file!(
     requires = ["worker", "claim"]
 );
 extension_sql_file!(
+    "../../sql/engine/retention.sql",
+    name = "retention",
+    requires = ["core"]
+);
+extension_sql_file!(
     "../../sql/engine/invariants.sql",
     name = "invariants",
     requires = ["core"],

@@ -29,6 +29,8 @@ const TICK: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(25);
 /// At most one "why nothing is dispatched" warning per this interval (SPEC §13).
 const IDLE_REPORT_INTERVAL: Duration = Duration::from_secs(60);
+/// SPEC §18: how often the runner prunes ended campaigns past SORTIE_RETENTION_DAYS.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// How long the daemon waits before its next tick. While the database is down (a restart,
 /// say) ticks fail; they are retried sooner than the safety tick, but backing off rather than
@@ -55,6 +57,9 @@ pub struct Runner {
     shutdown: watch::Receiver<bool>,
     /// When the runner last said why it dispatched nothing.
     last_idle_report: Option<std::time::Instant>,
+    /// When the runner last pruned ended campaigns (SPEC §18); None: not yet, so the first
+    /// tick does.
+    last_prune: Option<std::time::Instant>,
 }
 
 impl Runner {
@@ -79,6 +84,7 @@ impl Runner {
             dispatches: JoinSet::new(),
             shutdown,
             last_idle_report: None,
+            last_prune: None,
         })
     }
 
@@ -175,8 +181,49 @@ impl Runner {
         self.plan_drained().await?;
         notifier::deliver(&self.db, &self.http, self.config.webhook_url.as_deref()).await?;
         self.backfill_embeddings().await?;
+        self.prune_if_due().await;
         health::warn_if_unhealthy(&self.db).await;
         Ok(())
+    }
+
+    /// SPEC §18: once a day (the first tick included), campaigns that ended more than
+    /// SORTIE_RETENTION_DAYS ago are removed with their steps, events and notes, a thousand
+    /// campaigns per transaction. A failure is logged and tried again the next day: retention
+    /// must never stop dispatching.
+    async fn prune_if_due(&mut self) {
+        let days = self.config.retention_days;
+        if days == 0
+            || *self.shutdown.borrow()
+            || self
+                .last_prune
+                .is_some_and(|at| at.elapsed() < PRUNE_INTERVAL)
+        {
+            return;
+        }
+        self.last_prune = Some(std::time::Instant::now());
+        let older_than = format!("{days} days");
+        loop {
+            match self
+                .db
+                .call("prune(older_than => $1::text::interval)", &[&older_than])
+                .await
+            {
+                Ok(pruned) => {
+                    if pruned["campaigns"].as_i64().unwrap_or(0) > 0 {
+                        info!(campaigns = %pruned["campaigns"], steps = %pruned["steps"],
+                              events = %pruned["events"], notes = %pruned["notes"],
+                              "pruned campaigns that ended more than {days} days ago");
+                    }
+                    if pruned["more"].as_bool() != Some(true) || *self.shutdown.borrow() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot prune ended campaigns; trying again in a day");
+                    return;
+                }
+            }
+        }
     }
 
     /// Notes written without an embedding (plain SQL, or while the service was down) get one.
