@@ -213,16 +213,8 @@ pub fn output_schema(tool: &str) -> Map<String, Value> {
         "replayed".into(),
         json!({"type": "boolean", "description": "true when this is the kept result of an earlier call with the same request_id (or the same claim)."}),
     );
-    for (name, kind, description) in known_keys(tool) {
-        let mut schema = json!({"type": kind, "description": description});
-        if *kind == "object" {
-            schema["patternProperties"] = json!({"^.*$": {}});
-            schema["additionalProperties"] = json!(false);
-        }
-        if *kind == "array" {
-            schema["items"] = json!({"type": "object", "patternProperties": {"^.*$": {}}, "additionalProperties": false});
-        }
-        properties.insert((*name).into(), schema);
+    for (name, schema) in known_keys(tool) {
+        properties.insert(name.into(), schema);
     }
     json!({
         "type": "object",
@@ -236,14 +228,52 @@ pub fn output_schema(tool: &str) -> Map<String, Value> {
 }
 
 /// Keys whose type never varies in a tool's successful result (nullable ones are left to the
-/// open part of the schema, since type arrays are not portable).
-fn known_keys(tool: &str) -> &'static [(&'static str, &'static str, &'static str)] {
+/// open part of the schema, since type arrays are not portable). None is required: an error
+/// result carries only `error`.
+fn known_keys(tool: &str) -> Vec<(&'static str, Value)> {
+    let text = |d: &str| json!({"type": "string", "description": d});
+    let integer = |d: &str| json!({"type": "integer", "description": d});
+    let boolean = |d: &str| json!({"type": "boolean", "description": d});
+    let open = |d: &str| json!({"type": "object", "description": d, "patternProperties": {"^.*$": {}}, "additionalProperties": false});
+    let rows = |d: &str| {
+        json!({"type": "array", "description": d, "items": {"type": "object",
+            "patternProperties": {"^.*$": {}}, "additionalProperties": false}})
+    };
     match tool {
-        "list_campaigns" => &[("campaigns", "array", "One page of campaigns.")],
-        "list_workflows" => &[("workflows", "array", "The workflows available.")],
-        "get_howto_create_workflow" => &[("howto", "string", "The workflow format, in Markdown.")],
-        "get_notes" => &[("notes", "array", "One page of notes, newest first.")],
-        "search_notes" => &[("results", "array", "Ranked hits.")],
-        _ => &[],
+        "create_campaign" => vec![
+            ("id", text("The campaign's UUID.")),
+            ("name", text("Its display name.")),
+            ("status", text("active, or paused for a dry run.")),
+        ],
+        "get_campaign" => vec![
+            ("id", text("The campaign's UUID.")),
+            ("status", text("active, paused, done, failed or cancelled.")),
+            ("steps", rows("One page of steps, in id order.")),
+            ("step_counts", open("Steps by status.")),
+            ("recent_notes", rows("The newest notes, previews.")),
+        ],
+        "list_campaigns" => vec![("campaigns", rows("One page of campaigns, newest first."))],
+        "add_steps" => vec![
+            ("created", integer("Steps created.")),
+            ("keys", open("The id of each key given.")),
+        ],
+        "complete_step" => vec![
+            ("step_id", integer("The step.")),
+            (
+                "status",
+                text("done, or skipped when it was skipped while you worked."),
+            ),
+            ("accepted", boolean("Whether your completion was taken.")),
+        ],
+        "fail_step" => vec![
+            ("step_id", integer("The step.")),
+            ("status", text("pending (it will be retried) or failed.")),
+            ("will_retry", boolean("Whether another attempt follows.")),
+        ],
+        "add_note" => vec![("note_id", integer("The new note."))],
+        "get_notes" => vec![("notes", rows("One page of notes, newest first."))],
+        "search_notes" => vec![("results", rows("Ranked hits, each with score and mode."))],
+        "list_workflows" => vec![("workflows", rows("The workflows available."))],
+        _ => Vec::new(),
     }
 }
