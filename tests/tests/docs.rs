@@ -209,20 +209,37 @@ async fn every_step_json_example_runs_as_documented() {
 }
 
 /// Runs a shell script the way a newcomer would: a normal user (`nobody` when the test runs as
-/// root), a fresh home directory, no Sortie variable set, the binaries of this build on PATH.
+/// root), a fresh home directory, no Sortie variable set but SORTIE_DEMO_AGENT (the source
+/// tree may be out of that user's reach), the binaries of this build on PATH.
 /// The embedded cluster the script starts lives in that home and is removed afterwards.
 fn run_as_a_new_user(script: &str) -> std::process::Output {
     use sortie_mcp::embedded::running_as_root;
     let home = std::path::PathBuf::from(format!("/tmp/sortie-readme-{}", std::process::id()));
     std::fs::create_dir_all(&home).unwrap();
-    let bin_dir = sortie_tests::binary("sortie-runner")
-        .parent()
-        .unwrap()
-        .to_path_buf();
+    // The binaries go into the new user's own directory (hard links when possible): the
+    // build may sit where that user cannot enter (a clone under /root).
+    let bin_dir = home.join("bin");
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    for name in ["sortie-runner", "sortie-mcp", "sortie"] {
+        let built = sortie_tests::binary(name);
+        let linked = bin_dir.join(name);
+        if std::fs::hard_link(&built, &linked).is_err() {
+            std::fs::copy(&built, &linked).unwrap();
+        }
+    }
+    // So is the demo's agent script, which the runner otherwise finds in the source tree.
+    let agent = home.join("demo-agent.sh");
+    std::fs::copy(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../sortie_mcp/examples/demo-agent.sh"),
+        &agent,
+    )
+    .unwrap();
     let environment = [
         format!("HOME={}", home.display()),
         format!("PATH={}:/usr/local/bin:/usr/bin:/bin", bin_dir.display()),
         "LANG=C.UTF-8".to_string(),
+        format!("SORTIE_DEMO_AGENT={}", agent.display()),
     ];
     let as_user = |program: &str| {
         let mut command = if running_as_root() {
@@ -238,6 +255,7 @@ fn run_as_a_new_user(script: &str) -> std::process::Output {
         command
     };
     if running_as_root() {
+        // Only the home itself: the binaries may be hard links to the build's own files.
         let status = Command::new("chown")
             .arg("nobody:")
             .arg(&home)
