@@ -323,6 +323,11 @@ async fn execute(cli: Cli, colour: bool) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The database went away (a restart, say): the live commands wait for it.
+fn transient(e: &DbError) -> bool {
+    matches!(e.code.as_str(), "unavailable" | "in_doubt")
+}
+
 fn steer_result(answer: &Value, verb: &str, json_mode: bool) {
     if json_mode {
         print_json(answer);
@@ -357,12 +362,22 @@ async fn events(
     let mut poll_until = tokio::time::Instant::now();
     loop {
         loop {
-            let page = db
+            let page = match db
                 .call(
                     "events(campaign_id => $1, after_id => $2, \"limit\" => $3)",
                     &[&campaign, &after, &(if first { limit } else { 1000 })],
                 )
-                .await?;
+                .await
+            {
+                Ok(page) => page,
+                // A follower outlives a database restart: say so and read again shortly.
+                Err(e) if follow && !first && transient(&e) => {
+                    eprintln!("sortie: {e}; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    break;
+                }
+                Err(e) => return Err(e.into()),
+            };
             if json_mode && !follow {
                 print_json(&page);
                 return Ok(());
@@ -468,7 +483,15 @@ async fn top(
         });
     }
     loop {
-        let answer = db.call("activity()", &[]).await?;
+        let answer = match db.call("activity()", &[]).await {
+            Ok(answer) => answer,
+            Err(e) if live && transient(&e) => {
+                eprintln!("sortie: {e}; retrying");
+                tokio::time::sleep(interval).await;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         let frame = if json_mode {
             format!("{answer}\n")
         } else {
