@@ -920,6 +920,24 @@ async fn large_campaigns_and_many_notes_come_back_in_pages_under_the_limit() {
         "search_notes of {} chars",
         size(&search)
     );
+    // Steps with long actions: the default page shrinks to fit.
+    let wide = campaign(&db, "none").await;
+    let long_action = "w".repeat(2000);
+    let steps: Vec<Value> = (0..150)
+        .map(|i| json!({"action": format!("{long_action} {i}")}))
+        .collect();
+    add(&db, wide, json!(steps)).await;
+    let page = mcp
+        .call("get_campaign", json!({"id": wide.to_string()}))
+        .await;
+    assert!(!page.is_error, "{}", page.text);
+    assert!(
+        size(&page) < RESULT_LIMIT,
+        "get_campaign page of {} chars",
+        size(&page)
+    );
+    assert!(page.value["next_steps_cursor"].is_string());
+    db.ok("sortie.cancel_campaign($1)", &[&wide]).await;
     let list = mcp.call("list_campaigns", json!({})).await;
     assert!(list.value.get("next_cursor").is_some());
     mcp.stop().await;

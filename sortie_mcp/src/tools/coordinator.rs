@@ -187,12 +187,25 @@ priority, progress, open_steps}], next_cursor}; pass next_cursor back for the ne
         annotations(read_only_hint = true, idempotent_hint = true)
     )]
     async fn get_campaign(&self, Parameters(p): Parameters<GetCampaign>) -> CallToolResult {
-        let limit = p.steps_limit.unwrap_or(100).clamp(1, 500);
-        self.call(
-            "get_campaign(id => $1, steps_limit => $2, steps_cursor => $3)",
-            &[&p.id, &limit, &p.steps_cursor],
-        )
-        .await
+        let mut limit = p.steps_limit.unwrap_or(100).clamp(1, 500);
+        loop {
+            let result = self
+                .call(
+                    "get_campaign(id => $1, steps_limit => $2, steps_cursor => $3)",
+                    &[&p.id, &limit, &p.steps_cursor],
+                )
+                .await;
+            // SPEC §14: by default a page stays under 100,000 characters, however long the
+            // steps' actions are; a smaller page is asked for until it does.
+            let chars = result
+                .structured_content
+                .as_ref()
+                .map_or(0, |v| v.to_string().len());
+            if p.steps_limit.is_some() || chars <= super::RESULT_LIMIT_CHARS || limit == 1 {
+                return result;
+            }
+            limit /= 2;
+        }
     }
 
     #[tool(

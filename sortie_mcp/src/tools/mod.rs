@@ -162,6 +162,9 @@ pub fn tool_error(e: &DbError) -> CallToolResult {
     result
 }
 
+/// SPEC §14: no result exceeds this many characters by default.
+pub const RESULT_LIMIT_CHARS: usize = 100_000;
+
 /// A refusal of the arguments, decided before any work.
 pub fn refuse(sentence: String) -> CallToolResult {
     tool_error(&DbError {
