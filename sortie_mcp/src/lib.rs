@@ -16,7 +16,6 @@ pub mod tools;
 pub mod transport;
 pub mod view;
 pub mod web;
-pub mod web;
 pub mod workflows;
 
 /// `--version` of both binaries: the crate version and the git commit it was built from.
