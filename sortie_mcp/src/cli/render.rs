@@ -137,7 +137,10 @@ pub fn event_line(event: &Value, colour: bool) -> String {
     } else {
         format!("{kind:16}")
     };
-    let mut line = format!("{at}  #{:<7} {kind_shown}", event["id"].as_i64().unwrap_or(0));
+    let mut line = format!(
+        "{at}  #{:<7} {kind_shown}",
+        event["id"].as_i64().unwrap_or(0)
+    );
     if let Some(campaign) = event["campaign_id"].as_str() {
         let _ = write!(line, " campaign {}", campaign.get(..8).unwrap_or(campaign));
     }
