@@ -73,6 +73,11 @@ extension_sql_file!(
     requires = ["core", "updates", "campaigns"]
 );
 extension_sql_file!(
+    "../../sql/engine/note_words.sql",
+    name = "note_words",
+    requires = ["notes"]
+);
+extension_sql_file!(
     "../../sql/engine/batches.sql",
     name = "batches",
     requires = ["worker", "claim"]

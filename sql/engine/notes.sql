@@ -48,7 +48,11 @@ BEGIN
     PERFORM emit(campaign_id, step_id, 'note.added', jsonb_build_object('note_id', v_id, 'tags', coalesce(tags, '{}')));
     RETURN jsonb_build_object('note_id', v_id, 'campaign_id', campaign_id, 'step_id', step_id,
                               'embedded', embedding IS NOT NULL,
-                              'similar', similar_notes(campaign_id, embedding, embedding_model, 5, v_id));
+                              -- SPEC §18: a note stored without its embedding (sortie-mcp embeds it just
+                              -- after) is compared by its words until then.
+                              'similar', CASE WHEN embedding IS NOT NULL
+                                              THEN similar_notes(campaign_id, embedding, embedding_model, 5, v_id)
+                                              ELSE similar_notes_by_words(campaign_id, content, 5, v_id) END);
 END
 $$;
 

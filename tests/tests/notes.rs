@@ -8,7 +8,7 @@ use sortie_mcp::runner::Runner;
 use sortie_tests::fake_http::FakeHttp;
 use sortie_tests::fixtures::*;
 use sortie_tests::mcp::McpClient;
-use sortie_tests::TestDb;
+use sortie_tests::{wait_for, TestDb};
 
 #[tokio::test]
 async fn add_note_returns_similar_earlier_notes_of_the_campaign() {
@@ -16,8 +16,15 @@ async fn add_note_returns_similar_earlier_notes_of_the_campaign() {
     let c = campaign(&db, "none").await;
     let mcp = McpClient::start(&db, &[]).await;
     let first = mcp.ok("add_note", json!({"campaign_id": c, "content": "The billing module migration to Rust is finished"})).await;
-    assert_eq!(first["embedded"], true);
+    // SPEC §18: stored at once, embedded just after, off the request path; until then similar
+    // notes are found by their words.
+    assert_eq!(first["embedded"], false);
     assert_eq!(first["similar"], json!([]));
+    let embedded = || async {
+        count(&db, "SELECT count(*) FROM sortie.notes WHERE embedding IS NULL").await == 0
+    };
+    wait_for(std::time::Duration::from_secs(30), embedded).await;
+    assert!(embedded().await, "the note is embedded off the request path");
     mcp.ok(
         "add_note",
         json!({"campaign_id": c, "content": "Protein folding papers from 2021 look promising"}),
@@ -25,6 +32,7 @@ async fn add_note_returns_similar_earlier_notes_of_the_campaign() {
     .await;
     let again = mcp.ok("add_note", json!({"campaign_id": c, "content": "The billing module migration to Rust is finished"})).await;
     let similar = again["similar"].as_array().unwrap();
+    assert_eq!(similar[0]["by"], "words", "{similar:?}");
     assert_eq!(similar[0]["note_id"], first["note_id"]);
     assert_eq!(similar[0]["possible_duplicate"], true);
     // SPEC §13: the unrelated note ranks second but is below the model's similarity floor.
@@ -130,6 +138,11 @@ async fn a_configured_embedding_service_is_used() {
         "add_note",
         json!({"campaign_id": c, "content": "embedded by the service"}),
     )
+    .await;
+    // Embedded just after the answer, off the request path (SPEC §18).
+    wait_for(std::time::Duration::from_secs(30), || async {
+        count(&db, "SELECT count(*) FROM sortie.notes WHERE embedding_model IS NOT NULL").await == 1
+    })
     .await;
     let model: String = db
         .client
@@ -329,12 +342,6 @@ async fn paraphrased_queries_find_their_notes() {
             .await;
         ids.push(added["note_id"].clone());
     }
-    let model: String = db
-        .client
-        .query_one("SELECT embedding_model FROM sortie.notes LIMIT 1", &[])
-        .await
-        .unwrap()
-        .get(0);
     let mut hits = 0;
     for ((_, query), id) in CORPUS.iter().zip(&ids) {
         let found = mcp
@@ -352,6 +359,14 @@ async fn paraphrased_queries_find_their_notes() {
             hits += 1;
         }
     }
+    // Read after the searches: the notes are embedded off the request path (SPEC §18), and a
+    // search waits for what its server stored.
+    let model: String = db
+        .client
+        .query_one("SELECT embedding_model FROM sortie.notes LIMIT 1", &[])
+        .await
+        .unwrap()
+        .get(0);
     let recall = hits as f64 / CORPUS.len() as f64;
     println!(
         "recall@3 with {model}: {recall:.2} ({hits} of {})",
@@ -442,5 +457,44 @@ async fn a_rare_query_word_finds_an_old_note_behind_thousands_of_common_matches(
         )
         .await;
     assert_eq!(scoped["results"][0]["content"], "Zeppelin sighting logged");
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn a_note_stored_without_its_embedding_is_compared_by_its_words() {
+    // SPEC §18: sortie-mcp embeds a note just after storing it; meanwhile add_note ranks the
+    // campaign's notes by the words they share (Jaccard index of their lexemes).
+    let db = TestDb::new().await;
+    let c = campaign(&db, "none").await;
+    let other = campaign(&db, "none").await;
+    let add = |campaign: uuid::Uuid, content: &'static str| {
+        let db = &db;
+        async move {
+            db.ok("sortie.add_note($1, $2)", &[&campaign, &content])
+                .await
+        }
+    };
+    let deploy = add(c, "Deployed the billing service to staging").await;
+    add(c, "Protein folding papers from 2021 look promising").await;
+    add(other, "Deployed the billing service to staging").await;
+    // Quotes and backslashes are words like any other, never tsquery syntax.
+    add(c, r"It's O'Reilly's \path | & ! (billing)").await;
+    let again = add(c, "the billing service was deployed to staging").await;
+    let similar = again["similar"].as_array().unwrap();
+    assert_eq!(similar[0]["note_id"], deploy["note_id"], "{similar:?}");
+    assert_eq!(similar[0]["by"], "words");
+    assert_eq!(similar[0]["possible_duplicate"], true, "{similar:?}");
+    // Only the copy: the unrelated note, the other campaign's copy and the note sharing one
+    // word of seven (below 0.2) are not similar.
+    assert_eq!(similar.len(), 1, "{similar:?}");
+    let partly = add(c, "billing service runs on staging").await;
+    let partly = partly["similar"].as_array().unwrap();
+    assert_eq!(partly.len(), 2, "{partly:?}");
+    assert_eq!(partly[0]["similarity"], 0.6);
+    assert_eq!(partly[1]["possible_duplicate"], false);
+    let fewer_words = add(c, "Protein folding").await;
+    assert_eq!(fewer_words["similar"].as_array().unwrap().len(), 1);
+    let nothing = add(c, "the a of").await;
+    assert_eq!(nothing["similar"], json!([]));
     db.finish().await;
 }

@@ -4,6 +4,7 @@
 //! embedder is all-MiniLM-L6-v2 when scripts/setup installed its weights, else the lexical
 //! hashing embedder.
 
+mod background;
 mod hashing;
 mod http;
 mod minilm;
@@ -13,6 +14,7 @@ use std::sync::{Arc, OnceLock};
 use tracing::warn;
 
 use crate::config::Config;
+pub use background::BackgroundEmbedder;
 pub use hashing::HashingEmbedder;
 pub use http::HttpEmbedder;
 pub use minilm::MiniLm;

@@ -27,7 +27,7 @@ use tokio_postgres::types::ToSql;
 
 use crate::config::{Config, Role};
 use crate::db::{Db, DbError};
-use crate::embed::Embedder;
+use crate::embed::{BackgroundEmbedder, Embedder};
 
 const INSTRUCTIONS: &str = "Sortie orchestrates campaigns: a goal and a DAG of steps. Coordinators create campaigns \
 (create_campaign, add_steps), watch them (get_updates, get_campaign) and steer them. Workers execute one claimed step: \
@@ -40,6 +40,8 @@ pub struct SortieServer {
     config: Arc<Config>,
     db: Arc<OnceCell<Db>>,
     embedder: Arc<Embedder>,
+    /// Embeds stored notes off the request path (SPEC §18).
+    background: Arc<BackgroundEmbedder>,
     /// For the planner LLM (workflow choices).
     http: reqwest::Client,
     tool_router: ToolRouter<SortieServer>,
@@ -75,6 +77,7 @@ impl SortieServer {
         Self {
             config: Arc::new(config),
             db: Arc::new(OnceCell::new()),
+            background: Arc::new(BackgroundEmbedder::new(embedder.clone())),
             embedder,
             http,
             tool_router,

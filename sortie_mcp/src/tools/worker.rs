@@ -269,19 +269,24 @@ note id. For metrics use tags ['metric:<name>'] and content '<name>=<value>'.",
             return missing(NO_CAMPAIGN);
         };
         let step = self.config.step_id;
-        // Embedding happens here, outside the database; the note is stored either way.
-        let embedded = self.embedder.embed(std::slice::from_ref(&p.content)).await;
-        let vector = embedded
-            .vectors
-            .into_iter()
-            .next()
-            .map(pgvector::Vector::from);
-        self.call(
-            "add_note(campaign_id => $1, content => $2, tags => $3, step_id => $4, embedding => $5, embedding_model => $6, \
-             request_id => $7)",
-            &[&campaign, &p.content, &p.tags, &step, &vector, &embedded.model, &p.request_id],
-        )
-        .await
+        // SPEC §18: the note is stored at once and embedded just after, off the request path
+        // (embed::BackgroundEmbedder); until then the answer's similar notes share its words.
+        let stored = match self
+            .try_call(
+                "add_note(campaign_id => $1, content => $2, tags => $3, step_id => $4, request_id => $5)",
+                &[&campaign, &p.content, &p.tags, &step, &p.request_id],
+            )
+            .await
+        {
+            Ok(stored) => stored,
+            Err(e) => return tool_error(&e),
+        };
+        if let (Some(note_id), Some(false)) = (stored["note_id"].as_i64(), stored["embedded"].as_bool()) {
+            if let Ok(db) = self.db().await {
+                self.background.queue(db, note_id, p.content.clone());
+            }
+        }
+        CallToolResult::structured(stored)
     }
 
     #[tool(
@@ -311,6 +316,8 @@ with score, mode and a preview of the note (content_chars is its whole length; g
     async fn search_notes(&self, Parameters(p): Parameters<SearchNotes>) -> CallToolResult {
         // SPEC §14: results stay bounded; 50 hits of note previews fit.
         let top_k = p.top_k.unwrap_or(5).clamp(1, 50);
+        // What this server stored is searchable by meaning once its embedding landed (SPEC §18).
+        self.background.settled(std::time::Duration::from_secs(5)).await;
         let embedded = self.embedder.embed(std::slice::from_ref(&p.query)).await;
         let vector = embedded
             .vectors
