@@ -12,7 +12,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 
-use crate::config::{Config, Reader};
+use crate::config::{Config, ENV_VARS};
 use crate::db::{Db, DbError};
 use crate::view::graph::{dot, mermaid, tree, Graph};
 
@@ -21,17 +21,7 @@ use crate::view::graph::{dot, mermaid, tree, Graph};
     name = "sortie",
     version = crate::VERSION,
     about = "See and steer Sortie campaigns: their steps, DAG, events and the installation's health",
-    after_help = crate::config::env_help(Reader::Cli, &[
-        "sortie campaigns --status active          # campaigns, newest first",
-        "sortie show 0b6f…-…                       # the step tree: status, agent, attempts, duration, output",
-        "sortie graph ID --format dot | dot -Tsvg > dag.svg",
-        "sortie graph ID --format mermaid          # paste into a Markdown file",
-        "sortie events --campaign ID --follow      # the event log, live",
-        "sortie top                                # running steps and progress; q quits",
-        "sortie doctor || echo 'something needs attention'",
-        "sortie pause ID; sortie resume ID; sortie cancel ID --reason 'wrong goal'",
-        "DATABASE_URL=postgresql://me:secret@db.example:5432/app sortie campaigns --json",
-    ])
+    after_help = help_epilogue()
 )]
 pub struct Cli {
     /// Answer JSON (one document, or one per line for --follow and a live top).
@@ -68,6 +58,7 @@ pub enum Command {
     Graph {
         /// The campaign's id.
         id: String,
+        /// Mermaid (paste into Markdown) or Graphviz DOT (pipe to `dot -Tsvg`).
         #[arg(long, value_enum, default_value_t = GraphFormat::Mermaid)]
         format: GraphFormat,
     },
@@ -121,6 +112,54 @@ pub enum Command {
         #[arg(long)]
         reason: Option<String>,
     },
+}
+
+/// The variables that change what `sortie` does; the others of the table are still read and
+/// checked at start, as by the other binaries, but only matter to them.
+const CLI_VARIABLES: &[&str] = &[
+    "DATABASE_URL",
+    "SORTIE_SCHEMA",
+    "SORTIE_DATA_DIR",
+    "SORTIE_PG_BIN",
+    "XDG_DATA_HOME",
+    "NO_COLOR",
+    "RUST_LOG",
+    "LOG_LEVEL",
+];
+
+const EXAMPLES: &[&str] = &[
+    "sortie campaigns --status active          # campaigns, newest first",
+    "sortie show 3f0c6a52-7d3e-4b8e-9a57-0d4a3c0f5e11   # the step tree",
+    "sortie graph ID --format dot | dot -Tsvg > dag.svg",
+    "sortie graph ID --format mermaid          # paste into a Markdown file",
+    "sortie events --campaign ID --follow      # the event log, live",
+    "sortie top                                # running steps and progress; q quits",
+    "sortie doctor || echo 'something needs attention'",
+    "sortie pause ID; sortie resume ID; sortie cancel ID --reason 'wrong goal'",
+    "DATABASE_URL=postgresql://me:secret@db.example:5432/app sortie campaigns --json",
+];
+
+/// `--help`'s epilogue: the variables from config::ENV_VARS (the one table), then examples.
+fn help_epilogue() -> String {
+    let vars: Vec<_> = ENV_VARS
+        .iter()
+        .filter(|v| CLI_VARIABLES.contains(&v.name))
+        .collect();
+    let width = vars.iter().map(|v| v.name.len()).max().unwrap_or(0);
+    let mut text = String::from("Environment variables (default in brackets):\n");
+    for v in vars {
+        text.push_str(&format!(
+            "  {:width$}  {} [{}]\n",
+            v.name, v.meaning, v.default
+        ));
+    }
+    text.push_str(
+        "  (the other variables of sortie-mcp --help are checked at start as well)\n\nExamples:\n",
+    );
+    for example in EXAMPLES {
+        text.push_str(&format!("  {example}\n"));
+    }
+    text
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -540,6 +579,19 @@ mod tests {
             (refused.code.as_str(), refused.exit),
             ("invalid_argument", 2)
         );
+    }
+
+    #[test]
+    fn help_lists_the_variables_that_matter_here_from_the_one_table() {
+        let help = help_epilogue();
+        for name in CLI_VARIABLES {
+            assert!(
+                ENV_VARS.iter().any(|v| v.name == *name),
+                "{name} is not in ENV_VARS"
+            );
+            assert!(help.contains(&format!("  {name} ")), "{name}: {help}");
+        }
+        assert!(!help.contains("SORTIE_AGENT_COMMAND"));
     }
 
     #[test]
