@@ -60,6 +60,13 @@ pub struct Config {
     /// SPEC §18: the runner prunes campaigns that ended more than this many days ago, once a
     /// day (SORTIE_RETENTION_DAYS; 0 keeps everything).
     pub retention_days: u32,
+    /// SPEC §15: what an agent connects with: a login holding only sortie_worker
+    /// (SORTIE_WORKER_DATABASE_URL), or the address of a `sortie-mcp --http` (SORTIE_MCP_URL).
+    pub worker_database_url: Option<String>,
+    pub mcp_url: Option<String>,
+    /// SPEC §15: names of the runner's variables an agent may see besides the allow-list
+    /// (SORTIE_AGENT_ENV, comma- or space-separated).
+    pub agent_env: Vec<String>,
 }
 
 /// Where variables come from: the process environment, or a map in tests.
@@ -163,6 +170,17 @@ impl Config {
             }
         };
         let config = Config {
+            worker_database_url: var("SORTIE_WORKER_DATABASE_URL"),
+            mcp_url: url(var, "SORTIE_MCP_URL")?,
+            agent_env: var("SORTIE_AGENT_ENV")
+                .map(|names| {
+                    names
+                        .split(|c: char| c == ',' || c.is_whitespace())
+                        .filter(|n| !n.is_empty())
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default(),
             database_url: var("DATABASE_URL"),
             schema,
             role,
@@ -325,7 +343,13 @@ pub const ENV_VARS: &[EnvVar] = &[
     env("LOG_LEVEL", "info", "Sortie's own log level when RUST_LOG is unset (error, warn, info, debug, trace)", Reader::Both),
     env("WORKFLOW_DEFINITIONS_DIR", "-", "folder of Markdown workflows, one sub-folder each", Reader::Both),
     env("SORTIE_MAX_REQUEST_BYTES", "16777216", "longest JSON-RPC request line sortie-mcp accepts, in bytes", Reader::Mcp),
-    env("SORTIE_HTTP_TOKEN", "-", "bearer token --http requires (16 characters or more)", Reader::Mcp),
+    env("SORTIE_HTTP_TOKEN", "-", "bearer token of role both for --http (16 characters or more)", Reader::Mcp),
+    env("SORTIE_HTTP_TOKENS_FILE", "-", "more --http bearer tokens, one per line: `role token` or `role sha256:<hex>` (role: coordinator, worker, both or reader)", Reader::Mcp),
+    env("SORTIE_HTTP_ALLOWED_ORIGINS", "-", "comma-separated Origins --http accepts besides loopback ones of its own port (others: 403)", Reader::Mcp),
+    env("SORTIE_HTTP_ALLOWED_HOSTS", "-", "comma-separated Host names --http accepts besides localhost and 127.0.0.1 (DNS rebinding)", Reader::Mcp),
+    env("SORTIE_WORKER_DATABASE_URL", "embedded: login sortie_agent", "what agents connect with: a login holding only sortie_worker (never DATABASE_URL)", Reader::Runner),
+    env("SORTIE_MCP_URL", "-", "a sortie-mcp --http address agents reach Sortie by instead of a database login (claim token as bearer)", Reader::Runner),
+    env("SORTIE_AGENT_ENV", "-", "names of the runner's variables an agent also gets, besides PATH HOME LANG TMPDIR TERM", Reader::Runner),
     env("SORTIE_DATA_DIR", "~/.local/share/sortie", "where the embedded cluster lives (/var/lib/sortie for root)", Reader::Both),
     env("SORTIE_PG_BIN", "pg_config --bindir", "PostgreSQL server binaries (initdb, pg_ctl) for the embedded cluster", Reader::Both),
     env("SORTIE_MODEL_DIR", "~/.local/share/sortie/models/all-MiniLM-L6-v2", "the offline embedder's model files", Reader::Both),

@@ -1,6 +1,7 @@
 //! Sortie's MCP server and runner. Both only call the extension's SQL functions; no DAG rule
 //! lives here.
 
+pub mod agent;
 pub mod checks;
 pub mod cli;
 pub mod config;

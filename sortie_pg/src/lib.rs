@@ -17,6 +17,12 @@ extension_sql_file!(
     name = "core",
     requires = [pure::expand_steps]
 );
+// What a worker may see (SPEC §15); used by context, notes and claim.
+extension_sql_file!(
+    "../../sql/engine/scope.sql",
+    name = "scope",
+    requires = ["core"]
+);
 extension_sql_file!(
     "../../sql/engine/campaigns.sql",
     name = "campaigns",
@@ -30,7 +36,7 @@ extension_sql_file!(
 extension_sql_file!(
     "../../sql/engine/claim.sql",
     name = "claim",
-    requires = ["core"]
+    requires = ["core", "scope"]
 );
 extension_sql_file!(
     "../../sql/engine/worker.sql",
@@ -40,12 +46,12 @@ extension_sql_file!(
 extension_sql_file!(
     "../../sql/engine/context.sql",
     name = "context",
-    requires = ["core", pure::preview]
+    requires = ["core", "scope", "worker", pure::preview]
 );
 extension_sql_file!(
     "../../sql/engine/notes.sql",
     name = "notes",
-    requires = ["core"]
+    requires = ["core", "scope"]
 );
 extension_sql_file!(
     "../../sql/engine/updates.sql",
@@ -90,9 +96,10 @@ extension_sql_file!(
 extension_sql_file!(
     "../../sql/engine/invariants.sql",
     name = "invariants",
-    requires = ["core"],
-    finalize
+    requires = ["core"]
 );
+// Last of all (SPEC §15): roles and grants over every function created before it.
+extension_sql_file!("../../sql/engine/roles.sql", name = "roles", finalize);
 
 #[cfg(any(test, feature = "pg_test"))]
 #[pg_schema]

@@ -306,7 +306,7 @@ $$;
 -- 1..1000), not_found (campaign_id).
 CREATE FUNCTION claim_next(owner text, agent text DEFAULT NULL, campaign_id uuid DEFAULT NULL,
                            lease_seconds integer DEFAULT 900, max_dispatched integer DEFAULT NULL,
-                           max_steps integer DEFAULT NULL)
+                           max_steps integer DEFAULT NULL, claim_token uuid DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
@@ -320,6 +320,8 @@ DECLARE
     v_claims jsonb := '[]';
 BEGIN
     PERFORM check_owner(owner);
+    -- SPEC §15: a worker claims only within the campaign of the claim it holds (scope.sql).
+    campaign_id := _worker_campaign(campaign_id, NULL, claim_token, 'claim_next');
     IF max_steps IS NOT NULL AND max_steps NOT BETWEEN 1 AND 1000 THEN
         PERFORM raise('invalid_argument', 'max_steps must be from 1 to 1000');
     END IF;

@@ -1,7 +1,8 @@
 -- What a worker reads (SPEC §5): its context with upstream outputs as previews, and ranged
 -- reads of any step of its own campaign.
 
-CREATE FUNCTION get_my_context(step_id bigint, head integer DEFAULT 600, tail integer DEFAULT 200)
+CREATE FUNCTION get_my_context(step_id bigint, head integer DEFAULT 600, tail integer DEFAULT 200,
+                               claim_token uuid DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
@@ -14,6 +15,8 @@ BEGIN
     IF step_id IS NULL THEN
         PERFORM raise('invalid_argument', 'step_id is required (or run with SORTIE_STEP_ID set)');
     END IF;
+    -- SPEC §15: a worker reads the context of the step it holds, by its claim (scope.sql).
+    PERFORM _worker_campaign(NULL, step_id, claim_token, 'get_my_context');
     SELECT * INTO s FROM steps WHERE id = step_id;
     IF NOT FOUND THEN
         PERFORM raise('not_found', format('step %s does not exist', step_id));
@@ -58,7 +61,7 @@ $$;
 
 CREATE FUNCTION read_step_output(step_id bigint, "offset" integer DEFAULT 0, "limit" integer DEFAULT 8000,
                                  field text DEFAULT 'output', campaign_id uuid DEFAULT NULL,
-                                 reader_step_id bigint DEFAULT NULL)
+                                 reader_step_id bigint DEFAULT NULL, claim_token uuid DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
@@ -73,6 +76,8 @@ BEGIN
     IF coalesce("offset", 0) < 0 OR coalesce("limit", 8000) < 1 THEN
         PERFORM raise('invalid_argument', 'offset must be 0 or more and limit at least 1 (at most 32000)');
     END IF;
+    -- SPEC §15: with a claim token, the reader's campaign is its claim's (scope.sql).
+    campaign_id := _worker_campaign(campaign_id, reader_step_id, claim_token, 'read_step_output');
     SELECT * INTO s FROM steps WHERE id = step_id;
     -- Only steps of the reader's own campaign are readable; another campaign's step reads as
     -- missing rather than revealing that it exists.

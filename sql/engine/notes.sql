@@ -1,9 +1,25 @@
 -- Notes storage (SPEC §8). Search and embeddings come with the notes issue; the embedding
 -- column is stored now so that notes written today are searchable later.
 
+-- The cosine similarity below which a semantic hit says nothing (SPEC §13), per embedding
+-- model. Measured on the 20 paraphrase pairs of tests/tests/notes.rs and the 400 unrelated
+-- pairs among them: all-MiniLM-L6-v2 scores paraphrases 0.166 at the lowest (median 0.412) and
+-- unrelated pairs 0.068 at the median, so 0.15 keeps every paraphrase and drops most noise
+-- (unrelated pairs reach 0.45: the floor is no relevance judge). The hashing fallback is a
+-- lexical n-gram overlap (paraphrases median 0.047, unrelated 0.030): below 0.05 nothing is
+-- shared. Models not measured get 0: only hits pointing away from the query are dropped.
+CREATE FUNCTION similarity_floor(embedding_model text) RETURNS double precision
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT CASE embedding_model
+               WHEN 'all-MiniLM-L6-v2' THEN 0.15
+               WHEN 'sortie-hashing-v1' THEN 0.05
+               ELSE 0.0 END;
+$$;
+
 CREATE FUNCTION add_note(campaign_id uuid, content text, tags text[] DEFAULT '{}', step_id bigint DEFAULT NULL,
                          agent text DEFAULT NULL, embedding vector DEFAULT NULL, embedding_model text DEFAULT NULL,
-                         request_id text DEFAULT NULL)
+                         request_id text DEFAULT NULL, claim_token uuid DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
@@ -13,6 +29,8 @@ DECLARE
     v_id bigint;
     v_arguments jsonb;
 BEGIN
+    -- SPEC §15: a worker writes notes only into the campaign of the step it holds (scope.sql).
+    campaign_id := _worker_campaign(campaign_id, step_id, claim_token, 'add_note');
     -- SPEC §14: a repeat with the same request_id returns the first result (idempotency.sql).
     -- The embedding is not compared: the same text embeds the same way.
     IF request_id IS NOT NULL THEN
@@ -21,7 +39,8 @@ BEGIN
         RETURN coalesce(_replay(request_id, 'add_note', v_arguments),
                         _keep(request_id, 'add_note', v_arguments, add_note(
                             campaign_id => campaign_id, content => content, tags => tags, step_id => step_id,
-                            agent => agent, embedding => embedding, embedding_model => embedding_model)));
+                            agent => agent, embedding => embedding, embedding_model => embedding_model,
+                            claim_token => claim_token)));
     END IF;
     IF content IS NULL OR btrim(content) = '' THEN
         PERFORM raise('invalid_argument', 'content is empty: write what you found');
@@ -107,14 +126,16 @@ $$;
 -- Paged (SPEC §14): `cursor` is the `next_cursor` of the page before. With `preview_chars`
 -- each content is cut to that many characters and `content_chars` gives its whole length.
 CREATE FUNCTION get_notes(campaign_id uuid, tags text[] DEFAULT NULL, step_id bigint DEFAULT NULL,
-                          "limit" integer DEFAULT 50, cursor text DEFAULT NULL, preview_chars integer DEFAULT NULL)
+                          "limit" integer DEFAULT 50, cursor text DEFAULT NULL, preview_chars integer DEFAULT NULL,
+                          claim_token uuid DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE sql STABLE
 SET search_path FROM CURRENT
 AS $$
     WITH page AS (
         SELECT * FROM notes n
-         WHERE n.campaign_id = $1
+         -- SPEC §15: a worker reads the notes of its claim's campaign only (scope.sql).
+         WHERE n.campaign_id = (SELECT _worker_campaign($1, NULL, $7, 'get_notes'))
            AND ($2 IS NULL OR n.tags && $2)
            AND ($3 IS NULL OR n.step_id = $3)
            AND ($5 IS NULL OR n.id < CASE WHEN $5 ~ '^[0-9]{1,18}$' THEN $5::bigint END)
@@ -140,7 +161,7 @@ $$;
 -- query embedding the search is lexical only. SQL users bring their own vector.
 CREATE FUNCTION search_notes(query text, campaign_id uuid DEFAULT NULL, top_k integer DEFAULT 5,
                              tags text[] DEFAULT NULL, query_embedding vector DEFAULT NULL,
-                             embedding_model text DEFAULT NULL)
+                             embedding_model text DEFAULT NULL, claim_token uuid DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
@@ -159,8 +180,18 @@ BEGIN
     IF query IS NULL OR btrim(query) = '' THEN
         PERFORM raise('invalid_argument', 'query is empty: say what you are looking for');
     END IF;
+    -- SPEC §15: a worker searches its claim's campaign only (scope.sql).
+    campaign_id := _worker_campaign(campaign_id, NULL, claim_token, 'search_notes');
     IF campaign_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM campaigns c WHERE c.id = campaign_id) THEN
         PERFORM raise('not_found', format('campaign %s does not exist', campaign_id));
+    END IF;
+    -- SPEC §13: a query of only stop words, punctuation or symbols asks for nothing; every
+    -- note would be as close to it as any other.
+    IF numnode(plainto_tsquery('english', query)) = 0 THEN
+        RETURN jsonb_build_object('results', '[]'::jsonb,
+                                  'mode', CASE WHEN query_embedding IS NULL THEN 'lexical' ELSE 'hybrid' END,
+                                  'reason', format('the query %s has no searchable words (only stop words, punctuation or symbols): name what you are looking for',
+                                                   left(query, 200)));
     END IF;
     -- Any of the words, so a question phrased differently from the note still meets it. Within
     -- one campaign every match is ranked. Across campaigns, ranking every note that shares a

@@ -219,11 +219,15 @@ impl Job {
             command,
             self.config.workdir.as_deref(),
             &self.session_env(),
-            false,
+            true,
             self.config.verify_timeout,
         )
         .await;
-        info!(step = self.claim.step_id, passed = run.passed(), "verify command ran");
+        info!(
+            step = self.claim.step_id,
+            passed = run.passed(),
+            "verify command ran"
+        );
         let (step, token, passed, report) = (
             self.claim.step_id,
             self.claim.token,
@@ -284,18 +288,27 @@ impl Job {
         })
     }
 
+    /// SPEC §15: the agent's whole environment (crate::agent): the allow-list, the session
+    /// and a worker-only way to Sortie; never this runner's DATABASE_URL or LITELLM_KEY.
     fn session_env(&self) -> Vec<(String, String)> {
-        vec![
-            ("SORTIE_ROLE".into(), "worker".into()),
-            ("SORTIE_STEP_ID".into(), self.claim.step_id.to_string()),
-            (
-                "SORTIE_CAMPAIGN_ID".into(),
-                self.claim.campaign_id.to_string(),
-            ),
-            ("SORTIE_CLAIM_TOKEN".into(), self.claim.token.to_string()),
-            ("SORTIE_SCHEMA".into(), self.config.schema.clone()),
-            ("DATABASE_URL".into(), self.database_url.clone()),
-        ]
+        crate::agent::agent_env(
+            &self.session(),
+            &self.config,
+            &self.agent_connection(),
+            &|name| std::env::var(name).ok(),
+        )
+    }
+
+    fn session(&self) -> crate::agent::Session {
+        crate::agent::Session {
+            step_id: self.claim.step_id,
+            campaign_id: self.claim.campaign_id,
+            claim_token: self.claim.token,
+        }
+    }
+
+    fn agent_connection(&self) -> crate::agent::Connection {
+        crate::agent::Connection::for_agents(&self.config, &self.database_url)
     }
 
     async fn post(&self, brief: &Brief) -> Outcome {
@@ -309,7 +322,10 @@ impl Job {
         let body = json!({
             "agent": self.claim.agent, "prompt": brief.prompt, "step_id": self.claim.step_id,
             "campaign_id": self.claim.campaign_id, "tools": tools,
-            "env": self.session_env().into_iter().map(|(k, v)| (k, Value::String(v))).collect::<serde_json::Map<_, _>>(),
+            // The session, and SORTIE_MCP_URL when set; never a database URL (SPEC §15).
+            "env": crate::agent::session_vars(&self.session(), &self.config, &self.agent_connection())
+                .into_iter().filter(|(k, _)| k != "DATABASE_URL")
+                .map(|(k, v)| (k, Value::String(v))).collect::<serde_json::Map<_, _>>(),
         });
         let request = self
             .http
@@ -345,23 +361,32 @@ impl Job {
             Ok(w) if !w.is_empty() => w,
             _ => return Outcome::Failed("SORTIE_AGENT_COMMAND is not a valid command line".into()),
         };
+        let connection = self.agent_connection();
+        if self.config.worker_database_url.is_none() && self.config.mcp_url.is_none() {
+            crate::agent::ensure_agent_login(&self.db).await;
+        }
+        // SPEC §15: for agent CLIs that start MCP servers with an environment of their own;
+        // removed when this dispatch ends (the guard lives to the end of this function).
+        let mcp_config = crate::agent::mcp_config(&self.session(), &self.config, &connection);
+        let mcp_config = match crate::agent::McpConfigFile::write(self.claim.step_id, &mcp_config) {
+            Ok(file) => file,
+            Err(e) => {
+                return Outcome::Failed(format!("could not write the agent's MCP config: {e}"))
+            }
+        };
         let mut command = tokio::process::Command::new(&words[0]);
         command
             .args(&words[1..])
+            .env_clear()
             .envs(self.session_env())
+            .env("SORTIE_MCP_CONFIG", &mcp_config.path)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        if let Some(dir) = std::env::current_exe()
-            .ok()
-            .and_then(|p| p.parent().map(|d| d.to_path_buf()))
-        {
-            command.env("SORTIE_BIN_DIR", dir);
-        }
         // SPEC §17: verify commands run in SORTIE_WORKDIR, so the agent works there too.
         if let Some(dir) = &self.config.workdir {
-            command.current_dir(dir).env("SORTIE_WORKDIR", dir);
+            command.current_dir(dir);
         }
         let mut child = match command.spawn() {
             Ok(c) => c,

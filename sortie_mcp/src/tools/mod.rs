@@ -49,6 +49,20 @@ pub struct SortieServer {
     raw_schemas: Arc<HashMap<String, serde_json::Map<String, serde_json::Value>>>,
     /// This session's resource subscriptions (SPEC §16, crate::resources).
     subscriptions: crate::resources::Subscriptions,
+    /// The step this session works on (SPEC §15): from SORTIE_STEP_ID, SORTIE_CAMPAIGN_ID and
+    /// SORTIE_CLAIM_TOKEN (or an HTTP claim-token bearer), else from its last claim_next.
+    binding: Arc<std::sync::Mutex<Binding>>,
+}
+
+/// A worker session's step, campaign and claim token; each may be unset.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Binding {
+    pub step_id: Option<i64>,
+    pub campaign_id: Option<uuid::Uuid>,
+    pub claim_token: Option<uuid::Uuid>,
+    /// The step was given to the session (environment or claim-token bearer), not claimed by
+    /// it: claim_next then stays within that step's campaign.
+    pub assigned: bool,
 }
 
 impl SortieServer {
@@ -74,6 +88,12 @@ impl SortieServer {
         }
         let http = reqwest::Client::new();
         let embedder = Arc::new(Embedder::from_config(&config, http.clone()));
+        let binding = Binding {
+            step_id: config.step_id,
+            campaign_id: config.campaign_id,
+            claim_token: config.claim_token,
+            assigned: config.claim_token.is_some(),
+        };
         Self {
             config: Arc::new(config),
             db: Arc::new(OnceCell::new()),
@@ -83,7 +103,30 @@ impl SortieServer {
             tool_router,
             raw_schemas: Arc::new(raw_schemas),
             subscriptions: Default::default(),
+            binding: Arc::new(std::sync::Mutex::new(binding)),
         }
+    }
+
+    /// A server for one HTTP session opened with a claim token as its bearer (SPEC §15): a
+    /// worker bound to that step, sharing the server's database pool.
+    pub fn bound_worker(&self, binding: Binding) -> Self {
+        let mut config = (*self.config).clone();
+        config.role = Role::Worker;
+        config.step_id = binding.step_id;
+        config.campaign_id = binding.campaign_id;
+        config.claim_token = binding.claim_token;
+        let mut server = SortieServer::new(config);
+        server.db = self.db.clone();
+        server
+    }
+
+    fn binding(&self) -> Binding {
+        *self.binding.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// After claim_next, the session works on what it claimed (SPEC §15).
+    fn bind(&self, binding: Binding) {
+        *self.binding.lock().unwrap_or_else(|e| e.into_inner()) = binding;
     }
 
     /// Connects and checks the database now (the binary's start-up check), so a bad
@@ -128,21 +171,38 @@ impl SortieServer {
     }
 
     fn session_step(&self, step_id: Option<i64>) -> Option<i64> {
-        step_id.or(self.config.step_id)
+        step_id.or(self.binding().step_id)
     }
 
     fn session_campaign(&self, campaign_id: Option<uuid::Uuid>) -> Option<uuid::Uuid> {
-        campaign_id.or(self.config.campaign_id)
+        campaign_id.or(self.binding().campaign_id)
     }
 
     fn session_token(&self, claim_token: Option<uuid::Uuid>) -> Option<uuid::Uuid> {
-        claim_token.or(self.config.claim_token)
+        claim_token.or(self.binding().claim_token)
+    }
+
+    /// The claim token a worker read presents (SPEC §15): the extension confines the call to
+    /// that claim's campaign. A worker-only session without one is refused here, whatever the
+    /// server's own database login may see.
+    fn read_token(
+        &self,
+        claim_token: Option<uuid::Uuid>,
+    ) -> Result<Option<uuid::Uuid>, CallToolResult> {
+        let token = self.session_token(claim_token);
+        if token.is_none() && self.config.role == Role::Worker {
+            return Err(tool_error(&DbError {
+                code: "forbidden".into(),
+                message: "forbidden: a worker session sees only the campaign of the step it holds: claim one with claim_next, or pass its claim_token".into(),
+            }));
+        }
+        Ok(token)
     }
 
     /// SPEC §3 depth limit: a worker session whose step is at max depth does not see
     /// spawn_and_continue. The extension refuses the splice either way.
     async fn session_at_max_depth(&self) -> bool {
-        let Some(step) = self.config.step_id else {
+        let Some(step) = self.binding().step_id else {
             return false;
         };
         let Ok(db) = self.db().await else {

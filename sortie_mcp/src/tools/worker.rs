@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::{missing, schemas, tool_error, SortieServer};
+use super::{missing, schemas, tool_error, Binding, SortieServer};
 
 const NO_STEP: &str = "step_id is required: pass it, or run the server with SORTIE_STEP_ID set";
 const NO_CAMPAIGN: &str =
@@ -207,10 +207,14 @@ tail + total length; read_step_output reads the rest), any question and answer, 
         let Some(step) = self.session_step(p.step_id) else {
             return missing(NO_STEP);
         };
+        let token = match self.read_token(None) {
+            Ok(token) => token,
+            Err(refusal) => return refusal,
+        };
         let (head, tail) = (self.config.preview_head, self.config.preview_tail);
         self.call(
-            "get_my_context(step_id => $1, head => $2, tail => $3)",
-            &[&step, &head, &tail],
+            "get_my_context(step_id => $1, head => $2, tail => $3, claim_token => $4)",
+            &[&step, &head, &tail, &token],
         )
         .await
     }
@@ -221,12 +225,15 @@ in get_my_context. Any step of your campaign is readable.",
         annotations(read_only_hint = true, idempotent_hint = true)
     )]
     async fn read_step_output(&self, Parameters(p): Parameters<ReadStepOutput>) -> CallToolResult {
-        let campaign = self.config.campaign_id;
-        let reader = self.config.step_id;
+        let session = self.binding();
+        let token = match self.read_token(None) {
+            Ok(token) => token,
+            Err(refusal) => return refusal,
+        };
         self.call(
             "read_step_output(step_id => $1, \"offset\" => coalesce($2, 0), \"limit\" => coalesce($3, 8000), \
-             field => coalesce($4, 'output'), campaign_id => $5, reader_step_id => $6)",
-            &[&p.step_id, &p.offset, &p.limit, &p.field, &campaign, &reader],
+             field => coalesce($4, 'output'), campaign_id => $5, reader_step_id => $6, claim_token => $7)",
+            &[&p.step_id, &p.offset, &p.limit, &p.field, &session.campaign_id, &session.step_id, &token],
         )
         .await
     }
@@ -268,13 +275,18 @@ note id. For metrics use tags ['metric:<name>'] and content '<name>=<value>'.",
         let Some(campaign) = self.session_campaign(p.campaign_id) else {
             return missing(NO_CAMPAIGN);
         };
-        let step = self.config.step_id;
+        let step = self.binding().step_id;
+        let token = match self.read_token(None) {
+            Ok(token) => token,
+            Err(refusal) => return refusal,
+        };
         // SPEC §18: the note is stored at once and embedded just after, off the request path
         // (embed::BackgroundEmbedder); until then the answer's similar notes share its words.
         let stored = match self
             .try_call(
-                "add_note(campaign_id => $1, content => $2, tags => $3, step_id => $4, request_id => $5)",
-                &[&campaign, &p.content, &p.tags, &step, &p.request_id],
+                "add_note(campaign_id => $1, content => $2, tags => $3, step_id => $4, request_id => $5, \
+                 claim_token => $6)",
+                &[&campaign, &p.content, &p.tags, &step, &p.request_id, &token],
             )
             .await
         {
@@ -299,11 +311,16 @@ for the next page.",
         let Some(campaign) = self.session_campaign(p.campaign_id) else {
             return missing(NO_CAMPAIGN);
         };
+        let token = match self.read_token(None) {
+            Ok(token) => token,
+            Err(refusal) => return refusal,
+        };
         let limit = p.limit.unwrap_or(20).clamp(1, 100);
         let preview = p.preview_chars.unwrap_or(1000).clamp(1, 100_000);
         self.call(
-            "get_notes(campaign_id => $1, tags => $2, step_id => $3, \"limit\" => $4, cursor => $5, preview_chars => $6)",
-            &[&campaign, &p.tags, &p.step_id, &limit, &p.cursor, &preview],
+            "get_notes(campaign_id => $1, tags => $2, step_id => $3, \"limit\" => $4, cursor => $5, preview_chars => $6, \
+             claim_token => $7)",
+            &[&campaign, &p.tags, &p.step_id, &limit, &p.cursor, &preview, &token],
         )
         .await
     }
@@ -316,6 +333,10 @@ with score, mode and a preview of the note (content_chars is its whole length; g
     async fn search_notes(&self, Parameters(p): Parameters<SearchNotes>) -> CallToolResult {
         // SPEC §14: results stay bounded; 50 hits of note previews fit.
         let top_k = p.top_k.unwrap_or(5).clamp(1, 50);
+        let token = match self.read_token(None) {
+            Ok(token) => token,
+            Err(refusal) => return refusal,
+        };
         // What this server stored is searchable by meaning once its embedding landed (SPEC §18).
         self.background.settled(std::time::Duration::from_secs(5)).await;
         let embedded = self.embedder.embed(std::slice::from_ref(&p.query)).await;
@@ -326,8 +347,9 @@ with score, mode and a preview of the note (content_chars is its whole length; g
             .map(pgvector::Vector::from);
         let mut result = self
             .call(
-                "search_notes(query => $1, campaign_id => $2, top_k => $3, tags => $4, query_embedding => $5, embedding_model => $6)",
-                &[&p.query, &p.campaign_id, &top_k, &p.tags, &vector, &embedded.model],
+                "search_notes(query => $1, campaign_id => $2, top_k => $3, tags => $4, query_embedding => $5, embedding_model => $6, \
+                 claim_token => $7)",
+                &[&p.query, &p.campaign_id, &top_k, &p.tags, &vector, &embedded.model, &token],
             )
             .await;
         if result.is_error == Some(true) {
@@ -502,10 +524,36 @@ worker calls for that step.",
     async fn claim_next(&self, Parameters(p): Parameters<ClaimNext>) -> CallToolResult {
         let lease = p.lease_seconds.unwrap_or(900);
         let owner = self.config.owner.clone();
-        self.call(
-            "claim_next(owner => $1, agent => $2, campaign_id => $3, lease_seconds => $4)",
-            &[&owner, &p.agent, &p.campaign_id, &lease],
-        )
-        .await
+        // SPEC §15: a session given a step claims only within that step's campaign, by its
+        // claim (checked in the extension); a session that claimed its own step may claim again.
+        let session = self.binding();
+        let token = session.claim_token.filter(|_| session.assigned);
+        let answer = match self
+            .try_call(
+                "claim_next(owner => $1, agent => $2, campaign_id => $3, lease_seconds => $4, claim_token => $5)",
+                &[&owner, &p.agent, &p.campaign_id, &lease, &token],
+            )
+            .await
+        {
+            Ok(answer) => answer,
+            Err(e) => return tool_error(&e),
+        };
+        if let (Some(step_id), Some(campaign_id), Some(claim_token)) = (
+            answer["step_id"].as_i64(),
+            answer["campaign_id"]
+                .as_str()
+                .and_then(|c| Uuid::parse_str(c).ok()),
+            answer["claim_token"]
+                .as_str()
+                .and_then(|t| Uuid::parse_str(t).ok()),
+        ) {
+            self.bind(Binding {
+                step_id: Some(step_id),
+                campaign_id: Some(campaign_id),
+                claim_token: Some(claim_token),
+                assigned: session.assigned,
+            });
+        }
+        CallToolResult::structured(answer)
     }
 }
