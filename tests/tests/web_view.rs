@@ -447,3 +447,45 @@ async fn the_browser_sees_a_step_change_colour_live_and_opens_its_details() {
     run_all(&db, c).await;
     db.finish().await;
 }
+
+/// Each open event stream holds one LISTEN connection; a closed page gives it back.
+#[tokio::test]
+async fn a_closed_event_stream_gives_its_database_connection_back() {
+    let db = TestDb::new().await;
+    let server = serve(&db).await;
+    let listening = || async {
+        db.client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query = 'LISTEN sortie_events'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    assert_eq!(listening().await, 0);
+    let mut stream = reqwest::Client::new()
+        .get(format!("{}/api/events", server.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    assert_eq!(
+        stream.headers()["content-type"].to_str().unwrap(),
+        "text/event-stream"
+    );
+    let first = stream.chunk().await.unwrap().expect("the ready event");
+    assert!(String::from_utf8_lossy(&first).contains("event: ready"));
+    wait_for(Duration::from_secs(30), || async { listening().await == 1 }).await;
+    assert_eq!(listening().await, 1, "the stream listens on sortie_events");
+    drop(stream);
+    wait_for(Duration::from_secs(30), || async { listening().await == 0 }).await;
+    assert_eq!(
+        listening().await,
+        0,
+        "the closed stream's LISTEN connection is still open"
+    );
+    drop(server);
+    db.finish().await;
+}

@@ -44,9 +44,18 @@ async fn listen_once(connection_string: &str, tx: &mpsc::Sender<()>) -> anyhow::
         }
     });
     client.batch_execute("LISTEN sortie_events").await?;
-    while messages.recv().await.is_some() {
-        // A full channel means a wake-up is already pending.
-        let _ = tx.try_send(());
+    loop {
+        tokio::select! {
+            message = messages.recv() => {
+                if message.is_none() {
+                    break;
+                }
+                // A full channel means a wake-up is already pending.
+                let _ = tx.try_send(());
+            }
+            // Nobody listens any more (a web page closed, say): close the connection too.
+            _ = tx.closed() => break,
+        }
     }
     driver.abort();
     Ok(())
