@@ -404,6 +404,37 @@ async fn the_browser_sees_a_step_change_colour_live_and_opens_its_details() {
         wait_in_page(&mut browser, &fill_of(api), &json!(RUNNING_FILL)),
         json!(RUNNING_FILL)
     );
+    // The DAG rewires itself: the running step splits into two subtasks and a continuation,
+    // drawn as they appear, with their spawn and continuation edges.
+    let token = uuid::Uuid::parse_str(running["claim_token"].as_str().unwrap()).unwrap();
+    let spliced = db
+        .ok(
+            "sortie.spawn_and_continue(step_id => $1, claim_token => $2, subtasks => $3, continuation => to_jsonb('assemble the API'::text), partial_output => 'split in two')",
+            &[&api, &token, &json!([{"action": "write the handlers", "agent": "coder"}, {"action": "write the schema", "agent": "coder"}])],
+        )
+        .await;
+    let continuation = spliced["continuation_id"].as_i64().unwrap();
+    assert_eq!(
+        wait_in_page(&mut browser, &fill_of(continuation), &json!(PENDING_FILL)),
+        json!(PENDING_FILL),
+        "the continuation never appeared"
+    );
+    assert_eq!(
+        browser.evaluate("document.querySelectorAll('#dag path.edge-spawned').length"),
+        json!(2)
+    );
+    assert_eq!(
+        browser.evaluate("document.querySelectorAll('#dag path.edge-continues').length"),
+        json!(1)
+    );
+    assert_eq!(browser.evaluate(&fill_of(api)), json!(DONE_FILL));
+    let handlers = step_by_action(&db, c, "write the handlers").await;
+    db.ok("sortie.claim_step($1, 'web-view-test', 600)", &[&handlers])
+        .await;
+    assert_eq!(
+        wait_in_page(&mut browser, &fill_of(handlers), &json!(RUNNING_FILL)),
+        json!(RUNNING_FILL)
+    );
 
     let png_bytes = browser.screenshot();
     let path = target_dir().join("web-view.png");
