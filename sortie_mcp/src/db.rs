@@ -87,14 +87,8 @@ impl Db {
         function_call: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Value, DbError> {
-        let client = self.pool.get().await.map_err(DbError::unavailable)?;
         let sql = format!("SELECT {}.{function_call}", self.schema);
-        let statement = client.prepare_cached(&sql).await.map_err(DbError::from)?;
-        let row = client
-            .query_one(&statement, params)
-            .await
-            .map_err(DbError::after_sent)?;
-        Ok(row.get::<_, Option<Value>>(0).unwrap_or(Value::Null))
+        self.query_value(&sql, params).await
     }
 
     /// Runs a statement returning one jsonb value; `{schema}` in the text names the
@@ -104,16 +98,36 @@ impl Db {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Value, DbError> {
-        let client = self.pool.get().await.map_err(DbError::unavailable)?;
+        let client = self.live_client().await?;
         let statement = client
             .prepare_cached(&sql.replace("{schema}", &self.schema))
             .await
             .map_err(DbError::from)?;
-        let row = client
-            .query_one(&statement, params)
-            .await
-            .map_err(DbError::after_sent)?;
-        Ok(row.get::<_, Option<Value>>(0).unwrap_or(Value::Null))
+        match client.query_one(&statement, params).await {
+            Ok(row) => Ok(row.get::<_, Option<Value>>(0).unwrap_or(Value::Null)),
+            Err(e) => {
+                let error = DbError::after_sent(e);
+                if error.code == "in_doubt" {
+                    // Never handed out again: the next call (a retry) gets a fresh connection.
+                    drop(deadpool_postgres::Object::take(client));
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// A pooled connection whose session is still open: one the server ended while it sat
+    /// in the pool is dropped, so that a call is never sent down a dead connection (which would
+    /// leave it `in_doubt` when it never ran).
+    async fn live_client(&self) -> Result<deadpool_postgres::Object, DbError> {
+        for _ in 0..4 {
+            let client = self.pool.get().await.map_err(DbError::unavailable)?;
+            if !client.is_closed() {
+                return Ok(client);
+            }
+            drop(deadpool_postgres::Object::take(client));
+        }
+        self.pool.get().await.map_err(DbError::unavailable)
     }
 
     pub async fn client(&self) -> Result<deadpool_postgres::Object, DbError> {
@@ -315,8 +329,16 @@ impl DbError {
     /// call may have committed before its reply was lost, so it is `in_doubt`, never
     /// `unavailable` (which says it did not happen). The rules' own refusals keep their codes.
     pub fn after_sent(e: tokio_postgres::Error) -> DbError {
+        // Lost: no answer from the server (closed, reset), or the server ending the session.
+        let lost = match e.as_db_error() {
+            None => true,
+            Some(db) => {
+                let code = db.code().code();
+                code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
+            }
+        };
         let error = DbError::from(e);
-        if error.code != "unavailable" {
+        if !lost {
             return error;
         }
         DbError {
