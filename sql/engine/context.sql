@@ -28,7 +28,7 @@ BEGIN
                                        'success_metric', c.success_metric, 'success_target', c.success_target),
         'step', jsonb_strip_nulls(jsonb_build_object(
             'id', s.id, 'action', s.action, 'agent', s.agent, 'input', s.input, 'status', s.status,
-            'depth', s.depth, 'max_depth', c.max_depth, 'can_spawn', s.depth < c.max_depth,
+            'depth', s.depth, 'max_depth', c.max_depth, 'can_spawn', spawn_allowed(s.depth, c.max_depth),
             'attempts', s.attempts, 'max_attempts', s.max_attempts, 'last_error', s.error,
             'question', s.question, 'answer', s.answer, 'parent_id', s.parent_id,
             'continuation_of', s.continuation_of,

@@ -273,6 +273,23 @@ $$;
 -- DAG splice (SPEC §3): the running step becomes done with its partial output, its subtasks
 -- become its children, and a continuation at its own place waits for them and takes over
 -- everything that waited for it.
+-- The depth rule (SPEC §3): a step at `p_depth` may split itself into subtasks one level
+-- deeper only while that stays within the campaign's max_depth.
+CREATE FUNCTION spawn_allowed(p_depth integer, p_max_depth integer) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT p_depth + 1 <= p_max_depth $$;
+
+-- Whether step `step_id` may call spawn_and_continue (the depth rule); NULL for no such step.
+-- The MCP server asks it to decide whether a worker session lists spawn_and_continue.
+CREATE FUNCTION can_spawn(step_id bigint) RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path FROM CURRENT
+AS $$
+    SELECT spawn_allowed(s.depth, c.max_depth)
+      FROM steps s JOIN campaigns c ON c.id = s.campaign_id
+     WHERE s.id = $1
+$$;
+
 -- Every step that cannot finish before `p_step` does, `p_step` included: its dependents, its
 -- compound ancestors (they wait for their members), and — for a step that waits through a
 -- dependency — its descendants (their gate is its start), transitively. A subtask spliced in
@@ -330,7 +347,7 @@ BEGIN
     IF subtasks IS NULL OR jsonb_typeof(subtasks) <> 'array' OR jsonb_array_length(subtasks) = 0 THEN
         PERFORM raise('invalid_argument', 'subtasks must list at least one step; to finish alone, call complete_step');
     END IF;
-    IF s.depth + 1 > c.max_depth THEN
+    IF NOT spawn_allowed(s.depth, c.max_depth) THEN
         PERFORM raise('depth_limit', format('step %s is at depth %s and the campaign''s max_depth is %s; complete it yourself',
                                             s.id, s.depth, c.max_depth));
     END IF;

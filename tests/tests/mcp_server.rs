@@ -551,6 +551,13 @@ fn raw_session(
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Drained beside stdout: with RUST_LOG=debug a full stderr pipe would block the server.
+    let mut stderr = child.stderr.take().unwrap();
+    let drain = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+        text
+    });
     let mut stdin = child.stdin.take().unwrap();
     for r in requests {
         writeln!(stdin, "{r}").unwrap();
@@ -572,6 +579,7 @@ fn raw_session(
         assert_eq!(message["jsonrpc"], "2.0", "{line}");
     }
     child.wait().unwrap();
+    let _ = drain.join();
     out
 }
 

@@ -160,10 +160,10 @@ Next: add_steps to give it a DAG (or let the planner grow one), then get_updates
              max_depth => coalesce($5, 4), token_budget => $6, dry_run => $7, success_metric => $8, \
              success_target => $9, success_direction => coalesce($10, 'max'), benchmark_command => $11, scope => $12, \
              max_iterations => $13, max_parallel => $14, planner => coalesce($15, 'llm'), \
-             failure_policy => coalesce($16, 'continue'), steps => $17, request_id => $18)",
+             failure_policy => coalesce($16, 'continue'), steps => $17, plan_delay => $18, request_id => $19)",
             &[&p.goal, &p.name, &p.channel, &p.priority, &p.max_depth, &p.token_budget, &p.dry_run, &p.success_metric,
               &p.success_target, &p.success_direction, &p.benchmark_command, &p.scope, &p.max_iterations,
-              &p.max_parallel, &p.planner, &p.failure_policy, &p.steps, &p.request_id],
+              &p.max_parallel, &p.planner, &p.failure_policy, &p.steps, &self.config.plan_delay.as_secs_f64(), &p.request_id],
         )
         .await
     }
@@ -218,9 +218,14 @@ campaign events, and every step waiting for your input. Omit id for all campaign
         )
     )]
     async fn get_updates(&self, Parameters(p): Parameters<GetUpdates>) -> CallToolResult {
-        let consumer = p.consumer.unwrap_or_else(|| "coordinator".into());
-        self.call("get_updates(id => $1, consumer => $2)", &[&p.id, &consumer])
-            .await
+        // An absent consumer stays absent: the extension's default decides.
+        match &p.consumer {
+            Some(consumer) => {
+                self.call("get_updates(id => $1, consumer => $2)", &[&p.id, consumer])
+                    .await
+            }
+            None => self.call("get_updates(id => $1)", &[&p.id]).await,
+        }
     }
 
     #[tool(

@@ -21,7 +21,7 @@ use rmcp::model::{
 use rmcp::model::SetLevelRequestParams;
 use rmcp::service::RequestContext;
 use rmcp::{tool_handler, ErrorData, RoleServer, ServerHandler};
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio::sync::OnceCell;
 use tokio_postgres::types::ToSql;
 
@@ -120,6 +120,29 @@ impl SortieServer {
         server
     }
 
+    /// A server whose sessions get the tools of `role` (an HTTP bearer token's role), sharing
+    /// this server's database pool.
+    pub fn for_role(&self, role: Role) -> Self {
+        let mut config = (*self.config).clone();
+        config.role = role;
+        let mut server = SortieServer::new(config);
+        server.db = self.db.clone();
+        server
+    }
+
+    /// This server for a new session: the same tools and pool, a binding of its own.
+    pub fn new_session(&self) -> Self {
+        let mut server = self.clone();
+        let binding = Binding {
+            step_id: self.config.step_id,
+            campaign_id: self.config.campaign_id,
+            claim_token: self.config.claim_token,
+            assigned: self.config.claim_token.is_some(),
+        };
+        server.binding = Arc::new(std::sync::Mutex::new(binding));
+        server
+    }
+
     fn binding(&self) -> Binding {
         *self.binding.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -208,14 +231,11 @@ impl SortieServer {
         let Ok(db) = self.db().await else {
             return false;
         };
-        let Ok(client) = db.client().await else {
-            return false;
-        };
-        let sql = format!(
-            "SELECT s.depth >= c.max_depth FROM {schema}.steps s JOIN {schema}.campaigns c ON c.id = s.campaign_id WHERE s.id = $1",
-            schema = db.schema()
-        );
-        matches!(client.query_opt(&sql, &[&step]).await, Ok(Some(row)) if row.get::<_, bool>(0))
+        // The depth rule is the extension's (can_spawn), not re-derived from its tables.
+        matches!(
+            db.query_value("SELECT to_jsonb({schema}.can_spawn(step_id => $1))", &[&step]).await,
+            Ok(Value::Bool(false))
+        )
     }
 }
 
@@ -257,11 +277,11 @@ impl ServerHandler for SortieServer {
                 .enable_resources_subscribe()
                 .build(),
         )
-            .with_server_info(Implementation::new(
-                env!("CARGO_PKG_NAME"),
-                env!("CARGO_PKG_VERSION"),
-            ))
-            .with_instructions(INSTRUCTIONS.to_string())
+        .with_server_info(Implementation::new(
+            env!("CARGO_PKG_NAME"),
+            env!("CARGO_PKG_VERSION"),
+        ))
+        .with_instructions(INSTRUCTIONS.to_string())
     }
 
     /// Arguments that do not fit a tool's schema come back from rmcp as an untyped tool error;
