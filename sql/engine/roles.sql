@@ -63,6 +63,8 @@ AS $$
             ('can_spawn',              ARRAY['sortie_worker', 'sortie_runner', 'sortie_coordinator']),
             ('claim_next',             ARRAY['sortie_worker', 'sortie_runner', 'sortie_coordinator']),
             ('claim_step',             ARRAY['sortie_runner', 'sortie_coordinator']),
+            -- the step of a claim token, for sortie-mcp --http's claim-token bearer sessions
+            ('claim_session',          ARRAY['sortie_worker', 'sortie_coordinator', 'sortie_runner']),
             ('ready_steps',            ARRAY['sortie_runner', 'sortie_coordinator', 'sortie_reader']),
             -- the runner's tick (SPEC §6), planner (§4), notifier, embeddings and benchmarks (§17)
             ('release_step',           ARRAY['sortie_runner']),

@@ -57,3 +57,24 @@ BEGIN
     RETURN v_campaign;
 END
 $$;
+
+-- The step a claim token holds (SPEC §15): `sortie-mcp --http` binds a session opened with a
+-- claim token as its bearer to it. Returns {step_id, campaign_id}.
+-- Errors: stale_claim when the token is not the current claim of a running step.
+CREATE FUNCTION claim_session(claim_token uuid) RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_step bigint;
+    v_campaign uuid;
+BEGIN
+    SELECT s.id, s.campaign_id INTO v_step, v_campaign FROM steps s
+     WHERE s.claim_token = claim_token AND s.status = 'running' AND s.step_type = 'atomic';
+    IF v_step IS NULL THEN
+        PERFORM raise('stale_claim', 'this claim token is not the current claim of a running step');
+    END IF;
+    RETURN jsonb_build_object('step_id', v_step, 'campaign_id', v_campaign);
+END
+$$;

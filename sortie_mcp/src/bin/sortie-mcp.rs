@@ -20,9 +20,12 @@ use sortie_mcp::tools::SortieServer;
 )]
 struct Cli {
     /// Serve streamable HTTP on this address (e.g. 127.0.0.1:8765) instead of stdio;
-    /// requires SORTIE_HTTP_TOKEN.
+    /// requires SORTIE_HTTP_TOKEN or SORTIE_HTTP_TOKENS_FILE.
     #[arg(long, value_name = "ADDR")]
     http: Option<SocketAddr>,
+    /// Allow --http on an address other machines reach (plain HTTP: put it behind TLS).
+    #[arg(long, requires = "http")]
+    allow_remote: bool,
 }
 
 #[tokio::main]
@@ -32,8 +35,8 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::from_env()?;
     let server = SortieServer::new(config);
     if let Some(addr) = cli.http {
-        return sortie_mcp::http::serve(server, addr, std::env::var("SORTIE_HTTP_TOKEN").ok())
-            .await;
+        let settings = sortie_mcp::http::HttpSettings::from_env()?;
+        return sortie_mcp::http::serve(server, addr, cli.allow_remote, settings).await;
     }
     // Start-up check: the database is reached before the server answers `initialize`.
     server.connect_now().await?;
