@@ -25,7 +25,9 @@ $bootstrap$;
 -- Errors: one stable code per kind of refusal, each with its own SQLSTATE (class SR) so that
 -- clients map errors without parsing text. The message starts with the code.
 CREATE FUNCTION raise(code text, message text) RETURNS void
-LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+-- VOLATILE: it never returns, and a call with constant arguments must not be folded (and so
+-- raised) by the planner while it plans a statement that may never reach it.
+LANGUAGE plpgsql VOLATILE PARALLEL SAFE
 AS $$
 BEGIN
     RAISE EXCEPTION USING

@@ -133,7 +133,10 @@ mod tests {
         assert!(!bad.passed());
         let report = bad.report();
         assert!(report.starts_with("it exited with 3"), "{report}");
-        assert!(report.contains("--- stdout\nout") && report.contains("--- stderr\noops"), "{report}");
+        assert!(
+            report.contains("--- stdout\nout") && report.contains("--- stderr\noops"),
+            "{report}"
+        );
         let slow = run("sleep 5", None, &[], false, Duration::from_millis(200)).await;
         assert!(slow.timed_out && !slow.passed());
         let env = run(

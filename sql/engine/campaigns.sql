@@ -169,8 +169,9 @@ BEGIN
 END
 $$;
 
+-- STABLE, not IMMUTABLE: it reads the step's dependencies.
 CREATE FUNCTION step_row(s steps) RETURNS jsonb
-LANGUAGE sql IMMUTABLE
+LANGUAGE sql STABLE
 AS $$
     SELECT jsonb_strip_nulls(jsonb_build_object(
         'id', s.id, 'parent_id', s.parent_id, 'depth', s.depth, 'action', s.action, 'agent', s.agent,

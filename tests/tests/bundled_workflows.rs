@@ -86,16 +86,30 @@ const PATHS: &[(&str, &[Move])] = &[
 
 /// Walks `path` on a new instance of `name`; with `llm`, choices are queued for the fake
 /// planner instead of being passed as next_step. Returns the final status.
-async fn walk(mcp: &McpClient, name: &str, path: &[Move], llm: Option<&Arc<Mutex<VecDeque<String>>>>) -> Value {
+async fn walk(
+    mcp: &McpClient,
+    name: &str,
+    path: &[Move],
+    llm: Option<&Arc<Mutex<VecDeque<String>>>>,
+) -> Value {
     let started = mcp
-        .ok("start_workflow", json!({"workflow_name": name, "context": {"branch": "feature"}}))
+        .ok(
+            "start_workflow",
+            json!({"workflow_name": name, "context": {"branch": "feature"}}),
+        )
         .await;
     let id = started["instance_id"].clone();
     let mut current = started;
     for (step, status, choice) in path {
-        assert_eq!(current["current_step"]["step_name"], *step, "{name}: {current}");
+        assert_eq!(
+            current["current_step"]["step_name"], *step,
+            "{name}: {current}"
+        );
         assert!(
-            !current["current_step"]["instructions"].as_str().unwrap_or_default().is_empty(),
+            !current["current_step"]["instructions"]
+                .as_str()
+                .unwrap_or_default()
+                .is_empty(),
             "{name}/{step} has client instructions"
         );
         let mut args = json!({"instance_id": id, "report": {"step_id": step, "status": status}});
@@ -113,7 +127,11 @@ async fn walk(mcp: &McpClient, name: &str, path: &[Move], llm: Option<&Arc<Mutex
 #[tokio::test]
 async fn every_bundled_workflow_runs_to_its_end_with_the_caller_choosing() {
     let db = TestDb::new().await;
-    let mcp = McpClient::start(&db, &[("WORKFLOW_DEFINITIONS_DIR", examples().display().to_string())]).await;
+    let mcp = McpClient::start(
+        &db,
+        &[("WORKFLOW_DEFINITIONS_DIR", examples().display().to_string())],
+    )
+    .await;
     let listed = mcp.ok("list_workflows", json!({})).await;
     let names: Vec<&str> = listed["workflows"]
         .as_array()
@@ -159,14 +177,21 @@ async fn every_bundled_workflow_runs_to_its_end_with_a_planner_llm_choosing() {
     for (name, path) in PATHS {
         let end = walk(&mcp, name, path, Some(&queue)).await;
         assert_eq!(end["status"], "done", "{name}: {end}");
-        assert!(queue.lock().unwrap().is_empty(), "{name}: every queued choice was asked for");
+        assert!(
+            queue.lock().unwrap().is_empty(),
+            "{name}: every queued choice was asked for"
+        );
     }
     let choices = PATHS
         .iter()
         .flat_map(|(_, path)| path.iter())
         .filter(|(_, _, choice)| choice.is_some())
         .count();
-    assert_eq!(llm.requests().len(), choices, "the LLM is asked only where no transition decides");
+    assert_eq!(
+        llm.requests().len(),
+        choices,
+        "the LLM is asked only where no transition decides"
+    );
     mcp.stop().await;
     db.finish().await;
 }
@@ -200,7 +225,14 @@ async fn the_howto_explains_the_format_the_bundled_workflows_use() {
     let mcp = McpClient::start(&db, &[]).await;
     let howto = mcp.ok("get_howto_create_workflow", json!({})).await;
     let text = howto["howto"].as_str().unwrap();
-    for part in ["index.md", "# Orchestrator Guidance", "# Client Instructions", "on <status>:", "FINISH", "`file:`"] {
+    for part in [
+        "index.md",
+        "# Orchestrator Guidance",
+        "# Client Instructions",
+        "on <status>:",
+        "FINISH",
+        "`file:`",
+    ] {
         assert!(text.contains(part), "the howto explains {part}");
     }
     let mut on_disk: Vec<String> = std::fs::read_dir(examples())

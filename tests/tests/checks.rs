@@ -19,9 +19,12 @@ async fn runner(db: &TestDb, vars: &[(&str, String)]) -> (Runner, watch::Sender<
         ("SORTIE_DISPATCH".into(), "command".into()),
         (
             "SORTIE_AGENT_COMMAND".into(),
-            script("done-agent.sh", "#!/usr/bin/env bash\ncat >/dev/null\necho work done\n")
-                .display()
-                .to_string(),
+            script(
+                "done-agent.sh",
+                "#!/usr/bin/env bash\ncat >/dev/null\necho work done\n",
+            )
+            .display()
+            .to_string(),
         ),
     ];
     for (k, v) in vars {
@@ -65,7 +68,12 @@ fn benchmark(name: &str, values: &[&str]) -> String {
     path.display().to_string()
 }
 
-async fn contract_campaign(db: &TestDb, command: &str, planner: &str, max_iterations: Option<i32>) -> Uuid {
+async fn contract_campaign(
+    db: &TestDb,
+    command: &str,
+    planner: &str,
+    max_iterations: Option<i32>,
+) -> Uuid {
     let created = db
         .ok(
             "sortie.create_campaign(goal => 'classify', planner => $1, success_metric => 'accuracy', \
@@ -84,26 +92,42 @@ async fn a_campaign_ends_done_only_after_its_benchmark_meets_the_target() {
     let c = contract_campaign(&db, &command, "llm", Some(5)).await;
     let (mut runner, _stop) = runner(
         &db,
-        &[("USE_STUB_AI_CLIENT", "true".into()), ("SORTIE_PLAN_DELAY", "0".into())],
+        &[
+            ("USE_STUB_AI_CLIENT", "true".into()),
+            ("SORTIE_PLAN_DELAY", "0".into()),
+        ],
     )
     .await;
     run_until_settled(&mut runner, &db, c, 20).await;
     let success = db.ok("sortie.check_success($1)", &[&c]).await;
     assert_eq!(campaign_status(&db, c).await, "done", "{success}");
     assert_eq!(success["metric_value"], 0.93);
-    assert_eq!(success["iterations_used"], 2, "one iteration per benchmark run");
+    assert_eq!(
+        success["iterations_used"], 2,
+        "one iteration per benchmark run"
+    );
     assert_eq!(success["last_run"]["exit_code"], 0);
-    assert_eq!(success["last_run"]["metric_line"], "accuracy=0.93", "the last matching line");
+    assert_eq!(
+        success["last_run"]["metric_line"], "accuracy=0.93",
+        "the last matching line"
+    );
     let reason: String = db
         .client
-        .query_one("SELECT status_reason FROM sortie.campaigns WHERE id = $1", &[&c])
+        .query_one(
+            "SELECT status_reason FROM sortie.campaigns WHERE id = $1",
+            &[&c],
+        )
         .await
         .unwrap()
         .get(0);
     assert!(reason.starts_with("success contract met"), "{reason}");
     // After the first run (0.7) the planner was asked for more: a second step ran.
     assert_eq!(
-        count(&db, "SELECT count(*) FROM sortie.steps WHERE status = 'done'").await,
+        count(
+            &db,
+            "SELECT count(*) FROM sortie.steps WHERE status = 'done'"
+        )
+        .await,
         2
     );
     let metrics = db
@@ -126,19 +150,28 @@ async fn spent_iterations_end_the_campaign_failed_with_the_contract_unmet() {
     let c = contract_campaign(&db, &command, "llm", Some(1)).await;
     let (mut runner, _stop) = runner(
         &db,
-        &[("USE_STUB_AI_CLIENT", "true".into()), ("SORTIE_PLAN_DELAY", "0".into())],
+        &[
+            ("USE_STUB_AI_CLIENT", "true".into()),
+            ("SORTIE_PLAN_DELAY", "0".into()),
+        ],
     )
     .await;
     run_until_settled(&mut runner, &db, c, 10).await;
     assert_eq!(campaign_status(&db, c).await, "failed");
     let reason: String = db
         .client
-        .query_one("SELECT status_reason FROM sortie.campaigns WHERE id = $1", &[&c])
+        .query_one(
+            "SELECT status_reason FROM sortie.campaigns WHERE id = $1",
+            &[&c],
+        )
         .await
         .unwrap()
         .get(0);
     assert!(reason.starts_with("success contract not met"), "{reason}");
-    assert_eq!(db.ok("sortie.check_success($1)", &[&c]).await["iterations_used"], 1);
+    assert_eq!(
+        db.ok("sortie.check_success($1)", &[&c]).await["iterations_used"],
+        1
+    );
     db.finish().await;
 }
 
@@ -200,17 +233,28 @@ async fn a_step_whose_check_fails_is_retried_with_the_output_then_done_when_it_p
     let (mut runner, _stop) = runner(&db, &[]).await;
     runner.tick().await.unwrap();
     runner.wait().await;
-    assert_eq!(status(&db, ids[0]).await, "pending", "the failed check is a failed attempt");
+    assert_eq!(
+        status(&db, ids[0]).await,
+        "pending",
+        "the failed check is a failed attempt"
+    );
     let error = step_field(&db, ids[0], "error").await;
     let error = error.as_str().unwrap();
-    assert!(error.contains("verification failed") && error.contains("3 of 12 tests failed"), "{error}");
+    assert!(
+        error.contains("verification failed") && error.contains("3 of 12 tests failed"),
+        "{error}"
+    );
     // The retry's prompt shows the agent what failed.
-    let token: Value = db
-        .ok("sortie.get_my_context($1)", &[&ids[0]])
-        .await;
-    assert!(token.to_string().contains("3 of 12 tests failed"), "{token}");
+    let token: Value = db.ok("sortie.get_my_context($1)", &[&ids[0]]).await;
+    assert!(
+        token.to_string().contains("3 of 12 tests failed"),
+        "{token}"
+    );
     db.client
-        .execute("UPDATE sortie.steps SET not_before = '-infinity' WHERE id = $1", &[&ids[0]])
+        .execute(
+            "UPDATE sortie.steps SET not_before = '-infinity' WHERE id = $1",
+            &[&ids[0]],
+        )
         .await
         .unwrap();
     run_until_settled(&mut runner, &db, c, 5).await;
@@ -235,13 +279,20 @@ async fn a_stale_claim_cannot_finish_a_verified_step() {
     let pending = complete(&db, &first, "my summary").await;
     assert_eq!(pending["verification"], "pending");
     assert_eq!(pending["verify"], "true");
-    assert_eq!(status(&db, ids[0]).await, "running", "running until the check passed");
+    assert_eq!(
+        status(&db, ids[0]).await,
+        "running",
+        "running until the check passed"
+    );
     // The lease runs out; the step is claimed again by someone else.
     set_clock(&db.client, 100_000).await;
     db.ok("sortie.reset_zombies()", &[]).await;
     set_clock(&db.client, 0).await;
     db.client
-        .execute("UPDATE sortie.steps SET not_before = '-infinity' WHERE id = $1", &[&ids[0]])
+        .execute(
+            "UPDATE sortie.steps SET not_before = '-infinity' WHERE id = $1",
+            &[&ids[0]],
+        )
         .await
         .unwrap();
     let second = claim(&db, c).await.unwrap();
@@ -257,15 +308,21 @@ async fn a_stale_claim_cannot_finish_a_verified_step() {
     }
     // The new claim has no verification pending until it completes.
     assert_eq!(
-        db.call("sortie.record_verification($1, $2, true, 'ok')", &[&second.step_id, &second.token])
-            .await
-            .unwrap_err()
-            .code,
+        db.call(
+            "sortie.record_verification($1, $2, true, 'ok')",
+            &[&second.step_id, &second.token]
+        )
+        .await
+        .unwrap_err()
+        .code,
         "invalid_state"
     );
     complete(&db, &second, "second summary").await;
     let done = db
-        .ok("sortie.record_verification($1, $2, true, 'exit 0')", &[&second.step_id, &second.token])
+        .ok(
+            "sortie.record_verification($1, $2, true, 'exit 0')",
+            &[&second.step_id, &second.token],
+        )
         .await;
     assert_eq!(done["status"], "done");
     assert_eq!(step_field(&db, ids[0], "output").await, "second summary");
@@ -285,9 +342,7 @@ async fn over_mcp_the_server_runs_the_check_of_the_step_it_completes() {
     .await;
     let mcp = McpClient::start(&db, &[]).await;
     for (id, expected) in [(ids[0], "done"), (ids[1], "failed")] {
-        let claimed = db
-            .ok("sortie.claim_step($1, 'pull-worker')", &[&id])
-            .await;
+        let claimed = db.ok("sortie.claim_step($1, 'pull-worker')", &[&id]).await;
         let answer = mcp
             .call(
                 "complete_step",

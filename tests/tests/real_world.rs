@@ -54,7 +54,10 @@ async fn events_of(db: &TestDb, c: Uuid, kind: &str) -> Vec<Value> {
 #[tokio::test]
 async fn a_campaign_created_without_steps_waits_for_add_steps_while_a_runner_runs() {
     let db = TestDb::new().await;
-    let agent = script("echo-agent.sh", "#!/usr/bin/env bash\ncat >/dev/null\necho did it\n");
+    let agent = script(
+        "echo-agent.sh",
+        "#!/usr/bin/env bash\ncat >/dev/null\necho did it\n",
+    );
     let mut daemon = runner_process(
         &db,
         &[],
@@ -74,7 +77,11 @@ async fn a_campaign_created_without_steps_waits_for_add_steps_while_a_runner_run
     // The runner wakes on the creations; give it time to tick more than once.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     for c in &campaigns {
-        assert_eq!(campaign_status(&db, *c).await, "active", "not drained before its first steps");
+        assert_eq!(
+            campaign_status(&db, *c).await,
+            "active",
+            "not drained before its first steps"
+        );
         mcp.ok(
             "add_steps",
             json!({"campaign_id": c, "steps": [{"action": "the only step"}]}),
@@ -111,7 +118,11 @@ async fn never_having_had_a_step_is_waiting_not_drained() {
         .await
         .unwrap_err();
     assert_eq!(refused.code, "invalid_state");
-    assert!(refused.message.contains("no steps yet"), "{}", refused.message);
+    assert!(
+        refused.message.contains("no steps yet"),
+        "{}",
+        refused.message
+    );
     // A runner without a planner is never handed it to end; one with a planner only after the
     // plan delay.
     let planned = db
@@ -135,7 +146,11 @@ async fn never_having_had_a_step_is_waiting_not_drained() {
     assert_eq!(due(true, 30.0).await, json!([]), "within its plan delay");
     set_clock(&db.client, 31).await;
     assert_eq!(due(true, 30.0).await, json!([planned.to_string()]));
-    assert_eq!(due(false, 0.0).await, json!([]), "still not drained without a planner");
+    assert_eq!(
+        due(false, 0.0).await,
+        json!([]),
+        "still not drained without a planner"
+    );
     set_clock(&db.client, 0).await;
     // Once it has had a step and drained, it ends by the rule.
     add(&db, none, json!([{"action": "a"}])).await;
@@ -164,7 +179,10 @@ async fn a_campaign_created_without_steps_is_not_planned_before_its_plan_delay()
         .await
         .unwrap()
         .get(0);
-    assert!(next.starts_with("00:01:00") || next.starts_with("00:00:59"), "{next}");
+    assert!(
+        next.starts_with("00:01:00") || next.starts_with("00:00:59"),
+        "{next}"
+    );
     let granted = db.ok("sortie.begin_planning($1)", &[&c]).await;
     assert_eq!(granted["granted"], false);
     let with_steps = db
@@ -197,7 +215,11 @@ async fn a_campaign_created_without_steps_is_not_planned_before_its_plan_delay()
 
 // ---- 2. Splices are validated like add_steps ------------------------------------------------
 
-async fn spawn(db: &TestDb, claim: &Claim, subtasks: Value) -> Result<Value, sortie_tests::DbError> {
+async fn spawn(
+    db: &TestDb,
+    claim: &Claim,
+    subtasks: Value,
+) -> Result<Value, sortie_tests::DbError> {
     db.call(
         "sortie.spawn_and_continue($1, $2, $3, '\"merge\"'::jsonb)",
         &[&claim.step_id, &claim.token, &subtasks],
@@ -232,12 +254,20 @@ async fn a_splice_that_would_close_a_cycle_is_refused_and_changes_nothing() {
         let refused = spawn(&db, &a, json!([{"action": "sub", "depends_on": [target]}]))
             .await
             .unwrap_err();
-        assert_eq!(refused.code, "cycle", "depending on {target}: {}", refused.message);
+        assert_eq!(
+            refused.code, "cycle",
+            "depending on {target}: {}",
+            refused.message
+        );
         assert_eq!(refused.sqlstate, "SR007");
     }
     let after = db.ok("sortie.get_campaign($1)", &[&c]).await;
     assert_eq!(before["steps"], after["steps"], "nothing changed");
-    assert_eq!(status(&db, a.step_id).await, "running", "the spawner keeps its claim");
+    assert_eq!(
+        status(&db, a.step_id).await,
+        "running",
+        "the spawner keeps its claim"
+    );
     // A dependency that does not wait for the spawner is fine.
     let other = add_ids(&db, c, json!([{"action": "independent"}])).await[0];
     let spliced = spawn(&db, &a, json!([{"action": "sub", "depends_on": [other]}]))
@@ -253,7 +283,12 @@ async fn a_splice_that_would_close_a_cycle_is_refused_and_changes_nothing() {
 async fn check_invariants_reports_a_dependency_cycle() {
     let db = TestDb::new().await;
     let c = campaign(&db, "none").await;
-    let ids = add_ids(&db, c, json!([{"action": "x", "key": "x"}, {"action": "y", "depends_on": ["x"]}])).await;
+    let ids = add_ids(
+        &db,
+        c,
+        json!([{"action": "x", "key": "x"}, {"action": "y", "depends_on": ["x"]}]),
+    )
+    .await;
     // Made by hand: no rule lets this happen any more.
     db.client
         .execute(
@@ -270,10 +305,7 @@ async fn check_invariants_reports_a_dependency_cycle() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert!(
-        problems.iter().any(|p| p.contains("cycle")),
-        "{problems:?}"
-    );
+    assert!(problems.iter().any(|p| p.contains("cycle")), "{problems:?}");
     db.client
         .execute(
             "DELETE FROM sortie.step_dependencies WHERE step_id = $1 AND depends_on = $2",
@@ -299,7 +331,11 @@ async fn a_nested_for_each_runs_each_inner_item_once_per_outer_item() {
                              "template": {"action": "do {item}"}}}]),
     )
     .await;
-    assert_eq!(added["duplicates"].as_array().unwrap().len(), 2, "do x and do y repeat once each: {added}");
+    assert_eq!(
+        added["duplicates"].as_array().unwrap().len(),
+        2,
+        "do x and do y repeat once each: {added}"
+    );
     let mut done = run_all(&db, c).await;
     done.sort();
     assert_eq!(done, ["do x", "do x", "do y", "do y"]);
@@ -380,15 +416,29 @@ esac
     )
     .await;
     run_until_settled(&mut runner, &db, c, 5).await;
-    assert_eq!(status(&db, ids[0]).await, "failed", "no lease left to run out");
+    assert_eq!(
+        status(&db, ids[0]).await,
+        "failed",
+        "no lease left to run out"
+    );
     assert_eq!(
         step_field(&db, ids[0], "error").await,
         "agent exited without output or a report"
     );
-    assert_eq!(step_field(&db, ids[1], "output").await, "before\u{FFFD}after");
-    assert_eq!(step_field(&db, ids[2], "output").await, "caf\u{FFFD} cr\u{FFFD}me");
     assert_eq!(
-        count(&db, "SELECT count(*) FROM sortie.steps WHERE status = 'running'").await,
+        step_field(&db, ids[1], "output").await,
+        "before\u{FFFD}after"
+    );
+    assert_eq!(
+        step_field(&db, ids[2], "output").await,
+        "caf\u{FFFD} cr\u{FFFD}me"
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM sortie.steps WHERE status = 'running'"
+        )
+        .await,
         0
     );
     db.finish().await;
@@ -445,7 +495,12 @@ async fn a_runtime_answer_without_output_or_error_fails_the_attempt_and_tokens_a
 async fn runner_dispatches_share_one_cap_and_pull_claims_do_not_count() {
     let db = TestDb::new().await;
     let c = campaign(&db, "none").await;
-    add(&db, c, json!([{"action": "a"}, {"action": "b"}, {"action": "c"}, {"action": "d"}])).await;
+    add(
+        &db,
+        c,
+        json!([{"action": "a"}, {"action": "b"}, {"action": "c"}, {"action": "d"}]),
+    )
+    .await;
     let claim_dispatch = |max: i32| {
         let db = &db;
         async move {
@@ -463,7 +518,9 @@ async fn runner_dispatches_share_one_cap_and_pull_claims_do_not_count() {
     let full = claim_dispatch(2).await;
     assert_eq!(full["step_id"], Value::Null);
     assert_eq!(full["reason"], "capacity");
-    let blockers = db.ok("sortie.dispatch_blockers(max_dispatched => 2)", &[]).await;
+    let blockers = db
+        .ok("sortie.dispatch_blockers(max_dispatched => 2)", &[])
+        .await;
     assert_eq!(blockers["ready_steps"], 1);
     assert_eq!(blockers["capacity_reached"], true);
     assert_eq!(blockers["runner_slots"]["in_use"], 2);
@@ -485,15 +542,22 @@ async fn runner_dispatches_share_one_cap_and_pull_claims_do_not_count() {
 async fn two_runners_never_run_more_dispatches_than_the_cap_and_pull_claims_leave_their_slots() {
     let db = TestDb::new().await;
     let c = campaign(&db, "none").await;
-    let steps: Vec<Value> = (0..8).map(|i| json!({"action": format!("pulled {i}")})).collect();
+    let steps: Vec<Value> = (0..8)
+        .map(|i| json!({"action": format!("pulled {i}")}))
+        .collect();
     add(&db, c, Value::Array(steps)).await;
     // Eight steps claimed by pull-mode workers and left running.
     for _ in 0..8 {
         claim(&db, c).await.unwrap();
     }
-    let work: Vec<Value> = (0..6).map(|i| json!({"action": format!("dispatched {i}")})).collect();
+    let work: Vec<Value> = (0..6)
+        .map(|i| json!({"action": format!("dispatched {i}")}))
+        .collect();
     add(&db, c, Value::Array(work)).await;
-    let agent = script("slow-agent.sh", "#!/usr/bin/env bash\ncat >/dev/null\nsleep 0.5\necho ok\n");
+    let agent = script(
+        "slow-agent.sh",
+        "#!/usr/bin/env bash\ncat >/dev/null\nsleep 0.5\necho ok\n",
+    );
     let vars = [
         ("SORTIE_DISPATCH", "command".to_string()),
         ("SORTIE_AGENT_COMMAND", agent.display().to_string()),
@@ -532,7 +596,10 @@ async fn two_runners_never_run_more_dispatches_than_the_cap_and_pull_claims_leav
     one.wait().await;
     two.wait().await;
     assert!(most >= 1, "the pulled steps did not keep the runners idle");
-    assert!(most <= 2, "{most} dispatched steps ran at once with a cap of 2");
+    assert!(
+        most <= 2,
+        "{most} dispatched steps ran at once with a cap of 2"
+    );
     assert_eq!(
         count(&db, "SELECT count(*) FROM sortie.steps WHERE action LIKE 'dispatched %' AND status = 'done'").await,
         6
@@ -550,7 +617,10 @@ async fn a_long_notification_is_cut_to_the_webhook_limit_and_a_refusal_is_not_re
     let webhook = FakeHttp::start(|_, body| {
         let content = body["content"].as_str().unwrap_or_default();
         if content.chars().count() > 2000 {
-            (400, json!({"content": ["Must be 2000 or fewer in length."]}))
+            (
+                400,
+                json!({"content": ["Must be 2000 or fewer in length."]}),
+            )
         } else if content.contains("refuse me") {
             (404, json!({"message": "Unknown Webhook"}))
         } else {
@@ -582,11 +652,23 @@ async fn a_long_notification_is_cut_to_the_webhook_limit_and_a_refusal_is_not_re
     let long = webhook
         .requests()
         .into_iter()
-        .find(|r| r.body["content"].as_str().unwrap_or_default().contains("Should we ship"))
+        .find(|r| {
+            r.body["content"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("Should we ship")
+        })
         .expect("the question was posted");
     let content = long.body["content"].as_str().unwrap();
-    assert!(content.chars().count() <= 2000, "{}", content.chars().count());
-    assert!(content.contains("more characters]"), "a marker says it was cut");
+    assert!(
+        content.chars().count() <= 2000,
+        "{}",
+        content.chars().count()
+    );
+    assert!(
+        content.contains("more characters]"),
+        "a marker says it was cut"
+    );
     let delivered = count(
         &db,
         "SELECT count(*) FROM sortie.notifications WHERE delivered AND message LIKE '%Should we ship%'",
@@ -609,7 +691,10 @@ async fn a_long_notification_is_cut_to_the_webhook_limit_and_a_refusal_is_not_re
         webhook
             .requests()
             .iter()
-            .filter(|r| r.body["content"].as_str().unwrap_or_default().contains("refuse me"))
+            .filter(|r| r.body["content"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("refuse me"))
             .count(),
         1
     );
@@ -643,7 +728,10 @@ async fn a_notification_is_given_up_after_ten_failed_attempts() {
     assert_eq!(db.ok("sortie.take_notifications()", &[]).await, json!([]));
     set_clock(&db.client, 0).await;
     let again = db
-        .call("sortie.notification_delivered(id => $1, ok => false)", &[&id])
+        .call(
+            "sortie.notification_delivered(id => $1, ok => false)",
+            &[&id],
+        )
         .await
         .unwrap_err();
     assert_eq!(again.code, "not_found");
@@ -661,7 +749,8 @@ async fn a_query_without_searchable_words_returns_nothing_and_says_why() {
         "Connection pool exhaustion caused the outage on Tuesday",
         "We pinned the TLS library because the new version drops old ciphers",
     ] {
-        mcp.ok("add_note", json!({"campaign_id": c, "content": note})).await;
+        mcp.ok("add_note", json!({"campaign_id": c, "content": note}))
+            .await;
     }
     for query in ["the and of", "?!", "— … ***", "a an the"] {
         for scope in [json!({"campaign_id": c}), json!({})] {
@@ -670,7 +759,10 @@ async fn a_query_without_searchable_words_returns_nothing_and_says_why() {
             let found = mcp.ok("search_notes", args).await;
             assert_eq!(found["results"], json!([]), "{query}: {found}");
             assert!(
-                found["reason"].as_str().unwrap_or_default().contains("no searchable words"),
+                found["reason"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("no searchable words"),
                 "{query}: {found}"
             );
         }
@@ -718,9 +810,15 @@ async fn a_compound_step_starting_is_an_event() {
     .await;
     run_all(&db, c).await;
     let started = events_of(&db, c, "step.started").await;
-    let steps: Vec<i64> = started.iter().map(|e| e["step_id"].as_i64().unwrap()).collect();
+    let steps: Vec<i64> = started
+        .iter()
+        .map(|e| e["step_id"].as_i64().unwrap())
+        .collect();
     let inner = step_by_action(&db, c, "inner").await;
     assert_eq!(steps.len(), 2, "{started:?}");
-    assert!(steps.contains(&ids[0]) && steps.contains(&inner), "{started:?}");
+    assert!(
+        steps.contains(&ids[0]) && steps.contains(&inner),
+        "{started:?}"
+    );
     db.finish().await;
 }

@@ -569,3 +569,40 @@ async fn work_whose_wake_up_is_held_back_is_dispatched_by_polling() {
     db.ok("sortie.cancel_campaign($1)", &[&c]).await;
     db.finish().await;
 }
+
+/// The runner's duties are separate services (issue 12): one that fails — here the lock-key
+/// reaper, whose function is made unreachable — is reported, and the others still run, dispatch
+/// included, in the same tick.
+#[tokio::test]
+async fn a_failing_duty_does_not_hold_back_dispatch() {
+    let db = TestDb::new().await;
+    let runtime = FakeHttp::start(|_, _| (200, json!({"output": "dispatched anyway"}))).await;
+    let c = campaign(&db, "none").await;
+    let ids = add_ids(&db, c, json!([{"action": "only"}])).await;
+    db.client
+        .batch_execute("ALTER FUNCTION sortie.reap_leases() RENAME TO reap_leases_away")
+        .await
+        .unwrap();
+    let (mut runner, _stop) = runner(
+        &db,
+        &[
+            ("SORTIE_DISPATCH", "http".into()),
+            ("OPENCLAW_RUNTIME_URL", runtime.url.clone()),
+        ],
+    )
+    .await;
+    let failed = runner
+        .tick()
+        .await
+        .expect_err("the reaper's failure is reported");
+    assert!(format!("{failed:#}").contains("reap_leases"), "{failed:#}");
+    runner.wait().await;
+    assert_eq!(step_field(&db, ids[0], "output").await, "dispatched anyway");
+    db.client
+        .batch_execute("ALTER FUNCTION sortie.reap_leases_away() RENAME TO reap_leases")
+        .await
+        .unwrap();
+    runner.tick().await.expect("every duty works again");
+    assert_eq!(campaign_status(&db, c).await, "done");
+    db.finish().await;
+}

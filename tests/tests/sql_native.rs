@@ -29,8 +29,18 @@ async fn run_file(name: &str) {
         .unwrap_or_else(|| panic!("no TAP plan: {}", report()));
     let passed = stdout.lines().filter(|l| l.starts_with("ok ")).count();
     let failed: Vec<&str> = stdout.lines().filter(|l| l.starts_with("not ok")).collect();
-    assert!(failed.is_empty(), "{} failed: {}", failed.join("; "), report());
-    assert_eq!(passed, planned, "ran {passed} of {planned} planned: {}", report());
+    assert!(
+        failed.is_empty(),
+        "{} failed: {}",
+        failed.join("; "),
+        report()
+    );
+    assert_eq!(
+        passed,
+        planned,
+        "ran {passed} of {planned} planned: {}",
+        report()
+    );
     assert!(
         stdout.contains("check_invariants() finds nothing"),
         "every file ends with the invariants: {}",

@@ -32,17 +32,127 @@ const IDLE_REPORT_INTERVAL: Duration = Duration::from_secs(60);
 /// SPEC §18: how often the runner prunes ended campaigns past SORTIE_RETENTION_DAYS.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
 
-/// How long the daemon waits before its next tick. While the database is down (a restart,
-/// say) ticks fail; they are retried sooner than the safety tick, but backing off rather than
-/// at the polling rate.
-fn pause_after(failed_ticks: u32, polling: bool) -> Duration {
-    if failed_ticks > 0 {
-        (POLL * 2u32.pow(failed_ticks.min(8))).min(TICK)
-    } else if polling {
-        POLL
-    } else {
-        TICK
+/// The runner's duties (SPEC §6; River's maintenance services are the model). Each has its
+/// own schedule, and its failures are logged and backed off on their own: one failing duty (a
+/// webhook, the embedder) never holds back another, dispatch least of all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Duty {
+    /// Steps whose lease ran out go back to pending (each a failed attempt).
+    ResetZombies,
+    /// Lock keys of finished or expired claims are released.
+    ReapLeases,
+    /// Campaigns over their token budget are paused.
+    EnforceBudgets,
+    /// Ready steps are claimed and handed to agents.
+    Dispatch,
+    /// Drained campaigns' benchmark commands are run (SPEC §17).
+    Benchmarks,
+    /// Drained campaigns are planned, or ended without a planner.
+    Planning,
+    /// Notifications go to the webhook.
+    Notifications,
+    /// Notes written without a vector get one.
+    Embeddings,
+    /// Campaigns ended long ago are removed (SPEC §18).
+    Prune,
+    /// Health problems are logged (SPEC §16).
+    Health,
+}
+
+impl Duty {
+    /// Every duty, in the order one tick runs them.
+    pub const ALL: [Duty; 10] = [
+        Duty::ResetZombies,
+        Duty::ReapLeases,
+        Duty::EnforceBudgets,
+        Duty::Dispatch,
+        Duty::Benchmarks,
+        Duty::Planning,
+        Duty::Notifications,
+        Duty::Embeddings,
+        Duty::Prune,
+        Duty::Health,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Duty::ResetZombies => "reset_zombies",
+            Duty::ReapLeases => "reap_leases",
+            Duty::EnforceBudgets => "enforce_budgets",
+            Duty::Dispatch => "dispatch",
+            Duty::Benchmarks => "benchmarks",
+            Duty::Planning => "planning",
+            Duty::Notifications => "notifications",
+            Duty::Embeddings => "embeddings",
+            Duty::Prune => "prune",
+            Duty::Health => "health",
+        }
     }
+
+    /// How often it runs when nothing wakes it.
+    fn interval(self) -> Duration {
+        match self {
+            Duty::Prune => PRUNE_INTERVAL,
+            Duty::Health => Duration::from_secs(60),
+            _ => TICK,
+        }
+    }
+
+    /// Whether a change in the database (a `sortie_events` wake-up) makes it due at once.
+    fn woken_by_events(self) -> bool {
+        matches!(
+            self,
+            Duty::Dispatch | Duty::Benchmarks | Duty::Planning | Duty::Notifications
+        )
+    }
+}
+
+/// When one duty runs next, and how often it failed in a row.
+#[derive(Debug, Clone, Copy)]
+struct Schedule {
+    next_due: tokio::time::Instant,
+    failures: u32,
+}
+
+impl Schedule {
+    fn new(now: tokio::time::Instant) -> Schedule {
+        Schedule {
+            next_due: now,
+            failures: 0,
+        }
+    }
+
+    /// After a run that worked: its interval, or POLL while a wake-up's poll window is open
+    /// for a duty that events wake.
+    fn succeeded(&mut self, duty: Duty, now: tokio::time::Instant, polling: bool) {
+        self.failures = 0;
+        self.next_due = now
+            + if polling && duty.woken_by_events() {
+                POLL
+            } else {
+                duty.interval()
+            };
+    }
+
+    /// After a failed run: backed off, doubling from POLL, never past its interval.
+    fn failed(&mut self, duty: Duty, now: tokio::time::Instant) {
+        self.failures += 1;
+        self.next_due = now + backoff(self.failures, duty.interval());
+    }
+
+    /// A wake-up makes a duty that events wake due at once, unless it is backing off.
+    fn woken(&mut self, duty: Duty, now: tokio::time::Instant) {
+        if duty.woken_by_events() && self.failures == 0 {
+            self.next_due = self.next_due.min(now);
+        }
+    }
+}
+
+/// The pause after `failures` failed runs in a row of a duty with `interval`: a database that
+/// is restarting is retried sooner than the safety tick, but backing off rather than at the
+/// polling rate.
+fn backoff(failures: u32, interval: Duration) -> Duration {
+    (POLL * 2u32.pow(failures.min(16))).min(interval.max(POLL))
 }
 
 pub struct Runner {
@@ -60,6 +170,8 @@ pub struct Runner {
     /// When the runner last pruned ended campaigns (SPEC §18); None: not yet, so the first
     /// tick does.
     last_prune: Option<std::time::Instant>,
+    /// Each duty's schedule, in Duty::ALL's order.
+    schedules: [Schedule; Duty::ALL.len()],
 }
 
 impl Runner {
@@ -85,6 +197,7 @@ impl Runner {
             shutdown,
             last_idle_report: None,
             last_prune: None,
+            schedules: [Schedule::new(tokio::time::Instant::now()); Duty::ALL.len()],
         })
     }
 
@@ -96,10 +209,10 @@ impl Runner {
         Ok(())
     }
 
-    /// The daemon: a tick whenever an event arrives or the safety-net interval passes. A
-    /// connection wakes listeners at most once per `wake_interval()`, so after a wake-up the
-    /// runner keeps polling for `listen_poll_window()`: the events held back in between are
-    /// seen within one POLL.
+    /// The daemon: every duty on its own schedule (Duty), those that events wake run as soon
+    /// as one arrives. A connection wakes listeners at most once per `wake_interval()`, so
+    /// after a wake-up they keep polling for `listen_poll_window()`: the events held back in
+    /// between are seen within one POLL.
     pub async fn run(mut self) -> Result<()> {
         let mut shutdown = self.shutdown.clone();
         // Like a tick, this waits out a database that is not up yet.
@@ -115,26 +228,81 @@ impl Runner {
         };
         let mut wake = listener::listen(&self.database_url).await;
         let mut poll_until: Option<tokio::time::Instant> = None;
-        let mut failed_ticks = 0u32;
         loop {
-            match self.tick().await {
-                Ok(()) => failed_ticks = 0,
-                Err(e) => {
-                    failed_ticks += 1;
-                    warn!(error = %e, failed_ticks, "tick failed; retrying");
+            let polling = poll_until.is_some_and(|until| until > tokio::time::Instant::now());
+            for (i, duty) in Duty::ALL.into_iter().enumerate() {
+                if *self.shutdown.borrow() {
+                    break;
+                }
+                if self.schedules[i].next_due > tokio::time::Instant::now() {
+                    continue;
+                }
+                let outcome = self.run_duty(duty).await;
+                let now = tokio::time::Instant::now();
+                match outcome {
+                    Ok(()) => self.schedules[i].succeeded(duty, now, polling),
+                    Err(e) => {
+                        self.schedules[i].failed(duty, now);
+                        warn!(duty = duty.name(), error = %e, failures = self.schedules[i].failures,
+                              "runner duty failed; the others go on");
+                    }
                 }
             }
             self.reap_finished();
-            let polling = poll_until.is_some_and(|until| until > tokio::time::Instant::now());
-            let pause = pause_after(failed_ticks, polling);
+            let next = self
+                .schedules
+                .iter()
+                .map(|s| s.next_due)
+                .min()
+                .unwrap_or_else(|| tokio::time::Instant::now() + TICK);
             tokio::select! {
                 _ = shutdown.changed() => break,
-                _ = wake.recv() => poll_until = Some(tokio::time::Instant::now() + window),
-                _ = tokio::time::sleep(pause) => {}
+                _ = wake.recv() => {
+                    let now = tokio::time::Instant::now();
+                    poll_until = Some(now + window);
+                    for (i, duty) in Duty::ALL.into_iter().enumerate() {
+                        self.schedules[i].woken(duty, now);
+                    }
+                }
+                _ = tokio::time::sleep_until(next) => {}
             }
         }
         info!("shutting down: waiting for dispatches in flight");
         self.drain().await;
+        Ok(())
+    }
+
+    /// One run of one duty.
+    pub async fn run_duty(&mut self, duty: Duty) -> Result<()> {
+        match duty {
+            Duty::ResetZombies => {
+                let reset = self.db.call("reset_zombies()", &[]).await?;
+                if reset["reset"].as_i64().unwrap_or(0) > 0 {
+                    info!(reset = %reset["reset"], "reset steps whose lease expired");
+                }
+            }
+            Duty::ReapLeases => {
+                self.db
+                    .query_value("SELECT to_jsonb({schema}.reap_leases())", &[])
+                    .await?;
+            }
+            Duty::EnforceBudgets => {
+                self.db
+                    .query_value("SELECT to_jsonb({schema}.enforce_budgets())", &[])
+                    .await?;
+            }
+            Duty::Dispatch => self.dispatch_ready().await?,
+            Duty::Benchmarks => self.run_benchmarks().await?,
+            Duty::Planning => self.plan_drained().await?,
+            Duty::Notifications => {
+                notifier::deliver(&self.db, &self.http, self.config.webhook_url.as_deref()).await?
+            }
+            Duty::Embeddings => {
+                self.backfill_embeddings().await?;
+            }
+            Duty::Prune => self.prune_if_due().await,
+            Duty::Health => health::warn_if_unhealthy(&self.db).await,
+        }
         Ok(())
     }
 
@@ -165,25 +333,17 @@ impl Runner {
         while self.dispatches.try_join_next().is_some() {}
     }
 
+    /// Every duty once, in order (`--once`, and the tests). A failing duty is logged and does
+    /// not stop the ones after it; the first failure is returned once all have run.
     pub async fn tick(&mut self) -> Result<()> {
-        let reset = self.db.call("reset_zombies()", &[]).await?;
-        if reset["reset"].as_i64().unwrap_or(0) > 0 {
-            info!(reset = %reset["reset"], "reset steps whose lease expired");
+        let mut first_failure = None;
+        for duty in Duty::ALL {
+            if let Err(e) = self.run_duty(duty).await {
+                warn!(duty = duty.name(), error = %e, "runner duty failed; the others go on");
+                first_failure.get_or_insert(e.context(format!("runner duty {}", duty.name())));
+            }
         }
-        self.db
-            .query_value("SELECT to_jsonb({schema}.reap_leases())", &[])
-            .await?;
-        self.db
-            .query_value("SELECT to_jsonb({schema}.enforce_budgets())", &[])
-            .await?;
-        self.dispatch_ready().await?;
-        self.run_benchmarks().await?;
-        self.plan_drained().await?;
-        notifier::deliver(&self.db, &self.http, self.config.webhook_url.as_deref()).await?;
-        self.backfill_embeddings().await?;
-        self.prune_if_due().await;
-        health::warn_if_unhealthy(&self.db).await;
-        Ok(())
+        first_failure.map_or(Ok(()), Err)
     }
 
     /// SPEC §18: once a day (the first tick included), campaigns that ended more than
@@ -366,7 +526,9 @@ impl Runner {
                 .call("take_benchmark(lease_seconds => $1)", &[&lease])
                 .await?;
             let (Some(id), Some(command)) = (
-                taken["campaign_id"].as_str().and_then(|v| uuid::Uuid::parse_str(v).ok()),
+                taken["campaign_id"]
+                    .as_str()
+                    .and_then(|v| uuid::Uuid::parse_str(v).ok()),
                 taken["benchmark_command"].as_str().map(String::from),
             ) else {
                 return Ok(());
@@ -487,21 +649,52 @@ mod tests {
     fn the_idle_reason_names_what_holds_steps_back() {
         let full = serde_json::json!({"ready_steps": 3, "capacity_reached": true,
             "runner_slots": {"in_use": 4, "cap": 4}, "held_back": {"claimable": 3}});
-        assert!(idle_reason(&full, false).contains("every runner slot is in use (4 of SORTIE_MAX_CONCURRENT = 4"));
+        assert!(idle_reason(&full, false)
+            .contains("every runner slot is in use (4 of SORTIE_MAX_CONCURRENT = 4"));
         let held = serde_json::json!({"ready_steps": 3, "capacity_reached": false,
             "runner_slots": {"in_use": 0, "cap": 4}, "held_back": {"locks": 2, "budget": 1}});
         let reason = idle_reason(&held, false);
         assert!(reason.contains("2: their lock keys are held"), "{reason}");
-        assert!(reason.contains("1: their campaign spent its token budget"), "{reason}");
+        assert!(
+            reason.contains("1: their campaign spent its token budget"),
+            "{reason}"
+        );
     }
 
     #[test]
-    fn failed_ticks_back_off_to_the_safety_tick() {
+    fn a_failing_duty_backs_off_to_its_interval_alone() {
         let pauses: Vec<u64> = (1..=9)
-            .map(|n| pause_after(n, true).as_millis() as u64)
+            .map(|n| backoff(n, TICK).as_millis() as u64)
             .collect();
         assert_eq!(pauses, [50, 100, 200, 400, 800, 1600, 3200, 5000, 5000]);
-        assert_eq!(pause_after(0, true), POLL);
-        assert_eq!(pause_after(0, false), TICK);
+        let start = tokio::time::Instant::now();
+        let mut notifications = Schedule::new(start);
+        let mut dispatch = Schedule::new(start);
+        for _ in 0..5 {
+            notifications.failed(Duty::Notifications, start);
+        }
+        dispatch.succeeded(Duty::Dispatch, start, false);
+        assert_eq!(notifications.next_due - start, Duration::from_millis(800));
+        assert_eq!(
+            dispatch.next_due - start,
+            TICK,
+            "dispatch keeps its own schedule"
+        );
+        // A wake-up brings dispatch forward, but not a duty that is backing off.
+        let later = start + Duration::from_millis(10);
+        dispatch.woken(Duty::Dispatch, later);
+        notifications.woken(Duty::Notifications, later);
+        assert_eq!(dispatch.next_due, later);
+        assert_eq!(notifications.next_due - start, Duration::from_millis(800));
+        // While a wake-up's poll window is open, woken duties poll; the others keep their pace.
+        let mut zombies = Schedule::new(start);
+        dispatch.succeeded(Duty::Dispatch, start, true);
+        zombies.succeeded(Duty::ResetZombies, start, true);
+        assert_eq!(dispatch.next_due - start, POLL);
+        assert_eq!(zombies.next_due - start, TICK);
+        // A duty that succeeds again starts its back-off over.
+        notifications.succeeded(Duty::Notifications, start, false);
+        assert_eq!(notifications.failures, 0);
+        assert_eq!(backoff(20, PRUNE_INTERVAL), POLL * 2u32.pow(16));
     }
 }

@@ -93,7 +93,11 @@ mod tests {
     fn long_content_is_cut_to_the_limit_with_a_marker() {
         let message = "x".repeat(2545);
         let posted = content("info", &message);
-        assert!(posted.chars().count() <= CONTENT_LIMIT, "{}", posted.chars().count());
+        assert!(
+            posted.chars().count() <= CONTENT_LIMIT,
+            "{}",
+            posted.chars().count()
+        );
         assert!(posted.starts_with("[info] xxx"));
         assert!(posted.ends_with("more characters]"), "{posted}");
         let short = content("done", "all good");

@@ -67,7 +67,14 @@ pub(crate) fn planner_prompt(state: &Value) -> String {
             text(&s["error"])
         )
     };
-    let open = |s: &Value| format!("- [{}] {} ({})", s["id"], text(&s["action"]), text(&s["status"]));
+    let open = |s: &Value| {
+        format!(
+            "- [{}] {} ({})",
+            s["id"],
+            text(&s["action"]),
+            text(&s["status"])
+        )
+    };
     let duplicate = |d: &Value| {
         format!(
             "- step {} ({}, {}) repeats step {} ({}): do not add this work again",
@@ -139,13 +146,24 @@ mod tests {
     #[test]
     fn the_stub_planner_starts_retries_an_unmet_contract_and_stops() {
         let empty = stub_plan(&json!({"goal": "ship"}));
-        assert_eq!(empty["new_steps"][0]["action"], "Work toward the goal: ship");
-        let unmet = stub_plan(&json!({"goal": "ship", "done": [{"id": 1}], "success_metric": "acc",
-                                      "success": {"met": false, "reason": "acc = 0.7 does not meet 0.9"}}));
-        assert!(unmet["new_steps"][0]["action"].as_str().unwrap().starts_with("Improve acc (round 2)"));
-        let met = stub_plan(&json!({"goal": "ship", "done": [{"id": 1}], "success": {"met": true}}));
+        assert_eq!(
+            empty["new_steps"][0]["action"],
+            "Work toward the goal: ship"
+        );
+        let unmet = stub_plan(
+            &json!({"goal": "ship", "done": [{"id": 1}], "success_metric": "acc",
+                                      "success": {"met": false, "reason": "acc = 0.7 does not meet 0.9"}}),
+        );
+        assert!(unmet["new_steps"][0]["action"]
+            .as_str()
+            .unwrap()
+            .starts_with("Improve acc (round 2)"));
+        let met =
+            stub_plan(&json!({"goal": "ship", "done": [{"id": 1}], "success": {"met": true}}));
         assert_eq!(met["done"], true);
-        let spent = stub_plan(&json!({"done": [{"id": 1}, {"id": 2}, {"id": 3}], "success": {"met": false}}));
+        let spent = stub_plan(
+            &json!({"done": [{"id": 1}, {"id": 2}, {"id": 3}], "success": {"met": false}}),
+        );
         assert_eq!(spent["done"], true);
     }
 
@@ -157,8 +175,14 @@ mod tests {
             "duplicates": [{"step_id": 3, "action": "write intro", "status": "pending",
                             "duplicate_of": 1, "duplicate_status": "done"}]
         }));
-        assert!(prompt.contains("Scope (stay within it): only the docs folder"), "{prompt}");
-        assert!(prompt.contains("step 3 (write intro, pending) repeats step 1 (done)"), "{prompt}");
+        assert!(
+            prompt.contains("Scope (stay within it): only the docs folder"),
+            "{prompt}"
+        );
+        assert!(
+            prompt.contains("step 3 (write intro, pending) repeats step 1 (done)"),
+            "{prompt}"
+        );
         assert!(prompt.contains("Failed steps:\n(none)"), "{prompt}");
     }
 }
