@@ -90,6 +90,8 @@ pub struct GetUpdates {
     pub id: Option<Uuid>,
     /// Your reader name: each consumer has its own cursor (default "coordinator").
     pub consumer: Option<String>,
+    /// Events to read at most (default 100, at most 1000); has_more says there are more.
+    pub limit: Option<i32>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -218,13 +220,22 @@ campaign events, and every step waiting for your input. Omit id for all campaign
         )
     )]
     async fn get_updates(&self, Parameters(p): Parameters<GetUpdates>) -> CallToolResult {
+        // SPEC §14: a page of 100 events keeps the answer bounded (previews are at most a few
+        // hundred characters each); has_more says to call again.
+        let limit = p.limit.unwrap_or(100).clamp(1, 1000);
         // An absent consumer stays absent: the extension's default decides.
         match &p.consumer {
             Some(consumer) => {
-                self.call("get_updates(id => $1, consumer => $2)", &[&p.id, consumer])
+                self.call(
+                    "get_updates(id => $1, consumer => $2, \"limit\" => $3)",
+                    &[&p.id, consumer, &limit],
+                )
+                .await
+            }
+            None => {
+                self.call("get_updates(id => $1, \"limit\" => $2)", &[&p.id, &limit])
                     .await
             }
-            None => self.call("get_updates(id => $1)", &[&p.id]).await,
         }
     }
 
