@@ -37,6 +37,9 @@ async fn main() -> anyhow::Result<()> {
         "latency" => claim_latency_and_splice(&cluster).await?,
         "cascade" => skip_cascade(&cluster).await?,
         "claim-history" => claim_history(&cluster).await?,
+        "soak" => soak(&cluster).await?,
+        "embed" => embed_profile().await?,
+        "side-by-side" => side_by_side(&cluster).await?,
         _ => {}
     }
     if what == "engine" || what == "all" {
@@ -677,6 +680,395 @@ async fn claim_history(cluster: &Cluster) -> anyhow::Result<()> {
         }
     }
     println!();
+    Ok(())
+}
+
+/// Retention under load (SPEC §18): an hour of work compressed. Each round is five minutes of
+/// the engine's clock (`sortie.fake_now`): 20 campaigns of 50 steps (5 chains of 10) and a note
+/// each are created, run to their end by claim + complete, and prune(older_than => 15 minutes)
+/// removes those that ended three rounds before. Table sizes and claim latency per round
+/// should stay flat once pruning starts.
+async fn soak(cluster: &Cluster) -> anyhow::Result<()> {
+    const ROUNDS: i64 = 12;
+    const CAMPAIGNS: usize = 20;
+    println!("## Soak: an hour compressed (campaigns created, run and pruned in a loop)\n");
+    println!("One connection, synchronous_commit off; each round is 5 minutes of the engine's clock: {CAMPAIGNS} campaigns");
+    println!(
+        "of 50 steps (5 chains of 10) and a note each, run to their end (claim + complete), then"
+    );
+    println!("prune(older_than => 15 minutes), then VACUUM of the engine's tables (what autovacuum does within 5 real");
+    println!("minutes). Rows and sizes (heap + indexes + TOAST) after the round.\n");
+    println!("| round | campaigns | steps | events | notes | steps size | events size | notes size | pruned | claim_next p50 / p99 |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let (name, client) = fresh(cluster).await?;
+    client.batch_execute("SET synchronous_commit = off").await?;
+    let start: std::time::SystemTime = client.query_one("SELECT now()", &[]).await?.get(0);
+    let claim = client
+        .prepare("SELECT sortie.claim_next(owner => 'soak', campaign_id => $1)")
+        .await?;
+    let complete = client
+        .prepare("SELECT sortie.complete_step($1, $2, 'ok')")
+        .await?;
+    for round in 0..ROUNDS {
+        let now = start + Duration::from_secs(300 * round as u64);
+        client
+            .execute(
+                "SELECT set_config('sortie.fake_now', $1::timestamptz::text, false)",
+                &[&now],
+            )
+            .await?;
+        let mut samples = Vec::new();
+        for _ in 0..CAMPAIGNS {
+            let c = new_campaign(&client, ", planner => 'none'").await?;
+            add(&client, c, &chains(5, 10)).await?;
+            call_on(&client, "sortie.add_note($1, 'soak finding')", &[&c])
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            loop {
+                let t = Instant::now();
+                let v: Value = client.query_one(&claim, &[&c]).await?.get(0);
+                samples.push(t.elapsed().as_secs_f64() * 1000.0);
+                let Some(id) = v["step_id"].as_i64() else {
+                    break;
+                };
+                let token = uuid::Uuid::parse_str(v["claim_token"].as_str().unwrap_or_default())?;
+                client.query_one(&complete, &[&id, &token]).await?;
+            }
+        }
+        let pruned: Value = call_on(
+            &client,
+            "sortie.prune(older_than => interval '15 minutes')",
+            &[],
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        // Five minutes of a real hour hold autovacuum runs (its naptime is a minute); the
+        // compressed round runs the same VACUUM itself, or freed space would wait for it.
+        client
+            .batch_execute(
+                "VACUUM sortie.campaigns, sortie.steps, sortie.step_dependencies, sortie.events, sortie.notes",
+            )
+            .await?;
+        let row = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM sortie.campaigns), (SELECT count(*) FROM sortie.steps),
+                        (SELECT count(*) FROM sortie.events), (SELECT count(*) FROM sortie.notes),
+                        pg_size_pretty(pg_total_relation_size('sortie.steps')),
+                        pg_size_pretty(pg_total_relation_size('sortie.events')),
+                        pg_size_pretty(pg_total_relation_size('sortie.notes'))",
+                &[],
+            )
+            .await?;
+        let (c, st, ev, no): (i64, i64, i64, i64) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        let (ss, es, ns): (String, String, String) = (row.get(4), row.get(5), row.get(6));
+        println!(
+            "| {} | {c} | {st} | {ev} | {no} | {ss} | {es} | {ns} | {} | {} |",
+            round + 1,
+            pruned["campaigns"],
+            latency(samples)
+        );
+    }
+    println!();
+    drop(client);
+    drop_database(cluster, &name).await?;
+    Ok(())
+}
+
+/// What add_note paid on its request path before SPEC §18 moved the embedding off it: the
+/// offline embedder (all-MiniLM-L6-v2 when installed) on one note at a time, and per note in
+/// batches of 32 as the background embedder sends them. RAYON_NUM_THREADS sets candle's threads.
+async fn embed_profile() -> anyhow::Result<()> {
+    let config = sortie_mcp::config::Config::from_vars(&|_| None)?;
+    let embedder = sortie_mcp::embed::Embedder::from_config(&config, reqwest::Client::new());
+    let texts: Vec<String> = (0..320)
+        .map(|i| format!("finding {i}: the cache key ignores the locale, so pages mix languages"))
+        .collect();
+    let model = embedder.embed(&texts[..1]).await.model;
+    let mut one = Vec::new();
+    for t in &texts[..200] {
+        let start = Instant::now();
+        embedder.embed(std::slice::from_ref(t)).await;
+        one.push(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    let mut batched = Vec::new();
+    for chunk in texts.chunks(32) {
+        let start = Instant::now();
+        embedder.embed(chunk).await;
+        batched.push(start.elapsed().as_secs_f64() * 1000.0 / chunk.len() as f64);
+    }
+    println!(
+        "## Embedding a note ({model}, RAYON_NUM_THREADS={})\n",
+        std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into())
+    );
+    println!("| batch | per note, p50 / p99 |");
+    println!("|---|---|");
+    println!(
+        "| 1 (add_note's request path before SPEC §18) | {} |",
+        latency(one)
+    );
+    println!("| 32 (the background embedder) | {} |\n", latency(batched));
+    Ok(())
+}
+
+/// p50 / p95 / p99 in ms.
+fn spread(mut samples: Vec<f64>) -> (f64, f64, f64) {
+    samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (
+        percentile(&samples, 0.5),
+        percentile(&samples, 0.95),
+        percentile(&samples, 0.99),
+    )
+}
+
+/// One MCP server over stdio, driven by the rmcp client of this process.
+async fn stdio_server(
+    program: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, String)],
+) -> anyhow::Result<rmcp::service::RunningService<rmcp::RoleClient, ()>> {
+    use rmcp::transport::{ConfigureCommandExt, TokioChildProcess};
+    use rmcp::ServiceExt;
+    let transport =
+        // Through sh, so the server's stderr (upstream logs every request there) goes nowhere.
+        TokioChildProcess::new(tokio::process::Command::new("sh").configure(|cmd| {
+            cmd.arg("-c")
+                .arg("exec \"$0\" \"$@\" 2>/dev/null")
+                .arg(program)
+                .args(args);
+            for (k, v) in env {
+                cmd.env(k, v);
+            }
+        }))?;
+    Ok(().serve(transport).await?)
+}
+
+/// SPEC §18: sortie-mcp beside the upstream Python sortie-mcp 0.1.13 (PyPI), on the same
+/// cluster (each in a database of its own), through the same client, in one run; and the floor
+/// of each side's MCP stack: a do-nothing server in Rust (rmcp, as sortie-mcp) and one in
+/// Python (the FastMCP upstream is built on). Server time is p50 minus its stack's floor.
+async fn side_by_side(cluster: &Cluster) -> anyhow::Result<()> {
+    use rmcp::model::CallToolRequestParams;
+    const CALLS: usize = 300;
+    println!("## Side by side: sortie-mcp and the upstream Python sortie-mcp 0.1.13\n");
+    let clients =
+        std::env::var("SORTIE_CLIENTS_DIR").unwrap_or_else(|_| "/var/cache/sortie/clients".into());
+    let venv = std::path::PathBuf::from(&clients).join("upstream-venv");
+    let upstream = venv.join("bin/sortie-mcp");
+    let python = venv.join("bin/python");
+    let ready = std::process::Command::new(&python)
+        .args(["-c", "import mcp.server.fastmcp, sortie_mcp.server"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ready {
+        let setup = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/setup");
+        let status = std::process::Command::new("bash")
+            .arg(&setup)
+            .arg("--upstream-sortie")
+            .env("SORTIE_CLIENTS_DIR", &clients)
+            .status()?;
+        if !status.success() {
+            println!("The upstream sortie-mcp could not be installed (scripts/setup --upstream-sortie failed: {status}).\n");
+            return Ok(());
+        }
+    }
+    let noop_py = std::env::temp_dir().join(format!("sortie-noop-{}.py", std::process::id()));
+    std::fs::write(
+        &noop_py,
+        "from mcp.server.fastmcp import FastMCP\nmcp = FastMCP('noop')\n\n@mcp.tool()\nasync def noop() -> dict:\n    return {}\n\nmcp.run(transport='stdio')\n",
+    )?;
+    let (ours_db, ours_client) = fresh(cluster).await?;
+    // Upstream creates its own schema `sortie` (pgvector needed) in a database without ours.
+    let up_db = format!("upstream_{}", std::process::id());
+    connect_to(cluster, "postgres")
+        .await?
+        .batch_execute(&format!("CREATE DATABASE {up_db}"))
+        .await?;
+    connect_to(cluster, &up_db)
+        .await?
+        .batch_execute("CREATE EXTENSION vector")
+        .await?;
+    let socket = cluster.socket_dir();
+    let up_url = format!("postgresql://postgres@/{up_db}?host={}", socket.display());
+    let quiet = ("RUST_LOG", "warn".to_string());
+    let servers = [
+        (
+            "sortie-mcp",
+            sortie_tests::binary("sortie-mcp"),
+            vec![],
+            vec![
+                ("DATABASE_URL", cluster.connection_string(&ours_db)),
+                quiet.clone(),
+            ],
+        ),
+        (
+            "upstream 0.1.13",
+            upstream.clone(),
+            vec![],
+            vec![("DATABASE_URL", up_url)],
+        ),
+        (
+            "do-nothing (Rust, rmcp)",
+            sortie_tests::binary("sortie-noop-mcp"),
+            vec![],
+            vec![],
+        ),
+        (
+            "do-nothing (Python, FastMCP)",
+            python.clone(),
+            vec![noop_py.display().to_string()],
+            vec![],
+        ),
+    ];
+    let call = |tool: &str, args: Value| {
+        CallToolRequestParams::new(tool.to_string())
+            .with_arguments(args.as_object().cloned().unwrap_or_default())
+    };
+    println!("One rmcp client over stdio per server, {RUNS} runs of {CALLS} calls of each tool after 20 warm-up calls;");
+    println!("p50 / p95 / p99 in ms, median over the runs (min–max of the p50s). synchronous_commit on (default).\n");
+    println!("| server | create_campaign | get_campaign | add_note | list_campaigns | noop |");
+    println!("|---|---|---|---|---|---|");
+    let mut p50s: Vec<(String, Vec<Vec<f64>>)> = Vec::new();
+    for (label, program, args, env) in &servers {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut per_tool: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); 5];
+        for _ in 0..RUNS {
+            let service = match stdio_server(program, &args, env).await {
+                Ok(s) => s,
+                Err(e) => {
+                    println!("| {label} | could not start: {e} | | | | |");
+                    break;
+                }
+            };
+            let noop = label.starts_with("do-nothing");
+            let tools: Vec<&str> = if noop {
+                vec!["noop"]
+            } else {
+                vec![
+                    "create_campaign",
+                    "get_campaign",
+                    "add_note",
+                    "list_campaigns",
+                ]
+            };
+            let first = service
+                .call_tool(call(
+                    tools[0],
+                    if noop {
+                        json!({})
+                    } else {
+                        json!({"goal": "side by side"})
+                    },
+                ))
+                .await?;
+            let campaign = first
+                .structured_content
+                .clone()
+                .or_else(|| {
+                    first
+                        .content
+                        .first()
+                        .and_then(|c| c.as_text())
+                        .and_then(|t| serde_json::from_str(&t.text).ok())
+                })
+                .and_then(|v: Value| v["id"].as_str().map(String::from))
+                .unwrap_or_default();
+            for (i, tool) in tools.iter().enumerate() {
+                let column = if noop { 4 } else { i };
+                let mut samples = Vec::with_capacity(CALLS);
+                for n in 0..CALLS + 20 {
+                    let args = match *tool {
+                        "create_campaign" => json!({"goal": format!("side by side {n}")}),
+                        "get_campaign" => json!({"id": campaign}),
+                        "add_note" => {
+                            json!({"campaign_id": campaign, "content": format!("finding {n}: the cache key ignores the locale")})
+                        }
+                        _ => json!({}),
+                    };
+                    let t = Instant::now();
+                    let result = service.call_tool(call(tool, args)).await?;
+                    if n >= 20 {
+                        samples.push(t.elapsed().as_secs_f64() * 1000.0);
+                    }
+                    anyhow::ensure!(
+                        result.is_error != Some(true),
+                        "{label} {tool}: {:?}",
+                        result.content
+                    );
+                }
+                per_tool[column].push(spread(samples));
+            }
+            service.cancel().await?;
+        }
+        let cells: Vec<String> = per_tool
+            .iter()
+            .map(|runs| {
+                if runs.is_empty() {
+                    return "–".into();
+                }
+                let med = |f: fn(&(f64, f64, f64)) -> f64| {
+                    let mut v: Vec<f64> = runs.iter().map(f).collect();
+                    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                    v[v.len() / 2]
+                };
+                let mut p50: Vec<f64> = runs.iter().map(|r| r.0).collect();
+                p50.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                format!(
+                    "{:.2} / {:.2} / {:.2} ({:.2}–{:.2})",
+                    med(|r| r.0),
+                    med(|r| r.1),
+                    med(|r| r.2),
+                    p50[0],
+                    p50[p50.len() - 1]
+                )
+            })
+            .collect();
+        println!("| {label} | {} |", cells.join(" | "));
+        p50s.push((
+            label.to_string(),
+            per_tool
+                .iter()
+                .map(|runs| runs.iter().map(|r| r.0).collect())
+                .collect(),
+        ));
+    }
+    // Ratios of medians: upstream / ours, raw and as server time over each stack's floor.
+    let median = |v: &[f64]| -> Option<f64> {
+        let mut v = v.to_vec();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v.get(v.len() / 2).copied()
+    };
+    if let [(_, ours), (_, up), (_, rust_floor), (_, py_floor)] = &p50s[..] {
+        let (rf, pf) = (median(&rust_floor[4]), median(&py_floor[4]));
+        println!("\n| tool | p50 ratio upstream / ours | server time ours (p50 − Rust floor) | server time upstream (p50 − Python floor) | server-time ratio |");
+        println!("|---|---|---|---|---|");
+        for (i, tool) in [
+            "create_campaign",
+            "get_campaign",
+            "add_note",
+            "list_campaigns",
+        ]
+        .iter()
+        .enumerate()
+        {
+            if let (Some(o), Some(u), Some(rf), Some(pf)) =
+                (median(&ours[i]), median(&up[i]), rf, pf)
+            {
+                println!(
+                    "| {tool} | {:.1}× | {:.2} ms | {:.2} ms | {:.1}× |",
+                    u / o,
+                    o - rf,
+                    u - pf,
+                    (u - pf) / (o - rf).max(0.01)
+                );
+            }
+        }
+    }
+    println!();
+    let _ = std::fs::remove_file(&noop_py);
+    drop(ours_client);
+    drop_database(cluster, &ours_db).await?;
+    drop_database(cluster, &up_db).await?;
     Ok(())
 }
 
