@@ -619,6 +619,27 @@ async fn a_worker_session_of_campaign_a_reaches_nothing_of_campaign_b_by_any_too
         );
         assert_eq!(outcome.code(), code, "{tool} {args}: {}", outcome.text);
     }
+    // Nor through resources or prompts: the campaign views are not a worker's.
+    for uri in [
+        "sortie://campaigns".to_string(),
+        format!("sortie://campaigns/{}", t.b),
+        format!("sortie://steps/{b_step}/output"),
+    ] {
+        let read = session
+            .service
+            .read_resource(rmcp::model::ReadResourceRequestParams::new(uri.clone()))
+            .await;
+        assert!(read.is_err(), "{uri} was readable");
+    }
+    let mut arguments = serde_json::Map::new();
+    arguments.insert("step_id".into(), json!(b_step.to_string()));
+    let briefing = session
+        .service
+        .get_prompt(
+            rmcp::model::GetPromptRequestParams::new("worker_briefing").with_arguments(arguments),
+        )
+        .await;
+    assert!(briefing.is_err(), "another step's briefing");
     assert_eq!(status(&db, b_step).await, "running");
     assert_eq!(status(&db, t.b_waiting).await, "pending");
     let b_notes = db.ok("sortie.get_notes($1)", &[&t.b]).await;

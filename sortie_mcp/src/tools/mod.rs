@@ -205,6 +205,18 @@ impl SortieServer {
         claim_token.or(self.binding().claim_token)
     }
 
+    /// SPEC §15: the campaign resources (every campaign, any step's output) are not a worker's.
+    #[allow(clippy::result_large_err)]
+    fn campaign_views_allowed(&self) -> Result<(), ErrorData> {
+        if self.config.role == Role::Worker {
+            return Err(ErrorData::invalid_request(
+                "forbidden: a worker session reads its campaign through its tools (get_my_context, read_step_output), not through resources",
+                None,
+            ));
+        }
+        Ok(())
+    }
+
     /// The claim token a worker read presents (SPEC §15): the extension confines the call to
     /// that claim's campaign. A worker-only session without one is refused here, whatever the
     /// server's own database login may see.
@@ -363,6 +375,7 @@ impl ServerHandler for SortieServer {
         request: rmcp::model::ReadResourceRequestParams,
         _context: RequestContext<RoleServer>,
     ) -> Result<rmcp::model::ReadResourceResponse, ErrorData> {
+        self.campaign_views_allowed()?;
         let db = self.db().await.map_err(crate::resources::unavailable)?;
         Ok(crate::resources::read(db, &request.uri).await?.into())
     }
@@ -373,6 +386,7 @@ impl ServerHandler for SortieServer {
         request: rmcp::model::SubscribeRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<(), ErrorData> {
+        self.campaign_views_allowed()?;
         let db = self.db().await.map_err(crate::resources::unavailable)?;
         self.subscriptions
             .subscribe(db, &request.uri, context.peer.clone())
@@ -415,6 +429,26 @@ impl ServerHandler for SortieServer {
         request: rmcp::model::GetPromptRequestParams,
         _context: RequestContext<RoleServer>,
     ) -> Result<rmcp::model::GetPromptResponse, ErrorData> {
+        // SPEC §15: a worker's briefing is of its own step only.
+        if self.config.role == Role::Worker {
+            let asked = request
+                .arguments
+                .as_ref()
+                .and_then(|a| a.get("step_id"))
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| v.to_string())
+                });
+            if let Some(asked) = asked {
+                if Some(asked.trim().to_string()) != self.binding().step_id.map(|s| s.to_string()) {
+                    return Err(ErrorData::invalid_request(
+                        "forbidden: a worker session is briefed on its own step only",
+                        None,
+                    ));
+                }
+            }
+        }
         let prompt =
             crate::resources::prompt(self.db().await, &request.name, request.arguments.as_ref());
         Ok(prompt.await?.into())
