@@ -31,8 +31,11 @@ BEGIN
     FOR v_item IN
         SELECT e.value AS item, e.ordinality
           FROM jsonb_array_elements(items) WITH ORDINALITY e
+          -- bigint, not numeric: `id = numeric` cannot use the primary key (a scan of steps
+          -- per batch). Only the order comes from this join; each item is checked below.
           LEFT JOIN steps s ON s.id = CASE WHEN jsonb_typeof(e.value -> 'step_id') = 'number'
-                                           THEN (e.value ->> 'step_id')::numeric END
+                                            AND (e.value ->> 'step_id')::numeric BETWEEN 1 AND 9223372036854775807
+                                           THEN (e.value ->> 'step_id')::numeric::bigint END
          ORDER BY s.campaign_id, s.id, e.ordinality
     LOOP
         BEGIN
