@@ -269,7 +269,7 @@ pub async fn serve(
             async move {
                 match gate.check_origin_and_host(request.headers()) {
                     Ok(()) => next.run(request).await,
-                    Err(refusal) => refusal,
+                    Err(refusal) => refuse(StatusCode::FORBIDDEN, refusal),
                 }
             }
         }));
@@ -305,7 +305,7 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
 impl Gate {
     /// SPEC §15: a browser page of another origin must not drive this server, and a name
     /// that resolves here by DNS rebinding must not either.
-    fn check_origin_and_host(&self, headers: &HeaderMap) -> Result<(), Response> {
+    fn check_origin_and_host(&self, headers: &HeaderMap) -> Result<(), &'static str> {
         if let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
             let host = host.trim().to_ascii_lowercase();
             let name = match host.strip_prefix('[') {
@@ -315,10 +315,7 @@ impl Gate {
                     .map_or(host.clone(), |(n, _)| n.to_string()),
             };
             if !self.hosts.iter().any(|h| *h == host || *h == name) {
-                return Err(refuse(
-                    StatusCode::FORBIDDEN,
-                    "Host not allowed (SORTIE_HTTP_ALLOWED_HOSTS)\n",
-                ));
+                return Err("Host not allowed (SORTIE_HTTP_ALLOWED_HOSTS)\n");
             }
         }
         if let Some(origin) = headers.get(header::ORIGIN) {
@@ -331,10 +328,7 @@ impl Gate {
             let allowed = self.own_origins.contains(&origin)
                 || self.settings.allowed_origins.contains(&origin);
             if !allowed {
-                return Err(refuse(
-                    StatusCode::FORBIDDEN,
-                    "Origin not allowed (SORTIE_HTTP_ALLOWED_ORIGINS)\n",
-                ));
+                return Err("Origin not allowed (SORTIE_HTTP_ALLOWED_ORIGINS)\n");
             }
         }
         Ok(())

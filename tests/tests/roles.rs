@@ -732,3 +732,39 @@ async fn a_missing_privilege_is_forbidden_and_a_coordinator_login_serves_the_coo
     coordinator.stop().await;
     db.finish().await;
 }
+
+/// SPEC §15: the shipped runner works with a login that holds only sortie_runner.
+#[tokio::test]
+async fn sortie_runner_runs_a_tick_with_a_runner_login() {
+    let db = TestDb::new().await;
+    let c = campaign(&db, "none").await;
+    let ids = add_ids(&db, c, json!([{"action": "first"}, {"action": "second"}])).await;
+    let (url, _) = login(&db, "sortie_runner").await;
+    let agent = sortie_tests::script(
+        "runner-login-agent.sh",
+        "#!/bin/sh\ncat >/dev/null\necho \"did $SORTIE_STEP_ID\"\n",
+    );
+    let mut runner = sortie_tests::runner_process(
+        &db,
+        &["--once"],
+        &[
+            ("DATABASE_URL", url),
+            ("SORTIE_DISPATCH", "command".into()),
+            ("SORTIE_AGENT_COMMAND", agent.display().to_string()),
+        ],
+    );
+    let exit = tokio::task::spawn_blocking(move || runner.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        exit.success(),
+        "sortie-runner --once with a runner login: {exit}"
+    );
+    for id in ids {
+        assert_eq!(status(&db, id).await, "done");
+        assert_eq!(step_field(&db, id, "output").await, format!("did {id}"));
+    }
+    assert_eq!(campaign_status(&db, c).await, "done");
+    db.finish().await;
+}
