@@ -27,6 +27,7 @@ pub struct Cluster {
     pub settings: Vec<(String, String)>,
 }
 
+#[allow(unsafe_code)] // libc calls; see the SAFETY comment inside
 pub fn running_as_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
@@ -271,6 +272,7 @@ fn check(output: &Output, what: &str) -> Result<()> {
 struct FileLock(File);
 
 impl FileLock {
+    #[allow(unsafe_code)] // libc calls; see the SAFETY comment inside
     fn acquire(path: &Path) -> Result<Self> {
         let file = OpenOptions::new()
             .create(true)
@@ -291,6 +293,7 @@ impl FileLock {
 }
 
 impl Drop for FileLock {
+    #[allow(unsafe_code)] // libc calls; see the SAFETY comment inside
     fn drop(&mut self) {
         // SAFETY: as above; unlocking a held lock cannot corrupt anything.
         unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };

@@ -503,6 +503,13 @@ pub fn binary(name: &str) -> PathBuf {
     dir.join(name)
 }
 
+/// Sends SIGTERM to a child process (a runner asked to shut down gracefully).
+#[allow(unsafe_code)] // one libc call; see the SAFETY comment
+pub fn terminate(child: &std::process::Child) {
+    // SAFETY: kill(2) with a pid this process started and has not reaped yet.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+}
+
 /// Polls `ready` every 50 ms until it holds or `limit` has passed; the assertions after it say
 /// what went wrong if it never holds.
 pub async fn wait_for<F: std::future::Future<Output = bool>>(

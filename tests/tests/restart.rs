@@ -93,7 +93,7 @@ async fn a_restart_under_the_runner_and_the_mcp_server_loses_nothing() {
         campaign_status(&db, c).await != "active"
     })
     .await;
-    unsafe { libc::kill(runner.id() as i32, libc::SIGTERM) };
+    sortie_tests::terminate(&runner);
     runner.wait().unwrap();
     mcp.stop().await;
 

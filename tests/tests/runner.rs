@@ -457,7 +457,7 @@ async fn two_runners_dispatch_each_step_once() {
     })
     .await;
     for child in [&mut first, &mut second] {
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        sortie_tests::terminate(child);
     }
     first.wait().unwrap();
     second.wait().unwrap();
@@ -493,7 +493,7 @@ async fn sigterm_hands_back_the_steps_in_flight() {
     })
     .await;
     assert_eq!(status(&db, ids[0]).await, "running");
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    sortie_tests::terminate(child);
     let exit = tokio::task::spawn_blocking(move || child.wait())
         .await
         .unwrap()
@@ -561,7 +561,7 @@ async fn work_whose_wake_up_is_held_back_is_dispatched_by_polling() {
         "dispatched after {waited:?}: the safety tick, not polling"
     );
 
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    sortie_tests::terminate(child);
     tokio::task::spawn_blocking(move || child.wait())
         .await
         .unwrap()

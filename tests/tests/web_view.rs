@@ -2,6 +2,7 @@
 //! Chromium, driven over the DevTools protocol (`--remote-debugging-pipe`), loads `/`, sees a
 //! step change colour when the test completes it (server-sent events, no reload), opens the
 //! step's details, and saves a screenshot under the target directory that must not be blank.
+#![allow(unsafe_code)] // the DevTools pipe to Chromium is a pair of raw descriptors
 
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, RawFd};

@@ -467,6 +467,7 @@ struct RawMode {
 
 impl RawMode {
     /// Key presses without Enter and without echo; Ctrl-C still interrupts.
+    #[allow(unsafe_code)] // libc calls; see the SAFETY comment inside
     fn enter() -> RawMode {
         if !std::io::stdin().is_terminal() {
             return RawMode { saved: None };
@@ -488,6 +489,7 @@ impl RawMode {
 }
 
 impl Drop for RawMode {
+    #[allow(unsafe_code)] // libc calls; see the SAFETY comment inside
     fn drop(&mut self) {
         if let Some(saved) = self.saved {
             // SAFETY: restores the settings read in enter().

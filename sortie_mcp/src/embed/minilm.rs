@@ -45,6 +45,7 @@ pub fn find_model_dir() -> Option<PathBuf> {
 }
 
 impl MiniLm {
+    #[allow(unsafe_code)] // a memory-mapped weights file; see the SAFETY comment inside
     pub fn load(dir: &Path) -> Result<MiniLm> {
         let device = Device::Cpu;
         let config: Config =
