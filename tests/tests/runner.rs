@@ -493,7 +493,7 @@ async fn sigterm_hands_back_the_steps_in_flight() {
     })
     .await;
     assert_eq!(status(&db, ids[0]).await, "running");
-    sortie_tests::terminate(child);
+    sortie_tests::terminate(&child);
     let exit = tokio::task::spawn_blocking(move || child.wait())
         .await
         .unwrap()
@@ -561,7 +561,7 @@ async fn work_whose_wake_up_is_held_back_is_dispatched_by_polling() {
         "dispatched after {waited:?}: the safety tick, not polling"
     );
 
-    sortie_tests::terminate(child);
+    sortie_tests::terminate(&child);
     tokio::task::spawn_blocking(move || child.wait())
         .await
         .unwrap()
