@@ -78,7 +78,10 @@ struct Brief {
 /// How a dispatch ended, as far as the runner can tell.
 enum Outcome {
     /// The agent produced output; complete the step with it unless the agent already did.
-    Output { text: String, tokens_used: i64 },
+    Output {
+        text: String,
+        tokens_used: i64,
+    },
     /// The agent ran and produced no output: it must have reported through MCP itself
     /// (complete_step, request_input, spawn_and_continue…). If it did not, the step is failed
     /// at once rather than left to the lease (SPEC §13).
@@ -504,7 +507,11 @@ fn runtime_answer(body: &[u8]) -> Outcome {
         Value::Null => None,
         other => Some(other.to_string()),
     };
-    if let Some(error) = answer.get("error").and_then(text).filter(|e| !e.trim().is_empty()) {
+    if let Some(error) = answer
+        .get("error")
+        .and_then(text)
+        .filter(|e| !e.trim().is_empty())
+    {
         return Outcome::Failed(format!("agent runtime reported an error: {}", tail(&error)));
     }
     match answer.get("output").and_then(text) {
@@ -548,7 +555,10 @@ mod tests {
             other => panic!("{}", other.name()),
         }
         assert!(matches!(runtime_answer(b"{}"), Outcome::Silent(_)));
-        assert!(matches!(runtime_answer(br#"{"output": null}"#), Outcome::Silent(_)));
+        assert!(matches!(
+            runtime_answer(br#"{"output": null}"#),
+            Outcome::Silent(_)
+        ));
         match runtime_answer(br#"{"error": "refused"}"#) {
             Outcome::Failed(e) => assert!(e.contains("refused"), "{e}"),
             other => panic!("{}", other.name()),

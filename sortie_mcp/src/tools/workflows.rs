@@ -311,7 +311,9 @@ fn stub_choice(state: &Value) -> String {
         .flatten()
         .filter_map(|s| s["name"].as_str())
         .collect();
-    let current = state["current_step"]["step_name"].as_str().unwrap_or_default();
+    let current = state["current_step"]["step_name"]
+        .as_str()
+        .unwrap_or_default();
     names
         .iter()
         .position(|n| *n == current)
