@@ -145,6 +145,9 @@ CREATE TABLE campaigns (
     -- lease), runs the command and records the outcome (record_benchmark), which clears it.
     benchmark_due       boolean NOT NULL DEFAULT false,
     benchmark_lease_until timestamptz,
+    -- The newest step when the runner holding the lease took it: a run that started before
+    -- newer steps were added measured old work and judges nothing.
+    benchmark_seen_step bigint,
     -- The benchmark runs so far (each one an iteration) and the last one's outcome:
     -- {exit_code, metric_line, metric_value, output_tail, at}.
     benchmark_runs      nonneg_int NOT NULL DEFAULT 0,

@@ -23,6 +23,7 @@ $head$;
 ALTER TABLE campaigns
     ADD COLUMN benchmark_due boolean NOT NULL DEFAULT false,
     ADD COLUMN benchmark_lease_until timestamptz,
+    ADD COLUMN benchmark_seen_step bigint,
     ADD COLUMN benchmark_runs nonneg_int NOT NULL DEFAULT 0,
     ADD COLUMN last_benchmark jsonb,
     ADD COLUMN ready_floor bigint NOT NULL DEFAULT 0;
@@ -680,6 +681,12 @@ BEGIN
         PERFORM end_campaign(c.id, 'done', format('success contract met: %s', v_success ->> 'reason'));
         RETURN 'done';
     END IF;
+    -- Only a planner's `done` ends a campaign that never had a step (SPEC §13: never having
+    -- had one is not being drained); it says so rather than "all steps done".
+    IF NOT has_had_steps(c.id) THEN
+        PERFORM end_campaign(c.id, 'done', 'its planner found nothing to do: no step was ever added');
+        RETURN 'done';
+    END IF;
     PERFORM end_campaign(c.id, 'done', 'all steps done');
     RETURN 'done';
 END
@@ -1118,9 +1125,11 @@ BEGIN
         RETURN jsonb_build_object('met', NULL, 'reason', 'this campaign has no success contract (success_metric is not set)',
                                   'status', c.status);
     END IF;
-    -- An iteration is a metric note with a value, or a benchmark run (SPEC §17), which also
-    -- counts when it printed no value.
-    SELECT greatest(count(*), c.benchmark_runs) INTO v_iterations FROM notes n
+    -- An iteration is a benchmark run when the campaign has a benchmark (SPEC §17: each run
+    -- counts one, with or without a value; workers' own metric notes do not), otherwise a
+    -- metric note with a value.
+    SELECT CASE WHEN c.benchmark_command IS NOT NULL THEN c.benchmark_runs ELSE count(*) END
+      INTO v_iterations FROM notes n
      WHERE n.campaign_id = c.id AND ('metric:' || c.success_metric) = ANY (n.tags)
        AND parse_metric(c.success_metric, n.content) IS NOT NULL;
     SELECT parse_metric(c.success_metric, n.content), n.id INTO v_value, v_note
@@ -1255,7 +1264,8 @@ BEGIN
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
-    UPDATE campaigns SET benchmark_lease_until = clock() + make_interval(secs => greatest(coalesce(lease_seconds, 900), 1))
+    UPDATE campaigns SET benchmark_lease_until = clock() + make_interval(secs => greatest(coalesce(lease_seconds, 900), 1)),
+                         benchmark_seen_step = (SELECT max(s.id) FROM steps s WHERE s.campaign_id = c.id)
      WHERE id = c.id;
     RETURN jsonb_build_object('campaign_id', c.id, 'benchmark_command', c.benchmark_command,
                               'success_metric', c.success_metric);
@@ -1277,6 +1287,20 @@ BEGIN
     IF NOT c.benchmark_due OR c.status <> 'active' THEN
         PERFORM raise('invalid_state', format('campaign %s has no benchmark due', c.id));
     END IF;
+    -- Steps added after the run started: it measured the work before them. It is kept as the
+    -- last run but judges nothing and counts no iteration; the benchmark runs again once the
+    -- campaign drains (at once if it already has).
+    IF c.benchmark_seen_step IS NOT NULL
+       AND EXISTS (SELECT 1 FROM steps s WHERE s.campaign_id = c.id AND s.id > c.benchmark_seen_step) THEN
+        UPDATE campaigns
+           SET benchmark_due = (open_steps = 0), benchmark_lease_until = NULL, benchmark_seen_step = NULL,
+               last_benchmark = jsonb_build_object('exit_code', exit_code, 'stale', true,
+                                                   'output_tail', right(coalesce(output, ''), 2000), 'at', clock()),
+               updated_at = now()
+         WHERE id = c.id;
+        RETURN jsonb_build_object('campaign_id', c.id, 'status', c.status, 'stale', true,
+                                  'message', 'steps were added while the benchmark ran: it runs again when they are done');
+    END IF;
     IF c.success_metric IS NOT NULL THEN
         SELECT l.line, parse_metric(c.success_metric, l.line) INTO v_line, v_value
           FROM regexp_split_to_table(coalesce(output, ''), E'\n') WITH ORDINALITY AS l(line, n)
@@ -1289,7 +1313,8 @@ BEGIN
         END IF;
     END IF;
     UPDATE campaigns
-       SET benchmark_due = false, benchmark_lease_until = NULL, benchmark_runs = benchmark_runs + 1,
+       SET benchmark_due = false, benchmark_lease_until = NULL, benchmark_seen_step = NULL,
+           benchmark_runs = benchmark_runs + 1,
            last_benchmark = jsonb_build_object('exit_code', exit_code, 'metric_line', v_line, 'metric_value', v_value,
                                                'output_tail', right(coalesce(output, ''), 2000), 'at', clock()),
            updated_at = now()
@@ -3849,6 +3874,23 @@ BEGIN
                               'notes', v_notes, 'more', v_more);
 END
 $$;
+
+-- sql/engine/backup.sql
+DO $backup$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN
+        SELECT c.oid::regclass AS rel
+          FROM pg_class c
+          JOIN pg_depend d ON d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e'
+          JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'sortie'
+         WHERE c.relkind IN ('r', 'S')
+    LOOP
+        PERFORM pg_catalog.pg_extension_config_dump(r.rel, '');
+    END LOOP;
+END
+$backup$;
 
 -- sql/engine/invariants.sql
 CREATE OR REPLACE FUNCTION campaign_wait_cycle(p_campaign uuid) RETURNS bigint

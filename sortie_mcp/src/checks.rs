@@ -55,6 +55,8 @@ pub async fn run(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        // Its own process group, so that what it started goes with it (see finish()).
+        .process_group(0)
         .kill_on_drop(true);
     if clear_env {
         cmd.env_clear();
@@ -90,22 +92,50 @@ pub async fn run(
         }
         bytes
     });
+    let group = child.id();
     let (exit_code, timed_out) = match tokio::time::timeout(timeout, child.wait()).await {
         Ok(Ok(status)) => (status.code(), false),
         Ok(Err(_)) => (None, false),
-        Err(_) => {
-            let _ = child.kill().await;
-            (None, true)
-        }
+        Err(_) => (None, true),
     };
-    let stdout = text(&read_out.await.unwrap_or_default());
-    let stderr = text(&read_err.await.unwrap_or_default());
+    let (stdout, stderr) = finish(group, read_out, read_err).await;
     CheckRun {
         exit_code,
         stdout,
         stderr,
         timed_out,
     }
+}
+
+/// After a command ended or ran out of time: whatever it left running in its process group
+/// (a server it started, `make`'s children) is killed, so nothing holds its output pipes open,
+/// and what it printed is read, for at most PIPE_GRACE more. Shared by checks and command
+/// agents (SPEC §13, §17: a timeout stops the whole command, and no claim waits on an orphan).
+pub async fn finish(
+    group: Option<u32>,
+    read_out: tokio::task::JoinHandle<Vec<u8>>,
+    read_err: tokio::task::JoinHandle<Vec<u8>>,
+) -> (String, String) {
+    if let Some(pgid) = group {
+        kill_group(pgid);
+    }
+    let stdout = tokio::time::timeout(PIPE_GRACE, read_out).await;
+    let stderr = tokio::time::timeout(PIPE_GRACE, read_err).await;
+    (
+        text(&stdout.ok().and_then(Result::ok).unwrap_or_default()),
+        text(&stderr.ok().and_then(Result::ok).unwrap_or_default()),
+    )
+}
+
+/// How long output is still read once its command is gone.
+const PIPE_GRACE: Duration = Duration::from_secs(5);
+
+/// SIGKILL to every process of a group this process created.
+#[allow(unsafe_code)] // one libc call; see the SAFETY comment
+pub fn kill_group(pgid: u32) {
+    // SAFETY: killpg(2) on the group of a child this process started with process_group(0);
+    // the group id is that child's pid, which it keeps until this process reaps it.
+    unsafe { libc::killpg(pgid as libc::pid_t, libc::SIGKILL) };
 }
 
 /// Bytes as storable text: lossy UTF-8, U+0000 replaced by U+FFFD.
@@ -139,6 +169,34 @@ mod tests {
         );
         let slow = run("sleep 5", None, &[], false, Duration::from_millis(200)).await;
         assert!(slow.timed_out && !slow.passed());
+        // What the command started goes with it: neither a timeout nor an exit waits for it.
+        let started = std::time::Instant::now();
+        let orphan = run(
+            "sleep 30 & echo started; sleep 30",
+            None,
+            &[],
+            false,
+            Duration::from_millis(300),
+        )
+        .await;
+        assert!(
+            orphan.timed_out && orphan.stdout == "started\n",
+            "{orphan:?}"
+        );
+        let left = run(
+            "sleep 30 & echo done",
+            None,
+            &[],
+            false,
+            Duration::from_secs(10),
+        )
+        .await;
+        assert!(left.passed() && left.stdout == "done\n", "{left:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
         let env = run(
             "printf %s \"$CHECK_VAR\"",
             Some(Path::new("/")),

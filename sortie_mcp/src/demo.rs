@@ -58,7 +58,9 @@ pub async fn run(db: Db, mut config: Config, shutdown: watch::Receiver<bool>) ->
     );
 
     let url = db.connection_string().to_string();
-    let mut runner = Runner::new(db.clone(), config, url, shutdown.clone())?;
+    // Only the demo's campaign: a database with the user's own campaigns stays untouched.
+    let mut runner =
+        Runner::new(db.clone(), config, url, shutdown.clone())?.only_campaign(campaign);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
     loop {
         runner.tick().await?;

@@ -93,6 +93,12 @@ extension_sql_file!(
     name = "retention",
     requires = ["core"]
 );
+// After every file that creates a table: marks them all for pg_dump.
+extension_sql_file!(
+    "../../sql/engine/backup.sql",
+    name = "backup",
+    requires = ["idempotency", "workflows", "notes", "retention"]
+);
 extension_sql_file!(
     "../../sql/engine/invariants.sql",
     name = "invariants",

@@ -486,6 +486,12 @@ BEGIN
         PERFORM end_campaign(c.id, 'done', format('success contract met: %s', v_success ->> 'reason'));
         RETURN 'done';
     END IF;
+    -- Only a planner's `done` ends a campaign that never had a step (SPEC §13: never having
+    -- had one is not being drained); it says so rather than "all steps done".
+    IF NOT has_had_steps(c.id) THEN
+        PERFORM end_campaign(c.id, 'done', 'its planner found nothing to do: no step was ever added');
+        RETURN 'done';
+    END IF;
     PERFORM end_campaign(c.id, 'done', 'all steps done');
     RETURN 'done';
 END

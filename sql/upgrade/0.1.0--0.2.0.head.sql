@@ -19,6 +19,7 @@ $head$;
 ALTER TABLE campaigns
     ADD COLUMN benchmark_due boolean NOT NULL DEFAULT false,
     ADD COLUMN benchmark_lease_until timestamptz,
+    ADD COLUMN benchmark_seen_step bigint,
     ADD COLUMN benchmark_runs nonneg_int NOT NULL DEFAULT 0,
     ADD COLUMN last_benchmark jsonb,
     ADD COLUMN ready_floor bigint NOT NULL DEFAULT 0;

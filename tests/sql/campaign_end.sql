@@ -1,6 +1,6 @@
 -- When a campaign ends (SPEC §3, §13, §17): never before its first steps, by the done/failed
 -- rule, and by its success contract.
-SELECT plan(12);
+SELECT plan(17);
 
 SELECT t.campaign() AS waiting \gset
 SELECT sortie.pause_campaign(:'waiting');
@@ -38,6 +38,25 @@ SELECT is(t.campaign_status(:'bench'), 'active', 'a drained campaign with a benc
 SELECT is(sortie.take_benchmark() ->> 'benchmark_command', 'make bench', 'a runner takes the due benchmark');
 SELECT is(sortie.record_benchmark(:'bench', 0, E'epoch 1\nacc=0.5\nacc=0.92\nloss=0.1') ->> 'status', 'done',
           'the last metric line decides: the contract is met');
+
+-- A run that started before new steps measured old work: it judges nothing and runs again.
+SELECT t.campaign('none', '{"success_metric": "acc", "success_target": 0.9, "benchmark_command": "make bench"}') AS stale \gset
+SELECT t.add(:'stale', '[{"action": "first try"}]') AS staleids \gset
+SELECT t.run_all(:'stale');
+SELECT sortie.take_benchmark();
+SELECT t.add(:'stale', '[{"action": "the fix"}]') AS fixids \gset
+SELECT t.run_all(:'stale');
+SELECT is(sortie.record_benchmark(:'stale', 0, 'acc=0.5') ->> 'stale', 'true', 'a run older than the last steps is stale');
+SELECT is(t.campaign_status(:'stale'), 'active', 'and does not end the campaign');
+SELECT is(sortie.check_success(:'stale') ->> 'iterations_used', '0', 'nor counts an iteration');
+SELECT sortie.take_benchmark();
+SELECT is(sortie.record_benchmark(:'stale', 0, 'acc=0.95') ->> 'status', 'done', 'the run after the fix decides');
+
+-- A planner's done on a campaign that never had a step says what happened.
+SELECT t.campaign('llm', '{"plan_delay": 0}') AS nothing \gset
+SELECT sortie.apply_plan(:'nothing', '{"done": true}');
+SELECT is((SELECT status_reason FROM sortie.campaigns WHERE id = :'nothing'),
+          'its planner found nothing to do: no step was ever added', 'not "all steps done"');
 
 SELECT t.invariants_hold();
 SELECT * FROM finish();

@@ -359,3 +359,24 @@ async fn over_mcp_the_server_runs_the_check_of_the_step_it_completes() {
     mcp.stop().await;
     db.finish().await;
 }
+
+#[tokio::test]
+async fn workers_metric_notes_do_not_spend_a_benchmark_campaigns_iterations() {
+    let db = TestDb::new().await;
+    let c = contract_campaign(&db, "make bench", "llm", Some(3)).await;
+    for value in ["0.2", "0.3", "0.4"] {
+        db.ok(
+            "sortie.add_note($1, $2, ARRAY['metric:accuracy'])",
+            &[&c, &format!("accuracy={value}")],
+        )
+        .await;
+    }
+    let success = db.ok("sortie.check_success($1)", &[&c]).await;
+    assert_eq!(
+        success["iterations_used"], 0,
+        "only benchmark runs count: {success}"
+    );
+    assert_eq!(success["iterations_exhausted"], false);
+    db.ok("sortie.cancel_campaign($1)", &[&c]).await;
+    db.finish().await;
+}

@@ -59,6 +59,9 @@ async fn schema(client: &Client) -> Vec<String> {
                     || coalesce((SELECT string_agg(x::text, ',' ORDER BY x::text) FROM unnest(c.relacl) x), 'default')
                FROM pg_class c JOIN s ON c.relnamespace = s.oid WHERE c.relkind IN ('r', 'p', 'S')
              UNION ALL
+             SELECT 'dumped ' || x::regclass::text
+               FROM pg_extension e CROSS JOIN LATERAL unnest(e.extconfig) x WHERE e.extname = 'sortie'
+             UNION ALL
              SELECT 'member ' || pg_describe_object(d.classid, d.objid, 0)
                FROM pg_depend d JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'sortie'
               WHERE d.deptype = 'e'
@@ -101,7 +104,10 @@ async fn an_upgraded_first_release_equals_a_fresh_install_and_keeps_running() {
     call_on(
         &old,
         "sortie.complete_step($1, $2::text::uuid, 'one')",
-        &[&first["step_id"].as_i64().unwrap(), &first["claim_token"].as_str().unwrap()],
+        &[
+            &first["step_id"].as_i64().unwrap(),
+            &first["claim_token"].as_str().unwrap(),
+        ],
     )
     .await
     .expect("complete under 0.1.0");
@@ -111,7 +117,10 @@ async fn an_upgraded_first_release_equals_a_fresh_install_and_keeps_running() {
         .await
         .expect("ALTER EXTENSION sortie UPDATE from 0.1.0");
     let version: String = old
-        .query_one("SELECT extversion FROM pg_extension WHERE extname = 'sortie'", &[])
+        .query_one(
+            "SELECT extversion FROM pg_extension WHERE extname = 'sortie'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -138,7 +147,10 @@ async fn an_upgraded_first_release_equals_a_fresh_install_and_keeps_running() {
     call_on(
         &old,
         "sortie.complete_step($1, $2::text::uuid, 'two')",
-        &[&second["step_id"].as_i64().unwrap(), &second["claim_token"].as_str().unwrap()],
+        &[
+            &second["step_id"].as_i64().unwrap(),
+            &second["claim_token"].as_str().unwrap(),
+        ],
     )
     .await
     .expect("the claim taken before the upgrade completes after it");
@@ -147,7 +159,10 @@ async fn an_upgraded_first_release_equals_a_fresh_install_and_keeps_running() {
     let done = call_on(
         &old,
         "sortie.complete_step($1, $2::text::uuid, 'three')",
-        &[&third["step_id"].as_i64().unwrap(), &third["claim_token"].as_str().unwrap()],
+        &[
+            &third["step_id"].as_i64().unwrap(),
+            &third["claim_token"].as_str().unwrap(),
+        ],
     )
     .await
     .unwrap();

@@ -116,7 +116,7 @@ pub enum Command {
 
 /// The variables that change what `sortie` does; the others of the table are still read and
 /// checked at start, as by the other binaries, but only matter to them.
-const CLI_VARIABLES: &[&str] = &[
+pub const CLI_VARIABLES: &[&str] = &[
     "DATABASE_URL",
     "SORTIE_SCHEMA",
     "SORTIE_DATA_DIR",

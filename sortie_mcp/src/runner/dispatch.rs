@@ -386,6 +386,8 @@ impl Job {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            // Its own process group: what it leaves running goes with it (checks::finish).
+            .process_group(0)
             .kill_on_drop(true);
         // SPEC §17: verify commands run in SORTIE_WORKDIR, so the agent works there too.
         if let Some(dir) = &self.config.workdir {
@@ -415,37 +417,41 @@ impl Job {
             if let Some(o) = stdout.as_mut() {
                 let _ = o.read_to_end(&mut bytes).await;
             }
-            agent_text(&bytes)
+            bytes
         });
         let read_err = tokio::spawn(async move {
             let mut bytes = Vec::new();
             if let Some(e) = stderr.as_mut() {
                 let _ = e.read_to_end(&mut bytes).await;
             }
-            agent_text(&bytes)
+            bytes
         });
+        let group = child.id();
         let mut shutdown = self.shutdown.clone();
         let status = tokio::select! {
             s = tokio::time::timeout(self.config.zombie_timeout, child.wait()) => s,
             _ = shutdown.changed() => {
-                let _ = child.kill().await;
+                if let Some(pgid) = group {
+                    crate::checks::kill_group(pgid);
+                }
                 return Outcome::Interrupted;
             }
         };
-        let out = read_out.await.unwrap_or_default();
-        let err = read_err.await.unwrap_or_default();
+        // SPEC §13: whatever the agent left running (a server, a background job) is stopped
+        // with it, so its output pipes close and the claim is recorded now.
+        let (out, err) = crate::checks::finish(group, read_out, read_err).await;
         match status {
-            Err(_) => {
-                let _ = child.kill().await;
-                Outcome::Failed(format!(
-                    "the agent command ran longer than the lease ({} s)",
-                    self.config.zombie_timeout.as_secs()
-                ))
-            }
+            Err(_) => Outcome::Failed(format!(
+                "the agent command ran longer than the lease ({} s)",
+                self.config.zombie_timeout.as_secs()
+            )),
             Ok(Err(e)) => Outcome::Failed(format!("waiting for the agent command: {e}")),
             Ok(Ok(s)) if s.success() => {
-                if out.trim().is_empty() {
+                if out.trim().is_empty() && err.trim().is_empty() {
                     Outcome::Silent(SILENT_AGENT.into())
+                } else if out.trim().is_empty() {
+                    // What it said on stderr is the only clue of what went wrong.
+                    Outcome::Silent(format!("{SILENT_AGENT}; its stderr: {}", tail(&err)))
                 } else {
                     Outcome::Output {
                         text: out.trim_end().to_string(),
@@ -488,7 +494,8 @@ pub(crate) fn agent_text(bytes: &[u8]) -> String {
 /// `tokens_used` it reports), `error` fails the attempt, and an answer with neither — or not
 /// JSON at all — fails it too rather than leaving the claim to the lease.
 fn runtime_answer(body: &[u8]) -> Outcome {
-    let answer: Value = match serde_json::from_slice(body) {
+    // Lossy first (SPEC §13): one byte of Latin-1 must not lose the whole answer.
+    let answer: Value = match serde_json::from_str(&String::from_utf8_lossy(body)) {
         Ok(v) => v,
         Err(e) => {
             return Outcome::Failed(format!(
@@ -497,11 +504,20 @@ fn runtime_answer(body: &[u8]) -> Outcome {
             ))
         }
     };
-    let tokens_used = answer
-        .get("tokens_used")
-        .and_then(Value::as_i64)
-        .unwrap_or(0)
-        .max(0);
+    // A count, whether the runtime writes it as an integer, a float or a string of digits.
+    let tokens_used = match answer.get("tokens_used") {
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .or_else(|| n.as_f64().map(|f| f.round() as i64))
+            .unwrap_or(0),
+        Some(Value::String(s)) => s
+            .trim()
+            .parse::<f64>()
+            .map(|f| f.round() as i64)
+            .unwrap_or(0),
+        _ => 0,
+    }
+    .max(0);
     let text = |v: &Value| match v {
         Value::String(s) => Some(agent_text(s.as_bytes())),
         Value::Null => None,
@@ -564,5 +580,21 @@ mod tests {
             other => panic!("{}", other.name()),
         }
         assert!(matches!(runtime_answer(b"not json"), Outcome::Failed(_)));
+        for (body, tokens) in [
+            (
+                &b"{\"output\": \"caf\xe9 ready\", \"tokens_used\": 1500.0}"[..],
+                1500,
+            ),
+            (&b"{\"output\": \"x\", \"tokens_used\": \"42\"}"[..], 42),
+            (&b"{\"output\": \"x\", \"tokens_used\": -5}"[..], 0),
+        ] {
+            match runtime_answer(body) {
+                Outcome::Output { text, tokens_used } => {
+                    assert!(!text.is_empty());
+                    assert_eq!(tokens_used, tokens, "{}", String::from_utf8_lossy(body));
+                }
+                other => panic!("{}: {}", String::from_utf8_lossy(body), other.name()),
+            }
+        }
     }
 }

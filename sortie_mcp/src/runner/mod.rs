@@ -172,6 +172,10 @@ pub struct Runner {
     last_prune: Option<std::time::Instant>,
     /// Each duty's schedule, in Duty::ALL's order.
     schedules: [Schedule; Duty::ALL.len()],
+    /// The daemon's notification batch in flight, if any.
+    notifier: Option<tokio::task::JoinHandle<()>>,
+    /// When set (the demo), only this campaign is dispatched, planned or benchmarked.
+    only_campaign: Option<uuid::Uuid>,
 }
 
 impl Runner {
@@ -198,7 +202,16 @@ impl Runner {
             last_idle_report: None,
             last_prune: None,
             schedules: [Schedule::new(tokio::time::Instant::now()); Duty::ALL.len()],
+            notifier: None,
+            only_campaign: None,
         })
+    }
+
+    /// Confines dispatch, planning and benchmarks to one campaign: `sortie-runner demo` runs its
+    /// own campaign and leaves the others of the database alone.
+    pub fn only_campaign(mut self, campaign: uuid::Uuid) -> Runner {
+        self.only_campaign = Some(campaign);
+        self
     }
 
     /// `--once`: one tick, then wait for every dispatch it started (SPEC §12: a cron runner
@@ -235,6 +248,23 @@ impl Runner {
                     break;
                 }
                 if self.schedules[i].next_due > tokio::time::Instant::now() {
+                    continue;
+                }
+                // A webhook that hangs must not hold the loop (and dispatch) for its timeouts:
+                // deliveries run beside it, one batch at a time.
+                if duty == Duty::Notifications {
+                    if self.notifier.as_ref().is_none_or(|t| t.is_finished()) {
+                        let (db, http, config) =
+                            (self.db.clone(), self.http.clone(), self.config.clone());
+                        self.notifier = Some(tokio::spawn(async move {
+                            if let Err(e) =
+                                notifier::deliver(&db, &http, config.webhook_url.as_deref()).await
+                            {
+                                warn!(duty = "notifications", error = %e, "runner duty failed; the others go on");
+                            }
+                        }));
+                    }
+                    self.schedules[i].succeeded(duty, tokio::time::Instant::now(), polling);
                     continue;
                 }
                 let outcome = self.run_duty(duty).await;
@@ -437,8 +467,9 @@ impl Runner {
             let claimed = self
                 .db
                 .call(
-                    "claim_next(owner => $1, lease_seconds => $2, max_dispatched => $3, max_steps => $4)",
-                    &[&self.config.owner, &lease, &cap, &(wanted as i32)],
+                    "claim_next(owner => $1, lease_seconds => $2, max_dispatched => $3, max_steps => $4, \
+                     campaign_id => $5)",
+                    &[&self.config.owner, &lease, &cap, &(wanted as i32), &self.only_campaign],
                 )
                 .await?;
             let claims: Vec<Claim> = claimed
@@ -516,7 +547,8 @@ impl Runner {
     /// its command run (`sh -c` in SORTIE_WORKDIR, SORTIE_VERIFY_TIMEOUT) beside the
     /// dispatches, and its stdout recorded; the extension judges the campaign by it.
     async fn run_benchmarks(&mut self) -> Result<()> {
-        if *self.shutdown.borrow() {
+        // A runner confined to one campaign (the demo) takes no other campaign's benchmark.
+        if *self.shutdown.borrow() || self.only_campaign.is_some() {
             return Ok(());
         }
         let lease = (self.config.verify_timeout.as_secs() + 60).min(i32::MAX as u64) as i32;
@@ -585,6 +617,9 @@ impl Runner {
             .filter_map(Value::as_str)
         {
             let id = uuid::Uuid::parse_str(id)?;
+            if self.only_campaign.is_some_and(|only| only != id) {
+                continue;
+            }
             if !self.config.has_planner() {
                 match self.db.call("finish_campaign(id => $1)", &[&id]).await {
                     Ok(ended) => info!(campaign = %id, status = %ended["status"], "campaign ended"),

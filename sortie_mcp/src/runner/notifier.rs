@@ -15,7 +15,14 @@ pub async fn deliver(db: &Db, http: &reqwest::Client, webhook: Option<&str>) -> 
     let Some(webhook) = webhook else {
         return Ok(());
     };
-    let batch = db.call("take_notifications(\"limit\" => 20)", &[]).await?;
+    // The batch's lease outlasts its slowest delivery (20 posts of at most 15 s), so another
+    // runner never posts one of them again meanwhile.
+    let batch = db
+        .call(
+            "take_notifications(\"limit\" => 20, lease_seconds => 330)",
+            &[],
+        )
+        .await?;
     for n in batch.as_array().into_iter().flatten() {
         let id = n["id"].as_i64().unwrap_or_default();
         let body = json!({

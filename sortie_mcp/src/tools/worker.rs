@@ -293,7 +293,9 @@ note id. For metrics use tags ['metric:<name>'] and content '<name>=<value>'.",
             Ok(stored) => stored,
             Err(e) => return tool_error(&e),
         };
-        if let (Some(note_id), Some(false)) = (stored["note_id"].as_i64(), stored["embedded"].as_bool()) {
+        if let (Some(note_id), Some(false)) =
+            (stored["note_id"].as_i64(), stored["embedded"].as_bool())
+        {
             if let Ok(db) = self.db().await {
                 self.background.queue(db, note_id, p.content.clone());
             }
@@ -338,7 +340,9 @@ with score, mode and a preview of the note (content_chars is its whole length; g
             Err(refusal) => return refusal,
         };
         // What this server stored is searchable by meaning once its embedding landed (SPEC §18).
-        self.background.settled(std::time::Duration::from_secs(5)).await;
+        self.background
+            .settled(std::time::Duration::from_secs(5))
+            .await;
         let embedded = self.embedder.embed(std::slice::from_ref(&p.query)).await;
         let vector = embedded
             .vectors
@@ -398,7 +402,18 @@ while you worked, the answer says so and nothing else changes.",
             return CallToolResult::structured(answer);
         }
         // SPEC §17: whoever completes runs the step's check; over MCP that is this server, in
-        // the worker's environment (an agent's sortie-mcp inherits the agent's).
+        // the worker's environment (an agent's sortie-mcp inherits the agent's). The claim's
+        // lease is first made to outlast the check, so a passing check is not lost to it.
+        let lease = (self.config.verify_timeout.as_secs() + 60).min(604_800) as i32;
+        if let Err(e) = self
+            .try_call(
+                "heartbeat(step_id => $1, claim_token => $2, extend_leases_sec => $3)",
+                &[&step, &token, &lease],
+            )
+            .await
+        {
+            return tool_error(&e);
+        }
         let run = crate::checks::run(
             answer["verify"].as_str().unwrap_or_default(),
             self.config.workdir.as_deref(),

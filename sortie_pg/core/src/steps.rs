@@ -532,11 +532,49 @@ fn substitute(template: &Value, item: &Value, path: &str) -> RuleResult<Value> {
         ),
         Value::Object(map) => Value::Object(
             map.iter()
-                .map(|(k, v)| Ok((k.clone(), substitute(v, item, path)?)))
+                .map(|(k, v)| {
+                    // A verify command is shell text: items go in quoted, never as code.
+                    let value = match (k.as_str(), v) {
+                        ("verify", Value::String(text)) => {
+                            Value::String(substitute_shell(text, item, path)?)
+                        }
+                        _ => substitute(v, item, path)?,
+                    };
+                    Ok((k.clone(), value))
+                })
                 .collect::<RuleResult<Map<_, _>>>()?,
         ),
         other => other.clone(),
     })
+}
+
+/// `{item}` placeholders of a shell command (a step's `verify`), each value inserted as one
+/// single-quoted shell word, so an item with quotes, `;` or `$(…)` stays data.
+fn substitute_shell(text: &str, item: &Value, path: &str) -> RuleResult<String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("{item") {
+        let after = &rest[start + 5..];
+        let Some(end) = after.find('}') else { break };
+        let field_path = &after[..end];
+        if !(field_path.is_empty() || field_path.starts_with('.')) {
+            out.push_str(&rest[..start + 5]);
+            rest = after;
+            continue;
+        }
+        let value = lookup(item, field_path, path)?;
+        let word = match value {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        out.push_str(&rest[..start]);
+        out.push('\'');
+        out.push_str(&word.replace('\'', "'\\''"));
+        out.push('\'');
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 fn substitute_text(text: &str, item: &Value, path: &str) -> RuleResult<Value> {

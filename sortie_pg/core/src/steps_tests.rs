@@ -78,9 +78,11 @@ fn for_each_with_collect_becomes_fan_out_then_collect() {
 
 #[test]
 fn a_nested_for_each_substitutes_its_own_item_in_its_template() {
-    let e = expand(&json!([{"step_type": "for_each", "action": "outer", "items": ["A", "B"],
+    let e = expand(
+        &json!([{"step_type": "for_each", "action": "outer", "items": ["A", "B"],
         "template": {"step_type": "for_each", "action": "inner {item}", "items": ["x", "y"],
-                     "template": {"action": "do {item}"}}}]))
+                     "template": {"action": "do {item}"}}}]),
+    )
     .unwrap();
     let atomic: Vec<&str> = e
         .nodes
@@ -95,15 +97,21 @@ fn a_nested_for_each_substitutes_its_own_item_in_its_template() {
         .filter(|n| n.level == 1)
         .map(|n| n.action.as_str())
         .collect();
-    assert_eq!(inner, ["inner A", "inner B"], "the inner loop's own fields take the outer item");
+    assert_eq!(
+        inner,
+        ["inner A", "inner B"],
+        "the inner loop's own fields take the outer item"
+    );
 }
 
 #[test]
 fn the_outer_item_reaches_a_nested_loop_through_its_items_and_collect() {
-    let e = expand(&json!([{"step_type": "for_each", "action": "outer", "items": ["A", "B"],
+    let e = expand(
+        &json!([{"step_type": "for_each", "action": "outer", "items": ["A", "B"],
         "template": {"step_type": "sequence", "action": "per {item}", "steps": [
             {"step_type": "for_each", "action": "inner", "items": ["{item}/x", "{item}/y"],
-             "template": {"action": "do {item}"}, "collect": {"action": "merge {item}"}}]}}]))
+             "template": {"action": "do {item}"}, "collect": {"action": "merge {item}"}}]}}]),
+    )
     .unwrap();
     let atomic: Vec<&str> = e
         .nodes
@@ -253,9 +261,36 @@ fn children_inherit_the_nearest_failure_policy() {
 fn verify_is_a_command_of_atomic_steps_only() {
     let e = expand(&json!([{"action": "build", "verify": "cargo test"}])).unwrap();
     assert_eq!(e.nodes[0].verify.as_deref(), Some("cargo test"));
-    let compound = expand(&json!([{"step_type": "sequence", "action": "s", "verify": "true",
-                                   "steps": [{"action": "a"}]}]));
+    let compound = expand(
+        &json!([{"step_type": "sequence", "action": "s", "verify": "true",
+                                   "steps": [{"action": "a"}]}]),
+    );
     assert_eq!(codes(compound), "invalid_argument");
-    assert_eq!(codes(expand(&json!([{"action": "a", "verify": ""}]))), "invalid_argument");
-    assert_eq!(codes(expand(&json!([{"action": "a", "verify": 3}]))), "invalid_argument");
+    assert_eq!(
+        codes(expand(&json!([{"action": "a", "verify": ""}]))),
+        "invalid_argument"
+    );
+    assert_eq!(
+        codes(expand(&json!([{"action": "a", "verify": 3}]))),
+        "invalid_argument"
+    );
+}
+
+#[test]
+fn items_enter_a_verify_command_as_quoted_words() {
+    let e = expand(&json!([{"step_type": "for_each", "action": "each", "items": ["x", "a'b; rm -rf /", {"f": "$(id)"}],
+        "template": {"action": "make {item}", "verify": "test -f {item}.txt"}}])).unwrap();
+    assert_eq!(e.nodes[1].verify.as_deref(), Some("test -f 'x'.txt"));
+    assert_eq!(
+        e.nodes[2].verify.as_deref(),
+        Some("test -f 'a'\\''b; rm -rf /'.txt")
+    );
+    assert_eq!(
+        e.nodes[3].verify.as_deref(),
+        Some("test -f '{\"f\":\"$(id)\"}'.txt")
+    );
+    assert_eq!(
+        e.nodes[2].action, "make a'b; rm -rf /",
+        "other fields take the item as it is"
+    );
 }
