@@ -161,7 +161,8 @@ AS $$ SELECT 32::bigint $$;
 -- its campaign's history). Every claimed step leaves a dead entry in `steps_ready` until
 -- VACUUM, and while any snapshot older than the claim is open (a long transaction anywhere)
 -- the scan cannot even mark them dead, so a scan from the campaign's first id fetched every
--- claimed step's heap tuple: 0.6 → 2.1 ms a claim over 5,000 claims (docs/benchmarks.md).
+-- claimed step's heap tuple: a claim + complete cycle went 0.86 → 2.1 ms over 5,000 cycles
+-- (docs/architecture.md, Readiness).
 -- Whichever index a plan picks (stale statistics can make steps_campaign look as good as the
 -- partial index), the scan is positioned at (p_campaign, floor), past the finished history.
 CREATE FUNCTION claim_in_campaign(p_campaign uuid, p_owner text, p_agent text, p_lease_seconds integer,
