@@ -92,7 +92,9 @@ AS $$
              WHERE $2 IS NOT NULL AND n.campaign_id = $1 AND n.embedding IS NOT NULL
                AND n.embedding_model IS NOT DISTINCT FROM $3 AND n.id IS DISTINCT FROM $5
              ORDER BY n.embedding <=> $2
-             LIMIT greatest($4, 0)) near;
+             LIMIT greatest($4, 0)) near
+     -- SPEC §13: below the model's floor a note is not similar, however near it ranks.
+     WHERE similarity >= similarity_floor($3);
 $$;
 
 -- Backfill (SPEC §8): notes written without an embedding, oldest first.
@@ -243,6 +245,8 @@ BEGIN
                    AND (tags IS NULL OR n.tags && tags)
                  ORDER BY n.embedding <=> query_embedding
                  LIMIT v_pool) s
+         -- SPEC §13: below the model's floor a hit is noise, not a match.
+         WHERE 1 - s.distance >= similarity_floor(embedding_model)
     ),
     fused AS (
         SELECT coalesce(l.id, s.id) AS id,
