@@ -3,53 +3,26 @@
 //! commands, a real runner, the stub planner, and a real MCP client.
 
 use serde_json::{json, Value};
-use sortie_mcp::config::Config;
-use sortie_mcp::db::Db;
 use sortie_mcp::runner::Runner;
 use sortie_tests::fixtures::*;
+use sortie_tests::in_process::{self, run_until_settled};
 use sortie_tests::mcp::McpClient;
 use sortie_tests::{script, TestDb};
 use tokio::sync::watch;
 use uuid::Uuid;
 
+/// The harness's runner with command dispatch to an agent that prints "work done".
 async fn runner(db: &TestDb, vars: &[(&str, String)]) -> (Runner, watch::Sender<bool>) {
-    let mut all: Vec<(String, String)> = vec![
-        ("DATABASE_URL".into(), db.connection_string()),
-        ("SORTIE_OWNER".into(), "test-runner".into()),
-        ("SORTIE_DISPATCH".into(), "command".into()),
-        (
-            "SORTIE_AGENT_COMMAND".into(),
-            script(
-                "done-agent.sh",
-                "#!/usr/bin/env bash\ncat >/dev/null\necho work done\n",
-            )
-            .display()
-            .to_string(),
-        ),
+    let agent = script(
+        "done-agent.sh",
+        "#!/usr/bin/env bash\ncat >/dev/null\necho work done\n",
+    );
+    let mut all = vec![
+        ("SORTIE_DISPATCH", "command".to_string()),
+        ("SORTIE_AGENT_COMMAND", agent.display().to_string()),
     ];
-    for (k, v) in vars {
-        all.retain(|(name, _)| name != k);
-        all.push((k.to_string(), v.clone()));
-    }
-    let config =
-        Config::from_vars(&|name| all.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
-            .expect("config");
-    let pool = Db::connect(&config).await.expect("connect");
-    let (stop, shutdown) = watch::channel(false);
-    (
-        Runner::new(pool, config, db.connection_string(), shutdown).expect("runner"),
-        stop,
-    )
-}
-
-async fn run_until_settled(runner: &mut Runner, db: &TestDb, c: Uuid, max: usize) {
-    for _ in 0..max {
-        runner.tick().await.expect("tick");
-        runner.wait().await;
-        if campaign_status(db, c).await != "active" {
-            return;
-        }
-    }
+    all.extend(vars.iter().cloned());
+    in_process::runner(db, &all).await
 }
 
 /// A benchmark that prints each of `values` in turn, one per run.

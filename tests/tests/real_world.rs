@@ -5,32 +5,12 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use sortie_mcp::config::Config;
-use sortie_mcp::db::Db;
-use sortie_mcp::runner::Runner;
 use sortie_tests::fake_http::FakeHttp;
 use sortie_tests::fixtures::*;
+use sortie_tests::in_process::{run_until_settled, runner};
 use sortie_tests::mcp::McpClient;
 use sortie_tests::{runner_process, script, wait_for, TestDb};
-use tokio::sync::watch;
 use uuid::Uuid;
-
-async fn runner(db: &TestDb, vars: &[(&str, String)]) -> (Runner, watch::Sender<bool>) {
-    let mut all: Vec<(String, String)> = vec![
-        ("DATABASE_URL".into(), db.connection_string()),
-        ("SORTIE_OWNER".into(), "test-runner".into()),
-    ];
-    all.extend(vars.iter().map(|(k, v)| (k.to_string(), v.clone())));
-    let config =
-        Config::from_vars(&|name| all.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
-            .expect("config");
-    let pool = Db::connect(&config).await.expect("connect");
-    let (stop, shutdown) = watch::channel(false);
-    (
-        Runner::new(pool, config, db.connection_string(), shutdown).expect("runner"),
-        stop,
-    )
-}
 
 fn uuid_of(v: &Value) -> Uuid {
     Uuid::parse_str(v.as_str().expect("a uuid")).unwrap()
@@ -373,16 +353,6 @@ async fn an_empty_for_each_is_done_with_an_empty_list_as_output() {
 }
 
 // ---- 4. The runner never abandons a claim to the lease --------------------------------------
-
-async fn run_until_settled(runner: &mut Runner, db: &TestDb, c: Uuid, max: usize) {
-    for _ in 0..max {
-        runner.tick().await.expect("tick");
-        runner.wait().await;
-        if campaign_status(db, c).await != "active" {
-            return;
-        }
-    }
-}
 
 #[tokio::test]
 async fn an_agent_that_exits_silently_or_prints_bytes_text_cannot_hold_is_settled_at_once() {

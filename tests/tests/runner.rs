@@ -5,30 +5,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use sortie_mcp::config::Config;
-use sortie_mcp::db::Db;
-use sortie_mcp::runner::Runner;
 use sortie_tests::fake_http::FakeHttp;
 use sortie_tests::fixtures::*;
+use sortie_tests::in_process::{run_until_settled, runner};
 use sortie_tests::{binary, runner_process, script, wait_for, TestDb};
-use tokio::sync::watch;
-
-async fn runner(db: &TestDb, vars: &[(&str, String)]) -> (Runner, watch::Sender<bool>) {
-    let mut all: Vec<(String, String)> = vec![
-        ("DATABASE_URL".into(), db.connection_string()),
-        ("SORTIE_OWNER".into(), "test-runner".into()),
-    ];
-    all.extend(vars.iter().map(|(k, v)| (k.to_string(), v.clone())));
-    let config =
-        Config::from_vars(&|name| all.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
-            .expect("config");
-    let pool = Db::connect(&config).await.expect("connect");
-    let (stop, shutdown) = watch::channel(false);
-    (
-        Runner::new(pool, config, db.connection_string(), shutdown).expect("runner"),
-        stop,
-    )
-}
 
 /// A campaign without steps that its planner may plan at once (SPEC §13: plan delay 0).
 async fn campaign_to_plan_now(db: &TestDb) -> uuid::Uuid {
@@ -39,17 +19,6 @@ async fn campaign_to_plan_now(db: &TestDb) -> uuid::Uuid {
         )
         .await;
     uuid::Uuid::parse_str(created["id"].as_str().unwrap()).unwrap()
-}
-
-/// Ticks until the campaign is no longer active (or `max` ticks), waiting for dispatches.
-async fn run_until_settled(runner: &mut Runner, db: &TestDb, c: uuid::Uuid, max: usize) {
-    for _ in 0..max {
-        runner.tick().await.expect("tick");
-        runner.wait().await;
-        if campaign_status(db, c).await != "active" {
-            return;
-        }
-    }
 }
 
 #[tokio::test]
