@@ -133,8 +133,9 @@ const PIPE_GRACE: Duration = Duration::from_secs(5);
 /// SIGKILL to every process of a group this process created.
 #[allow(unsafe_code)] // one libc call; see the SAFETY comment
 pub fn kill_group(pgid: u32) {
-    // SAFETY: killpg(2) on the group of a child this process started with process_group(0);
-    // the group id is that child's pid, which it keeps until this process reaps it.
+    // SAFETY: killpg(2) on the group of a child this process started with process_group(0).
+    // The group outlives its leader while any member is left, and its id is not reused while
+    // it exists; with no member left the call fails with ESRCH and does nothing.
     unsafe { libc::killpg(pgid as libc::pid_t, libc::SIGKILL) };
 }
 
