@@ -484,12 +484,6 @@ fn settled_elsewhere(e: &DbError) -> bool {
     matches!(e.code.as_str(), "stale_claim" | "skipped")
 }
 
-/// An agent's bytes as text the database can store (SPEC §13): invalid UTF-8 is decoded
-/// lossily and U+0000, which PostgreSQL's text cannot hold, becomes U+FFFD.
-pub(crate) fn agent_text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).replace('\0', "\u{FFFD}")
-}
-
 /// An agent runtime's answer (SPEC §6, §13): `output` completes the step (with the
 /// `tokens_used` it reports), `error` fails the attempt, and an answer with neither — or not
 /// JSON at all — fails it too rather than leaving the claim to the lease.
@@ -500,7 +494,7 @@ fn runtime_answer(body: &[u8]) -> Outcome {
         Err(e) => {
             return Outcome::Failed(format!(
                 "agent runtime answered with invalid JSON ({e}): {}",
-                tail(&agent_text(body))
+                tail(&crate::checks::text(body))
             ))
         }
     };
@@ -519,7 +513,7 @@ fn runtime_answer(body: &[u8]) -> Outcome {
     }
     .max(0);
     let text = |v: &Value| match v {
-        Value::String(s) => Some(agent_text(s.as_bytes())),
+        Value::String(s) => Some(crate::checks::text(s.as_bytes())),
         Value::Null => None,
         other => Some(other.to_string()),
     };
@@ -557,8 +551,8 @@ mod tests {
 
     #[test]
     fn agent_bytes_become_storable_text() {
-        assert_eq!(agent_text(b"before\0after"), "before\u{FFFD}after");
-        assert_eq!(agent_text(b"caf\xe9"), "caf\u{FFFD}");
+        assert_eq!(crate::checks::text(b"before\0after"), "before\u{FFFD}after");
+        assert_eq!(crate::checks::text(b"caf\xe9"), "caf\u{FFFD}");
         assert_eq!(tail("a\0b"), "a\u{FFFD}b");
     }
 
