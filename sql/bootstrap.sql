@@ -24,7 +24,7 @@ $bootstrap$;
 
 -- Errors: one stable code per kind of refusal, each with its own SQLSTATE (class SR) so that
 -- clients map errors without parsing text. The message starts with the code.
-CREATE FUNCTION raise(code text, message text) RETURNS void
+CREATE FUNCTION _raise(code text, message text) RETURNS void
 -- VOLATILE: it never returns, and a call with constant arguments must not be folded (and so
 -- raised) by the planner while it plans a statement that may never reach it.
 LANGUAGE plpgsql VOLATILE PARALLEL SAFE
@@ -50,11 +50,11 @@ $$;
 
 -- The one clock every rule compares against (SPEC §11). Tests move time with
 -- `SET sortie.fake_now = '…'` instead of sleeping.
-CREATE FUNCTION clock() RETURNS timestamptz
+CREATE FUNCTION _clock() RETURNS timestamptz
 LANGUAGE sql STABLE PARALLEL SAFE
 AS $$ SELECT coalesce(nullif(current_setting('sortie.fake_now', true), '')::timestamptz, now()) $$;
 
-CREATE FUNCTION priority_weight(priority text) RETURNS double precision
+CREATE FUNCTION _priority_weight(priority text) RETURNS double precision
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT CASE priority WHEN 'urgent' THEN 8 WHEN 'high' THEN 4 WHEN 'normal' THEN 2
                            WHEN 'low' THEN 1 WHEN 'background' THEN 0.5 END::double precision $$;
@@ -92,7 +92,7 @@ CREATE DOMAIN event_kind AS text CHECK (VALUE ~ '^[a-z_]+\.[a-z_]+$');
 -- statement that writes the table; a call of a PL/pgSQL function is one small node, and its
 -- body is compiled once per session (sortie-bench, 4 workers: the claim and completion cycle
 -- ran 17% faster than with the same rules written as five CHECKs on steps).
-CREATE FUNCTION campaign_row_consistent(p_status campaign_status, p_completed_at timestamptz)
+CREATE FUNCTION _campaign_row_consistent(p_status campaign_status, p_completed_at timestamptz)
 RETURNS boolean
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
 AS $$
@@ -102,7 +102,7 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION step_row_consistent(p_status step_status, p_step_type step_type, p_completed_at timestamptz,
+CREATE FUNCTION _step_row_consistent(p_status step_status, p_step_type step_type, p_completed_at timestamptz,
                                     p_claim_token uuid, p_members integer, p_skip_cause skip_cause)
 RETURNS boolean
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
@@ -130,7 +130,7 @@ CREATE TABLE campaigns (
     progress            text,
     channel             text,
     priority            campaign_priority NOT NULL DEFAULT 'normal',
-    weight              double precision GENERATED ALWAYS AS (priority_weight(priority)) STORED,
+    weight              double precision GENERATED ALWAYS AS (_priority_weight(priority)) STORED,
     slot_seconds_used   double precision NOT NULL DEFAULT 0,
     max_depth           depth_limit NOT NULL DEFAULT 4,
     max_parallel        positive_int,
@@ -176,7 +176,7 @@ CREATE TABLE campaigns (
     created_at          timestamptz NOT NULL DEFAULT now(),
     updated_at          timestamptz NOT NULL DEFAULT now(),
     completed_at        timestamptz,
-    CONSTRAINT campaigns_row_consistent CHECK (campaign_row_consistent(status, completed_at))
+    CONSTRAINT campaigns_row_consistent CHECK (_campaign_row_consistent(status, completed_at))
 );
 
 -- No index covers the counters or slot usage: they change on every claim and completion, and
@@ -242,7 +242,7 @@ CREATE TABLE steps (
     started_at           timestamptz,
     completed_at         timestamptz,
     CONSTRAINT steps_row_consistent
-        CHECK (step_row_consistent(status, step_type, completed_at, claim_token, members, skip_cause))
+        CHECK (_step_row_consistent(status, step_type, completed_at, claim_token, members, skip_cause))
 );
 
 -- The ready set (SPEC §10): small, partial, ordered the way claims take it.
@@ -251,7 +251,7 @@ CREATE INDEX steps_ready ON steps (campaign_id, id)
 -- A step becoming ready through an update (dependencies met, a retry, a release, a reset)
 -- lowers its campaign's ready_floor to its id; an inserted step needs nothing, as its id is
 -- above every existing one. The WHEN clause keeps the trigger off every other update.
-CREATE FUNCTION lower_ready_floor() RETURNS trigger
+CREATE FUNCTION _lower_ready_floor() RETURNS trigger
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
@@ -263,7 +263,7 @@ $$;
 CREATE TRIGGER steps_lower_ready_floor AFTER UPDATE ON steps FOR EACH ROW
     WHEN (NEW.status = 'pending' AND NEW.step_type = 'atomic' AND NEW.remaining_deps = 0
           AND NOT (OLD.status = 'pending' AND OLD.step_type = 'atomic' AND OLD.remaining_deps = 0))
-    EXECUTE FUNCTION lower_ready_floor();
+    EXECUTE FUNCTION _lower_ready_floor();
 CREATE INDEX steps_running_lease ON steps (lease_expires_at) WHERE status = 'running' AND step_type = 'atomic';
 CREATE INDEX steps_dispatched ON steps (id) WHERE status = 'running' AND dispatched;
 CREATE INDEX steps_campaign ON steps (campaign_id, id);
@@ -304,7 +304,7 @@ CREATE TABLE events (
 );
 CREATE INDEX events_campaign_order ON events (campaign_id, tx, id);
 
-CREATE FUNCTION forget_campaign_events() RETURNS trigger
+CREATE FUNCTION _forget_campaign_events() RETURNS trigger
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
@@ -314,7 +314,7 @@ BEGIN
 END
 $$;
 CREATE TRIGGER campaigns_forget_events AFTER DELETE ON campaigns
-    FOR EACH ROW EXECUTE FUNCTION forget_campaign_events();
+    FOR EACH ROW EXECUTE FUNCTION _forget_campaign_events();
 
 CREATE TABLE cursors (
     consumer      text PRIMARY KEY CHECK (length(consumer) BETWEEN 1 AND 300),
@@ -382,7 +382,7 @@ DECLARE
     dim integer := coalesce(nullif(current_setting('sortie.embedding_dim', true), '')::integer, 384);
 BEGIN
     IF dim NOT BETWEEN 1 AND 16000 THEN
-        PERFORM raise('invalid_argument', format('sortie.embedding_dim must be 1..16000, not %s', dim));
+        PERFORM _raise('invalid_argument', format('sortie.embedding_dim must be 1..16000, not %s', dim));
     END IF;
     EXECUTE format($table$
         CREATE TABLE notes (

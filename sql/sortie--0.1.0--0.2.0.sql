@@ -19,6 +19,14 @@ BEGIN
 END
 $head$;
 
+-- 0.2.0 prefixes internal helpers with `_` (SPEC §15: the API apart). These four are used by a
+-- column, constraints and a trigger, so they are renamed rather than dropped and recreated.
+ALTER FUNCTION priority_weight(text) RENAME TO _priority_weight;
+ALTER FUNCTION campaign_row_consistent(campaign_status, timestamptz) RENAME TO _campaign_row_consistent;
+ALTER FUNCTION step_row_consistent(step_status, step_type, timestamptz, uuid, integer, skip_cause)
+    RENAME TO _step_row_consistent;
+ALTER FUNCTION forget_campaign_events() RENAME TO _forget_campaign_events;
+
 -- SPEC §17: benchmark runs; helper columns of the claim path (SPEC §18).
 ALTER TABLE campaigns
     ADD COLUMN benchmark_due boolean NOT NULL DEFAULT false,
@@ -45,7 +53,7 @@ CREATE INDEX steps_continued_by ON steps (continued_by) WHERE continued_by IS NO
 CREATE INDEX notes_step ON notes (step_id) WHERE step_id IS NOT NULL;
 
 -- The ready floor (SPEC §18): the trigger needs its function before the functions follow.
-CREATE FUNCTION lower_ready_floor() RETURNS trigger
+CREATE FUNCTION _lower_ready_floor() RETURNS trigger
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
@@ -57,7 +65,7 @@ $$;
 CREATE TRIGGER steps_lower_ready_floor AFTER UPDATE ON steps FOR EACH ROW
     WHEN (NEW.status = 'pending' AND NEW.step_type = 'atomic' AND NEW.remaining_deps = 0
           AND NOT (OLD.status = 'pending' AND OLD.step_type = 'atomic' AND OLD.remaining_deps = 0))
-    EXECUTE FUNCTION lower_ready_floor();
+    EXECUTE FUNCTION _lower_ready_floor();
 
 -- Functions of 0.1.0 that nothing depends on are dropped; the new ones follow.
 DO $drop$
@@ -78,7 +86,7 @@ END
 $drop$;
 
 -- sql/bootstrap.sql
-CREATE OR REPLACE FUNCTION raise(code text, message text) RETURNS void
+CREATE OR REPLACE FUNCTION _raise(code text, message text) RETURNS void
 -- VOLATILE: it never returns, and a call with constant arguments must not be folded (and so
 -- raised) by the planner while it plans a statement that may never reach it.
 LANGUAGE plpgsql VOLATILE PARALLEL SAFE
@@ -103,18 +111,18 @@ END
 $$;
 
 -- sql/bootstrap.sql
-CREATE OR REPLACE FUNCTION clock() RETURNS timestamptz
+CREATE OR REPLACE FUNCTION _clock() RETURNS timestamptz
 LANGUAGE sql STABLE PARALLEL SAFE
 AS $$ SELECT coalesce(nullif(current_setting('sortie.fake_now', true), '')::timestamptz, now()) $$;
 
 -- sql/bootstrap.sql
-CREATE OR REPLACE FUNCTION priority_weight(priority text) RETURNS double precision
+CREATE OR REPLACE FUNCTION _priority_weight(priority text) RETURNS double precision
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT CASE priority WHEN 'urgent' THEN 8 WHEN 'high' THEN 4 WHEN 'normal' THEN 2
                            WHEN 'low' THEN 1 WHEN 'background' THEN 0.5 END::double precision $$;
 
 -- sql/bootstrap.sql
-CREATE OR REPLACE FUNCTION campaign_row_consistent(p_status campaign_status, p_completed_at timestamptz)
+CREATE OR REPLACE FUNCTION _campaign_row_consistent(p_status campaign_status, p_completed_at timestamptz)
 RETURNS boolean
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
 AS $$
@@ -125,7 +133,7 @@ END
 $$;
 
 -- sql/bootstrap.sql
-CREATE OR REPLACE FUNCTION step_row_consistent(p_status step_status, p_step_type step_type, p_completed_at timestamptz,
+CREATE OR REPLACE FUNCTION _step_row_consistent(p_status step_status, p_step_type step_type, p_completed_at timestamptz,
                                     p_claim_token uuid, p_members integer, p_skip_cause skip_cause)
 RETURNS boolean
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
@@ -142,7 +150,7 @@ END
 $$;
 
 -- sql/bootstrap.sql
-CREATE OR REPLACE FUNCTION lower_ready_floor() RETURNS trigger
+CREATE OR REPLACE FUNCTION _lower_ready_floor() RETURNS trigger
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
@@ -153,7 +161,7 @@ END
 $$;
 
 -- sql/bootstrap.sql
-CREATE OR REPLACE FUNCTION forget_campaign_events() RETURNS trigger
+CREATE OR REPLACE FUNCTION _forget_campaign_events() RETURNS trigger
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
@@ -164,91 +172,91 @@ END
 $$;
 
 -- sortie_pg/src/pure.rs
-CREATE OR REPLACE FUNCTION "expand_steps"(
+CREATE OR REPLACE FUNCTION "_expand_steps"(
 	"steps" jsonb /* JsonB */
 ) RETURNS jsonb /* JsonB */
-IMMUTABLE STRICT PARALLEL SAFE
+IMMUTABLE STRICT PARALLEL SAFE 
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'expand_steps_wrapper';
 
 -- sortie_pg/src/pure.rs
-CREATE OR REPLACE FUNCTION "metric_met"(
+CREATE OR REPLACE FUNCTION "_metric_met"(
 	"value" double precision, /* f64 */
 	"target" double precision, /* f64 */
 	"direction" TEXT /* & str */
 ) RETURNS bool /* bool */
-IMMUTABLE STRICT PARALLEL SAFE
+IMMUTABLE STRICT PARALLEL SAFE 
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'metric_met_wrapper';
 
 -- sortie_pg/src/pure.rs
-CREATE OR REPLACE FUNCTION "name_from_goal"(
+CREATE OR REPLACE FUNCTION "_name_from_goal"(
 	"goal" TEXT /* & str */
 ) RETURNS TEXT /* String */
-IMMUTABLE STRICT PARALLEL SAFE
+IMMUTABLE STRICT PARALLEL SAFE 
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'name_from_goal_wrapper';
 
 -- sortie_pg/src/pure.rs
-CREATE OR REPLACE FUNCTION "parse_metric"(
+CREATE OR REPLACE FUNCTION "_parse_metric"(
 	"name" TEXT, /* & str */
 	"content" TEXT /* & str */
 ) RETURNS double precision /* Option < f64 > */
-IMMUTABLE STRICT PARALLEL SAFE
+IMMUTABLE STRICT PARALLEL SAFE 
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'parse_metric_wrapper';
 
 -- sortie_pg/src/pure.rs
-CREATE OR REPLACE FUNCTION "parse_plan"(
+CREATE OR REPLACE FUNCTION "_parse_plan"(
 	"plan" jsonb /* JsonB */
 ) RETURNS jsonb /* JsonB */
-IMMUTABLE STRICT PARALLEL SAFE
+IMMUTABLE STRICT PARALLEL SAFE 
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'parse_plan_wrapper';
 
 -- sortie_pg/src/pure.rs
-CREATE OR REPLACE FUNCTION "preview"(
+CREATE OR REPLACE FUNCTION "_preview"(
 	"step_id" bigint, /* i64 */
 	"text" TEXT, /* & str */
 	"head" INT, /* i32 */
 	"tail" INT /* i32 */
 ) RETURNS jsonb /* JsonB */
-IMMUTABLE STRICT PARALLEL SAFE
+IMMUTABLE STRICT PARALLEL SAFE 
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'preview_wrapper';
 
 -- sortie_pg/src/pure.rs
-CREATE OR REPLACE FUNCTION "read_range"(
+CREATE OR REPLACE FUNCTION "_read_range"(
 	"text" TEXT, /* & str */
 	"offset" INT, /* i32 */
 	"limit" INT /* i32 */
 ) RETURNS jsonb /* JsonB */
-IMMUTABLE STRICT PARALLEL SAFE
+IMMUTABLE STRICT PARALLEL SAFE 
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'read_range_wrapper';
 
 -- sortie_pg/src/pure.rs
-CREATE OR REPLACE FUNCTION "step_fingerprint"(
+CREATE OR REPLACE FUNCTION "_step_fingerprint"(
 	"action" TEXT, /* & str */
 	"agent" TEXT, /* Option < & str > */
 	"input" jsonb /* Option < JsonB > */
 ) RETURNS TEXT /* String */
-IMMUTABLE PARALLEL SAFE
+IMMUTABLE PARALLEL SAFE 
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'step_fingerprint_wrapper';
 
 -- sortie_pg/src/pure.rs
-CREATE OR REPLACE FUNCTION "wait_cycle_step"(
+CREATE OR REPLACE FUNCTION "_wait_cycle_step"(
 	"ids" bigint[], /* Vec < i64 > */
 	"parents" bigint[], /* Vec < Option < i64 > > */
 	"dep_steps" bigint[], /* Vec < i64 > */
 	"dep_on" bigint[] /* Vec < i64 > */
 ) RETURNS bigint /* Option < i64 > */
-IMMUTABLE STRICT PARALLEL SAFE
+IMMUTABLE STRICT PARALLEL SAFE 
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'wait_cycle_step_wrapper';
 
--- sql/engine/core.sql
+-- sql/engine/events.sql
 CREATE OR REPLACE FUNCTION wake_interval() RETURNS interval
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT interval '100 milliseconds' $$;
@@ -257,7 +265,7 @@ CREATE OR REPLACE FUNCTION listen_poll_window() RETURNS interval
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT interval '1 second' $$;
 
-CREATE OR REPLACE FUNCTION emit(p_campaign uuid, p_step bigint, p_kind text, p_payload jsonb DEFAULT '{}')
+CREATE OR REPLACE FUNCTION _emit(p_campaign uuid, p_step bigint, p_kind text, p_payload jsonb DEFAULT '{}')
 RETURNS void
 LANGUAGE plpgsql VOLATILE
 AS $$
@@ -278,7 +286,7 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION notify_campaign(p_campaign uuid, p_level text, p_message text)
+CREATE OR REPLACE FUNCTION _notify_campaign(p_campaign uuid, p_level text, p_message text)
 RETURNS void
 LANGUAGE sql VOLATILE
 AS $$
@@ -286,89 +294,91 @@ AS $$
     SELECT p_campaign, p_level, p_message, c.channel FROM campaigns c WHERE c.id = p_campaign;
 $$;
 
-CREATE OR REPLACE FUNCTION lock_campaign(p_campaign uuid) RETURNS campaigns
+-- sql/engine/locking.sql
+CREATE OR REPLACE FUNCTION _lock_campaign(p_campaign uuid) RETURNS campaigns
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
     c campaigns;
 BEGIN
     IF p_campaign IS NULL THEN
-        PERFORM raise('invalid_argument', 'a campaign id is required');
+        PERFORM _raise('invalid_argument', 'a campaign id is required');
     END IF;
     SELECT * INTO c FROM campaigns WHERE id = p_campaign FOR UPDATE;
     IF NOT FOUND THEN
-        PERFORM raise('not_found', format('campaign %s does not exist', p_campaign));
+        PERFORM _raise('not_found', format('campaign %s does not exist', p_campaign));
     END IF;
     RETURN c;
 END
 $$;
 
-CREATE OR REPLACE FUNCTION lock_step_campaign(p_step bigint) RETURNS uuid
+CREATE OR REPLACE FUNCTION _lock_step_campaign(p_step bigint) RETURNS uuid
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
     v_campaign uuid;
 BEGIN
     IF p_step IS NULL THEN
-        PERFORM raise('invalid_argument', 'a step id is required (pass step_id, or run with SORTIE_STEP_ID set)');
+        PERFORM _raise('invalid_argument', 'a step id is required (pass step_id, or run with SORTIE_STEP_ID set)');
     END IF;
     SELECT c.id INTO v_campaign
       FROM campaigns c
      WHERE c.id = (SELECT s.campaign_id FROM steps s WHERE s.id = p_step)
        FOR UPDATE;
     IF NOT FOUND THEN
-        PERFORM raise('not_found', format('step %s does not exist', p_step));
+        PERFORM _raise('not_found', format('step %s does not exist', p_step));
     END IF;
     RETURN v_campaign;
 END
 $$;
 
-CREATE OR REPLACE FUNCTION lock_step(p_step bigint) RETURNS steps
+CREATE OR REPLACE FUNCTION _lock_step(p_step bigint) RETURNS steps
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
     s steps;
 BEGIN
-    PERFORM lock_step_campaign(p_step);
+    PERFORM _lock_step_campaign(p_step);
     SELECT * INTO s FROM steps WHERE id = p_step FOR UPDATE;
     RETURN s;
 END
 $$;
 
-CREATE OR REPLACE FUNCTION check_claim(s steps, p_token uuid, p_call text) RETURNS steps
+CREATE OR REPLACE FUNCTION _check_claim(s steps, p_token uuid, p_call text) RETURNS steps
 LANGUAGE plpgsql VOLATILE
 AS $$
 BEGIN
     IF p_token IS NULL THEN
-        PERFORM raise('invalid_argument', format(
+        PERFORM _raise('invalid_argument', format(
             '%s needs the claim token of step %s (claim_token, or SORTIE_CLAIM_TOKEN)', p_call, s.id));
     END IF;
     IF s.status = 'skipped' AND s.claim_token = p_token THEN
-        PERFORM raise('skipped', format(
+        PERFORM _raise('skipped', format(
             'step %s was skipped (%s) while you worked on it; stop, nothing more is needed', s.id,
             coalesce(s.error, s.skip_cause)));
     END IF;
     IF s.claim_token IS DISTINCT FROM p_token THEN
-        PERFORM raise('stale_claim', format(
+        PERFORM _raise('stale_claim', format(
             'your claim on step %s is no longer valid (its lease expired or it was reset); stop working on it',
             s.id));
     END IF;
     IF s.status <> 'running' THEN
-        PERFORM raise('invalid_state', format('step %s is %s, not running; %s is not possible', s.id, s.status, p_call));
+        PERFORM _raise('invalid_state', format('step %s is %s, not running; %s is not possible', s.id, s.status, p_call));
     END IF;
     RETURN s;
 END
 $$;
 
-CREATE OR REPLACE FUNCTION lock_claimed_step(p_step bigint, p_token uuid, p_call text) RETURNS steps
+CREATE OR REPLACE FUNCTION _lock_claimed_step(p_step bigint, p_token uuid, p_call text) RETURNS steps
 LANGUAGE plpgsql VOLATILE
 AS $$
 BEGIN
-    RETURN check_claim(lock_step(p_step), p_token, p_call);
+    RETURN _check_claim(_lock_step(p_step), p_token, p_call);
 END
 $$;
 
-CREATE OR REPLACE FUNCTION bump_counters(p_campaign uuid, p_open integer, p_running integer, p_ready integer)
+-- sql/engine/counters.sql
+CREATE OR REPLACE FUNCTION _bump_counters(p_campaign uuid, p_open integer, p_running integer, p_ready integer)
 RETURNS void
 LANGUAGE plpgsql VOLATILE
 AS $$
@@ -384,7 +394,126 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION unblocked(p_campaign uuid, p_steps bigint[]) RETURNS void
+CREATE OR REPLACE FUNCTION _provisional_slot_seconds() RETURNS double precision
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT 60::double precision $$;
+
+CREATE OR REPLACE FUNCTION _can_dispatch(p_status text, p_max_parallel integer, p_running integer,
+                             p_token_budget bigint, p_tokens_used bigint)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT p_status = 'active'
+       AND (p_max_parallel IS NULL OR p_running < p_max_parallel)
+       AND (p_token_budget IS NULL OR p_tokens_used < p_token_budget)
+$$;
+
+CREATE OR REPLACE FUNCTION _count_claim(p_campaign uuid) RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+    UPDATE campaigns
+       SET running_steps = running_steps + 1, ready_steps = ready_steps - 1,
+           slot_seconds_used = slot_seconds_used + _provisional_slot_seconds(), updated_at = now()
+     WHERE id = p_campaign AND ready_steps > 0
+       AND _can_dispatch(status, max_parallel, running_steps, token_budget, tokens_used);
+    RETURN FOUND;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _uncount_claim(p_campaign uuid) RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+    UPDATE campaigns
+       SET running_steps = running_steps - 1, ready_steps = ready_steps + 1,
+           slot_seconds_used = slot_seconds_used - _provisional_slot_seconds()
+     WHERE id = p_campaign;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _slot_correction(p_claimed_at timestamptz) RETURNS double precision
+LANGUAGE sql STABLE
+AS $$ SELECT extract(epoch FROM _clock() - p_claimed_at)::double precision - _provisional_slot_seconds() $$;
+
+CREATE OR REPLACE FUNCTION _leave_running(p_campaign uuid, p_step bigint, p_claimed_at timestamptz, p_locks text[],
+                              p_open integer DEFAULT 0, p_ready integer DEFAULT 0, p_tokens bigint DEFAULT 0,
+                              OUT open_steps integer, OUT status text, OUT token_budget bigint)
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+    UPDATE campaigns c
+       SET slot_seconds_used = greatest(c.slot_seconds_used + _slot_correction(p_claimed_at), 0),
+           tokens_used = c.tokens_used + p_tokens,
+           running_steps = c.running_steps - 1, open_steps = c.open_steps + p_open,
+           ready_steps = c.ready_steps + p_ready, updated_at = now()
+     WHERE c.id = p_campaign
+    RETURNING c.open_steps, c.status, c.token_budget INTO open_steps, status, token_budget;
+    IF cardinality(p_locks) > 0 THEN
+        DELETE FROM resource_leases WHERE step_id = p_step;
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _running_count() RETURNS bigint
+LANGUAGE sql STABLE
+SET search_path FROM CURRENT
+AS $$ SELECT coalesce(sum(running_steps), 0)::bigint FROM campaigns WHERE status IN ('active', 'paused') $$;
+
+-- sql/engine/lock_keys.sql
+CREATE OR REPLACE FUNCTION _lock_key(p_entry text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT CASE WHEN starts_with(p_entry, 'shared:') THEN substr(p_entry, 8) ELSE p_entry END $$;
+
+CREATE OR REPLACE FUNCTION _lock_mode(p_entry text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT CASE WHEN starts_with(p_entry, 'shared:') THEN 'shared' ELSE 'exclusive' END $$;
+
+CREATE OR REPLACE FUNCTION _take_locks(p_step bigint, p_campaign uuid, p_locks text[], p_expires timestamptz)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    v_root text;
+BEGIN
+    IF cardinality(p_locks) = 0 THEN
+        RETURN true;
+    END IF;
+    FOR v_root IN SELECT DISTINCT split_part(_lock_key(e), '/', 1) AS r FROM unnest(p_locks) e ORDER BY r LOOP
+        PERFORM pg_advisory_xact_lock(hashtextextended('sortie.lock:' || v_root, 0));
+    END LOOP;
+    IF EXISTS (
+        SELECT 1
+          FROM unnest(p_locks) e
+          JOIN resource_leases l
+            ON (l.key = _lock_key(e) OR starts_with(l.key, _lock_key(e) || '/') OR starts_with(_lock_key(e), l.key || '/'))
+         WHERE l.step_id <> p_step AND l.expires_at > _clock()
+           AND NOT (l.mode = 'shared' AND _lock_mode(e) = 'shared')) THEN
+        RETURN false;
+    END IF;
+    INSERT INTO resource_leases (key, mode, campaign_id, step_id, expires_at)
+    SELECT DISTINCT ON (_lock_key(e)) _lock_key(e), _lock_mode(e), p_campaign, p_step, p_expires
+      FROM unnest(p_locks) e
+     ORDER BY _lock_key(e), _lock_mode(e) = 'shared'
+    ON CONFLICT (key, step_id) DO UPDATE SET expires_at = EXCLUDED.expires_at;
+    RETURN true;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION reap_leases() RETURNS integer
+LANGUAGE sql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+    WITH reaped AS (
+        DELETE FROM resource_leases l
+         WHERE l.expires_at < _clock()
+            OR NOT EXISTS (SELECT 1 FROM steps s WHERE s.id = l.step_id AND s.status = 'running')
+        RETURNING 1)
+    SELECT count(*)::integer FROM reaped;
+$$;
+
+-- sql/engine/readiness.sql
+CREATE OR REPLACE FUNCTION _unblocked(p_campaign uuid, p_steps bigint[]) RETURNS void
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
@@ -397,10 +526,10 @@ BEGIN
                coalesce(array_agg(id) FILTER (WHERE step_type <> 'atomic'), '{}')
           INTO v_ready, v_compound
           FROM steps WHERE id = ANY (p_steps) AND status = 'pending' AND remaining_deps = 0;
-        PERFORM bump_counters(p_campaign, 0, 0, v_ready);
+        PERFORM _bump_counters(p_campaign, 0, 0, v_ready);
         EXIT WHEN cardinality(v_compound) = 0;
         -- A compound step with no members (a for_each over no items) has nothing to wait for.
-        PERFORM settle_compound_done(p) FROM steps p WHERE p.id = ANY (v_compound) AND p.members = 0;
+        PERFORM _settle_compound_done(p) FROM steps p WHERE p.id = ANY (v_compound) AND p.members = 0;
         WITH opened AS (
             UPDATE steps SET remaining_deps = remaining_deps - 1
              WHERE parent_id = ANY (v_compound) AND status = 'pending'
@@ -411,7 +540,7 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION release_dependents(p_campaign uuid, p_step bigint) RETURNS integer
+CREATE OR REPLACE FUNCTION _release_dependents(p_campaign uuid, p_step bigint) RETURNS integer
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
@@ -428,13 +557,38 @@ BEGIN
       INTO v_ready, v_compound
       FROM released;
     IF v_compound IS NOT NULL THEN
-        PERFORM unblocked(p_campaign, v_compound);
+        PERFORM _unblocked(p_campaign, v_compound);
     END IF;
     RETURN v_ready;
 END
 $$;
 
-CREATE OR REPLACE FUNCTION skip_cascade(p_campaign uuid, p_seeds bigint[], p_cause text, p_reason text)
+CREATE OR REPLACE FUNCTION _ready_floor_slack() RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT 32::bigint $$;
+
+CREATE OR REPLACE FUNCTION ready_steps(campaign_id uuid DEFAULT NULL, agent text DEFAULT NULL, "limit" integer DEFAULT 100)
+RETURNS TABLE (step_id bigint, campaign_id uuid, action text, agent text, depth integer, created_at timestamptz)
+LANGUAGE sql STABLE
+SET search_path FROM CURRENT
+AS $$
+    SELECT s.id, s.campaign_id, s.action, s.agent, s.depth, s.created_at
+      FROM steps s JOIN campaigns c ON c.id = s.campaign_id
+     WHERE s.status = 'pending' AND s.step_type = 'atomic' AND s.remaining_deps = 0
+       AND s.not_before <= _clock()
+       AND ($1 IS NULL OR s.campaign_id = $1)
+       AND ($2 IS NULL OR s.agent IS NULL OR s.agent = $2)
+       AND c.status = 'active' AND (c.token_budget IS NULL OR c.tokens_used < c.token_budget)
+       AND NOT EXISTS (
+           SELECT 1 FROM unnest(s.requires_locks) e JOIN resource_leases l
+             ON (l.key = _lock_key(e) OR starts_with(l.key, _lock_key(e) || '/') OR starts_with(_lock_key(e), l.key || '/'))
+            WHERE l.expires_at > _clock() AND NOT (l.mode = 'shared' AND _lock_mode(e) = 'shared'))
+     ORDER BY c.slot_seconds_used / c.weight, s.id
+     LIMIT greatest($3, 0);
+$$;
+
+-- sql/engine/skip_cascade.sql
+CREATE OR REPLACE FUNCTION _skip_cascade(p_campaign uuid, p_seeds bigint[], p_cause text, p_reason text)
 RETURNS bigint[]
 LANGUAGE plpgsql VOLATILE
 -- One parent with thousands of children skews parent_id's statistics until a per-row seq scan
@@ -466,7 +620,7 @@ BEGIN
     skipped AS (
         UPDATE steps s
            SET status = 'skipped', skip_cause = p_cause, error = p_reason,
-               completed_at = clock(), lease_expires_at = NULL
+               completed_at = _clock(), lease_expires_at = NULL
           FROM victims v
          WHERE s.id = v.id
         RETURNING s.id, v.status AS was, v.step_type, v.remaining_deps
@@ -482,8 +636,8 @@ BEGIN
         RETURN v_skipped;
     END IF;
     DELETE FROM resource_leases WHERE step_id = ANY (v_skipped);
-    PERFORM bump_counters(p_campaign, -v_open, -v_running, -v_ready);
-    PERFORM emit(p_campaign, NULL, 'step.skipped',
+    PERFORM _bump_counters(p_campaign, -v_open, -v_running, -v_ready);
+    PERFORM _emit(p_campaign, NULL, 'step.skipped',
                  jsonb_build_object('step_ids', to_jsonb(v_skipped), 'cause', p_cause, 'reason', p_reason));
 
     -- Parents lost members: their counters are updated, and those still open are decided,
@@ -496,14 +650,15 @@ BEGIN
          GROUP BY s.parent_id
          ORDER BY max(s.depth) DESC, s.parent_id
     LOOP
-        PERFORM member_settled(v_parent.id, v_parent.resolved::integer,
+        PERFORM _member_settled(v_parent.id, v_parent.resolved::integer,
                                (v_parent.lost - v_parent.resolved)::integer, NULL);
     END LOOP;
     RETURN v_skipped;
 END
 $$;
 
-CREATE OR REPLACE FUNCTION member_settled(p_parent bigint, p_resolved integer, p_failed integer, p_failed_step bigint)
+-- sql/engine/compound.sql
+CREATE OR REPLACE FUNCTION _member_settled(p_parent bigint, p_resolved integer, p_failed integer, p_failed_step bigint)
 RETURNS void
 LANGUAGE plpgsql VOLATILE
 AS $$
@@ -522,34 +677,34 @@ BEGIN
     END IF;
     v_threshold := coalesce(p.completion_threshold, p.members);
     IF p.members_resolved >= v_threshold THEN
-        PERFORM settle_compound_done(p);
+        PERFORM _settle_compound_done(p);
         RETURN;
     END IF;
     IF p_failed_step IS NOT NULL THEN
         SELECT failure_policy INTO v_policy FROM steps WHERE id = p_failed_step;
     END IF;
     IF v_policy = 'fail_fast' THEN
-        PERFORM settle_failed(p, format('fail_fast: child step %s failed', p_failed_step));
+        PERFORM _settle_failed(p, format('fail_fast: child step %s failed', p_failed_step));
     ELSIF p.members - p.members_failed < v_threshold THEN
-        PERFORM settle_failed(p, format('%s of %s children failed; the completion threshold %s can no longer be met',
+        PERFORM _settle_failed(p, format('%s of %s children failed; the completion threshold %s can no longer be met',
                                         p.members_failed, p.members, v_threshold));
     END IF;
 END
 $$;
 
-CREATE OR REPLACE FUNCTION settle_compound_done(p steps) RETURNS void
+CREATE OR REPLACE FUNCTION _settle_compound_done(p steps) RETURNS void
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
     v_rest bigint[];
 BEGIN
     -- Done first, so the skips below find their parent settled and do not re-enter.
-    UPDATE steps SET status = 'done', completed_at = clock(), started_at = coalesce(started_at, clock())
+    UPDATE steps SET status = 'done', completed_at = _clock(), started_at = coalesce(started_at, _clock())
      WHERE id = p.id;
     SELECT coalesce(array_agg(id), '{}') INTO v_rest
       FROM steps WHERE parent_id = p.id AND status IN ('pending', 'running', 'waiting_input');
     IF cardinality(v_rest) > 0 THEN
-        PERFORM skip_cascade(p.campaign_id, v_rest, 'threshold',
+        PERFORM _skip_cascade(p.campaign_id, v_rest, 'threshold',
                              format('step %s met its completion threshold without it', p.id));
     END IF;
     UPDATE steps
@@ -558,73 +713,19 @@ BEGIN
                                                ORDER BY c.position, c.id)
                                 FROM steps c WHERE c.parent_id = p.id AND c.continued_by IS NULL), '[]')::text
      WHERE id = p.id;
-    PERFORM bump_counters(p.campaign_id, -1, 0, 0);
-    PERFORM after_done(p.campaign_id, p.id, p.parent_id);
+    PERFORM _bump_counters(p.campaign_id, -1, 0, 0);
+    PERFORM _after_done(p.campaign_id, p.id, p.parent_id);
 END
 $$;
 
-CREATE OR REPLACE FUNCTION after_done(p_campaign uuid, p_step bigint, p_parent bigint) RETURNS void
-LANGUAGE plpgsql VOLATILE
-AS $$
-BEGIN
-    PERFORM emit(p_campaign, p_step, 'step.done');
-    PERFORM bump_counters(p_campaign, 0, 0, release_dependents(p_campaign, p_step));
-    IF p_parent IS NOT NULL THEN
-        PERFORM member_settled(p_parent, 1, 0, NULL);
-    END IF;
-    PERFORM check_drained(p_campaign);
-END
-$$;
-
-CREATE OR REPLACE FUNCTION settle_failed(s steps, p_error text) RETURNS void
-LANGUAGE plpgsql VOLATILE
-AS $$
-DECLARE
-    v_open_children bigint[];
-    v_dependents bigint[];
-BEGIN
-    UPDATE steps SET status = 'failed', error = p_error, completed_at = clock(),
-                     claim_token = NULL, claim_owner = NULL, lease_expires_at = NULL
-     WHERE id = s.id;
-    -- An atomic step only fails from running, and its caller has already taken it off the
-    -- running count and released its lock keys (leave_running); a compound step is never
-    -- counted as running or ready and holds no keys.
-    PERFORM bump_counters(s.campaign_id, -1, 0, 0);
-    PERFORM emit(s.campaign_id, s.id, 'step.failed', jsonb_build_object('error', p_error));
-
-    -- A failed compound step's open children have nothing left to serve.
-    SELECT coalesce(array_agg(id), '{}') INTO v_open_children
-      FROM steps WHERE parent_id = s.id AND status IN ('pending', 'running', 'waiting_input');
-    IF cardinality(v_open_children) > 0 THEN
-        PERFORM skip_cascade(s.campaign_id, v_open_children, 'parent', format('parent step %s failed', s.id));
-    END IF;
-
-    -- The parent hears of this failure before of the skips it causes, so its verdict names it;
-    -- with fail_fast the parent fails at once, which skips the open siblings.
-    IF s.parent_id IS NOT NULL AND s.continued_by IS NULL THEN
-        PERFORM member_settled(s.parent_id, 0, 1, s.id);
-    END IF;
-
-    SELECT coalesce(array_agg(step_id), '{}') INTO v_dependents FROM step_dependencies WHERE depends_on = s.id;
-    IF cardinality(v_dependents) > 0 THEN
-        PERFORM skip_cascade(s.campaign_id, v_dependents, 'dependency', format('dependency step %s failed', s.id));
-    END IF;
-
-    IF s.parent_id IS NULL AND s.failure_policy = 'fail_fast' THEN
-        PERFORM end_campaign(s.campaign_id, 'failed', format('step %s failed under fail_fast', s.id));
-        RETURN;
-    END IF;
-    PERFORM check_drained(s.campaign_id);
-END
-$$;
-
-CREATE OR REPLACE FUNCTION has_had_steps(p_campaign uuid) RETURNS boolean
+-- sql/engine/campaign_end.sql
+CREATE OR REPLACE FUNCTION _has_had_steps(p_campaign uuid) RETURNS boolean
 LANGUAGE sql STABLE
 AS $$
     SELECT EXISTS (SELECT 1 FROM steps WHERE campaign_id = p_campaign);
 $$;
 
-CREATE OR REPLACE FUNCTION check_drained(p_campaign uuid) RETURNS void
+CREATE OR REPLACE FUNCTION _check_drained(p_campaign uuid) RETURNS void
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
@@ -637,7 +738,7 @@ BEGIN
     END IF;
     -- SPEC §13: a campaign that never had a step is waiting for its first steps (add_steps, or
     -- the planner once its plan delay has passed), not drained.
-    IF NOT has_had_steps(p_campaign) THEN
+    IF NOT _has_had_steps(p_campaign) THEN
         RETURN;
     END IF;
     -- SPEC §17: a campaign with a benchmark command is judged by it; a runner runs it and
@@ -645,19 +746,19 @@ BEGIN
     IF c.benchmark_command IS NOT NULL THEN
         IF NOT c.benchmark_due THEN
             UPDATE campaigns SET benchmark_due = true, benchmark_lease_until = NULL WHERE id = p_campaign;
-            PERFORM emit(p_campaign, NULL, 'campaign.benchmark_due');
+            PERFORM _emit(p_campaign, NULL, 'campaign.benchmark_due');
         END IF;
         RETURN;
     END IF;
     IF c.planner = 'none' THEN
-        PERFORM finish_drained(c);
+        PERFORM _finish_drained(c);
     ELSE
-        PERFORM emit(p_campaign, NULL, 'campaign.drained');
+        PERFORM _emit(p_campaign, NULL, 'campaign.drained');
     END IF;
 END
 $$;
 
-CREATE OR REPLACE FUNCTION finish_drained(c campaigns) RETURNS text
+CREATE OR REPLACE FUNCTION _finish_drained(c campaigns) RETURNS text
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
@@ -669,30 +770,30 @@ BEGIN
      WHERE campaign_id = c.id AND parent_id IS NULL AND continued_by IS NULL
        AND NOT (status = 'done' OR (status = 'skipped' AND skip_cause IN ('abort', 'threshold')));
     IF cardinality(v_unresolved) > 0 THEN
-        PERFORM end_campaign(c.id, 'failed', format('top-level steps did not succeed: %s', array_to_string(v_unresolved, ', ')));
+        PERFORM _end_campaign(c.id, 'failed', format('top-level steps did not succeed: %s', array_to_string(v_unresolved, ', ')));
         RETURN 'failed';
     END IF;
     IF c.success_metric IS NOT NULL AND c.success_target IS NOT NULL THEN
         v_success := check_success(c.id);
         IF (v_success ->> 'met')::boolean IS NOT TRUE THEN
-            PERFORM end_campaign(c.id, 'failed', format('success contract not met: %s', v_success ->> 'reason'));
+            PERFORM _end_campaign(c.id, 'failed', format('success contract not met: %s', v_success ->> 'reason'));
             RETURN 'failed';
         END IF;
-        PERFORM end_campaign(c.id, 'done', format('success contract met: %s', v_success ->> 'reason'));
+        PERFORM _end_campaign(c.id, 'done', format('success contract met: %s', v_success ->> 'reason'));
         RETURN 'done';
     END IF;
     -- Only a planner's `done` ends a campaign that never had a step (SPEC §13: never having
     -- had one is not being drained); it says so rather than "all steps done".
-    IF NOT has_had_steps(c.id) THEN
-        PERFORM end_campaign(c.id, 'done', 'its planner found nothing to do: no step was ever added');
+    IF NOT _has_had_steps(c.id) THEN
+        PERFORM _end_campaign(c.id, 'done', 'its planner found nothing to do: no step was ever added');
         RETURN 'done';
     END IF;
-    PERFORM end_campaign(c.id, 'done', 'all steps done');
+    PERFORM _end_campaign(c.id, 'done', 'all steps done');
     RETURN 'done';
 END
 $$;
 
-CREATE OR REPLACE FUNCTION end_campaign(p_campaign uuid, p_status text, p_reason text) RETURNS void
+CREATE OR REPLACE FUNCTION _end_campaign(p_campaign uuid, p_status text, p_reason text) RETURNS void
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
@@ -702,19 +803,324 @@ BEGIN
         SELECT coalesce(array_agg(id), '{}') INTO v_open FROM steps
          WHERE campaign_id = p_campaign AND status IN ('pending', 'running', 'waiting_input');
         IF cardinality(v_open) > 0 THEN
-            PERFORM skip_cascade(p_campaign, v_open, 'campaign', format('campaign %s', p_status));
+            PERFORM _skip_cascade(p_campaign, v_open, 'campaign', format('campaign %s', p_status));
         END IF;
     END IF;
     UPDATE campaigns
-       SET status = p_status, status_reason = p_reason, completed_at = clock(), updated_at = now(),
+       SET status = p_status, status_reason = p_reason, completed_at = _clock(), updated_at = now(),
            planner_lease_until = NULL
      WHERE id = p_campaign AND status IN ('active', 'paused');
     IF NOT FOUND THEN
         RETURN;
     END IF;
-    PERFORM emit(p_campaign, NULL, 'campaign.' || p_status, jsonb_build_object('reason', p_reason));
-    PERFORM notify_campaign(p_campaign, CASE p_status WHEN 'done' THEN 'done' ELSE 'error' END,
+    PERFORM _emit(p_campaign, NULL, 'campaign.' || p_status, jsonb_build_object('reason', p_reason));
+    PERFORM _notify_campaign(p_campaign, CASE p_status WHEN 'done' THEN 'done' ELSE 'error' END,
         format('Campaign %s: %s', p_status, p_reason));
+END
+$$;
+
+CREATE OR REPLACE FUNCTION finish_campaign(id uuid) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    c campaigns := _lock_campaign(id);
+BEGIN
+    IF c.status NOT IN ('active', 'paused') THEN
+        PERFORM _raise('invalid_state', format('campaign %s is already %s', c.id, c.status));
+    END IF;
+    IF c.open_steps > 0 THEN
+        PERFORM _raise('invalid_state', format('campaign %s still has %s open steps', c.id, c.open_steps));
+    END IF;
+    -- SPEC §13: never having had a step is waiting, not being drained.
+    IF NOT _has_had_steps(c.id) THEN
+        PERFORM _raise('invalid_state', format('campaign %s has had no steps yet: add_steps to it, or cancel_campaign to end it',
+                                              c.id));
+    END IF;
+    RETURN jsonb_build_object('id', c.id, 'status', _finish_drained(c));
+END
+$$;
+
+-- sql/engine/completion.sql
+CREATE OR REPLACE FUNCTION _after_done(p_campaign uuid, p_step bigint, p_parent bigint) RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+    PERFORM _emit(p_campaign, p_step, 'step.done');
+    PERFORM _bump_counters(p_campaign, 0, 0, _release_dependents(p_campaign, p_step));
+    IF p_parent IS NOT NULL THEN
+        PERFORM _member_settled(p_parent, 1, 0, NULL);
+    END IF;
+    PERFORM _check_drained(p_campaign);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION complete_step(step_id bigint, claim_token uuid, summary text DEFAULT '', tokens_used bigint DEFAULT 0)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_tokens bigint := _check_tokens(tokens_used);
+    v_campaign uuid;
+    v_parent bigint;
+    v_claimed_at timestamptz;
+    v_locks text[];
+    v_ready integer;
+    v_open integer;
+    v_status text;
+    v_budget bigint;
+    s steps;
+BEGIN
+    v_campaign := _lock_step_campaign(step_id);
+    UPDATE steps
+       SET status = 'done', output = coalesce(summary, ''), tokens_used = steps.tokens_used + v_tokens,
+           duration_ms = (extract(epoch FROM _clock() - claimed_at) * 1000)::bigint,
+           completed_at = _clock(), claim_token = NULL, lease_expires_at = NULL
+     WHERE id = step_id AND steps.claim_token = complete_step.claim_token AND status = 'running'
+       AND steps.verify IS NULL
+    RETURNING parent_id, claimed_at, requires_locks INTO v_parent, v_claimed_at, v_locks;
+    IF NOT FOUND THEN
+        SELECT * INTO s FROM steps WHERE id = step_id;
+        -- SPEC §17: a step with a check stays running, the summary stored, until its command
+        -- passed (record_verification); the caller runs the command.
+        IF s.verify IS NOT NULL AND s.status = 'running' AND s.claim_token = claim_token THEN
+            UPDATE steps
+               SET output = coalesce(summary, ''), tokens_used = steps.tokens_used + v_tokens,
+                   verification_requested_at = _clock()
+             WHERE id = s.id;
+            -- Tokens were spent whatever the check says.
+            IF v_tokens > 0 THEN
+                UPDATE campaigns SET tokens_used = campaigns.tokens_used + v_tokens WHERE id = v_campaign;
+                PERFORM _enforce_budget(v_campaign);
+            END IF;
+            PERFORM _emit(v_campaign, s.id, 'step.verifying', jsonb_build_object('verify', s.verify));
+            RETURN jsonb_build_object('step_id', s.id, 'status', 'running', 'accepted', true,
+                                      'verification', 'pending', 'verify', s.verify,
+                                      'message', 'the step is done once its verify command passes');
+        END IF;
+        -- A worker whose step was skipped under it (abort, cancel) is told so; what it
+        -- produced is kept on the step for audit, and nothing else changes.
+        IF s.status = 'skipped' AND s.claim_token = claim_token THEN
+            UPDATE steps SET output = coalesce(steps.output, summary) WHERE id = s.id;
+            RETURN jsonb_build_object('step_id', s.id, 'status', 'skipped', 'accepted', false,
+                'message', format('step %s was skipped (%s) while you worked; your output was kept for the record',
+                                  s.id, coalesce(s.error, s.skip_cause)));
+        END IF;
+        -- SPEC §14: the claim that completed the step, repeating itself, gets its first answer.
+        IF _finished_claim(s.id, claim_token, 'complete_step', jsonb_build_object('summary', summary, 'tokens_used', v_tokens)) IS NOT NULL THEN
+            RETURN _finished_claim(s.id, claim_token, 'complete_step', jsonb_build_object('summary', summary, 'tokens_used', v_tokens));
+        END IF;
+        PERFORM _check_claim(s, claim_token, 'complete_step');
+        PERFORM _raise('invalid_state', format('step %s cannot be completed', s.id));
+    END IF;
+    PERFORM _emit(v_campaign, step_id, 'step.done');
+    v_ready := _release_dependents(v_campaign, step_id);
+    -- One campaign update for every counter this completion moves: it stops running, is no
+    -- longer open, made v_ready steps ready and spent v_tokens.
+    SELECT r.open_steps, r.status, r.token_budget INTO v_open, v_status, v_budget
+      FROM _leave_running(v_campaign, step_id, v_claimed_at, v_locks,
+                         p_open => -1, p_ready => v_ready, p_tokens => v_tokens) r;
+    IF v_parent IS NOT NULL THEN
+        PERFORM _member_settled(v_parent, 1, 0, NULL);
+    END IF;
+    IF v_parent IS NOT NULL OR v_open = 0 OR v_budget IS NOT NULL THEN
+        PERFORM _check_drained(v_campaign);
+        IF v_budget IS NOT NULL THEN
+            PERFORM _enforce_budget(v_campaign);
+        END IF;
+        SELECT status INTO v_status FROM campaigns WHERE id = v_campaign;
+    END IF;
+    RETURN _keep_finished_claim(step_id, claim_token, 'complete_step',
+                                jsonb_build_object('summary', summary, 'tokens_used', v_tokens),
+                                jsonb_build_object('step_id', step_id, 'status', 'done', 'accepted', true,
+                                                   'campaign_status', v_status));
+END
+$$;
+
+CREATE OR REPLACE FUNCTION record_verification(step_id bigint, claim_token uuid, passed boolean, output text DEFAULT '')
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    s steps := _lock_claimed_step(step_id, claim_token, 'record_verification');
+    v_ready integer;
+    v_status text;
+    v_open integer;
+    v_output text := right(coalesce(output, ''), 4000);
+BEGIN
+    IF s.verify IS NULL OR s.verification_requested_at IS NULL OR s.verification_requested_at < s.claimed_at THEN
+        PERFORM _raise('invalid_state', format('step %s has no verification pending: complete_step asks for it', s.id));
+    END IF;
+    IF NOT coalesce(passed, false) THEN
+        v_status := _attempt_failed(s, format('verification failed: `%s` did not pass:%s%s', s.verify, E'\n', v_output));
+        SELECT status INTO v_status FROM steps WHERE id = s.id;
+        RETURN jsonb_build_object('step_id', s.id, 'status', v_status, 'accepted', false, 'verification', 'failed',
+                                  'will_retry', v_status = 'pending');
+    END IF;
+    UPDATE steps
+       SET status = 'done', verification = v_output,
+           duration_ms = (extract(epoch FROM _clock() - s.claimed_at) * 1000)::bigint,
+           completed_at = _clock(), claim_token = NULL, lease_expires_at = NULL
+     WHERE id = s.id;
+    PERFORM _emit(s.campaign_id, s.id, 'step.done', jsonb_build_object('verified', true));
+    v_ready := _release_dependents(s.campaign_id, s.id);
+    SELECT r.open_steps INTO v_open
+      FROM _leave_running(s.campaign_id, s.id, s.claimed_at, s.requires_locks, p_open => -1, p_ready => v_ready) r;
+    IF s.parent_id IS NOT NULL THEN
+        PERFORM _member_settled(s.parent_id, 1, 0, NULL);
+    END IF;
+    PERFORM _check_drained(s.campaign_id);
+    SELECT status INTO v_status FROM campaigns WHERE id = s.campaign_id;
+    RETURN jsonb_build_object('step_id', s.id, 'status', 'done', 'accepted', true, 'verification', 'passed',
+                              'campaign_status', v_status);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION complete_steps(items jsonb) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_item record;
+    v_completed jsonb := '[]';
+    v_refused jsonb := '[]';
+    v_code text;
+    v_message text;
+BEGIN
+    IF items IS NULL OR jsonb_typeof(items) <> 'array' OR jsonb_array_length(items) NOT BETWEEN 1 AND 1000 THEN
+        PERFORM _raise('invalid_argument', 'items must be a JSON array of 1 to 1000 {step_id, claim_token, summary, tokens_used} objects');
+    END IF;
+    IF EXISTS (SELECT 1 FROM jsonb_array_elements(items) e WHERE jsonb_typeof(e) <> 'object') THEN
+        PERFORM _raise('invalid_argument', 'each item must be an object {step_id, claim_token, summary, tokens_used}');
+    END IF;
+    FOR v_item IN
+        SELECT e.value AS item, e.ordinality
+          FROM jsonb_array_elements(items) WITH ORDINALITY e
+          -- bigint, not numeric: `id = numeric` cannot use the primary key (a scan of steps
+          -- per batch). Only the order comes from this join; each item is checked below.
+          LEFT JOIN steps s ON s.id = CASE WHEN jsonb_typeof(e.value -> 'step_id') = 'number'
+                                            AND (e.value ->> 'step_id')::numeric BETWEEN 1 AND 9223372036854775807
+                                           THEN (e.value ->> 'step_id')::numeric::bigint END
+         ORDER BY s.campaign_id, s.id, e.ordinality
+    LOOP
+        BEGIN
+            IF jsonb_typeof(v_item.item -> 'step_id') IS DISTINCT FROM 'number'
+               OR jsonb_typeof(v_item.item -> 'claim_token') IS DISTINCT FROM 'string' THEN
+                PERFORM _raise('invalid_argument', 'step_id (a number) and claim_token (a string) are required');
+            END IF;
+            v_completed := v_completed || jsonb_build_array(complete_step(
+                (v_item.item ->> 'step_id')::bigint,
+                (v_item.item ->> 'claim_token')::uuid,
+                coalesce(v_item.item ->> 'summary', ''),
+                coalesce((v_item.item ->> 'tokens_used')::bigint, 0)));
+        EXCEPTION
+            WHEN SQLSTATE 'SR001' OR SQLSTATE 'SR002' OR SQLSTATE 'SR003' OR SQLSTATE 'SR005'
+                 OR SQLSTATE 'SR006' OR SQLSTATE 'SR008' OR SQLSTATE 'SR009'
+                 OR invalid_text_representation OR numeric_value_out_of_range THEN
+                GET STACKED DIAGNOSTICS v_message = MESSAGE_TEXT;
+                v_code := CASE WHEN v_message ~ '^[a-z_]+: ' THEN split_part(v_message, ': ', 1) ELSE 'invalid_argument' END;
+                v_refused := v_refused || jsonb_build_array(jsonb_build_object(
+                    'step_id', v_item.item -> 'step_id', 'code', v_code,
+                    'message', CASE WHEN v_message ~ '^[a-z_]+: ' THEN substr(v_message, length(v_code) + 3) ELSE v_message END));
+        END;
+    END LOOP;
+    RETURN jsonb_build_object('completed', v_completed, 'refused', v_refused);
+END
+$$;
+
+-- sql/engine/failure_retry.sql
+CREATE OR REPLACE FUNCTION _settle_failed(s steps, p_error text) RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    v_open_children bigint[];
+    v_dependents bigint[];
+BEGIN
+    UPDATE steps SET status = 'failed', error = p_error, completed_at = _clock(),
+                     claim_token = NULL, claim_owner = NULL, lease_expires_at = NULL
+     WHERE id = s.id;
+    -- An atomic step only fails from running, and its caller has already taken it off the
+    -- running count and released its lock keys (leave_running); a compound step is never
+    -- counted as running or ready and holds no keys.
+    PERFORM _bump_counters(s.campaign_id, -1, 0, 0);
+    PERFORM _emit(s.campaign_id, s.id, 'step.failed', jsonb_build_object('error', p_error));
+
+    -- A failed compound step's open children have nothing left to serve.
+    SELECT coalesce(array_agg(id), '{}') INTO v_open_children
+      FROM steps WHERE parent_id = s.id AND status IN ('pending', 'running', 'waiting_input');
+    IF cardinality(v_open_children) > 0 THEN
+        PERFORM _skip_cascade(s.campaign_id, v_open_children, 'parent', format('parent step %s failed', s.id));
+    END IF;
+
+    -- The parent hears of this failure before of the skips it causes, so its verdict names it;
+    -- with fail_fast the parent fails at once, which skips the open siblings.
+    IF s.parent_id IS NOT NULL AND s.continued_by IS NULL THEN
+        PERFORM _member_settled(s.parent_id, 0, 1, s.id);
+    END IF;
+
+    SELECT coalesce(array_agg(step_id), '{}') INTO v_dependents FROM step_dependencies WHERE depends_on = s.id;
+    IF cardinality(v_dependents) > 0 THEN
+        PERFORM _skip_cascade(s.campaign_id, v_dependents, 'dependency', format('dependency step %s failed', s.id));
+    END IF;
+
+    IF s.parent_id IS NULL AND s.failure_policy = 'fail_fast' THEN
+        PERFORM _end_campaign(s.campaign_id, 'failed', format('step %s failed under fail_fast', s.id));
+        RETURN;
+    END IF;
+    PERFORM _check_drained(s.campaign_id);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _retry_backoff(p_attempts integer) RETURNS interval
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT make_interval(secs => least(10 * power(2, greatest(p_attempts - 1, 0)), 600)) $$;
+
+CREATE OR REPLACE FUNCTION _attempt_failed(s steps, p_error text) RETURNS text
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+    PERFORM _leave_running(s.campaign_id, s.id, s.claimed_at, s.requires_locks);
+    IF s.attempts + 1 < s.max_attempts THEN
+        UPDATE steps
+           SET status = 'pending', attempts = attempts + 1, error = p_error,
+               not_before = _clock() + _retry_backoff(s.attempts + 1),
+               claim_token = NULL, claim_owner = NULL, lease_expires_at = NULL
+         WHERE id = s.id;
+        PERFORM _bump_counters(s.campaign_id, 0, 0, 1);
+        PERFORM _emit(s.campaign_id, s.id, 'step.retry', jsonb_build_object('error', p_error, 'attempts', s.attempts + 1));
+        RETURN 'pending';
+    END IF;
+    UPDATE steps SET attempts = attempts + 1 WHERE id = s.id RETURNING * INTO s;
+    PERFORM _settle_failed(s, p_error);
+    RETURN 'failed';
+END
+$$;
+
+CREATE OR REPLACE FUNCTION fail_step(step_id bigint, claim_token uuid, error text DEFAULT '') RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    -- SPEC §14: the claim that failed the step, repeating itself, gets its first answer.
+    v_replay jsonb := _finished_claim(step_id, claim_token, 'fail_step', jsonb_build_object('error', error));
+    s steps;
+    v_now text;
+BEGIN
+    IF v_replay IS NOT NULL THEN
+        RETURN v_replay;
+    END IF;
+    s := _lock_claimed_step(step_id, claim_token, 'fail_step');
+    v_now := _attempt_failed(s, coalesce(nullif(error, ''), 'failed without a reason'));
+    RETURN _keep_finished_claim(s.id, claim_token, 'fail_step', jsonb_build_object('error', error),
+        jsonb_build_object('step_id', s.id, 'status', v_now,
+        'attempts', s.attempts + 1, 'max_attempts', s.max_attempts, 'will_retry', v_now = 'pending',
+        'not_before', (SELECT not_before FROM steps WHERE id = s.id AND status = 'pending')));
 END
 $$;
 
@@ -737,7 +1143,7 @@ DECLARE
 BEGIN
     IF p_token IS NULL THEN
         IF _worker_confined() THEN
-            PERFORM raise('forbidden', format(
+            PERFORM _raise('forbidden', format(
                 '%s needs the claim token of your step (claim_token, or SORTIE_CLAIM_TOKEN): a worker sees only the campaign of the step it holds',
                 p_call));
         END IF;
@@ -751,12 +1157,12 @@ BEGIN
          WHERE s.claim_token = p_token AND s.status = 'running' AND s.step_type = 'atomic';
     END IF;
     IF v_campaign IS NULL THEN
-        PERFORM raise('stale_claim', format(
+        PERFORM _raise('stale_claim', format(
             '%s: the claim token is not the current claim of %s (its lease expired, it was reset or it finished); stop working on it',
             p_call, CASE WHEN p_step IS NULL THEN 'a running step' ELSE 'step ' || p_step END));
     END IF;
     IF p_campaign IS NOT NULL AND p_campaign <> v_campaign THEN
-        PERFORM raise('forbidden', format(
+        PERFORM _raise('forbidden', format(
             '%s: campaign %s is not the campaign of your step; a worker sees only its own campaign',
             p_call, p_campaign));
     END IF;
@@ -776,14 +1182,859 @@ BEGIN
     SELECT s.id, s.campaign_id INTO v_step, v_campaign FROM steps s
      WHERE s.claim_token = claim_token AND s.status = 'running' AND s.step_type = 'atomic';
     IF v_step IS NULL THEN
-        PERFORM raise('stale_claim', 'this claim token is not the current claim of a running step');
+        PERFORM _raise('stale_claim', 'this claim token is not the current claim of a running step');
     END IF;
     RETURN jsonb_build_object('step_id', v_step, 'campaign_id', v_campaign);
 END
 $$;
 
+-- sql/engine/claim.sql
+CREATE OR REPLACE FUNCTION _take_step(p_step bigint, p_campaign uuid, p_parent bigint, p_locks text[],
+                          p_owner text, p_lease_seconds integer, p_dispatched boolean DEFAULT false)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    v_expires timestamptz := _clock() + make_interval(secs => p_lease_seconds);
+    v_parent bigint := p_parent;
+    v_started bigint;
+    v_claim jsonb;
+BEGIN
+    IF cardinality(p_locks) > 0 AND NOT _take_locks(p_step, p_campaign, p_locks, v_expires) THEN
+        RETURN NULL;
+    END IF;
+    UPDATE steps
+       SET status = 'running', claim_token = gen_random_uuid(), claim_owner = p_owner,
+           claimed_at = _clock(), heartbeat_at = _clock(), lease_expires_at = v_expires,
+           started_at = coalesce(started_at, _clock()), dispatched = p_dispatched
+     WHERE id = p_step
+    RETURNING jsonb_build_object('step_id', id, 'campaign_id', campaign_id, 'action', action,
+                                 'agent', agent, 'depth', depth, 'claim_token', claim_token,
+                                 'lease_expires_at', lease_expires_at, 'attempts', attempts)
+      INTO v_claim;
+    -- A compound step becomes running when its first child starts (its parents with it), and
+    -- says so in the log like any other step (SPEC §13).
+    WHILE v_parent IS NOT NULL LOOP
+        UPDATE steps SET status = 'running', started_at = _clock()
+         WHERE id = v_parent AND status = 'pending'
+        RETURNING id, parent_id INTO v_started, v_parent;
+        EXIT WHEN NOT FOUND;
+        PERFORM _emit(p_campaign, v_started, 'step.started', jsonb_build_object('step_type', 'compound'));
+    END LOOP;
+    PERFORM _emit(p_campaign, p_step, 'step.claimed', jsonb_build_object('owner', p_owner));
+    RETURN v_claim;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _check_lease_seconds(p_lease_seconds integer) RETURNS integer
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+    IF p_lease_seconds IS NULL OR p_lease_seconds NOT BETWEEN 1 AND 604800 THEN
+        PERFORM _raise('invalid_argument', 'lease_seconds must be from 1 to 604800 (one week)');
+    END IF;
+    RETURN p_lease_seconds;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _claim_in_campaign(p_campaign uuid, p_owner text, p_agent text, p_lease_seconds integer,
+                                  p_dispatched boolean DEFAULT false)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    v_step bigint;
+    v_parent bigint;
+    v_locks text[];
+    v_claim jsonb;
+    v_floor bigint;
+    v_first bigint;
+    v_after bigint;
+BEGIN
+    SELECT ready_floor INTO v_floor FROM campaigns WHERE id = p_campaign;
+    -- The first ready step whatever its agent, back-off or lock keys: no ready step lies below
+    -- it, so the floor may rise to it.
+    SELECT id INTO v_first
+      FROM steps
+     WHERE (campaign_id, id) >= (p_campaign, v_floor) AND campaign_id <= p_campaign
+       AND status = 'pending' AND step_type = 'atomic' AND remaining_deps = 0
+     ORDER BY campaign_id, id
+     LIMIT 1;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF v_first - v_floor > _ready_floor_slack() THEN
+        UPDATE campaigns SET ready_floor = v_first WHERE id = p_campaign;
+    END IF;
+    v_after := v_first - 1;
+    LOOP
+        SELECT id, parent_id, requires_locks INTO v_step, v_parent, v_locks
+          FROM steps
+         -- The row comparison is an index condition only an index led by (campaign_id, id)
+         -- can take: with a plain `id > v_after` a cached generic plan walked the primary key
+         -- through other campaigns' history (13 ms at 10^5 steps, docs/benchmarks.md). And it
+         -- is the only lower bound on campaign_id: beside `campaign_id = p_campaign` the
+         -- B-tree starts the scan at the equality, the campaign's first entry, and walks
+         -- every entry before (p_campaign, v_after); `campaign_id <= p_campaign` ends it.
+         WHERE (campaign_id, id) > (p_campaign, v_after) AND campaign_id <= p_campaign
+           AND status = 'pending' AND step_type = 'atomic' AND remaining_deps = 0
+           AND not_before <= _clock()
+           AND (p_agent IS NULL OR agent IS NULL OR agent = p_agent)
+         ORDER BY campaign_id, id
+         LIMIT 1
+           FOR UPDATE SKIP LOCKED;
+        IF NOT FOUND THEN
+            RETURN NULL;
+        END IF;
+        v_claim := _take_step(v_step, p_campaign, v_parent, v_locks, p_owner, p_lease_seconds, p_dispatched);
+        IF v_claim IS NOT NULL THEN
+            RETURN v_claim;
+        END IF;
+        v_after := v_step;
+    END LOOP;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _claim_one(p_owner text, p_agent text, p_campaign uuid, p_lease integer, p_dispatched boolean)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    v_campaign uuid;
+    v_claim jsonb;
+    v_busy uuid[] := '{}';
+    v_round integer;
+BEGIN
+    IF p_campaign IS NOT NULL THEN
+        -- One update locks the campaign and counts the claim; it is taken back when no ready
+        -- step fits after all (agent, back-off, lock keys).
+        IF NOT _count_claim(p_campaign) THEN
+            PERFORM 1 FROM campaigns x WHERE x.id = p_campaign;
+            IF NOT FOUND THEN
+                PERFORM _raise('not_found', format('campaign %s does not exist', p_campaign));
+            END IF;
+            RETURN NULL;
+        END IF;
+        v_claim := _claim_in_campaign(p_campaign, p_owner, p_agent, p_lease, p_dispatched);
+        IF v_claim IS NULL THEN
+            PERFORM _uncount_claim(p_campaign);
+        END IF;
+        RETURN v_claim;
+    END IF;
+    -- Round 1 skips campaigns another transaction holds; round 2 waits for them, but only if
+    -- round 1 found nothing. Each try runs in a subtransaction that is undone when it claims
+    -- nothing, so a claimer never keeps a campaign it did not use and never waits while
+    -- holding one: two claimers cannot deadlock.
+    FOR v_round IN 1..2 LOOP
+        FOR v_campaign IN
+            SELECT x.id FROM campaigns x
+             WHERE x.ready_steps > 0
+               AND _can_dispatch(x.status, x.max_parallel, x.running_steps, x.token_budget, x.tokens_used)
+               AND (v_round = 1 OR x.id = ANY (v_busy))
+             ORDER BY x.slot_seconds_used / x.weight, x.created_at
+        LOOP
+            BEGIN
+                IF v_round = 1 THEN
+                    PERFORM 1 FROM campaigns x WHERE x.id = v_campaign FOR UPDATE SKIP LOCKED;
+                ELSE
+                    PERFORM 1 FROM campaigns x WHERE x.id = v_campaign FOR UPDATE;
+                END IF;
+                IF NOT FOUND THEN
+                    v_busy := v_busy || v_campaign;
+                ELSE
+                    -- Undone with the subtransaction when nothing is claimed.
+                    v_claim := CASE WHEN _count_claim(v_campaign)
+                                    THEN _claim_in_campaign(v_campaign, p_owner, p_agent, p_lease, p_dispatched) END;
+                    IF v_claim IS NULL THEN
+                        RAISE EXCEPTION 'nothing to claim here' USING ERRCODE = 'SR099';
+                    END IF;
+                    RETURN v_claim;
+                END IF;
+            EXCEPTION WHEN SQLSTATE 'SR099' THEN
+                NULL;
+            END;
+        END LOOP;
+        EXIT WHEN cardinality(v_busy) = 0;
+    END LOOP;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION claim_next(owner text, agent text DEFAULT NULL, campaign_id uuid DEFAULT NULL,
+                           lease_seconds integer DEFAULT 900, max_dispatched integer DEFAULT NULL,
+                           max_steps integer DEFAULT NULL, claim_token uuid DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_lease integer := _check_lease_seconds(lease_seconds);
+    v_dispatched boolean := max_dispatched IS NOT NULL;
+    v_limit integer := coalesce(max_steps, 1);
+    v_claim jsonb;
+    v_claims jsonb := '[]';
+BEGIN
+    PERFORM _check_owner(owner);
+    -- SPEC §15: a worker claims only within the campaign of the claim it holds (scope.sql).
+    campaign_id := _worker_campaign(campaign_id, NULL, claim_token, 'claim_next');
+    IF max_steps IS NOT NULL AND max_steps NOT BETWEEN 1 AND 1000 THEN
+        PERFORM _raise('invalid_argument', 'max_steps must be from 1 to 1000');
+    END IF;
+    -- A runner's dispatch (SPEC §13): claims of all runners take turns on one advisory lock, so
+    -- two runners cannot both see the last free slot; pull-mode claims neither wait nor count.
+    IF v_dispatched THEN
+        IF max_dispatched < 1 THEN
+            PERFORM _raise('invalid_argument', 'max_dispatched must be at least 1');
+        END IF;
+        PERFORM pg_advisory_xact_lock(hashtextextended('sortie.runner_slots', 0));
+        v_limit := least(v_limit, max_dispatched - (SELECT count(*) FROM steps x WHERE x.status = 'running' AND x.dispatched)::integer);
+        IF v_limit <= 0 THEN
+            RETURN CASE WHEN max_steps IS NULL THEN jsonb_build_object('step_id', NULL, 'reason', 'capacity') ELSE '[]' END;
+        END IF;
+    END IF;
+    FOR i IN 1..v_limit LOOP
+        v_claim := _claim_one(owner, agent, campaign_id, v_lease, v_dispatched);
+        EXIT WHEN v_claim IS NULL;
+        v_claims := v_claims || jsonb_build_array(v_claim);
+    END LOOP;
+    IF max_steps IS NOT NULL THEN
+        RETURN v_claims;
+    END IF;
+    RETURN coalesce(v_claims -> 0, jsonb_build_object('step_id', NULL));
+END
+$$;
+
+CREATE OR REPLACE FUNCTION claim_step(step_id bigint, owner text, lease_seconds integer DEFAULT 900) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_lease integer := _check_lease_seconds(lease_seconds);
+    s steps := _lock_step(step_id);
+    c campaigns;
+    v_claim jsonb;
+BEGIN
+    PERFORM _check_owner(owner);
+    SELECT * INTO c FROM campaigns WHERE id = s.campaign_id;
+    IF s.step_type <> 'atomic' THEN
+        PERFORM _raise('invalid_state', format('step %s is a %s step; only its atomic children are dispatched', s.id, s.step_type));
+    ELSIF s.status <> 'pending' THEN
+        PERFORM _raise('invalid_state', format('step %s is %s, not pending', s.id, s.status));
+    ELSIF s.remaining_deps > 0 THEN
+        PERFORM _raise('invalid_state', format('step %s still waits for %s dependencies', s.id, s.remaining_deps));
+    ELSIF s.not_before > _clock() THEN
+        PERFORM _raise('invalid_state', format('step %s is backing off until %s', s.id, s.not_before));
+    ELSIF c.status <> 'active' THEN
+        PERFORM _raise('invalid_state', format('campaign %s is %s', c.id, c.status));
+    ELSIF c.token_budget IS NOT NULL AND c.tokens_used >= c.token_budget THEN
+        PERFORM _raise('budget_exhausted', format('campaign %s has used its token budget', c.id));
+    ELSIF c.max_parallel IS NOT NULL AND c.running_steps >= c.max_parallel THEN
+        PERFORM _raise('invalid_state', format('campaign %s already runs max_parallel = %s steps', c.id, c.max_parallel));
+    END IF;
+    v_claim := _take_step(s.id, s.campaign_id, s.parent_id, s.requires_locks, owner, v_lease);
+    IF v_claim IS NULL THEN
+        PERFORM _raise('invalid_state', format('step %s needs lock keys another running step holds', s.id));
+    END IF;
+    IF NOT _count_claim(s.campaign_id) THEN
+        RAISE EXCEPTION 'internal: campaign % counts no ready step while step % is ready', s.campaign_id, s.id
+              USING ERRCODE = 'internal_error';
+    END IF;
+    RETURN v_claim;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _check_owner(p_owner text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+    IF p_owner IS NULL OR btrim(p_owner) = '' THEN
+        PERFORM _raise('invalid_argument', 'owner is required: name the worker or runner that claims');
+    END IF;
+    RETURN p_owner;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION dispatch_blockers(max_dispatched integer DEFAULT NULL) RETURNS jsonb
+LANGUAGE sql STABLE
+SET search_path FROM CURRENT
+AS $$
+    WITH ready AS (
+        SELECT CASE
+                   WHEN c.status <> 'active' THEN 'campaign_' || c.status
+                   WHEN c.token_budget IS NOT NULL AND c.tokens_used >= c.token_budget THEN 'budget'
+                   WHEN c.max_parallel IS NOT NULL AND c.running_steps >= c.max_parallel THEN 'max_parallel'
+                   WHEN s.not_before > _clock() THEN 'backoff'
+                   WHEN EXISTS (
+                       SELECT 1 FROM unnest(s.requires_locks) e JOIN resource_leases l
+                         ON (l.key = _lock_key(e) OR starts_with(l.key, _lock_key(e) || '/') OR starts_with(_lock_key(e), l.key || '/'))
+                        WHERE l.expires_at > _clock() AND NOT (l.mode = 'shared' AND _lock_mode(e) = 'shared')) THEN 'locks'
+                   ELSE 'claimable' END AS held_by
+          FROM steps s JOIN campaigns c ON c.id = s.campaign_id
+         WHERE s.status = 'pending' AND s.step_type = 'atomic' AND s.remaining_deps = 0
+           AND c.status IN ('active', 'paused')
+    ),
+    slots AS (SELECT count(*) AS in_use FROM steps WHERE status = 'running' AND dispatched)
+    SELECT jsonb_build_object(
+        'ready_steps', (SELECT count(*) FROM ready),
+        'held_back', coalesce((SELECT jsonb_object_agg(held_by, n)
+                                 FROM (SELECT held_by, count(*) AS n FROM ready GROUP BY held_by) g), '{}'),
+        'runner_slots', jsonb_build_object('in_use', (SELECT in_use FROM slots), 'cap', max_dispatched),
+        'capacity_reached', max_dispatched IS NOT NULL AND (SELECT in_use FROM slots) >= max_dispatched);
+$$;
+
+-- sql/engine/leases.sql
+CREATE OR REPLACE FUNCTION heartbeat(step_id bigint, claim_token uuid, extend_leases_sec integer DEFAULT 900) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_lease integer := _check_lease_seconds(extend_leases_sec);
+    s steps := _lock_claimed_step(step_id, claim_token, 'heartbeat');
+    v_expires timestamptz := _clock() + make_interval(secs => v_lease);
+BEGIN
+    UPDATE steps SET heartbeat_at = _clock(), lease_expires_at = v_expires WHERE id = s.id;
+    UPDATE resource_leases SET expires_at = v_expires WHERE resource_leases.step_id = s.id;
+    RETURN jsonb_build_object('step_id', s.id, 'status', 'running', 'lease_expires_at', v_expires);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION reset_zombies("limit" integer DEFAULT 1000) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    v_zombie record;
+    s steps;
+    v_reset jsonb := '[]';
+BEGIN
+    FOR v_zombie IN
+        SELECT id, campaign_id FROM steps
+         WHERE status = 'running' AND step_type = 'atomic' AND lease_expires_at < _clock()
+         ORDER BY campaign_id, id
+         LIMIT greatest("limit", 0)
+    LOOP
+        PERFORM _lock_campaign(v_zombie.campaign_id);
+        SELECT * INTO s FROM steps WHERE id = v_zombie.id;
+        CONTINUE WHEN s.status <> 'running' OR s.lease_expires_at >= _clock();
+        v_reset := v_reset || jsonb_build_object('step_id', s.id, 'campaign_id', s.campaign_id,
+                                                  'now', _attempt_failed(s, 'lease expired'));
+    END LOOP;
+    RETURN jsonb_build_object('reset', jsonb_array_length(v_reset), 'steps', v_reset);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION release_step(step_id bigint, claim_token uuid) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    s steps := _lock_claimed_step(step_id, claim_token, 'release_step');
+BEGIN
+    PERFORM _leave_running(s.campaign_id, s.id, s.claimed_at, s.requires_locks);
+    UPDATE steps SET status = 'pending', claim_token = NULL, claim_owner = NULL, lease_expires_at = NULL
+     WHERE id = s.id;
+    PERFORM _bump_counters(s.campaign_id, 0, 0, 1);
+    PERFORM _emit(s.campaign_id, s.id, 'step.released');
+    RETURN jsonb_build_object('step_id', s.id, 'status', 'pending');
+END
+$$;
+
+-- sql/engine/budget.sql
+CREATE OR REPLACE FUNCTION _enforce_budget(p_campaign uuid) RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    c campaigns;
+BEGIN
+    UPDATE campaigns SET status = 'paused', status_reason = 'budget_exhausted', updated_at = now()
+     WHERE id = p_campaign AND status = 'active' AND token_budget IS NOT NULL AND tokens_used >= token_budget
+    RETURNING * INTO c;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM _emit(c.id, NULL, 'campaign.paused', jsonb_build_object('reason', 'budget_exhausted',
+                 'tokens_used', c.tokens_used, 'token_budget', c.token_budget));
+    PERFORM _notify_campaign(c.id, 'milestone', format('Campaign %s paused: token budget exhausted (%s of %s tokens)',
+                                                      c.name, c.tokens_used, c.token_budget));
+    RETURN true;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION enforce_budgets() RETURNS integer
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    v_id uuid;
+    v_paused integer := 0;
+BEGIN
+    FOR v_id IN SELECT id FROM campaigns
+                 WHERE status = 'active' AND token_budget IS NOT NULL AND tokens_used >= token_budget
+                 ORDER BY id LOOP
+        PERFORM _lock_campaign(v_id);
+        IF _enforce_budget(v_id) THEN
+            v_paused := v_paused + 1;
+        END IF;
+    END LOOP;
+    RETURN v_paused;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _check_tokens(p_tokens bigint) RETURNS bigint
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+    IF p_tokens IS NOT NULL AND p_tokens < 0 THEN
+        PERFORM _raise('invalid_argument', 'tokens_used cannot be negative');
+    END IF;
+    RETURN coalesce(p_tokens, 0);
+END
+$$;
+
+-- sql/engine/input.sql
+CREATE OR REPLACE FUNCTION request_input(step_id bigint, claim_token uuid, question text, partial_output text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    s steps := _lock_claimed_step(step_id, claim_token, 'request_input');
+BEGIN
+    IF question IS NULL OR btrim(question) = '' THEN
+        PERFORM _raise('invalid_argument', 'question is empty: ask what you need decided');
+    END IF;
+    PERFORM _leave_running(s.campaign_id, s.id, s.claimed_at, s.requires_locks);
+    UPDATE steps
+       SET status = 'waiting_input', question = request_input.question, answer = NULL,
+           output = coalesce(partial_output, steps.output),
+           claim_token = NULL, lease_expires_at = NULL
+     WHERE id = s.id;
+    PERFORM _emit(s.campaign_id, s.id, 'input.requested', jsonb_build_object('question', question));
+    PERFORM _notify_campaign(s.campaign_id, 'milestone', format('Step %s asks: %s', s.id, question));
+    RETURN jsonb_build_object('step_id', s.id, 'status', 'waiting_input',
+        'message', 'your step is paused; it will be dispatched again with the answer');
+END
+$$;
+
+CREATE OR REPLACE FUNCTION provide_input(id uuid, step_id bigint, answer text, request_id text DEFAULT NULL) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    c campaigns := _lock_campaign(id);
+    s steps;
+BEGIN
+    -- SPEC §14: a repeat with the same request_id returns the first result (idempotency.sql).
+    IF request_id IS NOT NULL THEN
+        RETURN coalesce(_replay(request_id, 'provide_input', jsonb_build_object('id', id, 'step_id', step_id, 'answer', answer)),
+                        _keep(request_id, 'provide_input', jsonb_build_object('id', id, 'step_id', step_id, 'answer', answer),
+                              provide_input(id => id, step_id => step_id, answer => answer)));
+    END IF;
+    IF answer IS NULL OR btrim(answer) = '' THEN
+        PERFORM _raise('invalid_argument', 'answer is empty');
+    END IF;
+    SELECT * INTO s FROM steps WHERE steps.id = step_id AND steps.campaign_id = c.id FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM _raise('not_found', format('campaign %s has no step %s', c.id, step_id));
+    END IF;
+    IF s.status <> 'waiting_input' THEN
+        PERFORM _raise('invalid_state', format('step %s is %s, not waiting for input', s.id, s.status));
+    END IF;
+    UPDATE steps SET status = 'pending', answer = provide_input.answer, not_before = '-infinity'
+     WHERE steps.id = s.id;
+    PERFORM _bump_counters(c.id, 0, 0, 1);
+    PERFORM _emit(c.id, s.id, 'input.provided', jsonb_build_object('answer', answer));
+    RETURN jsonb_build_object('step_id', s.id, 'status', 'pending', 'question', s.question, 'answer', answer);
+END
+$$;
+
+-- sql/engine/add_steps.sql
+CREATE OR REPLACE FUNCTION _newest_continuation(p_step bigint) RETURNS bigint
+LANGUAGE sql STABLE
+AS $$
+    WITH RECURSIVE chain(id, next) AS (
+        SELECT id, continued_by FROM steps WHERE id = p_step
+        UNION ALL
+        SELECT s.id, s.continued_by FROM steps s JOIN chain c ON s.id = c.next
+    )
+    SELECT id FROM chain WHERE next IS NULL;
+$$;
+
+CREATE OR REPLACE FUNCTION _unwrap(p_answer jsonb) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+    IF p_answer ? 'error' THEN
+        PERFORM _raise(p_answer #>> '{error,code}', p_answer #>> '{error,message}');
+    END IF;
+    RETURN p_answer -> 'ok';
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _insert_steps(c campaigns, p_expansion jsonb, p_parent bigint, p_depth integer,
+                             p_max_depth integer DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    v_nodes jsonb := p_expansion -> 'nodes';
+    v_count integer := jsonb_array_length(p_expansion -> 'nodes');
+    v_ids bigint[];
+    v_existing bigint[];
+    v_missing bigint;
+    v_zero bigint[];
+    v_doomed bigint[];
+    v_duplicates jsonb;
+    v_keys jsonb;
+BEGIN
+    IF p_max_depth IS NOT NULL AND p_depth + (p_expansion ->> 'max_level')::integer > p_max_depth THEN
+        PERFORM _raise('depth_limit', format(
+            'these steps would reach depth %s, beyond the campaign''s max_depth %s; complete your step yourself instead',
+            p_depth + (p_expansion ->> 'max_level')::integer, p_max_depth));
+    END IF;
+
+    -- Dependencies on existing steps: they must exist in this campaign (SPEC §12: a missing
+    -- id is never counted as satisfied).
+    SELECT coalesce(array_agg(DISTINCT d::bigint), '{}') INTO v_existing
+      FROM jsonb_array_elements(v_nodes) n, jsonb_array_elements_text(n -> 'existing_deps') d;
+    IF cardinality(v_existing) > 0 THEN
+        SELECT x INTO v_missing FROM unnest(v_existing) x
+         WHERE NOT EXISTS (SELECT 1 FROM steps s WHERE s.id = x AND s.campaign_id = c.id)
+         LIMIT 1;
+        IF v_missing IS NOT NULL THEN
+            PERFORM _raise('not_found', format('depends_on names step %s, which is not a step of campaign %s',
+                                              v_missing, c.id));
+        END IF;
+    END IF;
+
+    -- Ids are taken up front so that parents and local dependencies resolve in one INSERT.
+    SELECT array_agg(nextval(pg_get_serial_sequence('steps', 'id')) ORDER BY g) INTO v_ids
+      FROM generate_series(1, v_count) g;
+
+    INSERT INTO steps (id, campaign_id, parent_id, depth, position, action, agent, step_type,
+                       failure_policy, completion_threshold, members, remaining_deps, input,
+                       fingerprint, max_attempts, requires_locks, verify, created_at)
+    OVERRIDING SYSTEM VALUE
+    SELECT v_ids[i],
+           c.id,
+           CASE WHEN n ->> 'parent' IS NULL THEN p_parent ELSE v_ids[(n ->> 'parent')::integer + 1] END,
+           p_depth + (n ->> 'level')::integer,
+           (n ->> 'position')::integer,
+           n ->> 'action',
+           n ->> 'agent',
+           n ->> 'step_type',
+           coalesce(n ->> 'failure_policy', c.failure_policy),
+           (n ->> 'completion_threshold')::integer,
+           (n ->> 'members')::integer,
+           -- the gate of a new compound parent; dependencies are counted below
+           CASE WHEN n ->> 'parent' IS NULL THEN 0 ELSE 1 END,
+           n -> 'input',
+           nullif(n ->> 'fingerprint', ''),
+           coalesce((n ->> 'max_attempts')::integer, 3),
+           ARRAY(SELECT jsonb_array_elements_text(n -> 'requires_locks')),
+           n ->> 'verify',
+           _clock()
+      FROM jsonb_array_elements(v_nodes) WITH ORDINALITY AS t(n, i);
+
+    INSERT INTO step_dependencies (campaign_id, step_id, depends_on)
+    SELECT DISTINCT c.id, v_ids[i], dep
+      FROM jsonb_array_elements(v_nodes) WITH ORDINALITY AS t(n, i),
+           LATERAL (SELECT v_ids[l::integer + 1] AS dep FROM jsonb_array_elements_text(n -> 'local_deps') l
+                    UNION ALL
+                    SELECT _newest_continuation(e::bigint) FROM jsonb_array_elements_text(n -> 'existing_deps') e) deps;
+
+    UPDATE steps s
+       SET remaining_deps = s.remaining_deps + open.n
+      FROM (SELECT d.step_id, count(*) AS n
+              FROM step_dependencies d JOIN steps x ON x.id = d.depends_on
+             WHERE d.step_id = ANY (v_ids) AND x.status <> 'done'
+             GROUP BY d.step_id) open
+     WHERE s.id = open.step_id;
+
+    PERFORM _bump_counters(c.id, v_count, 0, 0);
+    SELECT coalesce(array_agg(id), '{}') INTO v_zero FROM steps WHERE id = ANY (v_ids) AND remaining_deps = 0;
+    PERFORM _unblocked(c.id, v_zero);
+
+    -- A step that depends on a failed or skipped step can never run (SPEC §12: never pending
+    -- forever): it is skipped now, with everything that waits on it.
+    SELECT coalesce(array_agg(DISTINCT d.step_id), '{}') INTO v_doomed
+      FROM step_dependencies d JOIN steps x ON x.id = d.depends_on
+     WHERE d.step_id = ANY (v_ids) AND x.status IN ('failed', 'skipped');
+    IF cardinality(v_doomed) > 0 THEN
+        PERFORM _skip_cascade(c.id, v_doomed, 'dependency', 'a dependency had already failed or been skipped');
+    END IF;
+
+    -- Advisory dedup: an atomic step matching a non-failed step of the campaign.
+    SELECT coalesce(jsonb_agg(jsonb_build_object('step_id', n.id, 'duplicate_of', d.id) ORDER BY n.id), '[]')
+      INTO v_duplicates
+      FROM steps n
+      CROSS JOIN LATERAL (
+          SELECT o.id FROM steps o
+           WHERE o.campaign_id = c.id AND o.fingerprint = n.fingerprint AND o.id < n.id AND o.status <> 'failed'
+           ORDER BY o.id LIMIT 1) d
+     WHERE n.id = ANY (v_ids) AND n.fingerprint IS NOT NULL;
+
+    SELECT coalesce(jsonb_object_agg(k, v_ids[(v)::integer + 1]), '{}') INTO v_keys
+      FROM jsonb_each_text(p_expansion -> 'keys') AS kv(k, v);
+
+    PERFORM _emit(c.id, NULL, 'steps.added', jsonb_build_object('created', v_count, 'duplicates', v_duplicates));
+    RETURN jsonb_build_object(
+        'step_ids', (SELECT jsonb_agg(v_ids[(t)::integer + 1] ORDER BY o)
+                       FROM jsonb_array_elements_text(p_expansion -> 'top_level') WITH ORDINALITY AS x(t, o)),
+        'keys', v_keys,
+        'created', v_count,
+        'duplicates', v_duplicates);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION add_steps(campaign_id uuid, steps jsonb, request_id text DEFAULT NULL) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    v_expansion jsonb;
+    c campaigns;
+BEGIN
+    -- SPEC §14: a repeat with the same request_id returns the first result (idempotency.sql).
+    IF request_id IS NOT NULL THEN
+        RETURN coalesce(_replay(request_id, 'add_steps', jsonb_build_object('campaign_id', campaign_id, 'steps', steps)),
+                        _keep(request_id, 'add_steps', jsonb_build_object('campaign_id', campaign_id, 'steps', steps),
+                              add_steps(campaign_id => campaign_id, steps => steps)));
+    END IF;
+    v_expansion := _unwrap(_expand_steps(steps));
+    c := _lock_campaign(campaign_id);
+    IF c.status NOT IN ('active', 'paused') THEN
+        PERFORM _raise('invalid_state', format('campaign %s is %s; steps can only be added to an active or paused campaign',
+                                              c.id, c.status));
+    END IF;
+    -- SPEC §13: the plan delay held the planner off until the coordinator's first steps; they
+    -- are here, so once they drain the planner may follow at once.
+    IF c.next_action_at > _clock() AND NOT _has_had_steps(c.id) THEN
+        UPDATE campaigns SET next_action_at = _clock() WHERE id = c.id;
+    END IF;
+    RETURN _insert_steps(c, v_expansion, NULL, 0);
+END
+$$;
+
+-- sql/engine/splice.sql
+CREATE OR REPLACE FUNCTION _spawn_allowed(p_depth integer, p_max_depth integer) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT p_depth + 1 <= p_max_depth $$;
+
+CREATE OR REPLACE FUNCTION can_spawn(step_id bigint) RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path FROM CURRENT
+AS $$
+    SELECT _spawn_allowed(s.depth, c.max_depth)
+      FROM steps s JOIN campaigns c ON c.id = s.campaign_id
+     WHERE s.id = $1
+$$;
+
+CREATE OR REPLACE FUNCTION _steps_waiting_for(p_step bigint) RETURNS SETOF bigint
+LANGUAGE sql STABLE
+AS $$
+    WITH RECURSIVE down(id, started_after) AS (
+        SELECT p_step, false
+        UNION
+        SELECT next.id, next.started_after
+          FROM down
+         CROSS JOIN LATERAL (
+             SELECT d.step_id AS id, true AS started_after FROM step_dependencies d WHERE d.depends_on = down.id
+             UNION ALL
+             SELECT s.parent_id, false FROM steps s WHERE s.id = down.id AND s.parent_id IS NOT NULL
+             UNION ALL
+             SELECT s.id, true FROM steps s WHERE s.parent_id = down.id AND down.started_after
+         ) next
+    )
+    SELECT DISTINCT id FROM down;
+$$;
+
+CREATE OR REPLACE FUNCTION spawn_and_continue(step_id bigint, claim_token uuid, subtasks jsonb, continuation jsonb,
+                                   partial_output text DEFAULT '', request_id text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    s steps;
+    v_arguments jsonb;
+    c campaigns;
+    v_expansion jsonb;
+    v_spawned jsonb;
+    v_subtask_ids bigint[];
+    v_cont_action text;
+    v_cont_agent text;
+    v_cont_input jsonb;
+    v_cont bigint;
+    v_cycle_dep bigint;
+BEGIN
+    -- SPEC §14: a repeat with the same request_id returns the first result (idempotency.sql).
+    IF request_id IS NOT NULL THEN
+        v_arguments := jsonb_build_object('step_id', step_id, 'claim_token', claim_token, 'subtasks', subtasks,
+                                          'continuation', continuation, 'partial_output', partial_output);
+        RETURN coalesce(_replay(request_id, 'spawn_and_continue', v_arguments),
+                        _keep(request_id, 'spawn_and_continue', v_arguments, spawn_and_continue(
+                            step_id => step_id, claim_token => claim_token, subtasks => subtasks,
+                            continuation => continuation, partial_output => partial_output)));
+    END IF;
+    s := _lock_claimed_step(step_id, claim_token, 'spawn_and_continue');
+    SELECT * INTO c FROM campaigns WHERE id = s.campaign_id;
+    IF subtasks IS NULL OR jsonb_typeof(subtasks) <> 'array' OR jsonb_array_length(subtasks) = 0 THEN
+        PERFORM _raise('invalid_argument', 'subtasks must list at least one step; to finish alone, call complete_step');
+    END IF;
+    IF NOT _spawn_allowed(s.depth, c.max_depth) THEN
+        PERFORM _raise('depth_limit', format('step %s is at depth %s and the campaign''s max_depth is %s; complete it yourself',
+                                            s.id, s.depth, c.max_depth));
+    END IF;
+    CASE jsonb_typeof(continuation)
+        WHEN 'string' THEN
+            v_cont_action := continuation #>> '{}';
+        WHEN 'object' THEN
+            IF EXISTS (SELECT 1 FROM jsonb_object_keys(continuation) k WHERE k NOT IN ('action', 'agent', 'input')) THEN
+                PERFORM _raise('invalid_argument', 'continuation takes action, agent and input only');
+            END IF;
+            v_cont_action := continuation ->> 'action';
+            v_cont_agent := continuation ->> 'agent';
+            v_cont_input := continuation -> 'input';
+        ELSE
+            NULL;
+    END CASE;
+    IF v_cont_action IS NULL OR btrim(v_cont_action) = '' THEN
+        PERFORM _raise('invalid_argument', 'continuation is required: the action that resumes your work once the subtasks are done');
+    END IF;
+    v_expansion := _unwrap(_expand_steps(subtasks));
+    -- SPEC §13: once rewired, whatever waited for this step waits for the continuation, which
+    -- waits for the subtasks; a subtask depending on any of those would wait for itself.
+    SELECT x.dep INTO v_cycle_dep
+      FROM (SELECT DISTINCT e::bigint AS dep
+              FROM jsonb_array_elements(v_expansion -> 'nodes') n,
+                   jsonb_array_elements_text(n -> 'existing_deps') e) x
+     WHERE EXISTS (SELECT 1 FROM steps o WHERE o.id = x.dep AND o.campaign_id = s.campaign_id)
+       AND _newest_continuation(x.dep) IN (SELECT _steps_waiting_for(s.id))
+     ORDER BY x.dep
+     LIMIT 1;
+    IF v_cycle_dep IS NOT NULL THEN
+        PERFORM _raise('cycle', format(
+            'a subtask depends on step %s, which waits for step %s; once the continuation takes step %s''s place they would wait for each other forever. A subtask cannot depend on work that waits for its spawner: drop that dependency',
+            v_cycle_dep, s.id, s.id));
+    END IF;
+
+    -- New work first, so the campaign never looks drained in between.
+    v_spawned := _insert_steps(c, v_expansion, s.id, s.depth + 1, c.max_depth);
+    SELECT array_agg(x::bigint) INTO v_subtask_ids FROM jsonb_array_elements_text(v_spawned -> 'step_ids') x;
+
+    INSERT INTO steps (campaign_id, parent_id, depth, position, action, agent, step_type, failure_policy,
+                       remaining_deps, input, fingerprint, continuation_of, max_attempts, requires_locks, verify,
+                       created_at)
+    -- The continuation finishes the spawner's work, so the spawner's check (SPEC §17) is its.
+    VALUES (s.campaign_id, s.parent_id, s.depth, s.position, v_cont_action, coalesce(v_cont_agent, s.agent), 'atomic',
+            s.failure_policy,
+            (SELECT count(*) FROM steps WHERE id = ANY (v_subtask_ids) AND status <> 'done'),
+            coalesce(v_cont_input, s.input),
+            _step_fingerprint(v_cont_action, coalesce(v_cont_agent, s.agent), coalesce(v_cont_input, s.input)),
+            s.id, s.max_attempts, s.requires_locks, s.verify, _clock())
+    RETURNING id INTO v_cont;
+    INSERT INTO step_dependencies (campaign_id, step_id, depends_on)
+    SELECT s.campaign_id, v_cont, x FROM unnest(v_subtask_ids) x;
+    -- Everything that waited for the spawner now waits for the continuation.
+    UPDATE step_dependencies SET depends_on = v_cont WHERE depends_on = s.id;
+    PERFORM _bump_counters(s.campaign_id, 1, 0, 0);
+    PERFORM _unblocked(s.campaign_id, ARRAY[v_cont]);
+
+    -- The spawner is done but hands its place among its parent's members to the continuation,
+    -- so it is neither counted by the parent nor releases anyone.
+    UPDATE steps
+       SET status = 'done', output = coalesce(partial_output, ''), continued_by = v_cont,
+           duration_ms = (extract(epoch FROM _clock() - s.claimed_at) * 1000)::bigint,
+           completed_at = _clock(), claim_token = NULL, lease_expires_at = NULL
+     WHERE id = s.id;
+    PERFORM _leave_running(s.campaign_id, s.id, s.claimed_at, s.requires_locks, p_open => -1);
+    PERFORM _emit(s.campaign_id, s.id, 'step.spliced', jsonb_build_object(
+        'subtask_ids', to_jsonb(v_subtask_ids), 'continuation_id', v_cont));
+    RETURN jsonb_build_object('step_id', s.id, 'status', 'done', 'subtask_ids', to_jsonb(v_subtask_ids),
+                              'continuation_id', v_cont, 'keys', v_spawned -> 'keys',
+                              'duplicates', v_spawned -> 'duplicates');
+END
+$$;
+
+-- sql/engine/abort.sql
+CREATE OR REPLACE FUNCTION abort_branch(target_id bigint, claim_token uuid, step_id bigint, output text, reason text)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    caller steps := _lock_claimed_step(step_id, claim_token, 'abort_branch');
+    t steps;
+    v_is_ancestor boolean;
+    v_children bigint[];
+    v_skipped bigint[];
+    v_note bigint;
+BEGIN
+    IF reason IS NULL OR btrim(reason) = '' THEN
+        PERFORM _raise('invalid_argument', 'reason is required: say why this branch is pointless');
+    END IF;
+    SELECT * INTO t FROM steps WHERE id = target_id AND campaign_id = caller.campaign_id FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM _raise('not_found', format('step %s is not a step of your campaign', target_id));
+    END IF;
+    WITH RECURSIVE up(id, parent_id) AS (
+        SELECT id, parent_id FROM steps WHERE id = caller.parent_id
+        UNION ALL
+        SELECT s.id, s.parent_id FROM steps s JOIN up ON s.id = up.parent_id
+    )
+    SELECT EXISTS (SELECT 1 FROM up WHERE up.id = t.id) INTO v_is_ancestor;
+    IF NOT v_is_ancestor THEN
+        PERFORM _raise('invalid_argument', format('step %s is not an ancestor of your step %s; you can only abort a branch you are inside',
+                                                 t.id, caller.id));
+    END IF;
+    IF t.status IN ('done', 'failed', 'skipped') THEN
+        PERFORM _raise('invalid_state', format('step %s is already %s and cannot be aborted', t.id, t.status));
+    END IF;
+
+    -- Settle target and caller first, so that the skips below find both closed.
+    UPDATE steps SET status = 'done', output = abort_branch.output, completed_at = _clock(),
+                     started_at = coalesce(started_at, _clock())
+     WHERE id = t.id;
+    UPDATE steps SET status = 'done', output = reason, completed_at = _clock(), claim_token = NULL,
+                     lease_expires_at = NULL,
+                     duration_ms = (extract(epoch FROM _clock() - caller.claimed_at) * 1000)::bigint
+     WHERE id = caller.id;
+    PERFORM _emit(caller.campaign_id, caller.id, 'step.done', jsonb_build_object('aborted_branch', t.id));
+    -- As in complete_step: the caller's counters and the steps it made ready in one update.
+    PERFORM _leave_running(caller.campaign_id, caller.id, caller.claimed_at, caller.requires_locks,
+                          p_open => -1, p_ready => _release_dependents(caller.campaign_id, caller.id));
+
+    SELECT coalesce(array_agg(id), '{}') INTO v_children FROM steps WHERE parent_id = t.id;
+    v_skipped := _skip_cascade(caller.campaign_id, v_children, 'abort',
+                              format('branch %s aborted by step %s: %s', t.id, caller.id, reason));
+    -- The caller counts as a resolved member of its parent, which is closed by now.
+    IF caller.continued_by IS NULL THEN
+        PERFORM _member_settled(caller.parent_id, 1, 0, NULL);
+    END IF;
+
+    INSERT INTO notes (campaign_id, step_id, agent, content, tags)
+    VALUES (caller.campaign_id, caller.id, caller.agent,
+            format('Aborted branch at step %s (%s): %s', t.id, t.action, reason), ARRAY['abort'])
+    RETURNING id INTO v_note;
+    PERFORM _emit(caller.campaign_id, caller.id, 'note.added', jsonb_build_object('note_id', v_note, 'tags', ARRAY['abort']));
+
+    PERFORM _bump_counters(t.campaign_id, -1, 0, 0);
+    PERFORM _after_done(t.campaign_id, t.id, t.parent_id);
+    RETURN jsonb_build_object('target_id', t.id, 'status', 'done', 'skipped', to_jsonb(v_skipped), 'note_id', v_note);
+END
+$$;
+
 -- sql/engine/campaigns.sql
-CREATE OR REPLACE FUNCTION campaign_summary(c campaigns) RETURNS jsonb
+CREATE OR REPLACE FUNCTION _campaign_summary(c campaigns) RETURNS jsonb
 LANGUAGE sql STABLE
 AS $$
     SELECT jsonb_build_object(
@@ -848,49 +2099,49 @@ BEGIN
                             steps => steps, plan_delay => plan_delay)));
     END IF;
     IF goal IS NULL OR btrim(goal) = '' THEN
-        PERFORM raise('invalid_argument', 'goal is required: say what the campaign should accomplish');
+        PERFORM _raise('invalid_argument', 'goal is required: say what the campaign should accomplish');
     END IF;
     IF coalesce(priority, 'normal') NOT IN ('urgent', 'high', 'normal', 'low', 'background') THEN
-        PERFORM raise('invalid_argument', format('priority %L is not one of urgent, high, normal, low, background', priority));
+        PERFORM _raise('invalid_argument', format('priority %L is not one of urgent, high, normal, low, background', priority));
     END IF;
     IF coalesce(success_direction, 'max') NOT IN ('max', 'min') THEN
-        PERFORM raise('invalid_argument', 'success_direction must be max or min');
+        PERFORM _raise('invalid_argument', 'success_direction must be max or min');
     END IF;
     IF coalesce(planner, 'llm') NOT IN ('llm', 'none') THEN
-        PERFORM raise('invalid_argument', 'planner must be llm or none');
+        PERFORM _raise('invalid_argument', 'planner must be llm or none');
     END IF;
     IF coalesce(failure_policy, 'continue') NOT IN ('continue', 'fail_fast') THEN
-        PERFORM raise('invalid_argument', 'failure_policy must be continue or fail_fast');
+        PERFORM _raise('invalid_argument', 'failure_policy must be continue or fail_fast');
     END IF;
     IF max_depth IS NOT NULL AND max_depth NOT BETWEEN 0 AND 64 THEN
-        PERFORM raise('invalid_argument', 'max_depth must be from 0 to 64');
+        PERFORM _raise('invalid_argument', 'max_depth must be from 0 to 64');
     END IF;
     IF max_parallel IS NOT NULL AND max_parallel < 1 THEN
-        PERFORM raise('invalid_argument', 'max_parallel must be at least 1 (omit it for no cap)');
+        PERFORM _raise('invalid_argument', 'max_parallel must be at least 1 (omit it for no cap)');
     END IF;
     IF token_budget IS NOT NULL AND token_budget < 1 THEN
-        PERFORM raise('invalid_argument', 'token_budget must be positive (omit it for no budget)');
+        PERFORM _raise('invalid_argument', 'token_budget must be positive (omit it for no budget)');
     END IF;
     IF max_iterations IS NOT NULL AND max_iterations < 1 THEN
-        PERFORM raise('invalid_argument', 'max_iterations must be positive');
+        PERFORM _raise('invalid_argument', 'max_iterations must be positive');
     END IF;
     IF name IS NOT NULL AND length(name) NOT BETWEEN 1 AND 200 THEN
-        PERFORM raise('invalid_argument', 'name must be 1 to 200 characters');
+        PERFORM _raise('invalid_argument', 'name must be 1 to 200 characters');
     END IF;
     IF context IS NOT NULL AND jsonb_typeof(context) <> 'object' THEN
-        PERFORM raise('invalid_argument', 'context must be a JSON object');
+        PERFORM _raise('invalid_argument', 'context must be a JSON object');
     END IF;
     IF plan_delay IS NOT NULL AND NOT (plan_delay BETWEEN 0 AND 86400) THEN
-        PERFORM raise('invalid_argument', 'plan_delay must be from 0 to 86400 seconds');
+        PERFORM _raise('invalid_argument', 'plan_delay must be from 0 to 86400 seconds');
     END IF;
     IF steps IS NOT NULL THEN
-        v_expansion := unwrap(expand_steps(steps));
+        v_expansion := _unwrap(_expand_steps(steps));
     END IF;
 
     INSERT INTO campaigns (name, goal, channel, priority, max_depth, token_budget, status, status_reason,
                            success_metric, success_target, success_direction, benchmark_command, scope,
                            max_iterations, max_parallel, planner, failure_policy, context, next_action_at)
-    VALUES (coalesce(name, name_from_goal(goal)), goal, channel, coalesce(priority, 'normal'),
+    VALUES (coalesce(name, _name_from_goal(goal)), goal, channel, coalesce(priority, 'normal'),
             coalesce(max_depth, 4), token_budget,
             CASE WHEN dry_run THEN 'paused' ELSE 'active' END,
             CASE WHEN dry_run THEN 'dry_run: review, then resume_campaign' END,
@@ -899,12 +2150,12 @@ BEGIN
             coalesce(context, '{}'),
             -- SPEC §13: a campaign created without steps gives its coordinator plan_delay
             -- seconds to add them before the planner may.
-            CASE WHEN v_expansion IS NULL THEN clock() + make_interval(secs => coalesce(plan_delay, 10))
-                 ELSE clock() END)
+            CASE WHEN v_expansion IS NULL THEN _clock() + make_interval(secs => coalesce(plan_delay, 10))
+                 ELSE _clock() END)
     RETURNING * INTO c;
-    PERFORM emit(c.id, NULL, 'campaign.created', jsonb_build_object('name', c.name));
+    PERFORM _emit(c.id, NULL, 'campaign.created', jsonb_build_object('name', c.name));
     IF v_expansion IS NOT NULL THEN
-        v_steps := insert_steps(c, v_expansion, NULL, 0);
+        v_steps := _insert_steps(c, v_expansion, NULL, 0);
     END IF;
     RETURN jsonb_build_object('id', c.id, 'name', c.name, 'status', c.status,
                               'next_action_at', c.next_action_at)
@@ -924,14 +2175,14 @@ DECLARE
     v_limit integer := least(greatest(coalesce("limit", 20), 1), 200);
 BEGIN
     IF status IS NOT NULL AND status NOT IN ('active', 'paused', 'done', 'failed', 'cancelled') THEN
-        PERFORM raise('invalid_argument', format('status %L is not one of active, paused, done, failed, cancelled', status));
+        PERFORM _raise('invalid_argument', format('status %L is not one of active, paused, done, failed, cancelled', status));
     END IF;
     IF cursor IS NOT NULL THEN
         BEGIN
             v_after_at := split_part(cursor, '|', 1)::timestamptz;
             v_after_id := split_part(cursor, '|', 2)::uuid;
         EXCEPTION WHEN others THEN
-            PERFORM raise('invalid_argument', 'cursor is not one this function returned');
+            PERFORM _raise('invalid_argument', 'cursor is not one this function returned');
         END;
     END IF;
     SELECT coalesce(jsonb_agg(r ORDER BY r_at DESC, r_id DESC), '[]') INTO v_rows FROM (
@@ -950,7 +2201,7 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION step_row(s steps) RETURNS jsonb
+CREATE OR REPLACE FUNCTION _step_row(s steps) RETURNS jsonb
 LANGUAGE sql STABLE
 AS $$
     SELECT jsonb_strip_nulls(jsonb_build_object(
@@ -976,19 +2227,19 @@ BEGIN
         BEGIN
             v_after := steps_cursor::bigint;
         EXCEPTION WHEN others THEN
-            PERFORM raise('invalid_argument', 'steps_cursor is not one get_campaign returned');
+            PERFORM _raise('invalid_argument', 'steps_cursor is not one get_campaign returned');
         END;
     END IF;
     SELECT * INTO c FROM campaigns WHERE campaigns.id = get_campaign.id;
     IF NOT FOUND THEN
-        PERFORM raise('not_found', format('campaign %s does not exist', get_campaign.id));
+        PERFORM _raise('not_found', format('campaign %s does not exist', get_campaign.id));
     END IF;
-    SELECT coalesce(jsonb_agg(step_row(s) ORDER BY s.id), '[]') INTO v_steps
+    SELECT coalesce(jsonb_agg(_step_row(s) ORDER BY s.id), '[]') INTO v_steps
       FROM (SELECT * FROM steps
              WHERE campaign_id = c.id AND (v_after IS NULL OR steps.id > v_after)
              ORDER BY steps.id
              LIMIT v_limit + 1) s;
-    RETURN campaign_summary(c) || jsonb_build_object(
+    RETURN _campaign_summary(c) || jsonb_build_object(
         'step_counts', (SELECT coalesce(jsonb_object_agg(status, n), '{}')
                           FROM (SELECT status, count(*) AS n FROM steps WHERE campaign_id = c.id GROUP BY status) t),
         'steps', CASE WHEN jsonb_array_length(v_steps) > v_limit THEN v_steps - v_limit ELSE v_steps END,
@@ -1006,7 +2257,7 @@ LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
 DECLARE
-    c campaigns := lock_campaign(id);
+    c campaigns := _lock_campaign(id);
 BEGIN
     -- SPEC §14: a repeat with the same request_id returns the first result (idempotency.sql).
     IF request_id IS NOT NULL THEN
@@ -1015,17 +2266,17 @@ BEGIN
                               steer_campaign(id => id, guidance => guidance)));
     END IF;
     IF guidance IS NULL OR btrim(guidance) = '' THEN
-        PERFORM raise('invalid_argument', 'guidance is empty: say what should change');
+        PERFORM _raise('invalid_argument', 'guidance is empty: say what should change');
     END IF;
     IF c.status NOT IN ('active', 'paused') THEN
-        PERFORM raise('invalid_state', format('campaign %s is %s and can no longer be steered', c.id, c.status));
+        PERFORM _raise('invalid_state', format('campaign %s is %s and can no longer be steered', c.id, c.status));
     END IF;
     UPDATE campaigns
-       SET guidance = campaigns.guidance || jsonb_build_array(jsonb_build_object('at', clock(), 'text', steer_campaign.guidance)),
-           updated_at = now(), next_action_at = clock()
+       SET guidance = campaigns.guidance || jsonb_build_array(jsonb_build_object('at', _clock(), 'text', steer_campaign.guidance)),
+           updated_at = now(), next_action_at = _clock()
      WHERE campaigns.id = c.id
     RETURNING * INTO c;
-    PERFORM emit(c.id, NULL, 'campaign.steered', jsonb_build_object('guidance', steer_campaign.guidance));
+    PERFORM _emit(c.id, NULL, 'campaign.steered', jsonb_build_object('guidance', steer_campaign.guidance));
     RETURN jsonb_build_object('id', c.id, 'guidance', c.guidance, 'strategy', c.strategy);
 END
 $$;
@@ -1035,14 +2286,14 @@ LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
 DECLARE
-    c campaigns := lock_campaign(id);
+    c campaigns := _lock_campaign(id);
 BEGIN
     IF c.status <> 'active' THEN
-        PERFORM raise('invalid_state', format('campaign %s is %s; only an active campaign can be paused', c.id, c.status));
+        PERFORM _raise('invalid_state', format('campaign %s is %s; only an active campaign can be paused', c.id, c.status));
     END IF;
     UPDATE campaigns SET status = 'paused', status_reason = 'paused by request', updated_at = now()
      WHERE campaigns.id = c.id;
-    PERFORM emit(c.id, NULL, 'campaign.paused');
+    PERFORM _emit(c.id, NULL, 'campaign.paused');
     RETURN jsonb_build_object('id', c.id, 'status', 'paused', 'running_steps', c.running_steps);
 END
 $$;
@@ -1052,19 +2303,19 @@ LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
 DECLARE
-    c campaigns := lock_campaign(id);
+    c campaigns := _lock_campaign(id);
 BEGIN
     IF c.status <> 'paused' THEN
-        PERFORM raise('invalid_state', format('campaign %s is %s; only a paused campaign can be resumed', c.id, c.status));
+        PERFORM _raise('invalid_state', format('campaign %s is %s; only a paused campaign can be resumed', c.id, c.status));
     END IF;
     IF c.token_budget IS NOT NULL AND c.tokens_used >= c.token_budget THEN
-        PERFORM raise('budget_exhausted', format(
+        PERFORM _raise('budget_exhausted', format(
             'campaign %s has used %s of its %s tokens; raise token_budget before resuming', c.id, c.tokens_used, c.token_budget));
     END IF;
-    UPDATE campaigns SET status = 'active', status_reason = NULL, updated_at = now(), next_action_at = clock()
+    UPDATE campaigns SET status = 'active', status_reason = NULL, updated_at = now(), next_action_at = _clock()
      WHERE campaigns.id = c.id;
-    PERFORM emit(c.id, NULL, 'campaign.resumed');
-    PERFORM check_drained(c.id);
+    PERFORM _emit(c.id, NULL, 'campaign.resumed');
+    PERFORM _check_drained(c.id);
     RETURN jsonb_build_object('id', c.id, 'status', (SELECT status FROM campaigns WHERE campaigns.id = c.id));
 END
 $$;
@@ -1074,39 +2325,18 @@ LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
 DECLARE
-    c campaigns := lock_campaign(id);
+    c campaigns := _lock_campaign(id);
     v_open integer := c.open_steps;
 BEGIN
     IF c.status NOT IN ('active', 'paused') THEN
-        PERFORM raise('invalid_state', format('campaign %s is already %s', c.id, c.status));
+        PERFORM _raise('invalid_state', format('campaign %s is already %s', c.id, c.status));
     END IF;
-    PERFORM end_campaign(c.id, 'cancelled', coalesce(reason, 'cancelled by request'));
+    PERFORM _end_campaign(c.id, 'cancelled', coalesce(reason, 'cancelled by request'));
     RETURN jsonb_build_object('id', c.id, 'status', 'cancelled', 'skipped_steps', v_open);
 END
 $$;
 
-CREATE OR REPLACE FUNCTION finish_campaign(id uuid) RETURNS jsonb
-LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
-AS $$
-DECLARE
-    c campaigns := lock_campaign(id);
-BEGIN
-    IF c.status NOT IN ('active', 'paused') THEN
-        PERFORM raise('invalid_state', format('campaign %s is already %s', c.id, c.status));
-    END IF;
-    IF c.open_steps > 0 THEN
-        PERFORM raise('invalid_state', format('campaign %s still has %s open steps', c.id, c.open_steps));
-    END IF;
-    -- SPEC §13: never having had a step is waiting, not being drained.
-    IF NOT has_had_steps(c.id) THEN
-        PERFORM raise('invalid_state', format('campaign %s has had no steps yet: add_steps to it, or cancel_campaign to end it',
-                                              c.id));
-    END IF;
-    RETURN jsonb_build_object('id', c.id, 'status', finish_drained(c));
-END
-$$;
-
+-- sql/engine/success.sql
 CREATE OR REPLACE FUNCTION check_success(id uuid) RETURNS jsonb
 LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
@@ -1119,7 +2349,7 @@ DECLARE
 BEGIN
     SELECT * INTO c FROM campaigns WHERE campaigns.id = check_success.id;
     IF NOT FOUND THEN
-        PERFORM raise('not_found', format('campaign %s does not exist', check_success.id));
+        PERFORM _raise('not_found', format('campaign %s does not exist', check_success.id));
     END IF;
     IF c.success_metric IS NULL THEN
         RETURN jsonb_build_object('met', NULL, 'reason', 'this campaign has no success contract (success_metric is not set)',
@@ -1131,20 +2361,20 @@ BEGIN
     SELECT CASE WHEN c.benchmark_command IS NOT NULL THEN c.benchmark_runs ELSE count(*) END
       INTO v_iterations FROM notes n
      WHERE n.campaign_id = c.id AND ('metric:' || c.success_metric) = ANY (n.tags)
-       AND parse_metric(c.success_metric, n.content) IS NOT NULL;
-    SELECT parse_metric(c.success_metric, n.content), n.id INTO v_value, v_note
+       AND _parse_metric(c.success_metric, n.content) IS NOT NULL;
+    SELECT _parse_metric(c.success_metric, n.content), n.id INTO v_value, v_note
       FROM notes n
      WHERE n.campaign_id = c.id AND ('metric:' || c.success_metric) = ANY (n.tags)
-       AND parse_metric(c.success_metric, n.content) IS NOT NULL
+       AND _parse_metric(c.success_metric, n.content) IS NOT NULL
      ORDER BY n.id DESC LIMIT 1;
     RETURN jsonb_build_object(
         'met', CASE WHEN v_value IS NULL THEN false
                     WHEN c.success_target IS NULL THEN NULL
-                    ELSE metric_met(v_value, c.success_target, c.success_direction) END,
+                    ELSE _metric_met(v_value, c.success_target, c.success_direction) END,
         'reason', CASE
             WHEN v_value IS NULL THEN format('no note tagged metric:%s with a value yet', c.success_metric)
             WHEN c.success_target IS NULL THEN format('%s = %s; no target set, so nothing to compare', c.success_metric, v_value)
-            WHEN metric_met(v_value, c.success_target, c.success_direction)
+            WHEN _metric_met(v_value, c.success_target, c.success_direction)
                 THEN format('%s = %s meets the target %s (%s)', c.success_metric, v_value, c.success_target, c.success_direction)
             ELSE format('%s = %s does not meet the target %s (%s)', c.success_metric, v_value, c.success_target, c.success_direction) END,
         'metric', c.success_metric,
@@ -1161,19 +2391,111 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION take_benchmark(lease_seconds integer DEFAULT 900) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    c campaigns;
+BEGIN
+    SELECT * INTO c FROM campaigns
+     WHERE benchmark_due AND status = 'active'
+       AND (benchmark_lease_until IS NULL OR benchmark_lease_until <= _clock())
+     ORDER BY updated_at
+     LIMIT 1
+       FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    UPDATE campaigns SET benchmark_lease_until = _clock() + make_interval(secs => greatest(coalesce(lease_seconds, 900), 1)),
+                         benchmark_seen_step = (SELECT max(s.id) FROM steps s WHERE s.campaign_id = c.id)
+     WHERE id = c.id;
+    RETURN jsonb_build_object('campaign_id', c.id, 'benchmark_command', c.benchmark_command,
+                              'success_metric', c.success_metric);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION record_benchmark(campaign_id uuid, exit_code integer, output text DEFAULT '') RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    c campaigns := _lock_campaign(campaign_id);
+    v_line text;
+    v_value double precision;
+    v_success jsonb;
+    v_status text;
+BEGIN
+    IF NOT c.benchmark_due OR c.status <> 'active' THEN
+        PERFORM _raise('invalid_state', format('campaign %s has no benchmark due', c.id));
+    END IF;
+    -- Steps added after the run started: it measured the work before them. It is kept as the
+    -- last run but judges nothing and counts no iteration; the benchmark runs again once the
+    -- campaign drains (at once if it already has).
+    IF c.benchmark_seen_step IS NOT NULL
+       AND EXISTS (SELECT 1 FROM steps s WHERE s.campaign_id = c.id AND s.id > c.benchmark_seen_step) THEN
+        UPDATE campaigns
+           SET benchmark_due = (open_steps = 0), benchmark_lease_until = NULL, benchmark_seen_step = NULL,
+               last_benchmark = jsonb_build_object('exit_code', exit_code, 'stale', true,
+                                                   'output_tail', right(coalesce(output, ''), 2000), 'at', _clock()),
+               updated_at = now()
+         WHERE id = c.id;
+        RETURN jsonb_build_object('campaign_id', c.id, 'status', c.status, 'stale', true,
+                                  'message', 'steps were added while the benchmark ran: it runs again when they are done');
+    END IF;
+    IF c.success_metric IS NOT NULL THEN
+        SELECT l.line, _parse_metric(c.success_metric, l.line) INTO v_line, v_value
+          FROM regexp_split_to_table(coalesce(output, ''), E'\n') WITH ORDINALITY AS l(line, n)
+         WHERE strpos(l.line, '=') > 0 AND _parse_metric(c.success_metric, l.line) IS NOT NULL
+         ORDER BY l.n DESC
+         LIMIT 1;
+        IF v_line IS NOT NULL THEN
+            PERFORM add_note(campaign_id => c.id, content => left(btrim(v_line), 1000),
+                             tags => ARRAY['metric:' || c.success_metric, 'benchmark'], agent => 'benchmark');
+        END IF;
+    END IF;
+    UPDATE campaigns
+       SET benchmark_due = false, benchmark_lease_until = NULL, benchmark_seen_step = NULL,
+           benchmark_runs = benchmark_runs + 1,
+           last_benchmark = jsonb_build_object('exit_code', exit_code, 'metric_line', v_line, 'metric_value', v_value,
+                                               'output_tail', right(coalesce(output, ''), 2000), 'at', _clock()),
+           updated_at = now()
+     WHERE id = c.id
+    RETURNING * INTO c;
+    PERFORM _emit(c.id, NULL, 'campaign.benchmark_run', jsonb_build_object('exit_code', exit_code, 'metric_value', v_value));
+    v_success := CASE WHEN c.success_metric IS NOT NULL THEN check_success(c.id) END;
+    IF c.open_steps > 0 THEN
+        v_status := c.status;
+    ELSIF c.planner = 'llm' AND (v_success ->> 'met')::boolean IS NOT TRUE
+          AND (v_success IS NULL OR (v_success ->> 'iterations_exhausted')::boolean IS NOT TRUE) THEN
+        -- Not there yet: the planner is asked for more at once.
+        UPDATE campaigns SET next_action_at = _clock() WHERE id = c.id;
+        PERFORM _emit(c.id, NULL, 'campaign.drained');
+        v_status := 'active';
+    ELSE
+        v_status := _finish_drained(c);
+    END IF;
+    RETURN jsonb_build_object('campaign_id', c.id, 'status', v_status, 'metric_value', v_value,
+                              'metric_line', v_line, 'exit_code', exit_code,
+                              'iterations_used', v_success -> 'iterations_used', 'met', v_success -> 'met');
+END
+$$;
+
+-- sql/engine/planning.sql
 CREATE OR REPLACE FUNCTION begin_planning(id uuid, lease_seconds integer DEFAULT 300) RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
 DECLARE
-    c campaigns := lock_campaign(id);
+    c campaigns := _lock_campaign(id);
 BEGIN
     IF c.status <> 'active' OR c.open_steps > 0 OR c.planner <> 'llm'
-       OR (c.planner_lease_until IS NOT NULL AND c.planner_lease_until > clock())
-       OR (c.next_action_at IS NOT NULL AND c.next_action_at > clock()) THEN
+       OR (c.planner_lease_until IS NOT NULL AND c.planner_lease_until > _clock())
+       OR (c.next_action_at IS NOT NULL AND c.next_action_at > _clock()) THEN
         RETURN jsonb_build_object('granted', false);
     END IF;
-    UPDATE campaigns SET planner_lease_until = clock() + make_interval(secs => greatest(lease_seconds, 1))
+    UPDATE campaigns SET planner_lease_until = _clock() + make_interval(secs => greatest(lease_seconds, 1))
      WHERE campaigns.id = c.id;
     RETURN jsonb_build_object('granted', true);
 END
@@ -1190,13 +2512,13 @@ AS $$
        -- SPEC §17: its benchmark runs first; record_benchmark() hands it back.
        AND NOT c.benchmark_due
        AND CASE WHEN coalesce(planner_configured, true) THEN
-                     (c.planner_lease_until IS NULL OR c.planner_lease_until <= clock())
-                 AND (c.next_action_at IS NULL OR c.next_action_at <= clock())
-                 AND (c.created_at + make_interval(secs => greatest(coalesce(plan_delay, 10), 0)) <= clock()
-                      OR has_had_steps(c.id))
+                     (c.planner_lease_until IS NULL OR c.planner_lease_until <= _clock())
+                 AND (c.next_action_at IS NULL OR c.next_action_at <= _clock())
+                 AND (c.created_at + make_interval(secs => greatest(coalesce(plan_delay, 10), 0)) <= _clock()
+                      OR _has_had_steps(c.id))
                 -- Nothing to plan with: only the planner's schedule would wait, so a drained
                 -- campaign is handed over to be ended at once.
-                ELSE has_had_steps(c.id) END
+                ELSE _has_had_steps(c.id) END
      ORDER BY c.next_action_at NULLS FIRST, c.created_at
      LIMIT greatest("limit", 0);
 $$;
@@ -1211,7 +2533,7 @@ DECLARE
 BEGIN
     SELECT * INTO c FROM campaigns x WHERE x.id = campaign_id;
     IF NOT FOUND THEN
-        PERFORM raise('not_found', format('campaign %s does not exist', campaign_id));
+        PERFORM _raise('not_found', format('campaign %s does not exist', campaign_id));
     END IF;
     RETURN jsonb_build_object(
         'goal', c.goal, 'strategy', c.strategy, 'progress', c.progress, 'guidance', c.guidance,
@@ -1248,109 +2570,18 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION take_benchmark(lease_seconds integer DEFAULT 900) RETURNS jsonb
-LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
-AS $$
-DECLARE
-    c campaigns;
-BEGIN
-    SELECT * INTO c FROM campaigns
-     WHERE benchmark_due AND status = 'active'
-       AND (benchmark_lease_until IS NULL OR benchmark_lease_until <= clock())
-     ORDER BY updated_at
-     LIMIT 1
-       FOR UPDATE SKIP LOCKED;
-    IF NOT FOUND THEN
-        RETURN NULL;
-    END IF;
-    UPDATE campaigns SET benchmark_lease_until = clock() + make_interval(secs => greatest(coalesce(lease_seconds, 900), 1)),
-                         benchmark_seen_step = (SELECT max(s.id) FROM steps s WHERE s.campaign_id = c.id)
-     WHERE id = c.id;
-    RETURN jsonb_build_object('campaign_id', c.id, 'benchmark_command', c.benchmark_command,
-                              'success_metric', c.success_metric);
-END
-$$;
-
-CREATE OR REPLACE FUNCTION record_benchmark(campaign_id uuid, exit_code integer, output text DEFAULT '') RETURNS jsonb
-LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
-AS $$
-#variable_conflict use_variable
-DECLARE
-    c campaigns := lock_campaign(campaign_id);
-    v_line text;
-    v_value double precision;
-    v_success jsonb;
-    v_status text;
-BEGIN
-    IF NOT c.benchmark_due OR c.status <> 'active' THEN
-        PERFORM raise('invalid_state', format('campaign %s has no benchmark due', c.id));
-    END IF;
-    -- Steps added after the run started: it measured the work before them. It is kept as the
-    -- last run but judges nothing and counts no iteration; the benchmark runs again once the
-    -- campaign drains (at once if it already has).
-    IF c.benchmark_seen_step IS NOT NULL
-       AND EXISTS (SELECT 1 FROM steps s WHERE s.campaign_id = c.id AND s.id > c.benchmark_seen_step) THEN
-        UPDATE campaigns
-           SET benchmark_due = (open_steps = 0), benchmark_lease_until = NULL, benchmark_seen_step = NULL,
-               last_benchmark = jsonb_build_object('exit_code', exit_code, 'stale', true,
-                                                   'output_tail', right(coalesce(output, ''), 2000), 'at', clock()),
-               updated_at = now()
-         WHERE id = c.id;
-        RETURN jsonb_build_object('campaign_id', c.id, 'status', c.status, 'stale', true,
-                                  'message', 'steps were added while the benchmark ran: it runs again when they are done');
-    END IF;
-    IF c.success_metric IS NOT NULL THEN
-        SELECT l.line, parse_metric(c.success_metric, l.line) INTO v_line, v_value
-          FROM regexp_split_to_table(coalesce(output, ''), E'\n') WITH ORDINALITY AS l(line, n)
-         WHERE strpos(l.line, '=') > 0 AND parse_metric(c.success_metric, l.line) IS NOT NULL
-         ORDER BY l.n DESC
-         LIMIT 1;
-        IF v_line IS NOT NULL THEN
-            PERFORM add_note(campaign_id => c.id, content => left(btrim(v_line), 1000),
-                             tags => ARRAY['metric:' || c.success_metric, 'benchmark'], agent => 'benchmark');
-        END IF;
-    END IF;
-    UPDATE campaigns
-       SET benchmark_due = false, benchmark_lease_until = NULL, benchmark_seen_step = NULL,
-           benchmark_runs = benchmark_runs + 1,
-           last_benchmark = jsonb_build_object('exit_code', exit_code, 'metric_line', v_line, 'metric_value', v_value,
-                                               'output_tail', right(coalesce(output, ''), 2000), 'at', clock()),
-           updated_at = now()
-     WHERE id = c.id
-    RETURNING * INTO c;
-    PERFORM emit(c.id, NULL, 'campaign.benchmark_run', jsonb_build_object('exit_code', exit_code, 'metric_value', v_value));
-    v_success := CASE WHEN c.success_metric IS NOT NULL THEN check_success(c.id) END;
-    IF c.open_steps > 0 THEN
-        v_status := c.status;
-    ELSIF c.planner = 'llm' AND (v_success ->> 'met')::boolean IS NOT TRUE
-          AND (v_success IS NULL OR (v_success ->> 'iterations_exhausted')::boolean IS NOT TRUE) THEN
-        -- Not there yet: the planner is asked for more at once.
-        UPDATE campaigns SET next_action_at = clock() WHERE id = c.id;
-        PERFORM emit(c.id, NULL, 'campaign.drained');
-        v_status := 'active';
-    ELSE
-        v_status := finish_drained(c);
-    END IF;
-    RETURN jsonb_build_object('campaign_id', c.id, 'status', v_status, 'metric_value', v_value,
-                              'metric_line', v_line, 'exit_code', exit_code,
-                              'iterations_used', v_success -> 'iterations_used', 'met', v_success -> 'met');
-END
-$$;
-
 CREATE OR REPLACE FUNCTION apply_plan(campaign_id uuid, plan jsonb) RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
 DECLARE
-    v_plan jsonb := unwrap(parse_plan(plan));
-    c campaigns := lock_campaign(campaign_id);
+    v_plan jsonb := _unwrap(_parse_plan(plan));
+    c campaigns := _lock_campaign(campaign_id);
     v_steps jsonb;
     v_status text;
 BEGIN
     IF c.status NOT IN ('active', 'paused') THEN
-        PERFORM raise('invalid_state', format('campaign %s is %s; a plan cannot change it', c.id, c.status));
+        PERFORM _raise('invalid_state', format('campaign %s is %s; a plan cannot change it', c.id, c.status));
     END IF;
     UPDATE campaigns
        SET strategy = coalesce(v_plan ->> 'strategy_update', strategy),
@@ -1359,1160 +2590,27 @@ BEGIN
            planner_lease_until = NULL,
            -- A plan that neither adds steps nor ends the campaign would otherwise be asked again
            -- at once: it waits 5 minutes unless it names its own delay.
-           next_action_at = clock() + make_interval(secs => 60 * coalesce((v_plan ->> 'next_delay_minutes')::double precision,
+           next_action_at = _clock() + make_interval(secs => 60 * coalesce((v_plan ->> 'next_delay_minutes')::double precision,
                                                     CASE WHEN jsonb_typeof(v_plan -> 'new_steps') = 'object' THEN 0 ELSE 5 END)),
            updated_at = now()
      WHERE campaigns.id = c.id
     RETURNING * INTO c;
     IF v_plan -> 'notify' IS NOT NULL AND jsonb_typeof(v_plan -> 'notify') = 'object' THEN
-        PERFORM notify_campaign(c.id, v_plan #>> '{notify,level}', v_plan #>> '{notify,message}');
+        PERFORM _notify_campaign(c.id, v_plan #>> '{notify,level}', v_plan #>> '{notify,message}');
     END IF;
     IF jsonb_typeof(v_plan -> 'new_steps') = 'object' THEN
-        v_steps := insert_steps(c, unwrap(v_plan -> 'new_steps'), NULL, 0);
+        v_steps := _insert_steps(c, _unwrap(v_plan -> 'new_steps'), NULL, 0);
     END IF;
-    PERFORM emit(c.id, NULL, 'plan.applied', jsonb_build_object(
+    PERFORM _emit(c.id, NULL, 'plan.applied', jsonb_build_object(
         'created', coalesce((v_steps ->> 'created')::integer, 0), 'done', (v_plan ->> 'done')::boolean));
     IF (v_plan ->> 'done')::boolean THEN
         IF c.open_steps > 0 THEN
-            PERFORM raise('invalid_state', format('the plan says done but campaign %s still has %s open steps', c.id, c.open_steps));
+            PERFORM _raise('invalid_state', format('the plan says done but campaign %s still has %s open steps', c.id, c.open_steps));
         END IF;
-        v_status := finish_drained(c);
+        v_status := _finish_drained(c);
     END IF;
     RETURN jsonb_build_object('campaign_id', c.id, 'status', coalesce(v_status, c.status),
                               'steps', v_steps, 'next_action_at', c.next_action_at);
-END
-$$;
-
--- sql/engine/add_steps.sql
-CREATE OR REPLACE FUNCTION newest_continuation(p_step bigint) RETURNS bigint
-LANGUAGE sql STABLE
-AS $$
-    WITH RECURSIVE chain(id, next) AS (
-        SELECT id, continued_by FROM steps WHERE id = p_step
-        UNION ALL
-        SELECT s.id, s.continued_by FROM steps s JOIN chain c ON s.id = c.next
-    )
-    SELECT id FROM chain WHERE next IS NULL;
-$$;
-
-CREATE OR REPLACE FUNCTION unwrap(p_answer jsonb) RETURNS jsonb
-LANGUAGE plpgsql IMMUTABLE
-AS $$
-BEGIN
-    IF p_answer ? 'error' THEN
-        PERFORM raise(p_answer #>> '{error,code}', p_answer #>> '{error,message}');
-    END IF;
-    RETURN p_answer -> 'ok';
-END
-$$;
-
-CREATE OR REPLACE FUNCTION insert_steps(c campaigns, p_expansion jsonb, p_parent bigint, p_depth integer,
-                             p_max_depth integer DEFAULT NULL)
-RETURNS jsonb
-LANGUAGE plpgsql VOLATILE
-AS $$
-DECLARE
-    v_nodes jsonb := p_expansion -> 'nodes';
-    v_count integer := jsonb_array_length(p_expansion -> 'nodes');
-    v_ids bigint[];
-    v_existing bigint[];
-    v_missing bigint;
-    v_zero bigint[];
-    v_doomed bigint[];
-    v_duplicates jsonb;
-    v_keys jsonb;
-BEGIN
-    IF p_max_depth IS NOT NULL AND p_depth + (p_expansion ->> 'max_level')::integer > p_max_depth THEN
-        PERFORM raise('depth_limit', format(
-            'these steps would reach depth %s, beyond the campaign''s max_depth %s; complete your step yourself instead',
-            p_depth + (p_expansion ->> 'max_level')::integer, p_max_depth));
-    END IF;
-
-    -- Dependencies on existing steps: they must exist in this campaign (SPEC §12: a missing
-    -- id is never counted as satisfied).
-    SELECT coalesce(array_agg(DISTINCT d::bigint), '{}') INTO v_existing
-      FROM jsonb_array_elements(v_nodes) n, jsonb_array_elements_text(n -> 'existing_deps') d;
-    IF cardinality(v_existing) > 0 THEN
-        SELECT x INTO v_missing FROM unnest(v_existing) x
-         WHERE NOT EXISTS (SELECT 1 FROM steps s WHERE s.id = x AND s.campaign_id = c.id)
-         LIMIT 1;
-        IF v_missing IS NOT NULL THEN
-            PERFORM raise('not_found', format('depends_on names step %s, which is not a step of campaign %s',
-                                              v_missing, c.id));
-        END IF;
-    END IF;
-
-    -- Ids are taken up front so that parents and local dependencies resolve in one INSERT.
-    SELECT array_agg(nextval(pg_get_serial_sequence('steps', 'id')) ORDER BY g) INTO v_ids
-      FROM generate_series(1, v_count) g;
-
-    INSERT INTO steps (id, campaign_id, parent_id, depth, position, action, agent, step_type,
-                       failure_policy, completion_threshold, members, remaining_deps, input,
-                       fingerprint, max_attempts, requires_locks, verify, created_at)
-    OVERRIDING SYSTEM VALUE
-    SELECT v_ids[i],
-           c.id,
-           CASE WHEN n ->> 'parent' IS NULL THEN p_parent ELSE v_ids[(n ->> 'parent')::integer + 1] END,
-           p_depth + (n ->> 'level')::integer,
-           (n ->> 'position')::integer,
-           n ->> 'action',
-           n ->> 'agent',
-           n ->> 'step_type',
-           coalesce(n ->> 'failure_policy', c.failure_policy),
-           (n ->> 'completion_threshold')::integer,
-           (n ->> 'members')::integer,
-           -- the gate of a new compound parent; dependencies are counted below
-           CASE WHEN n ->> 'parent' IS NULL THEN 0 ELSE 1 END,
-           n -> 'input',
-           nullif(n ->> 'fingerprint', ''),
-           coalesce((n ->> 'max_attempts')::integer, 3),
-           ARRAY(SELECT jsonb_array_elements_text(n -> 'requires_locks')),
-           n ->> 'verify',
-           clock()
-      FROM jsonb_array_elements(v_nodes) WITH ORDINALITY AS t(n, i);
-
-    INSERT INTO step_dependencies (campaign_id, step_id, depends_on)
-    SELECT DISTINCT c.id, v_ids[i], dep
-      FROM jsonb_array_elements(v_nodes) WITH ORDINALITY AS t(n, i),
-           LATERAL (SELECT v_ids[l::integer + 1] AS dep FROM jsonb_array_elements_text(n -> 'local_deps') l
-                    UNION ALL
-                    SELECT newest_continuation(e::bigint) FROM jsonb_array_elements_text(n -> 'existing_deps') e) deps;
-
-    UPDATE steps s
-       SET remaining_deps = s.remaining_deps + open.n
-      FROM (SELECT d.step_id, count(*) AS n
-              FROM step_dependencies d JOIN steps x ON x.id = d.depends_on
-             WHERE d.step_id = ANY (v_ids) AND x.status <> 'done'
-             GROUP BY d.step_id) open
-     WHERE s.id = open.step_id;
-
-    PERFORM bump_counters(c.id, v_count, 0, 0);
-    SELECT coalesce(array_agg(id), '{}') INTO v_zero FROM steps WHERE id = ANY (v_ids) AND remaining_deps = 0;
-    PERFORM unblocked(c.id, v_zero);
-
-    -- A step that depends on a failed or skipped step can never run (SPEC §12: never pending
-    -- forever): it is skipped now, with everything that waits on it.
-    SELECT coalesce(array_agg(DISTINCT d.step_id), '{}') INTO v_doomed
-      FROM step_dependencies d JOIN steps x ON x.id = d.depends_on
-     WHERE d.step_id = ANY (v_ids) AND x.status IN ('failed', 'skipped');
-    IF cardinality(v_doomed) > 0 THEN
-        PERFORM skip_cascade(c.id, v_doomed, 'dependency', 'a dependency had already failed or been skipped');
-    END IF;
-
-    -- Advisory dedup: an atomic step matching a non-failed step of the campaign.
-    SELECT coalesce(jsonb_agg(jsonb_build_object('step_id', n.id, 'duplicate_of', d.id) ORDER BY n.id), '[]')
-      INTO v_duplicates
-      FROM steps n
-      CROSS JOIN LATERAL (
-          SELECT o.id FROM steps o
-           WHERE o.campaign_id = c.id AND o.fingerprint = n.fingerprint AND o.id < n.id AND o.status <> 'failed'
-           ORDER BY o.id LIMIT 1) d
-     WHERE n.id = ANY (v_ids) AND n.fingerprint IS NOT NULL;
-
-    SELECT coalesce(jsonb_object_agg(k, v_ids[(v)::integer + 1]), '{}') INTO v_keys
-      FROM jsonb_each_text(p_expansion -> 'keys') AS kv(k, v);
-
-    PERFORM emit(c.id, NULL, 'steps.added', jsonb_build_object('created', v_count, 'duplicates', v_duplicates));
-    RETURN jsonb_build_object(
-        'step_ids', (SELECT jsonb_agg(v_ids[(t)::integer + 1] ORDER BY o)
-                       FROM jsonb_array_elements_text(p_expansion -> 'top_level') WITH ORDINALITY AS x(t, o)),
-        'keys', v_keys,
-        'created', v_count,
-        'duplicates', v_duplicates);
-END
-$$;
-
-CREATE OR REPLACE FUNCTION add_steps(campaign_id uuid, steps jsonb, request_id text DEFAULT NULL) RETURNS jsonb
-LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
-AS $$
-DECLARE
-    v_expansion jsonb;
-    c campaigns;
-BEGIN
-    -- SPEC §14: a repeat with the same request_id returns the first result (idempotency.sql).
-    IF request_id IS NOT NULL THEN
-        RETURN coalesce(_replay(request_id, 'add_steps', jsonb_build_object('campaign_id', campaign_id, 'steps', steps)),
-                        _keep(request_id, 'add_steps', jsonb_build_object('campaign_id', campaign_id, 'steps', steps),
-                              add_steps(campaign_id => campaign_id, steps => steps)));
-    END IF;
-    v_expansion := unwrap(expand_steps(steps));
-    c := lock_campaign(campaign_id);
-    IF c.status NOT IN ('active', 'paused') THEN
-        PERFORM raise('invalid_state', format('campaign %s is %s; steps can only be added to an active or paused campaign',
-                                              c.id, c.status));
-    END IF;
-    -- SPEC §13: the plan delay held the planner off until the coordinator's first steps; they
-    -- are here, so once they drain the planner may follow at once.
-    IF c.next_action_at > clock() AND NOT has_had_steps(c.id) THEN
-        UPDATE campaigns SET next_action_at = clock() WHERE id = c.id;
-    END IF;
-    RETURN insert_steps(c, v_expansion, NULL, 0);
-END
-$$;
-
--- sql/engine/claim.sql
-CREATE OR REPLACE FUNCTION provisional_slot_seconds() RETURNS double precision
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$ SELECT 60::double precision $$;
-
-CREATE OR REPLACE FUNCTION lock_key(p_entry text) RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$ SELECT CASE WHEN starts_with(p_entry, 'shared:') THEN substr(p_entry, 8) ELSE p_entry END $$;
-
-CREATE OR REPLACE FUNCTION lock_mode(p_entry text) RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$ SELECT CASE WHEN starts_with(p_entry, 'shared:') THEN 'shared' ELSE 'exclusive' END $$;
-
-CREATE OR REPLACE FUNCTION can_dispatch(p_status text, p_max_parallel integer, p_running integer,
-                             p_token_budget bigint, p_tokens_used bigint)
-RETURNS boolean
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$
-    SELECT p_status = 'active'
-       AND (p_max_parallel IS NULL OR p_running < p_max_parallel)
-       AND (p_token_budget IS NULL OR p_tokens_used < p_token_budget)
-$$;
-
-CREATE OR REPLACE FUNCTION take_locks(p_step bigint, p_campaign uuid, p_locks text[], p_expires timestamptz)
-RETURNS boolean
-LANGUAGE plpgsql VOLATILE
-AS $$
-DECLARE
-    v_root text;
-BEGIN
-    IF cardinality(p_locks) = 0 THEN
-        RETURN true;
-    END IF;
-    FOR v_root IN SELECT DISTINCT split_part(lock_key(e), '/', 1) AS r FROM unnest(p_locks) e ORDER BY r LOOP
-        PERFORM pg_advisory_xact_lock(hashtextextended('sortie.lock:' || v_root, 0));
-    END LOOP;
-    IF EXISTS (
-        SELECT 1
-          FROM unnest(p_locks) e
-          JOIN resource_leases l
-            ON (l.key = lock_key(e) OR starts_with(l.key, lock_key(e) || '/') OR starts_with(lock_key(e), l.key || '/'))
-         WHERE l.step_id <> p_step AND l.expires_at > clock()
-           AND NOT (l.mode = 'shared' AND lock_mode(e) = 'shared')) THEN
-        RETURN false;
-    END IF;
-    INSERT INTO resource_leases (key, mode, campaign_id, step_id, expires_at)
-    SELECT DISTINCT ON (lock_key(e)) lock_key(e), lock_mode(e), p_campaign, p_step, p_expires
-      FROM unnest(p_locks) e
-     ORDER BY lock_key(e), lock_mode(e) = 'shared'
-    ON CONFLICT (key, step_id) DO UPDATE SET expires_at = EXCLUDED.expires_at;
-    RETURN true;
-END
-$$;
-
-CREATE OR REPLACE FUNCTION take_step(p_step bigint, p_campaign uuid, p_parent bigint, p_locks text[],
-                          p_owner text, p_lease_seconds integer, p_dispatched boolean DEFAULT false)
-RETURNS jsonb
-LANGUAGE plpgsql VOLATILE
-AS $$
-DECLARE
-    v_expires timestamptz := clock() + make_interval(secs => p_lease_seconds);
-    v_parent bigint := p_parent;
-    v_started bigint;
-    v_claim jsonb;
-BEGIN
-    IF cardinality(p_locks) > 0 AND NOT take_locks(p_step, p_campaign, p_locks, v_expires) THEN
-        RETURN NULL;
-    END IF;
-    UPDATE steps
-       SET status = 'running', claim_token = gen_random_uuid(), claim_owner = p_owner,
-           claimed_at = clock(), heartbeat_at = clock(), lease_expires_at = v_expires,
-           started_at = coalesce(started_at, clock()), dispatched = p_dispatched
-     WHERE id = p_step
-    RETURNING jsonb_build_object('step_id', id, 'campaign_id', campaign_id, 'action', action,
-                                 'agent', agent, 'depth', depth, 'claim_token', claim_token,
-                                 'lease_expires_at', lease_expires_at, 'attempts', attempts)
-      INTO v_claim;
-    -- A compound step becomes running when its first child starts (its parents with it), and
-    -- says so in the log like any other step (SPEC §13).
-    WHILE v_parent IS NOT NULL LOOP
-        UPDATE steps SET status = 'running', started_at = clock()
-         WHERE id = v_parent AND status = 'pending'
-        RETURNING id, parent_id INTO v_started, v_parent;
-        EXIT WHEN NOT FOUND;
-        PERFORM emit(p_campaign, v_started, 'step.started', jsonb_build_object('step_type', 'compound'));
-    END LOOP;
-    PERFORM emit(p_campaign, p_step, 'step.claimed', jsonb_build_object('owner', p_owner));
-    RETURN v_claim;
-END
-$$;
-
-CREATE OR REPLACE FUNCTION count_claim(p_campaign uuid) RETURNS boolean
-LANGUAGE plpgsql VOLATILE
-AS $$
-BEGIN
-    UPDATE campaigns
-       SET running_steps = running_steps + 1, ready_steps = ready_steps - 1,
-           slot_seconds_used = slot_seconds_used + provisional_slot_seconds(), updated_at = now()
-     WHERE id = p_campaign AND ready_steps > 0
-       AND can_dispatch(status, max_parallel, running_steps, token_budget, tokens_used);
-    RETURN FOUND;
-END
-$$;
-
-CREATE OR REPLACE FUNCTION uncount_claim(p_campaign uuid) RETURNS void
-LANGUAGE plpgsql VOLATILE
-AS $$
-BEGIN
-    UPDATE campaigns
-       SET running_steps = running_steps - 1, ready_steps = ready_steps + 1,
-           slot_seconds_used = slot_seconds_used - provisional_slot_seconds()
-     WHERE id = p_campaign;
-END
-$$;
-
-CREATE OR REPLACE FUNCTION check_lease_seconds(p_lease_seconds integer) RETURNS integer
-LANGUAGE plpgsql IMMUTABLE
-AS $$
-BEGIN
-    IF p_lease_seconds IS NULL OR p_lease_seconds NOT BETWEEN 1 AND 604800 THEN
-        PERFORM raise('invalid_argument', 'lease_seconds must be from 1 to 604800 (one week)');
-    END IF;
-    RETURN p_lease_seconds;
-END
-$$;
-
-CREATE OR REPLACE FUNCTION ready_floor_slack() RETURNS bigint
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$ SELECT 32::bigint $$;
-
-CREATE OR REPLACE FUNCTION claim_in_campaign(p_campaign uuid, p_owner text, p_agent text, p_lease_seconds integer,
-                                  p_dispatched boolean DEFAULT false)
-RETURNS jsonb
-LANGUAGE plpgsql VOLATILE
-AS $$
-DECLARE
-    v_step bigint;
-    v_parent bigint;
-    v_locks text[];
-    v_claim jsonb;
-    v_floor bigint;
-    v_first bigint;
-    v_after bigint;
-BEGIN
-    SELECT ready_floor INTO v_floor FROM campaigns WHERE id = p_campaign;
-    -- The first ready step whatever its agent, back-off or lock keys: no ready step lies below
-    -- it, so the floor may rise to it.
-    SELECT id INTO v_first
-      FROM steps
-     WHERE (campaign_id, id) >= (p_campaign, v_floor) AND campaign_id <= p_campaign
-       AND status = 'pending' AND step_type = 'atomic' AND remaining_deps = 0
-     ORDER BY campaign_id, id
-     LIMIT 1;
-    IF NOT FOUND THEN
-        RETURN NULL;
-    END IF;
-    IF v_first - v_floor > ready_floor_slack() THEN
-        UPDATE campaigns SET ready_floor = v_first WHERE id = p_campaign;
-    END IF;
-    v_after := v_first - 1;
-    LOOP
-        SELECT id, parent_id, requires_locks INTO v_step, v_parent, v_locks
-          FROM steps
-         -- The row comparison is an index condition only an index led by (campaign_id, id)
-         -- can take: with a plain `id > v_after` a cached generic plan walked the primary key
-         -- through other campaigns' history (13 ms at 10^5 steps, docs/benchmarks.md). And it
-         -- is the only lower bound on campaign_id: beside `campaign_id = p_campaign` the
-         -- B-tree starts the scan at the equality, the campaign's first entry, and walks
-         -- every entry before (p_campaign, v_after); `campaign_id <= p_campaign` ends it.
-         WHERE (campaign_id, id) > (p_campaign, v_after) AND campaign_id <= p_campaign
-           AND status = 'pending' AND step_type = 'atomic' AND remaining_deps = 0
-           AND not_before <= clock()
-           AND (p_agent IS NULL OR agent IS NULL OR agent = p_agent)
-         ORDER BY campaign_id, id
-         LIMIT 1
-           FOR UPDATE SKIP LOCKED;
-        IF NOT FOUND THEN
-            RETURN NULL;
-        END IF;
-        v_claim := take_step(v_step, p_campaign, v_parent, v_locks, p_owner, p_lease_seconds, p_dispatched);
-        IF v_claim IS NOT NULL THEN
-            RETURN v_claim;
-        END IF;
-        v_after := v_step;
-    END LOOP;
-END
-$$;
-
-CREATE OR REPLACE FUNCTION _claim_one(p_owner text, p_agent text, p_campaign uuid, p_lease integer, p_dispatched boolean)
-RETURNS jsonb
-LANGUAGE plpgsql VOLATILE
-AS $$
-DECLARE
-    v_campaign uuid;
-    v_claim jsonb;
-    v_busy uuid[] := '{}';
-    v_round integer;
-BEGIN
-    IF p_campaign IS NOT NULL THEN
-        -- One update locks the campaign and counts the claim; it is taken back when no ready
-        -- step fits after all (agent, back-off, lock keys).
-        IF NOT count_claim(p_campaign) THEN
-            PERFORM 1 FROM campaigns x WHERE x.id = p_campaign;
-            IF NOT FOUND THEN
-                PERFORM raise('not_found', format('campaign %s does not exist', p_campaign));
-            END IF;
-            RETURN NULL;
-        END IF;
-        v_claim := claim_in_campaign(p_campaign, p_owner, p_agent, p_lease, p_dispatched);
-        IF v_claim IS NULL THEN
-            PERFORM uncount_claim(p_campaign);
-        END IF;
-        RETURN v_claim;
-    END IF;
-    -- Round 1 skips campaigns another transaction holds; round 2 waits for them, but only if
-    -- round 1 found nothing. Each try runs in a subtransaction that is undone when it claims
-    -- nothing, so a claimer never keeps a campaign it did not use and never waits while
-    -- holding one: two claimers cannot deadlock.
-    FOR v_round IN 1..2 LOOP
-        FOR v_campaign IN
-            SELECT x.id FROM campaigns x
-             WHERE x.ready_steps > 0
-               AND can_dispatch(x.status, x.max_parallel, x.running_steps, x.token_budget, x.tokens_used)
-               AND (v_round = 1 OR x.id = ANY (v_busy))
-             ORDER BY x.slot_seconds_used / x.weight, x.created_at
-        LOOP
-            BEGIN
-                IF v_round = 1 THEN
-                    PERFORM 1 FROM campaigns x WHERE x.id = v_campaign FOR UPDATE SKIP LOCKED;
-                ELSE
-                    PERFORM 1 FROM campaigns x WHERE x.id = v_campaign FOR UPDATE;
-                END IF;
-                IF NOT FOUND THEN
-                    v_busy := v_busy || v_campaign;
-                ELSE
-                    -- Undone with the subtransaction when nothing is claimed.
-                    v_claim := CASE WHEN count_claim(v_campaign)
-                                    THEN claim_in_campaign(v_campaign, p_owner, p_agent, p_lease, p_dispatched) END;
-                    IF v_claim IS NULL THEN
-                        RAISE EXCEPTION 'nothing to claim here' USING ERRCODE = 'SR099';
-                    END IF;
-                    RETURN v_claim;
-                END IF;
-            EXCEPTION WHEN SQLSTATE 'SR099' THEN
-                NULL;
-            END;
-        END LOOP;
-        EXIT WHEN cardinality(v_busy) = 0;
-    END LOOP;
-    RETURN NULL;
-END
-$$;
-
-CREATE OR REPLACE FUNCTION claim_next(owner text, agent text DEFAULT NULL, campaign_id uuid DEFAULT NULL,
-                           lease_seconds integer DEFAULT 900, max_dispatched integer DEFAULT NULL,
-                           max_steps integer DEFAULT NULL, claim_token uuid DEFAULT NULL)
-RETURNS jsonb
-LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
-AS $$
-#variable_conflict use_variable
-DECLARE
-    v_lease integer := check_lease_seconds(lease_seconds);
-    v_dispatched boolean := max_dispatched IS NOT NULL;
-    v_limit integer := coalesce(max_steps, 1);
-    v_claim jsonb;
-    v_claims jsonb := '[]';
-BEGIN
-    PERFORM check_owner(owner);
-    -- SPEC §15: a worker claims only within the campaign of the claim it holds (scope.sql).
-    campaign_id := _worker_campaign(campaign_id, NULL, claim_token, 'claim_next');
-    IF max_steps IS NOT NULL AND max_steps NOT BETWEEN 1 AND 1000 THEN
-        PERFORM raise('invalid_argument', 'max_steps must be from 1 to 1000');
-    END IF;
-    -- A runner's dispatch (SPEC §13): claims of all runners take turns on one advisory lock, so
-    -- two runners cannot both see the last free slot; pull-mode claims neither wait nor count.
-    IF v_dispatched THEN
-        IF max_dispatched < 1 THEN
-            PERFORM raise('invalid_argument', 'max_dispatched must be at least 1');
-        END IF;
-        PERFORM pg_advisory_xact_lock(hashtextextended('sortie.runner_slots', 0));
-        v_limit := least(v_limit, max_dispatched - (SELECT count(*) FROM steps x WHERE x.status = 'running' AND x.dispatched)::integer);
-        IF v_limit <= 0 THEN
-            RETURN CASE WHEN max_steps IS NULL THEN jsonb_build_object('step_id', NULL, 'reason', 'capacity') ELSE '[]' END;
-        END IF;
-    END IF;
-    FOR i IN 1..v_limit LOOP
-        v_claim := _claim_one(owner, agent, campaign_id, v_lease, v_dispatched);
-        EXIT WHEN v_claim IS NULL;
-        v_claims := v_claims || jsonb_build_array(v_claim);
-    END LOOP;
-    IF max_steps IS NOT NULL THEN
-        RETURN v_claims;
-    END IF;
-    RETURN coalesce(v_claims -> 0, jsonb_build_object('step_id', NULL));
-END
-$$;
-
-CREATE OR REPLACE FUNCTION claim_step(step_id bigint, owner text, lease_seconds integer DEFAULT 900) RETURNS jsonb
-LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
-AS $$
-#variable_conflict use_variable
-DECLARE
-    v_lease integer := check_lease_seconds(lease_seconds);
-    s steps := lock_step(step_id);
-    c campaigns;
-    v_claim jsonb;
-BEGIN
-    PERFORM check_owner(owner);
-    SELECT * INTO c FROM campaigns WHERE id = s.campaign_id;
-    IF s.step_type <> 'atomic' THEN
-        PERFORM raise('invalid_state', format('step %s is a %s step; only its atomic children are dispatched', s.id, s.step_type));
-    ELSIF s.status <> 'pending' THEN
-        PERFORM raise('invalid_state', format('step %s is %s, not pending', s.id, s.status));
-    ELSIF s.remaining_deps > 0 THEN
-        PERFORM raise('invalid_state', format('step %s still waits for %s dependencies', s.id, s.remaining_deps));
-    ELSIF s.not_before > clock() THEN
-        PERFORM raise('invalid_state', format('step %s is backing off until %s', s.id, s.not_before));
-    ELSIF c.status <> 'active' THEN
-        PERFORM raise('invalid_state', format('campaign %s is %s', c.id, c.status));
-    ELSIF c.token_budget IS NOT NULL AND c.tokens_used >= c.token_budget THEN
-        PERFORM raise('budget_exhausted', format('campaign %s has used its token budget', c.id));
-    ELSIF c.max_parallel IS NOT NULL AND c.running_steps >= c.max_parallel THEN
-        PERFORM raise('invalid_state', format('campaign %s already runs max_parallel = %s steps', c.id, c.max_parallel));
-    END IF;
-    v_claim := take_step(s.id, s.campaign_id, s.parent_id, s.requires_locks, owner, v_lease);
-    IF v_claim IS NULL THEN
-        PERFORM raise('invalid_state', format('step %s needs lock keys another running step holds', s.id));
-    END IF;
-    IF NOT count_claim(s.campaign_id) THEN
-        RAISE EXCEPTION 'internal: campaign % counts no ready step while step % is ready', s.campaign_id, s.id
-              USING ERRCODE = 'internal_error';
-    END IF;
-    RETURN v_claim;
-END
-$$;
-
-CREATE OR REPLACE FUNCTION ready_steps(campaign_id uuid DEFAULT NULL, agent text DEFAULT NULL, "limit" integer DEFAULT 100)
-RETURNS TABLE (step_id bigint, campaign_id uuid, action text, agent text, depth integer, created_at timestamptz)
-LANGUAGE sql STABLE
-SET search_path FROM CURRENT
-AS $$
-    SELECT s.id, s.campaign_id, s.action, s.agent, s.depth, s.created_at
-      FROM steps s JOIN campaigns c ON c.id = s.campaign_id
-     WHERE s.status = 'pending' AND s.step_type = 'atomic' AND s.remaining_deps = 0
-       AND s.not_before <= clock()
-       AND ($1 IS NULL OR s.campaign_id = $1)
-       AND ($2 IS NULL OR s.agent IS NULL OR s.agent = $2)
-       AND c.status = 'active' AND (c.token_budget IS NULL OR c.tokens_used < c.token_budget)
-       AND NOT EXISTS (
-           SELECT 1 FROM unnest(s.requires_locks) e JOIN resource_leases l
-             ON (l.key = lock_key(e) OR starts_with(l.key, lock_key(e) || '/') OR starts_with(lock_key(e), l.key || '/'))
-            WHERE l.expires_at > clock() AND NOT (l.mode = 'shared' AND lock_mode(e) = 'shared'))
-     ORDER BY c.slot_seconds_used / c.weight, s.id
-     LIMIT greatest($3, 0);
-$$;
-
-CREATE OR REPLACE FUNCTION heartbeat(step_id bigint, claim_token uuid, extend_leases_sec integer DEFAULT 900) RETURNS jsonb
-LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
-AS $$
-#variable_conflict use_variable
-DECLARE
-    v_lease integer := check_lease_seconds(extend_leases_sec);
-    s steps := lock_claimed_step(step_id, claim_token, 'heartbeat');
-    v_expires timestamptz := clock() + make_interval(secs => v_lease);
-BEGIN
-    UPDATE steps SET heartbeat_at = clock(), lease_expires_at = v_expires WHERE id = s.id;
-    UPDATE resource_leases SET expires_at = v_expires WHERE resource_leases.step_id = s.id;
-    RETURN jsonb_build_object('step_id', s.id, 'status', 'running', 'lease_expires_at', v_expires);
-END
-$$;
-
-CREATE OR REPLACE FUNCTION slot_correction(p_claimed_at timestamptz) RETURNS double precision
-LANGUAGE sql STABLE
-AS $$ SELECT extract(epoch FROM clock() - p_claimed_at)::double precision - provisional_slot_seconds() $$;
-
-CREATE OR REPLACE FUNCTION leave_running(p_campaign uuid, p_step bigint, p_claimed_at timestamptz, p_locks text[],
-                              p_open integer DEFAULT 0, p_ready integer DEFAULT 0, p_tokens bigint DEFAULT 0,
-                              OUT open_steps integer, OUT status text, OUT token_budget bigint)
-LANGUAGE plpgsql VOLATILE
-AS $$
-BEGIN
-    UPDATE campaigns c
-       SET slot_seconds_used = greatest(c.slot_seconds_used + slot_correction(p_claimed_at), 0),
-           tokens_used = c.tokens_used + p_tokens,
-           running_steps = c.running_steps - 1, open_steps = c.open_steps + p_open,
-           ready_steps = c.ready_steps + p_ready, updated_at = now()
-     WHERE c.id = p_campaign
-    RETURNING c.open_steps, c.status, c.token_budget INTO open_steps, status, token_budget;
-    IF cardinality(p_locks) > 0 THEN
-        DELETE FROM resource_leases WHERE step_id = p_step;
-    END IF;
-END
-$$;
-
-CREATE OR REPLACE FUNCTION check_owner(p_owner text) RETURNS text
-LANGUAGE plpgsql IMMUTABLE
-AS $$
-BEGIN
-    IF p_owner IS NULL OR btrim(p_owner) = '' THEN
-        PERFORM raise('invalid_argument', 'owner is required: name the worker or runner that claims');
-    END IF;
-    RETURN p_owner;
-END
-$$;
-
-CREATE OR REPLACE FUNCTION retry_backoff(p_attempts integer) RETURNS interval
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$ SELECT make_interval(secs => least(10 * power(2, greatest(p_attempts - 1, 0)), 600)) $$;
-
-CREATE OR REPLACE FUNCTION attempt_failed(s steps, p_error text) RETURNS text
-LANGUAGE plpgsql VOLATILE
-AS $$
-BEGIN
-    PERFORM leave_running(s.campaign_id, s.id, s.claimed_at, s.requires_locks);
-    IF s.attempts + 1 < s.max_attempts THEN
-        UPDATE steps
-           SET status = 'pending', attempts = attempts + 1, error = p_error,
-               not_before = clock() + retry_backoff(s.attempts + 1),
-               claim_token = NULL, claim_owner = NULL, lease_expires_at = NULL
-         WHERE id = s.id;
-        PERFORM bump_counters(s.campaign_id, 0, 0, 1);
-        PERFORM emit(s.campaign_id, s.id, 'step.retry', jsonb_build_object('error', p_error, 'attempts', s.attempts + 1));
-        RETURN 'pending';
-    END IF;
-    UPDATE steps SET attempts = attempts + 1 WHERE id = s.id RETURNING * INTO s;
-    PERFORM settle_failed(s, p_error);
-    RETURN 'failed';
-END
-$$;
-
-CREATE OR REPLACE FUNCTION reset_zombies("limit" integer DEFAULT 1000) RETURNS jsonb
-LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
-AS $$
-DECLARE
-    v_zombie record;
-    s steps;
-    v_reset jsonb := '[]';
-BEGIN
-    FOR v_zombie IN
-        SELECT id, campaign_id FROM steps
-         WHERE status = 'running' AND step_type = 'atomic' AND lease_expires_at < clock()
-         ORDER BY campaign_id, id
-         LIMIT greatest("limit", 0)
-    LOOP
-        PERFORM lock_campaign(v_zombie.campaign_id);
-        SELECT * INTO s FROM steps WHERE id = v_zombie.id;
-        CONTINUE WHEN s.status <> 'running' OR s.lease_expires_at >= clock();
-        v_reset := v_reset || jsonb_build_object('step_id', s.id, 'campaign_id', s.campaign_id,
-                                                  'now', attempt_failed(s, 'lease expired'));
-    END LOOP;
-    RETURN jsonb_build_object('reset', jsonb_array_length(v_reset), 'steps', v_reset);
-END
-$$;
-
-CREATE OR REPLACE FUNCTION reap_leases() RETURNS integer
-LANGUAGE sql VOLATILE
-SET search_path FROM CURRENT
-AS $$
-    WITH reaped AS (
-        DELETE FROM resource_leases l
-         WHERE l.expires_at < clock()
-            OR NOT EXISTS (SELECT 1 FROM steps s WHERE s.id = l.step_id AND s.status = 'running')
-        RETURNING 1)
-    SELECT count(*)::integer FROM reaped;
-$$;
-
-CREATE OR REPLACE FUNCTION dispatch_blockers(max_dispatched integer DEFAULT NULL) RETURNS jsonb
-LANGUAGE sql STABLE
-SET search_path FROM CURRENT
-AS $$
-    WITH ready AS (
-        SELECT CASE
-                   WHEN c.status <> 'active' THEN 'campaign_' || c.status
-                   WHEN c.token_budget IS NOT NULL AND c.tokens_used >= c.token_budget THEN 'budget'
-                   WHEN c.max_parallel IS NOT NULL AND c.running_steps >= c.max_parallel THEN 'max_parallel'
-                   WHEN s.not_before > clock() THEN 'backoff'
-                   WHEN EXISTS (
-                       SELECT 1 FROM unnest(s.requires_locks) e JOIN resource_leases l
-                         ON (l.key = lock_key(e) OR starts_with(l.key, lock_key(e) || '/') OR starts_with(lock_key(e), l.key || '/'))
-                        WHERE l.expires_at > clock() AND NOT (l.mode = 'shared' AND lock_mode(e) = 'shared')) THEN 'locks'
-                   ELSE 'claimable' END AS held_by
-          FROM steps s JOIN campaigns c ON c.id = s.campaign_id
-         WHERE s.status = 'pending' AND s.step_type = 'atomic' AND s.remaining_deps = 0
-           AND c.status IN ('active', 'paused')
-    ),
-    slots AS (SELECT count(*) AS in_use FROM steps WHERE status = 'running' AND dispatched)
-    SELECT jsonb_build_object(
-        'ready_steps', (SELECT count(*) FROM ready),
-        'held_back', coalesce((SELECT jsonb_object_agg(held_by, n)
-                                 FROM (SELECT held_by, count(*) AS n FROM ready GROUP BY held_by) g), '{}'),
-        'runner_slots', jsonb_build_object('in_use', (SELECT in_use FROM slots), 'cap', max_dispatched),
-        'capacity_reached', max_dispatched IS NOT NULL AND (SELECT in_use FROM slots) >= max_dispatched);
-$$;
-
--- sql/engine/worker.sql
-CREATE OR REPLACE FUNCTION enforce_budget(p_campaign uuid) RETURNS boolean
-LANGUAGE plpgsql VOLATILE
-AS $$
-DECLARE
-    c campaigns;
-BEGIN
-    UPDATE campaigns SET status = 'paused', status_reason = 'budget_exhausted', updated_at = now()
-     WHERE id = p_campaign AND status = 'active' AND token_budget IS NOT NULL AND tokens_used >= token_budget
-    RETURNING * INTO c;
-    IF NOT FOUND THEN
-        RETURN false;
-    END IF;
-    PERFORM emit(c.id, NULL, 'campaign.paused', jsonb_build_object('reason', 'budget_exhausted',
-                 'tokens_used', c.tokens_used, 'token_budget', c.token_budget));
-    PERFORM notify_campaign(c.id, 'milestone', format('Campaign %s paused: token budget exhausted (%s of %s tokens)',
-                                                      c.name, c.tokens_used, c.token_budget));
-    RETURN true;
-END
-$$;
-
-CREATE OR REPLACE FUNCTION enforce_budgets() RETURNS integer
-LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
-AS $$
-DECLARE
-    v_id uuid;
-    v_paused integer := 0;
-BEGIN
-    FOR v_id IN SELECT id FROM campaigns
-                 WHERE status = 'active' AND token_budget IS NOT NULL AND tokens_used >= token_budget
-                 ORDER BY id LOOP
-        PERFORM lock_campaign(v_id);
-        IF enforce_budget(v_id) THEN
-            v_paused := v_paused + 1;
-        END IF;
-    END LOOP;
-    RETURN v_paused;
-END
-$$;
-
-CREATE OR REPLACE FUNCTION check_tokens(p_tokens bigint) RETURNS bigint
-LANGUAGE plpgsql IMMUTABLE
-AS $$
-BEGIN
-    IF p_tokens IS NOT NULL AND p_tokens < 0 THEN
-        PERFORM raise('invalid_argument', 'tokens_used cannot be negative');
-    END IF;
-    RETURN coalesce(p_tokens, 0);
-END
-$$;
-
-CREATE OR REPLACE FUNCTION complete_step(step_id bigint, claim_token uuid, summary text DEFAULT '', tokens_used bigint DEFAULT 0)
-RETURNS jsonb
-LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
-AS $$
-#variable_conflict use_variable
-DECLARE
-    v_tokens bigint := check_tokens(tokens_used);
-    v_campaign uuid;
-    v_parent bigint;
-    v_claimed_at timestamptz;
-    v_locks text[];
-    v_ready integer;
-    v_open integer;
-    v_status text;
-    v_budget bigint;
-    s steps;
-BEGIN
-    v_campaign := lock_step_campaign(step_id);
-    UPDATE steps
-       SET status = 'done', output = coalesce(summary, ''), tokens_used = steps.tokens_used + v_tokens,
-           duration_ms = (extract(epoch FROM clock() - claimed_at) * 1000)::bigint,
-           completed_at = clock(), claim_token = NULL, lease_expires_at = NULL
-     WHERE id = step_id AND steps.claim_token = complete_step.claim_token AND status = 'running'
-       AND steps.verify IS NULL
-    RETURNING parent_id, claimed_at, requires_locks INTO v_parent, v_claimed_at, v_locks;
-    IF NOT FOUND THEN
-        SELECT * INTO s FROM steps WHERE id = step_id;
-        -- SPEC §17: a step with a check stays running, the summary stored, until its command
-        -- passed (record_verification); the caller runs the command.
-        IF s.verify IS NOT NULL AND s.status = 'running' AND s.claim_token = claim_token THEN
-            UPDATE steps
-               SET output = coalesce(summary, ''), tokens_used = steps.tokens_used + v_tokens,
-                   verification_requested_at = clock()
-             WHERE id = s.id;
-            -- Tokens were spent whatever the check says.
-            IF v_tokens > 0 THEN
-                UPDATE campaigns SET tokens_used = campaigns.tokens_used + v_tokens WHERE id = v_campaign;
-                PERFORM enforce_budget(v_campaign);
-            END IF;
-            PERFORM emit(v_campaign, s.id, 'step.verifying', jsonb_build_object('verify', s.verify));
-            RETURN jsonb_build_object('step_id', s.id, 'status', 'running', 'accepted', true,
-                                      'verification', 'pending', 'verify', s.verify,
-                                      'message', 'the step is done once its verify command passes');
-        END IF;
-        -- A worker whose step was skipped under it (abort, cancel) is told so; what it
-        -- produced is kept on the step for audit, and nothing else changes.
-        IF s.status = 'skipped' AND s.claim_token = claim_token THEN
-            UPDATE steps SET output = coalesce(steps.output, summary) WHERE id = s.id;
-            RETURN jsonb_build_object('step_id', s.id, 'status', 'skipped', 'accepted', false,
-                'message', format('step %s was skipped (%s) while you worked; your output was kept for the record',
-                                  s.id, coalesce(s.error, s.skip_cause)));
-        END IF;
-        -- SPEC §14: the claim that completed the step, repeating itself, gets its first answer.
-        IF _finished_claim(s.id, claim_token, 'complete_step', jsonb_build_object('summary', summary, 'tokens_used', v_tokens)) IS NOT NULL THEN
-            RETURN _finished_claim(s.id, claim_token, 'complete_step', jsonb_build_object('summary', summary, 'tokens_used', v_tokens));
-        END IF;
-        PERFORM check_claim(s, claim_token, 'complete_step');
-        PERFORM raise('invalid_state', format('step %s cannot be completed', s.id));
-    END IF;
-    PERFORM emit(v_campaign, step_id, 'step.done');
-    v_ready := release_dependents(v_campaign, step_id);
-    -- One campaign update for every counter this completion moves: it stops running, is no
-    -- longer open, made v_ready steps ready and spent v_tokens.
-    SELECT r.open_steps, r.status, r.token_budget INTO v_open, v_status, v_budget
-      FROM leave_running(v_campaign, step_id, v_claimed_at, v_locks,
-                         p_open => -1, p_ready => v_ready, p_tokens => v_tokens) r;
-    IF v_parent IS NOT NULL THEN
-        PERFORM member_settled(v_parent, 1, 0, NULL);
-    END IF;
-    IF v_parent IS NOT NULL OR v_open = 0 OR v_budget IS NOT NULL THEN
-        PERFORM check_drained(v_campaign);
-        IF v_budget IS NOT NULL THEN
-            PERFORM enforce_budget(v_campaign);
-        END IF;
-        SELECT status INTO v_status FROM campaigns WHERE id = v_campaign;
-    END IF;
-    RETURN _keep_finished_claim(step_id, claim_token, 'complete_step',
-                                jsonb_build_object('summary', summary, 'tokens_used', v_tokens),
-                                jsonb_build_object('step_id', step_id, 'status', 'done', 'accepted', true,
-                                                   'campaign_status', v_status));
-END
-$$;
-
-CREATE OR REPLACE FUNCTION record_verification(step_id bigint, claim_token uuid, passed boolean, output text DEFAULT '')
-RETURNS jsonb
-LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
-AS $$
-#variable_conflict use_variable
-DECLARE
-    s steps := lock_claimed_step(step_id, claim_token, 'record_verification');
-    v_ready integer;
-    v_status text;
-    v_open integer;
-    v_output text := right(coalesce(output, ''), 4000);
-BEGIN
-    IF s.verify IS NULL OR s.verification_requested_at IS NULL OR s.verification_requested_at < s.claimed_at THEN
-        PERFORM raise('invalid_state', format('step %s has no verification pending: complete_step asks for it', s.id));
-    END IF;
-    IF NOT coalesce(passed, false) THEN
-        v_status := attempt_failed(s, format('verification failed: `%s` did not pass:%s%s', s.verify, E'\n', v_output));
-        SELECT status INTO v_status FROM steps WHERE id = s.id;
-        RETURN jsonb_build_object('step_id', s.id, 'status', v_status, 'accepted', false, 'verification', 'failed',
-                                  'will_retry', v_status = 'pending');
-    END IF;
-    UPDATE steps
-       SET status = 'done', verification = v_output,
-           duration_ms = (extract(epoch FROM clock() - s.claimed_at) * 1000)::bigint,
-           completed_at = clock(), claim_token = NULL, lease_expires_at = NULL
-     WHERE id = s.id;
-    PERFORM emit(s.campaign_id, s.id, 'step.done', jsonb_build_object('verified', true));
-    v_ready := release_dependents(s.campaign_id, s.id);
-    SELECT r.open_steps INTO v_open
-      FROM leave_running(s.campaign_id, s.id, s.claimed_at, s.requires_locks, p_open => -1, p_ready => v_ready) r;
-    IF s.parent_id IS NOT NULL THEN
-        PERFORM member_settled(s.parent_id, 1, 0, NULL);
-    END IF;
-    PERFORM check_drained(s.campaign_id);
-    SELECT status INTO v_status FROM campaigns WHERE id = s.campaign_id;
-    RETURN jsonb_build_object('step_id', s.id, 'status', 'done', 'accepted', true, 'verification', 'passed',
-                              'campaign_status', v_status);
-END
-$$;
-
-CREATE OR REPLACE FUNCTION fail_step(step_id bigint, claim_token uuid, error text DEFAULT '') RETURNS jsonb
-LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
-AS $$
-#variable_conflict use_variable
-DECLARE
-    -- SPEC §14: the claim that failed the step, repeating itself, gets its first answer.
-    v_replay jsonb := _finished_claim(step_id, claim_token, 'fail_step', jsonb_build_object('error', error));
-    s steps;
-    v_now text;
-BEGIN
-    IF v_replay IS NOT NULL THEN
-        RETURN v_replay;
-    END IF;
-    s := lock_claimed_step(step_id, claim_token, 'fail_step');
-    v_now := attempt_failed(s, coalesce(nullif(error, ''), 'failed without a reason'));
-    RETURN _keep_finished_claim(s.id, claim_token, 'fail_step', jsonb_build_object('error', error),
-        jsonb_build_object('step_id', s.id, 'status', v_now,
-        'attempts', s.attempts + 1, 'max_attempts', s.max_attempts, 'will_retry', v_now = 'pending',
-        'not_before', (SELECT not_before FROM steps WHERE id = s.id AND status = 'pending')));
-END
-$$;
-
-CREATE OR REPLACE FUNCTION request_input(step_id bigint, claim_token uuid, question text, partial_output text DEFAULT NULL)
-RETURNS jsonb
-LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
-AS $$
-#variable_conflict use_variable
-DECLARE
-    s steps := lock_claimed_step(step_id, claim_token, 'request_input');
-BEGIN
-    IF question IS NULL OR btrim(question) = '' THEN
-        PERFORM raise('invalid_argument', 'question is empty: ask what you need decided');
-    END IF;
-    PERFORM leave_running(s.campaign_id, s.id, s.claimed_at, s.requires_locks);
-    UPDATE steps
-       SET status = 'waiting_input', question = request_input.question, answer = NULL,
-           output = coalesce(partial_output, steps.output),
-           claim_token = NULL, lease_expires_at = NULL
-     WHERE id = s.id;
-    PERFORM emit(s.campaign_id, s.id, 'input.requested', jsonb_build_object('question', question));
-    PERFORM notify_campaign(s.campaign_id, 'milestone', format('Step %s asks: %s', s.id, question));
-    RETURN jsonb_build_object('step_id', s.id, 'status', 'waiting_input',
-        'message', 'your step is paused; it will be dispatched again with the answer');
-END
-$$;
-
-CREATE OR REPLACE FUNCTION provide_input(id uuid, step_id bigint, answer text, request_id text DEFAULT NULL) RETURNS jsonb
-LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
-AS $$
-#variable_conflict use_variable
-DECLARE
-    c campaigns := lock_campaign(id);
-    s steps;
-BEGIN
-    -- SPEC §14: a repeat with the same request_id returns the first result (idempotency.sql).
-    IF request_id IS NOT NULL THEN
-        RETURN coalesce(_replay(request_id, 'provide_input', jsonb_build_object('id', id, 'step_id', step_id, 'answer', answer)),
-                        _keep(request_id, 'provide_input', jsonb_build_object('id', id, 'step_id', step_id, 'answer', answer),
-                              provide_input(id => id, step_id => step_id, answer => answer)));
-    END IF;
-    IF answer IS NULL OR btrim(answer) = '' THEN
-        PERFORM raise('invalid_argument', 'answer is empty');
-    END IF;
-    SELECT * INTO s FROM steps WHERE steps.id = step_id AND steps.campaign_id = c.id FOR UPDATE;
-    IF NOT FOUND THEN
-        PERFORM raise('not_found', format('campaign %s has no step %s', c.id, step_id));
-    END IF;
-    IF s.status <> 'waiting_input' THEN
-        PERFORM raise('invalid_state', format('step %s is %s, not waiting for input', s.id, s.status));
-    END IF;
-    UPDATE steps SET status = 'pending', answer = provide_input.answer, not_before = '-infinity'
-     WHERE steps.id = s.id;
-    PERFORM bump_counters(c.id, 0, 0, 1);
-    PERFORM emit(c.id, s.id, 'input.provided', jsonb_build_object('answer', answer));
-    RETURN jsonb_build_object('step_id', s.id, 'status', 'pending', 'question', s.question, 'answer', answer);
-END
-$$;
-
-CREATE OR REPLACE FUNCTION spawn_allowed(p_depth integer, p_max_depth integer) RETURNS boolean
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$ SELECT p_depth + 1 <= p_max_depth $$;
-
-CREATE OR REPLACE FUNCTION can_spawn(step_id bigint) RETURNS boolean
-LANGUAGE sql STABLE
-SET search_path FROM CURRENT
-AS $$
-    SELECT spawn_allowed(s.depth, c.max_depth)
-      FROM steps s JOIN campaigns c ON c.id = s.campaign_id
-     WHERE s.id = $1
-$$;
-
-CREATE OR REPLACE FUNCTION steps_waiting_for(p_step bigint) RETURNS SETOF bigint
-LANGUAGE sql STABLE
-AS $$
-    WITH RECURSIVE down(id, started_after) AS (
-        SELECT p_step, false
-        UNION
-        SELECT next.id, next.started_after
-          FROM down
-         CROSS JOIN LATERAL (
-             SELECT d.step_id AS id, true AS started_after FROM step_dependencies d WHERE d.depends_on = down.id
-             UNION ALL
-             SELECT s.parent_id, false FROM steps s WHERE s.id = down.id AND s.parent_id IS NOT NULL
-             UNION ALL
-             SELECT s.id, true FROM steps s WHERE s.parent_id = down.id AND down.started_after
-         ) next
-    )
-    SELECT DISTINCT id FROM down;
-$$;
-
-CREATE OR REPLACE FUNCTION spawn_and_continue(step_id bigint, claim_token uuid, subtasks jsonb, continuation jsonb,
-                                   partial_output text DEFAULT '', request_id text DEFAULT NULL)
-RETURNS jsonb
-LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
-AS $$
-#variable_conflict use_variable
-DECLARE
-    s steps;
-    v_arguments jsonb;
-    c campaigns;
-    v_expansion jsonb;
-    v_spawned jsonb;
-    v_subtask_ids bigint[];
-    v_cont_action text;
-    v_cont_agent text;
-    v_cont_input jsonb;
-    v_cont bigint;
-    v_cycle_dep bigint;
-BEGIN
-    -- SPEC §14: a repeat with the same request_id returns the first result (idempotency.sql).
-    IF request_id IS NOT NULL THEN
-        v_arguments := jsonb_build_object('step_id', step_id, 'claim_token', claim_token, 'subtasks', subtasks,
-                                          'continuation', continuation, 'partial_output', partial_output);
-        RETURN coalesce(_replay(request_id, 'spawn_and_continue', v_arguments),
-                        _keep(request_id, 'spawn_and_continue', v_arguments, spawn_and_continue(
-                            step_id => step_id, claim_token => claim_token, subtasks => subtasks,
-                            continuation => continuation, partial_output => partial_output)));
-    END IF;
-    s := lock_claimed_step(step_id, claim_token, 'spawn_and_continue');
-    SELECT * INTO c FROM campaigns WHERE id = s.campaign_id;
-    IF subtasks IS NULL OR jsonb_typeof(subtasks) <> 'array' OR jsonb_array_length(subtasks) = 0 THEN
-        PERFORM raise('invalid_argument', 'subtasks must list at least one step; to finish alone, call complete_step');
-    END IF;
-    IF NOT spawn_allowed(s.depth, c.max_depth) THEN
-        PERFORM raise('depth_limit', format('step %s is at depth %s and the campaign''s max_depth is %s; complete it yourself',
-                                            s.id, s.depth, c.max_depth));
-    END IF;
-    CASE jsonb_typeof(continuation)
-        WHEN 'string' THEN
-            v_cont_action := continuation #>> '{}';
-        WHEN 'object' THEN
-            IF EXISTS (SELECT 1 FROM jsonb_object_keys(continuation) k WHERE k NOT IN ('action', 'agent', 'input')) THEN
-                PERFORM raise('invalid_argument', 'continuation takes action, agent and input only');
-            END IF;
-            v_cont_action := continuation ->> 'action';
-            v_cont_agent := continuation ->> 'agent';
-            v_cont_input := continuation -> 'input';
-        ELSE
-            NULL;
-    END CASE;
-    IF v_cont_action IS NULL OR btrim(v_cont_action) = '' THEN
-        PERFORM raise('invalid_argument', 'continuation is required: the action that resumes your work once the subtasks are done');
-    END IF;
-    v_expansion := unwrap(expand_steps(subtasks));
-    -- SPEC §13: once rewired, whatever waited for this step waits for the continuation, which
-    -- waits for the subtasks; a subtask depending on any of those would wait for itself.
-    SELECT x.dep INTO v_cycle_dep
-      FROM (SELECT DISTINCT e::bigint AS dep
-              FROM jsonb_array_elements(v_expansion -> 'nodes') n,
-                   jsonb_array_elements_text(n -> 'existing_deps') e) x
-     WHERE EXISTS (SELECT 1 FROM steps o WHERE o.id = x.dep AND o.campaign_id = s.campaign_id)
-       AND newest_continuation(x.dep) IN (SELECT steps_waiting_for(s.id))
-     ORDER BY x.dep
-     LIMIT 1;
-    IF v_cycle_dep IS NOT NULL THEN
-        PERFORM raise('cycle', format(
-            'a subtask depends on step %s, which waits for step %s; once the continuation takes step %s''s place they would wait for each other forever. A subtask cannot depend on work that waits for its spawner: drop that dependency',
-            v_cycle_dep, s.id, s.id));
-    END IF;
-
-    -- New work first, so the campaign never looks drained in between.
-    v_spawned := insert_steps(c, v_expansion, s.id, s.depth + 1, c.max_depth);
-    SELECT array_agg(x::bigint) INTO v_subtask_ids FROM jsonb_array_elements_text(v_spawned -> 'step_ids') x;
-
-    INSERT INTO steps (campaign_id, parent_id, depth, position, action, agent, step_type, failure_policy,
-                       remaining_deps, input, fingerprint, continuation_of, max_attempts, requires_locks, verify,
-                       created_at)
-    -- The continuation finishes the spawner's work, so the spawner's check (SPEC §17) is its.
-    VALUES (s.campaign_id, s.parent_id, s.depth, s.position, v_cont_action, coalesce(v_cont_agent, s.agent), 'atomic',
-            s.failure_policy,
-            (SELECT count(*) FROM steps WHERE id = ANY (v_subtask_ids) AND status <> 'done'),
-            coalesce(v_cont_input, s.input),
-            step_fingerprint(v_cont_action, coalesce(v_cont_agent, s.agent), coalesce(v_cont_input, s.input)),
-            s.id, s.max_attempts, s.requires_locks, s.verify, clock())
-    RETURNING id INTO v_cont;
-    INSERT INTO step_dependencies (campaign_id, step_id, depends_on)
-    SELECT s.campaign_id, v_cont, x FROM unnest(v_subtask_ids) x;
-    -- Everything that waited for the spawner now waits for the continuation.
-    UPDATE step_dependencies SET depends_on = v_cont WHERE depends_on = s.id;
-    PERFORM bump_counters(s.campaign_id, 1, 0, 0);
-    PERFORM unblocked(s.campaign_id, ARRAY[v_cont]);
-
-    -- The spawner is done but hands its place among its parent's members to the continuation,
-    -- so it is neither counted by the parent nor releases anyone.
-    UPDATE steps
-       SET status = 'done', output = coalesce(partial_output, ''), continued_by = v_cont,
-           duration_ms = (extract(epoch FROM clock() - s.claimed_at) * 1000)::bigint,
-           completed_at = clock(), claim_token = NULL, lease_expires_at = NULL
-     WHERE id = s.id;
-    PERFORM leave_running(s.campaign_id, s.id, s.claimed_at, s.requires_locks, p_open => -1);
-    PERFORM emit(s.campaign_id, s.id, 'step.spliced', jsonb_build_object(
-        'subtask_ids', to_jsonb(v_subtask_ids), 'continuation_id', v_cont));
-    RETURN jsonb_build_object('step_id', s.id, 'status', 'done', 'subtask_ids', to_jsonb(v_subtask_ids),
-                              'continuation_id', v_cont, 'keys', v_spawned -> 'keys',
-                              'duplicates', v_spawned -> 'duplicates');
-END
-$$;
-
-CREATE OR REPLACE FUNCTION abort_branch(target_id bigint, claim_token uuid, step_id bigint, output text, reason text)
-RETURNS jsonb
-LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
-AS $$
-#variable_conflict use_variable
-DECLARE
-    caller steps := lock_claimed_step(step_id, claim_token, 'abort_branch');
-    t steps;
-    v_is_ancestor boolean;
-    v_children bigint[];
-    v_skipped bigint[];
-    v_note bigint;
-BEGIN
-    IF reason IS NULL OR btrim(reason) = '' THEN
-        PERFORM raise('invalid_argument', 'reason is required: say why this branch is pointless');
-    END IF;
-    SELECT * INTO t FROM steps WHERE id = target_id AND campaign_id = caller.campaign_id FOR UPDATE;
-    IF NOT FOUND THEN
-        PERFORM raise('not_found', format('step %s is not a step of your campaign', target_id));
-    END IF;
-    WITH RECURSIVE up(id, parent_id) AS (
-        SELECT id, parent_id FROM steps WHERE id = caller.parent_id
-        UNION ALL
-        SELECT s.id, s.parent_id FROM steps s JOIN up ON s.id = up.parent_id
-    )
-    SELECT EXISTS (SELECT 1 FROM up WHERE up.id = t.id) INTO v_is_ancestor;
-    IF NOT v_is_ancestor THEN
-        PERFORM raise('invalid_argument', format('step %s is not an ancestor of your step %s; you can only abort a branch you are inside',
-                                                 t.id, caller.id));
-    END IF;
-    IF t.status IN ('done', 'failed', 'skipped') THEN
-        PERFORM raise('invalid_state', format('step %s is already %s and cannot be aborted', t.id, t.status));
-    END IF;
-
-    -- Settle target and caller first, so that the skips below find both closed.
-    UPDATE steps SET status = 'done', output = abort_branch.output, completed_at = clock(),
-                     started_at = coalesce(started_at, clock())
-     WHERE id = t.id;
-    UPDATE steps SET status = 'done', output = reason, completed_at = clock(), claim_token = NULL,
-                     lease_expires_at = NULL,
-                     duration_ms = (extract(epoch FROM clock() - caller.claimed_at) * 1000)::bigint
-     WHERE id = caller.id;
-    PERFORM emit(caller.campaign_id, caller.id, 'step.done', jsonb_build_object('aborted_branch', t.id));
-    -- As in complete_step: the caller's counters and the steps it made ready in one update.
-    PERFORM leave_running(caller.campaign_id, caller.id, caller.claimed_at, caller.requires_locks,
-                          p_open => -1, p_ready => release_dependents(caller.campaign_id, caller.id));
-
-    SELECT coalesce(array_agg(id), '{}') INTO v_children FROM steps WHERE parent_id = t.id;
-    v_skipped := skip_cascade(caller.campaign_id, v_children, 'abort',
-                              format('branch %s aborted by step %s: %s', t.id, caller.id, reason));
-    -- The caller counts as a resolved member of its parent, which is closed by now.
-    IF caller.continued_by IS NULL THEN
-        PERFORM member_settled(caller.parent_id, 1, 0, NULL);
-    END IF;
-
-    INSERT INTO notes (campaign_id, step_id, agent, content, tags)
-    VALUES (caller.campaign_id, caller.id, caller.agent,
-            format('Aborted branch at step %s (%s): %s', t.id, t.action, reason), ARRAY['abort'])
-    RETURNING id INTO v_note;
-    PERFORM emit(caller.campaign_id, caller.id, 'note.added', jsonb_build_object('note_id', v_note, 'tags', ARRAY['abort']));
-
-    PERFORM bump_counters(t.campaign_id, -1, 0, 0);
-    PERFORM after_done(t.campaign_id, t.id, t.parent_id);
-    RETURN jsonb_build_object('target_id', t.id, 'status', 'done', 'skipped', to_jsonb(v_skipped), 'note_id', v_note);
 END
 $$;
 
@@ -2529,13 +2627,13 @@ DECLARE
     c campaigns;
 BEGIN
     IF step_id IS NULL THEN
-        PERFORM raise('invalid_argument', 'step_id is required (or run with SORTIE_STEP_ID set)');
+        PERFORM _raise('invalid_argument', 'step_id is required (or run with SORTIE_STEP_ID set)');
     END IF;
     -- SPEC §15: a worker reads the context of the step it holds, by its claim (scope.sql).
     PERFORM _worker_campaign(NULL, step_id, claim_token, 'get_my_context');
     SELECT * INTO s FROM steps WHERE id = step_id;
     IF NOT FOUND THEN
-        PERFORM raise('not_found', format('step %s does not exist', step_id));
+        PERFORM _raise('not_found', format('step %s does not exist', step_id));
     END IF;
     SELECT * INTO c FROM campaigns WHERE id = s.campaign_id;
     RETURN jsonb_build_object(
@@ -2544,15 +2642,15 @@ BEGIN
                                        'success_metric', c.success_metric, 'success_target', c.success_target),
         'step', jsonb_strip_nulls(jsonb_build_object(
             'id', s.id, 'action', s.action, 'agent', s.agent, 'input', s.input, 'status', s.status,
-            'depth', s.depth, 'max_depth', c.max_depth, 'can_spawn', spawn_allowed(s.depth, c.max_depth),
+            'depth', s.depth, 'max_depth', c.max_depth, 'can_spawn', _spawn_allowed(s.depth, c.max_depth),
             'attempts', s.attempts, 'max_attempts', s.max_attempts, 'last_error', s.error,
             'question', s.question, 'answer', s.answer, 'parent_id', s.parent_id,
             'continuation_of', s.continuation_of,
             'lease_expires_at', s.lease_expires_at)),
         -- The spliced step this one continues: its partial output and what its subtasks said.
-        'continues', (SELECT preview(p.id, coalesce(p.output, ''), head, tail) || jsonb_build_object('action', p.action)
+        'continues', (SELECT _preview(p.id, coalesce(p.output, ''), head, tail) || jsonb_build_object('action', p.action)
                         FROM steps p WHERE p.id = s.continuation_of),
-        'upstream', (SELECT coalesce(jsonb_agg(preview(u.id, coalesce(u.output, ''), head, tail)
+        'upstream', (SELECT coalesce(jsonb_agg(_preview(u.id, coalesce(u.output, ''), head, tail)
                                                || jsonb_build_object('action', u.action, 'status', u.status,
                                                                      'via', via)
                                                ORDER BY u.id), '[]')
@@ -2587,10 +2685,10 @@ DECLARE
     s steps;
 BEGIN
     IF coalesce(field, 'output') NOT IN ('output', 'input') THEN
-        PERFORM raise('invalid_argument', 'field must be output or input');
+        PERFORM _raise('invalid_argument', 'field must be output or input');
     END IF;
     IF coalesce("offset", 0) < 0 OR coalesce("limit", 8000) < 1 THEN
-        PERFORM raise('invalid_argument', 'offset must be 0 or more and limit at least 1 (at most 32000)');
+        PERFORM _raise('invalid_argument', 'offset must be 0 or more and limit at least 1 (at most 32000)');
     END IF;
     -- SPEC §15: with a claim token, the reader's campaign is its claim's (scope.sql).
     campaign_id := _worker_campaign(campaign_id, reader_step_id, claim_token, 'read_step_output');
@@ -2600,16 +2698,16 @@ BEGIN
     IF NOT FOUND OR (campaign_id IS NOT NULL AND s.campaign_id <> campaign_id)
        OR (reader_step_id IS NOT NULL
            AND s.campaign_id IS DISTINCT FROM (SELECT r.campaign_id FROM steps r WHERE r.id = reader_step_id)) THEN
-        PERFORM raise('not_found', format('step %s does not exist in your campaign', step_id));
+        PERFORM _raise('not_found', format('step %s does not exist in your campaign', step_id));
     END IF;
     RETURN jsonb_build_object('step_id', s.id, 'field', coalesce(field, 'output'), 'status', s.status)
-        || read_range(CASE WHEN coalesce(field, 'output') = 'input' THEN coalesce(s.input #>> '{}', '') ELSE coalesce(s.output, '') END,
+        || _read_range(CASE WHEN coalesce(field, 'output') = 'input' THEN coalesce(s.input #>> '{}', '') ELSE coalesce(s.output, '') END,
                       coalesce("offset", 0), coalesce("limit", 8000));
 END
 $$;
 
 -- sql/engine/notes.sql
-CREATE OR REPLACE FUNCTION similarity_floor(embedding_model text) RETURNS double precision
+CREATE OR REPLACE FUNCTION _similarity_floor(embedding_model text) RETURNS double precision
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
     SELECT CASE embedding_model
@@ -2644,39 +2742,39 @@ BEGIN
                             claim_token => claim_token)));
     END IF;
     IF content IS NULL OR btrim(content) = '' THEN
-        PERFORM raise('invalid_argument', 'content is empty: write what you found');
+        PERFORM _raise('invalid_argument', 'content is empty: write what you found');
     END IF;
     -- SPEC §14: at most 100,000 characters (the MCP server checks before it embeds).
     IF length(content) > 100000 THEN
-        PERFORM raise('invalid_argument', format('content is %s characters long; at most 100000 are allowed: store large results as step output',
+        PERFORM _raise('invalid_argument', format('content is %s characters long; at most 100000 are allowed: store large results as step output',
                                                  length(content)));
     END IF;
     IF EXISTS (SELECT 1 FROM unnest(tags) t WHERE t IS NULL OR btrim(t) = '' OR length(t) > 200) THEN
-        PERFORM raise('invalid_argument', 'tags must be non-empty strings of at most 200 characters');
+        PERFORM _raise('invalid_argument', 'tags must be non-empty strings of at most 200 characters');
     END IF;
     IF NOT EXISTS (SELECT 1 FROM campaigns WHERE id = campaign_id) THEN
-        PERFORM raise('not_found', format('campaign %s does not exist', campaign_id));
+        PERFORM _raise('not_found', format('campaign %s does not exist', campaign_id));
     END IF;
     IF step_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM steps s WHERE s.id = step_id AND s.campaign_id = campaign_id) THEN
-        PERFORM raise('not_found', format('campaign %s has no step %s', campaign_id, step_id));
+        PERFORM _raise('not_found', format('campaign %s has no step %s', campaign_id, step_id));
     END IF;
     -- A worker's note carries its step's agent when the caller does not name one.
     INSERT INTO notes (campaign_id, step_id, agent, content, tags, embedding, embedding_model)
     VALUES (campaign_id, step_id, coalesce(agent, (SELECT s.agent FROM steps s WHERE s.id = step_id)),
             content, coalesce(tags, '{}'), embedding, embedding_model)
     RETURNING id INTO v_id;
-    PERFORM emit(campaign_id, step_id, 'note.added', jsonb_build_object('note_id', v_id, 'tags', coalesce(tags, '{}')));
+    PERFORM _emit(campaign_id, step_id, 'note.added', jsonb_build_object('note_id', v_id, 'tags', coalesce(tags, '{}')));
     RETURN jsonb_build_object('note_id', v_id, 'campaign_id', campaign_id, 'step_id', step_id,
                               'embedded', embedding IS NOT NULL,
                               -- SPEC §18: a note stored without its embedding (sortie-mcp embeds it just
                               -- after) is compared by its words until then.
                               'similar', CASE WHEN embedding IS NOT NULL
-                                              THEN similar_notes(campaign_id, embedding, embedding_model, 5, v_id)
-                                              ELSE similar_notes_by_words(campaign_id, content, 5, v_id) END);
+                                              THEN _similar_notes(campaign_id, embedding, embedding_model, 5, v_id)
+                                              ELSE _similar_notes_by_words(campaign_id, content, 5, v_id) END);
 END
 $$;
 
-CREATE OR REPLACE FUNCTION similar_notes(campaign_id uuid, embedding vector, embedding_model text, k integer DEFAULT 5,
+CREATE OR REPLACE FUNCTION _similar_notes(campaign_id uuid, embedding vector, embedding_model text, k integer DEFAULT 5,
                               exclude bigint DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE sql STABLE
@@ -2693,7 +2791,7 @@ AS $$
              ORDER BY n.embedding <=> $2
              LIMIT greatest($4, 0)) near
      -- SPEC §13: below the model's floor a note is not similar, however near it ranks.
-     WHERE similarity >= similarity_floor($3);
+     WHERE similarity >= _similarity_floor($3);
 $$;
 
 CREATE OR REPLACE FUNCTION notes_to_embed("limit" integer DEFAULT 100) RETURNS jsonb
@@ -2711,12 +2809,12 @@ AS $$
 #variable_conflict use_variable
 BEGIN
     IF embedding IS NULL OR embedding_model IS NULL THEN
-        PERFORM raise('invalid_argument', 'an embedding and the model that made it are required');
+        PERFORM _raise('invalid_argument', 'an embedding and the model that made it are required');
     END IF;
     UPDATE notes SET embedding = set_note_embedding.embedding, embedding_model = set_note_embedding.embedding_model
      WHERE id = note_id;
     IF NOT FOUND THEN
-        PERFORM raise('not_found', format('note %s does not exist', note_id));
+        PERFORM _raise('not_found', format('note %s does not exist', note_id));
     END IF;
     RETURN jsonb_build_object('note_id', note_id, 'embedding_model', embedding_model);
 END
@@ -2772,12 +2870,12 @@ DECLARE
     v_hits jsonb;
 BEGIN
     IF query IS NULL OR btrim(query) = '' THEN
-        PERFORM raise('invalid_argument', 'query is empty: say what you are looking for');
+        PERFORM _raise('invalid_argument', 'query is empty: say what you are looking for');
     END IF;
     -- SPEC §15: a worker searches its claim's campaign only (scope.sql).
     campaign_id := _worker_campaign(campaign_id, NULL, claim_token, 'search_notes');
     IF campaign_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM campaigns c WHERE c.id = campaign_id) THEN
-        PERFORM raise('not_found', format('campaign %s does not exist', campaign_id));
+        PERFORM _raise('not_found', format('campaign %s does not exist', campaign_id));
     END IF;
     -- SPEC §13: a query of only stop words, punctuation or symbols asks for nothing; every
     -- note would be as close to it as any other.
@@ -2838,7 +2936,7 @@ BEGIN
                  ORDER BY n.embedding <=> query_embedding
                  LIMIT v_pool) s
          -- SPEC §13: below the model's floor a hit is noise, not a match.
-         WHERE 1 - s.distance >= similarity_floor(embedding_model)
+         WHERE 1 - s.distance >= _similarity_floor(embedding_model)
     ),
     fused AS (
         SELECT coalesce(l.id, s.id) AS id,
@@ -2860,8 +2958,50 @@ BEGIN
 END
 $$;
 
+-- sql/engine/note_words.sql
+CREATE OR REPLACE FUNCTION _similar_notes_by_words(campaign_id uuid, content text, k integer DEFAULT 5,
+                                       exclude bigint DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_tsv tsvector := to_tsvector('english', coalesce(content, ''));
+    v_any tsquery;
+BEGIN
+    IF length(v_tsv) = 0 THEN
+        RETURN '[]';
+    END IF;
+    -- Any shared lexeme, through the GIN index on content_tsv (quotes and backslashes escaped
+    -- as tsquery reads them).
+    SELECT string_agg('''' || replace(replace(l, '\', '\\'), '''', '''''') || '''', ' | ')::tsquery
+      INTO v_any
+      FROM unnest(tsvector_to_array(v_tsv)) l;
+    -- The union of two lexeme sets is the length of the concatenated tsvectors (built in, no
+    -- unnesting): shared = |a| + |b| - |a ∪ b|.
+    RETURN (
+        SELECT coalesce(jsonb_agg(jsonb_build_object('note_id', best.id, 'content', left(n.content, 300),
+                                                     'similarity', round(best.similarity::numeric, 4),
+                                                     'possible_duplicate', best.similarity >= 0.9, 'by', 'words')
+                                  ORDER BY best.similarity DESC, best.id DESC), '[]')
+          FROM (SELECT s.id, s.similarity
+                  FROM (SELECT x.id, (length(x.content_tsv) + length(v_tsv) - length(x.content_tsv || v_tsv))::double precision
+                                     / length(x.content_tsv || v_tsv) AS similarity
+                          FROM notes x
+                         WHERE x.campaign_id = _similar_notes_by_words.campaign_id
+                           AND x.id IS DISTINCT FROM exclude AND x.content_tsv @@ v_any
+                         ORDER BY x.id DESC
+                         LIMIT 300) s
+                 WHERE s.similarity >= 0.2
+                 ORDER BY s.similarity DESC, s.id DESC
+                 LIMIT greatest(k, 0)) best
+          JOIN notes n ON n.id = best.id);
+END
+$$;
+
 -- sql/engine/updates.sql
-CREATE OR REPLACE FUNCTION widen_xid(p_xid xid) RETURNS xid8
+CREATE OR REPLACE FUNCTION _widen_xid(p_xid xid) RETURNS xid8
 LANGUAGE sql STABLE
 SET search_path FROM CURRENT
 AS $$
@@ -2870,7 +3010,7 @@ AS $$
     SELECT (CASE WHEN x > xmax THEN x - 4294967296 ELSE x END)::text::xid8 FROM guess;
 $$;
 
-CREATE OR REPLACE FUNCTION event_horizon() RETURNS xid8
+CREATE OR REPLACE FUNCTION _event_horizon() RETURNS xid8
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path FROM CURRENT
 AS $$
@@ -2881,10 +3021,10 @@ DECLARE
 BEGIN
     -- The backend status view is cached per transaction; a second read must be fresh.
     PERFORM pg_stat_clear_snapshot();
-    SELECT min(widen_xid(a.backend_xid)) INTO v_running
+    SELECT min(_widen_xid(a.backend_xid)) INTO v_running
       FROM pg_stat_activity a
      WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() AND a.backend_xid IS NOT NULL;
-    SELECT min(widen_xid(p.transaction)) INTO v_prepared FROM pg_prepared_xacts p WHERE p.database = current_database();
+    SELECT min(_widen_xid(p.transaction)) INTO v_prepared FROM pg_prepared_xacts p WHERE p.database = current_database();
     RETURN least(v_next, v_running, v_prepared);
 END
 $$;
@@ -2898,15 +3038,15 @@ AS $$
 DECLARE
     v_key text;
     v_cursor cursors;
-    v_horizon xid8 := event_horizon();
+    v_horizon xid8 := _event_horizon();
     v_limit integer := least(greatest(coalesce("limit", 200), 1), 1000);
     v_page events[];
 BEGIN
     IF consumer IS NULL OR btrim(consumer) = '' OR length(consumer) > 200 THEN
-        PERFORM raise('invalid_argument', 'consumer must be a name of 1 to 200 characters');
+        PERFORM _raise('invalid_argument', 'consumer must be a name of 1 to 200 characters');
     END IF;
     IF id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM campaigns c WHERE c.id = id) THEN
-        PERFORM raise('not_found', format('campaign %s does not exist', id));
+        PERFORM _raise('not_found', format('campaign %s does not exist', id));
     END IF;
     v_key := consumer || '@' || coalesce(id::text, '*');
     INSERT INTO cursors (consumer) VALUES (v_key) ON CONFLICT ON CONSTRAINT cursors_pkey DO NOTHING;
@@ -2980,13 +3120,13 @@ DECLARE
 BEGIN
     WITH due AS (
         SELECT id FROM notifications
-         WHERE NOT delivered AND given_up_at IS NULL AND next_attempt_at <= clock()
+         WHERE NOT delivered AND given_up_at IS NULL AND next_attempt_at <= _clock()
          ORDER BY id
          LIMIT greatest("limit", 0)
            FOR UPDATE SKIP LOCKED
     ),
     taken AS (
-        UPDATE notifications n SET next_attempt_at = clock() + make_interval(secs => greatest(lease_seconds, 1))
+        UPDATE notifications n SET next_attempt_at = _clock() + make_interval(secs => greatest(lease_seconds, 1))
           FROM due WHERE n.id = due.id
         RETURNING n.*
     )
@@ -2998,7 +3138,7 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION notification_max_attempts() RETURNS integer
+CREATE OR REPLACE FUNCTION _notification_max_attempts() RETURNS integer
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT 10 $$;
 
@@ -3013,48 +3153,26 @@ DECLARE
 BEGIN
     UPDATE notifications
        SET delivered = ok,
-           delivered_at = CASE WHEN ok THEN clock() END,
+           delivered_at = CASE WHEN ok THEN _clock() END,
            delivery_attempts = delivery_attempts + 1,
            last_error = CASE WHEN ok THEN NULL ELSE left(error, 1000) END,
            next_attempt_at = CASE WHEN ok THEN next_attempt_at
-                                  ELSE clock() + make_interval(secs => least(30 * power(2, delivery_attempts), 3600)) END,
+                                  ELSE _clock() + make_interval(secs => least(30 * power(2, delivery_attempts), 3600)) END,
            given_up_at = CASE WHEN NOT ok AND (NOT coalesce(retry, true)
-                                               OR delivery_attempts + 1 >= notification_max_attempts())
-                              THEN clock() END
+                                               OR delivery_attempts + 1 >= _notification_max_attempts())
+                              THEN _clock() END
      WHERE notifications.id = id AND NOT delivered AND given_up_at IS NULL
     RETURNING * INTO n;
     IF NOT FOUND THEN
-        PERFORM raise('not_found', format('notification %s does not exist, was delivered or was given up', id));
+        PERFORM _raise('not_found', format('notification %s does not exist, was delivered or was given up', id));
     END IF;
     RETURN jsonb_build_object('id', n.id, 'delivered', n.delivered, 'delivery_attempts', n.delivery_attempts,
                               'next_attempt_at', n.next_attempt_at, 'given_up', n.given_up_at IS NOT NULL);
 END
 $$;
 
-CREATE OR REPLACE FUNCTION release_step(step_id bigint, claim_token uuid) RETURNS jsonb
-LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
-AS $$
-#variable_conflict use_variable
-DECLARE
-    s steps := lock_claimed_step(step_id, claim_token, 'release_step');
-BEGIN
-    PERFORM leave_running(s.campaign_id, s.id, s.claimed_at, s.requires_locks);
-    UPDATE steps SET status = 'pending', claim_token = NULL, claim_owner = NULL, lease_expires_at = NULL
-     WHERE id = s.id;
-    PERFORM bump_counters(s.campaign_id, 0, 0, 1);
-    PERFORM emit(s.campaign_id, s.id, 'step.released');
-    RETURN jsonb_build_object('step_id', s.id, 'status', 'pending');
-END
-$$;
-
-CREATE OR REPLACE FUNCTION running_count() RETURNS bigint
-LANGUAGE sql STABLE
-SET search_path FROM CURRENT
-AS $$ SELECT coalesce(sum(running_steps), 0)::bigint FROM campaigns WHERE status IN ('active', 'paused') $$;
-
 -- sql/engine/workflows.sql
-CREATE OR REPLACE FUNCTION workflow_finish() RETURNS text LANGUAGE sql IMMUTABLE AS $$ SELECT 'FINISH' $$;
+CREATE OR REPLACE FUNCTION _workflow_finish() RETURNS text LANGUAGE sql IMMUTABLE AS $$ SELECT 'FINISH' $$;
 
 CREATE OR REPLACE FUNCTION load_workflow(name text, definition jsonb) RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
@@ -3068,36 +3186,36 @@ DECLARE
     v_hash text;
 BEGIN
     IF name IS NULL OR name !~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$' THEN
-        PERFORM raise('invalid_argument', format('workflow name %L must be 1 to 200 letters, digits, _ . or -', name));
+        PERFORM _raise('invalid_argument', format('workflow name %L must be 1 to 200 letters, digits, _ . or -', name));
     END IF;
     IF definition IS NULL OR jsonb_typeof(definition) <> 'object'
        OR jsonb_typeof(definition -> 'steps') IS DISTINCT FROM 'array' OR jsonb_array_length(definition -> 'steps') = 0 THEN
-        PERFORM raise('invalid_argument', format('workflow %s lists no steps', name));
+        PERFORM _raise('invalid_argument', format('workflow %s lists no steps', name));
     END IF;
     FOR v_step IN SELECT * FROM jsonb_array_elements(definition -> 'steps') LOOP
         IF jsonb_typeof(v_step -> 'name') IS DISTINCT FROM 'string' OR btrim(v_step ->> 'name') = '' THEN
-            PERFORM raise('invalid_argument', format('workflow %s has a step without a name', name));
+            PERFORM _raise('invalid_argument', format('workflow %s has a step without a name', name));
         END IF;
-        IF upper(v_step ->> 'name') = workflow_finish() THEN
-            PERFORM raise('invalid_argument', format('workflow %s: %s is reserved for the end of a workflow', name, workflow_finish()));
+        IF upper(v_step ->> 'name') = _workflow_finish() THEN
+            PERFORM _raise('invalid_argument', format('workflow %s: %s is reserved for the end of a workflow', name, _workflow_finish()));
         END IF;
         IF lower(v_step ->> 'name') = ANY (SELECT lower(n) FROM unnest(v_names) n) THEN
-            PERFORM raise('invalid_argument', format('workflow %s lists step %L twice', name, v_step ->> 'name'));
+            PERFORM _raise('invalid_argument', format('workflow %s lists step %L twice', name, v_step ->> 'name'));
         END IF;
         IF jsonb_typeof(v_step -> 'instructions') IS DISTINCT FROM 'string' THEN
-            PERFORM raise('invalid_argument', format('workflow %s: step %L has no client instructions', name, v_step ->> 'name'));
+            PERFORM _raise('invalid_argument', format('workflow %s: step %L has no client instructions', name, v_step ->> 'name'));
         END IF;
         IF v_step ? 'transitions' AND jsonb_typeof(v_step -> 'transitions') <> 'object' THEN
-            PERFORM raise('invalid_argument', format('workflow %s: transitions of step %L must be an object', name, v_step ->> 'name'));
+            PERFORM _raise('invalid_argument', format('workflow %s: transitions of step %L must be an object', name, v_step ->> 'name'));
         END IF;
         v_names := v_names || (v_step ->> 'name');
     END LOOP;
     -- Every declared transition leads to a step of this workflow, or to FINISH.
     FOR v_step IN SELECT * FROM jsonb_array_elements(definition -> 'steps') LOOP
         FOR v_status, v_target IN SELECT key, value #>> '{}' FROM jsonb_each(coalesce(v_step -> 'transitions', '{}')) LOOP
-            IF workflow_step_named(v_names, v_target) IS NULL THEN
-                PERFORM raise('invalid_argument', format('workflow %s: step %L goes to %L on %s, which is not a step of the workflow (nor %s)',
-                                                         name, v_step ->> 'name', v_target, v_status, workflow_finish()));
+            IF _workflow_step_named(v_names, v_target) IS NULL THEN
+                PERFORM _raise('invalid_argument', format('workflow %s: step %L goes to %L on %s, which is not a step of the workflow (nor %s)',
+                                                         name, v_step ->> 'name', v_target, v_status, _workflow_finish()));
             END IF;
         END LOOP;
     END LOOP;
@@ -3108,31 +3226,31 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION workflow_step_named(p_names text[], p_name text) RETURNS text
+CREATE OR REPLACE FUNCTION _workflow_step_named(p_names text[], p_name text) RETURNS text
 LANGUAGE sql IMMUTABLE
 AS $$
-    SELECT CASE WHEN upper(btrim(p_name)) = workflow_finish() THEN workflow_finish()
+    SELECT CASE WHEN upper(btrim(p_name)) = _workflow_finish() THEN _workflow_finish()
                 ELSE (SELECT n FROM unnest(p_names) n WHERE lower(n) = lower(btrim(p_name)) LIMIT 1) END
 $$;
 
-CREATE OR REPLACE FUNCTION workflow_definition(c campaigns) RETURNS jsonb
+CREATE OR REPLACE FUNCTION _workflow_definition(c campaigns) RETURNS jsonb
 LANGUAGE sql STABLE
 AS $$ SELECT definition FROM workflows WHERE name = c.workflow AND hash = c.workflow_hash $$;
 
-CREATE OR REPLACE FUNCTION workflow_step_names(p_definition jsonb) RETURNS text[]
+CREATE OR REPLACE FUNCTION _workflow_step_names(p_definition jsonb) RETURNS text[]
 LANGUAGE sql IMMUTABLE
 AS $$ SELECT array_agg(s ->> 'name' ORDER BY o) FROM jsonb_array_elements(p_definition -> 'steps') WITH ORDINALITY AS t(s, o) $$;
 
-CREATE OR REPLACE FUNCTION workflow_step(p_definition jsonb, p_name text) RETURNS jsonb
+CREATE OR REPLACE FUNCTION _workflow_step(p_definition jsonb, p_name text) RETURNS jsonb
 LANGUAGE sql IMMUTABLE
 AS $$ SELECT s FROM jsonb_array_elements(p_definition -> 'steps') s WHERE s ->> 'name' = p_name $$;
 
-CREATE OR REPLACE FUNCTION workflow_view(c campaigns, with_definition boolean DEFAULT false) RETURNS jsonb
+CREATE OR REPLACE FUNCTION _workflow_view(c campaigns, with_definition boolean DEFAULT false) RETURNS jsonb
 LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
-    v_def jsonb := workflow_definition(c);
-    v_step jsonb := workflow_step(v_def, c.workflow_step);
+    v_def jsonb := _workflow_definition(c);
+    v_step jsonb := _workflow_step(v_def, c.workflow_step);
 BEGIN
     RETURN jsonb_build_object(
         'instance_id', c.id, 'workflow_name', c.workflow, 'workflow_hash', c.workflow_hash,
@@ -3140,7 +3258,7 @@ BEGIN
         'current_step', CASE WHEN v_step IS NOT NULL THEN jsonb_build_object(
             'step_name', c.workflow_step, 'instructions', v_step ->> 'instructions',
             'transitions', coalesce(v_step -> 'transitions', '{}')) END,
-        'valid_next_steps', to_jsonb(workflow_step_names(v_def) || workflow_finish()),
+        'valid_next_steps', to_jsonb(_workflow_step_names(v_def) || _workflow_finish()),
         'history', (SELECT coalesce(jsonb_agg(jsonb_build_object('step_name', h.step_name, 'report', h.report,
                                    'outcome_status', h.outcome_status, 'determined_next_step', h.determined_next_step,
                                    'decided_by', h.decided_by, 'at', h.at) ORDER BY h.id), '[]')
@@ -3171,27 +3289,27 @@ BEGIN
     IF definition IS NOT NULL THEN
         v_hash := load_workflow(workflow_name, definition) ->> 'hash';
         IF workflow_hash IS NOT NULL AND workflow_hash <> v_hash THEN
-            PERFORM raise('invalid_argument', format('workflow_hash %s is not the hash of the definition given (%s)', workflow_hash, v_hash));
+            PERFORM _raise('invalid_argument', format('workflow_hash %s is not the hash of the definition given (%s)', workflow_hash, v_hash));
         END IF;
     ELSIF v_hash IS NULL THEN
-        PERFORM raise('invalid_argument', 'pass the workflow_hash of a loaded definition, or the definition itself');
+        PERFORM _raise('invalid_argument', 'pass the workflow_hash of a loaded definition, or the definition itself');
     END IF;
     SELECT w.definition INTO v_def FROM workflows w WHERE w.name = workflow_name AND w.hash = v_hash;
     IF NOT FOUND THEN
-        PERFORM raise('not_found', format('workflow %s with hash %s is not loaded', workflow_name, v_hash));
+        PERFORM _raise('not_found', format('workflow %s with hash %s is not loaded', workflow_name, v_hash));
     END IF;
     IF context IS NOT NULL AND jsonb_typeof(context) <> 'object' THEN
-        PERFORM raise('invalid_argument', 'context must be a JSON object');
+        PERFORM _raise('invalid_argument', 'context must be a JSON object');
     END IF;
-    v_first := (workflow_step_names(v_def))[1];
+    v_first := (_workflow_step_names(v_def))[1];
     INSERT INTO campaigns (name, goal, planner, context, workflow, workflow_hash, workflow_step)
     VALUES (left(workflow_name, 200), coalesce(nullif(btrim(v_def ->> 'goal'), ''), 'workflow ' || workflow_name),
             'none', coalesce(context, '{}'), workflow_name, v_hash, v_first)
     RETURNING * INTO c;
     INSERT INTO workflow_history (campaign_id, determined_next_step, decided_by, at)
-    VALUES (c.id, v_first, 'start', clock());
-    PERFORM emit(c.id, NULL, 'campaign.created', jsonb_build_object('name', c.name, 'workflow', workflow_name));
-    RETURN workflow_view(c);
+    VALUES (c.id, v_first, 'start', _clock());
+    PERFORM _emit(c.id, NULL, 'campaign.created', jsonb_build_object('name', c.name, 'workflow', workflow_name));
+    RETURN _workflow_view(c);
 END
 $$;
 
@@ -3204,77 +3322,77 @@ DECLARE
 BEGIN
     SELECT * INTO c FROM campaigns WHERE id = instance_id AND workflow IS NOT NULL;
     IF NOT FOUND THEN
-        PERFORM raise('not_found', format('workflow instance %s does not exist', instance_id));
+        PERFORM _raise('not_found', format('workflow instance %s does not exist', instance_id));
     END IF;
-    RETURN workflow_view(c, with_definition);
+    RETURN _workflow_view(c, with_definition);
 END
 $$;
 
-CREATE OR REPLACE FUNCTION workflow_move(c campaigns, p_report jsonb, p_updates jsonb, p_next_step text)
+CREATE OR REPLACE FUNCTION _workflow_move(c campaigns, p_report jsonb, p_updates jsonb, p_next_step text)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
-    v_def jsonb := workflow_definition(c);
-    v_names text[] := workflow_step_names(v_def);
-    v_transitions jsonb := coalesce(workflow_step(v_def, c.workflow_step) -> 'transitions', '{}');
+    v_def jsonb := _workflow_definition(c);
+    v_names text[] := _workflow_step_names(v_def);
+    v_transitions jsonb := coalesce(_workflow_step(v_def, c.workflow_step) -> 'transitions', '{}');
     v_status text := p_report ->> 'status';
     v_next text;
     v_how text := 'choice';
 BEGIN
     IF v_transitions <> '{}' THEN
         IF v_status IS NULL OR NOT v_transitions ? v_status THEN
-            PERFORM raise('invalid_argument', format('step %L declares transitions on %s: report.status must be one of them, not %s',
+            PERFORM _raise('invalid_argument', format('step %L declares transitions on %s: report.status must be one of them, not %s',
                           c.workflow_step, (SELECT string_agg(k, ', ' ORDER BY k) FROM jsonb_object_keys(v_transitions) k),
                           coalesce(quote_literal(v_status), 'missing')));
         END IF;
-        v_next := workflow_step_named(v_names, v_transitions ->> v_status);
+        v_next := _workflow_step_named(v_names, v_transitions ->> v_status);
         v_how := 'transition';
     ELSIF p_next_step IS NULL THEN
-        PERFORM raise('choice_required', format('step %L declares no transitions: choose the next step, one of %s',
-                      c.workflow_step, array_to_string(v_names || workflow_finish(), ', ')));
+        PERFORM _raise('choice_required', format('step %L declares no transitions: choose the next step, one of %s',
+                      c.workflow_step, array_to_string(v_names || _workflow_finish(), ', ')));
     ELSE
-        v_next := workflow_step_named(v_names, p_next_step);
+        v_next := _workflow_step_named(v_names, p_next_step);
         IF v_next IS NULL THEN
-            PERFORM raise('invalid_argument', format('%L is not a step of workflow %s; choose one of %s',
-                          p_next_step, c.workflow, array_to_string(v_names || workflow_finish(), ', ')));
+            PERFORM _raise('invalid_argument', format('%L is not a step of workflow %s; choose one of %s',
+                          p_next_step, c.workflow, array_to_string(v_names || _workflow_finish(), ', ')));
         END IF;
     END IF;
     UPDATE campaigns
        SET context = context || coalesce(p_updates, '{}'),
-           workflow_step = CASE WHEN v_next = workflow_finish() THEN NULL ELSE v_next END,
+           workflow_step = CASE WHEN v_next = _workflow_finish() THEN NULL ELSE v_next END,
            updated_at = now()
      WHERE id = c.id
     RETURNING * INTO c;
     INSERT INTO workflow_history (campaign_id, step_name, report, outcome_status, determined_next_step, decided_by, at)
-    VALUES (c.id, p_report ->> 'step_id', p_report, v_status, v_next, v_how, clock());
-    PERFORM emit(c.id, NULL, 'workflow.advanced',
+    VALUES (c.id, p_report ->> 'step_id', p_report, v_status, v_next, v_how, _clock());
+    PERFORM _emit(c.id, NULL, 'workflow.advanced',
                  jsonb_build_object('from', p_report ->> 'step_id', 'to', v_next, 'decided_by', v_how));
-    IF v_next = workflow_finish() THEN
-        PERFORM end_campaign(c.id, 'done', 'workflow finished');
+    IF v_next = _workflow_finish() THEN
+        PERFORM _end_campaign(c.id, 'done', 'workflow finished');
         SELECT * INTO c FROM campaigns WHERE id = c.id;
     END IF;
-    RETURN workflow_view(c) || jsonb_build_object('decided_by', v_how);
+    RETURN _workflow_view(c) || jsonb_build_object('decided_by', v_how);
 END
 $$;
 
-CREATE OR REPLACE FUNCTION lock_active_workflow(p_instance uuid, p_report jsonb, p_updates jsonb) RETURNS campaigns
+CREATE OR REPLACE FUNCTION _lock_active_workflow(p_instance uuid, p_report jsonb, p_updates jsonb) RETURNS campaigns
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
-    c campaigns := lock_campaign(p_instance);
+    c campaigns := _lock_campaign(p_instance);
 BEGIN
     IF c.workflow IS NULL THEN
-        PERFORM raise('not_found', format('campaign %s is not a workflow instance', p_instance));
+        PERFORM _raise('not_found', format('campaign %s is not a workflow instance', p_instance));
     END IF;
     IF c.status <> 'active' THEN
-        PERFORM raise('invalid_state', format('workflow instance %s is %s', c.id, c.status));
+        PERFORM _raise('invalid_state', format('workflow instance %s is %s', c.id, c.status));
     END IF;
     IF p_report IS NOT NULL AND jsonb_typeof(p_report) <> 'object' THEN
-        PERFORM raise('invalid_argument', 'report must be a JSON object');
+        PERFORM _raise('invalid_argument', 'report must be a JSON object');
     END IF;
     IF p_updates IS NOT NULL AND jsonb_typeof(p_updates) <> 'object' THEN
-        PERFORM raise('invalid_argument', 'context_updates must be a JSON object');
+        PERFORM _raise('invalid_argument', 'context_updates must be a JSON object');
     END IF;
     RETURN c;
 END
@@ -3299,15 +3417,15 @@ BEGIN
                             instance_id => instance_id, report => report, context_updates => context_updates,
                             next_step => next_step)));
     END IF;
-    c := lock_active_workflow(instance_id, report, context_updates);
+    c := _lock_active_workflow(instance_id, report, context_updates);
     IF report IS NULL OR jsonb_typeof(report -> 'step_id') IS DISTINCT FROM 'string' THEN
-        PERFORM raise('invalid_argument', format('report.step_id is required: the name of the step reported on (now %L)', c.workflow_step));
+        PERFORM _raise('invalid_argument', format('report.step_id is required: the name of the step reported on (now %L)', c.workflow_step));
     END IF;
     IF report ->> 'step_id' IS DISTINCT FROM c.workflow_step THEN
-        PERFORM raise('invalid_state', format('report.step_id %L is not the current step %L (get_workflow_status, or resume_workflow)',
+        PERFORM _raise('invalid_state', format('report.step_id %L is not the current step %L (get_workflow_status, or resume_workflow)',
                       report ->> 'step_id', c.workflow_step));
     END IF;
-    RETURN workflow_move(c, report, context_updates, next_step);
+    RETURN _workflow_move(c, report, context_updates, next_step);
 END
 $$;
 
@@ -3318,21 +3436,21 @@ LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
 DECLARE
-    c campaigns := lock_active_workflow(instance_id, report, context_updates);
+    c campaigns := _lock_active_workflow(instance_id, report, context_updates);
     v_assumed text;
 BEGIN
-    v_assumed := workflow_step_named(workflow_step_names(workflow_definition(c)), assumed_current_step_name);
-    IF v_assumed IS NULL OR v_assumed = workflow_finish() THEN
-        PERFORM raise('invalid_argument', format('%L is not a step of workflow %s', assumed_current_step_name, c.workflow));
+    v_assumed := _workflow_step_named(_workflow_step_names(_workflow_definition(c)), assumed_current_step_name);
+    IF v_assumed IS NULL OR v_assumed = _workflow_finish() THEN
+        PERFORM _raise('invalid_argument', format('%L is not a step of workflow %s', assumed_current_step_name, c.workflow));
     END IF;
     IF v_assumed = c.workflow_step AND report ? 'status' THEN
-        RETURN workflow_move(c, report || jsonb_build_object('step_id', v_assumed), context_updates, next_step);
+        RETURN _workflow_move(c, report || jsonb_build_object('step_id', v_assumed), context_updates, next_step);
     END IF;
     UPDATE campaigns SET context = context || coalesce(context_updates, '{}'), updated_at = now()
      WHERE id = c.id RETURNING * INTO c;
     INSERT INTO workflow_history (campaign_id, step_name, report, outcome_status, determined_next_step, decided_by, at)
-    VALUES (c.id, v_assumed, report, 'resumed', c.workflow_step, 'resume', clock());
-    RETURN workflow_view(c) || jsonb_build_object('decided_by', 'resume', 'assumed_step_name', v_assumed,
+    VALUES (c.id, v_assumed, report, 'resumed', c.workflow_step, 'resume', _clock());
+    RETURN _workflow_view(c) || jsonb_build_object('decided_by', 'resume', 'assumed_step_name', v_assumed,
                                                   'reconciled', v_assumed IS DISTINCT FROM c.workflow_step);
 END
 $$;
@@ -3359,7 +3477,7 @@ CREATE TABLE IF NOT EXISTS finished_claims (
 
 CREATE INDEX IF NOT EXISTS finished_claims_created_at ON finished_claims (created_at);
 
-CREATE OR REPLACE FUNCTION idempotency_retention() RETURNS interval
+CREATE OR REPLACE FUNCTION _idempotency_retention() RETURNS interval
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT interval '48 hours' $$;
 
@@ -3375,7 +3493,7 @@ DECLARE
     r idempotency_records;
 BEGIN
     IF length(p_request_id) NOT BETWEEN 1 AND 200 THEN
-        PERFORM raise('invalid_argument', format('request_id must be 1 to 200 characters, not %s',
+        PERFORM _raise('invalid_argument', format('request_id must be 1 to 200 characters, not %s',
                                                  length(p_request_id)));
     END IF;
     PERFORM pg_advisory_xact_lock(1397704788, hashtext(p_request_id));
@@ -3384,7 +3502,7 @@ BEGIN
         RETURN NULL;
     END IF;
     IF r.call <> p_call OR r.arguments_hash <> _arguments_hash(p_arguments) THEN
-        PERFORM raise('invalid_argument', format(
+        PERFORM _raise('invalid_argument', format(
             'request_id %L was already used by a %s call with other arguments; use a new request_id for a new request',
             p_request_id, r.call));
     END IF;
@@ -3399,7 +3517,7 @@ AS $$
 BEGIN
     DELETE FROM idempotency_records
      WHERE request_id IN (SELECT request_id FROM idempotency_records
-                           WHERE created_at < now() - idempotency_retention()
+                           WHERE created_at < now() - _idempotency_retention()
                            ORDER BY created_at LIMIT 10);
     INSERT INTO idempotency_records (request_id, call, arguments_hash, result)
     VALUES (p_request_id, p_call, _arguments_hash(p_arguments), p_result);
@@ -3428,7 +3546,7 @@ BEGIN
     END IF;
     DELETE FROM finished_claims
      WHERE claim_token IN (SELECT claim_token FROM finished_claims
-                            WHERE created_at < now() - idempotency_retention()
+                            WHERE created_at < now() - _idempotency_retention()
                             ORDER BY created_at LIMIT 10);
     INSERT INTO finished_claims (claim_token, step_id, call, arguments_hash, result)
     VALUES (p_token, p_step, p_call, _arguments_hash(p_arguments), p_result)
@@ -3440,7 +3558,7 @@ $$;
 -- sql/engine/observe.sql
 CREATE INDEX IF NOT EXISTS events_id_range ON events USING brin (id);
 
-CREATE OR REPLACE FUNCTION event_row(e events) RETURNS jsonb
+CREATE OR REPLACE FUNCTION _event_row(e events) RETURNS jsonb
 LANGUAGE sql IMMUTABLE
 AS $$
     SELECT jsonb_build_object('id', e.id, 'campaign_id', e.campaign_id, 'step_id', e.step_id,
@@ -3458,19 +3576,19 @@ DECLARE
     v_rows jsonb;
 BEGIN
     IF after_id IS NOT NULL AND after_id < 0 THEN
-        PERFORM raise('invalid_argument', 'after_id must be 0 or an event id');
+        PERFORM _raise('invalid_argument', 'after_id must be 0 or an event id');
     END IF;
     IF campaign_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM campaigns c WHERE c.id = campaign_id) THEN
-        PERFORM raise('not_found', format('campaign %s does not exist', campaign_id));
+        PERFORM _raise('not_found', format('campaign %s does not exist', campaign_id));
     END IF;
     IF coalesce(after_id, 0) = 0 THEN
-        SELECT coalesce(jsonb_agg(event_row(e) ORDER BY e.id), '[]') INTO v_rows
+        SELECT coalesce(jsonb_agg(_event_row(e) ORDER BY e.id), '[]') INTO v_rows
           FROM (SELECT * FROM events e
                  WHERE campaign_id IS NULL OR e.campaign_id = campaign_id
                  ORDER BY e.tx DESC, e.id DESC
                  LIMIT v_limit) e;
     ELSE
-        SELECT coalesce(jsonb_agg(event_row(e) ORDER BY e.id), '[]') INTO v_rows
+        SELECT coalesce(jsonb_agg(_event_row(e) ORDER BY e.id), '[]') INTO v_rows
           FROM (SELECT * FROM events e
                  WHERE e.id > after_id AND (campaign_id IS NULL OR e.campaign_id = campaign_id)
                  ORDER BY e.id
@@ -3496,14 +3614,14 @@ BEGIN
       INTO v_holder
       FROM pg_stat_activity a
      WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() AND a.backend_xid IS NOT NULL
-       AND widen_xid(a.backend_xid) = p_horizon
+       AND _widen_xid(a.backend_xid) = p_horizon
      LIMIT 1;
     IF v_holder IS NULL THEN
         SELECT jsonb_build_object('prepared_transaction', p.gid, 'state', 'prepared',
                                   'age_seconds', round(extract(epoch FROM clock_timestamp() - p.prepared)::numeric, 1))
           INTO v_holder
           FROM pg_prepared_xacts p
-         WHERE p.database = current_database() AND widen_xid(p.transaction) = p_horizon
+         WHERE p.database = current_database() AND _widen_xid(p.transaction) = p_horizon
          LIMIT 1;
     END IF;
     RETURN v_holder;
@@ -3516,7 +3634,7 @@ SET search_path FROM CURRENT
 AS $$
 DECLARE
     v_grace double precision := extract(epoch FROM coalesce(grace, interval '30 seconds'));
-    v_horizon xid8 := event_horizon();
+    v_horizon xid8 := _event_horizon();
     v_waiting bigint;
     v_holder jsonb;
     v_oldest jsonb;
@@ -3527,7 +3645,7 @@ DECLARE
     v_problems jsonb := '[]';
 BEGIN
     IF v_grace < 0 THEN
-        PERFORM raise('invalid_argument', 'grace must not be negative');
+        PERFORM _raise('invalid_argument', 'grace must not be negative');
     END IF;
     PERFORM pg_stat_clear_snapshot();
     -- Events committed behind the horizon: what get_updates cannot hand out yet.
@@ -3541,9 +3659,9 @@ BEGIN
                'has_transaction_id', a.backend_xid IS NOT NULL,
                -- A transaction id at the horizon holds get_updates back; an old snapshot
                -- (backend_xmin) holds back the clean-up of dead rows.
-               'holds_back_updates', a.backend_xid IS NOT NULL AND widen_xid(a.backend_xid) = v_horizon,
+               'holds_back_updates', a.backend_xid IS NOT NULL AND _widen_xid(a.backend_xid) = v_horizon,
                'holds_back_cleanup', a.backend_xmin IS NOT NULL,
-               'events_waiting', CASE WHEN a.backend_xid IS NOT NULL AND widen_xid(a.backend_xid) = v_horizon
+               'events_waiting', CASE WHEN a.backend_xid IS NOT NULL AND _widen_xid(a.backend_xid) = v_horizon
                                       THEN v_waiting ELSE 0 END)
       INTO v_oldest
       FROM pg_stat_activity a
@@ -3564,11 +3682,11 @@ BEGIN
     END IF;
 
     SELECT jsonb_build_object('count', count(*),
-                              'oldest_expired_seconds', round(max(extract(epoch FROM clock() - s.lease_expires_at))::numeric, 1),
+                              'oldest_expired_seconds', round(max(extract(epoch FROM _clock() - s.lease_expires_at))::numeric, 1),
                               'step_ids', coalesce((array_agg(s.id ORDER BY s.lease_expires_at))[1:20], '{}'))
       INTO v_leases
       FROM steps s
-     WHERE s.status = 'running' AND s.step_type = 'atomic' AND s.lease_expires_at < clock();
+     WHERE s.status = 'running' AND s.step_type = 'atomic' AND s.lease_expires_at < _clock();
     IF (v_leases ->> 'count')::bigint > 0 AND (v_leases ->> 'oldest_expired_seconds')::double precision >= v_grace THEN
         v_problems := v_problems || jsonb_build_object('code', 'expired_leases',
             'message', format('%s running steps have an expired lease that nothing reset (is sortie-runner running? reset_zombies() resets them)',
@@ -3607,7 +3725,7 @@ BEGIN
     -- coordinator's add_steps can move it, or a dependency it waits for never resolves.
     SELECT coalesce(jsonb_agg(jsonb_build_object('id', c.id, 'name', c.name, 'open_steps', c.open_steps,
                                                  'planner', c.planner,
-                                                 'idle_seconds', round(extract(epoch FROM clock() - c.updated_at)::numeric, 1))
+                                                 'idle_seconds', round(extract(epoch FROM _clock() - c.updated_at)::numeric, 1))
                               ORDER BY c.updated_at), '[]')
       INTO v_stalled
       FROM campaigns c
@@ -3637,7 +3755,7 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION graph_node(s steps, p_parent_type text) RETURNS jsonb
+CREATE OR REPLACE FUNCTION _graph_node(s steps, p_parent_type text) RETURNS jsonb
 LANGUAGE sql STABLE
 AS $$
     SELECT jsonb_strip_nulls(jsonb_build_object(
@@ -3653,7 +3771,7 @@ AS $$
         'started_at', s.started_at, 'completed_at', s.completed_at,
         'duration_ms', coalesce(s.duration_ms,
                                 CASE WHEN s.status = 'running' AND s.claimed_at IS NOT NULL
-                                     THEN (extract(epoch FROM clock() - s.claimed_at) * 1000)::bigint END),
+                                     THEN (extract(epoch FROM _clock() - s.claimed_at) * 1000)::bigint END),
         'lease_expires_at', CASE WHEN s.status = 'running' THEN s.lease_expires_at END,
         'output_line', left(split_part(btrim(s.output, E' \n\r\t'), E'\n', 1), 200),
         'output_chars', length(s.output),
@@ -3672,14 +3790,14 @@ DECLARE
 BEGIN
     SELECT * INTO c FROM campaigns WHERE campaigns.id = id;
     IF NOT FOUND THEN
-        PERFORM raise('not_found', format('campaign %s does not exist', id));
+        PERFORM _raise('not_found', format('campaign %s does not exist', id));
     END IF;
     SELECT count(*) INTO v_total FROM steps WHERE steps.campaign_id = c.id;
     RETURN jsonb_build_object(
-        'campaign', campaign_summary(c) || jsonb_build_object('ready_steps', c.ready_steps),
+        'campaign', _campaign_summary(c) || jsonb_build_object('ready_steps', c.ready_steps),
         'step_counts', (SELECT coalesce(jsonb_object_agg(t.status, t.n), '{}')
                           FROM (SELECT s.status, count(*) AS n FROM steps s WHERE s.campaign_id = c.id GROUP BY s.status) t),
-        'nodes', (SELECT coalesce(jsonb_agg(graph_node(s, p.step_type) ORDER BY s.id), '[]')
+        'nodes', (SELECT coalesce(jsonb_agg(_graph_node(s, p.step_type) ORDER BY s.id), '[]')
                     FROM (SELECT * FROM steps WHERE steps.campaign_id = c.id ORDER BY steps.id LIMIT v_limit) s
                     LEFT JOIN steps p ON p.id = s.parent_id),
         'edges', (SELECT coalesce(jsonb_agg(e ORDER BY e ->> 'kind', (e ->> 'to')::bigint, (e ->> 'from')::bigint), '[]') FROM (
@@ -3713,8 +3831,8 @@ BEGIN
                        'step_id', s.id, 'campaign_id', s.campaign_id, 'campaign_name', c.name,
                        'action', s.action, 'agent', s.agent, 'claim_owner', s.claim_owner,
                        'attempts', s.attempts, 'started_at', s.claimed_at,
-                       'running_seconds', round(extract(epoch FROM clock() - s.claimed_at)::numeric, 1),
-                       'lease_seconds_left', round(extract(epoch FROM s.lease_expires_at - clock())::numeric, 1))) AS r
+                       'running_seconds', round(extract(epoch FROM _clock() - s.claimed_at)::numeric, 1),
+                       'lease_seconds_left', round(extract(epoch FROM s.lease_expires_at - _clock())::numeric, 1))) AS r
               FROM steps s JOIN campaigns c ON c.id = s.campaign_id
              WHERE s.status = 'running' AND s.step_type = 'atomic'
              ORDER BY s.claimed_at
@@ -3732,103 +3850,7 @@ BEGIN
              WHERE c.status IN ('active', 'paused')
              ORDER BY c.created_at DESC
              LIMIT v_limit) active),
-        'at', clock());
-END
-$$;
-
--- sql/engine/note_words.sql
-CREATE OR REPLACE FUNCTION similar_notes_by_words(campaign_id uuid, content text, k integer DEFAULT 5,
-                                       exclude bigint DEFAULT NULL)
-RETURNS jsonb
-LANGUAGE plpgsql STABLE
-SET search_path FROM CURRENT
-AS $$
-#variable_conflict use_variable
-DECLARE
-    v_tsv tsvector := to_tsvector('english', coalesce(content, ''));
-    v_any tsquery;
-BEGIN
-    IF length(v_tsv) = 0 THEN
-        RETURN '[]';
-    END IF;
-    -- Any shared lexeme, through the GIN index on content_tsv (quotes and backslashes escaped
-    -- as tsquery reads them).
-    SELECT string_agg('''' || replace(replace(l, '\', '\\'), '''', '''''') || '''', ' | ')::tsquery
-      INTO v_any
-      FROM unnest(tsvector_to_array(v_tsv)) l;
-    -- The union of two lexeme sets is the length of the concatenated tsvectors (built in, no
-    -- unnesting): shared = |a| + |b| - |a ∪ b|.
-    RETURN (
-        SELECT coalesce(jsonb_agg(jsonb_build_object('note_id', best.id, 'content', left(n.content, 300),
-                                                     'similarity', round(best.similarity::numeric, 4),
-                                                     'possible_duplicate', best.similarity >= 0.9, 'by', 'words')
-                                  ORDER BY best.similarity DESC, best.id DESC), '[]')
-          FROM (SELECT s.id, s.similarity
-                  FROM (SELECT x.id, (length(x.content_tsv) + length(v_tsv) - length(x.content_tsv || v_tsv))::double precision
-                                     / length(x.content_tsv || v_tsv) AS similarity
-                          FROM notes x
-                         WHERE x.campaign_id = similar_notes_by_words.campaign_id
-                           AND x.id IS DISTINCT FROM exclude AND x.content_tsv @@ v_any
-                         ORDER BY x.id DESC
-                         LIMIT 300) s
-                 WHERE s.similarity >= 0.2
-                 ORDER BY s.similarity DESC, s.id DESC
-                 LIMIT greatest(k, 0)) best
-          JOIN notes n ON n.id = best.id);
-END
-$$;
-
--- sql/engine/batches.sql
-CREATE OR REPLACE FUNCTION complete_steps(items jsonb) RETURNS jsonb
-LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
-AS $$
-#variable_conflict use_variable
-DECLARE
-    v_item record;
-    v_completed jsonb := '[]';
-    v_refused jsonb := '[]';
-    v_code text;
-    v_message text;
-BEGIN
-    IF items IS NULL OR jsonb_typeof(items) <> 'array' OR jsonb_array_length(items) NOT BETWEEN 1 AND 1000 THEN
-        PERFORM raise('invalid_argument', 'items must be a JSON array of 1 to 1000 {step_id, claim_token, summary, tokens_used} objects');
-    END IF;
-    IF EXISTS (SELECT 1 FROM jsonb_array_elements(items) e WHERE jsonb_typeof(e) <> 'object') THEN
-        PERFORM raise('invalid_argument', 'each item must be an object {step_id, claim_token, summary, tokens_used}');
-    END IF;
-    FOR v_item IN
-        SELECT e.value AS item, e.ordinality
-          FROM jsonb_array_elements(items) WITH ORDINALITY e
-          -- bigint, not numeric: `id = numeric` cannot use the primary key (a scan of steps
-          -- per batch). Only the order comes from this join; each item is checked below.
-          LEFT JOIN steps s ON s.id = CASE WHEN jsonb_typeof(e.value -> 'step_id') = 'number'
-                                            AND (e.value ->> 'step_id')::numeric BETWEEN 1 AND 9223372036854775807
-                                           THEN (e.value ->> 'step_id')::numeric::bigint END
-         ORDER BY s.campaign_id, s.id, e.ordinality
-    LOOP
-        BEGIN
-            IF jsonb_typeof(v_item.item -> 'step_id') IS DISTINCT FROM 'number'
-               OR jsonb_typeof(v_item.item -> 'claim_token') IS DISTINCT FROM 'string' THEN
-                PERFORM raise('invalid_argument', 'step_id (a number) and claim_token (a string) are required');
-            END IF;
-            v_completed := v_completed || jsonb_build_array(complete_step(
-                (v_item.item ->> 'step_id')::bigint,
-                (v_item.item ->> 'claim_token')::uuid,
-                coalesce(v_item.item ->> 'summary', ''),
-                coalesce((v_item.item ->> 'tokens_used')::bigint, 0)));
-        EXCEPTION
-            WHEN SQLSTATE 'SR001' OR SQLSTATE 'SR002' OR SQLSTATE 'SR003' OR SQLSTATE 'SR005'
-                 OR SQLSTATE 'SR006' OR SQLSTATE 'SR008' OR SQLSTATE 'SR009'
-                 OR invalid_text_representation OR numeric_value_out_of_range THEN
-                GET STACKED DIAGNOSTICS v_message = MESSAGE_TEXT;
-                v_code := CASE WHEN v_message ~ '^[a-z_]+: ' THEN split_part(v_message, ': ', 1) ELSE 'invalid_argument' END;
-                v_refused := v_refused || jsonb_build_array(jsonb_build_object(
-                    'step_id', v_item.item -> 'step_id', 'code', v_code,
-                    'message', CASE WHEN v_message ~ '^[a-z_]+: ' THEN substr(v_message, length(v_code) + 3) ELSE v_message END));
-        END;
-    END LOOP;
-    RETURN jsonb_build_object('completed', v_completed, 'refused', v_refused);
+        'at', _clock());
 END
 $$;
 
@@ -3847,14 +3869,14 @@ DECLARE
     v_more boolean;
 BEGIN
     IF older_than IS NULL OR older_than < interval '0' THEN
-        PERFORM raise('invalid_argument', 'older_than must be an interval of zero or more');
+        PERFORM _raise('invalid_argument', 'older_than must be an interval of zero or more');
     END IF;
     IF "limit" IS NULL OR "limit" NOT BETWEEN 1 AND 10000 THEN
-        PERFORM raise('invalid_argument', 'limit must be from 1 to 10000');
+        PERFORM _raise('invalid_argument', 'limit must be from 1 to 10000');
     END IF;
     SELECT coalesce(array_agg(x.id), '{}') INTO v_ids
       FROM (SELECT c.id FROM campaigns c
-             WHERE c.status IN ('done', 'failed', 'cancelled') AND c.completed_at < clock() - older_than
+             WHERE c.status IN ('done', 'failed', 'cancelled') AND c.completed_at < _clock() - older_than
              ORDER BY c.completed_at
              LIMIT "limit"
                FOR UPDATE SKIP LOCKED) x;
@@ -3869,7 +3891,7 @@ BEGIN
     DELETE FROM campaigns c WHERE c.id = ANY (v_ids);
     v_more := cardinality(v_ids) = "limit" AND EXISTS (
         SELECT 1 FROM campaigns c
-         WHERE c.status IN ('done', 'failed', 'cancelled') AND c.completed_at < clock() - older_than);
+         WHERE c.status IN ('done', 'failed', 'cancelled') AND c.completed_at < _clock() - older_than);
     RETURN jsonb_build_object('campaigns', cardinality(v_ids), 'steps', v_steps, 'events', v_events,
                               'notes', v_notes, 'more', v_more);
 END
@@ -3893,7 +3915,7 @@ END
 $backup$;
 
 -- sql/engine/invariants.sql
-CREATE OR REPLACE FUNCTION campaign_wait_cycle(p_campaign uuid) RETURNS bigint
+CREATE OR REPLACE FUNCTION _campaign_wait_cycle(p_campaign uuid) RETURNS bigint
 LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
@@ -3913,7 +3935,7 @@ BEGIN
       INTO v_dep_steps, v_dep_on
       FROM step_dependencies d
      WHERE d.step_id = ANY (v_ids);
-    RETURN wait_cycle_step(v_ids, v_parents, v_dep_steps, v_dep_on);
+    RETURN _wait_cycle_step(v_ids, v_parents, v_dep_steps, v_dep_on);
 END
 $$;
 
@@ -4002,7 +4024,7 @@ AS $$
     -- SPEC §13: a cycle of waits among open steps (dependencies, and compound parents waiting
     -- for their members) can never finish.
     SELECT format('campaign %s: steps wait for each other in a cycle through step %s', c.id, w.step)
-      FROM scope c CROSS JOIN LATERAL (SELECT campaign_wait_cycle(c.id) AS step) w
+      FROM scope c CROSS JOIN LATERAL (SELECT _campaign_wait_cycle(c.id) AS step) w
      WHERE w.step IS NOT NULL;
 $$;
 
@@ -4079,14 +4101,14 @@ AS $$
             ('prune',                  ARRAY['sortie_runner']),
             ('record_benchmark',       ARRAY['sortie_runner']),
             -- internal: called by the functions above (which run as the owner), by no role
-            ('skip_cascade',           ARRAY[]::text[]),
-            ('similar_notes',          ARRAY[]::text[]),
-            ('similar_notes_by_words', ARRAY[]::text[]),
-            ('widen_xid',              ARRAY[]::text[]),
-            ('event_horizon',          ARRAY[]::text[]),
-            ('running_count',          ARRAY[]::text[]),
-            ('lower_ready_floor',      ARRAY[]::text[]),
-            ('forget_campaign_events', ARRAY[]::text[]),
+            ('_skip_cascade',           ARRAY[]::text[]),
+            ('_similar_notes',          ARRAY[]::text[]),
+            ('_similar_notes_by_words', ARRAY[]::text[]),
+            ('_widen_xid',              ARRAY[]::text[]),
+            ('_event_horizon',          ARRAY[]::text[]),
+            ('_running_count',          ARRAY[]::text[]),
+            ('_lower_ready_floor',      ARRAY[]::text[]),
+            ('_forget_campaign_events', ARRAY[]::text[]),
             ('_finished_claim',        ARRAY[]::text[]),
             ('_keep_finished_claim',   ARRAY[]::text[]),
             ('_horizon_holder',        ARRAY[]::text[]),

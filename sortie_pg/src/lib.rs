@@ -12,71 +12,134 @@ use pgrx::prelude::*;
 mod pure;
 
 extension_sql_file!("../../sql/bootstrap.sql", name = "bootstrap", bootstrap);
+// The rule families, one file each (docs/architecture.md names them). PL/pgSQL bodies are not
+// resolved until called, but LANGUAGE sql ones are checked when created: each file comes after
+// those it needs, and the first after every pure function.
 extension_sql_file!(
-    "../../sql/engine/core.sql",
-    name = "core",
-    requires = [pure::expand_steps]
+    "../../sql/engine/events.sql",
+    name = "events",
+    requires = [
+        pure::expand_steps,
+        pure::parse_plan,
+        pure::step_fingerprint,
+        pure::preview,
+        pure::read_range,
+        pure::parse_metric,
+        pure::metric_met,
+        pure::name_from_goal,
+        pure::wait_cycle_step
+    ]
 );
-// What a worker may see (SPEC §15); used by context, notes and claim.
+extension_sql_file!(
+    "../../sql/engine/locking.sql",
+    name = "locking",
+    requires = ["events"]
+);
+extension_sql_file!(
+    "../../sql/engine/counters.sql",
+    name = "counters",
+    requires = ["locking"]
+);
+extension_sql_file!(
+    "../../sql/engine/lock_keys.sql",
+    name = "lock_keys",
+    requires = ["counters"]
+);
+extension_sql_file!(
+    "../../sql/engine/readiness.sql",
+    name = "readiness",
+    requires = ["lock_keys"]
+);
+extension_sql_file!(
+    "../../sql/engine/skip_cascade.sql",
+    name = "skip_cascade",
+    requires = ["readiness"]
+);
+extension_sql_file!(
+    "../../sql/engine/compound.sql",
+    name = "compound",
+    requires = ["skip_cascade"]
+);
+extension_sql_file!(
+    "../../sql/engine/campaign_end.sql",
+    name = "campaign_end",
+    requires = ["compound"]
+);
+extension_sql_file!(
+    "../../sql/engine/completion.sql",
+    name = "completion",
+    requires = ["campaign_end"]
+);
+extension_sql_file!(
+    "../../sql/engine/failure_retry.sql",
+    name = "failure_retry",
+    requires = ["completion"]
+);
+// What a worker may see (SPEC §15); used by claim, context and notes.
 extension_sql_file!(
     "../../sql/engine/scope.sql",
     name = "scope",
-    requires = ["core"]
-);
-extension_sql_file!(
-    "../../sql/engine/campaigns.sql",
-    name = "campaigns",
-    requires = ["core"]
-);
-extension_sql_file!(
-    "../../sql/engine/add_steps.sql",
-    name = "add_steps",
-    requires = ["core"]
+    requires = ["failure_retry"]
 );
 extension_sql_file!(
     "../../sql/engine/claim.sql",
     name = "claim",
-    requires = ["core", "scope"]
+    requires = ["scope"]
 );
 extension_sql_file!(
-    "../../sql/engine/worker.sql",
-    name = "worker",
+    "../../sql/engine/leases.sql",
+    name = "leases",
+    requires = ["claim"]
+);
+extension_sql_file!(
+    "../../sql/engine/budget.sql",
+    name = "budget",
+    requires = ["leases"]
+);
+extension_sql_file!(
+    "../../sql/engine/input.sql",
+    name = "input",
+    requires = ["budget"]
+);
+extension_sql_file!(
+    "../../sql/engine/add_steps.sql",
+    name = "add_steps",
+    requires = ["input"]
+);
+extension_sql_file!(
+    "../../sql/engine/splice.sql",
+    name = "splice",
     requires = ["add_steps"]
+);
+extension_sql_file!(
+    "../../sql/engine/abort.sql",
+    name = "abort",
+    requires = ["splice"]
+);
+extension_sql_file!(
+    "../../sql/engine/campaigns.sql",
+    name = "campaigns",
+    requires = ["abort"]
+);
+extension_sql_file!(
+    "../../sql/engine/success.sql",
+    name = "success",
+    requires = ["campaigns"]
+);
+extension_sql_file!(
+    "../../sql/engine/planning.sql",
+    name = "planning",
+    requires = ["success"]
 );
 extension_sql_file!(
     "../../sql/engine/context.sql",
     name = "context",
-    requires = ["core", "scope", "worker", pure::preview]
+    requires = ["planning"]
 );
 extension_sql_file!(
     "../../sql/engine/notes.sql",
     name = "notes",
-    requires = ["core", "scope"]
-);
-extension_sql_file!(
-    "../../sql/engine/updates.sql",
-    name = "updates",
-    requires = ["core"]
-);
-extension_sql_file!(
-    "../../sql/engine/notifications.sql",
-    name = "notifications",
-    requires = ["claim"]
-);
-extension_sql_file!(
-    "../../sql/engine/workflows.sql",
-    name = "workflows",
-    requires = ["core"]
-);
-extension_sql_file!(
-    "../../sql/engine/idempotency.sql",
-    name = "idempotency",
-    requires = ["core"]
-);
-extension_sql_file!(
-    "../../sql/engine/observe.sql",
-    name = "observe",
-    requires = ["core", "updates", "campaigns"]
+    requires = ["context"]
 );
 extension_sql_file!(
     "../../sql/engine/note_words.sql",
@@ -84,25 +147,45 @@ extension_sql_file!(
     requires = ["notes"]
 );
 extension_sql_file!(
-    "../../sql/engine/batches.sql",
-    name = "batches",
-    requires = ["worker", "claim"]
+    "../../sql/engine/updates.sql",
+    name = "updates",
+    requires = ["note_words"]
+);
+extension_sql_file!(
+    "../../sql/engine/notifications.sql",
+    name = "notifications",
+    requires = ["updates"]
+);
+extension_sql_file!(
+    "../../sql/engine/workflows.sql",
+    name = "workflows",
+    requires = ["notifications"]
+);
+extension_sql_file!(
+    "../../sql/engine/idempotency.sql",
+    name = "idempotency",
+    requires = ["workflows"]
+);
+extension_sql_file!(
+    "../../sql/engine/observe.sql",
+    name = "observe",
+    requires = ["idempotency"]
 );
 extension_sql_file!(
     "../../sql/engine/retention.sql",
     name = "retention",
-    requires = ["core"]
+    requires = ["observe"]
 );
 // After every file that creates a table: marks them all for pg_dump.
 extension_sql_file!(
     "../../sql/engine/backup.sql",
     name = "backup",
-    requires = ["idempotency", "workflows", "notes", "retention"]
+    requires = ["retention"]
 );
 extension_sql_file!(
     "../../sql/engine/invariants.sql",
     name = "invariants",
-    requires = ["core"]
+    requires = ["backup"]
 );
 // Last of all (SPEC §15): roles and grants over every function created before it.
 extension_sql_file!("../../sql/engine/roles.sql", name = "roles", finalize);
@@ -128,7 +211,7 @@ mod tests {
     #[pg_test]
     fn expand_steps_reports_errors_as_data() {
         let answer = Spi::get_one::<pgrx::JsonB>(
-            "SELECT sortie.expand_steps('[{\"step_type\": \"loop\", \"action\": \"a\"}]')",
+            "SELECT sortie._expand_steps('[{\"step_type\": \"loop\", \"action\": \"a\"}]')",
         )
         .expect("spi")
         .expect("a result");

@@ -12,7 +12,7 @@ fn refusal(error: RuleError) -> JsonB {
 }
 
 /// Validates and flattens step JSON (SPEC §3a); see `sortie_core::steps`.
-#[pg_extern(immutable, parallel_safe)]
+#[pg_extern(immutable, parallel_safe, name = "_expand_steps")]
 pub fn expand_steps(steps: JsonB) -> JsonB {
     match steps::expand(&steps.0) {
         Ok(expansion) => JsonB(json!({"ok": expansion_json(&expansion)})),
@@ -28,7 +28,7 @@ fn expansion_json(expansion: &steps::Expansion) -> serde_json::Value {
 }
 
 /// Validates a planner answer (SPEC §4) and returns it normalised, steps expanded.
-#[pg_extern(immutable, parallel_safe)]
+#[pg_extern(immutable, parallel_safe, name = "_parse_plan")]
 pub fn parse_plan(plan: JsonB) -> JsonB {
     match plan::parse_plan(&plan.0) {
         Ok(p) => JsonB(json!({"ok": {
@@ -43,12 +43,12 @@ pub fn parse_plan(plan: JsonB) -> JsonB {
     }
 }
 
-#[pg_extern(immutable, parallel_safe)]
+#[pg_extern(immutable, parallel_safe, name = "_step_fingerprint")]
 pub fn step_fingerprint(action: &str, agent: Option<&str>, input: Option<JsonB>) -> String {
     fingerprint::fingerprint(action, agent, input.as_ref().map(|j| &j.0))
 }
 
-#[pg_extern(immutable, parallel_safe)]
+#[pg_extern(immutable, parallel_safe, name = "_preview")]
 pub fn preview(step_id: i64, text: &str, head: i32, tail: i32) -> JsonB {
     JsonB(previews::preview(
         step_id,
@@ -58,7 +58,7 @@ pub fn preview(step_id: i64, text: &str, head: i32, tail: i32) -> JsonB {
     ))
 }
 
-#[pg_extern(immutable, parallel_safe)]
+#[pg_extern(immutable, parallel_safe, name = "_read_range")]
 pub fn read_range(text: &str, offset: i32, limit: i32) -> JsonB {
     JsonB(previews::read_range(
         text,
@@ -67,18 +67,18 @@ pub fn read_range(text: &str, offset: i32, limit: i32) -> JsonB {
     ))
 }
 
-#[pg_extern(immutable, parallel_safe)]
+#[pg_extern(immutable, parallel_safe, name = "_parse_metric")]
 pub fn parse_metric(name: &str, content: &str) -> Option<f64> {
     metric::parse_metric(name, content)
 }
 
-#[pg_extern(immutable, parallel_safe)]
+#[pg_extern(immutable, parallel_safe, name = "_metric_met")]
 pub fn metric_met(value: f64, target: f64, direction: &str) -> bool {
     metric::metric_met(value, target, direction)
 }
 
 /// A readable campaign name from its goal.
-#[pg_extern(immutable, parallel_safe)]
+#[pg_extern(immutable, parallel_safe, name = "_name_from_goal")]
 pub fn name_from_goal(goal: &str) -> String {
     sortie_core::name_from_goal(goal)
 }
@@ -87,7 +87,7 @@ pub fn name_from_goal(goal: &str) -> String {
 /// reports any dependency cycle). `ids[i]` has compound parent `parents[i]` (NULL, or a step
 /// outside `ids`, for none); `dep_steps[j]` depends on `dep_on[j]`, and pairs naming a step
 /// outside `ids` are ignored, as finished steps wait for nothing.
-#[pg_extern(immutable, parallel_safe)]
+#[pg_extern(immutable, parallel_safe, name = "_wait_cycle_step")]
 pub fn wait_cycle_step(
     ids: Vec<i64>,
     parents: Vec<Option<i64>>,

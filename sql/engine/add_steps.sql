@@ -1,9 +1,9 @@
--- Adding steps (SPEC §3a): the whole call is validated by expand_steps() before anything is
+-- Adding steps (SPEC §3a): the whole call is validated by _expand_steps() before anything is
 -- written; ids named as dependencies must belong to the campaign and are resolved to their
 -- newest continuation; duplicates by fingerprint are reported, not refused.
 
 -- Follows a spliced step to its newest continuation (SPEC §3 DAG splice).
-CREATE FUNCTION newest_continuation(p_step bigint) RETURNS bigint
+CREATE FUNCTION _newest_continuation(p_step bigint) RETURNS bigint
 LANGUAGE sql STABLE
 AS $$
     WITH RECURSIVE chain(id, next) AS (
@@ -15,12 +15,12 @@ AS $$
 $$;
 
 -- Raises the refusal carried by a pure function's answer, or returns its payload.
-CREATE FUNCTION unwrap(p_answer jsonb) RETURNS jsonb
+CREATE FUNCTION _unwrap(p_answer jsonb) RETURNS jsonb
 LANGUAGE plpgsql IMMUTABLE
 AS $$
 BEGIN
     IF p_answer ? 'error' THEN
-        PERFORM raise(p_answer #>> '{error,code}', p_answer #>> '{error,message}');
+        PERFORM _raise(p_answer #>> '{error,code}', p_answer #>> '{error,message}');
     END IF;
     RETURN p_answer -> 'ok';
 END
@@ -28,7 +28,7 @@ $$;
 
 -- Inserts an expansion (expand_steps' "ok") into campaign `c`. Top-level nodes get
 -- `p_parent` and `p_depth`; `p_max_depth` bounds the deepest node (spawned subtasks).
-CREATE FUNCTION insert_steps(c campaigns, p_expansion jsonb, p_parent bigint, p_depth integer,
+CREATE FUNCTION _insert_steps(c campaigns, p_expansion jsonb, p_parent bigint, p_depth integer,
                              p_max_depth integer DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
@@ -45,7 +45,7 @@ DECLARE
     v_keys jsonb;
 BEGIN
     IF p_max_depth IS NOT NULL AND p_depth + (p_expansion ->> 'max_level')::integer > p_max_depth THEN
-        PERFORM raise('depth_limit', format(
+        PERFORM _raise('depth_limit', format(
             'these steps would reach depth %s, beyond the campaign''s max_depth %s; complete your step yourself instead',
             p_depth + (p_expansion ->> 'max_level')::integer, p_max_depth));
     END IF;
@@ -59,7 +59,7 @@ BEGIN
          WHERE NOT EXISTS (SELECT 1 FROM steps s WHERE s.id = x AND s.campaign_id = c.id)
          LIMIT 1;
         IF v_missing IS NOT NULL THEN
-            PERFORM raise('not_found', format('depends_on names step %s, which is not a step of campaign %s',
+            PERFORM _raise('not_found', format('depends_on names step %s, which is not a step of campaign %s',
                                               v_missing, c.id));
         END IF;
     END IF;
@@ -90,7 +90,7 @@ BEGIN
            coalesce((n ->> 'max_attempts')::integer, 3),
            ARRAY(SELECT jsonb_array_elements_text(n -> 'requires_locks')),
            n ->> 'verify',
-           clock()
+           _clock()
       FROM jsonb_array_elements(v_nodes) WITH ORDINALITY AS t(n, i);
 
     INSERT INTO step_dependencies (campaign_id, step_id, depends_on)
@@ -98,7 +98,7 @@ BEGIN
       FROM jsonb_array_elements(v_nodes) WITH ORDINALITY AS t(n, i),
            LATERAL (SELECT v_ids[l::integer + 1] AS dep FROM jsonb_array_elements_text(n -> 'local_deps') l
                     UNION ALL
-                    SELECT newest_continuation(e::bigint) FROM jsonb_array_elements_text(n -> 'existing_deps') e) deps;
+                    SELECT _newest_continuation(e::bigint) FROM jsonb_array_elements_text(n -> 'existing_deps') e) deps;
 
     UPDATE steps s
        SET remaining_deps = s.remaining_deps + open.n
@@ -108,9 +108,9 @@ BEGIN
              GROUP BY d.step_id) open
      WHERE s.id = open.step_id;
 
-    PERFORM bump_counters(c.id, v_count, 0, 0);
+    PERFORM _bump_counters(c.id, v_count, 0, 0);
     SELECT coalesce(array_agg(id), '{}') INTO v_zero FROM steps WHERE id = ANY (v_ids) AND remaining_deps = 0;
-    PERFORM unblocked(c.id, v_zero);
+    PERFORM _unblocked(c.id, v_zero);
 
     -- A step that depends on a failed or skipped step can never run (SPEC §12: never pending
     -- forever): it is skipped now, with everything that waits on it.
@@ -118,7 +118,7 @@ BEGIN
       FROM step_dependencies d JOIN steps x ON x.id = d.depends_on
      WHERE d.step_id = ANY (v_ids) AND x.status IN ('failed', 'skipped');
     IF cardinality(v_doomed) > 0 THEN
-        PERFORM skip_cascade(c.id, v_doomed, 'dependency', 'a dependency had already failed or been skipped');
+        PERFORM _skip_cascade(c.id, v_doomed, 'dependency', 'a dependency had already failed or been skipped');
     END IF;
 
     -- Advisory dedup: an atomic step matching a non-failed step of the campaign.
@@ -134,7 +134,7 @@ BEGIN
     SELECT coalesce(jsonb_object_agg(k, v_ids[(v)::integer + 1]), '{}') INTO v_keys
       FROM jsonb_each_text(p_expansion -> 'keys') AS kv(k, v);
 
-    PERFORM emit(c.id, NULL, 'steps.added', jsonb_build_object('created', v_count, 'duplicates', v_duplicates));
+    PERFORM _emit(c.id, NULL, 'steps.added', jsonb_build_object('created', v_count, 'duplicates', v_duplicates));
     RETURN jsonb_build_object(
         'step_ids', (SELECT jsonb_agg(v_ids[(t)::integer + 1] ORDER BY o)
                        FROM jsonb_array_elements_text(p_expansion -> 'top_level') WITH ORDINALITY AS x(t, o)),
@@ -158,17 +158,17 @@ BEGIN
                         _keep(request_id, 'add_steps', jsonb_build_object('campaign_id', campaign_id, 'steps', steps),
                               add_steps(campaign_id => campaign_id, steps => steps)));
     END IF;
-    v_expansion := unwrap(expand_steps(steps));
-    c := lock_campaign(campaign_id);
+    v_expansion := _unwrap(_expand_steps(steps));
+    c := _lock_campaign(campaign_id);
     IF c.status NOT IN ('active', 'paused') THEN
-        PERFORM raise('invalid_state', format('campaign %s is %s; steps can only be added to an active or paused campaign',
+        PERFORM _raise('invalid_state', format('campaign %s is %s; steps can only be added to an active or paused campaign',
                                               c.id, c.status));
     END IF;
     -- SPEC §13: the plan delay held the planner off until the coordinator's first steps; they
     -- are here, so once they drain the planner may follow at once.
-    IF c.next_action_at > clock() AND NOT has_had_steps(c.id) THEN
-        UPDATE campaigns SET next_action_at = clock() WHERE id = c.id;
+    IF c.next_action_at > _clock() AND NOT _has_had_steps(c.id) THEN
+        UPDATE campaigns SET next_action_at = _clock() WHERE id = c.id;
     END IF;
-    RETURN insert_steps(c, v_expansion, NULL, 0);
+    RETURN _insert_steps(c, v_expansion, NULL, 0);
 END
 $$;

@@ -1,93 +1,30 @@
--- Readiness, claim, lease, heartbeat, zombies (SPEC §3).
---
--- Ready = atomic, pending, remaining_deps = 0 (own dependencies and every compound ancestor's
--- met), not_before passed, campaign active and within budget, lock keys free. The first three
--- are the partial index `steps_ready`; the rest are checked on the few rows it returns.
-
--- Fair-share provisional charge at claim time, reconciled with the real duration when the
--- step leaves `running` (SPEC §3 priority and fair share).
-CREATE FUNCTION provisional_slot_seconds() RETURNS double precision
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$ SELECT 60::double precision $$;
-
--- Lock keys: `a/b` conflicts with `a` and `a/b/c`, matched by exact prefix on `/`
--- boundaries (SPEC §12: never LIKE, whose `_` and `%` would match other keys).
--- `shared:key` takes the key in shared mode; shared holders do not conflict.
-CREATE FUNCTION lock_key(p_entry text) RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$ SELECT CASE WHEN starts_with(p_entry, 'shared:') THEN substr(p_entry, 8) ELSE p_entry END $$;
-
-CREATE FUNCTION lock_mode(p_entry text) RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$ SELECT CASE WHEN starts_with(p_entry, 'shared:') THEN 'shared' ELSE 'exclusive' END $$;
-
--- Whether a campaign may start another step now: active, under max_parallel and within its
--- token budget (SPEC §3). Inlined into the statements that use it.
-CREATE FUNCTION can_dispatch(p_status text, p_max_parallel integer, p_running integer,
-                             p_token_budget bigint, p_tokens_used bigint)
-RETURNS boolean
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$
-    SELECT p_status = 'active'
-       AND (p_max_parallel IS NULL OR p_running < p_max_parallel)
-       AND (p_token_budget IS NULL OR p_tokens_used < p_token_budget)
-$$;
-
--- Takes a step's lock keys if all are free; false (and nothing taken) otherwise. Keys are
--- shared across campaigns, so their roots are serialised with advisory locks, in sorted order.
-CREATE FUNCTION take_locks(p_step bigint, p_campaign uuid, p_locks text[], p_expires timestamptz)
-RETURNS boolean
-LANGUAGE plpgsql VOLATILE
-AS $$
-DECLARE
-    v_root text;
-BEGIN
-    IF cardinality(p_locks) = 0 THEN
-        RETURN true;
-    END IF;
-    FOR v_root IN SELECT DISTINCT split_part(lock_key(e), '/', 1) AS r FROM unnest(p_locks) e ORDER BY r LOOP
-        PERFORM pg_advisory_xact_lock(hashtextextended('sortie.lock:' || v_root, 0));
-    END LOOP;
-    IF EXISTS (
-        SELECT 1
-          FROM unnest(p_locks) e
-          JOIN resource_leases l
-            ON (l.key = lock_key(e) OR starts_with(l.key, lock_key(e) || '/') OR starts_with(lock_key(e), l.key || '/'))
-         WHERE l.step_id <> p_step AND l.expires_at > clock()
-           AND NOT (l.mode = 'shared' AND lock_mode(e) = 'shared')) THEN
-        RETURN false;
-    END IF;
-    INSERT INTO resource_leases (key, mode, campaign_id, step_id, expires_at)
-    SELECT DISTINCT ON (lock_key(e)) lock_key(e), lock_mode(e), p_campaign, p_step, p_expires
-      FROM unnest(p_locks) e
-     ORDER BY lock_key(e), lock_mode(e) = 'shared'
-    ON CONFLICT (key, step_id) DO UPDATE SET expires_at = EXCLUDED.expires_at;
-    RETURN true;
-END
-$$;
+-- Claim (SPEC §3): pull-mode claim_next (fair share across campaigns, batches of SPEC §18,
+-- the runners' shared dispatch cap of SPEC §13), claim_step for a named step, and why nothing
+-- can be dispatched. A claim gives a claim token (the fencing token every later call presents)
+-- and a lease; readiness.sql says what is ready, counters.sql what a claim charges.
 
 -- Claims a ready step of an already locked campaign and returns the claim as the tools
 -- answer it; NULL when its lock keys are busy. The campaign's counters are the caller's
 -- (count_claim). Scalars rather than a `steps` row: this is the hot path, and whole-row
 -- values cost a tuple descriptor per call.
-CREATE FUNCTION take_step(p_step bigint, p_campaign uuid, p_parent bigint, p_locks text[],
+CREATE FUNCTION _take_step(p_step bigint, p_campaign uuid, p_parent bigint, p_locks text[],
                           p_owner text, p_lease_seconds integer, p_dispatched boolean DEFAULT false)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
-    v_expires timestamptz := clock() + make_interval(secs => p_lease_seconds);
+    v_expires timestamptz := _clock() + make_interval(secs => p_lease_seconds);
     v_parent bigint := p_parent;
     v_started bigint;
     v_claim jsonb;
 BEGIN
-    IF cardinality(p_locks) > 0 AND NOT take_locks(p_step, p_campaign, p_locks, v_expires) THEN
+    IF cardinality(p_locks) > 0 AND NOT _take_locks(p_step, p_campaign, p_locks, v_expires) THEN
         RETURN NULL;
     END IF;
     UPDATE steps
        SET status = 'running', claim_token = gen_random_uuid(), claim_owner = p_owner,
-           claimed_at = clock(), heartbeat_at = clock(), lease_expires_at = v_expires,
-           started_at = coalesce(started_at, clock()), dispatched = p_dispatched
+           claimed_at = _clock(), heartbeat_at = _clock(), lease_expires_at = v_expires,
+           started_at = coalesce(started_at, _clock()), dispatched = p_dispatched
      WHERE id = p_step
     RETURNING jsonb_build_object('step_id', id, 'campaign_id', campaign_id, 'action', action,
                                  'agent', agent, 'depth', depth, 'claim_token', claim_token,
@@ -96,63 +33,27 @@ BEGIN
     -- A compound step becomes running when its first child starts (its parents with it), and
     -- says so in the log like any other step (SPEC §13).
     WHILE v_parent IS NOT NULL LOOP
-        UPDATE steps SET status = 'running', started_at = clock()
+        UPDATE steps SET status = 'running', started_at = _clock()
          WHERE id = v_parent AND status = 'pending'
         RETURNING id, parent_id INTO v_started, v_parent;
         EXIT WHEN NOT FOUND;
-        PERFORM emit(p_campaign, v_started, 'step.started', jsonb_build_object('step_type', 'compound'));
+        PERFORM _emit(p_campaign, v_started, 'step.started', jsonb_build_object('step_type', 'compound'));
     END LOOP;
-    PERFORM emit(p_campaign, p_step, 'step.claimed', jsonb_build_object('owner', p_owner));
+    PERFORM _emit(p_campaign, p_step, 'step.claimed', jsonb_build_object('owner', p_owner));
     RETURN v_claim;
 END
 $$;
 
--- A claim's share of the campaign counters: one more running, one fewer ready, and the
--- provisional slot time. The update also locks the campaign, and does nothing (false) unless
--- the campaign can dispatch and has a ready step: claim_next uses it as its campaign lock.
-CREATE FUNCTION count_claim(p_campaign uuid) RETURNS boolean
-LANGUAGE plpgsql VOLATILE
-AS $$
-BEGIN
-    UPDATE campaigns
-       SET running_steps = running_steps + 1, ready_steps = ready_steps - 1,
-           slot_seconds_used = slot_seconds_used + provisional_slot_seconds(), updated_at = now()
-     WHERE id = p_campaign AND ready_steps > 0
-       AND can_dispatch(status, max_parallel, running_steps, token_budget, tokens_used);
-    RETURN FOUND;
-END
-$$;
-
--- Takes back count_claim() when no step could be claimed after all.
-CREATE FUNCTION uncount_claim(p_campaign uuid) RETURNS void
-LANGUAGE plpgsql VOLATILE
-AS $$
-BEGIN
-    UPDATE campaigns
-       SET running_steps = running_steps - 1, ready_steps = ready_steps + 1,
-           slot_seconds_used = slot_seconds_used - provisional_slot_seconds()
-     WHERE id = p_campaign;
-END
-$$;
-
-CREATE FUNCTION check_lease_seconds(p_lease_seconds integer) RETURNS integer
+CREATE FUNCTION _check_lease_seconds(p_lease_seconds integer) RETURNS integer
 LANGUAGE plpgsql IMMUTABLE
 AS $$
 BEGIN
     IF p_lease_seconds IS NULL OR p_lease_seconds NOT BETWEEN 1 AND 604800 THEN
-        PERFORM raise('invalid_argument', 'lease_seconds must be from 1 to 604800 (one week)');
+        PERFORM _raise('invalid_argument', 'lease_seconds must be from 1 to 604800 (one week)');
     END IF;
     RETURN p_lease_seconds;
 END
 $$;
-
--- How far ahead of a campaign's ready_floor its first ready step may lie before a claim
--- raises the floor: raising it is one more update of the campaign row, so it is done once the
--- scan would pass this many ids rather than at every claim (at most this many index entries
--- of claimed steps lie between the floor and the first ready step).
-CREATE FUNCTION ready_floor_slack() RETURNS bigint
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$ SELECT 32::bigint $$;
 
 -- Within a campaign its caller has locked and counted the claim in (count_claim): the first
 -- ready step for `p_agent` whose lock keys are free, claimed; NULL when there is none.
@@ -165,7 +66,7 @@ AS $$ SELECT 32::bigint $$;
 -- (docs/architecture.md, Readiness).
 -- Whichever index a plan picks (stale statistics can make steps_campaign look as good as the
 -- partial index), the scan is positioned at (p_campaign, floor), past the finished history.
-CREATE FUNCTION claim_in_campaign(p_campaign uuid, p_owner text, p_agent text, p_lease_seconds integer,
+CREATE FUNCTION _claim_in_campaign(p_campaign uuid, p_owner text, p_agent text, p_lease_seconds integer,
                                   p_dispatched boolean DEFAULT false)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
@@ -191,7 +92,7 @@ BEGIN
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
-    IF v_first - v_floor > ready_floor_slack() THEN
+    IF v_first - v_floor > _ready_floor_slack() THEN
         UPDATE campaigns SET ready_floor = v_first WHERE id = p_campaign;
     END IF;
     v_after := v_first - 1;
@@ -206,7 +107,7 @@ BEGIN
          -- every entry before (p_campaign, v_after); `campaign_id <= p_campaign` ends it.
          WHERE (campaign_id, id) > (p_campaign, v_after) AND campaign_id <= p_campaign
            AND status = 'pending' AND step_type = 'atomic' AND remaining_deps = 0
-           AND not_before <= clock()
+           AND not_before <= _clock()
            AND (p_agent IS NULL OR agent IS NULL OR agent = p_agent)
          ORDER BY campaign_id, id
          LIMIT 1
@@ -214,7 +115,7 @@ BEGIN
         IF NOT FOUND THEN
             RETURN NULL;
         END IF;
-        v_claim := take_step(v_step, p_campaign, v_parent, v_locks, p_owner, p_lease_seconds, p_dispatched);
+        v_claim := _take_step(v_step, p_campaign, v_parent, v_locks, p_owner, p_lease_seconds, p_dispatched);
         IF v_claim IS NOT NULL THEN
             RETURN v_claim;
         END IF;
@@ -240,16 +141,16 @@ BEGIN
     IF p_campaign IS NOT NULL THEN
         -- One update locks the campaign and counts the claim; it is taken back when no ready
         -- step fits after all (agent, back-off, lock keys).
-        IF NOT count_claim(p_campaign) THEN
+        IF NOT _count_claim(p_campaign) THEN
             PERFORM 1 FROM campaigns x WHERE x.id = p_campaign;
             IF NOT FOUND THEN
-                PERFORM raise('not_found', format('campaign %s does not exist', p_campaign));
+                PERFORM _raise('not_found', format('campaign %s does not exist', p_campaign));
             END IF;
             RETURN NULL;
         END IF;
-        v_claim := claim_in_campaign(p_campaign, p_owner, p_agent, p_lease, p_dispatched);
+        v_claim := _claim_in_campaign(p_campaign, p_owner, p_agent, p_lease, p_dispatched);
         IF v_claim IS NULL THEN
-            PERFORM uncount_claim(p_campaign);
+            PERFORM _uncount_claim(p_campaign);
         END IF;
         RETURN v_claim;
     END IF;
@@ -261,7 +162,7 @@ BEGIN
         FOR v_campaign IN
             SELECT x.id FROM campaigns x
              WHERE x.ready_steps > 0
-               AND can_dispatch(x.status, x.max_parallel, x.running_steps, x.token_budget, x.tokens_used)
+               AND _can_dispatch(x.status, x.max_parallel, x.running_steps, x.token_budget, x.tokens_used)
                AND (v_round = 1 OR x.id = ANY (v_busy))
              ORDER BY x.slot_seconds_used / x.weight, x.created_at
         LOOP
@@ -275,8 +176,8 @@ BEGIN
                     v_busy := v_busy || v_campaign;
                 ELSE
                     -- Undone with the subtransaction when nothing is claimed.
-                    v_claim := CASE WHEN count_claim(v_campaign)
-                                    THEN claim_in_campaign(v_campaign, p_owner, p_agent, p_lease, p_dispatched) END;
+                    v_claim := CASE WHEN _count_claim(v_campaign)
+                                    THEN _claim_in_campaign(v_campaign, p_owner, p_agent, p_lease, p_dispatched) END;
                     IF v_claim IS NULL THEN
                         RAISE EXCEPTION 'nothing to claim here' USING ERRCODE = 'SR099';
                     END IF;
@@ -314,23 +215,23 @@ SET search_path FROM CURRENT
 AS $$
 #variable_conflict use_variable
 DECLARE
-    v_lease integer := check_lease_seconds(lease_seconds);
+    v_lease integer := _check_lease_seconds(lease_seconds);
     v_dispatched boolean := max_dispatched IS NOT NULL;
     v_limit integer := coalesce(max_steps, 1);
     v_claim jsonb;
     v_claims jsonb := '[]';
 BEGIN
-    PERFORM check_owner(owner);
+    PERFORM _check_owner(owner);
     -- SPEC §15: a worker claims only within the campaign of the claim it holds (scope.sql).
     campaign_id := _worker_campaign(campaign_id, NULL, claim_token, 'claim_next');
     IF max_steps IS NOT NULL AND max_steps NOT BETWEEN 1 AND 1000 THEN
-        PERFORM raise('invalid_argument', 'max_steps must be from 1 to 1000');
+        PERFORM _raise('invalid_argument', 'max_steps must be from 1 to 1000');
     END IF;
     -- A runner's dispatch (SPEC §13): claims of all runners take turns on one advisory lock, so
     -- two runners cannot both see the last free slot; pull-mode claims neither wait nor count.
     IF v_dispatched THEN
         IF max_dispatched < 1 THEN
-            PERFORM raise('invalid_argument', 'max_dispatched must be at least 1');
+            PERFORM _raise('invalid_argument', 'max_dispatched must be at least 1');
         END IF;
         PERFORM pg_advisory_xact_lock(hashtextextended('sortie.runner_slots', 0));
         v_limit := least(v_limit, max_dispatched - (SELECT count(*) FROM steps x WHERE x.status = 'running' AND x.dispatched)::integer);
@@ -357,33 +258,33 @@ SET search_path FROM CURRENT
 AS $$
 #variable_conflict use_variable
 DECLARE
-    v_lease integer := check_lease_seconds(lease_seconds);
-    s steps := lock_step(step_id);
+    v_lease integer := _check_lease_seconds(lease_seconds);
+    s steps := _lock_step(step_id);
     c campaigns;
     v_claim jsonb;
 BEGIN
-    PERFORM check_owner(owner);
+    PERFORM _check_owner(owner);
     SELECT * INTO c FROM campaigns WHERE id = s.campaign_id;
     IF s.step_type <> 'atomic' THEN
-        PERFORM raise('invalid_state', format('step %s is a %s step; only its atomic children are dispatched', s.id, s.step_type));
+        PERFORM _raise('invalid_state', format('step %s is a %s step; only its atomic children are dispatched', s.id, s.step_type));
     ELSIF s.status <> 'pending' THEN
-        PERFORM raise('invalid_state', format('step %s is %s, not pending', s.id, s.status));
+        PERFORM _raise('invalid_state', format('step %s is %s, not pending', s.id, s.status));
     ELSIF s.remaining_deps > 0 THEN
-        PERFORM raise('invalid_state', format('step %s still waits for %s dependencies', s.id, s.remaining_deps));
-    ELSIF s.not_before > clock() THEN
-        PERFORM raise('invalid_state', format('step %s is backing off until %s', s.id, s.not_before));
+        PERFORM _raise('invalid_state', format('step %s still waits for %s dependencies', s.id, s.remaining_deps));
+    ELSIF s.not_before > _clock() THEN
+        PERFORM _raise('invalid_state', format('step %s is backing off until %s', s.id, s.not_before));
     ELSIF c.status <> 'active' THEN
-        PERFORM raise('invalid_state', format('campaign %s is %s', c.id, c.status));
+        PERFORM _raise('invalid_state', format('campaign %s is %s', c.id, c.status));
     ELSIF c.token_budget IS NOT NULL AND c.tokens_used >= c.token_budget THEN
-        PERFORM raise('budget_exhausted', format('campaign %s has used its token budget', c.id));
+        PERFORM _raise('budget_exhausted', format('campaign %s has used its token budget', c.id));
     ELSIF c.max_parallel IS NOT NULL AND c.running_steps >= c.max_parallel THEN
-        PERFORM raise('invalid_state', format('campaign %s already runs max_parallel = %s steps', c.id, c.max_parallel));
+        PERFORM _raise('invalid_state', format('campaign %s already runs max_parallel = %s steps', c.id, c.max_parallel));
     END IF;
-    v_claim := take_step(s.id, s.campaign_id, s.parent_id, s.requires_locks, owner, v_lease);
+    v_claim := _take_step(s.id, s.campaign_id, s.parent_id, s.requires_locks, owner, v_lease);
     IF v_claim IS NULL THEN
-        PERFORM raise('invalid_state', format('step %s needs lock keys another running step holds', s.id));
+        PERFORM _raise('invalid_state', format('step %s needs lock keys another running step holds', s.id));
     END IF;
-    IF NOT count_claim(s.campaign_id) THEN
+    IF NOT _count_claim(s.campaign_id) THEN
         RAISE EXCEPTION 'internal: campaign % counts no ready step while step % is ready', s.campaign_id, s.id
               USING ERRCODE = 'internal_error';
     END IF;
@@ -391,149 +292,15 @@ BEGIN
 END
 $$;
 
--- Ready steps, for dashboards and runners that choose for themselves.
-CREATE FUNCTION ready_steps(campaign_id uuid DEFAULT NULL, agent text DEFAULT NULL, "limit" integer DEFAULT 100)
-RETURNS TABLE (step_id bigint, campaign_id uuid, action text, agent text, depth integer, created_at timestamptz)
-LANGUAGE sql STABLE
-SET search_path FROM CURRENT
-AS $$
-    SELECT s.id, s.campaign_id, s.action, s.agent, s.depth, s.created_at
-      FROM steps s JOIN campaigns c ON c.id = s.campaign_id
-     WHERE s.status = 'pending' AND s.step_type = 'atomic' AND s.remaining_deps = 0
-       AND s.not_before <= clock()
-       AND ($1 IS NULL OR s.campaign_id = $1)
-       AND ($2 IS NULL OR s.agent IS NULL OR s.agent = $2)
-       AND c.status = 'active' AND (c.token_budget IS NULL OR c.tokens_used < c.token_budget)
-       AND NOT EXISTS (
-           SELECT 1 FROM unnest(s.requires_locks) e JOIN resource_leases l
-             ON (l.key = lock_key(e) OR starts_with(l.key, lock_key(e) || '/') OR starts_with(lock_key(e), l.key || '/'))
-            WHERE l.expires_at > clock() AND NOT (l.mode = 'shared' AND lock_mode(e) = 'shared'))
-     ORDER BY c.slot_seconds_used / c.weight, s.id
-     LIMIT greatest($3, 0);
-$$;
-
-CREATE FUNCTION heartbeat(step_id bigint, claim_token uuid, extend_leases_sec integer DEFAULT 900) RETURNS jsonb
-LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
-AS $$
-#variable_conflict use_variable
-DECLARE
-    v_lease integer := check_lease_seconds(extend_leases_sec);
-    s steps := lock_claimed_step(step_id, claim_token, 'heartbeat');
-    v_expires timestamptz := clock() + make_interval(secs => v_lease);
-BEGIN
-    UPDATE steps SET heartbeat_at = clock(), lease_expires_at = v_expires WHERE id = s.id;
-    UPDATE resource_leases SET expires_at = v_expires WHERE resource_leases.step_id = s.id;
-    RETURN jsonb_build_object('step_id', s.id, 'status', 'running', 'lease_expires_at', v_expires);
-END
-$$;
-
--- What a step leaving `running` adds to its campaign's slot time: its real duration in place
--- of the provisional charge made at claim time.
-CREATE FUNCTION slot_correction(p_claimed_at timestamptz) RETURNS double precision
-LANGUAGE sql STABLE
-AS $$ SELECT extract(epoch FROM clock() - p_claimed_at)::double precision - provisional_slot_seconds() $$;
-
--- Everything a running atomic step gives up when it stops running, however it stops: its
--- running slot (with the real slot time charged) and its lock keys. A completion folds its
--- own counter changes (open, ready, tokens) into the same update. Returns the campaign's
--- counters and status as they now stand.
-CREATE FUNCTION leave_running(p_campaign uuid, p_step bigint, p_claimed_at timestamptz, p_locks text[],
-                              p_open integer DEFAULT 0, p_ready integer DEFAULT 0, p_tokens bigint DEFAULT 0,
-                              OUT open_steps integer, OUT status text, OUT token_budget bigint)
-LANGUAGE plpgsql VOLATILE
-AS $$
-BEGIN
-    UPDATE campaigns c
-       SET slot_seconds_used = greatest(c.slot_seconds_used + slot_correction(p_claimed_at), 0),
-           tokens_used = c.tokens_used + p_tokens,
-           running_steps = c.running_steps - 1, open_steps = c.open_steps + p_open,
-           ready_steps = c.ready_steps + p_ready, updated_at = now()
-     WHERE c.id = p_campaign
-    RETURNING c.open_steps, c.status, c.token_budget INTO open_steps, status, token_budget;
-    IF cardinality(p_locks) > 0 THEN
-        DELETE FROM resource_leases WHERE step_id = p_step;
-    END IF;
-END
-$$;
-
-CREATE FUNCTION check_owner(p_owner text) RETURNS text
+CREATE FUNCTION _check_owner(p_owner text) RETURNS text
 LANGUAGE plpgsql IMMUTABLE
 AS $$
 BEGIN
     IF p_owner IS NULL OR btrim(p_owner) = '' THEN
-        PERFORM raise('invalid_argument', 'owner is required: name the worker or runner that claims');
+        PERFORM _raise('invalid_argument', 'owner is required: name the worker or runner that claims');
     END IF;
     RETURN p_owner;
 END
-$$;
-
-CREATE FUNCTION retry_backoff(p_attempts integer) RETURNS interval
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$ SELECT make_interval(secs => least(10 * power(2, greatest(p_attempts - 1, 0)), 600)) $$;
-
--- A running attempt ended without success (fail_step, or a zombie reset): retry with
--- exponential back-off while attempts remain, else fail for good (SPEC §3 fail and retry).
-CREATE FUNCTION attempt_failed(s steps, p_error text) RETURNS text
-LANGUAGE plpgsql VOLATILE
-AS $$
-BEGIN
-    PERFORM leave_running(s.campaign_id, s.id, s.claimed_at, s.requires_locks);
-    IF s.attempts + 1 < s.max_attempts THEN
-        UPDATE steps
-           SET status = 'pending', attempts = attempts + 1, error = p_error,
-               not_before = clock() + retry_backoff(s.attempts + 1),
-               claim_token = NULL, claim_owner = NULL, lease_expires_at = NULL
-         WHERE id = s.id;
-        PERFORM bump_counters(s.campaign_id, 0, 0, 1);
-        PERFORM emit(s.campaign_id, s.id, 'step.retry', jsonb_build_object('error', p_error, 'attempts', s.attempts + 1));
-        RETURN 'pending';
-    END IF;
-    UPDATE steps SET attempts = attempts + 1 WHERE id = s.id RETURNING * INTO s;
-    PERFORM settle_failed(s, p_error);
-    RETURN 'failed';
-END
-$$;
-
--- Zombies (SPEC §3): running steps whose lease expired. Each reset counts as a failed attempt,
--- so a step that always hangs ends failed. waiting_input steps hold no lease and are never
--- reset. Campaigns are locked in id order, so concurrent resetters cannot deadlock.
-CREATE FUNCTION reset_zombies("limit" integer DEFAULT 1000) RETURNS jsonb
-LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
-AS $$
-DECLARE
-    v_zombie record;
-    s steps;
-    v_reset jsonb := '[]';
-BEGIN
-    FOR v_zombie IN
-        SELECT id, campaign_id FROM steps
-         WHERE status = 'running' AND step_type = 'atomic' AND lease_expires_at < clock()
-         ORDER BY campaign_id, id
-         LIMIT greatest("limit", 0)
-    LOOP
-        PERFORM lock_campaign(v_zombie.campaign_id);
-        SELECT * INTO s FROM steps WHERE id = v_zombie.id;
-        CONTINUE WHEN s.status <> 'running' OR s.lease_expires_at >= clock();
-        v_reset := v_reset || jsonb_build_object('step_id', s.id, 'campaign_id', s.campaign_id,
-                                                  'now', attempt_failed(s, 'lease expired'));
-    END LOOP;
-    RETURN jsonb_build_object('reset', jsonb_array_length(v_reset), 'steps', v_reset);
-END
-$$;
-
--- Lock keys whose lease ran out or whose step is no longer running.
-CREATE FUNCTION reap_leases() RETURNS integer
-LANGUAGE sql VOLATILE
-SET search_path FROM CURRENT
-AS $$
-    WITH reaped AS (
-        DELETE FROM resource_leases l
-         WHERE l.expires_at < clock()
-            OR NOT EXISTS (SELECT 1 FROM steps s WHERE s.id = l.step_id AND s.status = 'running')
-        RETURNING 1)
-    SELECT count(*)::integer FROM reaped;
 $$;
 
 -- Why a runner claims nothing although steps are ready (SPEC §13: it logs why). Counts the
@@ -550,11 +317,11 @@ AS $$
                    WHEN c.status <> 'active' THEN 'campaign_' || c.status
                    WHEN c.token_budget IS NOT NULL AND c.tokens_used >= c.token_budget THEN 'budget'
                    WHEN c.max_parallel IS NOT NULL AND c.running_steps >= c.max_parallel THEN 'max_parallel'
-                   WHEN s.not_before > clock() THEN 'backoff'
+                   WHEN s.not_before > _clock() THEN 'backoff'
                    WHEN EXISTS (
                        SELECT 1 FROM unnest(s.requires_locks) e JOIN resource_leases l
-                         ON (l.key = lock_key(e) OR starts_with(l.key, lock_key(e) || '/') OR starts_with(lock_key(e), l.key || '/'))
-                        WHERE l.expires_at > clock() AND NOT (l.mode = 'shared' AND lock_mode(e) = 'shared')) THEN 'locks'
+                         ON (l.key = _lock_key(e) OR starts_with(l.key, _lock_key(e) || '/') OR starts_with(_lock_key(e), l.key || '/'))
+                        WHERE l.expires_at > _clock() AND NOT (l.mode = 'shared' AND _lock_mode(e) = 'shared')) THEN 'locks'
                    ELSE 'claimable' END AS held_by
           FROM steps s JOIN campaigns c ON c.id = s.campaign_id
          WHERE s.status = 'pending' AND s.step_type = 'atomic' AND s.remaining_deps = 0

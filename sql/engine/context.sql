@@ -13,13 +13,13 @@ DECLARE
     c campaigns;
 BEGIN
     IF step_id IS NULL THEN
-        PERFORM raise('invalid_argument', 'step_id is required (or run with SORTIE_STEP_ID set)');
+        PERFORM _raise('invalid_argument', 'step_id is required (or run with SORTIE_STEP_ID set)');
     END IF;
     -- SPEC §15: a worker reads the context of the step it holds, by its claim (scope.sql).
     PERFORM _worker_campaign(NULL, step_id, claim_token, 'get_my_context');
     SELECT * INTO s FROM steps WHERE id = step_id;
     IF NOT FOUND THEN
-        PERFORM raise('not_found', format('step %s does not exist', step_id));
+        PERFORM _raise('not_found', format('step %s does not exist', step_id));
     END IF;
     SELECT * INTO c FROM campaigns WHERE id = s.campaign_id;
     RETURN jsonb_build_object(
@@ -28,15 +28,15 @@ BEGIN
                                        'success_metric', c.success_metric, 'success_target', c.success_target),
         'step', jsonb_strip_nulls(jsonb_build_object(
             'id', s.id, 'action', s.action, 'agent', s.agent, 'input', s.input, 'status', s.status,
-            'depth', s.depth, 'max_depth', c.max_depth, 'can_spawn', spawn_allowed(s.depth, c.max_depth),
+            'depth', s.depth, 'max_depth', c.max_depth, 'can_spawn', _spawn_allowed(s.depth, c.max_depth),
             'attempts', s.attempts, 'max_attempts', s.max_attempts, 'last_error', s.error,
             'question', s.question, 'answer', s.answer, 'parent_id', s.parent_id,
             'continuation_of', s.continuation_of,
             'lease_expires_at', s.lease_expires_at)),
         -- The spliced step this one continues: its partial output and what its subtasks said.
-        'continues', (SELECT preview(p.id, coalesce(p.output, ''), head, tail) || jsonb_build_object('action', p.action)
+        'continues', (SELECT _preview(p.id, coalesce(p.output, ''), head, tail) || jsonb_build_object('action', p.action)
                         FROM steps p WHERE p.id = s.continuation_of),
-        'upstream', (SELECT coalesce(jsonb_agg(preview(u.id, coalesce(u.output, ''), head, tail)
+        'upstream', (SELECT coalesce(jsonb_agg(_preview(u.id, coalesce(u.output, ''), head, tail)
                                                || jsonb_build_object('action', u.action, 'status', u.status,
                                                                      'via', via)
                                                ORDER BY u.id), '[]')
@@ -71,10 +71,10 @@ DECLARE
     s steps;
 BEGIN
     IF coalesce(field, 'output') NOT IN ('output', 'input') THEN
-        PERFORM raise('invalid_argument', 'field must be output or input');
+        PERFORM _raise('invalid_argument', 'field must be output or input');
     END IF;
     IF coalesce("offset", 0) < 0 OR coalesce("limit", 8000) < 1 THEN
-        PERFORM raise('invalid_argument', 'offset must be 0 or more and limit at least 1 (at most 32000)');
+        PERFORM _raise('invalid_argument', 'offset must be 0 or more and limit at least 1 (at most 32000)');
     END IF;
     -- SPEC §15: with a claim token, the reader's campaign is its claim's (scope.sql).
     campaign_id := _worker_campaign(campaign_id, reader_step_id, claim_token, 'read_step_output');
@@ -84,10 +84,10 @@ BEGIN
     IF NOT FOUND OR (campaign_id IS NOT NULL AND s.campaign_id <> campaign_id)
        OR (reader_step_id IS NOT NULL
            AND s.campaign_id IS DISTINCT FROM (SELECT r.campaign_id FROM steps r WHERE r.id = reader_step_id)) THEN
-        PERFORM raise('not_found', format('step %s does not exist in your campaign', step_id));
+        PERFORM _raise('not_found', format('step %s does not exist in your campaign', step_id));
     END IF;
     RETURN jsonb_build_object('step_id', s.id, 'field', coalesce(field, 'output'), 'status', s.status)
-        || read_range(CASE WHEN coalesce(field, 'output') = 'input' THEN coalesce(s.input #>> '{}', '') ELSE coalesce(s.output, '') END,
+        || _read_range(CASE WHEN coalesce(field, 'output') = 'input' THEN coalesce(s.input #>> '{}', '') ELSE coalesce(s.output, '') END,
                       coalesce("offset", 0), coalesce("limit", 8000));
 END
 $$;

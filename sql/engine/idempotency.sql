@@ -36,7 +36,7 @@ CREATE INDEX finished_claims_created_at ON finished_claims (created_at);
 
 -- How long a result is kept at least (SPEC §14 says 24 hours; records are pruned after twice
 -- that, a few at a time, by the calls that add new ones).
-CREATE FUNCTION idempotency_retention() RETURNS interval
+CREATE FUNCTION _idempotency_retention() RETURNS interval
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT interval '48 hours' $$;
 
@@ -55,7 +55,7 @@ DECLARE
     r idempotency_records;
 BEGIN
     IF length(p_request_id) NOT BETWEEN 1 AND 200 THEN
-        PERFORM raise('invalid_argument', format('request_id must be 1 to 200 characters, not %s',
+        PERFORM _raise('invalid_argument', format('request_id must be 1 to 200 characters, not %s',
                                                  length(p_request_id)));
     END IF;
     PERFORM pg_advisory_xact_lock(1397704788, hashtext(p_request_id));
@@ -64,7 +64,7 @@ BEGIN
         RETURN NULL;
     END IF;
     IF r.call <> p_call OR r.arguments_hash <> _arguments_hash(p_arguments) THEN
-        PERFORM raise('invalid_argument', format(
+        PERFORM _raise('invalid_argument', format(
             'request_id %L was already used by a %s call with other arguments; use a new request_id for a new request',
             p_request_id, r.call));
     END IF;
@@ -80,7 +80,7 @@ AS $$
 BEGIN
     DELETE FROM idempotency_records
      WHERE request_id IN (SELECT request_id FROM idempotency_records
-                           WHERE created_at < now() - idempotency_retention()
+                           WHERE created_at < now() - _idempotency_retention()
                            ORDER BY created_at LIMIT 10);
     INSERT INTO idempotency_records (request_id, call, arguments_hash, result)
     VALUES (p_request_id, p_call, _arguments_hash(p_arguments), p_result);
@@ -112,7 +112,7 @@ BEGIN
     END IF;
     DELETE FROM finished_claims
      WHERE claim_token IN (SELECT claim_token FROM finished_claims
-                            WHERE created_at < now() - idempotency_retention()
+                            WHERE created_at < now() - _idempotency_retention()
                             ORDER BY created_at LIMIT 10);
     INSERT INTO finished_claims (claim_token, step_id, call, arguments_hash, result)
     VALUES (p_token, p_step, p_call, _arguments_hash(p_arguments), p_result)

@@ -4,7 +4,7 @@
 
 -- A step of campaign `p_campaign` on a cycle of waits among its open steps, or NULL (SPEC §13).
 -- Finished steps wait for nothing, so only open steps and their dependencies are read.
-CREATE FUNCTION campaign_wait_cycle(p_campaign uuid) RETURNS bigint
+CREATE FUNCTION _campaign_wait_cycle(p_campaign uuid) RETURNS bigint
 LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
@@ -24,7 +24,7 @@ BEGIN
       INTO v_dep_steps, v_dep_on
       FROM step_dependencies d
      WHERE d.step_id = ANY (v_ids);
-    RETURN wait_cycle_step(v_ids, v_parents, v_dep_steps, v_dep_on);
+    RETURN _wait_cycle_step(v_ids, v_parents, v_dep_steps, v_dep_on);
 END
 $$;
 
@@ -113,6 +113,6 @@ AS $$
     -- SPEC §13: a cycle of waits among open steps (dependencies, and compound parents waiting
     -- for their members) can never finish.
     SELECT format('campaign %s: steps wait for each other in a cycle through step %s', c.id, w.step)
-      FROM scope c CROSS JOIN LATERAL (SELECT campaign_wait_cycle(c.id) AS step) w
+      FROM scope c CROSS JOIN LATERAL (SELECT _campaign_wait_cycle(c.id) AS step) w
      WHERE w.step IS NOT NULL;
 $$;

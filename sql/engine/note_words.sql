@@ -11,7 +11,7 @@
 -- (the one just added).
 -- PL/pgSQL rather than SQL: its plans are cached per session, and planning this query (GIN,
 -- tsquery) cost more than running it (2.9 ms against 0.8 ms over 600 notes sharing words).
-CREATE FUNCTION similar_notes_by_words(campaign_id uuid, content text, k integer DEFAULT 5,
+CREATE FUNCTION _similar_notes_by_words(campaign_id uuid, content text, k integer DEFAULT 5,
                                        exclude bigint DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql STABLE
@@ -41,7 +41,7 @@ BEGIN
                   FROM (SELECT x.id, (length(x.content_tsv) + length(v_tsv) - length(x.content_tsv || v_tsv))::double precision
                                      / length(x.content_tsv || v_tsv) AS similarity
                           FROM notes x
-                         WHERE x.campaign_id = similar_notes_by_words.campaign_id
+                         WHERE x.campaign_id = _similar_notes_by_words.campaign_id
                            AND x.id IS DISTINCT FROM exclude AND x.content_tsv @@ v_any
                          ORDER BY x.id DESC
                          LIMIT 300) s

@@ -8,7 +8,7 @@
 -- (unrelated pairs reach 0.45: the floor is no relevance judge). The hashing fallback is a
 -- lexical n-gram overlap (paraphrases median 0.047, unrelated 0.030): below 0.05 nothing is
 -- shared. Models not measured get 0: only hits pointing away from the query are dropped.
-CREATE FUNCTION similarity_floor(embedding_model text) RETURNS double precision
+CREATE FUNCTION _similarity_floor(embedding_model text) RETURNS double precision
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
     SELECT CASE embedding_model
@@ -43,41 +43,41 @@ BEGIN
                             claim_token => claim_token)));
     END IF;
     IF content IS NULL OR btrim(content) = '' THEN
-        PERFORM raise('invalid_argument', 'content is empty: write what you found');
+        PERFORM _raise('invalid_argument', 'content is empty: write what you found');
     END IF;
     -- SPEC §14: at most 100,000 characters (the MCP server checks before it embeds).
     IF length(content) > 100000 THEN
-        PERFORM raise('invalid_argument', format('content is %s characters long; at most 100000 are allowed: store large results as step output',
+        PERFORM _raise('invalid_argument', format('content is %s characters long; at most 100000 are allowed: store large results as step output',
                                                  length(content)));
     END IF;
     IF EXISTS (SELECT 1 FROM unnest(tags) t WHERE t IS NULL OR btrim(t) = '' OR length(t) > 200) THEN
-        PERFORM raise('invalid_argument', 'tags must be non-empty strings of at most 200 characters');
+        PERFORM _raise('invalid_argument', 'tags must be non-empty strings of at most 200 characters');
     END IF;
     IF NOT EXISTS (SELECT 1 FROM campaigns WHERE id = campaign_id) THEN
-        PERFORM raise('not_found', format('campaign %s does not exist', campaign_id));
+        PERFORM _raise('not_found', format('campaign %s does not exist', campaign_id));
     END IF;
     IF step_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM steps s WHERE s.id = step_id AND s.campaign_id = campaign_id) THEN
-        PERFORM raise('not_found', format('campaign %s has no step %s', campaign_id, step_id));
+        PERFORM _raise('not_found', format('campaign %s has no step %s', campaign_id, step_id));
     END IF;
     -- A worker's note carries its step's agent when the caller does not name one.
     INSERT INTO notes (campaign_id, step_id, agent, content, tags, embedding, embedding_model)
     VALUES (campaign_id, step_id, coalesce(agent, (SELECT s.agent FROM steps s WHERE s.id = step_id)),
             content, coalesce(tags, '{}'), embedding, embedding_model)
     RETURNING id INTO v_id;
-    PERFORM emit(campaign_id, step_id, 'note.added', jsonb_build_object('note_id', v_id, 'tags', coalesce(tags, '{}')));
+    PERFORM _emit(campaign_id, step_id, 'note.added', jsonb_build_object('note_id', v_id, 'tags', coalesce(tags, '{}')));
     RETURN jsonb_build_object('note_id', v_id, 'campaign_id', campaign_id, 'step_id', step_id,
                               'embedded', embedding IS NOT NULL,
                               -- SPEC §18: a note stored without its embedding (sortie-mcp embeds it just
                               -- after) is compared by its words until then.
                               'similar', CASE WHEN embedding IS NOT NULL
-                                              THEN similar_notes(campaign_id, embedding, embedding_model, 5, v_id)
-                                              ELSE similar_notes_by_words(campaign_id, content, 5, v_id) END);
+                                              THEN _similar_notes(campaign_id, embedding, embedding_model, 5, v_id)
+                                              ELSE _similar_notes_by_words(campaign_id, content, 5, v_id) END);
 END
 $$;
 
 -- The nearest earlier notes of a campaign to an embedding made by the same model; above a
 -- similarity of 0.9 a note is flagged as a possible duplicate.
-CREATE FUNCTION similar_notes(campaign_id uuid, embedding vector, embedding_model text, k integer DEFAULT 5,
+CREATE FUNCTION _similar_notes(campaign_id uuid, embedding vector, embedding_model text, k integer DEFAULT 5,
                               exclude bigint DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE sql STABLE
@@ -94,7 +94,7 @@ AS $$
              ORDER BY n.embedding <=> $2
              LIMIT greatest($4, 0)) near
      -- SPEC §13: below the model's floor a note is not similar, however near it ranks.
-     WHERE similarity >= similarity_floor($3);
+     WHERE similarity >= _similarity_floor($3);
 $$;
 
 -- Backfill (SPEC §8): notes written without an embedding, oldest first.
@@ -113,12 +113,12 @@ AS $$
 #variable_conflict use_variable
 BEGIN
     IF embedding IS NULL OR embedding_model IS NULL THEN
-        PERFORM raise('invalid_argument', 'an embedding and the model that made it are required');
+        PERFORM _raise('invalid_argument', 'an embedding and the model that made it are required');
     END IF;
     UPDATE notes SET embedding = set_note_embedding.embedding, embedding_model = set_note_embedding.embedding_model
      WHERE id = note_id;
     IF NOT FOUND THEN
-        PERFORM raise('not_found', format('note %s does not exist', note_id));
+        PERFORM _raise('not_found', format('note %s does not exist', note_id));
     END IF;
     RETURN jsonb_build_object('note_id', note_id, 'embedding_model', embedding_model);
 END
@@ -180,12 +180,12 @@ DECLARE
     v_hits jsonb;
 BEGIN
     IF query IS NULL OR btrim(query) = '' THEN
-        PERFORM raise('invalid_argument', 'query is empty: say what you are looking for');
+        PERFORM _raise('invalid_argument', 'query is empty: say what you are looking for');
     END IF;
     -- SPEC §15: a worker searches its claim's campaign only (scope.sql).
     campaign_id := _worker_campaign(campaign_id, NULL, claim_token, 'search_notes');
     IF campaign_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM campaigns c WHERE c.id = campaign_id) THEN
-        PERFORM raise('not_found', format('campaign %s does not exist', campaign_id));
+        PERFORM _raise('not_found', format('campaign %s does not exist', campaign_id));
     END IF;
     -- SPEC §13: a query of only stop words, punctuation or symbols asks for nothing; every
     -- note would be as close to it as any other.
@@ -246,7 +246,7 @@ BEGIN
                  ORDER BY n.embedding <=> query_embedding
                  LIMIT v_pool) s
          -- SPEC §13: below the model's floor a hit is noise, not a match.
-         WHERE 1 - s.distance >= similarity_floor(embedding_model)
+         WHERE 1 - s.distance >= _similarity_floor(embedding_model)
     ),
     fused AS (
         SELECT coalesce(l.id, s.id) AS id,

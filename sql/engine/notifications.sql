@@ -11,13 +11,13 @@ DECLARE
 BEGIN
     WITH due AS (
         SELECT id FROM notifications
-         WHERE NOT delivered AND given_up_at IS NULL AND next_attempt_at <= clock()
+         WHERE NOT delivered AND given_up_at IS NULL AND next_attempt_at <= _clock()
          ORDER BY id
          LIMIT greatest("limit", 0)
            FOR UPDATE SKIP LOCKED
     ),
     taken AS (
-        UPDATE notifications n SET next_attempt_at = clock() + make_interval(secs => greatest(lease_seconds, 1))
+        UPDATE notifications n SET next_attempt_at = _clock() + make_interval(secs => greatest(lease_seconds, 1))
           FROM due WHERE n.id = due.id
         RETURNING n.*
     )
@@ -30,13 +30,13 @@ END
 $$;
 
 -- How many delivery attempts a notification gets before it is given up (SPEC §13).
-CREATE FUNCTION notification_max_attempts() RETURNS integer
+CREATE FUNCTION _notification_max_attempts() RETURNS integer
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT 10 $$;
 
 -- Outcome of one delivery. Failures back off exponentially (30 s doubling, at most an hour);
 -- `retry => false` (the webhook refused it: a 4xx other than 408 and 429) gives it up at once,
--- and so does the last of notification_max_attempts() attempts (SPEC §13).
+-- and so does the last of _notification_max_attempts() attempts (SPEC §13).
 CREATE FUNCTION notification_delivered(id bigint, ok boolean, error text DEFAULT NULL, retry boolean DEFAULT true)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
@@ -48,45 +48,20 @@ DECLARE
 BEGIN
     UPDATE notifications
        SET delivered = ok,
-           delivered_at = CASE WHEN ok THEN clock() END,
+           delivered_at = CASE WHEN ok THEN _clock() END,
            delivery_attempts = delivery_attempts + 1,
            last_error = CASE WHEN ok THEN NULL ELSE left(error, 1000) END,
            next_attempt_at = CASE WHEN ok THEN next_attempt_at
-                                  ELSE clock() + make_interval(secs => least(30 * power(2, delivery_attempts), 3600)) END,
+                                  ELSE _clock() + make_interval(secs => least(30 * power(2, delivery_attempts), 3600)) END,
            given_up_at = CASE WHEN NOT ok AND (NOT coalesce(retry, true)
-                                               OR delivery_attempts + 1 >= notification_max_attempts())
-                              THEN clock() END
+                                               OR delivery_attempts + 1 >= _notification_max_attempts())
+                              THEN _clock() END
      WHERE notifications.id = id AND NOT delivered AND given_up_at IS NULL
     RETURNING * INTO n;
     IF NOT FOUND THEN
-        PERFORM raise('not_found', format('notification %s does not exist, was delivered or was given up', id));
+        PERFORM _raise('not_found', format('notification %s does not exist, was delivered or was given up', id));
     END IF;
     RETURN jsonb_build_object('id', n.id, 'delivered', n.delivered, 'delivery_attempts', n.delivery_attempts,
                               'next_attempt_at', n.next_attempt_at, 'given_up', n.given_up_at IS NOT NULL);
 END
 $$;
-
--- A runner shutting down hands back a step it claimed but did not get to finish: pending
--- again, no attempt counted.
-CREATE FUNCTION release_step(step_id bigint, claim_token uuid) RETURNS jsonb
-LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
-AS $$
-#variable_conflict use_variable
-DECLARE
-    s steps := lock_claimed_step(step_id, claim_token, 'release_step');
-BEGIN
-    PERFORM leave_running(s.campaign_id, s.id, s.claimed_at, s.requires_locks);
-    UPDATE steps SET status = 'pending', claim_token = NULL, claim_owner = NULL, lease_expires_at = NULL
-     WHERE id = s.id;
-    PERFORM bump_counters(s.campaign_id, 0, 0, 1);
-    PERFORM emit(s.campaign_id, s.id, 'step.released');
-    RETURN jsonb_build_object('step_id', s.id, 'status', 'pending');
-END
-$$;
-
--- Running atomic steps across all campaigns, for the runner's global capacity.
-CREATE FUNCTION running_count() RETURNS bigint
-LANGUAGE sql STABLE
-SET search_path FROM CURRENT
-AS $$ SELECT coalesce(sum(running_steps), 0)::bigint FROM campaigns WHERE status IN ('active', 'paused') $$;

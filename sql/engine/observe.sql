@@ -7,7 +7,7 @@
 -- and lets a follower ask for "the events after id N" without reading the whole log.
 CREATE INDEX events_id_range ON events USING brin (id);
 
-CREATE FUNCTION event_row(e events) RETURNS jsonb
+CREATE FUNCTION _event_row(e events) RETURNS jsonb
 LANGUAGE sql IMMUTABLE
 AS $$
     SELECT jsonb_build_object('id', e.id, 'campaign_id', e.campaign_id, 'step_id', e.step_id,
@@ -29,19 +29,19 @@ DECLARE
     v_rows jsonb;
 BEGIN
     IF after_id IS NOT NULL AND after_id < 0 THEN
-        PERFORM raise('invalid_argument', 'after_id must be 0 or an event id');
+        PERFORM _raise('invalid_argument', 'after_id must be 0 or an event id');
     END IF;
     IF campaign_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM campaigns c WHERE c.id = campaign_id) THEN
-        PERFORM raise('not_found', format('campaign %s does not exist', campaign_id));
+        PERFORM _raise('not_found', format('campaign %s does not exist', campaign_id));
     END IF;
     IF coalesce(after_id, 0) = 0 THEN
-        SELECT coalesce(jsonb_agg(event_row(e) ORDER BY e.id), '[]') INTO v_rows
+        SELECT coalesce(jsonb_agg(_event_row(e) ORDER BY e.id), '[]') INTO v_rows
           FROM (SELECT * FROM events e
                  WHERE campaign_id IS NULL OR e.campaign_id = campaign_id
                  ORDER BY e.tx DESC, e.id DESC
                  LIMIT v_limit) e;
     ELSE
-        SELECT coalesce(jsonb_agg(event_row(e) ORDER BY e.id), '[]') INTO v_rows
+        SELECT coalesce(jsonb_agg(_event_row(e) ORDER BY e.id), '[]') INTO v_rows
           FROM (SELECT * FROM events e
                  WHERE e.id > after_id AND (campaign_id IS NULL OR e.campaign_id = campaign_id)
                  ORDER BY e.id
@@ -56,7 +56,7 @@ $$;
 
 -- The session whose transaction is the event horizon (updates.sql): get_updates passes no
 -- event of a transaction at or above it until it ends. SECURITY DEFINER for the same reason as
--- event_horizon(): other sessions' rows of pg_stat_activity.
+-- _event_horizon(): other sessions' rows of pg_stat_activity.
 CREATE FUNCTION _horizon_holder(p_horizon xid8) RETURNS jsonb
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path FROM CURRENT
@@ -70,14 +70,14 @@ BEGIN
       INTO v_holder
       FROM pg_stat_activity a
      WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() AND a.backend_xid IS NOT NULL
-       AND widen_xid(a.backend_xid) = p_horizon
+       AND _widen_xid(a.backend_xid) = p_horizon
      LIMIT 1;
     IF v_holder IS NULL THEN
         SELECT jsonb_build_object('prepared_transaction', p.gid, 'state', 'prepared',
                                   'age_seconds', round(extract(epoch FROM clock_timestamp() - p.prepared)::numeric, 1))
           INTO v_holder
           FROM pg_prepared_xacts p
-         WHERE p.database = current_database() AND widen_xid(p.transaction) = p_horizon
+         WHERE p.database = current_database() AND _widen_xid(p.transaction) = p_horizon
          LIMIT 1;
     END IF;
     RETURN v_holder;
@@ -93,7 +93,7 @@ SET search_path FROM CURRENT
 AS $$
 DECLARE
     v_grace double precision := extract(epoch FROM coalesce(grace, interval '30 seconds'));
-    v_horizon xid8 := event_horizon();
+    v_horizon xid8 := _event_horizon();
     v_waiting bigint;
     v_holder jsonb;
     v_oldest jsonb;
@@ -104,7 +104,7 @@ DECLARE
     v_problems jsonb := '[]';
 BEGIN
     IF v_grace < 0 THEN
-        PERFORM raise('invalid_argument', 'grace must not be negative');
+        PERFORM _raise('invalid_argument', 'grace must not be negative');
     END IF;
     PERFORM pg_stat_clear_snapshot();
     -- Events committed behind the horizon: what get_updates cannot hand out yet.
@@ -118,9 +118,9 @@ BEGIN
                'has_transaction_id', a.backend_xid IS NOT NULL,
                -- A transaction id at the horizon holds get_updates back; an old snapshot
                -- (backend_xmin) holds back the clean-up of dead rows.
-               'holds_back_updates', a.backend_xid IS NOT NULL AND widen_xid(a.backend_xid) = v_horizon,
+               'holds_back_updates', a.backend_xid IS NOT NULL AND _widen_xid(a.backend_xid) = v_horizon,
                'holds_back_cleanup', a.backend_xmin IS NOT NULL,
-               'events_waiting', CASE WHEN a.backend_xid IS NOT NULL AND widen_xid(a.backend_xid) = v_horizon
+               'events_waiting', CASE WHEN a.backend_xid IS NOT NULL AND _widen_xid(a.backend_xid) = v_horizon
                                       THEN v_waiting ELSE 0 END)
       INTO v_oldest
       FROM pg_stat_activity a
@@ -141,11 +141,11 @@ BEGIN
     END IF;
 
     SELECT jsonb_build_object('count', count(*),
-                              'oldest_expired_seconds', round(max(extract(epoch FROM clock() - s.lease_expires_at))::numeric, 1),
+                              'oldest_expired_seconds', round(max(extract(epoch FROM _clock() - s.lease_expires_at))::numeric, 1),
                               'step_ids', coalesce((array_agg(s.id ORDER BY s.lease_expires_at))[1:20], '{}'))
       INTO v_leases
       FROM steps s
-     WHERE s.status = 'running' AND s.step_type = 'atomic' AND s.lease_expires_at < clock();
+     WHERE s.status = 'running' AND s.step_type = 'atomic' AND s.lease_expires_at < _clock();
     IF (v_leases ->> 'count')::bigint > 0 AND (v_leases ->> 'oldest_expired_seconds')::double precision >= v_grace THEN
         v_problems := v_problems || jsonb_build_object('code', 'expired_leases',
             'message', format('%s running steps have an expired lease that nothing reset (is sortie-runner running? reset_zombies() resets them)',
@@ -184,7 +184,7 @@ BEGIN
     -- coordinator's add_steps can move it, or a dependency it waits for never resolves.
     SELECT coalesce(jsonb_agg(jsonb_build_object('id', c.id, 'name', c.name, 'open_steps', c.open_steps,
                                                  'planner', c.planner,
-                                                 'idle_seconds', round(extract(epoch FROM clock() - c.updated_at)::numeric, 1))
+                                                 'idle_seconds', round(extract(epoch FROM _clock() - c.updated_at)::numeric, 1))
                               ORDER BY c.updated_at), '[]')
       INTO v_stalled
       FROM campaigns c
@@ -216,7 +216,7 @@ $$;
 
 -- A step as a graph node: what the CLI's tree, the Mermaid/DOT pictures and the web view show.
 -- `spawned_by` is set on a subtask of spawn_and_continue (its parent is an atomic step).
-CREATE FUNCTION graph_node(s steps, p_parent_type text) RETURNS jsonb
+CREATE FUNCTION _graph_node(s steps, p_parent_type text) RETURNS jsonb
 LANGUAGE sql STABLE
 AS $$
     SELECT jsonb_strip_nulls(jsonb_build_object(
@@ -232,7 +232,7 @@ AS $$
         'started_at', s.started_at, 'completed_at', s.completed_at,
         'duration_ms', coalesce(s.duration_ms,
                                 CASE WHEN s.status = 'running' AND s.claimed_at IS NOT NULL
-                                     THEN (extract(epoch FROM clock() - s.claimed_at) * 1000)::bigint END),
+                                     THEN (extract(epoch FROM _clock() - s.claimed_at) * 1000)::bigint END),
         'lease_expires_at', CASE WHEN s.status = 'running' THEN s.lease_expires_at END,
         'output_line', left(split_part(btrim(s.output, E' \n\r\t'), E'\n', 1), 200),
         'output_chars', length(s.output),
@@ -255,14 +255,14 @@ DECLARE
 BEGIN
     SELECT * INTO c FROM campaigns WHERE campaigns.id = id;
     IF NOT FOUND THEN
-        PERFORM raise('not_found', format('campaign %s does not exist', id));
+        PERFORM _raise('not_found', format('campaign %s does not exist', id));
     END IF;
     SELECT count(*) INTO v_total FROM steps WHERE steps.campaign_id = c.id;
     RETURN jsonb_build_object(
-        'campaign', campaign_summary(c) || jsonb_build_object('ready_steps', c.ready_steps),
+        'campaign', _campaign_summary(c) || jsonb_build_object('ready_steps', c.ready_steps),
         'step_counts', (SELECT coalesce(jsonb_object_agg(t.status, t.n), '{}')
                           FROM (SELECT s.status, count(*) AS n FROM steps s WHERE s.campaign_id = c.id GROUP BY s.status) t),
-        'nodes', (SELECT coalesce(jsonb_agg(graph_node(s, p.step_type) ORDER BY s.id), '[]')
+        'nodes', (SELECT coalesce(jsonb_agg(_graph_node(s, p.step_type) ORDER BY s.id), '[]')
                     FROM (SELECT * FROM steps WHERE steps.campaign_id = c.id ORDER BY steps.id LIMIT v_limit) s
                     LEFT JOIN steps p ON p.id = s.parent_id),
         'edges', (SELECT coalesce(jsonb_agg(e ORDER BY e ->> 'kind', (e ->> 'to')::bigint, (e ->> 'from')::bigint), '[]') FROM (
@@ -298,8 +298,8 @@ BEGIN
                        'step_id', s.id, 'campaign_id', s.campaign_id, 'campaign_name', c.name,
                        'action', s.action, 'agent', s.agent, 'claim_owner', s.claim_owner,
                        'attempts', s.attempts, 'started_at', s.claimed_at,
-                       'running_seconds', round(extract(epoch FROM clock() - s.claimed_at)::numeric, 1),
-                       'lease_seconds_left', round(extract(epoch FROM s.lease_expires_at - clock())::numeric, 1))) AS r
+                       'running_seconds', round(extract(epoch FROM _clock() - s.claimed_at)::numeric, 1),
+                       'lease_seconds_left', round(extract(epoch FROM s.lease_expires_at - _clock())::numeric, 1))) AS r
               FROM steps s JOIN campaigns c ON c.id = s.campaign_id
              WHERE s.status = 'running' AND s.step_type = 'atomic'
              ORDER BY s.claimed_at
@@ -317,6 +317,6 @@ BEGIN
              WHERE c.status IN ('active', 'paused')
              ORDER BY c.created_at DESC
              LIMIT v_limit) active),
-        'at', clock());
+        'at', _clock());
 END
 $$;

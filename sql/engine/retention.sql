@@ -2,7 +2,7 @@
 -- so tables, indexes and the claim path stay the size of the recent work.
 
 -- Removes up to `limit` campaigns that ended (done, failed or cancelled) before
--- clock() - older_than, oldest end first, with their steps, dependencies, events, notes,
+-- _clock() - older_than, oldest end first, with their steps, dependencies, events, notes,
 -- notifications, lock keys and workflow history (foreign keys and the events trigger).
 -- A campaign another transaction holds locked is left for the next call. The runner calls it
 -- once a day with SORTIE_RETENTION_DAYS; callers with more to remove call again while
@@ -23,14 +23,14 @@ DECLARE
     v_more boolean;
 BEGIN
     IF older_than IS NULL OR older_than < interval '0' THEN
-        PERFORM raise('invalid_argument', 'older_than must be an interval of zero or more');
+        PERFORM _raise('invalid_argument', 'older_than must be an interval of zero or more');
     END IF;
     IF "limit" IS NULL OR "limit" NOT BETWEEN 1 AND 10000 THEN
-        PERFORM raise('invalid_argument', 'limit must be from 1 to 10000');
+        PERFORM _raise('invalid_argument', 'limit must be from 1 to 10000');
     END IF;
     SELECT coalesce(array_agg(x.id), '{}') INTO v_ids
       FROM (SELECT c.id FROM campaigns c
-             WHERE c.status IN ('done', 'failed', 'cancelled') AND c.completed_at < clock() - older_than
+             WHERE c.status IN ('done', 'failed', 'cancelled') AND c.completed_at < _clock() - older_than
              ORDER BY c.completed_at
              LIMIT "limit"
                FOR UPDATE SKIP LOCKED) x;
@@ -45,7 +45,7 @@ BEGIN
     DELETE FROM campaigns c WHERE c.id = ANY (v_ids);
     v_more := cardinality(v_ids) = "limit" AND EXISTS (
         SELECT 1 FROM campaigns c
-         WHERE c.status IN ('done', 'failed', 'cancelled') AND c.completed_at < clock() - older_than);
+         WHERE c.status IN ('done', 'failed', 'cancelled') AND c.completed_at < _clock() - older_than);
     RETURN jsonb_build_object('campaigns', cardinality(v_ids), 'steps', v_steps, 'events', v_events,
                               'notes', v_notes, 'more', v_more);
 END

@@ -31,7 +31,7 @@ DECLARE
 BEGIN
     IF p_token IS NULL THEN
         IF _worker_confined() THEN
-            PERFORM raise('forbidden', format(
+            PERFORM _raise('forbidden', format(
                 '%s needs the claim token of your step (claim_token, or SORTIE_CLAIM_TOKEN): a worker sees only the campaign of the step it holds',
                 p_call));
         END IF;
@@ -45,12 +45,12 @@ BEGIN
          WHERE s.claim_token = p_token AND s.status = 'running' AND s.step_type = 'atomic';
     END IF;
     IF v_campaign IS NULL THEN
-        PERFORM raise('stale_claim', format(
+        PERFORM _raise('stale_claim', format(
             '%s: the claim token is not the current claim of %s (its lease expired, it was reset or it finished); stop working on it',
             p_call, CASE WHEN p_step IS NULL THEN 'a running step' ELSE 'step ' || p_step END));
     END IF;
     IF p_campaign IS NOT NULL AND p_campaign <> v_campaign THEN
-        PERFORM raise('forbidden', format(
+        PERFORM _raise('forbidden', format(
             '%s: campaign %s is not the campaign of your step; a worker sees only its own campaign',
             p_call, p_campaign));
     END IF;
@@ -73,7 +73,7 @@ BEGIN
     SELECT s.id, s.campaign_id INTO v_step, v_campaign FROM steps s
      WHERE s.claim_token = claim_token AND s.status = 'running' AND s.step_type = 'atomic';
     IF v_step IS NULL THEN
-        PERFORM raise('stale_claim', 'this claim token is not the current claim of a running step');
+        PERFORM _raise('stale_claim', 'this claim token is not the current claim of a running step');
     END IF;
     RETURN jsonb_build_object('step_id', v_step, 'campaign_id', v_campaign);
 END

@@ -6,7 +6,7 @@
 -- other databases cannot write these events and do not hold reads back.
 
 -- A 32-bit xid of a running transaction as the 64-bit xid8 the events carry.
-CREATE FUNCTION widen_xid(p_xid xid) RETURNS xid8
+CREATE FUNCTION _widen_xid(p_xid xid) RETURNS xid8
 LANGUAGE sql STABLE
 SET search_path FROM CURRENT
 AS $$
@@ -17,7 +17,7 @@ $$;
 
 -- Events of transactions below this are all committed or aborted. SECURITY DEFINER: reading
 -- other sessions' transaction ids needs the installing role's view of pg_stat_activity.
-CREATE FUNCTION event_horizon() RETURNS xid8
+CREATE FUNCTION _event_horizon() RETURNS xid8
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path FROM CURRENT
 AS $$
@@ -28,10 +28,10 @@ DECLARE
 BEGIN
     -- The backend status view is cached per transaction; a second read must be fresh.
     PERFORM pg_stat_clear_snapshot();
-    SELECT min(widen_xid(a.backend_xid)) INTO v_running
+    SELECT min(_widen_xid(a.backend_xid)) INTO v_running
       FROM pg_stat_activity a
      WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() AND a.backend_xid IS NOT NULL;
-    SELECT min(widen_xid(p.transaction)) INTO v_prepared FROM pg_prepared_xacts p WHERE p.database = current_database();
+    SELECT min(_widen_xid(p.transaction)) INTO v_prepared FROM pg_prepared_xacts p WHERE p.database = current_database();
     RETURN least(v_next, v_running, v_prepared);
 END
 $$;
@@ -45,15 +45,15 @@ AS $$
 DECLARE
     v_key text;
     v_cursor cursors;
-    v_horizon xid8 := event_horizon();
+    v_horizon xid8 := _event_horizon();
     v_limit integer := least(greatest(coalesce("limit", 200), 1), 1000);
     v_page events[];
 BEGIN
     IF consumer IS NULL OR btrim(consumer) = '' OR length(consumer) > 200 THEN
-        PERFORM raise('invalid_argument', 'consumer must be a name of 1 to 200 characters');
+        PERFORM _raise('invalid_argument', 'consumer must be a name of 1 to 200 characters');
     END IF;
     IF id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM campaigns c WHERE c.id = id) THEN
-        PERFORM raise('not_found', format('campaign %s does not exist', id));
+        PERFORM _raise('not_found', format('campaign %s does not exist', id));
     END IF;
     v_key := consumer || '@' || coalesce(id::text, '*');
     INSERT INTO cursors (consumer) VALUES (v_key) ON CONFLICT ON CONSTRAINT cursors_pkey DO NOTHING;

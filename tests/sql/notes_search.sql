@@ -11,8 +11,8 @@ SELECT is(sortie.search_notes('connection pool outage', :'c') -> 'results' -> 0 
           'The connection pool ran out during the Tuesday outage', 'words find their note');
 SELECT is(sortie.search_notes('the and of', :'c') -> 'results', '[]'::jsonb, 'stop words alone find nothing');
 SELECT matches(sortie.search_notes('?! ***', :'c') ->> 'reason', 'no searchable words', 'and say why');
-SELECT cmp_ok(sortie.similarity_floor('all-MiniLM-L6-v2'), '>', 0::double precision, 'the offline model has a floor');
-SELECT is(sortie.similarity_floor('some-unmeasured-model'), 0::double precision, 'an unmeasured model drops only negatives');
+SELECT cmp_ok(sortie._similarity_floor('all-MiniLM-L6-v2'), '>', 0::double precision, 'the offline model has a floor');
+SELECT is(sortie._similarity_floor('some-unmeasured-model'), 0::double precision, 'an unmeasured model drops only negatives');
 
 SELECT t.invariants_hold();
 SELECT * FROM finish();

@@ -752,7 +752,7 @@ async fn a_query_without_searchable_words_returns_nothing_and_says_why() {
         .get(0);
     let floor: f64 = db
         .client
-        .query_one("SELECT sortie.similarity_floor($1)", &[&model])
+        .query_one("SELECT sortie._similarity_floor($1)", &[&model])
         .await
         .unwrap()
         .get(0);

@@ -77,12 +77,12 @@ async fn no_tables_no_helpers(client: &Client) {
     )
     .await;
     denied(client, "DELETE FROM sortie.events").await;
-    denied(client, "SELECT sortie.raise('not_found', 'x')").await;
-    denied(client, "SELECT sortie.lock_campaign(gen_random_uuid())").await;
-    denied(client, "SELECT sortie.expand_steps('[]')").await;
+    denied(client, "SELECT sortie._raise('not_found', 'x')").await;
+    denied(client, "SELECT sortie._lock_campaign(gen_random_uuid())").await;
+    denied(client, "SELECT sortie._expand_steps('[]')").await;
     denied(
         client,
-        "SELECT sortie.skip_cascade(gen_random_uuid(), '{}', 'abort', 'x')",
+        "SELECT sortie._skip_cascade(gen_random_uuid(), '{}', 'abort', 'x')",
     )
     .await;
     denied(client, "SELECT sortie._worker_confined()").await;

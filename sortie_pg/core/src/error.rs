@@ -1,7 +1,7 @@
 use thiserror::Error;
 
 /// A rule violation found before anything touches the database. `code` is the stable error
-/// code the whole product uses (SQLSTATE mapping lives in the extension's `raise()`).
+/// code the whole product uses (SQLSTATE mapping lives in the extension's `_raise()`).
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[error("{code}: {message}")]
 pub struct RuleError {
@@ -28,7 +28,7 @@ impl RuleError {
 pub type RuleResult<T> = Result<T, RuleError>;
 
 /// The one error vocabulary (SPEC §5): every stable code a rule raises, with its SQLSTATE of
-/// class SR. The extension's `raise()` (sql/bootstrap.sql) turns a code into its SQLSTATE and
+/// class SR. The extension's `_raise()` (sql/bootstrap.sql) turns a code into its SQLSTATE and
 /// must list exactly these pairs (a test below reads it); the MCP server and the tests turn a
 /// SQLSTATE back into its code from this table, never from message text.
 pub const ERROR_CODES: &[(&str, &str)] = &[
@@ -56,13 +56,13 @@ pub fn code_for_sqlstate(sqlstate: &str) -> Option<&'static str> {
 mod tests {
     use super::*;
 
-    /// `raise()`'s CASE, read from the SQL that installs it, is the table above.
+    /// `_raise()`'s CASE, read from the SQL that installs it, is the table above.
     #[test]
     fn raise_maps_exactly_the_error_codes() {
         let sql = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../sql/bootstrap.sql"))
             .expect("sql/bootstrap.sql");
-        let start = sql.find("CREATE FUNCTION raise(").expect("raise() in bootstrap.sql");
-        let body = &sql[start..start + sql[start..].find("$$;").expect("end of raise()")];
+        let start = sql.find("CREATE FUNCTION _raise(").expect("_raise() in bootstrap.sql");
+        let body = &sql[start..start + sql[start..].find("$$;").expect("end of _raise()")];
         let pairs: Vec<(String, String)> = body
             .lines()
             .filter_map(|line| {

@@ -161,7 +161,7 @@ const PLAIN_ACTIVATE: &str = "UPDATE sortie.steps s SET remaining_deps = s.remai
 // campaign's counters (which also lock it), an event per claim and per completion, and the
 // count of steps a completion made ready.
 const KEPT_COUNT_CLAIM: &str = "UPDATE sortie.campaigns SET running_steps = running_steps + 1, ready_steps = ready_steps - 1,
-      slot_seconds_used = slot_seconds_used + sortie.provisional_slot_seconds(), updated_at = now()
+      slot_seconds_used = slot_seconds_used + sortie._provisional_slot_seconds(), updated_at = now()
     WHERE id = $1 AND ready_steps > 0 AND status = 'active' AND (max_parallel IS NULL OR running_steps < max_parallel)
       AND (token_budget IS NULL OR tokens_used < token_budget)";
 const KEPT_EVENT: &str =
@@ -177,7 +177,7 @@ const KEPT_ACTIVATE: &str = "WITH released AS (UPDATE sortie.steps s SET remaini
 const KEPT_LEAVE: &str = "UPDATE sortie.campaigns SET running_steps = running_steps - 1, open_steps = open_steps - 1,
       ready_steps = ready_steps + $2, updated_at = now(),
       slot_seconds_used = greatest(slot_seconds_used + extract(epoch FROM now() - $3::timestamptz)::float8
-                                   - sortie.provisional_slot_seconds(), 0)
+                                   - sortie._provisional_slot_seconds(), 0)
     WHERE id = $1";
 
 /// One worker's connection with the statements of its variant, prepared.

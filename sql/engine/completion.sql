@@ -1,0 +1,212 @@
+-- Completion (SPEC §3): a worker's claimed step becomes done, one at a time or in a batch
+-- (SPEC §18), possibly after its verify command (SPEC §17); what a done step releases.
+
+-- Bookkeeping after any step (atomic or compound) became done. The caller has already taken
+-- it off the campaign's open_steps, in the same update as its other counters.
+CREATE FUNCTION _after_done(p_campaign uuid, p_step bigint, p_parent bigint) RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+    PERFORM _emit(p_campaign, p_step, 'step.done');
+    PERFORM _bump_counters(p_campaign, 0, 0, _release_dependents(p_campaign, p_step));
+    IF p_parent IS NOT NULL THEN
+        PERFORM _member_settled(p_parent, 1, 0, NULL);
+    END IF;
+    PERFORM _check_drained(p_campaign);
+END
+$$;
+
+-- The hot path: one guarded update of the step; the reasons a completion is refused are
+-- worked out only when that update finds nothing.
+CREATE FUNCTION complete_step(step_id bigint, claim_token uuid, summary text DEFAULT '', tokens_used bigint DEFAULT 0)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_tokens bigint := _check_tokens(tokens_used);
+    v_campaign uuid;
+    v_parent bigint;
+    v_claimed_at timestamptz;
+    v_locks text[];
+    v_ready integer;
+    v_open integer;
+    v_status text;
+    v_budget bigint;
+    s steps;
+BEGIN
+    v_campaign := _lock_step_campaign(step_id);
+    UPDATE steps
+       SET status = 'done', output = coalesce(summary, ''), tokens_used = steps.tokens_used + v_tokens,
+           duration_ms = (extract(epoch FROM _clock() - claimed_at) * 1000)::bigint,
+           completed_at = _clock(), claim_token = NULL, lease_expires_at = NULL
+     WHERE id = step_id AND steps.claim_token = complete_step.claim_token AND status = 'running'
+       AND steps.verify IS NULL
+    RETURNING parent_id, claimed_at, requires_locks INTO v_parent, v_claimed_at, v_locks;
+    IF NOT FOUND THEN
+        SELECT * INTO s FROM steps WHERE id = step_id;
+        -- SPEC §17: a step with a check stays running, the summary stored, until its command
+        -- passed (record_verification); the caller runs the command.
+        IF s.verify IS NOT NULL AND s.status = 'running' AND s.claim_token = claim_token THEN
+            UPDATE steps
+               SET output = coalesce(summary, ''), tokens_used = steps.tokens_used + v_tokens,
+                   verification_requested_at = _clock()
+             WHERE id = s.id;
+            -- Tokens were spent whatever the check says.
+            IF v_tokens > 0 THEN
+                UPDATE campaigns SET tokens_used = campaigns.tokens_used + v_tokens WHERE id = v_campaign;
+                PERFORM _enforce_budget(v_campaign);
+            END IF;
+            PERFORM _emit(v_campaign, s.id, 'step.verifying', jsonb_build_object('verify', s.verify));
+            RETURN jsonb_build_object('step_id', s.id, 'status', 'running', 'accepted', true,
+                                      'verification', 'pending', 'verify', s.verify,
+                                      'message', 'the step is done once its verify command passes');
+        END IF;
+        -- A worker whose step was skipped under it (abort, cancel) is told so; what it
+        -- produced is kept on the step for audit, and nothing else changes.
+        IF s.status = 'skipped' AND s.claim_token = claim_token THEN
+            UPDATE steps SET output = coalesce(steps.output, summary) WHERE id = s.id;
+            RETURN jsonb_build_object('step_id', s.id, 'status', 'skipped', 'accepted', false,
+                'message', format('step %s was skipped (%s) while you worked; your output was kept for the record',
+                                  s.id, coalesce(s.error, s.skip_cause)));
+        END IF;
+        -- SPEC §14: the claim that completed the step, repeating itself, gets its first answer.
+        IF _finished_claim(s.id, claim_token, 'complete_step', jsonb_build_object('summary', summary, 'tokens_used', v_tokens)) IS NOT NULL THEN
+            RETURN _finished_claim(s.id, claim_token, 'complete_step', jsonb_build_object('summary', summary, 'tokens_used', v_tokens));
+        END IF;
+        PERFORM _check_claim(s, claim_token, 'complete_step');
+        PERFORM _raise('invalid_state', format('step %s cannot be completed', s.id));
+    END IF;
+    PERFORM _emit(v_campaign, step_id, 'step.done');
+    v_ready := _release_dependents(v_campaign, step_id);
+    -- One campaign update for every counter this completion moves: it stops running, is no
+    -- longer open, made v_ready steps ready and spent v_tokens.
+    SELECT r.open_steps, r.status, r.token_budget INTO v_open, v_status, v_budget
+      FROM _leave_running(v_campaign, step_id, v_claimed_at, v_locks,
+                         p_open => -1, p_ready => v_ready, p_tokens => v_tokens) r;
+    IF v_parent IS NOT NULL THEN
+        PERFORM _member_settled(v_parent, 1, 0, NULL);
+    END IF;
+    IF v_parent IS NOT NULL OR v_open = 0 OR v_budget IS NOT NULL THEN
+        PERFORM _check_drained(v_campaign);
+        IF v_budget IS NOT NULL THEN
+            PERFORM _enforce_budget(v_campaign);
+        END IF;
+        SELECT status INTO v_status FROM campaigns WHERE id = v_campaign;
+    END IF;
+    RETURN _keep_finished_claim(step_id, claim_token, 'complete_step',
+                                jsonb_build_object('summary', summary, 'tokens_used', v_tokens),
+                                jsonb_build_object('step_id', step_id, 'status', 'done', 'accepted', true,
+                                                   'campaign_status', v_status));
+END
+$$;
+
+-- SPEC §17: the outcome of a step's verify command, recorded by whoever ran it (the runner for
+-- its dispatches, sortie-mcp for complete_step over MCP, or a SQL caller) with the step's claim.
+-- `passed` makes the step done with the stored summary as its output and `output` kept as
+-- `verification`; otherwise the attempt fails with the command's output (its last 4,000
+-- characters) as the error, retried as usual. Errors: stale_claim, skipped (as complete_step);
+-- invalid_state when no verification is pending.
+CREATE FUNCTION record_verification(step_id bigint, claim_token uuid, passed boolean, output text DEFAULT '')
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    s steps := _lock_claimed_step(step_id, claim_token, 'record_verification');
+    v_ready integer;
+    v_status text;
+    v_open integer;
+    v_output text := right(coalesce(output, ''), 4000);
+BEGIN
+    IF s.verify IS NULL OR s.verification_requested_at IS NULL OR s.verification_requested_at < s.claimed_at THEN
+        PERFORM _raise('invalid_state', format('step %s has no verification pending: complete_step asks for it', s.id));
+    END IF;
+    IF NOT coalesce(passed, false) THEN
+        v_status := _attempt_failed(s, format('verification failed: `%s` did not pass:%s%s', s.verify, E'\n', v_output));
+        SELECT status INTO v_status FROM steps WHERE id = s.id;
+        RETURN jsonb_build_object('step_id', s.id, 'status', v_status, 'accepted', false, 'verification', 'failed',
+                                  'will_retry', v_status = 'pending');
+    END IF;
+    UPDATE steps
+       SET status = 'done', verification = v_output,
+           duration_ms = (extract(epoch FROM _clock() - s.claimed_at) * 1000)::bigint,
+           completed_at = _clock(), claim_token = NULL, lease_expires_at = NULL
+     WHERE id = s.id;
+    PERFORM _emit(s.campaign_id, s.id, 'step.done', jsonb_build_object('verified', true));
+    v_ready := _release_dependents(s.campaign_id, s.id);
+    SELECT r.open_steps INTO v_open
+      FROM _leave_running(s.campaign_id, s.id, s.claimed_at, s.requires_locks, p_open => -1, p_ready => v_ready) r;
+    IF s.parent_id IS NOT NULL THEN
+        PERFORM _member_settled(s.parent_id, 1, 0, NULL);
+    END IF;
+    PERFORM _check_drained(s.campaign_id);
+    SELECT status INTO v_status FROM campaigns WHERE id = s.campaign_id;
+    RETURN jsonb_build_object('step_id', s.id, 'status', 'done', 'accepted', true, 'verification', 'passed',
+                              'campaign_status', v_status);
+END
+$$;
+
+-- Completes several claims in one transaction: `items` is a JSON array of up to 1,000 objects
+-- {step_id, claim_token, summary?, tokens_used?}, each done exactly as complete_step does it.
+-- Each item runs in its own subtransaction: an item complete_step refuses (stale_claim,
+-- skipped, invalid_state, not_found, a bad item) changes nothing and is reported, and the
+-- others are applied. Items are taken in (campaign, step) order, whatever the array's order,
+-- so two batches touching the same campaigns lock them in the same order and cannot
+-- deadlock. Returns {completed: [complete_step's answer per applied item],
+-- refused: [{step_id, code, message}]}, both in that order.
+-- Errors (the whole call): invalid_argument when `items` is not an array of 1..1000 objects.
+CREATE FUNCTION complete_steps(items jsonb) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_item record;
+    v_completed jsonb := '[]';
+    v_refused jsonb := '[]';
+    v_code text;
+    v_message text;
+BEGIN
+    IF items IS NULL OR jsonb_typeof(items) <> 'array' OR jsonb_array_length(items) NOT BETWEEN 1 AND 1000 THEN
+        PERFORM _raise('invalid_argument', 'items must be a JSON array of 1 to 1000 {step_id, claim_token, summary, tokens_used} objects');
+    END IF;
+    IF EXISTS (SELECT 1 FROM jsonb_array_elements(items) e WHERE jsonb_typeof(e) <> 'object') THEN
+        PERFORM _raise('invalid_argument', 'each item must be an object {step_id, claim_token, summary, tokens_used}');
+    END IF;
+    FOR v_item IN
+        SELECT e.value AS item, e.ordinality
+          FROM jsonb_array_elements(items) WITH ORDINALITY e
+          -- bigint, not numeric: `id = numeric` cannot use the primary key (a scan of steps
+          -- per batch). Only the order comes from this join; each item is checked below.
+          LEFT JOIN steps s ON s.id = CASE WHEN jsonb_typeof(e.value -> 'step_id') = 'number'
+                                            AND (e.value ->> 'step_id')::numeric BETWEEN 1 AND 9223372036854775807
+                                           THEN (e.value ->> 'step_id')::numeric::bigint END
+         ORDER BY s.campaign_id, s.id, e.ordinality
+    LOOP
+        BEGIN
+            IF jsonb_typeof(v_item.item -> 'step_id') IS DISTINCT FROM 'number'
+               OR jsonb_typeof(v_item.item -> 'claim_token') IS DISTINCT FROM 'string' THEN
+                PERFORM _raise('invalid_argument', 'step_id (a number) and claim_token (a string) are required');
+            END IF;
+            v_completed := v_completed || jsonb_build_array(complete_step(
+                (v_item.item ->> 'step_id')::bigint,
+                (v_item.item ->> 'claim_token')::uuid,
+                coalesce(v_item.item ->> 'summary', ''),
+                coalesce((v_item.item ->> 'tokens_used')::bigint, 0)));
+        EXCEPTION
+            WHEN SQLSTATE 'SR001' OR SQLSTATE 'SR002' OR SQLSTATE 'SR003' OR SQLSTATE 'SR005'
+                 OR SQLSTATE 'SR006' OR SQLSTATE 'SR008' OR SQLSTATE 'SR009'
+                 OR invalid_text_representation OR numeric_value_out_of_range THEN
+                GET STACKED DIAGNOSTICS v_message = MESSAGE_TEXT;
+                v_code := CASE WHEN v_message ~ '^[a-z_]+: ' THEN split_part(v_message, ': ', 1) ELSE 'invalid_argument' END;
+                v_refused := v_refused || jsonb_build_array(jsonb_build_object(
+                    'step_id', v_item.item -> 'step_id', 'code', v_code,
+                    'message', CASE WHEN v_message ~ '^[a-z_]+: ' THEN substr(v_message, length(v_code) + 3) ELSE v_message END));
+        END;
+    END LOOP;
+    RETURN jsonb_build_object('completed', v_completed, 'refused', v_refused);
+END
+$$;

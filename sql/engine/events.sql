@@ -1,0 +1,53 @@
+-- Events (SPEC §10): the append-only log every rule writes, and waking its listeners.
+--
+-- Concurrency model (docs/decisions.md): every writing rule locks its campaign's row first
+-- (locking.sql). That makes each campaign's DAG a serial history — no two completions can both
+-- miss that they were the last, a claim cannot race a cancel, a splice cannot race an abort —
+-- and rules of different campaigns never wait on each other (SPEC §2 scale-out rule).
+
+-- How often one connection may wake LISTENers. NOTIFY serialises every notifying commit in
+-- the cluster — PostgreSQL holds one lock from pre-commit to the end of the commit, WAL flush
+-- included — so a NOTIFY per claim and completion caps the whole cluster at one commit at a
+-- time. A woken listener polls for listen_poll_window() instead, which covers the events the
+-- interval held back, whichever campaign they belong to (docs/decisions.md, "Waking
+-- listeners").
+CREATE FUNCTION wake_interval() RETURNS interval
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT interval '100 milliseconds' $$;
+
+CREATE FUNCTION listen_poll_window() RETURNS interval
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT interval '1 second' $$;
+
+-- Appends to the event log and, unless this connection woke listeners within
+-- wake_interval(), wakes them (`sortie_events`). NOTIFY is a hint; readers page the table
+-- (SPEC §10). The connection's last wake-up is a session setting: reading it touches no
+-- shared page, and an aborted transaction takes it back together with its NOTIFY.
+CREATE FUNCTION _emit(p_campaign uuid, p_step bigint, p_kind text, p_payload jsonb DEFAULT '{}')
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    v_id bigint;
+    v_woke text := current_setting('sortie.woke_at', true);
+BEGIN
+    INSERT INTO events (campaign_id, step_id, kind, payload)
+    VALUES (p_campaign, p_step, p_kind, coalesce(p_payload, '{}'))
+    RETURNING id INTO v_id;
+    -- Seconds since the epoch: independent of the session's DateStyle.
+    IF coalesce(v_woke, '') = ''
+       OR v_woke::double precision <= extract(epoch FROM clock_timestamp() - wake_interval()) THEN
+        PERFORM set_config('sortie.woke_at', extract(epoch FROM clock_timestamp())::text, false);
+        PERFORM pg_notify('sortie_events', json_build_object(
+            'id', v_id, 'campaign_id', p_campaign, 'step_id', p_step, 'kind', p_kind)::text);
+    END IF;
+END
+$$;
+
+CREATE FUNCTION _notify_campaign(p_campaign uuid, p_level text, p_message text)
+RETURNS void
+LANGUAGE sql VOLATILE
+AS $$
+    INSERT INTO notifications (campaign_id, level, message, channel)
+    SELECT p_campaign, p_level, p_message, c.channel FROM campaigns c WHERE c.id = p_campaign;
+$$;

@@ -1,0 +1,61 @@
+-- Input requests (SPEC §3): a running step asks its coordinator a question and waits
+-- (waiting_input, no lease); the answer is stored beside the original input, never over it.
+
+-- The question has its own column; the step waits without a lease.
+CREATE FUNCTION request_input(step_id bigint, claim_token uuid, question text, partial_output text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    s steps := _lock_claimed_step(step_id, claim_token, 'request_input');
+BEGIN
+    IF question IS NULL OR btrim(question) = '' THEN
+        PERFORM _raise('invalid_argument', 'question is empty: ask what you need decided');
+    END IF;
+    PERFORM _leave_running(s.campaign_id, s.id, s.claimed_at, s.requires_locks);
+    UPDATE steps
+       SET status = 'waiting_input', question = request_input.question, answer = NULL,
+           output = coalesce(partial_output, steps.output),
+           claim_token = NULL, lease_expires_at = NULL
+     WHERE id = s.id;
+    PERFORM _emit(s.campaign_id, s.id, 'input.requested', jsonb_build_object('question', question));
+    PERFORM _notify_campaign(s.campaign_id, 'milestone', format('Step %s asks: %s', s.id, question));
+    RETURN jsonb_build_object('step_id', s.id, 'status', 'waiting_input',
+        'message', 'your step is paused; it will be dispatched again with the answer');
+END
+$$;
+
+CREATE FUNCTION provide_input(id uuid, step_id bigint, answer text, request_id text DEFAULT NULL) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    c campaigns := _lock_campaign(id);
+    s steps;
+BEGIN
+    -- SPEC §14: a repeat with the same request_id returns the first result (idempotency.sql).
+    IF request_id IS NOT NULL THEN
+        RETURN coalesce(_replay(request_id, 'provide_input', jsonb_build_object('id', id, 'step_id', step_id, 'answer', answer)),
+                        _keep(request_id, 'provide_input', jsonb_build_object('id', id, 'step_id', step_id, 'answer', answer),
+                              provide_input(id => id, step_id => step_id, answer => answer)));
+    END IF;
+    IF answer IS NULL OR btrim(answer) = '' THEN
+        PERFORM _raise('invalid_argument', 'answer is empty');
+    END IF;
+    SELECT * INTO s FROM steps WHERE steps.id = step_id AND steps.campaign_id = c.id FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM _raise('not_found', format('campaign %s has no step %s', c.id, step_id));
+    END IF;
+    IF s.status <> 'waiting_input' THEN
+        PERFORM _raise('invalid_state', format('step %s is %s, not waiting for input', s.id, s.status));
+    END IF;
+    UPDATE steps SET status = 'pending', answer = provide_input.answer, not_before = '-infinity'
+     WHERE steps.id = s.id;
+    PERFORM _bump_counters(c.id, 0, 0, 1);
+    PERFORM _emit(c.id, s.id, 'input.provided', jsonb_build_object('answer', answer));
+    RETURN jsonb_build_object('step_id', s.id, 'status', 'pending', 'question', s.question, 'answer', answer);
+END
+$$;

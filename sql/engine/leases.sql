@@ -1,0 +1,66 @@
+-- Leases (SPEC §3): a running step's claim lasts until its lease expires; heartbeat() extends
+-- it, reset_zombies() ends expired ones as failed attempts, release_step() hands a step back
+-- unfinished (a runner shutting down).
+
+CREATE FUNCTION heartbeat(step_id bigint, claim_token uuid, extend_leases_sec integer DEFAULT 900) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_lease integer := _check_lease_seconds(extend_leases_sec);
+    s steps := _lock_claimed_step(step_id, claim_token, 'heartbeat');
+    v_expires timestamptz := _clock() + make_interval(secs => v_lease);
+BEGIN
+    UPDATE steps SET heartbeat_at = _clock(), lease_expires_at = v_expires WHERE id = s.id;
+    UPDATE resource_leases SET expires_at = v_expires WHERE resource_leases.step_id = s.id;
+    RETURN jsonb_build_object('step_id', s.id, 'status', 'running', 'lease_expires_at', v_expires);
+END
+$$;
+
+-- Zombies (SPEC §3): running steps whose lease expired. Each reset counts as a failed attempt,
+-- so a step that always hangs ends failed. waiting_input steps hold no lease and are never
+-- reset. Campaigns are locked in id order, so concurrent resetters cannot deadlock.
+CREATE FUNCTION reset_zombies("limit" integer DEFAULT 1000) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    v_zombie record;
+    s steps;
+    v_reset jsonb := '[]';
+BEGIN
+    FOR v_zombie IN
+        SELECT id, campaign_id FROM steps
+         WHERE status = 'running' AND step_type = 'atomic' AND lease_expires_at < _clock()
+         ORDER BY campaign_id, id
+         LIMIT greatest("limit", 0)
+    LOOP
+        PERFORM _lock_campaign(v_zombie.campaign_id);
+        SELECT * INTO s FROM steps WHERE id = v_zombie.id;
+        CONTINUE WHEN s.status <> 'running' OR s.lease_expires_at >= _clock();
+        v_reset := v_reset || jsonb_build_object('step_id', s.id, 'campaign_id', s.campaign_id,
+                                                  'now', _attempt_failed(s, 'lease expired'));
+    END LOOP;
+    RETURN jsonb_build_object('reset', jsonb_array_length(v_reset), 'steps', v_reset);
+END
+$$;
+
+-- A runner shutting down hands back a step it claimed but did not get to finish: pending
+-- again, no attempt counted.
+CREATE FUNCTION release_step(step_id bigint, claim_token uuid) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    s steps := _lock_claimed_step(step_id, claim_token, 'release_step');
+BEGIN
+    PERFORM _leave_running(s.campaign_id, s.id, s.claimed_at, s.requires_locks);
+    UPDATE steps SET status = 'pending', claim_token = NULL, claim_owner = NULL, lease_expires_at = NULL
+     WHERE id = s.id;
+    PERFORM _bump_counters(s.campaign_id, 0, 0, 1);
+    PERFORM _emit(s.campaign_id, s.id, 'step.released');
+    RETURN jsonb_build_object('step_id', s.id, 'status', 'pending');
+END
+$$;

@@ -1,0 +1,94 @@
+-- Locking: the campaign row lock every writing rule takes first, then the step, and fencing by
+-- claim token (SPEC §3). Lock order is always campaign, then step(s); rules that touch several
+-- campaigns (reset_zombies, enforce_budgets) take them in id order.
+
+-- The campaign row lock every writing rule takes first.
+CREATE FUNCTION _lock_campaign(p_campaign uuid) RETURNS campaigns
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    c campaigns;
+BEGIN
+    IF p_campaign IS NULL THEN
+        PERFORM _raise('invalid_argument', 'a campaign id is required');
+    END IF;
+    SELECT * INTO c FROM campaigns WHERE id = p_campaign FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM _raise('not_found', format('campaign %s does not exist', p_campaign));
+    END IF;
+    RETURN c;
+END
+$$;
+
+-- Locks a step's campaign (one statement: the hot paths call this) and returns its id.
+CREATE FUNCTION _lock_step_campaign(p_step bigint) RETURNS uuid
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    v_campaign uuid;
+BEGIN
+    IF p_step IS NULL THEN
+        PERFORM _raise('invalid_argument', 'a step id is required (pass step_id, or run with SORTIE_STEP_ID set)');
+    END IF;
+    SELECT c.id INTO v_campaign
+      FROM campaigns c
+     WHERE c.id = (SELECT s.campaign_id FROM steps s WHERE s.id = p_step)
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM _raise('not_found', format('step %s does not exist', p_step));
+    END IF;
+    RETURN v_campaign;
+END
+$$;
+
+-- Locks a step's campaign, then the step. Returns the step as it is under the lock.
+CREATE FUNCTION _lock_step(p_step bigint) RETURNS steps
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    s steps;
+BEGIN
+    PERFORM _lock_step_campaign(p_step);
+    SELECT * INTO s FROM steps WHERE id = p_step FOR UPDATE;
+    RETURN s;
+END
+$$;
+
+-- Fencing (SPEC §3): a worker mutation must present the step's current claim token. The
+-- order of checks decides which error a late worker sees: its step was skipped under it
+-- (`skipped`), its claim was reset or taken over (`stale_claim`), or it calls out of turn
+-- (`invalid_state`). `s` is the step as locked by lock_step.
+CREATE FUNCTION _check_claim(s steps, p_token uuid, p_call text) RETURNS steps
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+    IF p_token IS NULL THEN
+        PERFORM _raise('invalid_argument', format(
+            '%s needs the claim token of step %s (claim_token, or SORTIE_CLAIM_TOKEN)', p_call, s.id));
+    END IF;
+    IF s.status = 'skipped' AND s.claim_token = p_token THEN
+        PERFORM _raise('skipped', format(
+            'step %s was skipped (%s) while you worked on it; stop, nothing more is needed', s.id,
+            coalesce(s.error, s.skip_cause)));
+    END IF;
+    IF s.claim_token IS DISTINCT FROM p_token THEN
+        PERFORM _raise('stale_claim', format(
+            'your claim on step %s is no longer valid (its lease expired or it was reset); stop working on it',
+            s.id));
+    END IF;
+    IF s.status <> 'running' THEN
+        PERFORM _raise('invalid_state', format('step %s is %s, not running; %s is not possible', s.id, s.status, p_call));
+    END IF;
+    RETURN s;
+END
+$$;
+
+-- PL/pgSQL rather than SQL from here on: a non-inlined SQL function is parsed and planned
+-- again at every call, a PL/pgSQL one once per session.
+CREATE FUNCTION _lock_claimed_step(p_step bigint, p_token uuid, p_call text) RETURNS steps
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+    RETURN _check_claim(_lock_step(p_step), p_token, p_call);
+END
+$$;

@@ -1,0 +1,89 @@
+-- Readiness (SPEC §3): ready = atomic, pending, remaining_deps = 0 (own dependencies and every
+-- compound ancestor's met), not_before passed, campaign active and within budget, lock keys
+-- free. The first three are the partial index `steps_ready`; the rest are checked on the few
+-- rows it returns. A step's remaining_deps falls here when a dependency is done.
+
+-- Steps whose remaining_deps just reached 0: an atomic one joins the ready set; a compound one
+-- opens, lifting the gate it holds on each of its pending children (SPEC §3: every dependency
+-- of every compound ancestor must be done), recursively.
+CREATE FUNCTION _unblocked(p_campaign uuid, p_steps bigint[]) RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    v_ready integer := 0;
+    v_compound bigint[];
+    v_children bigint[];
+BEGIN
+    WHILE cardinality(p_steps) > 0 LOOP
+        SELECT count(*) FILTER (WHERE step_type = 'atomic'),
+               coalesce(array_agg(id) FILTER (WHERE step_type <> 'atomic'), '{}')
+          INTO v_ready, v_compound
+          FROM steps WHERE id = ANY (p_steps) AND status = 'pending' AND remaining_deps = 0;
+        PERFORM _bump_counters(p_campaign, 0, 0, v_ready);
+        EXIT WHEN cardinality(v_compound) = 0;
+        -- A compound step with no members (a for_each over no items) has nothing to wait for.
+        PERFORM _settle_compound_done(p) FROM steps p WHERE p.id = ANY (v_compound) AND p.members = 0;
+        WITH opened AS (
+            UPDATE steps SET remaining_deps = remaining_deps - 1
+             WHERE parent_id = ANY (v_compound) AND status = 'pending'
+            RETURNING id, remaining_deps)
+        SELECT coalesce(array_agg(id) FILTER (WHERE remaining_deps = 0), '{}') INTO v_children FROM opened;
+        p_steps := v_children;
+    END LOOP;
+END
+$$;
+
+-- A step became done: its dependents each have one dependency fewer. Compound ones that
+-- reached 0 open here; the atomic ones that became ready are counted, not added to the
+-- campaign's ready_steps: the caller folds that into its own counter update.
+CREATE FUNCTION _release_dependents(p_campaign uuid, p_step bigint) RETURNS integer
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    v_ready integer;
+    v_compound bigint[];
+BEGIN
+    WITH released AS (
+        UPDATE steps s SET remaining_deps = s.remaining_deps - 1
+          FROM step_dependencies d
+         WHERE d.depends_on = p_step AND s.id = d.step_id AND s.status = 'pending'
+        RETURNING s.id, s.step_type, s.remaining_deps)
+    SELECT count(*) FILTER (WHERE remaining_deps = 0 AND step_type = 'atomic'),
+           array_agg(id) FILTER (WHERE remaining_deps = 0 AND step_type <> 'atomic')
+      INTO v_ready, v_compound
+      FROM released;
+    IF v_compound IS NOT NULL THEN
+        PERFORM _unblocked(p_campaign, v_compound);
+    END IF;
+    RETURN v_ready;
+END
+$$;
+
+-- How far ahead of a campaign's ready_floor its first ready step may lie before a claim
+-- raises the floor: raising it is one more update of the campaign row, so it is done once the
+-- scan would pass this many ids rather than at every claim (at most this many index entries
+-- of claimed steps lie between the floor and the first ready step).
+CREATE FUNCTION _ready_floor_slack() RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT 32::bigint $$;
+
+-- Ready steps, for dashboards and runners that choose for themselves.
+CREATE FUNCTION ready_steps(campaign_id uuid DEFAULT NULL, agent text DEFAULT NULL, "limit" integer DEFAULT 100)
+RETURNS TABLE (step_id bigint, campaign_id uuid, action text, agent text, depth integer, created_at timestamptz)
+LANGUAGE sql STABLE
+SET search_path FROM CURRENT
+AS $$
+    SELECT s.id, s.campaign_id, s.action, s.agent, s.depth, s.created_at
+      FROM steps s JOIN campaigns c ON c.id = s.campaign_id
+     WHERE s.status = 'pending' AND s.step_type = 'atomic' AND s.remaining_deps = 0
+       AND s.not_before <= _clock()
+       AND ($1 IS NULL OR s.campaign_id = $1)
+       AND ($2 IS NULL OR s.agent IS NULL OR s.agent = $2)
+       AND c.status = 'active' AND (c.token_budget IS NULL OR c.tokens_used < c.token_budget)
+       AND NOT EXISTS (
+           SELECT 1 FROM unnest(s.requires_locks) e JOIN resource_leases l
+             ON (l.key = _lock_key(e) OR starts_with(l.key, _lock_key(e) || '/') OR starts_with(_lock_key(e), l.key || '/'))
+            WHERE l.expires_at > _clock() AND NOT (l.mode = 'shared' AND _lock_mode(e) = 'shared'))
+     ORDER BY c.slot_seconds_used / c.weight, s.id
+     LIMIT greatest($3, 0);
+$$;

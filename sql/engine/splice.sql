@@ -1,0 +1,152 @@
+-- DAG splice (SPEC §3): the running step becomes done with its partial output, its subtasks
+-- become its children, and a continuation at its own place waits for them and takes over
+-- everything that waited for it. The depth rule decides who may splice.
+
+-- The depth rule (SPEC §3): a step at `p_depth` may split itself into subtasks one level
+-- deeper only while that stays within the campaign's max_depth.
+CREATE FUNCTION _spawn_allowed(p_depth integer, p_max_depth integer) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT p_depth + 1 <= p_max_depth $$;
+
+-- Whether step `step_id` may call spawn_and_continue (the depth rule); NULL for no such step.
+-- The MCP server asks it to decide whether a worker session lists spawn_and_continue.
+CREATE FUNCTION can_spawn(step_id bigint) RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path FROM CURRENT
+AS $$
+    SELECT _spawn_allowed(s.depth, c.max_depth)
+      FROM steps s JOIN campaigns c ON c.id = s.campaign_id
+     WHERE s.id = $1
+$$;
+
+-- Every step that cannot finish before `p_step` does, `p_step` included: its dependents, its
+-- compound ancestors (they wait for their members), and — for a step that waits through a
+-- dependency — its descendants (their gate is its start), transitively. A subtask spliced in
+-- place of `p_step` that depended on one of these would close a cycle (SPEC §13).
+CREATE FUNCTION _steps_waiting_for(p_step bigint) RETURNS SETOF bigint
+LANGUAGE sql STABLE
+AS $$
+    WITH RECURSIVE down(id, started_after) AS (
+        SELECT p_step, false
+        UNION
+        SELECT next.id, next.started_after
+          FROM down
+         CROSS JOIN LATERAL (
+             SELECT d.step_id AS id, true AS started_after FROM step_dependencies d WHERE d.depends_on = down.id
+             UNION ALL
+             SELECT s.parent_id, false FROM steps s WHERE s.id = down.id AND s.parent_id IS NOT NULL
+             UNION ALL
+             SELECT s.id, true FROM steps s WHERE s.parent_id = down.id AND down.started_after
+         ) next
+    )
+    SELECT DISTINCT id FROM down;
+$$;
+
+CREATE FUNCTION spawn_and_continue(step_id bigint, claim_token uuid, subtasks jsonb, continuation jsonb,
+                                   partial_output text DEFAULT '', request_id text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    s steps;
+    v_arguments jsonb;
+    c campaigns;
+    v_expansion jsonb;
+    v_spawned jsonb;
+    v_subtask_ids bigint[];
+    v_cont_action text;
+    v_cont_agent text;
+    v_cont_input jsonb;
+    v_cont bigint;
+    v_cycle_dep bigint;
+BEGIN
+    -- SPEC §14: a repeat with the same request_id returns the first result (idempotency.sql).
+    IF request_id IS NOT NULL THEN
+        v_arguments := jsonb_build_object('step_id', step_id, 'claim_token', claim_token, 'subtasks', subtasks,
+                                          'continuation', continuation, 'partial_output', partial_output);
+        RETURN coalesce(_replay(request_id, 'spawn_and_continue', v_arguments),
+                        _keep(request_id, 'spawn_and_continue', v_arguments, spawn_and_continue(
+                            step_id => step_id, claim_token => claim_token, subtasks => subtasks,
+                            continuation => continuation, partial_output => partial_output)));
+    END IF;
+    s := _lock_claimed_step(step_id, claim_token, 'spawn_and_continue');
+    SELECT * INTO c FROM campaigns WHERE id = s.campaign_id;
+    IF subtasks IS NULL OR jsonb_typeof(subtasks) <> 'array' OR jsonb_array_length(subtasks) = 0 THEN
+        PERFORM _raise('invalid_argument', 'subtasks must list at least one step; to finish alone, call complete_step');
+    END IF;
+    IF NOT _spawn_allowed(s.depth, c.max_depth) THEN
+        PERFORM _raise('depth_limit', format('step %s is at depth %s and the campaign''s max_depth is %s; complete it yourself',
+                                            s.id, s.depth, c.max_depth));
+    END IF;
+    CASE jsonb_typeof(continuation)
+        WHEN 'string' THEN
+            v_cont_action := continuation #>> '{}';
+        WHEN 'object' THEN
+            IF EXISTS (SELECT 1 FROM jsonb_object_keys(continuation) k WHERE k NOT IN ('action', 'agent', 'input')) THEN
+                PERFORM _raise('invalid_argument', 'continuation takes action, agent and input only');
+            END IF;
+            v_cont_action := continuation ->> 'action';
+            v_cont_agent := continuation ->> 'agent';
+            v_cont_input := continuation -> 'input';
+        ELSE
+            NULL;
+    END CASE;
+    IF v_cont_action IS NULL OR btrim(v_cont_action) = '' THEN
+        PERFORM _raise('invalid_argument', 'continuation is required: the action that resumes your work once the subtasks are done');
+    END IF;
+    v_expansion := _unwrap(_expand_steps(subtasks));
+    -- SPEC §13: once rewired, whatever waited for this step waits for the continuation, which
+    -- waits for the subtasks; a subtask depending on any of those would wait for itself.
+    SELECT x.dep INTO v_cycle_dep
+      FROM (SELECT DISTINCT e::bigint AS dep
+              FROM jsonb_array_elements(v_expansion -> 'nodes') n,
+                   jsonb_array_elements_text(n -> 'existing_deps') e) x
+     WHERE EXISTS (SELECT 1 FROM steps o WHERE o.id = x.dep AND o.campaign_id = s.campaign_id)
+       AND _newest_continuation(x.dep) IN (SELECT _steps_waiting_for(s.id))
+     ORDER BY x.dep
+     LIMIT 1;
+    IF v_cycle_dep IS NOT NULL THEN
+        PERFORM _raise('cycle', format(
+            'a subtask depends on step %s, which waits for step %s; once the continuation takes step %s''s place they would wait for each other forever. A subtask cannot depend on work that waits for its spawner: drop that dependency',
+            v_cycle_dep, s.id, s.id));
+    END IF;
+
+    -- New work first, so the campaign never looks drained in between.
+    v_spawned := _insert_steps(c, v_expansion, s.id, s.depth + 1, c.max_depth);
+    SELECT array_agg(x::bigint) INTO v_subtask_ids FROM jsonb_array_elements_text(v_spawned -> 'step_ids') x;
+
+    INSERT INTO steps (campaign_id, parent_id, depth, position, action, agent, step_type, failure_policy,
+                       remaining_deps, input, fingerprint, continuation_of, max_attempts, requires_locks, verify,
+                       created_at)
+    -- The continuation finishes the spawner's work, so the spawner's check (SPEC §17) is its.
+    VALUES (s.campaign_id, s.parent_id, s.depth, s.position, v_cont_action, coalesce(v_cont_agent, s.agent), 'atomic',
+            s.failure_policy,
+            (SELECT count(*) FROM steps WHERE id = ANY (v_subtask_ids) AND status <> 'done'),
+            coalesce(v_cont_input, s.input),
+            _step_fingerprint(v_cont_action, coalesce(v_cont_agent, s.agent), coalesce(v_cont_input, s.input)),
+            s.id, s.max_attempts, s.requires_locks, s.verify, _clock())
+    RETURNING id INTO v_cont;
+    INSERT INTO step_dependencies (campaign_id, step_id, depends_on)
+    SELECT s.campaign_id, v_cont, x FROM unnest(v_subtask_ids) x;
+    -- Everything that waited for the spawner now waits for the continuation.
+    UPDATE step_dependencies SET depends_on = v_cont WHERE depends_on = s.id;
+    PERFORM _bump_counters(s.campaign_id, 1, 0, 0);
+    PERFORM _unblocked(s.campaign_id, ARRAY[v_cont]);
+
+    -- The spawner is done but hands its place among its parent's members to the continuation,
+    -- so it is neither counted by the parent nor releases anyone.
+    UPDATE steps
+       SET status = 'done', output = coalesce(partial_output, ''), continued_by = v_cont,
+           duration_ms = (extract(epoch FROM _clock() - s.claimed_at) * 1000)::bigint,
+           completed_at = _clock(), claim_token = NULL, lease_expires_at = NULL
+     WHERE id = s.id;
+    PERFORM _leave_running(s.campaign_id, s.id, s.claimed_at, s.requires_locks, p_open => -1);
+    PERFORM _emit(s.campaign_id, s.id, 'step.spliced', jsonb_build_object(
+        'subtask_ids', to_jsonb(v_subtask_ids), 'continuation_id', v_cont));
+    RETURN jsonb_build_object('step_id', s.id, 'status', 'done', 'subtask_ids', to_jsonb(v_subtask_ids),
+                              'continuation_id', v_cont, 'keys', v_spawned -> 'keys',
+                              'duplicates', v_spawned -> 'duplicates');
+END
+$$;
