@@ -14,6 +14,8 @@ use serde_json::Value;
 use sortie_mcp::embedded::{find_bin_dir, running_as_root, Cluster};
 use tokio_postgres::{Client, NoTls};
 
+pub mod citus;
+
 const TEMPLATE: &str = "sortie_template";
 
 struct Shared {
