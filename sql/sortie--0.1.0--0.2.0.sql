@@ -469,6 +469,18 @@ CREATE OR REPLACE FUNCTION _lock_mode(p_entry text) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT CASE WHEN starts_with(p_entry, 'shared:') THEN 'shared' ELSE 'exclusive' END $$;
 
+CREATE OR REPLACE FUNCTION _locks_busy(p_locks text[], p_step bigint) RETURNS boolean
+LANGUAGE sql STABLE
+AS $$
+    SELECT cardinality(p_locks) > 0 AND EXISTS (
+        SELECT 1
+          FROM unnest(p_locks) e
+          JOIN resource_leases l
+            ON (l.key = _lock_key(e) OR starts_with(l.key, _lock_key(e) || '/') OR starts_with(_lock_key(e), l.key || '/'))
+         WHERE (p_step IS NULL OR l.step_id <> p_step) AND l.expires_at > _clock()
+           AND NOT (l.mode = 'shared' AND _lock_mode(e) = 'shared'));
+$$;
+
 CREATE OR REPLACE FUNCTION _take_locks(p_step bigint, p_campaign uuid, p_locks text[], p_expires timestamptz)
 RETURNS boolean
 LANGUAGE plpgsql VOLATILE
@@ -482,13 +494,7 @@ BEGIN
     FOR v_root IN SELECT DISTINCT split_part(_lock_key(e), '/', 1) AS r FROM unnest(p_locks) e ORDER BY r LOOP
         PERFORM pg_advisory_xact_lock(hashtextextended('sortie.lock:' || v_root, 0));
     END LOOP;
-    IF EXISTS (
-        SELECT 1
-          FROM unnest(p_locks) e
-          JOIN resource_leases l
-            ON (l.key = _lock_key(e) OR starts_with(l.key, _lock_key(e) || '/') OR starts_with(_lock_key(e), l.key || '/'))
-         WHERE l.step_id <> p_step AND l.expires_at > _clock()
-           AND NOT (l.mode = 'shared' AND _lock_mode(e) = 'shared')) THEN
+    IF _locks_busy(p_locks, p_step) THEN
         RETURN false;
     END IF;
     INSERT INTO resource_leases (key, mode, campaign_id, step_id, expires_at)
@@ -579,10 +585,7 @@ AS $$
        AND ($1 IS NULL OR s.campaign_id = $1)
        AND ($2 IS NULL OR s.agent IS NULL OR s.agent = $2)
        AND c.status = 'active' AND (c.token_budget IS NULL OR c.tokens_used < c.token_budget)
-       AND NOT EXISTS (
-           SELECT 1 FROM unnest(s.requires_locks) e JOIN resource_leases l
-             ON (l.key = _lock_key(e) OR starts_with(l.key, _lock_key(e) || '/') OR starts_with(_lock_key(e), l.key || '/'))
-            WHERE l.expires_at > _clock() AND NOT (l.mode = 'shared' AND _lock_mode(e) = 'shared'))
+       AND NOT _locks_busy(s.requires_locks, NULL)
      ORDER BY c.slot_seconds_used / c.weight, s.id
      LIMIT greatest($3, 0);
 $$;
@@ -1466,10 +1469,7 @@ AS $$
                    WHEN c.token_budget IS NOT NULL AND c.tokens_used >= c.token_budget THEN 'budget'
                    WHEN c.max_parallel IS NOT NULL AND c.running_steps >= c.max_parallel THEN 'max_parallel'
                    WHEN s.not_before > _clock() THEN 'backoff'
-                   WHEN EXISTS (
-                       SELECT 1 FROM unnest(s.requires_locks) e JOIN resource_leases l
-                         ON (l.key = _lock_key(e) OR starts_with(l.key, _lock_key(e) || '/') OR starts_with(_lock_key(e), l.key || '/'))
-                        WHERE l.expires_at > _clock() AND NOT (l.mode = 'shared' AND _lock_mode(e) = 'shared')) THEN 'locks'
+                   WHEN _locks_busy(s.requires_locks, NULL) THEN 'locks'
                    ELSE 'claimable' END AS held_by
           FROM steps s JOIN campaigns c ON c.id = s.campaign_id
          WHERE s.status = 'pending' AND s.step_type = 'atomic' AND s.remaining_deps = 0

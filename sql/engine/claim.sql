@@ -318,10 +318,7 @@ AS $$
                    WHEN c.token_budget IS NOT NULL AND c.tokens_used >= c.token_budget THEN 'budget'
                    WHEN c.max_parallel IS NOT NULL AND c.running_steps >= c.max_parallel THEN 'max_parallel'
                    WHEN s.not_before > _clock() THEN 'backoff'
-                   WHEN EXISTS (
-                       SELECT 1 FROM unnest(s.requires_locks) e JOIN resource_leases l
-                         ON (l.key = _lock_key(e) OR starts_with(l.key, _lock_key(e) || '/') OR starts_with(_lock_key(e), l.key || '/'))
-                        WHERE l.expires_at > _clock() AND NOT (l.mode = 'shared' AND _lock_mode(e) = 'shared')) THEN 'locks'
+                   WHEN _locks_busy(s.requires_locks, NULL) THEN 'locks'
                    ELSE 'claimable' END AS held_by
           FROM steps s JOIN campaigns c ON c.id = s.campaign_id
          WHERE s.status = 'pending' AND s.step_type = 'atomic' AND s.remaining_deps = 0

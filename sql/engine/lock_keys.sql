@@ -13,6 +13,21 @@ CREATE FUNCTION _lock_mode(p_entry text) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT CASE WHEN starts_with(p_entry, 'shared:') THEN 'shared' ELSE 'exclusive' END $$;
 
+-- Whether any of `p_locks` (entries as in requires_locks) conflicts with a live lease held by
+-- a step other than `p_step` (NULL: any step): the one conflict test of take_locks,
+-- ready_steps and dispatch_blockers.
+CREATE FUNCTION _locks_busy(p_locks text[], p_step bigint) RETURNS boolean
+LANGUAGE sql STABLE
+AS $$
+    SELECT cardinality(p_locks) > 0 AND EXISTS (
+        SELECT 1
+          FROM unnest(p_locks) e
+          JOIN resource_leases l
+            ON (l.key = _lock_key(e) OR starts_with(l.key, _lock_key(e) || '/') OR starts_with(_lock_key(e), l.key || '/'))
+         WHERE (p_step IS NULL OR l.step_id <> p_step) AND l.expires_at > _clock()
+           AND NOT (l.mode = 'shared' AND _lock_mode(e) = 'shared'));
+$$;
+
 -- Takes a step's lock keys if all are free; false (and nothing taken) otherwise. Keys are
 -- shared across campaigns, so their roots are serialised with advisory locks, in sorted order.
 CREATE FUNCTION _take_locks(p_step bigint, p_campaign uuid, p_locks text[], p_expires timestamptz)
@@ -28,13 +43,7 @@ BEGIN
     FOR v_root IN SELECT DISTINCT split_part(_lock_key(e), '/', 1) AS r FROM unnest(p_locks) e ORDER BY r LOOP
         PERFORM pg_advisory_xact_lock(hashtextextended('sortie.lock:' || v_root, 0));
     END LOOP;
-    IF EXISTS (
-        SELECT 1
-          FROM unnest(p_locks) e
-          JOIN resource_leases l
-            ON (l.key = _lock_key(e) OR starts_with(l.key, _lock_key(e) || '/') OR starts_with(_lock_key(e), l.key || '/'))
-         WHERE l.step_id <> p_step AND l.expires_at > _clock()
-           AND NOT (l.mode = 'shared' AND _lock_mode(e) = 'shared')) THEN
+    IF _locks_busy(p_locks, p_step) THEN
         RETURN false;
     END IF;
     INSERT INTO resource_leases (key, mode, campaign_id, step_id, expires_at)

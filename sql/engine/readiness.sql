@@ -80,10 +80,7 @@ AS $$
        AND ($1 IS NULL OR s.campaign_id = $1)
        AND ($2 IS NULL OR s.agent IS NULL OR s.agent = $2)
        AND c.status = 'active' AND (c.token_budget IS NULL OR c.tokens_used < c.token_budget)
-       AND NOT EXISTS (
-           SELECT 1 FROM unnest(s.requires_locks) e JOIN resource_leases l
-             ON (l.key = _lock_key(e) OR starts_with(l.key, _lock_key(e) || '/') OR starts_with(_lock_key(e), l.key || '/'))
-            WHERE l.expires_at > _clock() AND NOT (l.mode = 'shared' AND _lock_mode(e) = 'shared'))
+       AND NOT _locks_busy(s.requires_locks, NULL)
      ORDER BY c.slot_seconds_used / c.weight, s.id
      LIMIT greatest($3, 0);
 $$;
