@@ -1,6 +1,14 @@
 //! Every environment variable (SPEC §9), parsed and validated once at start. A bad value is a
 //! start-up error that names the variable.
+//!
+//! This is the only module that reads the process environment (a test below keeps it so): a
+//! service's settings go into [`Config`], `--http`'s into `http::HttpSettings` (through
+//! [`var`]), and the machine's and the terminal's (where files live, logs, colour, the stdio
+//! request limit) into [`Env`]. Other modules take the values as arguments.
 
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
@@ -118,7 +126,7 @@ impl Config {
     }
 
     pub fn from_env() -> Result<Config> {
-        Self::from_vars(&|name| std::env::var(name).ok())
+        Self::from_vars(&var)
     }
 
     /// The configuration from any source of variables; unset and empty are the same.
@@ -266,7 +274,9 @@ impl Config {
             stub_ai: match var("USE_STUB_AI_CLIENT").as_deref().map(str::trim) {
                 None | Some("") | Some("false") | Some("0") => false,
                 Some("true") | Some("1") => true,
-                Some(other) => bail!("USE_STUB_AI_CLIENT={other:?} is invalid: expected true or false"),
+                Some(other) => {
+                    bail!("USE_STUB_AI_CLIENT={other:?} is invalid: expected true or false")
+                }
             },
         };
         if config.dispatch == Dispatch::Http && config.runtime_url.is_none() {
@@ -276,6 +286,83 @@ impl Config {
             bail!("SORTIE_DISPATCH=command needs SORTIE_AGENT_COMMAND");
         }
         Ok(config)
+    }
+}
+
+/// One variable of this process's environment; `None` when unset or not UTF-8. The source of
+/// [`Config::from_env`] and `http::HttpSettings::from_env`, and of the runner's own variables
+/// an agent is given (SPEC §15: the allow-list and SORTIE_AGENT_ENV, `agent::agent_env`).
+pub fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// The variables that describe the machine and the terminal rather than a service: where
+/// files live, how logs and colour look, the stdio request limit, the demo's agent. Read from
+/// the process environment once, on first use ([`Env::get`]); tests build a [`Config`] from a
+/// map, while these stay the process's own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Env {
+    /// `SORTIE_DATA_DIR`, a directory, taken as given: the embedded cluster's home. Unset:
+    /// `$XDG_DATA_HOME/sortie`, `$HOME/.local/share/sortie`, or `/var/lib/sortie` for root
+    /// (`embedded::default_root`).
+    pub data_dir: Option<PathBuf>,
+    /// `XDG_DATA_HOME`, a directory (empty counts as unset): base of the default data and
+    /// model directories. Unset: `$HOME/.local/share`.
+    pub xdg_data_home: Option<PathBuf>,
+    /// `HOME`, a directory: base of the default data and model directories when
+    /// `XDG_DATA_HOME` is unset. No default.
+    pub home: Option<PathBuf>,
+    /// `SORTIE_PG_BIN`, a directory with `initdb` and `pg_ctl` (empty counts as unset). Unset:
+    /// `pg_config --bindir`, then `/usr/lib/postgresql/15/bin` (`embedded::bin_dir`).
+    pub pg_bin: Option<PathBuf>,
+    /// `SORTIE_MODEL_DIR`, a directory with the offline embedder's `model.safetensors` and
+    /// `tokenizer.json`, tried first. Unset: the data directories' `sortie/models/…`
+    /// (`embed::minilm::find_model_dir`).
+    pub model_dir: Option<PathBuf>,
+    /// `SORTIE_DEMO_AGENT`, a file: the agent script `sortie-runner demo` runs. Unset:
+    /// `examples/demo-agent.sh` of the source tree.
+    pub demo_agent: Option<PathBuf>,
+    /// `NO_COLOR` set to anything but the empty string: `sortie` never colours. Default
+    /// (unset or empty): colour on a terminal.
+    pub no_color: bool,
+    /// `RUST_LOG`, a full tracing filter, as given. Unset (or not UTF-8 or not a valid
+    /// filter): `LOG_LEVEL` decides.
+    pub rust_log: Option<String>,
+    /// `LOG_LEVEL`: Sortie's own log level when `RUST_LOG` is unset (error, warn, info,
+    /// debug, trace; anything else: info, `crate::log_filter`).
+    pub log_level: Option<String>,
+    /// `SORTIE_MAX_REQUEST_BYTES`, in bytes: the longest JSON-RPC request line `sortie-mcp`
+    /// takes on stdio. Default 16777216 (`transport::DEFAULT_MAX_LINE_BYTES`), also when the
+    /// value is not a positive whole number.
+    pub max_request_bytes: usize,
+}
+
+impl Env {
+    /// The process's own, read once.
+    pub fn get() -> &'static Env {
+        static ENV: OnceLock<Env> = OnceLock::new();
+        ENV.get_or_init(|| Env::from_vars(&|name| std::env::var_os(name)))
+    }
+
+    /// From any source of variables (a map in tests).
+    pub fn from_vars(var_os: &dyn Fn(&str) -> Option<OsString>) -> Env {
+        let var = |name: &str| var_os(name).and_then(|v| v.into_string().ok());
+        let non_empty = |v: &OsString| !v.is_empty();
+        Env {
+            data_dir: var_os("SORTIE_DATA_DIR").map(PathBuf::from),
+            xdg_data_home: var_os("XDG_DATA_HOME").filter(non_empty).map(PathBuf::from),
+            home: var_os("HOME").map(PathBuf::from),
+            pg_bin: var_os("SORTIE_PG_BIN").filter(non_empty).map(PathBuf::from),
+            model_dir: var_os("SORTIE_MODEL_DIR").map(PathBuf::from),
+            demo_agent: var_os("SORTIE_DEMO_AGENT").map(PathBuf::from),
+            no_color: var_os("NO_COLOR").is_some_and(|v| !v.is_empty()),
+            rust_log: var("RUST_LOG"),
+            log_level: var("LOG_LEVEL"),
+            max_request_bytes: var("SORTIE_MAX_REQUEST_BYTES")
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .filter(|n| *n > 0)
+                .unwrap_or(crate::transport::DEFAULT_MAX_LINE_BYTES),
+        }
     }
 }
 
@@ -448,6 +535,107 @@ mod tests {
                 "{name} is read but missing from ENV_VARS (the --help table)"
             );
         }
+    }
+
+    #[test]
+    fn every_variable_env_reads_is_in_the_help_table() {
+        let asked = std::cell::RefCell::new(Vec::new());
+        let _ = Env::from_vars(&|name| {
+            asked.borrow_mut().push(name.to_string());
+            None
+        });
+        let asked = asked.into_inner();
+        assert!(asked.contains(&"SORTIE_PG_BIN".to_string()), "{asked:?}");
+        for name in asked.iter().filter(|n| *n != "HOME") {
+            assert!(
+                ENV_VARS.iter().any(|v| v.name == name),
+                "{name} is read but missing from ENV_VARS (the --help table)"
+            );
+        }
+    }
+
+    fn env_of(vars: &[(&str, &str)]) -> Env {
+        Env::from_vars(&|name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| OsString::from(v))
+        })
+    }
+
+    #[test]
+    fn env_defaults_and_empty_values() {
+        let none = env_of(&[]);
+        assert_eq!(
+            none.max_request_bytes,
+            crate::transport::DEFAULT_MAX_LINE_BYTES
+        );
+        assert!(!none.no_color && none.data_dir.is_none() && none.pg_bin.is_none());
+        // NO_COLOR, XDG_DATA_HOME and SORTIE_PG_BIN count only when not empty.
+        let empty = env_of(&[
+            ("NO_COLOR", ""),
+            ("XDG_DATA_HOME", ""),
+            ("SORTIE_PG_BIN", ""),
+        ]);
+        assert!(!empty.no_color && empty.xdg_data_home.is_none() && empty.pg_bin.is_none());
+        assert!(env_of(&[("NO_COLOR", "1")]).no_color);
+        for bad in ["0", "-5", "lots"] {
+            let e = env_of(&[("SORTIE_MAX_REQUEST_BYTES", bad)]);
+            assert_eq!(
+                e.max_request_bytes,
+                crate::transport::DEFAULT_MAX_LINE_BYTES,
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            env_of(&[("SORTIE_MAX_REQUEST_BYTES", " 1000 ")]).max_request_bytes,
+            1000
+        );
+        let dirs = env_of(&[
+            ("SORTIE_DATA_DIR", "/d"),
+            ("SORTIE_MODEL_DIR", "/m"),
+            ("HOME", "/h"),
+        ]);
+        assert_eq!(dirs.data_dir, Some(PathBuf::from("/d")));
+        assert_eq!(dirs.model_dir, Some(PathBuf::from("/m")));
+        assert_eq!(dirs.home, Some(PathBuf::from("/h")));
+    }
+
+    /// The environment is read here and nowhere else in sortie_mcp (binaries included): any
+    /// other module takes the values as arguments.
+    #[test]
+    fn no_other_source_file_reads_the_environment() {
+        fn walk(dir: &std::path::Path, found: &mut Vec<String>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    walk(&path, found);
+                } else if path.extension().is_some_and(|e| e == "rs")
+                    && path.file_name().is_some_and(|n| n != "config.rs")
+                {
+                    let text = std::fs::read_to_string(&path).unwrap();
+                    for (n, line) in text.lines().enumerate() {
+                        // std::env::var, var_os, vars, vars_os; tracing's own readers.
+                        let reads = ["env::var", "var_os(", "try_from_env", "from_default_env"];
+                        if reads.iter().any(|r| line.contains(r)) {
+                            found.push(format!("{}:{}: {}", path.display(), n + 1, line.trim()));
+                        }
+                    }
+                }
+            }
+        }
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut found = Vec::new();
+        walk(&src, &mut found);
+        assert!(
+            src.join("config.rs").is_file(),
+            "the walk looks at {}",
+            src.display()
+        );
+        assert!(
+            found.is_empty(),
+            "the environment is read outside config.rs; read it there and pass the value:\n{}",
+            found.join("\n")
+        );
     }
 
     #[test]

@@ -9,8 +9,8 @@ use serde_json::Value;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::NoTls;
 
-use crate::config::Config;
-use crate::embedded::{default_root, find_bin_dir, Cluster};
+use crate::config::{Config, Env};
+use crate::embedded::{bin_dir, default_root, Cluster};
 
 /// The embedded default's database.
 pub const EMBEDDED_DATABASE: &str = "sortie";
@@ -27,7 +27,8 @@ pub fn resolve_connection_string(config: &Config) -> Result<String> {
     if let Some(url) = &config.database_url {
         return Ok(url.clone());
     }
-    let cluster = Cluster::new(default_root()?, find_bin_dir()?);
+    let env = Env::get();
+    let cluster = Cluster::new(default_root(env)?, bin_dir(env.pg_bin.as_deref())?);
     cluster
         .ensure_running()
         .context("starting the embedded PostgreSQL cluster")?;

@@ -4,19 +4,19 @@
 //! back-end. The agent fans out, splices and leaves notes through `sortie-mcp`. With
 //! LITELLM_URL set the planner may grow the campaign further.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
-use crate::config::{Config, Dispatch};
+use crate::config::{Config, Dispatch, Env};
 use crate::db::Db;
 use crate::runner::Runner;
 
 pub async fn run(db: Db, mut config: Config, shutdown: watch::Receiver<bool>) -> Result<()> {
-    let agent = demo_agent()?;
+    let agent = demo_agent(Env::get().demo_agent.as_deref())?;
     config.dispatch = Dispatch::Command;
     config.agent_command = Some(shell_words::quote(&agent.to_string_lossy()).into_owned());
     config.zombie_timeout = Duration::from_secs(120);
@@ -105,10 +105,11 @@ pub async fn run(db: Db, mut config: Config, shutdown: watch::Receiver<bool>) ->
     Ok(())
 }
 
-/// The bundled agent script: next to the binaries' source tree, or where SORTIE_DEMO_AGENT says.
-fn demo_agent() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("SORTIE_DEMO_AGENT") {
-        return Ok(PathBuf::from(path));
+/// The bundled agent script: where SORTIE_DEMO_AGENT says (`chosen`), or next to the
+/// binaries' source tree.
+fn demo_agent(chosen: Option<&Path>) -> Result<PathBuf> {
+    if let Some(path) = chosen {
+        return Ok(path.to_path_buf());
     }
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/demo-agent.sh");
     path.canonicalize()

@@ -14,6 +14,8 @@ use std::process::{Command, Output};
 
 use anyhow::{bail, Context, Result};
 
+use crate::config::Env;
+
 const SETUP_HINT: &str =
     "run scripts/setup to install PostgreSQL 15, pgvector and the sortie extension";
 const SERVER_USER: &str = "postgres";
@@ -33,29 +35,37 @@ pub fn running_as_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// The embedded default's home: `$XDG_DATA_HOME/sortie`, `~/.local/share/sortie`, or for
-/// root `/var/lib/sortie`.
-pub fn default_root() -> Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("SORTIE_DATA_DIR") {
-        return Ok(PathBuf::from(dir));
+/// The embedded default's home: `SORTIE_DATA_DIR`, else `$XDG_DATA_HOME/sortie`,
+/// `~/.local/share/sortie`, or for root `/var/lib/sortie`.
+pub fn default_root(env: &Env) -> Result<PathBuf> {
+    if let Some(dir) = &env.data_dir {
+        return Ok(dir.clone());
     }
     if running_as_root() {
         return Ok(PathBuf::from("/var/lib/sortie"));
     }
-    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
-        return Ok(PathBuf::from(xdg).join("sortie"));
+    if let Some(xdg) = &env.xdg_data_home {
+        return Ok(xdg.join("sortie"));
     }
-    let home = std::env::var_os("HOME").context("neither XDG_DATA_HOME nor HOME is set")?;
-    Ok(PathBuf::from(home).join(".local/share/sortie"))
+    let home = env
+        .home
+        .as_ref()
+        .context("neither XDG_DATA_HOME nor HOME is set")?;
+    Ok(home.join(".local/share/sortie"))
 }
 
-/// The PostgreSQL server binaries: `SORTIE_PG_BIN`, else `pg_config --bindir`, else Debian's
-/// PostgreSQL 15 location.
+/// The PostgreSQL server binaries of this process: [`bin_dir`] with its `SORTIE_PG_BIN`.
 pub fn find_bin_dir() -> Result<PathBuf> {
+    bin_dir(Env::get().pg_bin.as_deref())
+}
+
+/// The PostgreSQL server binaries: `pg_bin` (`SORTIE_PG_BIN`), else `pg_config --bindir`, else
+/// Debian's PostgreSQL 15 location.
+pub fn bin_dir(pg_bin: Option<&Path>) -> Result<PathBuf> {
     let has_server = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
     // A directory named on purpose that is wrong is a start-up error, not a silent fallback.
-    if let Some(dir) = std::env::var_os("SORTIE_PG_BIN").filter(|d| !d.is_empty()) {
-        let dir = PathBuf::from(dir);
+    if let Some(dir) = pg_bin {
+        let dir = dir.to_path_buf();
         if !has_server(&dir) {
             bail!(
                 "SORTIE_PG_BIN={:?} is invalid: expected a directory with initdb and pg_ctl, such as /usr/lib/postgresql/15/bin",

@@ -91,7 +91,7 @@ fn list(raw: Option<String>) -> Vec<String> {
 
 impl HttpSettings {
     pub fn from_env() -> Result<HttpSettings> {
-        Self::from_vars(&|name| std::env::var(name).ok())
+        Self::from_vars(&crate::config::var)
     }
 
     pub fn from_vars(get: &dyn Fn(&str) -> Option<String>) -> Result<HttpSettings> {

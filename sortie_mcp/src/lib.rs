@@ -30,10 +30,14 @@ pub const VERSION: &str = concat!(
 /// Logs go to stderr only: stdout carries nothing but JSON-RPC (SPEC §5). `RUST_LOG` is a full
 /// filter; the seed's `LOG_LEVEL` (error, warn, info, debug, trace) sets Sortie's own level
 /// when `RUST_LOG` is unset.
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(log_filter(std::env::var("LOG_LEVEL").ok().as_deref()))
-    });
+pub fn init_logging(env: &config::Env) {
+    let filter = env
+        .rust_log
+        .as_deref()
+        .and_then(|filter| tracing_subscriber::EnvFilter::try_new(filter).ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::EnvFilter::new(log_filter(env.log_level.as_deref()))
+        });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

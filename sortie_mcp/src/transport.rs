@@ -46,14 +46,10 @@ impl LineTransport {
         LineTransport { incoming, writer }
     }
 
-    /// stdin and stdout, with the limit from `SORTIE_MAX_REQUEST_BYTES` or the default.
-    pub fn stdio() -> LineTransport {
-        let limit = std::env::var("SORTIE_MAX_REQUEST_BYTES")
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .filter(|n| *n > 0)
-            .unwrap_or(DEFAULT_MAX_LINE_BYTES);
-        LineTransport::new(tokio::io::stdin(), tokio::io::stdout(), limit)
+    /// stdin and stdout, with the limit `SORTIE_MAX_REQUEST_BYTES` sets
+    /// (`config::Env::max_request_bytes`).
+    pub fn stdio(max_line_bytes: usize) -> LineTransport {
+        LineTransport::new(tokio::io::stdin(), tokio::io::stdout(), max_line_bytes)
     }
 }
 

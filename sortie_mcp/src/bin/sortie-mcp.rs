@@ -31,7 +31,7 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    sortie_mcp::init_logging();
+    sortie_mcp::init_logging(sortie_mcp::config::Env::get());
     let config = Config::from_env()?;
     let server = SortieServer::new(config);
     if let Some(addr) = cli.http {
@@ -42,7 +42,9 @@ async fn main() -> anyhow::Result<()> {
     server.connect_now().await?;
     // Sortie's own framing: every request line is answered, even one rmcp could not decode.
     let service = server
-        .serve(sortie_mcp::transport::LineTransport::stdio())
+        .serve(sortie_mcp::transport::LineTransport::stdio(
+            sortie_mcp::config::Env::get().max_request_bytes,
+        ))
         .await?;
     service.waiting().await?;
     Ok(())

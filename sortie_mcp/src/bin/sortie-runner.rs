@@ -38,7 +38,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    sortie_mcp::init_logging();
+    sortie_mcp::init_logging(sortie_mcp::config::Env::get());
     let config = Config::from_env()?;
     let db = Db::connect(&config).await?;
     let (stop, shutdown) = watch::channel(false);

@@ -7,7 +7,7 @@ use clap::Parser;
 async fn main() -> std::process::ExitCode {
     default_sigpipe();
     let cli = sortie_mcp::cli::Cli::parse();
-    sortie_mcp::init_logging();
+    sortie_mcp::init_logging(sortie_mcp::config::Env::get());
     sortie_mcp::cli::run(cli).await
 }
 

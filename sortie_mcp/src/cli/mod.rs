@@ -169,8 +169,8 @@ pub enum GraphFormat {
 }
 
 /// Colour only on a terminal, and never with NO_COLOR set (no-color.org).
-pub fn use_colour(is_terminal: bool, no_colour: Option<&std::ffi::OsStr>) -> bool {
-    is_terminal && no_colour.is_none_or(|v| v.is_empty())
+pub fn use_colour(is_terminal: bool, no_colour: bool) -> bool {
+    is_terminal && !no_colour
 }
 
 /// How the command failed: a refusal of ours or the extension's, with its stable code.
@@ -215,7 +215,7 @@ pub async fn run(cli: Cli) -> ExitCode {
     let json_mode = cli.json;
     let colour = use_colour(
         std::io::stdout().is_terminal(),
-        std::env::var_os("NO_COLOR").as_deref(),
+        crate::config::Env::get().no_color,
     );
     match execute(cli, colour).await {
         Ok(code) => code,
@@ -567,10 +567,18 @@ mod tests {
 
     #[test]
     fn colour_only_on_a_terminal_and_never_with_no_color() {
-        assert!(use_colour(true, None));
-        assert!(!use_colour(false, None));
-        assert!(!use_colour(true, Some(std::ffi::OsStr::new("1"))));
-        assert!(use_colour(true, Some(std::ffi::OsStr::new(""))));
+        let no_color = |value: Option<&str>| {
+            crate::config::Env::from_vars(&|name| {
+                (name == "NO_COLOR")
+                    .then(|| value.map(Into::into))
+                    .flatten()
+            })
+            .no_color
+        };
+        assert!(use_colour(true, no_color(None)));
+        assert!(!use_colour(false, no_color(None)));
+        assert!(!use_colour(true, no_color(Some("1"))));
+        assert!(use_colour(true, no_color(Some(""))));
     }
 
     #[test]

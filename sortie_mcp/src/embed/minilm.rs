@@ -12,6 +12,8 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config, DTYPE};
 use tokenizers::{PaddingParams, Tokenizer, TruncationParams};
 
+use crate::config::Env;
+
 pub const MODEL_NAME: &str = "all-MiniLM-L6-v2";
 const MAX_TOKENS: usize = 256;
 
@@ -23,20 +25,16 @@ pub struct MiniLm {
 
 /// Where the model files are looked for: SORTIE_MODEL_DIR, the per-user data directory, then
 /// the system-wide one scripts/setup fills when run as root.
-pub fn find_model_dir() -> Option<PathBuf> {
+pub fn find_model_dir(env: &Env) -> Option<PathBuf> {
     let mut candidates = Vec::new();
-    if let Some(dir) = std::env::var_os("SORTIE_MODEL_DIR") {
-        candidates.push(PathBuf::from(dir));
+    if let Some(dir) = &env.model_dir {
+        candidates.push(dir.clone());
     }
-    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
-        candidates.push(PathBuf::from(xdg).join("sortie/models").join(MODEL_NAME));
+    if let Some(xdg) = &env.xdg_data_home {
+        candidates.push(xdg.join("sortie/models").join(MODEL_NAME));
     }
-    if let Some(home) = std::env::var_os("HOME") {
-        candidates.push(
-            PathBuf::from(home)
-                .join(".local/share/sortie/models")
-                .join(MODEL_NAME),
-        );
+    if let Some(home) = &env.home {
+        candidates.push(home.join(".local/share/sortie/models").join(MODEL_NAME));
     }
     candidates.push(PathBuf::from("/usr/local/share/sortie/models").join(MODEL_NAME));
     candidates

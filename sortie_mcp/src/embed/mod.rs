@@ -13,7 +13,7 @@ use std::sync::{Arc, OnceLock};
 
 use tracing::warn;
 
-use crate::config::Config;
+use crate::config::{Config, Env};
 pub use background::BackgroundEmbedder;
 pub use hashing::HashingEmbedder;
 pub use http::HttpEmbedder;
@@ -46,7 +46,7 @@ fn shared_minilm() -> Option<Arc<MiniLm>> {
     static MODEL: OnceLock<Option<Arc<MiniLm>>> = OnceLock::new();
     MODEL
         .get_or_init(|| {
-            let dir = minilm::find_model_dir()?;
+            let dir = minilm::find_model_dir(Env::get())?;
             match MiniLm::load(&dir) {
                 Ok(model) => Some(Arc::new(model)),
                 Err(e) => {
@@ -71,7 +71,8 @@ impl Embedder {
             _ => None,
         };
         // MiniLM's vectors have 384 dimensions; another configured dimension keeps hashing.
-        let offline = if config.embedding_dim == 384 && minilm::find_model_dir().is_some() {
+        let installed = || minilm::find_model_dir(Env::get()).is_some();
+        let offline = if config.embedding_dim == 384 && installed() {
             Offline::MiniLm
         } else {
             Offline::Hashing(HashingEmbedder::new(config.embedding_dim as usize))

@@ -298,7 +298,7 @@ impl Job {
             &self.session(),
             &self.config,
             &self.agent_connection(),
-            &|name| std::env::var(name).ok(),
+            &crate::config::var,
         )
     }
 
