@@ -169,8 +169,8 @@ CREATE TABLE campaigns (
     running_steps       nonneg_int NOT NULL DEFAULT 0,
     ready_steps         nonneg_int NOT NULL DEFAULT 0,
     -- No ready step of the campaign has a lower id (SPEC §18): claims scan `steps_ready` from
-    -- here, past the entries finished history left behind. Raised by claims, lowered by the
-    -- trigger `steps_lower_ready_floor` whenever a step becomes ready again.
+    -- here, past the entries finished history left behind. Raised by claims, lowered by
+    -- _lower_ready_floor() in every rule that makes a step ready again (readiness.sql).
     ready_floor         bigint NOT NULL DEFAULT 0,
     next_action_at      timestamptz,
     created_at          timestamptz NOT NULL DEFAULT now(),
@@ -248,22 +248,6 @@ CREATE TABLE steps (
 -- The ready set (SPEC §10): small, partial, ordered the way claims take it.
 CREATE INDEX steps_ready ON steps (campaign_id, id)
     WHERE status = 'pending' AND step_type = 'atomic' AND remaining_deps = 0;
--- A step becoming ready through an update (dependencies met, a retry, a release, a reset)
--- lowers its campaign's ready_floor to its id; an inserted step needs nothing, as its id is
--- above every existing one. The WHEN clause keeps the trigger off every other update.
-CREATE FUNCTION _lower_ready_floor() RETURNS trigger
-LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
-AS $$
-BEGIN
-    UPDATE campaigns SET ready_floor = NEW.id WHERE id = NEW.campaign_id AND ready_floor > NEW.id;
-    RETURN NULL;
-END
-$$;
-CREATE TRIGGER steps_lower_ready_floor AFTER UPDATE ON steps FOR EACH ROW
-    WHEN (NEW.status = 'pending' AND NEW.step_type = 'atomic' AND NEW.remaining_deps = 0
-          AND NOT (OLD.status = 'pending' AND OLD.step_type = 'atomic' AND OLD.remaining_deps = 0))
-    EXECUTE FUNCTION _lower_ready_floor();
 CREATE INDEX steps_running_lease ON steps (lease_expires_at) WHERE status = 'running' AND step_type = 'atomic';
 CREATE INDEX steps_dispatched ON steps (id) WHERE status = 'running' AND dispatched;
 CREATE INDEX steps_campaign ON steps (campaign_id, id);
@@ -292,7 +276,7 @@ CREATE TABLE events (
     tx          xid8 NOT NULL DEFAULT pg_current_xact_id(),
     -- Not a foreign key: its check would lock the campaign's row once more for every event,
     -- on a page every rule of that campaign is already working on; every rule holds the
-    -- campaign locked while it logs. Deleting a campaign deletes its events (trigger below).
+    -- campaign locked while it logs. prune() deletes a removed campaign's events.
     campaign_id uuid,
     step_id     bigint,
     kind        event_kind NOT NULL,
@@ -304,17 +288,6 @@ CREATE TABLE events (
 );
 CREATE INDEX events_campaign_order ON events (campaign_id, tx, id);
 
-CREATE FUNCTION _forget_campaign_events() RETURNS trigger
-LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
-AS $$
-BEGIN
-    DELETE FROM events WHERE campaign_id = OLD.id;
-    RETURN OLD;
-END
-$$;
-CREATE TRIGGER campaigns_forget_events AFTER DELETE ON campaigns
-    FOR EACH ROW EXECUTE FUNCTION _forget_campaign_events();
 
 CREATE TABLE cursors (
     consumer      text PRIMARY KEY CHECK (length(consumer) BETWEEN 1 AND 300),

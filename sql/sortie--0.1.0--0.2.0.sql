@@ -19,13 +19,16 @@ BEGIN
 END
 $head$;
 
--- 0.2.0 prefixes internal helpers with `_` (SPEC §15: the API apart). These four are used by a
--- column, constraints and a trigger, so they are renamed rather than dropped and recreated.
+-- 0.2.0 has no triggers (Citus distributes no table with one, docs/scale-out.md): prune()
+-- deletes a campaign's events itself. Its function goes with the other unused ones below.
+DROP TRIGGER campaigns_forget_events ON campaigns;
+
+-- 0.2.0 prefixes internal helpers with `_` (SPEC §15: the API apart). These three are used by a
+-- column and constraints, so they are renamed rather than dropped and recreated.
 ALTER FUNCTION priority_weight(text) RENAME TO _priority_weight;
 ALTER FUNCTION campaign_row_consistent(campaign_status, timestamptz) RENAME TO _campaign_row_consistent;
 ALTER FUNCTION step_row_consistent(step_status, step_type, timestamptz, uuid, integer, skip_cause)
     RENAME TO _step_row_consistent;
-ALTER FUNCTION forget_campaign_events() RENAME TO _forget_campaign_events;
 
 -- SPEC §17: benchmark runs; helper columns of the claim path (SPEC §18).
 ALTER TABLE campaigns
@@ -51,21 +54,6 @@ CREATE INDEX notifications_undelivered ON notifications (next_attempt_at) WHERE 
 CREATE INDEX steps_dispatched ON steps (id) WHERE status = 'running' AND dispatched;
 CREATE INDEX steps_continued_by ON steps (continued_by) WHERE continued_by IS NOT NULL;
 CREATE INDEX notes_step ON notes (step_id) WHERE step_id IS NOT NULL;
-
--- The ready floor (SPEC §18): the trigger needs its function before the functions follow.
-CREATE FUNCTION _lower_ready_floor() RETURNS trigger
-LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
-AS $$
-BEGIN
-    UPDATE campaigns SET ready_floor = NEW.id WHERE id = NEW.campaign_id AND ready_floor > NEW.id;
-    RETURN NULL;
-END
-$$;
-CREATE TRIGGER steps_lower_ready_floor AFTER UPDATE ON steps FOR EACH ROW
-    WHEN (NEW.status = 'pending' AND NEW.step_type = 'atomic' AND NEW.remaining_deps = 0
-          AND NOT (OLD.status = 'pending' AND OLD.step_type = 'atomic' AND OLD.remaining_deps = 0))
-    EXECUTE FUNCTION _lower_ready_floor();
 
 -- Functions of 0.1.0 that nothing depends on are dropped; the new ones follow.
 DO $drop$
@@ -146,28 +134,6 @@ BEGIN
        AND (p_claim_token IS NULL OR p_status IN ('running', 'skipped'))
        AND (p_step_type <> 'atomic' OR p_members = 0)
        AND (p_status <> 'skipped' OR p_skip_cause IS NOT NULL);
-END
-$$;
-
--- sql/bootstrap.sql
-CREATE OR REPLACE FUNCTION _lower_ready_floor() RETURNS trigger
-LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
-AS $$
-BEGIN
-    UPDATE campaigns SET ready_floor = NEW.id WHERE id = NEW.campaign_id AND ready_floor > NEW.id;
-    RETURN NULL;
-END
-$$;
-
--- sql/bootstrap.sql
-CREATE OR REPLACE FUNCTION _forget_campaign_events() RETURNS trigger
-LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
-AS $$
-BEGIN
-    DELETE FROM events WHERE campaign_id = OLD.id;
-    RETURN OLD;
 END
 $$;
 
@@ -519,6 +485,13 @@ AS $$
 $$;
 
 -- sql/engine/readiness.sql
+CREATE OR REPLACE FUNCTION _lower_ready_floor(p_campaign uuid, p_step bigint) RETURNS void
+LANGUAGE sql VOLATILE
+AS $$
+    UPDATE campaigns SET ready_floor = p_step
+     WHERE id = p_campaign AND p_step IS NOT NULL AND ready_floor > p_step;
+$$;
+
 CREATE OR REPLACE FUNCTION _unblocked(p_campaign uuid, p_steps bigint[]) RETURNS void
 LANGUAGE plpgsql VOLATILE
 AS $$
@@ -526,13 +499,16 @@ DECLARE
     v_ready integer := 0;
     v_compound bigint[];
     v_children bigint[];
+    v_first bigint;
 BEGIN
     WHILE cardinality(p_steps) > 0 LOOP
         SELECT count(*) FILTER (WHERE step_type = 'atomic'),
+               min(id) FILTER (WHERE step_type = 'atomic'),
                coalesce(array_agg(id) FILTER (WHERE step_type <> 'atomic'), '{}')
-          INTO v_ready, v_compound
+          INTO v_ready, v_first, v_compound
           FROM steps WHERE id = ANY (p_steps) AND status = 'pending' AND remaining_deps = 0;
         PERFORM _bump_counters(p_campaign, 0, 0, v_ready);
+        PERFORM _lower_ready_floor(p_campaign, v_first);
         EXIT WHEN cardinality(v_compound) = 0;
         -- A compound step with no members (a for_each over no items) has nothing to wait for.
         PERFORM _settle_compound_done(p) FROM steps p WHERE p.id = ANY (v_compound) AND p.members = 0;
@@ -551,6 +527,7 @@ LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
     v_ready integer;
+    v_first bigint;
     v_compound bigint[];
 BEGIN
     WITH released AS (
@@ -559,9 +536,13 @@ BEGIN
          WHERE d.depends_on = p_step AND s.id = d.step_id AND s.status = 'pending'
         RETURNING s.id, s.step_type, s.remaining_deps)
     SELECT count(*) FILTER (WHERE remaining_deps = 0 AND step_type = 'atomic'),
+           min(id) FILTER (WHERE remaining_deps = 0 AND step_type = 'atomic'),
            array_agg(id) FILTER (WHERE remaining_deps = 0 AND step_type <> 'atomic')
-      INTO v_ready, v_compound
+      INTO v_ready, v_first, v_compound
       FROM released;
+    IF v_first IS NOT NULL THEN
+        PERFORM _lower_ready_floor(p_campaign, v_first);
+    END IF;
     IF v_compound IS NOT NULL THEN
         PERFORM _unblocked(p_campaign, v_compound);
     END IF;
@@ -1095,6 +1076,7 @@ BEGIN
                claim_token = NULL, claim_owner = NULL, lease_expires_at = NULL
          WHERE id = s.id;
         PERFORM _bump_counters(s.campaign_id, 0, 0, 1);
+        PERFORM _lower_ready_floor(s.campaign_id, s.id);
         PERFORM _emit(s.campaign_id, s.id, 'step.retry', jsonb_build_object('error', p_error, 'attempts', s.attempts + 1));
         RETURN 'pending';
     END IF;
@@ -1538,6 +1520,7 @@ BEGIN
     UPDATE steps SET status = 'pending', claim_token = NULL, claim_owner = NULL, lease_expires_at = NULL
      WHERE id = s.id;
     PERFORM _bump_counters(s.campaign_id, 0, 0, 1);
+    PERFORM _lower_ready_floor(s.campaign_id, s.id);
     PERFORM _emit(s.campaign_id, s.id, 'step.released');
     RETURN jsonb_build_object('step_id', s.id, 'status', 'pending');
 END
@@ -1649,6 +1632,7 @@ BEGIN
     UPDATE steps SET status = 'pending', answer = provide_input.answer, not_before = '-infinity'
      WHERE steps.id = s.id;
     PERFORM _bump_counters(c.id, 0, 0, 1);
+    PERFORM _lower_ready_floor(c.id, s.id);
     PERFORM _emit(c.id, s.id, 'input.provided', jsonb_build_object('answer', answer));
     RETURN jsonb_build_object('step_id', s.id, 'status', 'pending', 'question', s.question, 'answer', answer);
 END
@@ -3887,6 +3871,7 @@ BEGIN
     -- would look up its dependents and notes one by one.
     DELETE FROM step_dependencies d WHERE d.campaign_id = ANY (v_ids);
     DELETE FROM notes n WHERE n.campaign_id = ANY (v_ids);
+    DELETE FROM events e WHERE e.campaign_id = ANY (v_ids);
     DELETE FROM steps s WHERE s.campaign_id = ANY (v_ids);
     DELETE FROM campaigns c WHERE c.id = ANY (v_ids);
     v_more := cardinality(v_ids) = "limit" AND EXISTS (
@@ -4108,7 +4093,6 @@ AS $$
             ('_event_horizon',          ARRAY[]::text[]),
             ('_running_count',          ARRAY[]::text[]),
             ('_lower_ready_floor',      ARRAY[]::text[]),
-            ('_forget_campaign_events', ARRAY[]::text[]),
             ('_finished_claim',        ARRAY[]::text[]),
             ('_keep_finished_claim',   ARRAY[]::text[]),
             ('_horizon_holder',        ARRAY[]::text[]),

@@ -63,6 +63,7 @@ BEGIN
                claim_token = NULL, claim_owner = NULL, lease_expires_at = NULL
          WHERE id = s.id;
         PERFORM _bump_counters(s.campaign_id, 0, 0, 1);
+        PERFORM _lower_ready_floor(s.campaign_id, s.id);
         PERFORM _emit(s.campaign_id, s.id, 'step.retry', jsonb_build_object('error', p_error, 'attempts', s.attempts + 1));
         RETURN 'pending';
     END IF;

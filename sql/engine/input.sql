@@ -55,6 +55,7 @@ BEGIN
     UPDATE steps SET status = 'pending', answer = provide_input.answer, not_before = '-infinity'
      WHERE steps.id = s.id;
     PERFORM _bump_counters(c.id, 0, 0, 1);
+    PERFORM _lower_ready_floor(c.id, s.id);
     PERFORM _emit(c.id, s.id, 'input.provided', jsonb_build_object('answer', answer));
     RETURN jsonb_build_object('step_id', s.id, 'status', 'pending', 'question', s.question, 'answer', answer);
 END

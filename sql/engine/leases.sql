@@ -60,6 +60,7 @@ BEGIN
     UPDATE steps SET status = 'pending', claim_token = NULL, claim_owner = NULL, lease_expires_at = NULL
      WHERE id = s.id;
     PERFORM _bump_counters(s.campaign_id, 0, 0, 1);
+    PERFORM _lower_ready_floor(s.campaign_id, s.id);
     PERFORM _emit(s.campaign_id, s.id, 'step.released');
     RETURN jsonb_build_object('step_id', s.id, 'status', 'pending');
 END

@@ -3,6 +3,18 @@
 -- free. The first three are the partial index `steps_ready`; the rest are checked on the few
 -- rows it returns. A step's remaining_deps falls here when a dependency is done.
 
+-- Lowers a campaign's ready_floor (SPEC §18) to `p_step`, a step that just became ready through
+-- an update: a dependency met, a gate lifted, a retry, an answer, a release. Every rule that
+-- makes a step ready calls it (a trigger did before: Citus distributes no table with triggers,
+-- docs/scale-out.md); an inserted step needs nothing, as its id is above every existing one.
+-- check_invariants() reports a ready step below its campaign's floor.
+CREATE FUNCTION _lower_ready_floor(p_campaign uuid, p_step bigint) RETURNS void
+LANGUAGE sql VOLATILE
+AS $$
+    UPDATE campaigns SET ready_floor = p_step
+     WHERE id = p_campaign AND p_step IS NOT NULL AND ready_floor > p_step;
+$$;
+
 -- Steps whose remaining_deps just reached 0: an atomic one joins the ready set; a compound one
 -- opens, lifting the gate it holds on each of its pending children (SPEC §3: every dependency
 -- of every compound ancestor must be done), recursively.
@@ -13,13 +25,16 @@ DECLARE
     v_ready integer := 0;
     v_compound bigint[];
     v_children bigint[];
+    v_first bigint;
 BEGIN
     WHILE cardinality(p_steps) > 0 LOOP
         SELECT count(*) FILTER (WHERE step_type = 'atomic'),
+               min(id) FILTER (WHERE step_type = 'atomic'),
                coalesce(array_agg(id) FILTER (WHERE step_type <> 'atomic'), '{}')
-          INTO v_ready, v_compound
+          INTO v_ready, v_first, v_compound
           FROM steps WHERE id = ANY (p_steps) AND status = 'pending' AND remaining_deps = 0;
         PERFORM _bump_counters(p_campaign, 0, 0, v_ready);
+        PERFORM _lower_ready_floor(p_campaign, v_first);
         EXIT WHEN cardinality(v_compound) = 0;
         -- A compound step with no members (a for_each over no items) has nothing to wait for.
         PERFORM _settle_compound_done(p) FROM steps p WHERE p.id = ANY (v_compound) AND p.members = 0;
@@ -41,6 +56,7 @@ LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
     v_ready integer;
+    v_first bigint;
     v_compound bigint[];
 BEGIN
     WITH released AS (
@@ -49,9 +65,13 @@ BEGIN
          WHERE d.depends_on = p_step AND s.id = d.step_id AND s.status = 'pending'
         RETURNING s.id, s.step_type, s.remaining_deps)
     SELECT count(*) FILTER (WHERE remaining_deps = 0 AND step_type = 'atomic'),
+           min(id) FILTER (WHERE remaining_deps = 0 AND step_type = 'atomic'),
            array_agg(id) FILTER (WHERE remaining_deps = 0 AND step_type <> 'atomic')
-      INTO v_ready, v_compound
+      INTO v_ready, v_first, v_compound
       FROM released;
+    IF v_first IS NOT NULL THEN
+        PERFORM _lower_ready_floor(p_campaign, v_first);
+    END IF;
     IF v_compound IS NOT NULL THEN
         PERFORM _unblocked(p_campaign, v_compound);
     END IF;

@@ -3,7 +3,7 @@
 
 -- Removes up to `limit` campaigns that ended (done, failed or cancelled) before
 -- _clock() - older_than, oldest end first, with their steps, dependencies, events, notes,
--- notifications, lock keys and workflow history (foreign keys and the events trigger).
+-- notifications, lock keys and workflow history (foreign keys; events by prune itself).
 -- A campaign another transaction holds locked is left for the next call. The runner calls it
 -- once a day with SORTIE_RETENTION_DAYS; callers with more to remove call again while
 -- `more` is true. Returns {campaigns, steps, events, notes, more}: rows removed, and whether
@@ -41,6 +41,7 @@ BEGIN
     -- would look up its dependents and notes one by one.
     DELETE FROM step_dependencies d WHERE d.campaign_id = ANY (v_ids);
     DELETE FROM notes n WHERE n.campaign_id = ANY (v_ids);
+    DELETE FROM events e WHERE e.campaign_id = ANY (v_ids);
     DELETE FROM steps s WHERE s.campaign_id = ANY (v_ids);
     DELETE FROM campaigns c WHERE c.id = ANY (v_ids);
     v_more := cardinality(v_ids) = "limit" AND EXISTS (

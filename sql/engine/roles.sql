@@ -95,7 +95,6 @@ AS $$
             ('_event_horizon',          ARRAY[]::text[]),
             ('_running_count',          ARRAY[]::text[]),
             ('_lower_ready_floor',      ARRAY[]::text[]),
-            ('_forget_campaign_events', ARRAY[]::text[]),
             ('_finished_claim',        ARRAY[]::text[]),
             ('_keep_finished_claim',   ARRAY[]::text[]),
             ('_horizon_holder',        ARRAY[]::text[]),

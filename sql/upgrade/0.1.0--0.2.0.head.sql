@@ -15,13 +15,16 @@ BEGIN
 END
 $head$;
 
--- 0.2.0 prefixes internal helpers with `_` (SPEC §15: the API apart). These four are used by a
--- column, constraints and a trigger, so they are renamed rather than dropped and recreated.
+-- 0.2.0 has no triggers (Citus distributes no table with one, docs/scale-out.md): prune()
+-- deletes a campaign's events itself. Its function goes with the other unused ones below.
+DROP TRIGGER campaigns_forget_events ON campaigns;
+
+-- 0.2.0 prefixes internal helpers with `_` (SPEC §15: the API apart). These three are used by a
+-- column and constraints, so they are renamed rather than dropped and recreated.
 ALTER FUNCTION priority_weight(text) RENAME TO _priority_weight;
 ALTER FUNCTION campaign_row_consistent(campaign_status, timestamptz) RENAME TO _campaign_row_consistent;
 ALTER FUNCTION step_row_consistent(step_status, step_type, timestamptz, uuid, integer, skip_cause)
     RENAME TO _step_row_consistent;
-ALTER FUNCTION forget_campaign_events() RENAME TO _forget_campaign_events;
 
 -- SPEC §17: benchmark runs; helper columns of the claim path (SPEC §18).
 ALTER TABLE campaigns
@@ -48,17 +51,3 @@ CREATE INDEX steps_dispatched ON steps (id) WHERE status = 'running' AND dispatc
 CREATE INDEX steps_continued_by ON steps (continued_by) WHERE continued_by IS NOT NULL;
 CREATE INDEX notes_step ON notes (step_id) WHERE step_id IS NOT NULL;
 
--- The ready floor (SPEC §18): the trigger needs its function before the functions follow.
-CREATE FUNCTION _lower_ready_floor() RETURNS trigger
-LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
-AS $$
-BEGIN
-    UPDATE campaigns SET ready_floor = NEW.id WHERE id = NEW.campaign_id AND ready_floor > NEW.id;
-    RETURN NULL;
-END
-$$;
-CREATE TRIGGER steps_lower_ready_floor AFTER UPDATE ON steps FOR EACH ROW
-    WHEN (NEW.status = 'pending' AND NEW.step_type = 'atomic' AND NEW.remaining_deps = 0
-          AND NOT (OLD.status = 'pending' AND OLD.step_type = 'atomic' AND OLD.remaining_deps = 0))
-    EXECUTE FUNCTION _lower_ready_floor();

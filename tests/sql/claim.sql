@@ -1,5 +1,5 @@
 -- Readiness, claims, leases and fencing (SPEC §3, §3a, §13).
-SELECT plan(14);
+SELECT plan(17);
 
 SELECT t.campaign() AS c \gset
 SELECT t.add(:'c', '[{"action": "a", "key": "a"}, {"action": "b", "depends_on": ["a"]}]') AS ids \gset
@@ -33,6 +33,20 @@ SELECT is(sortie.claim_next(owner => 'runner', max_dispatched => 1) ->> 'reason'
           'a second dispatch waits for the slot');
 SELECT ok(t.claim(:'r') ->> 'step_id' IS NOT NULL, 'a pull-mode claim does not');
 SELECT sortie.cancel_campaign(:'r');
+
+-- The ready floor (SPEC §18) is lowered by the rules themselves, not by a trigger: claims raise
+-- it past the claimed steps, and a released step below it is found again.
+SELECT t.campaign() AS f \gset
+SELECT t.add(:'f', (SELECT jsonb_agg(jsonb_build_object('action', 'f' || i)) FROM generate_series(1, 40) i));
+SELECT t.claim(:'f') AS held \gset
+SELECT t.claim(:'f') FROM generate_series(1, 38);
+SELECT ok((SELECT ready_floor FROM sortie.campaigns WHERE id = :'f') > t.id(:'held'),
+          'claims raised the ready floor past the first claimed step');
+SELECT sortie.release_step(t.id(:'held'), t.token(:'held'));
+SELECT ok((SELECT ready_floor FROM sortie.campaigns WHERE id = :'f') <= t.id(:'held'),
+          'releasing it lowered the floor to it');
+SELECT is(t.claim(:'f') ->> 'step_id', t.id(:'held')::text, 'so the next claim takes it again');
+SELECT sortie.cancel_campaign(:'f');
 
 SELECT t.invariants_hold();
 SELECT * FROM finish();
