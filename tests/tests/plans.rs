@@ -111,7 +111,7 @@ fn buffers(plan: &str) -> i64 {
         .lines()
         .find(|l| l.trim_start().starts_with("Buffers:"))
         .unwrap_or_else(|| panic!("no Buffers line in {plan}"));
-    line.split(|c: char| c == ' ' || c == ',')
+    line.split([' ', ','])
         .filter_map(|w| w.split_once('='))
         .filter(|(k, _)| *k == "hit" || *k == "read")
         .map(|(_, v)| v.parse::<i64>().unwrap())

@@ -347,8 +347,8 @@ struct TwoCampaigns {
 }
 
 async fn two_campaigns(db: &TestDb) -> TwoCampaigns {
-    let a = campaign(&db, "none").await;
-    let b = campaign(&db, "none").await;
+    let a = campaign(db, "none").await;
+    let b = campaign(db, "none").await;
     let a_ids = add_ids(
         db,
         a,
