@@ -297,7 +297,7 @@ impl std::fmt::Display for DbError {
 impl std::error::Error for DbError {}
 
 /// The stable code of a SQLSTATE: the extension's own (class SR) from the one error table in
-/// `sortie_core` (ERROR_CODES, which `raise()` is tested against), then PostgreSQL's own.
+/// `sortie_core` (ERROR_CODES, which `_raise()` is tested against), then PostgreSQL's own.
 pub fn code_for_sqlstate(sqlstate: &str) -> Option<&'static str> {
     if let Some(code) = sortie_core::code_for_sqlstate(sqlstate) {
         return Some(code);
