@@ -187,6 +187,12 @@ extension_sql_file!(
     name = "invariants",
     requires = ["backup"]
 );
+// Scale-out on Citus (SPEC §2, docs/scale-out.md): sortie.distribute(), called by an operator.
+extension_sql_file!(
+    "../../sql/engine/distribute.sql",
+    name = "distribute",
+    requires = ["invariants"]
+);
 // Last of all (SPEC §15): roles and grants over every function created before it.
 extension_sql_file!("../../sql/engine/roles.sql", name = "roles", finalize);
 

@@ -87,6 +87,8 @@ AS $$
             ('complete_steps',         ARRAY['sortie_runner']),
             ('prune',                  ARRAY['sortie_runner']),
             ('record_benchmark',       ARRAY['sortie_runner']),
+            -- scale-out (docs/scale-out.md): an operator's, as superuser, on a Citus coordinator
+            ('distribute',             ARRAY[]::text[]),
             -- internal: called by the functions above (which run as the owner), by no role
             ('_skip_cascade',           ARRAY[]::text[]),
             ('_similar_notes',          ARRAY[]::text[]),
@@ -114,7 +116,13 @@ DECLARE
 BEGIN
     FOREACH v_role IN ARRAY ARRAY['sortie_coordinator', 'sortie_worker', 'sortie_runner', 'sortie_reader'] LOOP
         IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = v_role) THEN
-            EXECUTE format('CREATE ROLE %I NOLOGIN', v_role);
+            -- Roles belong to the cluster: another database creating the extension at the same
+            -- moment (or a Citus node's copy of this script) may make the role first.
+            BEGIN
+                EXECUTE format('CREATE ROLE %I NOLOGIN', v_role);
+            EXCEPTION WHEN duplicate_object OR unique_violation THEN
+                NULL;
+            END;
         END IF;
         EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', v_schema, v_role);
     END LOOP;

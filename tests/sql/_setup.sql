@@ -63,14 +63,20 @@ BEGIN
 END
 $$;
 
+-- The readers are PL/pgSQL: Citus plans no LANGUAGE sql function with parameters over its
+-- distributed tables, and this file also runs on a distributed database (SORTIE_TEST_CITUS).
 CREATE FUNCTION t.status(p_step bigint) RETURNS text
-LANGUAGE sql AS $$ SELECT status FROM sortie.steps WHERE id = p_step $$;
+LANGUAGE plpgsql AS $$ BEGIN RETURN (SELECT status FROM sortie.steps WHERE id = p_step); END $$;
 
 CREATE FUNCTION t.campaign_status(p_campaign uuid) RETURNS text
-LANGUAGE sql AS $$ SELECT status FROM sortie.campaigns WHERE id = p_campaign $$;
+LANGUAGE plpgsql AS $$ BEGIN RETURN (SELECT status FROM sortie.campaigns WHERE id = p_campaign); END $$;
 
 CREATE FUNCTION t.step(p_campaign uuid, p_action text) RETURNS bigint
-LANGUAGE sql AS $$ SELECT max(id) FROM sortie.steps WHERE campaign_id = p_campaign AND action = p_action $$;
+LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN (SELECT max(id) FROM sortie.steps WHERE campaign_id = p_campaign AND action = p_action);
+END
+$$;
 
 -- Moves the engine's clock (sortie.fake_now) `p_seconds` ahead of now, for this transaction.
 CREATE FUNCTION t.clock_ahead(p_seconds double precision) RETURNS void

@@ -1,5 +1,10 @@
 //! A test's own database (cloned from the cluster's template) and calls of the engine's SQL
 //! API that report the stable error code, as the MCP server does.
+//!
+//! With `SORTIE_TEST_CITUS=1` every `TestDb` is instead a database on the Citus cluster of
+//! `crate::citus` (a coordinator and two workers) with the extension created and
+//! `sortie.distribute()` run, so any test binary runs distributed unchanged (issue 19;
+//! docs/scale-out.md names the subset CI runs this way).
 
 use serde_json::Value;
 use tokio_postgres::{Client, NoTls};
@@ -12,10 +17,24 @@ pub struct TestDb {
     pub name: String,
     pub client: Client,
     finished: bool,
+    citus: Option<&'static crate::citus::CitusCluster>,
+}
+
+/// Whether this test process runs its databases on Citus (`SORTIE_TEST_CITUS=1`).
+pub fn on_citus() -> bool {
+    std::env::var("SORTIE_TEST_CITUS").is_ok_and(|v| v == "1")
 }
 
 impl TestDb {
     pub async fn new() -> TestDb {
+        if on_citus() {
+            return Self::distributed().await;
+        }
+        Self::single_node().await
+    }
+
+    /// A database of the single-node test cluster, whatever `SORTIE_TEST_CITUS` says.
+    pub async fn single_node() -> TestDb {
         let shared = shared();
         let name = create_database(&shared.cluster)
             .await
@@ -27,14 +46,43 @@ impl TestDb {
             name,
             client,
             finished: false,
+            citus: None,
         }
+    }
+
+    /// A database on the Citus cluster with the extension distributed (`sortie.distribute()`).
+    pub async fn distributed() -> TestDb {
+        let db = crate::citus::CitusDb::new().await;
+        // Two transactions: distribute() reaches the workers over connections of their own,
+        // which must see the extension committed.
+        for step in ["CREATE EXTENSION sortie CASCADE", "SELECT sortie.distribute()"] {
+            db.client
+                .batch_execute(step)
+                .await
+                .unwrap_or_else(|e| panic!("{step} on the Citus test database: {e:?}"));
+        }
+        TestDb {
+            name: db.name,
+            client: db.client,
+            finished: false,
+            citus: Some(db.cluster),
+        }
+    }
+
+    /// The Citus cluster this database lives on, if it is distributed.
+    pub fn citus(&self) -> Option<&'static crate::citus::CitusCluster> {
+        self.citus
     }
 
     /// Another connection to the same database (for concurrency tests).
     pub async fn connect(&self) -> Client {
-        connect_to(&shared().cluster, &self.name)
+        let (client, connection) = tokio_postgres::connect(&self.connection_string(), NoTls)
             .await
-            .expect("extra connection")
+            .expect("extra connection");
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        client
     }
 
     /// Another connection whose asynchronous messages (NOTIFY, NOTICE) arrive on the receiver
@@ -60,13 +108,17 @@ impl TestDb {
     }
 
     pub fn connection_string(&self) -> String {
-        shared().cluster.connection_string(&self.name)
+        match self.citus {
+            Some(cluster) => cluster.coordinator.connection_string(&self.name),
+            None => shared().cluster.connection_string(&self.name),
+        }
     }
 
     /// Stops this test binary's cluster (fast shutdown: every session is cut off), keeps it
     /// down for `down_for`, starts it again and reconnects `client`. Every test of the binary
     /// sees the restart, so a test that calls this needs a binary of its own.
     pub async fn restart_server(&mut self, down_for: std::time::Duration) {
+        assert!(self.citus.is_none(), "restart_server restarts the single-node test cluster only");
         let cluster = &shared().cluster;
         tokio::task::spawn_blocking(move || cluster.stop("fast"))
             .await

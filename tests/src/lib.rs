@@ -29,5 +29,5 @@ pub mod programs;
 pub use cluster::{
     connect_to, create_database, database_without_extension, start_cluster, TEST_SETTINGS,
 };
-pub use database::{call_on, DbError, TestDb};
+pub use database::{call_on, on_citus, DbError, TestDb};
 pub use programs::{binary, psql, run_binary, runner_process, script, terminate, wait_for};

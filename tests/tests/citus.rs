@@ -1,6 +1,13 @@
-//! The Citus cluster of the scale-out tests (issue 19): a coordinator and two workers.
+//! Sortie on Citus (SPEC §2, issue 19, docs/scale-out.md): a coordinator and two workers
+//! started by the harness, the extension distributed by `sortie.distribute()`, a campaign's
+//! read delegated to the one worker that holds it, and a campaign run through the rules on the
+//! distributed database. The rest of the suite runs distributed with `SORTIE_TEST_CITUS=1`
+//! (scripts/test runs a named subset that way).
 
+use serde_json::Value;
 use sortie_tests::citus::CitusDb;
+use sortie_tests::TestDb;
+use tokio_postgres::{AsyncMessage, NoTls};
 
 #[tokio::test]
 async fn coordinator_sees_both_workers_active() {
@@ -23,4 +30,243 @@ async fn coordinator_sees_both_workers_active() {
             .get(0);
         assert!(version.starts_with("Citus 13.2.2 "), "{version}");
     }
+}
+
+/// Every table of the extension is either distributed by campaign and co-located with
+/// `campaigns`, or a reference table: a table added later without a place fails here.
+#[tokio::test]
+async fn distribute_places_every_table_by_campaign_or_as_reference() {
+    let db = TestDb::distributed().await;
+    let rows = db
+        .client
+        .query(
+            "SELECT c.relname::text,
+                    p.partmethod::text,
+                    (SELECT a.attname::text FROM pg_attribute a
+                      WHERE a.attrelid = c.oid AND a.attnum = (SELECT (regexp_match(p.partkey, ':varattno (\\d+)'))[1]::int2)),
+                    p.colocationid = (SELECT colocationid FROM pg_dist_partition
+                                       WHERE logicalrelid = 'sortie.campaigns'::regclass)
+               FROM pg_class c
+               LEFT JOIN pg_dist_partition p ON p.logicalrelid = c.oid
+              WHERE c.relnamespace = 'sortie'::regnamespace AND c.relkind = 'r'
+              ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut distributed = Vec::new();
+    let mut reference = Vec::new();
+    for row in &rows {
+        let table: String = row.get(0);
+        let method: Option<String> = row.get(1);
+        let column: Option<String> = row.get(2);
+        let colocated: Option<bool> = row.get(3);
+        match method.as_deref() {
+            Some("h") => {
+                let expected = if table == "campaigns" { "id" } else { "campaign_id" };
+                assert_eq!(column.as_deref(), Some(expected), "{table} distributed by its campaign");
+                assert_eq!(colocated, Some(true), "{table} co-located with campaigns");
+                distributed.push(table);
+            }
+            Some("n") => reference.push(table),
+            other => panic!("table {table} is neither distributed nor reference ({other:?})"),
+        }
+    }
+    assert_eq!(
+        distributed,
+        ["campaigns", "events", "notes", "notifications", "step_dependencies", "steps", "workflow_history"]
+    );
+    assert_eq!(
+        reference,
+        ["cursors", "finished_claims", "idempotency_records", "resource_leases", "workflows"]
+    );
+    // A second call moves nothing again.
+    let again = db.ok("sortie.distribute()", &[]).await;
+    assert_eq!(again["first"], false, "{again}");
+    db.finish().await;
+}
+
+/// Without Citus, distribute() refuses with a stable code and changes nothing.
+#[tokio::test]
+async fn distribute_refuses_on_a_single_node() {
+    let db = TestDb::single_node().await;
+    let error = db.call("sortie.distribute()", &[]).await.unwrap_err();
+    assert_eq!(error.code, "invalid_state", "{error}");
+    assert!(error.message.contains("citus"), "{error}");
+    db.finish().await;
+}
+
+/// Rows inserted on different workers never share an id (each worker's sequences have their
+/// own range), so a rule finding a step by id finds one step.
+#[tokio::test]
+async fn ids_given_on_workers_do_not_collide() {
+    let db = TestDb::distributed().await;
+    let cluster = db.citus().unwrap();
+    let mut firsts = Vec::new();
+    for worker in &cluster.workers {
+        let (client, connection) =
+            tokio_postgres::connect(&worker.connection_string(&db.name), NoTls).await.unwrap();
+        tokio::spawn(connection);
+        let next: i64 = client
+            .query_one("SELECT nextval('sortie.steps_id_seq')", &[])
+            .await
+            .unwrap()
+            .get(0);
+        firsts.push(next);
+    }
+    assert!(firsts[0] > 1 << 48 && firsts[1] > 1 << 48, "{firsts:?}");
+    assert_ne!(firsts[0] >> 48, firsts[1] >> 48, "{firsts:?}");
+    db.finish().await;
+}
+
+/// The node holding a campaign's shard (its port).
+async fn holder(db: &TestDb, campaign: &str) -> i32 {
+    db.client
+        .query_one(
+            "SELECT n.nodeport FROM pg_dist_placement p JOIN pg_dist_node n USING (groupid)
+              WHERE p.shardid = get_shard_id_for_distribution_column('sortie.campaigns', $1::text::uuid)",
+            &[&campaign],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// A read of one campaign is one call on the worker that holds it: the coordinator sends it
+/// the function call and nothing else, and that worker runs every statement locally.
+#[tokio::test]
+async fn a_campaign_read_runs_on_the_worker_holding_it() {
+    let db = TestDb::distributed().await;
+    let campaign = db
+        .ok("sortie.create_campaign(goal => 'g', planner => 'none')", &[])
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    db.ok(
+        "sortie.add_steps($1::text::uuid, '[{\"action\": \"a\", \"key\": \"a\"}, {\"action\": \"b\", \"depends_on\": [\"a\"]}]')",
+        &[&campaign],
+    )
+    .await;
+    let port = holder(&db, &campaign).await;
+    // Every node logs the commands it runs locally and those it sends elsewhere; Citus relays
+    // the workers' notices to the client.
+    for node in db.citus().unwrap().nodes() {
+        let admin = node.connect("postgres").await.unwrap();
+        admin
+            .batch_execute(&format!(
+                "ALTER DATABASE {0} SET citus.log_local_commands = on; \
+                 ALTER DATABASE {0} SET citus.log_remote_commands = on;",
+                db.name
+            ))
+            .await
+            .unwrap();
+    }
+    let (client, mut connection) = tokio_postgres::connect(&db.connection_string(), NoTls)
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        use futures_util::{stream, StreamExt};
+        let mut messages = stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            let _ = tx.send(message);
+        }
+    });
+    let answer: Value = client
+        .query_one("SELECT sortie.get_campaign($1::text::uuid)", &[&campaign])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(answer["steps"].as_array().map(Vec::len), Some(2), "{answer}");
+    drop(client);
+    let mut notices = Vec::new();
+    while let Some(message) = rx.recv().await {
+        if let AsyncMessage::Notice(notice) = message {
+            notices.push(format!("{} | {}", notice.message(), notice.detail().unwrap_or("")));
+        }
+    }
+    let holder_addr = format!(":{port}");
+    let issued: Vec<&String> = notices.iter().filter(|n| n.starts_with("issuing")).collect();
+    assert_eq!(issued.len(), 1, "the coordinator sends one command: {notices:#?}");
+    assert!(
+        issued[0].contains("get_campaign") && issued[0].contains(&holder_addr),
+        "the call itself, to the worker holding the campaign (port {port}): {notices:#?}"
+    );
+    let local: Vec<&String> = notices.iter().filter(|n| n.starts_with("executing the command locally")).collect();
+    assert!(!local.is_empty(), "the worker ran the rule's statements: {notices:#?}");
+    assert!(
+        local.iter().all(|n| n.contains(&holder_addr)),
+        "only on the worker holding the campaign (port {port}): {notices:#?}"
+    );
+    db.finish().await;
+}
+
+/// A campaign runs through the rules on the distributed database: steps with a dependency,
+/// claims, completions, a failure retried, notes, and the campaign's end.
+#[tokio::test]
+async fn a_campaign_runs_to_its_end_on_the_cluster() {
+    let db = TestDb::distributed().await;
+    let campaign = db
+        .ok("sortie.create_campaign(goal => 'ship it', planner => 'none')", &[])
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    db.ok(
+        "sortie.add_steps($1::text::uuid, '[{\"action\": \"build\", \"key\": \"b\"}, \
+           {\"step_type\": \"parallel\", \"action\": \"checks\", \"key\": \"c\", \"depends_on\": [\"b\"], \
+            \"children\": [{\"action\": \"lint\"}, {\"action\": \"test\"}]}]')",
+        &[&campaign],
+    )
+    .await;
+    let mut done = Vec::new();
+    let mut failed_once = false;
+    loop {
+        let claim = db
+            .ok(
+                "sortie.claim_next(owner => 'w', campaign_id => $1::text::uuid)",
+                &[&campaign],
+            )
+            .await;
+        let Some(step) = claim["step_id"].as_i64() else { break };
+        let token = claim["claim_token"].as_str().unwrap().to_string();
+        let action = claim["action"].as_str().unwrap().to_string();
+        if action == "test" && !failed_once {
+            failed_once = true;
+            db.ok(
+                "sortie.fail_step($1, $2::text::uuid, 'flaky')",
+                &[&step, &token],
+            )
+            .await;
+            db.client
+                .batch_execute(&format!(
+                    "UPDATE sortie.steps SET not_before = '-infinity' WHERE campaign_id = '{campaign}' AND id = {step}"
+                ))
+                .await
+                .unwrap();
+            continue;
+        }
+        db.ok(
+            "sortie.add_note(campaign_id => $1::text::uuid, content => $2, step_id => $3, claim_token => $4::text::uuid)",
+            &[&campaign, &format!("finding of {action}"), &step, &token],
+        )
+        .await;
+        db.ok(
+            "sortie.complete_step($1, $2::text::uuid, $3)",
+            &[&step, &token, &format!("{action} ok")],
+        )
+        .await;
+        done.push(action);
+    }
+    assert!(failed_once);
+    assert_eq!(done[0], "build");
+    assert_eq!(done.len(), 3, "{done:?}");
+    let got = db.ok("sortie.get_campaign($1::text::uuid)", &[&campaign]).await;
+    assert_eq!(got["status"], "done", "{got}");
+    let notes = db
+        .ok("sortie.get_notes(campaign_id => $1::text::uuid)", &[&campaign])
+        .await;
+    assert_eq!(notes["notes"].as_array().map(Vec::len), Some(3), "{notes}");
+    db.finish().await;
 }

@@ -1,0 +1,170 @@
+-- Scale-out on Citus (SPEC §2, docs/scale-out.md): every per-campaign table distributed by its
+-- campaign, co-located with campaigns, so that a campaign's rows live together on one worker;
+-- the global tables as reference tables, a copy on every node. Nothing here runs on a
+-- single-node database: distribute() is called once, by a superuser, on a Citus coordinator.
+--
+-- What each table becomes, and why:
+--   campaigns (id), steps, step_dependencies, events, notes, notifications, workflow_history
+--     (campaign_id): distributed and co-located. Citus requires every primary and foreign key
+--     of a distributed table to include its distribution column, so they are reshaped here
+--     (steps (campaign_id, id), …); a single-node database keeps the narrower keys, which every
+--     rule's statements satisfy alike because they name the campaign and join on it.
+--   resource_leases: reference. Lock keys are shared across campaigns (SPEC §12): the conflict
+--     test must see every campaign's leases.
+--   workflows: reference. Definitions are global and read by start_workflow in any campaign.
+--   cursors: reference. A get_updates consumer may follow every campaign.
+--   idempotency_records, finished_claims: reference. Keyed by request id and claim token,
+--     which do not name a campaign (create_campaign's request id has none yet).
+--
+-- The rules that read one campaign are distributed by it (create_distributed_function), so a
+-- call runs on the worker holding that campaign. The writing rules run on the coordinator,
+-- which routes each of their statements to the campaign's shards: their event order (xid and
+-- sequence, which get_updates' cursor depends on), wake-ups (NOTIFY), lock-key and runner-slot
+-- serialisation (advisory locks) then stay those of one node. docs/scale-out.md says what
+-- that costs and what delegating the writes would take.
+
+-- The tables distributed by campaign, in the order Citus needs (a table after those its
+-- foreign keys reference), and the global ones.
+CREATE FUNCTION _distributed_tables() RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT ARRAY['campaigns', 'steps', 'step_dependencies', 'events', 'notes', 'notifications', 'workflow_history'] $$;
+
+CREATE FUNCTION _reference_tables() RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT ARRAY['resource_leases', 'workflows', 'cursors', 'idempotency_records', 'finished_claims'] $$;
+
+-- The read-only rules of one campaign, delegated to the worker that holds it: signature and
+-- the argument naming the campaign (never defaulted: Citus cannot route a NULL one).
+CREATE FUNCTION _delegated_functions() RETURNS TABLE (signature text, campaign_arg text)
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT * FROM (VALUES
+        ('get_campaign(uuid,integer,text)', 'id'),
+        ('campaign_graph(uuid,integer)', 'id'),
+        ('planner_context(uuid)', 'campaign_id')
+    ) AS f(signature, campaign_arg);
+$$;
+
+-- The keys Citus requires (every one includes the distribution column), as statements run on
+-- every node before the tables are distributed: a worker keeps its own copy of each table of
+-- the extension, which Citus uses as the shell of the distributed one. ON DELETE SET NULL is
+-- refused with the distribution column in the key; steps are only ever deleted with their
+-- whole campaign (prune), so those become NO ACTION.
+CREATE FUNCTION _distribution_keys(p_schema text) RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT array_agg(replace(s, '@s', quote_ident(p_schema)) ORDER BY o) FROM unnest(ARRAY[
+        'ALTER TABLE @s.steps DROP CONSTRAINT IF EXISTS steps_parent_id_fkey, DROP CONSTRAINT IF EXISTS steps_continuation_of_fkey, DROP CONSTRAINT IF EXISTS steps_continued_by_fkey',
+        'ALTER TABLE @s.step_dependencies DROP CONSTRAINT IF EXISTS step_dependencies_step_id_fkey, DROP CONSTRAINT IF EXISTS step_dependencies_depends_on_fkey',
+        'ALTER TABLE @s.notes DROP CONSTRAINT IF EXISTS notes_step_id_fkey',
+        'ALTER TABLE @s.resource_leases DROP CONSTRAINT IF EXISTS resource_leases_step_id_fkey, DROP CONSTRAINT IF EXISTS resource_leases_campaign_id_fkey',
+        'ALTER TABLE @s.steps DROP CONSTRAINT steps_pkey, ADD CONSTRAINT steps_pkey PRIMARY KEY (campaign_id, id)',
+        'ALTER TABLE @s.steps ADD CONSTRAINT steps_parent_id_fkey FOREIGN KEY (campaign_id, parent_id) REFERENCES @s.steps (campaign_id, id) ON DELETE CASCADE, '
+            || 'ADD CONSTRAINT steps_continuation_of_fkey FOREIGN KEY (campaign_id, continuation_of) REFERENCES @s.steps (campaign_id, id) ON DELETE CASCADE, '
+            || 'ADD CONSTRAINT steps_continued_by_fkey FOREIGN KEY (campaign_id, continued_by) REFERENCES @s.steps (campaign_id, id)',
+        'ALTER TABLE @s.step_dependencies DROP CONSTRAINT step_dependencies_pkey, ADD CONSTRAINT step_dependencies_pkey PRIMARY KEY (campaign_id, step_id, depends_on), '
+            || 'ADD CONSTRAINT step_dependencies_step_id_fkey FOREIGN KEY (campaign_id, step_id) REFERENCES @s.steps (campaign_id, id) ON DELETE CASCADE, '
+            || 'ADD CONSTRAINT step_dependencies_depends_on_fkey FOREIGN KEY (campaign_id, depends_on) REFERENCES @s.steps (campaign_id, id) ON DELETE CASCADE',
+        'ALTER TABLE @s.events ALTER COLUMN campaign_id SET NOT NULL, DROP CONSTRAINT events_pkey, ADD CONSTRAINT events_pkey PRIMARY KEY (campaign_id, tx, id)',
+        'ALTER TABLE @s.notes DROP CONSTRAINT notes_pkey, ADD CONSTRAINT notes_pkey PRIMARY KEY (campaign_id, id), '
+            || 'ADD CONSTRAINT notes_step_id_fkey FOREIGN KEY (campaign_id, step_id) REFERENCES @s.steps (campaign_id, id)',
+        'ALTER TABLE @s.notifications ALTER COLUMN campaign_id SET NOT NULL, DROP CONSTRAINT notifications_pkey, ADD CONSTRAINT notifications_pkey PRIMARY KEY (campaign_id, id)',
+        'ALTER TABLE @s.workflow_history DROP CONSTRAINT workflow_history_pkey, ADD CONSTRAINT workflow_history_pkey PRIMARY KEY (campaign_id, id)'
+    ]) WITH ORDINALITY AS k(s, o);
+$$;
+
+-- sortie.distribute(): makes this Citus coordinator's sortie database distributed, as above.
+-- Existing rows move to the workers (Citus copies them), so it also moves a database that
+-- has run on one node (docs/scale-out.md). Idempotent: a second call distributes nothing
+-- again and only gives nodes added since then their id ranges. Answers
+-- {distributed: [tables], reference: [tables], functions: [signatures], workers: n}.
+-- Errors: invalid_state (no citus extension here, or not the coordinator).
+-- Identity columns: each worker's copy of a sequence gets its own range (group id << 48), so
+-- a row inserted on a worker never takes an id the coordinator or another worker gives.
+CREATE FUNCTION distribute() RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    v_schema text := current_schema();
+    v_first boolean;
+    v_stmt text;
+    v_table text;
+    v_fn record;
+    v_result record;
+    v_workers integer;
+    v_ranges text;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus') THEN
+        PERFORM _raise('invalid_state', 'distribute() needs the citus extension in this database (docs/scale-out.md)');
+    END IF;
+    IF NOT (SELECT citus_is_coordinator()) THEN
+        PERFORM _raise('invalid_state', 'distribute() runs on the Citus coordinator');
+    END IF;
+    EXECUTE 'SELECT count(*) FROM citus_get_active_worker_nodes()' INTO v_workers;
+    v_first := NOT EXISTS (SELECT 1 FROM pg_dist_partition WHERE logicalrelid = format('%I.campaigns', v_schema)::regclass);
+
+    IF v_first THEN
+        -- The keys, here and on each worker's copy (DDL on an extension's local tables is not
+        -- propagated, so it is run on every node alike).
+        PERFORM set_config('citus.enable_ddl_propagation', 'off', true);
+        FOREACH v_stmt IN ARRAY _distribution_keys(v_schema) LOOP
+            EXECUTE v_stmt;
+            FOR v_result IN SELECT * FROM run_command_on_workers(
+                    'SET citus.enable_ddl_propagation = off; ' || v_stmt) LOOP
+                IF NOT v_result.success THEN
+                    PERFORM _raise('invalid_state', format('distribute(): worker %s:%s refused %s: %s',
+                                   v_result.nodename, v_result.nodeport, left(v_stmt, 80), v_result.result));
+                END IF;
+            END LOOP;
+        END LOOP;
+        PERFORM set_config('citus.enable_ddl_propagation', 'on', true);
+
+        PERFORM create_distributed_table(format('%I.campaigns', v_schema), 'id');
+        FOREACH v_table IN ARRAY (_distributed_tables())[2:] LOOP
+            PERFORM create_distributed_table(format('%I.%I', v_schema, v_table), 'campaign_id',
+                                             colocate_with => format('%I.campaigns', v_schema));
+        END LOOP;
+        FOREACH v_table IN ARRAY _reference_tables() LOOP
+            PERFORM create_reference_table(format('%I.%I', v_schema, v_table));
+        END LOOP;
+        FOR v_fn IN SELECT * FROM _delegated_functions() LOOP
+            PERFORM create_distributed_function(format('%I.%s', v_schema, v_fn.signature)::regprocedure,
+                                                v_fn.campaign_arg,
+                                                colocate_with => format('%I.campaigns', v_schema));
+        END LOOP;
+    END IF;
+
+    -- Every worker's sequences in their own range (again for nodes added since the last call:
+    -- a range is only ever moved up, never back into ids already given).
+    v_ranges := format($cmd$
+        DO $d$
+        DECLARE
+            g bigint := (SELECT groupid FROM pg_dist_local_group);
+            s regclass;
+        BEGIN
+            SET LOCAL citus.enable_ddl_propagation = off;
+            FOR s IN SELECT seqrelid::regclass FROM pg_sequence q
+                       JOIN pg_class c ON c.oid = q.seqrelid
+                      WHERE c.relnamespace = %L::regnamespace AND q.seqmin < (g << 48) + 1 LOOP
+                EXECUTE format('ALTER SEQUENCE %%s MINVALUE %%s MAXVALUE %%s START %%s RESTART %%s',
+                               s, (g << 48) + 1, ((g + 1) << 48) - 1, (g << 48) + 1, (g << 48) + 1);
+            END LOOP;
+        END
+        $d$
+    $cmd$, v_schema);
+    FOR v_result IN SELECT * FROM run_command_on_workers(v_ranges) LOOP
+        IF NOT v_result.success THEN
+            PERFORM _raise('invalid_state', format('distribute(): worker %s:%s could not take its id range: %s',
+                           v_result.nodename, v_result.nodeport, v_result.result));
+        END IF;
+    END LOOP;
+
+    RETURN jsonb_build_object(
+        'distributed', to_jsonb(_distributed_tables()),
+        'reference', to_jsonb(_reference_tables()),
+        'functions', (SELECT jsonb_agg(signature) FROM _delegated_functions()),
+        'workers', v_workers,
+        'first', v_first);
+END
+$$;
