@@ -1,6 +1,6 @@
 //! Sortie's benchmarks (SPEC §10): figures printed as Markdown tables, never asserted.
 //!
-//!   cargo run --release -p sortie_tests --bin sortie-bench -- [engine|mcp|all]
+//!   cargo run --release -p sortie_tests --bin sortie-bench -- [engine|mcp|all|citus]
 //!
 //! Each figure names synchronous_commit, the number of runs and their spread. The cluster is
 //! a throwaway one with fsync on, so synchronous_commit=on pays the real flush.
@@ -40,6 +40,7 @@ async fn main() -> anyhow::Result<()> {
         "soak" => soak(&cluster).await?,
         "embed" => embed_profile().await?,
         "side-by-side" => side_by_side(&cluster).await?,
+        "citus" => citus_cost().await?,
         _ => {}
     }
     if what == "engine" || what == "all" {
@@ -1360,5 +1361,64 @@ async fn note_search(cluster: &Cluster) -> anyhow::Result<()> {
     println!();
     drop(client);
     drop_database(cluster, &name).await?;
+    Ok(())
+}
+
+/// docs/scale-out.md: the cost of a call on the 3-node Citus cluster of the test harness
+/// (coordinator + 2 workers, `sortie.distribute()`) beside a single-node cluster with the same
+/// settings (fsync off, synchronous_commit off: both measure the work, not the disk), on this
+/// one machine. One client, calls one after another; per call: median (min–max) over RUNS runs
+/// of `CALLS` calls each, every run on a fresh campaign.
+async fn citus_cost() -> anyhow::Result<()> {
+    const CALLS: usize = 300;
+    println!("## Cost per call: Citus (coordinator + 2 workers) beside one node\n");
+    println!("`sortie-bench citus`: one client; {RUNS} runs of {CALLS} calls each; ms per call, median of the runs (min–max). Both with fsync=off, synchronous_commit=off, on the same machine.\n");
+    println!("| call | one node | Citus | runs where |\n|---|---|---|---|");
+    let single = tokio::task::spawn_blocking(|| start_cluster(sortie_tests::cluster::TEST_SETTINGS)).await??;
+    let (_, one) = fresh(&single).await?;
+    let citus = sortie_tests::TestDb::distributed().await;
+    let mut rows: Vec<(&str, &str, Vec<f64>, Vec<f64>)> = vec![
+        ("get_campaign (20 steps)", "delegated to the campaign's worker", vec![], vec![]),
+        ("claim_next(campaign) + complete_step", "coordinator, statements routed to one shard", vec![], vec![]),
+        ("create_campaign", "coordinator", vec![], vec![]),
+    ];
+    for (index, client) in [&one, &citus.client].into_iter().enumerate() {
+        for _ in 0..RUNS {
+            let c = new_campaign(client, ", planner => 'none'").await?;
+            add(client, c, &chains(20, 1)).await?;
+            let start = Instant::now();
+            for _ in 0..CALLS {
+                client.query_one("SELECT sortie.get_campaign($1)", &[&c]).await?;
+            }
+            let read = start.elapsed().as_secs_f64() * 1000.0 / CALLS as f64;
+            let c = new_campaign(client, ", planner => 'none'").await?;
+            add(client, c, &chains(CALLS, 1)).await?;
+            let start = Instant::now();
+            for _ in 0..CALLS {
+                let v = call_on(client, "sortie.claim_next(owner => 'bench', campaign_id => $1)", &[&c])
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                let step = v["step_id"].as_i64().ok_or_else(|| anyhow::anyhow!("nothing claimed: {v}"))?;
+                let token = uuid::Uuid::parse_str(v["claim_token"].as_str().unwrap_or_default())?;
+                call_on(client, "sortie.complete_step($1, $2, 'ok')", &[&step, &token])
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+            }
+            let cycle = start.elapsed().as_secs_f64() * 1000.0 / CALLS as f64;
+            let start = Instant::now();
+            for _ in 0..CALLS {
+                new_campaign(client, ", planner => 'none'").await?;
+            }
+            let create = start.elapsed().as_secs_f64() * 1000.0 / CALLS as f64;
+            for (row, value) in rows.iter_mut().zip([read, cycle, create]) {
+                if index == 0 { row.2.push(value) } else { row.3.push(value) }
+            }
+        }
+    }
+    for (call, place, one_node, distributed) in rows {
+        println!("| {call} | {} | {} | {place} |", summary_ms(one_node), summary_ms(distributed));
+    }
+    println!();
+    citus.finish().await;
     Ok(())
 }
