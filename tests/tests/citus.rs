@@ -270,3 +270,78 @@ async fn a_campaign_runs_to_its_end_on_the_cluster() {
     assert_eq!(notes["notes"].as_array().map(Vec::len), Some(3), "{notes}");
     db.finish().await;
 }
+
+/// Moving an existing database: a campaign running on one node before `distribute()` keeps
+/// running after it, its rows moved to the workers (docs/scale-out.md, "Moving a database").
+#[tokio::test]
+async fn an_existing_database_moves_with_its_running_campaign() {
+    let db = CitusDb::new().await;
+    db.client.batch_execute("CREATE EXTENSION sortie CASCADE").await.unwrap();
+    let one = |sql: &'static str| {
+        let client = &db.client;
+        async move { client.query_one(sql, &[]).await.unwrap().get::<_, Value>(0) }
+    };
+    let campaign = one("SELECT sortie.create_campaign(goal => 'before', planner => 'none')").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    db.client
+        .execute(
+            "SELECT sortie.add_steps($1::text::uuid, '[{\"action\": \"a\", \"key\": \"a\"}, {\"action\": \"b\", \"depends_on\": [\"a\"]}]')",
+            &[&campaign],
+        )
+        .await
+        .unwrap();
+    let claim: Value = db
+        .client
+        .query_one("SELECT sortie.claim_next(owner => 'w', campaign_id => $1::text::uuid)", &[&campaign])
+        .await
+        .unwrap()
+        .get(0);
+    db.client.batch_execute("SELECT sortie.distribute()").await.unwrap();
+    // The rows now live on the workers, none on the coordinator.
+    let placed: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FROM pg_dist_partition WHERE logicalrelid = 'sortie.steps'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(placed, 1);
+    let step = claim["step_id"].as_i64().unwrap();
+    let token = claim["claim_token"].as_str().unwrap().to_string();
+    db.client
+        .execute("SELECT sortie.complete_step($1, $2::text::uuid, 'a done')", &[&step, &token])
+        .await
+        .unwrap();
+    let next: Value = db
+        .client
+        .query_one("SELECT sortie.claim_next(owner => 'w', campaign_id => $1::text::uuid)", &[&campaign])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(next["action"], "b", "{next}");
+    db.client
+        .execute(
+            "SELECT sortie.complete_step($1, $2::text::uuid, 'b done')",
+            &[&next["step_id"].as_i64().unwrap(), &next["claim_token"].as_str().unwrap()],
+        )
+        .await
+        .unwrap();
+    let got: Value = db
+        .client
+        .query_one("SELECT sortie.get_campaign($1::text::uuid)", &[&campaign])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(got["status"], "done", "{got}");
+    let problems: i64 = db
+        .client
+        .query_one("SELECT count(*) FROM sortie.check_invariants()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(problems, 0);
+}
