@@ -21,14 +21,14 @@ BEGIN
     IF reason IS NULL OR btrim(reason) = '' THEN
         PERFORM _raise('invalid_argument', 'reason is required: say why this branch is pointless');
     END IF;
-    SELECT * INTO t FROM steps WHERE id = target_id AND campaign_id = caller.campaign_id FOR UPDATE;
+    SELECT * INTO t FROM steps WHERE campaign_id = caller.campaign_id AND id = target_id FOR UPDATE;
     IF NOT FOUND THEN
         PERFORM _raise('not_found', format('step %s is not a step of your campaign', target_id));
     END IF;
     WITH RECURSIVE up(id, parent_id) AS (
-        SELECT id, parent_id FROM steps WHERE id = caller.parent_id
+        SELECT id, parent_id FROM steps WHERE campaign_id = caller.campaign_id AND id = caller.parent_id
         UNION ALL
-        SELECT s.id, s.parent_id FROM steps s JOIN up ON s.id = up.parent_id
+        SELECT s.id, s.parent_id FROM steps s JOIN up ON s.id = up.parent_id WHERE s.campaign_id = caller.campaign_id
     )
     SELECT EXISTS (SELECT 1 FROM up WHERE up.id = t.id) INTO v_is_ancestor;
     IF NOT v_is_ancestor THEN
@@ -42,22 +42,22 @@ BEGIN
     -- Settle target and caller first, so that the skips below find both closed.
     UPDATE steps SET status = 'done', output = abort_branch.output, completed_at = _clock(),
                      started_at = coalesce(started_at, _clock())
-     WHERE id = t.id;
+     WHERE campaign_id = t.campaign_id AND id = t.id;
     UPDATE steps SET status = 'done', output = reason, completed_at = _clock(), claim_token = NULL,
                      lease_expires_at = NULL,
                      duration_ms = (extract(epoch FROM _clock() - caller.claimed_at) * 1000)::bigint
-     WHERE id = caller.id;
+     WHERE campaign_id = caller.campaign_id AND id = caller.id;
     PERFORM _emit(caller.campaign_id, caller.id, 'step.done', jsonb_build_object('aborted_branch', t.id));
     -- As in complete_step: the caller's counters and the steps it made ready in one update.
     PERFORM _leave_running(caller.campaign_id, caller.id, caller.claimed_at, caller.requires_locks,
                           p_open => -1, p_ready => _release_dependents(caller.campaign_id, caller.id));
 
-    SELECT coalesce(array_agg(id), '{}') INTO v_children FROM steps WHERE parent_id = t.id;
+    SELECT coalesce(array_agg(id), '{}') INTO v_children FROM steps WHERE campaign_id = t.campaign_id AND parent_id = t.id;
     v_skipped := _skip_cascade(caller.campaign_id, v_children, 'abort',
                               format('branch %s aborted by step %s: %s', t.id, caller.id, reason));
     -- The caller counts as a resolved member of its parent, which is closed by now.
     IF caller.continued_by IS NULL THEN
-        PERFORM _member_settled(caller.parent_id, 1, 0, NULL);
+        PERFORM _member_settled(caller.campaign_id, caller.parent_id, 1, 0, NULL);
     END IF;
 
     INSERT INTO notes (campaign_id, step_id, agent, content, tags)

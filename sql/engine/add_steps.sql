@@ -2,16 +2,20 @@
 -- written; ids named as dependencies must belong to the campaign and are resolved to their
 -- newest continuation; duplicates by fingerprint are reported, not refused.
 
--- Follows a spliced step to its newest continuation (SPEC §3 DAG splice).
-CREATE FUNCTION _newest_continuation(p_step bigint) RETURNS bigint
-LANGUAGE sql STABLE
+-- Follows a spliced step of campaign `p_campaign` to its newest continuation (SPEC §3 DAG
+-- splice); NULL for no such step.
+CREATE FUNCTION _newest_continuation(p_campaign uuid, p_step bigint) RETURNS bigint
+LANGUAGE plpgsql STABLE
 AS $$
-    WITH RECURSIVE chain(id, next) AS (
-        SELECT id, continued_by FROM steps WHERE id = p_step
-        UNION ALL
-        SELECT s.id, s.continued_by FROM steps s JOIN chain c ON s.id = c.next
-    )
-    SELECT id FROM chain WHERE next IS NULL;
+BEGIN
+    RETURN (
+        WITH RECURSIVE chain(id, next) AS (
+            SELECT s.id, s.continued_by FROM steps s WHERE s.campaign_id = p_campaign AND s.id = p_step
+            UNION ALL
+            SELECT s.id, s.continued_by FROM steps s JOIN chain c ON s.id = c.next WHERE s.campaign_id = p_campaign
+        )
+        SELECT chain.id FROM chain WHERE chain.next IS NULL);
+END
 $$;
 
 -- Raises the refusal carried by a pure function's answer, or returns its payload.
@@ -38,6 +42,8 @@ DECLARE
     v_count integer := jsonb_array_length(p_expansion -> 'nodes');
     v_ids bigint[];
     v_existing bigint[];
+    v_found bigint[];
+    v_resolved bigint[];
     v_missing bigint;
     v_zero bigint[];
     v_doomed bigint[];
@@ -55,13 +61,15 @@ BEGIN
     SELECT coalesce(array_agg(DISTINCT d::bigint), '{}') INTO v_existing
       FROM jsonb_array_elements(v_nodes) n, jsonb_array_elements_text(n -> 'existing_deps') d;
     IF cardinality(v_existing) > 0 THEN
-        SELECT x INTO v_missing FROM unnest(v_existing) x
-         WHERE NOT EXISTS (SELECT 1 FROM steps s WHERE s.id = x AND s.campaign_id = c.id)
-         LIMIT 1;
+        v_found := ARRAY(SELECT s.id FROM steps s WHERE s.campaign_id = c.id AND s.id = ANY (v_existing));
+        SELECT x INTO v_missing FROM unnest(v_existing) x WHERE NOT x = ANY (v_found) LIMIT 1;
         IF v_missing IS NOT NULL THEN
             PERFORM _raise('not_found', format('depends_on names step %s, which is not a step of campaign %s',
                                               v_missing, c.id));
         END IF;
+        -- Each resolved to its newest continuation, before the statements that use them: a
+        -- rule called inside a query on a shard may not run queries of its own (Citus).
+        v_resolved := ARRAY(SELECT _newest_continuation(c.id, x) FROM unnest(v_existing) x);
     END IF;
 
     -- Ids are taken up front so that parents and local dependencies resolve in one INSERT.
@@ -98,25 +106,27 @@ BEGIN
       FROM jsonb_array_elements(v_nodes) WITH ORDINALITY AS t(n, i),
            LATERAL (SELECT v_ids[l::integer + 1] AS dep FROM jsonb_array_elements_text(n -> 'local_deps') l
                     UNION ALL
-                    SELECT _newest_continuation(e::bigint) FROM jsonb_array_elements_text(n -> 'existing_deps') e) deps;
+                    SELECT v_resolved[array_position(v_existing, e::bigint)]
+                      FROM jsonb_array_elements_text(n -> 'existing_deps') e) deps;
 
     UPDATE steps s
        SET remaining_deps = s.remaining_deps + open.n
-      FROM (SELECT d.step_id, count(*) AS n
-              FROM step_dependencies d JOIN steps x ON x.id = d.depends_on
-             WHERE d.step_id = ANY (v_ids) AND x.status <> 'done'
-             GROUP BY d.step_id) open
-     WHERE s.id = open.step_id;
+      FROM (SELECT d.campaign_id, d.step_id, count(*) AS n
+              FROM step_dependencies d JOIN steps x ON x.campaign_id = d.campaign_id AND x.id = d.depends_on
+             WHERE d.campaign_id = c.id AND d.step_id = ANY (v_ids) AND x.status <> 'done'
+             GROUP BY d.campaign_id, d.step_id) open
+     WHERE s.campaign_id = open.campaign_id AND s.id = open.step_id AND s.campaign_id = c.id;
 
     PERFORM _bump_counters(c.id, v_count, 0, 0);
-    SELECT coalesce(array_agg(id), '{}') INTO v_zero FROM steps WHERE id = ANY (v_ids) AND remaining_deps = 0;
+    SELECT coalesce(array_agg(id), '{}') INTO v_zero
+      FROM steps WHERE campaign_id = c.id AND id = ANY (v_ids) AND remaining_deps = 0;
     PERFORM _unblocked(c.id, v_zero);
 
     -- A step that depends on a failed or skipped step can never run (SPEC §12: never pending
     -- forever): it is skipped now, with everything that waits on it.
     SELECT coalesce(array_agg(DISTINCT d.step_id), '{}') INTO v_doomed
-      FROM step_dependencies d JOIN steps x ON x.id = d.depends_on
-     WHERE d.step_id = ANY (v_ids) AND x.status IN ('failed', 'skipped');
+      FROM step_dependencies d JOIN steps x ON x.campaign_id = d.campaign_id AND x.id = d.depends_on
+     WHERE d.campaign_id = c.id AND d.step_id = ANY (v_ids) AND x.status IN ('failed', 'skipped');
     IF cardinality(v_doomed) > 0 THEN
         PERFORM _skip_cascade(c.id, v_doomed, 'dependency', 'a dependency had already failed or been skipped');
     END IF;
@@ -127,9 +137,9 @@ BEGIN
       FROM steps n
       CROSS JOIN LATERAL (
           SELECT o.id FROM steps o
-           WHERE o.campaign_id = c.id AND o.fingerprint = n.fingerprint AND o.id < n.id AND o.status <> 'failed'
+           WHERE o.campaign_id = n.campaign_id AND o.fingerprint = n.fingerprint AND o.id < n.id AND o.status <> 'failed'
            ORDER BY o.id LIMIT 1) d
-     WHERE n.id = ANY (v_ids) AND n.fingerprint IS NOT NULL;
+     WHERE n.campaign_id = c.id AND n.id = ANY (v_ids) AND n.fingerprint IS NOT NULL;
 
     SELECT coalesce(jsonb_object_agg(k, v_ids[(v)::integer + 1]), '{}') INTO v_keys
       FROM jsonb_each_text(p_expansion -> 'keys') AS kv(k, v);

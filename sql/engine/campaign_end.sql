@@ -5,9 +5,11 @@
 -- Whether a campaign has ever had a step (SPEC §13); steps are never deleted while their
 -- campaign exists, so one row is enough.
 CREATE FUNCTION _has_had_steps(p_campaign uuid) RETURNS boolean
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 AS $$
-    SELECT EXISTS (SELECT 1 FROM steps WHERE campaign_id = p_campaign);
+BEGIN
+    RETURN EXISTS (SELECT 1 FROM steps WHERE campaign_id = p_campaign);
+END
 $$;
 
 -- Campaign end (SPEC §3). Drained = nothing pending, running or waiting. With planner 'none'

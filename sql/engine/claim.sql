@@ -25,7 +25,7 @@ BEGIN
        SET status = 'running', claim_token = gen_random_uuid(), claim_owner = p_owner,
            claimed_at = _clock(), heartbeat_at = _clock(), lease_expires_at = v_expires,
            started_at = coalesce(started_at, _clock()), dispatched = p_dispatched
-     WHERE id = p_step
+     WHERE campaign_id = p_campaign AND id = p_step
     RETURNING jsonb_build_object('step_id', id, 'campaign_id', campaign_id, 'action', action,
                                  'agent', agent, 'depth', depth, 'claim_token', claim_token,
                                  'lease_expires_at', lease_expires_at, 'attempts', attempts)
@@ -34,7 +34,7 @@ BEGIN
     -- says so in the log like any other step (SPEC §13).
     WHILE v_parent IS NOT NULL LOOP
         UPDATE steps SET status = 'running', started_at = _clock()
-         WHERE id = v_parent AND status = 'pending'
+         WHERE campaign_id = p_campaign AND id = v_parent AND status = 'pending'
         RETURNING id, parent_id INTO v_started, v_parent;
         EXIT WHEN NOT FOUND;
         PERFORM _emit(p_campaign, v_started, 'step.started', jsonb_build_object('step_type', 'compound'));
@@ -309,16 +309,22 @@ $$;
 -- the step is backing off after a failed attempt, or its lock keys are held; and, when
 -- `max_dispatched` is given, whether every runner slot is in use.
 CREATE FUNCTION dispatch_blockers(max_dispatched integer DEFAULT NULL) RETURNS jsonb
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
 AS $$
+DECLARE
+    l record;
+BEGIN
+    -- Lock keys are tested against the leases read once (_locks_conflict, lock_keys.sql).
+    SELECT * INTO l FROM _live_leases();
+    RETURN (
     WITH ready AS (
         SELECT CASE
                    WHEN c.status <> 'active' THEN 'campaign_' || c.status
                    WHEN c.token_budget IS NOT NULL AND c.tokens_used >= c.token_budget THEN 'budget'
                    WHEN c.max_parallel IS NOT NULL AND c.running_steps >= c.max_parallel THEN 'max_parallel'
                    WHEN s.not_before > _clock() THEN 'backoff'
-                   WHEN _locks_busy(s.requires_locks, NULL) THEN 'locks'
+                   WHEN _locks_conflict(s.requires_locks, NULL, l.keys, l.modes, l.steps) THEN 'locks'
                    ELSE 'claimable' END AS held_by
           FROM steps s JOIN campaigns c ON c.id = s.campaign_id
          WHERE s.status = 'pending' AND s.step_type = 'atomic' AND s.remaining_deps = 0
@@ -330,5 +336,6 @@ AS $$
         'held_back', coalesce((SELECT jsonb_object_agg(held_by, n)
                                  FROM (SELECT held_by, count(*) AS n FROM ready GROUP BY held_by) g), '{}'),
         'runner_slots', jsonb_build_object('in_use', (SELECT in_use FROM slots), 'cap', max_dispatched),
-        'capacity_reached', max_dispatched IS NOT NULL AND (SELECT in_use FROM slots) >= max_dispatched);
+        'capacity_reached', max_dispatched IS NOT NULL AND (SELECT in_use FROM slots) >= max_dispatched));
+END
 $$;

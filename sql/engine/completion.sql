@@ -10,7 +10,7 @@ BEGIN
     PERFORM _emit(p_campaign, p_step, 'step.done');
     PERFORM _bump_counters(p_campaign, 0, 0, _release_dependents(p_campaign, p_step));
     IF p_parent IS NOT NULL THEN
-        PERFORM _member_settled(p_parent, 1, 0, NULL);
+        PERFORM _member_settled(p_campaign, p_parent, 1, 0, NULL);
     END IF;
     PERFORM _check_drained(p_campaign);
 END
@@ -41,18 +41,18 @@ BEGIN
        SET status = 'done', output = coalesce(summary, ''), tokens_used = steps.tokens_used + v_tokens,
            duration_ms = (extract(epoch FROM _clock() - claimed_at) * 1000)::bigint,
            completed_at = _clock(), claim_token = NULL, lease_expires_at = NULL
-     WHERE id = step_id AND steps.claim_token = complete_step.claim_token AND status = 'running'
-       AND steps.verify IS NULL
+     WHERE steps.campaign_id = v_campaign AND id = step_id
+       AND steps.claim_token = complete_step.claim_token AND status = 'running' AND steps.verify IS NULL
     RETURNING parent_id, claimed_at, requires_locks INTO v_parent, v_claimed_at, v_locks;
     IF NOT FOUND THEN
-        SELECT * INTO s FROM steps WHERE id = step_id;
+        SELECT * INTO s FROM steps WHERE steps.campaign_id = v_campaign AND id = step_id;
         -- SPEC §17: a step with a check stays running, the summary stored, until its command
         -- passed (record_verification); the caller runs the command.
         IF s.verify IS NOT NULL AND s.status = 'running' AND s.claim_token = claim_token THEN
             UPDATE steps
                SET output = coalesce(summary, ''), tokens_used = steps.tokens_used + v_tokens,
                    verification_requested_at = _clock()
-             WHERE id = s.id;
+             WHERE steps.campaign_id = v_campaign AND id = s.id;
             -- Tokens were spent whatever the check says.
             IF v_tokens > 0 THEN
                 UPDATE campaigns SET tokens_used = campaigns.tokens_used + v_tokens WHERE id = v_campaign;
@@ -66,7 +66,7 @@ BEGIN
         -- A worker whose step was skipped under it (abort, cancel) is told so; what it
         -- produced is kept on the step for audit, and nothing else changes.
         IF s.status = 'skipped' AND s.claim_token = claim_token THEN
-            UPDATE steps SET output = coalesce(steps.output, summary) WHERE id = s.id;
+            UPDATE steps SET output = coalesce(steps.output, summary) WHERE steps.campaign_id = v_campaign AND id = s.id;
             RETURN jsonb_build_object('step_id', s.id, 'status', 'skipped', 'accepted', false,
                 'message', format('step %s was skipped (%s) while you worked; your output was kept for the record',
                                   s.id, coalesce(s.error, s.skip_cause)));
@@ -86,7 +86,7 @@ BEGIN
       FROM _leave_running(v_campaign, step_id, v_claimed_at, v_locks,
                          p_open => -1, p_ready => v_ready, p_tokens => v_tokens) r;
     IF v_parent IS NOT NULL THEN
-        PERFORM _member_settled(v_parent, 1, 0, NULL);
+        PERFORM _member_settled(v_campaign, v_parent, 1, 0, NULL);
     END IF;
     IF v_parent IS NOT NULL OR v_open = 0 OR v_budget IS NOT NULL THEN
         PERFORM _check_drained(v_campaign);
@@ -126,7 +126,7 @@ BEGIN
     END IF;
     IF NOT coalesce(passed, false) THEN
         v_status := _attempt_failed(s, format('verification failed: `%s` did not pass:%s%s', s.verify, E'\n', v_output));
-        SELECT status INTO v_status FROM steps WHERE id = s.id;
+        SELECT status INTO v_status FROM steps WHERE steps.campaign_id = s.campaign_id AND id = s.id;
         RETURN jsonb_build_object('step_id', s.id, 'status', v_status, 'accepted', false, 'verification', 'failed',
                                   'will_retry', v_status = 'pending');
     END IF;
@@ -134,13 +134,13 @@ BEGIN
        SET status = 'done', verification = v_output,
            duration_ms = (extract(epoch FROM _clock() - s.claimed_at) * 1000)::bigint,
            completed_at = _clock(), claim_token = NULL, lease_expires_at = NULL
-     WHERE id = s.id;
+     WHERE steps.campaign_id = s.campaign_id AND id = s.id;
     PERFORM _emit(s.campaign_id, s.id, 'step.done', jsonb_build_object('verified', true));
     v_ready := _release_dependents(s.campaign_id, s.id);
     SELECT r.open_steps INTO v_open
       FROM _leave_running(s.campaign_id, s.id, s.claimed_at, s.requires_locks, p_open => -1, p_ready => v_ready) r;
     IF s.parent_id IS NOT NULL THEN
-        PERFORM _member_settled(s.parent_id, 1, 0, NULL);
+        PERFORM _member_settled(s.campaign_id, s.parent_id, 1, 0, NULL);
     END IF;
     PERFORM _check_drained(s.campaign_id);
     SELECT status INTO v_status FROM campaigns WHERE id = s.campaign_id;
@@ -165,6 +165,8 @@ AS $$
 #variable_conflict use_variable
 DECLARE
     v_item record;
+    v_step_ids bigint[];
+    v_campaigns uuid[];
     v_completed jsonb := '[]';
     v_refused jsonb := '[]';
     v_code text;
@@ -176,14 +178,24 @@ BEGIN
     IF EXISTS (SELECT 1 FROM jsonb_array_elements(items) e WHERE jsonb_typeof(e) <> 'object') THEN
         PERFORM _raise('invalid_argument', 'each item must be an object {step_id, claim_token, summary, tokens_used}');
     END IF;
+    -- The items' steps and their campaigns, for the order only; each item is checked below.
+    -- bigint, not numeric: `id = numeric` cannot use the primary key (a scan of steps per batch).
+    -- Read apart from the items: under Citus, steps is distributed by campaign, and the steps
+    -- of a batch are looked up by id across campaigns.
+    v_step_ids := ARRAY(SELECT CASE WHEN jsonb_typeof(e -> 'step_id') = 'number'
+                                         AND (e ->> 'step_id')::numeric BETWEEN 1 AND 9223372036854775807
+                                    THEN (e ->> 'step_id')::numeric::bigint END
+                          FROM jsonb_array_elements(items) e);
+    SELECT coalesce(array_agg(s.id), '{}'), coalesce(array_agg(s.campaign_id), '{}') INTO v_step_ids, v_campaigns
+      FROM steps s
+     WHERE s.id = ANY (v_step_ids);
     FOR v_item IN
         SELECT e.value AS item, e.ordinality
           FROM jsonb_array_elements(items) WITH ORDINALITY e
-          -- bigint, not numeric: `id = numeric` cannot use the primary key (a scan of steps
-          -- per batch). Only the order comes from this join; each item is checked below.
-          LEFT JOIN steps s ON s.id = CASE WHEN jsonb_typeof(e.value -> 'step_id') = 'number'
-                                            AND (e.value ->> 'step_id')::numeric BETWEEN 1 AND 9223372036854775807
-                                           THEN (e.value ->> 'step_id')::numeric::bigint END
+          LEFT JOIN unnest(v_step_ids, v_campaigns) AS s(id, campaign_id)
+            ON s.id = CASE WHEN jsonb_typeof(e.value -> 'step_id') = 'number'
+                                AND (e.value ->> 'step_id')::numeric BETWEEN 1 AND 9223372036854775807
+                           THEN (e.value ->> 'step_id')::numeric::bigint END
          ORDER BY s.campaign_id, s.id, e.ordinality
     LOOP
         BEGIN

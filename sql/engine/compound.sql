@@ -5,8 +5,10 @@
 -- A compound step's members changed: `resolved` more are done (or skipped by an abort or a met
 -- threshold), `failed` more failed or were skipped otherwise. Decides the parent (SPEC §3
 -- compound steps): threshold met → done, the rest skipped; threshold out of reach → failed.
--- `p_failed_step` names the member whose own failure this is, for fail_fast.
-CREATE FUNCTION _member_settled(p_parent bigint, p_resolved integer, p_failed integer, p_failed_step bigint)
+-- `p_parent` is a step of campaign `p_campaign`; `p_failed_step` names the member whose own
+-- failure this is, for fail_fast.
+CREATE FUNCTION _member_settled(p_campaign uuid, p_parent bigint, p_resolved integer, p_failed integer,
+                               p_failed_step bigint)
 RETURNS void
 LANGUAGE plpgsql VOLATILE
 AS $$
@@ -18,7 +20,7 @@ BEGIN
     UPDATE steps
        SET members_resolved = members_resolved + p_resolved,
            members_failed = members_failed + p_failed
-     WHERE id = p_parent AND step_type <> 'atomic'
+     WHERE campaign_id = p_campaign AND id = p_parent AND step_type <> 'atomic'
     RETURNING * INTO p;
     IF NOT FOUND OR p.status NOT IN ('pending', 'running') THEN
         RETURN;
@@ -29,7 +31,7 @@ BEGIN
         RETURN;
     END IF;
     IF p_failed_step IS NOT NULL THEN
-        SELECT failure_policy INTO v_policy FROM steps WHERE id = p_failed_step;
+        SELECT failure_policy INTO v_policy FROM steps WHERE campaign_id = p_campaign AND id = p_failed_step;
     END IF;
     IF v_policy = 'fail_fast' THEN
         PERFORM _settle_failed(p, format('fail_fast: child step %s failed', p_failed_step));
@@ -50,9 +52,9 @@ DECLARE
 BEGIN
     -- Done first, so the skips below find their parent settled and do not re-enter.
     UPDATE steps SET status = 'done', completed_at = _clock(), started_at = coalesce(started_at, _clock())
-     WHERE id = p.id;
+     WHERE campaign_id = p.campaign_id AND id = p.id;
     SELECT coalesce(array_agg(id), '{}') INTO v_rest
-      FROM steps WHERE parent_id = p.id AND status IN ('pending', 'running', 'waiting_input');
+      FROM steps WHERE campaign_id = p.campaign_id AND parent_id = p.id AND status IN ('pending', 'running', 'waiting_input');
     IF cardinality(v_rest) > 0 THEN
         PERFORM _skip_cascade(p.campaign_id, v_rest, 'threshold',
                              format('step %s met its completion threshold without it', p.id));
@@ -61,8 +63,10 @@ BEGIN
        -- A compound step with no members (a for_each over no items) outputs [] (SPEC §13).
        SET output = coalesce((SELECT jsonb_agg(jsonb_build_object('step_id', c.id, 'status', c.status, 'output', c.output)
                                                ORDER BY c.position, c.id)
-                                FROM steps c WHERE c.parent_id = p.id AND c.continued_by IS NULL), '[]')::text
-     WHERE id = p.id;
+                                FROM steps c
+                               WHERE c.campaign_id = p.campaign_id AND c.parent_id = p.id AND c.continued_by IS NULL),
+                              '[]')::text
+     WHERE campaign_id = p.campaign_id AND id = p.id;
     PERFORM _bump_counters(p.campaign_id, -1, 0, 0);
     PERFORM _after_done(p.campaign_id, p.id, p.parent_id);
 END

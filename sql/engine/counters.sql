@@ -88,13 +88,17 @@ BEGIN
      WHERE c.id = p_campaign
     RETURNING c.open_steps, c.status, c.token_budget INTO open_steps, status, token_budget;
     IF cardinality(p_locks) > 0 THEN
-        DELETE FROM resource_leases WHERE step_id = p_step;
+        DELETE FROM resource_leases WHERE campaign_id = p_campaign AND step_id = p_step;
     END IF;
 END
 $$;
 
 -- Running atomic steps across all campaigns, for the runner's global capacity.
 CREATE FUNCTION _running_count() RETURNS bigint
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
-AS $$ SELECT coalesce(sum(running_steps), 0)::bigint FROM campaigns WHERE status IN ('active', 'paused') $$;
+AS $$
+BEGIN
+    RETURN (SELECT coalesce(sum(running_steps), 0)::bigint FROM campaigns WHERE status IN ('active', 'paused'));
+END
+$$;

@@ -44,10 +44,15 @@ BEGIN
 END
 $$;
 
+-- A notification for the campaign's channel (notifications.sql delivers it). PL/pgSQL, as
+-- every function that reads or writes a table (locking.sql, distribution); campaign_id is
+-- taken from the campaign's row, so that under Citus the insert stays with its campaign.
 CREATE FUNCTION _notify_campaign(p_campaign uuid, p_level text, p_message text)
 RETURNS void
-LANGUAGE sql VOLATILE
+LANGUAGE plpgsql VOLATILE
 AS $$
+BEGIN
     INSERT INTO notifications (campaign_id, level, message, channel)
-    SELECT p_campaign, p_level, p_message, c.channel FROM campaigns c WHERE c.id = p_campaign;
+    SELECT c.id, p_level, p_message, c.channel FROM campaigns c WHERE c.id = p_campaign;
+END
 $$;

@@ -12,7 +12,7 @@ DECLARE
 BEGIN
     UPDATE steps SET status = 'failed', error = p_error, completed_at = _clock(),
                      claim_token = NULL, claim_owner = NULL, lease_expires_at = NULL
-     WHERE id = s.id;
+     WHERE campaign_id = s.campaign_id AND id = s.id;
     -- An atomic step only fails from running, and its caller has already taken it off the
     -- running count and released its lock keys (leave_running); a compound step is never
     -- counted as running or ready and holds no keys.
@@ -21,7 +21,7 @@ BEGIN
 
     -- A failed compound step's open children have nothing left to serve.
     SELECT coalesce(array_agg(id), '{}') INTO v_open_children
-      FROM steps WHERE parent_id = s.id AND status IN ('pending', 'running', 'waiting_input');
+      FROM steps WHERE campaign_id = s.campaign_id AND parent_id = s.id AND status IN ('pending', 'running', 'waiting_input');
     IF cardinality(v_open_children) > 0 THEN
         PERFORM _skip_cascade(s.campaign_id, v_open_children, 'parent', format('parent step %s failed', s.id));
     END IF;
@@ -29,10 +29,11 @@ BEGIN
     -- The parent hears of this failure before of the skips it causes, so its verdict names it;
     -- with fail_fast the parent fails at once, which skips the open siblings.
     IF s.parent_id IS NOT NULL AND s.continued_by IS NULL THEN
-        PERFORM _member_settled(s.parent_id, 0, 1, s.id);
+        PERFORM _member_settled(s.campaign_id, s.parent_id, 0, 1, s.id);
     END IF;
 
-    SELECT coalesce(array_agg(step_id), '{}') INTO v_dependents FROM step_dependencies WHERE depends_on = s.id;
+    SELECT coalesce(array_agg(step_id), '{}') INTO v_dependents
+      FROM step_dependencies WHERE campaign_id = s.campaign_id AND depends_on = s.id;
     IF cardinality(v_dependents) > 0 THEN
         PERFORM _skip_cascade(s.campaign_id, v_dependents, 'dependency', format('dependency step %s failed', s.id));
     END IF;
@@ -61,13 +62,13 @@ BEGIN
            SET status = 'pending', attempts = attempts + 1, error = p_error,
                not_before = _clock() + _retry_backoff(s.attempts + 1),
                claim_token = NULL, claim_owner = NULL, lease_expires_at = NULL
-         WHERE id = s.id;
+         WHERE campaign_id = s.campaign_id AND id = s.id;
         PERFORM _bump_counters(s.campaign_id, 0, 0, 1);
         PERFORM _lower_ready_floor(s.campaign_id, s.id);
         PERFORM _emit(s.campaign_id, s.id, 'step.retry', jsonb_build_object('error', p_error, 'attempts', s.attempts + 1));
         RETURN 'pending';
     END IF;
-    UPDATE steps SET attempts = attempts + 1 WHERE id = s.id RETURNING * INTO s;
+    UPDATE steps SET attempts = attempts + 1 WHERE campaign_id = s.campaign_id AND id = s.id RETURNING * INTO s;
     PERFORM _settle_failed(s, p_error);
     RETURN 'failed';
 END
@@ -92,6 +93,7 @@ BEGIN
     RETURN _keep_finished_claim(s.id, claim_token, 'fail_step', jsonb_build_object('error', error),
         jsonb_build_object('step_id', s.id, 'status', v_now,
         'attempts', s.attempts + 1, 'max_attempts', s.max_attempts, 'will_retry', v_now = 'pending',
-        'not_before', (SELECT not_before FROM steps WHERE id = s.id AND status = 'pending')));
+        'not_before', (SELECT x.not_before FROM steps x WHERE x.campaign_id = s.campaign_id AND x.id = s.id
+                                                          AND x.status = 'pending')));
 END
 $$;

@@ -19,7 +19,7 @@ BEGIN
        SET status = 'waiting_input', question = request_input.question, answer = NULL,
            output = coalesce(partial_output, steps.output),
            claim_token = NULL, lease_expires_at = NULL
-     WHERE id = s.id;
+     WHERE steps.campaign_id = s.campaign_id AND id = s.id;
     PERFORM _emit(s.campaign_id, s.id, 'input.requested', jsonb_build_object('question', question));
     PERFORM _notify_campaign(s.campaign_id, 'milestone', format('Step %s asks: %s', s.id, question));
     RETURN jsonb_build_object('step_id', s.id, 'status', 'waiting_input',
@@ -45,7 +45,7 @@ BEGIN
     IF answer IS NULL OR btrim(answer) = '' THEN
         PERFORM _raise('invalid_argument', 'answer is empty');
     END IF;
-    SELECT * INTO s FROM steps WHERE steps.id = step_id AND steps.campaign_id = c.id FOR UPDATE;
+    SELECT * INTO s FROM steps WHERE steps.campaign_id = c.id AND steps.id = step_id FOR UPDATE;
     IF NOT FOUND THEN
         PERFORM _raise('not_found', format('campaign %s has no step %s', c.id, step_id));
     END IF;
@@ -53,7 +53,7 @@ BEGIN
         PERFORM _raise('invalid_state', format('step %s is %s, not waiting for input', s.id, s.status));
     END IF;
     UPDATE steps SET status = 'pending', answer = provide_input.answer, not_before = '-infinity'
-     WHERE steps.id = s.id;
+     WHERE steps.campaign_id = c.id AND steps.id = s.id;
     PERFORM _bump_counters(c.id, 0, 0, 1);
     PERFORM _lower_ready_floor(c.id, s.id);
     PERFORM _emit(c.id, s.id, 'input.provided', jsonb_build_object('answer', answer));

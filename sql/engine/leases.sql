@@ -12,8 +12,10 @@ DECLARE
     s steps := _lock_claimed_step(step_id, claim_token, 'heartbeat');
     v_expires timestamptz := _clock() + make_interval(secs => v_lease);
 BEGIN
-    UPDATE steps SET heartbeat_at = _clock(), lease_expires_at = v_expires WHERE id = s.id;
-    UPDATE resource_leases SET expires_at = v_expires WHERE resource_leases.step_id = s.id;
+    UPDATE steps SET heartbeat_at = _clock(), lease_expires_at = v_expires
+     WHERE steps.campaign_id = s.campaign_id AND id = s.id;
+    UPDATE resource_leases SET expires_at = v_expires
+     WHERE resource_leases.campaign_id = s.campaign_id AND resource_leases.step_id = s.id;
     RETURN jsonb_build_object('step_id', s.id, 'status', 'running', 'lease_expires_at', v_expires);
 END
 $$;
@@ -37,7 +39,7 @@ BEGIN
          LIMIT greatest("limit", 0)
     LOOP
         PERFORM _lock_campaign(v_zombie.campaign_id);
-        SELECT * INTO s FROM steps WHERE id = v_zombie.id;
+        SELECT * INTO s FROM steps WHERE campaign_id = v_zombie.campaign_id AND id = v_zombie.id;
         CONTINUE WHEN s.status <> 'running' OR s.lease_expires_at >= _clock();
         v_reset := v_reset || jsonb_build_object('step_id', s.id, 'campaign_id', s.campaign_id,
                                                   'now', _attempt_failed(s, 'lease expired'));
@@ -58,7 +60,7 @@ DECLARE
 BEGIN
     PERFORM _leave_running(s.campaign_id, s.id, s.claimed_at, s.requires_locks);
     UPDATE steps SET status = 'pending', claim_token = NULL, claim_owner = NULL, lease_expires_at = NULL
-     WHERE id = s.id;
+     WHERE steps.campaign_id = s.campaign_id AND id = s.id;
     PERFORM _bump_counters(s.campaign_id, 0, 0, 1);
     PERFORM _lower_ready_floor(s.campaign_id, s.id);
     PERFORM _emit(s.campaign_id, s.id, 'step.released');

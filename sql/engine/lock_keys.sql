@@ -13,19 +13,55 @@ CREATE FUNCTION _lock_mode(p_entry text) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT CASE WHEN starts_with(p_entry, 'shared:') THEN 'shared' ELSE 'exclusive' END $$;
 
--- Whether any of `p_locks` (entries as in requires_locks) conflicts with a live lease held by
--- a step other than `p_step` (NULL: any step): the one conflict test of take_locks,
--- ready_steps and dispatch_blockers.
-CREATE FUNCTION _locks_busy(p_locks text[], p_step bigint) RETURNS boolean
-LANGUAGE sql STABLE
+-- The one conflict test of take_locks, ready_steps and dispatch_blockers: whether any of
+-- `p_locks` (entries as in requires_locks) conflicts with a live lease, given as the parallel
+-- arrays `p_keys`, `p_modes` and `p_steps`, held by a step other than `p_step` (NULL: any
+-- step). Pure, so that a query over many steps reads the leases once (_live_leases) and tests
+-- each step without reading a table per row: under Citus, resource_leases is a reference table
+-- and a query on a shard may not run another query. Its body calls no function of this
+-- extension (the `shared:` prefix is spelled out as in _lock_key and _lock_mode): Citus inlines
+-- it on a shard with only pg_catalog on the search_path.
+CREATE FUNCTION _locks_conflict(p_locks text[], p_step bigint, p_keys text[], p_modes text[], p_steps bigint[])
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
     SELECT cardinality(p_locks) > 0 AND EXISTS (
         SELECT 1
-          FROM unnest(p_locks) e
-          JOIN resource_leases l
-            ON (l.key = _lock_key(e) OR starts_with(l.key, _lock_key(e) || '/') OR starts_with(_lock_key(e), l.key || '/'))
-         WHERE (p_step IS NULL OR l.step_id <> p_step) AND l.expires_at > _clock()
-           AND NOT (l.mode = 'shared' AND _lock_mode(e) = 'shared'));
+          FROM (SELECT CASE WHEN starts_with(e, 'shared:') THEN substr(e, 8) ELSE e END AS key,
+                       starts_with(e, 'shared:') AS shared
+                  FROM unnest(p_locks) e) w
+          JOIN unnest(p_keys, p_modes, p_steps) AS l(key, mode, step_id)
+            ON (l.key = w.key OR starts_with(l.key, w.key || '/') OR starts_with(w.key, l.key || '/'))
+         WHERE (p_step IS NULL OR l.step_id <> p_step)
+           AND NOT (l.mode = 'shared' AND w.shared));
+$$;
+
+-- The leases live now, as the arrays _locks_conflict() takes.
+CREATE FUNCTION _live_leases(OUT keys text[], OUT modes text[], OUT steps bigint[])
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    SELECT coalesce(array_agg(l.key), '{}'), coalesce(array_agg(l.mode), '{}'), coalesce(array_agg(l.step_id), '{}')
+      INTO keys, modes, steps
+      FROM resource_leases l
+     WHERE l.expires_at > _clock();
+END
+$$;
+
+-- Whether any of `p_locks` conflicts with a live lease held by a step other than `p_step`
+-- (NULL: any step): _locks_conflict() against the leases as they are now.
+CREATE FUNCTION _locks_busy(p_locks text[], p_step bigint) RETURNS boolean
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    l record;
+BEGIN
+    IF cardinality(p_locks) = 0 THEN
+        RETURN false;
+    END IF;
+    SELECT * INTO l FROM _live_leases();
+    RETURN _locks_conflict(p_locks, p_step, l.keys, l.modes, l.steps);
+END
 $$;
 
 -- Takes a step's lock keys if all are free; false (and nothing taken) otherwise. Keys are
@@ -55,15 +91,32 @@ BEGIN
 END
 $$;
 
--- Lock keys whose lease ran out or whose step is no longer running.
+-- Lock keys whose lease ran out or whose step is no longer running. Three statements rather
+-- than one DELETE with a subquery on steps: under Citus, resource_leases is a reference table,
+-- and a change of a reference table cannot read a distributed one. Only leases seen by the
+-- first read can go as not running, so a lease taken meanwhile stays.
 CREATE FUNCTION reap_leases() RETURNS integer
-LANGUAGE sql VOLATILE
+LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
+DECLARE
+    v_campaigns uuid[];
+    v_steps bigint[];
+    v_running bigint[];
+    v_reaped integer;
+BEGIN
+    SELECT coalesce(array_agg(DISTINCT l.campaign_id), '{}'), coalesce(array_agg(DISTINCT l.step_id), '{}')
+      INTO v_campaigns, v_steps
+      FROM resource_leases l;
+    SELECT coalesce(array_agg(s.id), '{}') INTO v_running
+      FROM steps s
+     WHERE s.campaign_id = ANY (v_campaigns) AND s.id = ANY (v_steps) AND s.status = 'running';
     WITH reaped AS (
         DELETE FROM resource_leases l
          WHERE l.expires_at < _clock()
-            OR NOT EXISTS (SELECT 1 FROM steps s WHERE s.id = l.step_id AND s.status = 'running')
+            OR (l.step_id = ANY (v_steps) AND NOT l.step_id = ANY (v_running))
         RETURNING 1)
-    SELECT count(*)::integer FROM reaped;
+    SELECT count(*)::integer INTO v_reaped FROM reaped;
+    RETURN v_reaped;
+END
 $$;

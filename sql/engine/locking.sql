@@ -1,6 +1,13 @@
 -- Locking: the campaign row lock every writing rule takes first, then the step, and fencing by
 -- claim token (SPEC §3). Lock order is always campaign, then step(s); rules that touch several
 -- campaigns (reset_zombies, enforce_budgets) take them in id order.
+--
+-- Distribution (SPEC §2 scale-out rule; Citus distributes the per-campaign tables by
+-- campaign_id): every statement of a rule that works on one campaign names it on each
+-- per-campaign table (`WHERE campaign_id = … AND id = …`), joins between per-campaign tables
+-- equate campaign_id, and a function that reads or writes a table is PL/pgSQL, never
+-- LANGUAGE sql (Citus cannot plan those with parameters) and never called per row inside a
+-- query over a per-campaign table (Citus refuses a query nested in a query on a shard).
 
 -- The campaign row lock every writing rule takes first.
 CREATE FUNCTION _lock_campaign(p_campaign uuid) RETURNS campaigns
@@ -20,7 +27,9 @@ BEGIN
 END
 $$;
 
--- Locks a step's campaign (one statement: the hot paths call this) and returns its id.
+-- Locks a step's campaign (one statement: the hot paths call this) and returns its id. This is
+-- where a rule that names only a step finds its campaign; every later statement of the rule
+-- names that campaign beside the step (SPEC §2 scale-out rule: one campaign, one node).
 CREATE FUNCTION _lock_step_campaign(p_step bigint) RETURNS uuid
 LANGUAGE plpgsql VOLATILE
 AS $$
@@ -46,10 +55,10 @@ CREATE FUNCTION _lock_step(p_step bigint) RETURNS steps
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
+    v_campaign uuid := _lock_step_campaign(p_step);
     s steps;
 BEGIN
-    PERFORM _lock_step_campaign(p_step);
-    SELECT * INTO s FROM steps WHERE id = p_step FOR UPDATE;
+    SELECT * INTO s FROM steps WHERE campaign_id = v_campaign AND id = p_step FOR UPDATE;
     RETURN s;
 END
 $$;

@@ -9,10 +9,12 @@
 -- docs/scale-out.md); an inserted step needs nothing, as its id is above every existing one.
 -- check_invariants() reports a ready step below its campaign's floor.
 CREATE FUNCTION _lower_ready_floor(p_campaign uuid, p_step bigint) RETURNS void
-LANGUAGE sql VOLATILE
+LANGUAGE plpgsql VOLATILE
 AS $$
+BEGIN
     UPDATE campaigns SET ready_floor = p_step
      WHERE id = p_campaign AND p_step IS NOT NULL AND ready_floor > p_step;
+END
 $$;
 
 -- Steps whose remaining_deps just reached 0: an atomic one joins the ready set; a compound one
@@ -26,21 +28,28 @@ DECLARE
     v_compound bigint[];
     v_children bigint[];
     v_first bigint;
+    v_empty steps;
 BEGIN
     WHILE cardinality(p_steps) > 0 LOOP
         SELECT count(*) FILTER (WHERE step_type = 'atomic'),
                min(id) FILTER (WHERE step_type = 'atomic'),
                coalesce(array_agg(id) FILTER (WHERE step_type <> 'atomic'), '{}')
           INTO v_ready, v_first, v_compound
-          FROM steps WHERE id = ANY (p_steps) AND status = 'pending' AND remaining_deps = 0;
+          FROM steps WHERE campaign_id = p_campaign AND id = ANY (p_steps) AND status = 'pending' AND remaining_deps = 0;
         PERFORM _bump_counters(p_campaign, 0, 0, v_ready);
         PERFORM _lower_ready_floor(p_campaign, v_first);
         EXIT WHEN cardinality(v_compound) = 0;
         -- A compound step with no members (a for_each over no items) has nothing to wait for.
-        PERFORM _settle_compound_done(p) FROM steps p WHERE p.id = ANY (v_compound) AND p.members = 0;
+        -- A loop, not a call per row of the query: a rule called inside a query on a shard may
+        -- not run queries of its own (Citus).
+        FOR v_empty IN SELECT * FROM steps p
+                        WHERE p.campaign_id = p_campaign AND p.id = ANY (v_compound) AND p.members = 0
+                        ORDER BY p.id LOOP
+            PERFORM _settle_compound_done(v_empty);
+        END LOOP;
         WITH opened AS (
             UPDATE steps SET remaining_deps = remaining_deps - 1
-             WHERE parent_id = ANY (v_compound) AND status = 'pending'
+             WHERE campaign_id = p_campaign AND parent_id = ANY (v_compound) AND status = 'pending'
             RETURNING id, remaining_deps)
         SELECT coalesce(array_agg(id) FILTER (WHERE remaining_deps = 0), '{}') INTO v_children FROM opened;
         p_steps := v_children;
@@ -62,7 +71,8 @@ BEGIN
     WITH released AS (
         UPDATE steps s SET remaining_deps = s.remaining_deps - 1
           FROM step_dependencies d
-         WHERE d.depends_on = p_step AND s.id = d.step_id AND s.status = 'pending'
+         WHERE d.campaign_id = p_campaign AND d.depends_on = p_step
+           AND s.campaign_id = d.campaign_id AND s.id = d.step_id AND s.status = 'pending'
         RETURNING s.id, s.step_type, s.remaining_deps)
     SELECT count(*) FILTER (WHERE remaining_deps = 0 AND step_type = 'atomic'),
            min(id) FILTER (WHERE remaining_deps = 0 AND step_type = 'atomic'),
@@ -87,20 +97,28 @@ CREATE FUNCTION _ready_floor_slack() RETURNS bigint
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT 32::bigint $$;
 
--- Ready steps, for dashboards and runners that choose for themselves.
+-- Ready steps, for dashboards and runners that choose for themselves. Lock keys are tested
+-- against the leases read once, before the query (_locks_conflict, lock_keys.sql).
 CREATE FUNCTION ready_steps(campaign_id uuid DEFAULT NULL, agent text DEFAULT NULL, "limit" integer DEFAULT 100)
 RETURNS TABLE (step_id bigint, campaign_id uuid, action text, agent text, depth integer, created_at timestamptz)
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
 AS $$
-    SELECT s.id, s.campaign_id, s.action, s.agent, s.depth, s.created_at
+DECLARE
+    l record;
+BEGIN
+    SELECT * INTO l FROM _live_leases();
+    -- $1..$3: the arguments campaign_id, agent and limit (the result has columns of those names).
+    RETURN QUERY
+    SELECT s.id, s.campaign_id, s.action::text, s.agent, s.depth::integer, s.created_at
       FROM steps s JOIN campaigns c ON c.id = s.campaign_id
      WHERE s.status = 'pending' AND s.step_type = 'atomic' AND s.remaining_deps = 0
        AND s.not_before <= _clock()
        AND ($1 IS NULL OR s.campaign_id = $1)
        AND ($2 IS NULL OR s.agent IS NULL OR s.agent = $2)
        AND c.status = 'active' AND (c.token_budget IS NULL OR c.tokens_used < c.token_budget)
-       AND NOT _locks_busy(s.requires_locks, NULL)
+       AND NOT _locks_conflict(s.requires_locks, NULL, l.keys, l.modes, l.steps)
      ORDER BY c.slot_seconds_used / c.weight, s.id
      LIMIT greatest($3, 0);
+END
 $$;

@@ -31,21 +31,22 @@ BEGIN
         SELECT next.id
           FROM reach r
           CROSS JOIN LATERAL (
-              SELECT d.step_id AS id FROM step_dependencies d WHERE d.depends_on = r.id
+              SELECT d.step_id AS id FROM step_dependencies d
+               WHERE d.campaign_id = p_campaign AND d.depends_on = r.id
               UNION ALL
-              SELECT c.id FROM steps c WHERE c.parent_id = r.id) next
+              SELECT c.id FROM steps c WHERE c.campaign_id = p_campaign AND c.parent_id = r.id) next
     ),
     victims AS (
         SELECT s.id, s.status, s.step_type, s.remaining_deps
           FROM steps s JOIN reach USING (id)
-         WHERE s.status IN ('pending', 'running', 'waiting_input')
+         WHERE s.campaign_id = p_campaign AND s.status IN ('pending', 'running', 'waiting_input')
     ),
     skipped AS (
         UPDATE steps s
            SET status = 'skipped', skip_cause = p_cause, error = p_reason,
                completed_at = _clock(), lease_expires_at = NULL
           FROM victims v
-         WHERE s.id = v.id
+         WHERE s.campaign_id = p_campaign AND s.id = v.id
         RETURNING s.id, v.status AS was, v.step_type, v.remaining_deps
     )
     SELECT coalesce(array_agg(id ORDER BY id), '{}'),
@@ -58,7 +59,7 @@ BEGIN
     IF v_open = 0 THEN
         RETURN v_skipped;
     END IF;
-    DELETE FROM resource_leases WHERE step_id = ANY (v_skipped);
+    DELETE FROM resource_leases WHERE campaign_id = p_campaign AND step_id = ANY (v_skipped);
     PERFORM _bump_counters(p_campaign, -v_open, -v_running, -v_ready);
     PERFORM _emit(p_campaign, NULL, 'step.skipped',
                  jsonb_build_object('step_ids', to_jsonb(v_skipped), 'cause', p_cause, 'reason', p_reason));
@@ -69,11 +70,12 @@ BEGIN
         SELECT s.parent_id AS id, count(*) AS lost,
                count(*) FILTER (WHERE s.skip_cause IN ('abort', 'threshold')) AS resolved
           FROM steps s
-         WHERE s.id = ANY (v_skipped) AND s.parent_id IS NOT NULL AND s.continued_by IS NULL
+         WHERE s.campaign_id = p_campaign AND s.id = ANY (v_skipped) AND s.parent_id IS NOT NULL
+           AND s.continued_by IS NULL
          GROUP BY s.parent_id
          ORDER BY max(s.depth) DESC, s.parent_id
     LOOP
-        PERFORM _member_settled(v_parent.id, v_parent.resolved::integer,
+        PERFORM _member_settled(p_campaign, v_parent.id, v_parent.resolved::integer,
                                (v_parent.lost - v_parent.resolved)::integer, NULL);
     END LOOP;
     RETURN v_skipped;

@@ -11,35 +11,44 @@ AS $$ SELECT p_depth + 1 <= p_max_depth $$;
 -- Whether step `step_id` may call spawn_and_continue (the depth rule); NULL for no such step.
 -- The MCP server asks it to decide whether a worker session lists spawn_and_continue.
 CREATE FUNCTION can_spawn(step_id bigint) RETURNS boolean
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
 AS $$
-    SELECT _spawn_allowed(s.depth, c.max_depth)
-      FROM steps s JOIN campaigns c ON c.id = s.campaign_id
-     WHERE s.id = $1
+BEGIN
+    RETURN (SELECT _spawn_allowed(s.depth, c.max_depth)
+              FROM steps s JOIN campaigns c ON c.id = s.campaign_id
+             WHERE s.id = $1);
+END
 $$;
 
--- Every step that cannot finish before `p_step` does, `p_step` included: its dependents, its
--- compound ancestors (they wait for their members), and — for a step that waits through a
--- dependency — its descendants (their gate is its start), transitively. A subtask spliced in
--- place of `p_step` that depended on one of these would close a cycle (SPEC §13).
-CREATE FUNCTION _steps_waiting_for(p_step bigint) RETURNS SETOF bigint
-LANGUAGE sql STABLE
+-- Every step that cannot finish before `p_step` (a step of campaign `p_campaign`) does,
+-- `p_step` included: its dependents, its compound ancestors (they wait for their members), and
+-- — for a step that waits through a dependency — its descendants (their gate is its start),
+-- transitively. A subtask spliced in place of `p_step` that depended on one of these would
+-- close a cycle (SPEC §13).
+CREATE FUNCTION _steps_waiting_for(p_campaign uuid, p_step bigint) RETURNS SETOF bigint
+LANGUAGE plpgsql STABLE
 AS $$
+BEGIN
+    RETURN QUERY
     WITH RECURSIVE down(id, started_after) AS (
         SELECT p_step, false
         UNION
         SELECT next.id, next.started_after
           FROM down
          CROSS JOIN LATERAL (
-             SELECT d.step_id AS id, true AS started_after FROM step_dependencies d WHERE d.depends_on = down.id
+             SELECT d.step_id AS id, true AS started_after FROM step_dependencies d
+              WHERE d.campaign_id = p_campaign AND d.depends_on = down.id
              UNION ALL
-             SELECT s.parent_id, false FROM steps s WHERE s.id = down.id AND s.parent_id IS NOT NULL
+             SELECT s.parent_id, false FROM steps s
+              WHERE s.campaign_id = p_campaign AND s.id = down.id AND s.parent_id IS NOT NULL
              UNION ALL
-             SELECT s.id, true FROM steps s WHERE s.parent_id = down.id AND down.started_after
+             SELECT s.id, true FROM steps s
+              WHERE s.campaign_id = p_campaign AND s.parent_id = down.id AND down.started_after
          ) next
     )
-    SELECT DISTINCT id FROM down;
+    SELECT DISTINCT down.id FROM down;
+END
 $$;
 
 CREATE FUNCTION spawn_and_continue(step_id bigint, claim_token uuid, subtasks jsonb, continuation jsonb,
@@ -60,6 +69,10 @@ DECLARE
     v_cont_agent text;
     v_cont_input jsonb;
     v_cont bigint;
+    v_cont_deps integer;
+    v_deps bigint[];
+    v_waiting bigint[];
+    v_dep bigint;
     v_cycle_dep bigint;
 BEGIN
     -- SPEC §14: a repeat with the same request_id returns the first result (idempotency.sql).
@@ -99,14 +112,22 @@ BEGIN
     v_expansion := _unwrap(_expand_steps(subtasks));
     -- SPEC §13: once rewired, whatever waited for this step waits for the continuation, which
     -- waits for the subtasks; a subtask depending on any of those would wait for itself.
-    SELECT x.dep INTO v_cycle_dep
-      FROM (SELECT DISTINCT e::bigint AS dep
-              FROM jsonb_array_elements(v_expansion -> 'nodes') n,
-                   jsonb_array_elements_text(n -> 'existing_deps') e) x
-     WHERE EXISTS (SELECT 1 FROM steps o WHERE o.id = x.dep AND o.campaign_id = s.campaign_id)
-       AND _newest_continuation(x.dep) IN (SELECT _steps_waiting_for(s.id))
-     ORDER BY x.dep
-     LIMIT 1;
+    -- The subtasks' dependencies on steps of this campaign, lowest first; the first whose newest
+    -- continuation waits for this step is reported. One statement each, no rule called inside
+    -- a query on a shard (Citus).
+    v_deps := ARRAY(SELECT DISTINCT e::bigint
+                      FROM jsonb_array_elements(v_expansion -> 'nodes') n,
+                           jsonb_array_elements_text(n -> 'existing_deps') e);
+    v_deps := ARRAY(SELECT o.id FROM steps o WHERE o.campaign_id = s.campaign_id AND o.id = ANY (v_deps) ORDER BY o.id);
+    IF cardinality(v_deps) > 0 THEN
+        v_waiting := ARRAY(SELECT _steps_waiting_for(s.campaign_id, s.id));
+        FOREACH v_dep IN ARRAY v_deps LOOP
+            IF _newest_continuation(s.campaign_id, v_dep) = ANY (v_waiting) THEN
+                v_cycle_dep := v_dep;
+                EXIT;
+            END IF;
+        END LOOP;
+    END IF;
     IF v_cycle_dep IS NOT NULL THEN
         PERFORM _raise('cycle', format(
             'a subtask depends on step %s, which waits for step %s; once the continuation takes step %s''s place they would wait for each other forever. A subtask cannot depend on work that waits for its spawner: drop that dependency',
@@ -116,14 +137,16 @@ BEGIN
     -- New work first, so the campaign never looks drained in between.
     v_spawned := _insert_steps(c, v_expansion, s.id, s.depth + 1, c.max_depth);
     SELECT array_agg(x::bigint) INTO v_subtask_ids FROM jsonb_array_elements_text(v_spawned -> 'step_ids') x;
+    -- Counted before the insert: Citus takes no subquery in an INSERT's VALUES.
+    SELECT count(*) INTO v_cont_deps
+      FROM steps x WHERE x.campaign_id = s.campaign_id AND x.id = ANY (v_subtask_ids) AND x.status <> 'done';
 
     INSERT INTO steps (campaign_id, parent_id, depth, position, action, agent, step_type, failure_policy,
                        remaining_deps, input, fingerprint, continuation_of, max_attempts, requires_locks, verify,
                        created_at)
     -- The continuation finishes the spawner's work, so the spawner's check (SPEC §17) is its.
     VALUES (s.campaign_id, s.parent_id, s.depth, s.position, v_cont_action, coalesce(v_cont_agent, s.agent), 'atomic',
-            s.failure_policy,
-            (SELECT count(*) FROM steps WHERE id = ANY (v_subtask_ids) AND status <> 'done'),
+            s.failure_policy, v_cont_deps,
             coalesce(v_cont_input, s.input),
             _step_fingerprint(v_cont_action, coalesce(v_cont_agent, s.agent), coalesce(v_cont_input, s.input)),
             s.id, s.max_attempts, s.requires_locks, s.verify, _clock())
@@ -131,7 +154,8 @@ BEGIN
     INSERT INTO step_dependencies (campaign_id, step_id, depends_on)
     SELECT s.campaign_id, v_cont, x FROM unnest(v_subtask_ids) x;
     -- Everything that waited for the spawner now waits for the continuation.
-    UPDATE step_dependencies SET depends_on = v_cont WHERE depends_on = s.id;
+    UPDATE step_dependencies SET depends_on = v_cont
+     WHERE step_dependencies.campaign_id = s.campaign_id AND step_dependencies.depends_on = s.id;
     PERFORM _bump_counters(s.campaign_id, 1, 0, 0);
     PERFORM _unblocked(s.campaign_id, ARRAY[v_cont]);
 
@@ -141,7 +165,7 @@ BEGIN
        SET status = 'done', output = coalesce(partial_output, ''), continued_by = v_cont,
            duration_ms = (extract(epoch FROM _clock() - s.claimed_at) * 1000)::bigint,
            completed_at = _clock(), claim_token = NULL, lease_expires_at = NULL
-     WHERE id = s.id;
+     WHERE steps.campaign_id = s.campaign_id AND id = s.id;
     PERFORM _leave_running(s.campaign_id, s.id, s.claimed_at, s.requires_locks, p_open => -1);
     PERFORM _emit(s.campaign_id, s.id, 'step.spliced', jsonb_build_object(
         'subtask_ids', to_jsonb(v_subtask_ids), 'continuation_id', v_cont));
