@@ -215,7 +215,7 @@ async fn a_campaign_runs_to_its_end_on_the_cluster() {
         .to_string();
     db.ok(
         "sortie.add_steps($1::text::uuid, '[{\"action\": \"build\", \"key\": \"b\"}, \
-           {\"step_type\": \"parallel\", \"action\": \"checks\", \"key\": \"c\", \"depends_on\": [\"b\"], \
+           {\"step_type\": \"parallel_group\", \"action\": \"checks\", \"key\": \"c\", \"depends_on\": [\"b\"], \
             \"children\": [{\"action\": \"lint\"}, {\"action\": \"test\"}]}]')",
         &[&campaign],
     )
