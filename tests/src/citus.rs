@@ -154,13 +154,29 @@ impl CitusCluster {
             .await
             .context("citus_set_coordinator_host")?;
         for worker in &self.workers {
-            client
-                .execute(
-                    "SELECT citus_add_node('127.0.0.1', $1)",
-                    &[&i32::from(worker.port)],
-                )
-                .await
-                .with_context(|| format!("citus_add_node for port {}", worker.port))?;
+            // Under a loaded machine the coordinator's first connection to a worker's new
+            // database was refused once ("failure on connection marked as essential"); a node
+            // that was not added is added again, up to three times.
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                match client
+                    .execute(
+                        "SELECT citus_add_node('127.0.0.1', $1)",
+                        &[&i32::from(worker.port)],
+                    )
+                    .await
+                {
+                    Ok(_) => break,
+                    Err(e) if attempt < 3 => {
+                        eprintln!("citus_add_node for port {} (attempt {attempt}): {e}", worker.port);
+                        tokio::time::sleep(std::time::Duration::from_millis(500 * attempt)).await;
+                    }
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("citus_add_node for port {}", worker.port))
+                    }
+                }
+            }
         }
         Ok(CitusDb {
             name,
