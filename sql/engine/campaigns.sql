@@ -168,8 +168,12 @@ BEGIN
 END
 $$;
 
--- STABLE, not IMMUTABLE: it reads the step's dependencies.
-CREATE FUNCTION _step_row(s steps) RETURNS jsonb
+-- A step as get_campaign lists it; `p_depends_on` is its dependencies (a JSON array of ids,
+-- or NULL), read by the caller in the same query: a function called per row of a query over
+-- a per-campaign table reads no table itself (Citus refuses a query nested in a query on a
+-- shard). Inlined into that query, so it calls only built-in functions (Citus inlines it on
+-- the shard with only pg_catalog on the search_path).
+CREATE FUNCTION _step_row(s steps, p_depends_on jsonb) RETURNS jsonb
 LANGUAGE sql STABLE
 AS $$
     SELECT jsonb_strip_nulls(jsonb_build_object(
@@ -178,7 +182,7 @@ AS $$
         'error', left(s.error, 300), 'question', s.question,
         'output_chars', length(s.output), 'continuation_of', s.continuation_of,
         'continued_by', s.continued_by, 'skip_cause', s.skip_cause,
-        'depends_on', (SELECT jsonb_agg(d.depends_on ORDER BY d.depends_on) FROM step_dependencies d WHERE d.step_id = s.id)));
+        'depends_on', p_depends_on));
 $$;
 
 -- Steps come a page at a time in id order (SPEC §14): `steps_cursor` is the
@@ -204,7 +208,10 @@ BEGIN
     IF NOT FOUND THEN
         PERFORM _raise('not_found', format('campaign %s does not exist', get_campaign.id));
     END IF;
-    SELECT coalesce(jsonb_agg(_step_row(s) ORDER BY s.id), '[]') INTO v_steps
+    SELECT coalesce(jsonb_agg(_step_row(s, (SELECT jsonb_agg(d.depends_on ORDER BY d.depends_on)
+                                              FROM step_dependencies d
+                                             WHERE d.campaign_id = c.id AND d.step_id = s.id))
+                              ORDER BY s.id), '[]') INTO v_steps
       FROM (SELECT * FROM steps
              WHERE campaign_id = c.id AND (v_after IS NULL OR steps.id > v_after)
              ORDER BY steps.id

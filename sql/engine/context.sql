@@ -35,21 +35,25 @@ BEGIN
             'lease_expires_at', s.lease_expires_at)),
         -- The spliced step this one continues: its partial output and what its subtasks said.
         'continues', (SELECT _preview(p.id, coalesce(p.output, ''), head, tail) || jsonb_build_object('action', p.action)
-                        FROM steps p WHERE p.id = s.continuation_of),
+                        FROM steps p WHERE p.campaign_id = s.campaign_id AND p.id = s.continuation_of),
         'upstream', (SELECT coalesce(jsonb_agg(_preview(u.id, coalesce(u.output, ''), head, tail)
                                                || jsonb_build_object('action', u.action, 'status', u.status,
                                                                      'via', via)
                                                ORDER BY u.id), '[]')
-                       FROM (SELECT d.depends_on AS id, 'dependency' AS via FROM step_dependencies d WHERE d.step_id = s.id
+                       FROM (SELECT d.depends_on AS id, 'dependency' AS via FROM step_dependencies d
+                              WHERE d.campaign_id = s.campaign_id AND d.step_id = s.id
                              UNION ALL
                              SELECT d.depends_on, 'ancestor ' || a.id
                                FROM step_dependencies d
                                JOIN LATERAL (WITH RECURSIVE up(id, parent_id) AS (
-                                                 SELECT x.id, x.parent_id FROM steps x WHERE x.id = s.parent_id
+                                                 SELECT x.id, x.parent_id FROM steps x
+                                                  WHERE x.campaign_id = s.campaign_id AND x.id = s.parent_id
                                                  UNION ALL
-                                                 SELECT x.id, x.parent_id FROM steps x JOIN up ON x.id = up.parent_id)
-                                             SELECT id FROM up) a ON d.step_id = a.id) deps
-                       JOIN steps u ON u.id = deps.id),
+                                                 SELECT x.id, x.parent_id FROM steps x JOIN up ON x.id = up.parent_id
+                                                  WHERE x.campaign_id = s.campaign_id)
+                                             SELECT id FROM up) a ON d.step_id = a.id
+                              WHERE d.campaign_id = s.campaign_id) deps
+                       JOIN steps u ON u.campaign_id = s.campaign_id AND u.id = deps.id),
         'notes', (SELECT coalesce(jsonb_agg(jsonb_build_object('id', n.id, 'step_id', n.step_id, 'agent', n.agent,
                                                                'content', left(n.content, 1000), 'tags', n.tags,
                                                                'created_at', n.created_at) ORDER BY n.id DESC), '[]')
@@ -78,12 +82,16 @@ BEGIN
     END IF;
     -- SPEC §15: with a claim token, the reader's campaign is its claim's (scope.sql).
     campaign_id := _worker_campaign(campaign_id, reader_step_id, claim_token, 'read_step_output');
-    SELECT * INTO s FROM steps WHERE id = step_id;
     -- Only steps of the reader's own campaign are readable; another campaign's step reads as
     -- missing rather than revealing that it exists.
-    IF NOT FOUND OR (campaign_id IS NOT NULL AND s.campaign_id <> campaign_id)
+    IF campaign_id IS NOT NULL THEN
+        SELECT * INTO s FROM steps x WHERE x.campaign_id = campaign_id AND x.id = step_id;
+    ELSE
+        SELECT * INTO s FROM steps x WHERE x.id = step_id;
+    END IF;
+    IF NOT FOUND
        OR (reader_step_id IS NOT NULL
-           AND s.campaign_id IS DISTINCT FROM (SELECT r.campaign_id FROM steps r WHERE r.id = reader_step_id)) THEN
+           AND NOT EXISTS (SELECT 1 FROM steps r WHERE r.campaign_id = s.campaign_id AND r.id = reader_step_id)) THEN
         PERFORM _raise('not_found', format('step %s does not exist in your campaign', step_id));
     END IF;
     RETURN jsonb_build_object('step_id', s.id, 'field', coalesce(field, 'output'), 'status', s.status)

@@ -91,13 +91,15 @@ $$;
 -- The answer the claim `p_token` got when it finished step `p_step` with `p_call` and these
 -- arguments, marked replayed; NULL when that claim did not finish it so.
 CREATE FUNCTION _finished_claim(p_step bigint, p_token uuid, p_call text, p_arguments jsonb) RETURNS jsonb
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
 AS $$
-    SELECT f.result || '{"replayed": true}'
-      FROM finished_claims f
-     WHERE f.claim_token = p_token AND f.step_id = p_step AND f.call = p_call
-       AND f.arguments_hash = _arguments_hash(p_arguments)
+BEGIN
+    RETURN (SELECT f.result || '{"replayed": true}'
+              FROM finished_claims f
+             WHERE f.claim_token = p_token AND f.step_id = p_step AND f.call = p_call
+               AND f.arguments_hash = _arguments_hash(p_arguments));
+END
 $$;
 
 -- Keeps the answer of the call with which a claim finished its step, and returns it.

@@ -48,6 +48,6 @@ BEGIN
                  WHERE s.similarity >= 0.2
                  ORDER BY s.similarity DESC, s.id DESC
                  LIMIT greatest(k, 0)) best
-          JOIN notes n ON n.id = best.id);
+          JOIN notes n ON n.campaign_id = _similar_notes_by_words.campaign_id AND n.id = best.id);
 END
 $$;

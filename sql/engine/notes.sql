@@ -28,6 +28,7 @@ AS $$
 DECLARE
     v_id bigint;
     v_arguments jsonb;
+    v_agent text;
 BEGIN
     -- SPEC §15: a worker writes notes only into the campaign of the step it holds (scope.sql).
     campaign_id := _worker_campaign(campaign_id, step_id, claim_token, 'add_note');
@@ -59,10 +60,11 @@ BEGIN
     IF step_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM steps s WHERE s.id = step_id AND s.campaign_id = campaign_id) THEN
         PERFORM _raise('not_found', format('campaign %s has no step %s', campaign_id, step_id));
     END IF;
-    -- A worker's note carries its step's agent when the caller does not name one.
+    -- A worker's note carries its step's agent when the caller does not name one (read before
+    -- the insert: Citus takes no subquery in an INSERT's VALUES).
+    v_agent := coalesce(agent, (SELECT s.agent FROM steps s WHERE s.campaign_id = campaign_id AND s.id = step_id));
     INSERT INTO notes (campaign_id, step_id, agent, content, tags, embedding, embedding_model)
-    VALUES (campaign_id, step_id, coalesce(agent, (SELECT s.agent FROM steps s WHERE s.id = step_id)),
-            content, coalesce(tags, '{}'), embedding, embedding_model)
+    VALUES (campaign_id, step_id, v_agent, content, coalesce(tags, '{}'), embedding, embedding_model)
     RETURNING id INTO v_id;
     PERFORM _emit(campaign_id, step_id, 'note.added', jsonb_build_object('note_id', v_id, 'tags', coalesce(tags, '{}')));
     RETURN jsonb_build_object('note_id', v_id, 'campaign_id', campaign_id, 'step_id', step_id,
@@ -80,13 +82,17 @@ $$;
 CREATE FUNCTION _similar_notes(campaign_id uuid, embedding vector, embedding_model text, k integer DEFAULT 5,
                               exclude bigint DEFAULT NULL)
 RETURNS jsonb
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
 AS $$
-    SELECT coalesce(jsonb_agg(jsonb_build_object('note_id', id, 'content', left(content, 300),
-                                                 'similarity', round(similarity::numeric, 4),
-                                                 'possible_duplicate', similarity >= 0.9)
-                              ORDER BY similarity DESC), '[]')
+#variable_conflict use_column
+BEGIN
+    -- $1..$5: the arguments (named like the columns of notes).
+    RETURN (
+    SELECT coalesce(jsonb_agg(jsonb_build_object('note_id', near.id, 'content', left(near.content, 300),
+                                                 'similarity', round(near.similarity::numeric, 4),
+                                                 'possible_duplicate', near.similarity >= 0.9)
+                              ORDER BY near.similarity DESC), '[]')
       FROM (SELECT n.id, n.content, 1 - (n.embedding <=> $2) AS similarity
               FROM notes n
              WHERE $2 IS NOT NULL AND n.campaign_id = $1 AND n.embedding IS NOT NULL
@@ -94,16 +100,20 @@ AS $$
              ORDER BY n.embedding <=> $2
              LIMIT greatest($4, 0)) near
      -- SPEC §13: below the model's floor a note is not similar, however near it ranks.
-     WHERE similarity >= _similarity_floor($3);
+     WHERE near.similarity >= _similarity_floor($3));
+END
 $$;
 
 -- Backfill (SPEC §8): notes written without an embedding, oldest first.
 CREATE FUNCTION notes_to_embed("limit" integer DEFAULT 100) RETURNS jsonb
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
 AS $$
-    SELECT coalesce(jsonb_agg(jsonb_build_object('note_id', id, 'content', content) ORDER BY id), '[]')
-      FROM (SELECT id, content FROM notes WHERE embedding IS NULL ORDER BY id LIMIT greatest($1, 0)) n;
+BEGIN
+    RETURN (
+    SELECT coalesce(jsonb_agg(jsonb_build_object('note_id', n.id, 'content', n.content) ORDER BY n.id), '[]')
+      FROM (SELECT x.id, x.content FROM notes x WHERE x.embedding IS NULL ORDER BY x.id LIMIT greatest($1, 0)) n);
+END
 $$;
 
 CREATE FUNCTION set_note_embedding(note_id bigint, embedding vector, embedding_model text) RETURNS jsonb
@@ -131,20 +141,28 @@ CREATE FUNCTION get_notes(campaign_id uuid, tags text[] DEFAULT NULL, step_id bi
                           "limit" integer DEFAULT 50, cursor text DEFAULT NULL, preview_chars integer DEFAULT NULL,
                           claim_token uuid DEFAULT NULL)
 RETURNS jsonb
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
 AS $$
+#variable_conflict use_column
+DECLARE
+    -- SPEC §15: a worker reads the notes of its claim's campaign only (scope.sql). Found
+    -- before the query rather than inside it: a rule called inside a query on a shard may not
+    -- run queries of its own (Citus).
+    v_campaign uuid := _worker_campaign($1, NULL, $7, 'get_notes');
+BEGIN
+    -- $1..$7: the arguments (some named like the columns of notes).
+    RETURN (
     WITH page AS (
         SELECT * FROM notes n
-         -- SPEC §15: a worker reads the notes of its claim's campaign only (scope.sql).
-         WHERE n.campaign_id = (SELECT _worker_campaign($1, NULL, $7, 'get_notes'))
+         WHERE n.campaign_id = v_campaign
            AND ($2 IS NULL OR n.tags && $2)
            AND ($3 IS NULL OR n.step_id = $3)
            AND ($5 IS NULL OR n.id < CASE WHEN $5 ~ '^[0-9]{1,18}$' THEN $5::bigint END)
          ORDER BY n.id DESC
          LIMIT least(greatest(coalesce($4, 50), 1), 500) + 1),
     shown AS (
-        SELECT * FROM page ORDER BY id DESC LIMIT least(greatest(coalesce($4, 50), 1), 500))
+        SELECT * FROM page ORDER BY page.id DESC LIMIT least(greatest(coalesce($4, 50), 1), 500))
     SELECT jsonb_build_object(
         'notes', coalesce((SELECT jsonb_agg(jsonb_build_object(
                'id', n.id, 'step_id', n.step_id, 'agent', n.agent,
@@ -155,7 +173,8 @@ AS $$
                                                'truncated', length(n.content) > greatest($6, 1)) END
                ORDER BY n.id DESC) FROM shown n), '[]'),
         'next_cursor', CASE WHEN (SELECT count(*) FROM page) > least(greatest(coalesce($4, 50), 1), 500)
-                            THEN (SELECT min(id) FROM shown)::text END);
+                            THEN (SELECT min(shown.id) FROM shown)::text END));
+END
 $$;
 
 -- Search (SPEC §8): full-text rank fused with pgvector cosine distance by reciprocal rank
@@ -177,6 +196,10 @@ DECLARE
     v_tsquery tsquery;
     v_rare tsquery;
     v_common tsquery;
+    v_terms text[];
+    v_term text;
+    v_rare_terms text[] := '{}';
+    v_common_terms text[] := '{}';
     v_hits jsonb;
 BEGIN
     IF query IS NULL OR btrim(query) = '' THEN
@@ -200,27 +223,32 @@ BEGIN
     -- common word costs time in proportion to the whole table, so the words are split by how
     -- many notes they match (counted up to v_cap + 1): every match of a rare word is a candidate
     -- and ranks first, as the rarer word says more; of the notes sharing only common words, the
-    -- newest v_cap are.
-    SELECT string_agg(w.term, ' | ') FILTER (WHERE w.rare)::tsquery,
-           string_agg(w.term, ' | ') FILTER (WHERE NOT w.rare)::tsquery,
-           string_agg(w.term, ' | ')::tsquery
-      INTO v_rare, v_common, v_tsquery
-      FROM (SELECT t.term,
-                   CASE WHEN campaign_id IS NOT NULL THEN true
-                        ELSE (SELECT count(*) FROM (SELECT 1 FROM notes n
-                                                     WHERE n.content_tsv @@ t.term::tsquery
-                                                       AND (tags IS NULL OR n.tags && tags)
-                                                     LIMIT v_cap + 1) m) <= v_cap END AS rare
-              FROM (SELECT quote_literal(lexeme)::tsquery::text AS term
-                      FROM unnest(to_tsvector('english', query)) AS u(lexeme, positions, weights)) t) w;
+    -- newest v_cap are. One count per word, each a statement of its own (not a subquery per
+    -- word of one query: Citus plans no subquery correlated with a function's rows).
+    v_terms := ARRAY(SELECT quote_literal(lexeme)::tsquery::text
+                       FROM unnest(to_tsvector('english', query)) AS u(lexeme, positions, weights));
+    FOREACH v_term IN ARRAY v_terms LOOP
+        IF campaign_id IS NOT NULL
+           OR (SELECT count(*) FROM (SELECT 1 FROM notes n
+                                      WHERE n.content_tsv @@ v_term::tsquery
+                                        AND (tags IS NULL OR n.tags && tags)
+                                      LIMIT v_cap + 1) m) <= v_cap THEN
+            v_rare_terms := v_rare_terms || v_term;
+        ELSE
+            v_common_terms := v_common_terms || v_term;
+        END IF;
+    END LOOP;
+    v_rare := nullif(array_to_string(v_rare_terms, ' | '), '')::tsquery;
+    v_common := nullif(array_to_string(v_common_terms, ' | '), '')::tsquery;
+    v_tsquery := nullif(array_to_string(v_terms, ' | '), '')::tsquery;
     WITH candidates AS (
-        SELECT n.id, n.content_tsv, true AS rare
+        SELECT n.campaign_id, n.id, n.content_tsv, true AS rare
           FROM notes n
          WHERE v_rare IS NOT NULL AND n.content_tsv @@ v_rare
            AND (campaign_id IS NULL OR n.campaign_id = campaign_id)
            AND (tags IS NULL OR n.tags && tags)
         UNION ALL
-        (SELECT n.id, n.content_tsv, false
+        (SELECT n.campaign_id, n.id, n.content_tsv, false
            FROM notes n
           WHERE v_common IS NOT NULL AND n.content_tsv @@ v_common
             AND NOT (v_rare IS NOT NULL AND n.content_tsv @@ v_rare)
@@ -230,14 +258,15 @@ BEGIN
           LIMIT v_cap)
     ),
     lexical AS (
-        SELECT c.id, row_number() OVER (ORDER BY c.rare DESC, ts_rank_cd(c.content_tsv, v_tsquery) DESC, c.id DESC) AS rank
+        SELECT c.campaign_id, c.id,
+               row_number() OVER (ORDER BY c.rare DESC, ts_rank_cd(c.content_tsv, v_tsquery) DESC, c.id DESC) AS rank
           FROM candidates c
          ORDER BY c.rare DESC, ts_rank_cd(c.content_tsv, v_tsquery) DESC, c.id DESC
          LIMIT v_pool
     ),
     semantic AS (
-        SELECT s.id, row_number() OVER (ORDER BY s.distance, s.id) AS rank, s.distance
-          FROM (SELECT n.id, n.embedding <=> query_embedding AS distance
+        SELECT s.campaign_id, s.id, row_number() OVER (ORDER BY s.distance, s.id) AS rank, s.distance
+          FROM (SELECT n.campaign_id, n.id, n.embedding <=> query_embedding AS distance
                   FROM notes n
                  WHERE query_embedding IS NOT NULL AND n.embedding IS NOT NULL
                    AND (embedding_model IS NULL OR n.embedding_model = embedding_model)
@@ -249,12 +278,12 @@ BEGIN
          WHERE 1 - s.distance >= _similarity_floor(embedding_model)
     ),
     fused AS (
-        SELECT coalesce(l.id, s.id) AS id,
+        SELECT coalesce(l.campaign_id, s.campaign_id) AS campaign_id, coalesce(l.id, s.id) AS id,
                coalesce(1.0 / (60 + l.rank), 0) + coalesce(1.0 / (60 + s.rank), 0) AS score,
                CASE WHEN l.id IS NOT NULL AND s.id IS NOT NULL THEN 'hybrid'
                     WHEN s.id IS NOT NULL THEN 'semantic' ELSE 'lexical' END AS mode,
                1 - s.distance AS similarity
-          FROM lexical l FULL JOIN semantic s ON s.id = l.id
+          FROM lexical l FULL JOIN semantic s ON s.campaign_id = l.campaign_id AND s.id = l.id
     )
     SELECT coalesce(jsonb_agg(jsonb_build_object(
                'note_id', n.id, 'campaign_id', n.campaign_id, 'step_id', n.step_id, 'agent', n.agent,
@@ -262,7 +291,8 @@ BEGIN
                'score', round(f.score::numeric, 6), 'mode', f.mode, 'similarity', round(f.similarity::numeric, 4))
                ORDER BY f.score DESC, n.id DESC), '[]')
       INTO v_hits
-      FROM (SELECT * FROM fused ORDER BY score DESC, id DESC LIMIT v_k) f JOIN notes n ON n.id = f.id;
+      FROM (SELECT * FROM fused ORDER BY score DESC, id DESC LIMIT v_k) f
+      JOIN notes n ON n.campaign_id = f.campaign_id AND n.id = f.id;
     RETURN jsonb_build_object('results', v_hits,
                               'mode', CASE WHEN query_embedding IS NULL THEN 'lexical' ELSE 'hybrid' END);
 END

@@ -93,6 +93,9 @@ SET search_path FROM CURRENT
 AS $$
 DECLARE
     v_grace double precision := extract(epoch FROM coalesce(grace, interval '30 seconds'));
+    -- The time once, in a variable: Citus runs a read's functions on the workers, where this
+    -- session's clock (sortie.fake_now) is not set.
+    v_now timestamptz := _clock();
     v_horizon xid8 := _event_horizon();
     v_waiting bigint;
     v_holder jsonb;
@@ -141,11 +144,11 @@ BEGIN
     END IF;
 
     SELECT jsonb_build_object('count', count(*),
-                              'oldest_expired_seconds', round(max(extract(epoch FROM _clock() - s.lease_expires_at))::numeric, 1),
+                              'oldest_expired_seconds', round(max(extract(epoch FROM v_now - s.lease_expires_at))::numeric, 1),
                               'step_ids', coalesce((array_agg(s.id ORDER BY s.lease_expires_at))[1:20], '{}'))
       INTO v_leases
       FROM steps s
-     WHERE s.status = 'running' AND s.step_type = 'atomic' AND s.lease_expires_at < _clock();
+     WHERE s.status = 'running' AND s.step_type = 'atomic' AND s.lease_expires_at < v_now;
     IF (v_leases ->> 'count')::bigint > 0 AND (v_leases ->> 'oldest_expired_seconds')::double precision >= v_grace THEN
         v_problems := v_problems || jsonb_build_object('code', 'expired_leases',
             'message', format('%s running steps have an expired lease that nothing reset (is sortie-runner running? reset_zombies() resets them)',
@@ -184,7 +187,7 @@ BEGIN
     -- coordinator's add_steps can move it, or a dependency it waits for never resolves.
     SELECT coalesce(jsonb_agg(jsonb_build_object('id', c.id, 'name', c.name, 'open_steps', c.open_steps,
                                                  'planner', c.planner,
-                                                 'idle_seconds', round(extract(epoch FROM _clock() - c.updated_at)::numeric, 1))
+                                                 'idle_seconds', round(extract(epoch FROM v_now - c.updated_at)::numeric, 1))
                               ORDER BY c.updated_at), '[]')
       INTO v_stalled
       FROM campaigns c
@@ -215,8 +218,11 @@ END
 $$;
 
 -- A step as a graph node: what the CLI's tree, the Mermaid/DOT pictures and the web view show.
--- `spawned_by` is set on a subtask of spawn_and_continue (its parent is an atomic step).
-CREATE FUNCTION _graph_node(s steps, p_parent_type text) RETURNS jsonb
+-- `spawned_by` is set on a subtask of spawn_and_continue (its parent is an atomic step); a
+-- running step's duration is counted to `p_now`. Inlined into campaign_graph's query, so it
+-- calls only built-in functions: Citus inlines it on the shard with only pg_catalog on the
+-- search_path.
+CREATE FUNCTION _graph_node(s steps, p_parent_type text, p_now timestamptz) RETURNS jsonb
 LANGUAGE sql STABLE
 AS $$
     SELECT jsonb_strip_nulls(jsonb_build_object(
@@ -232,7 +238,7 @@ AS $$
         'started_at', s.started_at, 'completed_at', s.completed_at,
         'duration_ms', coalesce(s.duration_ms,
                                 CASE WHEN s.status = 'running' AND s.claimed_at IS NOT NULL
-                                     THEN (extract(epoch FROM _clock() - s.claimed_at) * 1000)::bigint END),
+                                     THEN (extract(epoch FROM p_now - s.claimed_at) * 1000)::bigint END),
         'lease_expires_at', CASE WHEN s.status = 'running' THEN s.lease_expires_at END,
         'output_line', left(split_part(btrim(s.output, E' \n\r\t'), E'\n', 1), 200),
         'output_chars', length(s.output),
@@ -252,6 +258,7 @@ DECLARE
     c campaigns;
     v_limit integer := least(greatest(coalesce(max_steps, 5000), 1), 20000);
     v_total bigint;
+    v_now timestamptz := _clock();
 BEGIN
     SELECT * INTO c FROM campaigns WHERE campaigns.id = id;
     IF NOT FOUND THEN
@@ -262,16 +269,16 @@ BEGIN
         'campaign', _campaign_summary(c) || jsonb_build_object('ready_steps', c.ready_steps),
         'step_counts', (SELECT coalesce(jsonb_object_agg(t.status, t.n), '{}')
                           FROM (SELECT s.status, count(*) AS n FROM steps s WHERE s.campaign_id = c.id GROUP BY s.status) t),
-        'nodes', (SELECT coalesce(jsonb_agg(_graph_node(s, p.step_type) ORDER BY s.id), '[]')
+        'nodes', (SELECT coalesce(jsonb_agg(_graph_node(s, p.step_type, v_now) ORDER BY s.id), '[]')
                     FROM (SELECT * FROM steps WHERE steps.campaign_id = c.id ORDER BY steps.id LIMIT v_limit) s
-                    LEFT JOIN steps p ON p.id = s.parent_id),
+                    LEFT JOIN steps p ON p.campaign_id = c.id AND p.id = s.parent_id),
         'edges', (SELECT coalesce(jsonb_agg(e ORDER BY e ->> 'kind', (e ->> 'to')::bigint, (e ->> 'from')::bigint), '[]') FROM (
                     SELECT jsonb_build_object('from', d.depends_on, 'to', d.step_id, 'kind', 'dependency') AS e
                       FROM step_dependencies d
                      WHERE d.campaign_id = c.id AND d.step_id <= (SELECT max(x.id) FROM (SELECT steps.id FROM steps WHERE steps.campaign_id = c.id ORDER BY steps.id LIMIT v_limit) x)
                     UNION ALL
                     SELECT jsonb_build_object('from', s.parent_id, 'to', s.id, 'kind', 'spawned')
-                      FROM steps s JOIN steps p ON p.id = s.parent_id AND p.step_type = 'atomic'
+                      FROM steps s JOIN steps p ON p.campaign_id = s.campaign_id AND p.id = s.parent_id AND p.step_type = 'atomic'
                      WHERE s.campaign_id = c.id
                     UNION ALL
                     SELECT jsonb_build_object('from', s.continuation_of, 'to', s.id, 'kind', 'continues')
@@ -291,6 +298,9 @@ AS $$
 #variable_conflict use_variable
 DECLARE
     v_limit integer := least(greatest(coalesce("limit", 50), 1), 1000);
+    -- The time once, in a variable: Citus runs a read's functions on the workers, where this
+    -- session's clock (sortie.fake_now) is not set.
+    v_now timestamptz := _clock();
 BEGIN
     RETURN jsonb_build_object(
         'running', (SELECT coalesce(jsonb_agg(r ORDER BY r ->> 'started_at'), '[]') FROM (
@@ -298,8 +308,8 @@ BEGIN
                        'step_id', s.id, 'campaign_id', s.campaign_id, 'campaign_name', c.name,
                        'action', s.action, 'agent', s.agent, 'claim_owner', s.claim_owner,
                        'attempts', s.attempts, 'started_at', s.claimed_at,
-                       'running_seconds', round(extract(epoch FROM _clock() - s.claimed_at)::numeric, 1),
-                       'lease_seconds_left', round(extract(epoch FROM s.lease_expires_at - _clock())::numeric, 1))) AS r
+                       'running_seconds', round(extract(epoch FROM v_now - s.claimed_at)::numeric, 1),
+                       'lease_seconds_left', round(extract(epoch FROM s.lease_expires_at - v_now)::numeric, 1))) AS r
               FROM steps s JOIN campaigns c ON c.id = s.campaign_id
              WHERE s.status = 'running' AND s.step_type = 'atomic'
              ORDER BY s.claimed_at
@@ -317,6 +327,6 @@ BEGIN
              WHERE c.status IN ('active', 'paused')
              ORDER BY c.created_at DESC
              LIMIT v_limit) active),
-        'at', _clock());
+        'at', v_now);
 END
 $$;

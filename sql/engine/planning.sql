@@ -28,23 +28,32 @@ $$;
 CREATE FUNCTION campaigns_to_plan("limit" integer DEFAULT 10, planner_configured boolean DEFAULT true,
                                   plan_delay double precision DEFAULT 10)
 RETURNS SETOF uuid
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
 AS $$
+DECLARE
+    -- The time once, in a variable: Citus runs a read's functions on the workers, where this
+    -- session's clock (sortie.fake_now) is not set.
+    v_now timestamptz := _clock();
+BEGIN
+    -- Whether a campaign had steps is read in the query (as _has_had_steps() does), not by a
+    -- call per campaign: Citus refuses a query nested in a query on a shard.
+    RETURN QUERY
     SELECT c.id FROM campaigns c
      WHERE c.status = 'active' AND c.open_steps = 0 AND c.planner = 'llm'
        -- SPEC §17: its benchmark runs first; record_benchmark() hands it back.
        AND NOT c.benchmark_due
        AND CASE WHEN coalesce(planner_configured, true) THEN
-                     (c.planner_lease_until IS NULL OR c.planner_lease_until <= _clock())
-                 AND (c.next_action_at IS NULL OR c.next_action_at <= _clock())
-                 AND (c.created_at + make_interval(secs => greatest(coalesce(plan_delay, 10), 0)) <= _clock()
-                      OR _has_had_steps(c.id))
+                     (c.planner_lease_until IS NULL OR c.planner_lease_until <= v_now)
+                 AND (c.next_action_at IS NULL OR c.next_action_at <= v_now)
+                 AND (c.created_at + make_interval(secs => greatest(coalesce(plan_delay, 10), 0)) <= v_now
+                      OR EXISTS (SELECT 1 FROM steps s WHERE s.campaign_id = c.id))
                 -- Nothing to plan with: only the planner's schedule would wait, so a drained
                 -- campaign is handed over to be ended at once.
-                ELSE _has_had_steps(c.id) END
+                ELSE EXISTS (SELECT 1 FROM steps s WHERE s.campaign_id = c.id) END
      ORDER BY c.next_action_at NULLS FIRST, c.created_at
      LIMIT greatest("limit", 0);
+END
 $$;
 
 -- What the planner is shown (SPEC §4, §13): the campaign's goal, strategy, progress, guidance,
@@ -58,16 +67,22 @@ AS $$
 #variable_conflict use_variable
 DECLARE
     c campaigns;
+    v_success jsonb;
 BEGIN
     SELECT * INTO c FROM campaigns x WHERE x.id = campaign_id;
     IF NOT FOUND THEN
         PERFORM _raise('not_found', format('campaign %s does not exist', campaign_id));
     END IF;
+    -- Apart from the query below: a rule called in a query over a per-campaign table may not
+    -- run queries of its own (Citus runs the whole query on the campaign's shard).
+    IF c.success_metric IS NOT NULL THEN
+        v_success := check_success(c.id);
+    END IF;
     RETURN jsonb_build_object(
         'goal', c.goal, 'strategy', c.strategy, 'progress', c.progress, 'guidance', c.guidance,
         'scope', c.scope, 'max_depth', c.max_depth, 'tokens_used', c.tokens_used, 'token_budget', c.token_budget,
         'success_metric', c.success_metric, 'success_target', c.success_target,
-        'success', CASE WHEN c.success_metric IS NOT NULL THEN check_success(c.id) END,
+        'success', v_success,
         'done', (SELECT coalesce(jsonb_agg(jsonb_build_object('id', s.id, 'action', s.action) ORDER BY s.id DESC), '[]')
                    FROM (SELECT * FROM steps s WHERE s.campaign_id = c.id AND s.status = 'done' AND s.step_type = 'atomic'
                           ORDER BY s.id DESC LIMIT 15) s),

@@ -59,21 +59,31 @@ $$;
 
 -- SPEC §17: a runner takes one campaign whose benchmark is due, with a lease (seconds) so that
 -- one runner runs it at a time; NULL when none is due. Answers {campaign_id, benchmark_command,
--- success_metric}.
+-- success_metric}. The due campaigns are listed first, then locked one at a time (skipping
+-- those another transaction holds, checked again under the lock): Citus locks rows only in a
+-- query on one campaign.
 CREATE FUNCTION take_benchmark(lease_seconds integer DEFAULT 900) RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
 DECLARE
     c campaigns;
+    v_id uuid;
+    -- The time once, in a variable: Citus runs a read's functions on the workers, where this
+    -- session's clock (sortie.fake_now) is not set.
+    v_now timestamptz := _clock();
 BEGIN
-    SELECT * INTO c FROM campaigns
-     WHERE benchmark_due AND status = 'active'
-       AND (benchmark_lease_until IS NULL OR benchmark_lease_until <= _clock())
-     ORDER BY updated_at
-     LIMIT 1
-       FOR UPDATE SKIP LOCKED;
-    IF NOT FOUND THEN
+    FOR v_id IN SELECT x.id FROM campaigns x
+                 WHERE x.benchmark_due AND x.status = 'active'
+                   AND (x.benchmark_lease_until IS NULL OR x.benchmark_lease_until <= v_now)
+                 ORDER BY x.updated_at LOOP
+        SELECT * INTO c FROM campaigns x
+         WHERE x.id = v_id AND x.benchmark_due AND x.status = 'active'
+           AND (x.benchmark_lease_until IS NULL OR x.benchmark_lease_until <= v_now)
+           FOR UPDATE SKIP LOCKED;
+        EXIT WHEN FOUND;
+    END LOOP;
+    IF c.id IS NULL THEN
         RETURN NULL;
     END IF;
     UPDATE campaigns SET benchmark_lease_until = _clock() + make_interval(secs => greatest(coalesce(lease_seconds, 900), 1)),

@@ -48,6 +48,12 @@ DECLARE
     v_horizon xid8 := _event_horizon();
     v_limit integer := least(greatest(coalesce("limit", 200), 1), 1000);
     v_page events[];
+    v_done_campaigns uuid[];
+    v_done_steps bigint[];
+    v_note_campaigns uuid[];
+    v_note_ids bigint[];
+    v_completed jsonb;
+    v_notes jsonb;
 BEGIN
     IF consumer IS NULL OR btrim(consumer) = '' OR length(consumer) > 200 THEN
         PERFORM _raise('invalid_argument', 'consumer must be a name of 1 to 200 characters');
@@ -60,9 +66,11 @@ BEGIN
     SELECT * INTO v_cursor FROM cursors WHERE cursors.consumer = v_key FOR UPDATE;
 
     -- The page is an array, not a temporary table: creating and dropping a table per call
-    -- bloats the catalog and makes every commit wait for its WAL flush.
-    SELECT coalesce(array_agg(e ORDER BY e.tx, e.id), '{}') INTO v_page
-      FROM (SELECT e.* FROM events e
+    -- bloats the catalog and makes every commit wait for its WAL flush. Its rows are built from
+    -- their columns: Citus hands a whole row of a subquery back as a record it cannot read.
+    SELECT coalesce(array_agg(ROW(e.id, e.tx, e.campaign_id, e.step_id, e.kind, e.payload, e.at)::events
+                              ORDER BY e.tx, e.id), '{}') INTO v_page
+      FROM (SELECT e.id, e.tx, e.campaign_id, e.step_id, e.kind, e.payload, e.at FROM events e
              WHERE (e.tx, e.id) > (v_cursor.last_tx, v_cursor.last_event_id) AND e.tx < v_horizon
                AND (id IS NULL OR e.campaign_id = id)
              ORDER BY e.tx, e.id
@@ -74,11 +82,30 @@ BEGIN
          WHERE cursors.consumer = v_key;
     END IF;
 
+    -- The steps and notes the page names, read by their ids rather than joined with the page:
+    -- under Citus the page cannot travel to the workers (a distributed query takes no array of
+    -- rows).
+    SELECT coalesce(array_agg(e.campaign_id ORDER BY e.tx, e.id), '{}'), coalesce(array_agg(e.step_id ORDER BY e.tx, e.id), '{}')
+      INTO v_done_campaigns, v_done_steps
+      FROM unnest(v_page) e WHERE e.kind = 'step.done';
+    SELECT coalesce(jsonb_agg(jsonb_build_object('step_id', s.id, 'campaign_id', s.campaign_id,
+                              'action', s.action, 'output_preview', left(s.output, 300),
+                              'output_chars', length(s.output)) ORDER BY array_position(v_done_steps, s.id)), '[]')
+      INTO v_completed
+      FROM steps s
+     WHERE s.campaign_id = ANY (v_done_campaigns) AND s.id = ANY (v_done_steps);
+    SELECT coalesce(array_agg(e.campaign_id), '{}'), coalesce(array_agg((e.payload ->> 'note_id')::bigint), '{}')
+      INTO v_note_campaigns, v_note_ids
+      FROM unnest(v_page) e WHERE e.kind = 'note.added';
+    SELECT coalesce(jsonb_agg(jsonb_build_object('note_id', n.id, 'campaign_id', n.campaign_id,
+                              'step_id', n.step_id, 'agent', n.agent, 'tags', n.tags,
+                              'content', left(n.content, 500)) ORDER BY n.id DESC), '[]')
+      INTO v_notes
+      FROM notes n
+     WHERE n.campaign_id = ANY (v_note_campaigns) AND n.id = ANY (v_note_ids);
+
     RETURN jsonb_build_object(
-        'completed', (SELECT coalesce(jsonb_agg(jsonb_build_object('step_id', s.id, 'campaign_id', s.campaign_id,
-                                       'action', s.action, 'output_preview', left(s.output, 300),
-                                       'output_chars', length(s.output)) ORDER BY e.tx, e.id), '[]')
-                        FROM unnest(v_page) e JOIN steps s ON s.id = e.step_id WHERE e.kind = 'step.done'),
+        'completed', v_completed,
         'failed', (SELECT coalesce(jsonb_agg(jsonb_build_object('step_id', e.step_id, 'campaign_id', e.campaign_id,
                                     'error', e.payload ->> 'error') ORDER BY e.tx, e.id), '[]')
                      FROM unnest(v_page) e WHERE e.kind = 'step.failed'),
@@ -87,11 +114,7 @@ BEGIN
                        FROM unnest(v_page) e WHERE e.kind = 'step.retry'),
         'skipped', (SELECT coalesce(jsonb_agg(jsonb_build_object('campaign_id', e.campaign_id) || e.payload ORDER BY e.tx, e.id), '[]')
                       FROM unnest(v_page) e WHERE e.kind = 'step.skipped'),
-        'notes', (SELECT coalesce(jsonb_agg(jsonb_build_object('note_id', n.id, 'campaign_id', n.campaign_id,
-                                  'step_id', n.step_id, 'agent', n.agent, 'tags', n.tags,
-                                  'content', left(n.content, 500)) ORDER BY n.id DESC), '[]')
-                    FROM unnest(v_page) e JOIN notes n ON n.id = (e.payload ->> 'note_id')::bigint
-                   WHERE e.kind = 'note.added'),
+        'notes', v_notes,
         'campaigns', (SELECT coalesce(jsonb_agg(jsonb_build_object('campaign_id', e.campaign_id, 'event', e.kind,
                                       'reason', e.payload ->> 'reason', 'at', e.at) ORDER BY e.tx, e.id), '[]')
                         FROM unnest(v_page) e WHERE e.kind LIKE 'campaign.%' OR e.kind = 'plan.applied'),

@@ -69,8 +69,12 @@ AS $$
 $$;
 
 CREATE FUNCTION _workflow_definition(c campaigns) RETURNS jsonb
-LANGUAGE sql STABLE
-AS $$ SELECT definition FROM workflows WHERE name = c.workflow AND hash = c.workflow_hash $$;
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    RETURN (SELECT w.definition FROM workflows w WHERE w.name = c.workflow AND w.hash = c.workflow_hash);
+END
+$$;
 
 CREATE FUNCTION _workflow_step_names(p_definition jsonb) RETURNS text[]
 LANGUAGE sql IMMUTABLE
