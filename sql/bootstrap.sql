@@ -49,10 +49,16 @@ END
 $$;
 
 -- The one clock every rule compares against (SPEC §11). Tests move time with
--- `SET sortie.fake_now = '…'` instead of sleeping.
+-- `SET sortie.fake_now = '…'` instead of sleeping. PL/pgSQL, so that it is never inlined: Citus
+-- computes a call of a STABLE function once for a change of a distributed table, but refuses
+-- the COALESCE an inlined body would leave in the statement (docs/scale-out.md).
 CREATE FUNCTION _clock() RETURNS timestamptz
-LANGUAGE sql STABLE PARALLEL SAFE
-AS $$ SELECT coalesce(nullif(current_setting('sortie.fake_now', true), '')::timestamptz, now()) $$;
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+AS $$
+BEGIN
+    RETURN coalesce(nullif(current_setting('sortie.fake_now', true), '')::timestamptz, now());
+END
+$$;
 
 CREATE FUNCTION _priority_weight(priority text) RETURNS double precision
 LANGUAGE sql IMMUTABLE PARALLEL SAFE

@@ -100,8 +100,12 @@ $$;
 
 -- sql/bootstrap.sql
 CREATE OR REPLACE FUNCTION _clock() RETURNS timestamptz
-LANGUAGE sql STABLE PARALLEL SAFE
-AS $$ SELECT coalesce(nullif(current_setting('sortie.fake_now', true), '')::timestamptz, now()) $$;
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+AS $$
+BEGIN
+    RETURN coalesce(nullif(current_setting('sortie.fake_now', true), '')::timestamptz, now());
+END
+$$;
 
 -- sql/bootstrap.sql
 CREATE OR REPLACE FUNCTION _priority_weight(priority text) RETURNS double precision
@@ -254,13 +258,19 @@ $$;
 
 CREATE OR REPLACE FUNCTION _notify_campaign(p_campaign uuid, p_level text, p_message text)
 RETURNS void
-LANGUAGE sql VOLATILE
+LANGUAGE plpgsql VOLATILE
 AS $$
+BEGIN
     INSERT INTO notifications (campaign_id, level, message, channel)
-    SELECT p_campaign, p_level, p_message, c.channel FROM campaigns c WHERE c.id = p_campaign;
+    SELECT c.id, p_level, p_message, c.channel FROM campaigns c WHERE c.id = p_campaign;
+END
 $$;
 
 -- sql/engine/locking.sql
+CREATE OR REPLACE FUNCTION _on_citus() RETURNS boolean
+LANGUAGE sql STABLE PARALLEL SAFE
+AS $$ SELECT current_setting('citus.version', true) IS NOT NULL $$;
+
 CREATE OR REPLACE FUNCTION _lock_campaign(p_campaign uuid) RETURNS campaigns
 LANGUAGE plpgsql VOLATILE
 AS $$
@@ -287,10 +297,15 @@ BEGIN
     IF p_step IS NULL THEN
         PERFORM _raise('invalid_argument', 'a step id is required (pass step_id, or run with SORTIE_STEP_ID set)');
     END IF;
-    SELECT c.id INTO v_campaign
-      FROM campaigns c
-     WHERE c.id = (SELECT s.campaign_id FROM steps s WHERE s.id = p_step)
-       FOR UPDATE;
+    IF _on_citus() THEN
+        SELECT s.campaign_id INTO v_campaign FROM steps s WHERE s.id = p_step;
+        SELECT c.id INTO v_campaign FROM campaigns c WHERE c.id = v_campaign FOR UPDATE;
+    ELSE
+        SELECT c.id INTO v_campaign
+          FROM campaigns c
+         WHERE c.id = (SELECT s.campaign_id FROM steps s WHERE s.id = p_step)
+           FOR UPDATE;
+    END IF;
     IF NOT FOUND THEN
         PERFORM _raise('not_found', format('step %s does not exist', p_step));
     END IF;
@@ -302,10 +317,10 @@ CREATE OR REPLACE FUNCTION _lock_step(p_step bigint) RETURNS steps
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
+    v_campaign uuid := _lock_step_campaign(p_step);
     s steps;
 BEGIN
-    PERFORM _lock_step_campaign(p_step);
-    SELECT * INTO s FROM steps WHERE id = p_step FOR UPDATE;
+    SELECT * INTO s FROM steps WHERE campaign_id = v_campaign AND id = p_step FOR UPDATE;
     RETURN s;
 END
 $$;
@@ -407,24 +422,30 @@ CREATE OR REPLACE FUNCTION _leave_running(p_campaign uuid, p_step bigint, p_clai
                               OUT open_steps integer, OUT status text, OUT token_budget bigint)
 LANGUAGE plpgsql VOLATILE
 AS $$
+DECLARE
+    v_correction double precision := _slot_correction(p_claimed_at);
 BEGIN
     UPDATE campaigns c
-       SET slot_seconds_used = greatest(c.slot_seconds_used + _slot_correction(p_claimed_at), 0),
+       SET slot_seconds_used = greatest(c.slot_seconds_used + v_correction, 0),
            tokens_used = c.tokens_used + p_tokens,
            running_steps = c.running_steps - 1, open_steps = c.open_steps + p_open,
            ready_steps = c.ready_steps + p_ready, updated_at = now()
      WHERE c.id = p_campaign
     RETURNING c.open_steps, c.status, c.token_budget INTO open_steps, status, token_budget;
     IF cardinality(p_locks) > 0 THEN
-        DELETE FROM resource_leases WHERE step_id = p_step;
+        DELETE FROM resource_leases WHERE campaign_id = p_campaign AND step_id = p_step;
     END IF;
 END
 $$;
 
 CREATE OR REPLACE FUNCTION _running_count() RETURNS bigint
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
-AS $$ SELECT coalesce(sum(running_steps), 0)::bigint FROM campaigns WHERE status IN ('active', 'paused') $$;
+AS $$
+BEGIN
+    RETURN (SELECT coalesce(sum(running_steps), 0)::bigint FROM campaigns WHERE status IN ('active', 'paused'));
+END
+$$;
 
 -- sql/engine/lock_keys.sql
 CREATE OR REPLACE FUNCTION _lock_key(p_entry text) RETURNS text
@@ -435,16 +456,44 @@ CREATE OR REPLACE FUNCTION _lock_mode(p_entry text) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT CASE WHEN starts_with(p_entry, 'shared:') THEN 'shared' ELSE 'exclusive' END $$;
 
-CREATE OR REPLACE FUNCTION _locks_busy(p_locks text[], p_step bigint) RETURNS boolean
-LANGUAGE sql STABLE
+CREATE OR REPLACE FUNCTION _locks_conflict(p_locks text[], p_step bigint, p_keys text[], p_modes text[], p_steps bigint[])
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
     SELECT cardinality(p_locks) > 0 AND EXISTS (
         SELECT 1
-          FROM unnest(p_locks) e
-          JOIN resource_leases l
-            ON (l.key = _lock_key(e) OR starts_with(l.key, _lock_key(e) || '/') OR starts_with(_lock_key(e), l.key || '/'))
-         WHERE (p_step IS NULL OR l.step_id <> p_step) AND l.expires_at > _clock()
-           AND NOT (l.mode = 'shared' AND _lock_mode(e) = 'shared'));
+          FROM (SELECT CASE WHEN starts_with(e, 'shared:') THEN substr(e, 8) ELSE e END AS key,
+                       starts_with(e, 'shared:') AS shared
+                  FROM unnest(p_locks) e) w
+          JOIN unnest(p_keys, p_modes, p_steps) AS l(key, mode, step_id)
+            ON (l.key = w.key OR starts_with(l.key, w.key || '/') OR starts_with(w.key, l.key || '/'))
+         WHERE (p_step IS NULL OR l.step_id <> p_step)
+           AND NOT (l.mode = 'shared' AND w.shared));
+$$;
+
+CREATE OR REPLACE FUNCTION _live_leases(OUT keys text[], OUT modes text[], OUT steps bigint[])
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    SELECT coalesce(array_agg(l.key), '{}'), coalesce(array_agg(l.mode), '{}'), coalesce(array_agg(l.step_id), '{}')
+      INTO keys, modes, steps
+      FROM resource_leases l
+     WHERE l.expires_at > _clock();
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _locks_busy(p_locks text[], p_step bigint) RETURNS boolean
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    l record;
+BEGIN
+    IF cardinality(p_locks) = 0 THEN
+        RETURN false;
+    END IF;
+    SELECT * INTO l FROM _live_leases();
+    RETURN _locks_conflict(p_locks, p_step, l.keys, l.modes, l.steps);
+END
 $$;
 
 CREATE OR REPLACE FUNCTION _take_locks(p_step bigint, p_campaign uuid, p_locks text[], p_expires timestamptz)
@@ -473,23 +522,39 @@ END
 $$;
 
 CREATE OR REPLACE FUNCTION reap_leases() RETURNS integer
-LANGUAGE sql VOLATILE
+LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
+DECLARE
+    v_campaigns uuid[];
+    v_steps bigint[];
+    v_running bigint[];
+    v_reaped integer;
+BEGIN
+    SELECT coalesce(array_agg(DISTINCT l.campaign_id), '{}'), coalesce(array_agg(DISTINCT l.step_id), '{}')
+      INTO v_campaigns, v_steps
+      FROM resource_leases l;
+    SELECT coalesce(array_agg(s.id), '{}') INTO v_running
+      FROM steps s
+     WHERE s.campaign_id = ANY (v_campaigns) AND s.id = ANY (v_steps) AND s.status = 'running';
     WITH reaped AS (
         DELETE FROM resource_leases l
          WHERE l.expires_at < _clock()
-            OR NOT EXISTS (SELECT 1 FROM steps s WHERE s.id = l.step_id AND s.status = 'running')
+            OR (l.step_id = ANY (v_steps) AND NOT l.step_id = ANY (v_running))
         RETURNING 1)
-    SELECT count(*)::integer FROM reaped;
+    SELECT count(*)::integer INTO v_reaped FROM reaped;
+    RETURN v_reaped;
+END
 $$;
 
 -- sql/engine/readiness.sql
 CREATE OR REPLACE FUNCTION _lower_ready_floor(p_campaign uuid, p_step bigint) RETURNS void
-LANGUAGE sql VOLATILE
+LANGUAGE plpgsql VOLATILE
 AS $$
+BEGIN
     UPDATE campaigns SET ready_floor = p_step
      WHERE id = p_campaign AND p_step IS NOT NULL AND ready_floor > p_step;
+END
 $$;
 
 CREATE OR REPLACE FUNCTION _unblocked(p_campaign uuid, p_steps bigint[]) RETURNS void
@@ -500,21 +565,28 @@ DECLARE
     v_compound bigint[];
     v_children bigint[];
     v_first bigint;
+    v_empty steps;
 BEGIN
     WHILE cardinality(p_steps) > 0 LOOP
         SELECT count(*) FILTER (WHERE step_type = 'atomic'),
                min(id) FILTER (WHERE step_type = 'atomic'),
                coalesce(array_agg(id) FILTER (WHERE step_type <> 'atomic'), '{}')
           INTO v_ready, v_first, v_compound
-          FROM steps WHERE id = ANY (p_steps) AND status = 'pending' AND remaining_deps = 0;
+          FROM steps WHERE campaign_id = p_campaign AND id = ANY (p_steps) AND status = 'pending' AND remaining_deps = 0;
         PERFORM _bump_counters(p_campaign, 0, 0, v_ready);
         PERFORM _lower_ready_floor(p_campaign, v_first);
         EXIT WHEN cardinality(v_compound) = 0;
         -- A compound step with no members (a for_each over no items) has nothing to wait for.
-        PERFORM _settle_compound_done(p) FROM steps p WHERE p.id = ANY (v_compound) AND p.members = 0;
+        -- A loop, not a call per row of the query: a rule called inside a query on a shard may
+        -- not run queries of its own (Citus).
+        FOR v_empty IN SELECT * FROM steps p
+                        WHERE p.campaign_id = p_campaign AND p.id = ANY (v_compound) AND p.members = 0
+                        ORDER BY p.id LOOP
+            PERFORM _settle_compound_done(v_empty);
+        END LOOP;
         WITH opened AS (
             UPDATE steps SET remaining_deps = remaining_deps - 1
-             WHERE parent_id = ANY (v_compound) AND status = 'pending'
+             WHERE campaign_id = p_campaign AND parent_id = ANY (v_compound) AND status = 'pending'
             RETURNING id, remaining_deps)
         SELECT coalesce(array_agg(id) FILTER (WHERE remaining_deps = 0), '{}') INTO v_children FROM opened;
         p_steps := v_children;
@@ -533,7 +605,8 @@ BEGIN
     WITH released AS (
         UPDATE steps s SET remaining_deps = s.remaining_deps - 1
           FROM step_dependencies d
-         WHERE d.depends_on = p_step AND s.id = d.step_id AND s.status = 'pending'
+         WHERE d.campaign_id = p_campaign AND d.depends_on = p_step
+           AND s.campaign_id = d.campaign_id AND s.id = d.step_id AND s.status = 'pending'
         RETURNING s.id, s.step_type, s.remaining_deps)
     SELECT count(*) FILTER (WHERE remaining_deps = 0 AND step_type = 'atomic'),
            min(id) FILTER (WHERE remaining_deps = 0 AND step_type = 'atomic'),
@@ -554,22 +627,37 @@ CREATE OR REPLACE FUNCTION _ready_floor_slack() RETURNS bigint
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT 32::bigint $$;
 
+CREATE OR REPLACE FUNCTION _ready_steps(p_campaign uuid, p_agent text, p_limit integer)
+RETURNS TABLE (step_id bigint, campaign_id uuid, action text, agent text, depth integer, created_at timestamptz)
+LANGUAGE plpgsql STABLE
+AS $$
+#variable_conflict use_column
+DECLARE
+    l record;
+    -- The time once, in a variable: Citus runs a read's functions on the workers, where this
+    -- session's clock (sortie.fake_now) is not set.
+    v_now timestamptz := _clock();
+BEGIN
+    SELECT * INTO l FROM _live_leases();
+    RETURN QUERY
+    SELECT s.id, s.campaign_id, s.action::text, s.agent, s.depth::integer, s.created_at
+      FROM steps s JOIN campaigns c ON c.id = s.campaign_id
+     WHERE s.status = 'pending' AND s.step_type = 'atomic' AND s.remaining_deps = 0
+       AND s.not_before <= v_now
+       AND (p_campaign IS NULL OR s.campaign_id = p_campaign)
+       AND (p_agent IS NULL OR s.agent IS NULL OR s.agent = p_agent)
+       AND c.status = 'active' AND (c.token_budget IS NULL OR c.tokens_used < c.token_budget)
+       AND NOT _locks_conflict(s.requires_locks, NULL, l.keys, l.modes, l.steps)
+     ORDER BY c.slot_seconds_used / c.weight, s.id
+     LIMIT greatest(p_limit, 0);
+END
+$$;
+
 CREATE OR REPLACE FUNCTION ready_steps(campaign_id uuid DEFAULT NULL, agent text DEFAULT NULL, "limit" integer DEFAULT 100)
 RETURNS TABLE (step_id bigint, campaign_id uuid, action text, agent text, depth integer, created_at timestamptz)
 LANGUAGE sql STABLE
 SET search_path FROM CURRENT
-AS $$
-    SELECT s.id, s.campaign_id, s.action, s.agent, s.depth, s.created_at
-      FROM steps s JOIN campaigns c ON c.id = s.campaign_id
-     WHERE s.status = 'pending' AND s.step_type = 'atomic' AND s.remaining_deps = 0
-       AND s.not_before <= _clock()
-       AND ($1 IS NULL OR s.campaign_id = $1)
-       AND ($2 IS NULL OR s.agent IS NULL OR s.agent = $2)
-       AND c.status = 'active' AND (c.token_budget IS NULL OR c.tokens_used < c.token_budget)
-       AND NOT _locks_busy(s.requires_locks, NULL)
-     ORDER BY c.slot_seconds_used / c.weight, s.id
-     LIMIT greatest($3, 0);
-$$;
+AS $$ SELECT * FROM _ready_steps($1, $2, $3) $$;
 
 -- sql/engine/skip_cascade.sql
 CREATE OR REPLACE FUNCTION _skip_cascade(p_campaign uuid, p_seeds bigint[], p_cause text, p_reason text)
@@ -592,21 +680,22 @@ BEGIN
         SELECT next.id
           FROM reach r
           CROSS JOIN LATERAL (
-              SELECT d.step_id AS id FROM step_dependencies d WHERE d.depends_on = r.id
+              SELECT d.step_id AS id FROM step_dependencies d
+               WHERE d.campaign_id = p_campaign AND d.depends_on = r.id
               UNION ALL
-              SELECT c.id FROM steps c WHERE c.parent_id = r.id) next
+              SELECT c.id FROM steps c WHERE c.campaign_id = p_campaign AND c.parent_id = r.id) next
     ),
     victims AS (
         SELECT s.id, s.status, s.step_type, s.remaining_deps
           FROM steps s JOIN reach USING (id)
-         WHERE s.status IN ('pending', 'running', 'waiting_input')
+         WHERE s.campaign_id = p_campaign AND s.status IN ('pending', 'running', 'waiting_input')
     ),
     skipped AS (
         UPDATE steps s
            SET status = 'skipped', skip_cause = p_cause, error = p_reason,
                completed_at = _clock(), lease_expires_at = NULL
           FROM victims v
-         WHERE s.id = v.id
+         WHERE s.campaign_id = p_campaign AND s.id = v.id
         RETURNING s.id, v.status AS was, v.step_type, v.remaining_deps
     )
     SELECT coalesce(array_agg(id ORDER BY id), '{}'),
@@ -619,7 +708,7 @@ BEGIN
     IF v_open = 0 THEN
         RETURN v_skipped;
     END IF;
-    DELETE FROM resource_leases WHERE step_id = ANY (v_skipped);
+    DELETE FROM resource_leases WHERE campaign_id = p_campaign AND step_id = ANY (v_skipped);
     PERFORM _bump_counters(p_campaign, -v_open, -v_running, -v_ready);
     PERFORM _emit(p_campaign, NULL, 'step.skipped',
                  jsonb_build_object('step_ids', to_jsonb(v_skipped), 'cause', p_cause, 'reason', p_reason));
@@ -630,11 +719,12 @@ BEGIN
         SELECT s.parent_id AS id, count(*) AS lost,
                count(*) FILTER (WHERE s.skip_cause IN ('abort', 'threshold')) AS resolved
           FROM steps s
-         WHERE s.id = ANY (v_skipped) AND s.parent_id IS NOT NULL AND s.continued_by IS NULL
+         WHERE s.campaign_id = p_campaign AND s.id = ANY (v_skipped) AND s.parent_id IS NOT NULL
+           AND s.continued_by IS NULL
          GROUP BY s.parent_id
          ORDER BY max(s.depth) DESC, s.parent_id
     LOOP
-        PERFORM _member_settled(v_parent.id, v_parent.resolved::integer,
+        PERFORM _member_settled(p_campaign, v_parent.id, v_parent.resolved::integer,
                                (v_parent.lost - v_parent.resolved)::integer, NULL);
     END LOOP;
     RETURN v_skipped;
@@ -642,7 +732,8 @@ END
 $$;
 
 -- sql/engine/compound.sql
-CREATE OR REPLACE FUNCTION _member_settled(p_parent bigint, p_resolved integer, p_failed integer, p_failed_step bigint)
+CREATE OR REPLACE FUNCTION _member_settled(p_campaign uuid, p_parent bigint, p_resolved integer, p_failed integer,
+                               p_failed_step bigint)
 RETURNS void
 LANGUAGE plpgsql VOLATILE
 AS $$
@@ -654,7 +745,7 @@ BEGIN
     UPDATE steps
        SET members_resolved = members_resolved + p_resolved,
            members_failed = members_failed + p_failed
-     WHERE id = p_parent AND step_type <> 'atomic'
+     WHERE campaign_id = p_campaign AND id = p_parent AND step_type <> 'atomic'
     RETURNING * INTO p;
     IF NOT FOUND OR p.status NOT IN ('pending', 'running') THEN
         RETURN;
@@ -665,7 +756,7 @@ BEGIN
         RETURN;
     END IF;
     IF p_failed_step IS NOT NULL THEN
-        SELECT failure_policy INTO v_policy FROM steps WHERE id = p_failed_step;
+        SELECT failure_policy INTO v_policy FROM steps WHERE campaign_id = p_campaign AND id = p_failed_step;
     END IF;
     IF v_policy = 'fail_fast' THEN
         PERFORM _settle_failed(p, format('fail_fast: child step %s failed', p_failed_step));
@@ -680,23 +771,28 @@ CREATE OR REPLACE FUNCTION _settle_compound_done(p steps) RETURNS void
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
+    v_now timestamptz := _clock();
     v_rest bigint[];
+    v_output text;
 BEGIN
-    -- Done first, so the skips below find their parent settled and do not re-enter.
-    UPDATE steps SET status = 'done', completed_at = _clock(), started_at = coalesce(started_at, _clock())
-     WHERE id = p.id;
+    -- Done first, so the skips below find their parent settled and do not re-enter. (The time
+    -- in a variable: Citus refuses a STABLE function inside COALESCE in a distributed change.)
+    UPDATE steps SET status = 'done', completed_at = v_now, started_at = coalesce(started_at, v_now)
+     WHERE campaign_id = p.campaign_id AND id = p.id;
     SELECT coalesce(array_agg(id), '{}') INTO v_rest
-      FROM steps WHERE parent_id = p.id AND status IN ('pending', 'running', 'waiting_input');
+      FROM steps WHERE campaign_id = p.campaign_id AND parent_id = p.id AND status IN ('pending', 'running', 'waiting_input');
     IF cardinality(v_rest) > 0 THEN
         PERFORM _skip_cascade(p.campaign_id, v_rest, 'threshold',
                              format('step %s met its completion threshold without it', p.id));
     END IF;
-    UPDATE steps
-       -- A compound step with no members (a for_each over no items) outputs [] (SPEC §13).
-       SET output = coalesce((SELECT jsonb_agg(jsonb_build_object('step_id', c.id, 'status', c.status, 'output', c.output)
-                                               ORDER BY c.position, c.id)
-                                FROM steps c WHERE c.parent_id = p.id AND c.continued_by IS NULL), '[]')::text
-     WHERE id = p.id;
+    -- A compound step with no members (a for_each over no items) outputs [] (SPEC §13). Read
+    -- before the update: Citus takes no STABLE function inside COALESCE in a distributed change.
+    SELECT coalesce(jsonb_agg(jsonb_build_object('step_id', c.id, 'status', c.status, 'output', c.output)
+                              ORDER BY c.position, c.id), '[]')::text
+      INTO v_output
+      FROM steps c
+     WHERE c.campaign_id = p.campaign_id AND c.parent_id = p.id AND c.continued_by IS NULL;
+    UPDATE steps SET output = v_output WHERE campaign_id = p.campaign_id AND id = p.id;
     PERFORM _bump_counters(p.campaign_id, -1, 0, 0);
     PERFORM _after_done(p.campaign_id, p.id, p.parent_id);
 END
@@ -704,9 +800,11 @@ $$;
 
 -- sql/engine/campaign_end.sql
 CREATE OR REPLACE FUNCTION _has_had_steps(p_campaign uuid) RETURNS boolean
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 AS $$
-    SELECT EXISTS (SELECT 1 FROM steps WHERE campaign_id = p_campaign);
+BEGIN
+    RETURN EXISTS (SELECT 1 FROM steps WHERE campaign_id = p_campaign);
+END
 $$;
 
 CREATE OR REPLACE FUNCTION _check_drained(p_campaign uuid) RETURNS void
@@ -833,7 +931,7 @@ BEGIN
     PERFORM _emit(p_campaign, p_step, 'step.done');
     PERFORM _bump_counters(p_campaign, 0, 0, _release_dependents(p_campaign, p_step));
     IF p_parent IS NOT NULL THEN
-        PERFORM _member_settled(p_parent, 1, 0, NULL);
+        PERFORM _member_settled(p_campaign, p_parent, 1, 0, NULL);
     END IF;
     PERFORM _check_drained(p_campaign);
 END
@@ -862,18 +960,18 @@ BEGIN
        SET status = 'done', output = coalesce(summary, ''), tokens_used = steps.tokens_used + v_tokens,
            duration_ms = (extract(epoch FROM _clock() - claimed_at) * 1000)::bigint,
            completed_at = _clock(), claim_token = NULL, lease_expires_at = NULL
-     WHERE id = step_id AND steps.claim_token = complete_step.claim_token AND status = 'running'
-       AND steps.verify IS NULL
+     WHERE steps.campaign_id = v_campaign AND id = step_id
+       AND steps.claim_token = complete_step.claim_token AND status = 'running' AND steps.verify IS NULL
     RETURNING parent_id, claimed_at, requires_locks INTO v_parent, v_claimed_at, v_locks;
     IF NOT FOUND THEN
-        SELECT * INTO s FROM steps WHERE id = step_id;
+        SELECT * INTO s FROM steps WHERE steps.campaign_id = v_campaign AND id = step_id;
         -- SPEC §17: a step with a check stays running, the summary stored, until its command
         -- passed (record_verification); the caller runs the command.
         IF s.verify IS NOT NULL AND s.status = 'running' AND s.claim_token = claim_token THEN
             UPDATE steps
                SET output = coalesce(summary, ''), tokens_used = steps.tokens_used + v_tokens,
                    verification_requested_at = _clock()
-             WHERE id = s.id;
+             WHERE steps.campaign_id = v_campaign AND id = s.id;
             -- Tokens were spent whatever the check says.
             IF v_tokens > 0 THEN
                 UPDATE campaigns SET tokens_used = campaigns.tokens_used + v_tokens WHERE id = v_campaign;
@@ -887,7 +985,7 @@ BEGIN
         -- A worker whose step was skipped under it (abort, cancel) is told so; what it
         -- produced is kept on the step for audit, and nothing else changes.
         IF s.status = 'skipped' AND s.claim_token = claim_token THEN
-            UPDATE steps SET output = coalesce(steps.output, summary) WHERE id = s.id;
+            UPDATE steps SET output = coalesce(steps.output, summary) WHERE steps.campaign_id = v_campaign AND id = s.id;
             RETURN jsonb_build_object('step_id', s.id, 'status', 'skipped', 'accepted', false,
                 'message', format('step %s was skipped (%s) while you worked; your output was kept for the record',
                                   s.id, coalesce(s.error, s.skip_cause)));
@@ -907,7 +1005,7 @@ BEGIN
       FROM _leave_running(v_campaign, step_id, v_claimed_at, v_locks,
                          p_open => -1, p_ready => v_ready, p_tokens => v_tokens) r;
     IF v_parent IS NOT NULL THEN
-        PERFORM _member_settled(v_parent, 1, 0, NULL);
+        PERFORM _member_settled(v_campaign, v_parent, 1, 0, NULL);
     END IF;
     IF v_parent IS NOT NULL OR v_open = 0 OR v_budget IS NOT NULL THEN
         PERFORM _check_drained(v_campaign);
@@ -941,7 +1039,7 @@ BEGIN
     END IF;
     IF NOT coalesce(passed, false) THEN
         v_status := _attempt_failed(s, format('verification failed: `%s` did not pass:%s%s', s.verify, E'\n', v_output));
-        SELECT status INTO v_status FROM steps WHERE id = s.id;
+        SELECT status INTO v_status FROM steps WHERE steps.campaign_id = s.campaign_id AND id = s.id;
         RETURN jsonb_build_object('step_id', s.id, 'status', v_status, 'accepted', false, 'verification', 'failed',
                                   'will_retry', v_status = 'pending');
     END IF;
@@ -949,13 +1047,13 @@ BEGIN
        SET status = 'done', verification = v_output,
            duration_ms = (extract(epoch FROM _clock() - s.claimed_at) * 1000)::bigint,
            completed_at = _clock(), claim_token = NULL, lease_expires_at = NULL
-     WHERE id = s.id;
+     WHERE steps.campaign_id = s.campaign_id AND id = s.id;
     PERFORM _emit(s.campaign_id, s.id, 'step.done', jsonb_build_object('verified', true));
     v_ready := _release_dependents(s.campaign_id, s.id);
     SELECT r.open_steps INTO v_open
       FROM _leave_running(s.campaign_id, s.id, s.claimed_at, s.requires_locks, p_open => -1, p_ready => v_ready) r;
     IF s.parent_id IS NOT NULL THEN
-        PERFORM _member_settled(s.parent_id, 1, 0, NULL);
+        PERFORM _member_settled(s.campaign_id, s.parent_id, 1, 0, NULL);
     END IF;
     PERFORM _check_drained(s.campaign_id);
     SELECT status INTO v_status FROM campaigns WHERE id = s.campaign_id;
@@ -971,6 +1069,8 @@ AS $$
 #variable_conflict use_variable
 DECLARE
     v_item record;
+    v_step_ids bigint[];
+    v_campaigns uuid[];
     v_completed jsonb := '[]';
     v_refused jsonb := '[]';
     v_code text;
@@ -982,14 +1082,24 @@ BEGIN
     IF EXISTS (SELECT 1 FROM jsonb_array_elements(items) e WHERE jsonb_typeof(e) <> 'object') THEN
         PERFORM _raise('invalid_argument', 'each item must be an object {step_id, claim_token, summary, tokens_used}');
     END IF;
+    -- The items' steps and their campaigns, for the order only; each item is checked below.
+    -- bigint, not numeric: `id = numeric` cannot use the primary key (a scan of steps per batch).
+    -- Read apart from the items: under Citus, steps is distributed by campaign, and the steps
+    -- of a batch are looked up by id across campaigns.
+    v_step_ids := ARRAY(SELECT CASE WHEN jsonb_typeof(e -> 'step_id') = 'number'
+                                         AND (e ->> 'step_id')::numeric BETWEEN 1 AND 9223372036854775807
+                                    THEN (e ->> 'step_id')::numeric::bigint END
+                          FROM jsonb_array_elements(items) e);
+    SELECT coalesce(array_agg(s.id), '{}'), coalesce(array_agg(s.campaign_id), '{}') INTO v_step_ids, v_campaigns
+      FROM steps s
+     WHERE s.id = ANY (v_step_ids);
     FOR v_item IN
         SELECT e.value AS item, e.ordinality
           FROM jsonb_array_elements(items) WITH ORDINALITY e
-          -- bigint, not numeric: `id = numeric` cannot use the primary key (a scan of steps
-          -- per batch). Only the order comes from this join; each item is checked below.
-          LEFT JOIN steps s ON s.id = CASE WHEN jsonb_typeof(e.value -> 'step_id') = 'number'
-                                            AND (e.value ->> 'step_id')::numeric BETWEEN 1 AND 9223372036854775807
-                                           THEN (e.value ->> 'step_id')::numeric::bigint END
+          LEFT JOIN unnest(v_step_ids, v_campaigns) AS s(id, campaign_id)
+            ON s.id = CASE WHEN jsonb_typeof(e.value -> 'step_id') = 'number'
+                                AND (e.value ->> 'step_id')::numeric BETWEEN 1 AND 9223372036854775807
+                           THEN (e.value ->> 'step_id')::numeric::bigint END
          ORDER BY s.campaign_id, s.id, e.ordinality
     LOOP
         BEGIN
@@ -1027,7 +1137,7 @@ DECLARE
 BEGIN
     UPDATE steps SET status = 'failed', error = p_error, completed_at = _clock(),
                      claim_token = NULL, claim_owner = NULL, lease_expires_at = NULL
-     WHERE id = s.id;
+     WHERE campaign_id = s.campaign_id AND id = s.id;
     -- An atomic step only fails from running, and its caller has already taken it off the
     -- running count and released its lock keys (leave_running); a compound step is never
     -- counted as running or ready and holds no keys.
@@ -1036,7 +1146,7 @@ BEGIN
 
     -- A failed compound step's open children have nothing left to serve.
     SELECT coalesce(array_agg(id), '{}') INTO v_open_children
-      FROM steps WHERE parent_id = s.id AND status IN ('pending', 'running', 'waiting_input');
+      FROM steps WHERE campaign_id = s.campaign_id AND parent_id = s.id AND status IN ('pending', 'running', 'waiting_input');
     IF cardinality(v_open_children) > 0 THEN
         PERFORM _skip_cascade(s.campaign_id, v_open_children, 'parent', format('parent step %s failed', s.id));
     END IF;
@@ -1044,10 +1154,11 @@ BEGIN
     -- The parent hears of this failure before of the skips it causes, so its verdict names it;
     -- with fail_fast the parent fails at once, which skips the open siblings.
     IF s.parent_id IS NOT NULL AND s.continued_by IS NULL THEN
-        PERFORM _member_settled(s.parent_id, 0, 1, s.id);
+        PERFORM _member_settled(s.campaign_id, s.parent_id, 0, 1, s.id);
     END IF;
 
-    SELECT coalesce(array_agg(step_id), '{}') INTO v_dependents FROM step_dependencies WHERE depends_on = s.id;
+    SELECT coalesce(array_agg(step_id), '{}') INTO v_dependents
+      FROM step_dependencies WHERE campaign_id = s.campaign_id AND depends_on = s.id;
     IF cardinality(v_dependents) > 0 THEN
         PERFORM _skip_cascade(s.campaign_id, v_dependents, 'dependency', format('dependency step %s failed', s.id));
     END IF;
@@ -1074,13 +1185,13 @@ BEGIN
            SET status = 'pending', attempts = attempts + 1, error = p_error,
                not_before = _clock() + _retry_backoff(s.attempts + 1),
                claim_token = NULL, claim_owner = NULL, lease_expires_at = NULL
-         WHERE id = s.id;
+         WHERE campaign_id = s.campaign_id AND id = s.id;
         PERFORM _bump_counters(s.campaign_id, 0, 0, 1);
         PERFORM _lower_ready_floor(s.campaign_id, s.id);
         PERFORM _emit(s.campaign_id, s.id, 'step.retry', jsonb_build_object('error', p_error, 'attempts', s.attempts + 1));
         RETURN 'pending';
     END IF;
-    UPDATE steps SET attempts = attempts + 1 WHERE id = s.id RETURNING * INTO s;
+    UPDATE steps SET attempts = attempts + 1 WHERE campaign_id = s.campaign_id AND id = s.id RETURNING * INTO s;
     PERFORM _settle_failed(s, p_error);
     RETURN 'failed';
 END
@@ -1096,16 +1207,21 @@ DECLARE
     v_replay jsonb := _finished_claim(step_id, claim_token, 'fail_step', jsonb_build_object('error', error));
     s steps;
     v_now text;
+    v_not_before timestamptz;
 BEGIN
     IF v_replay IS NOT NULL THEN
         RETURN v_replay;
     END IF;
     s := _lock_claimed_step(step_id, claim_token, 'fail_step');
     v_now := _attempt_failed(s, coalesce(nullif(error, ''), 'failed without a reason'));
+    -- Read apart from the call below: a rule called in a query over a per-campaign table may
+    -- not run queries of its own (Citus runs the whole query on the campaign's shard).
+    SELECT x.not_before INTO v_not_before FROM steps x
+     WHERE x.campaign_id = s.campaign_id AND x.id = s.id AND x.status = 'pending';
     RETURN _keep_finished_claim(s.id, claim_token, 'fail_step', jsonb_build_object('error', error),
         jsonb_build_object('step_id', s.id, 'status', v_now,
         'attempts', s.attempts + 1, 'max_attempts', s.max_attempts, 'will_retry', v_now = 'pending',
-        'not_before', (SELECT not_before FROM steps WHERE id = s.id AND status = 'pending')));
+        'not_before', v_not_before));
 END
 $$;
 
@@ -1180,34 +1296,40 @@ RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
-    v_expires timestamptz := _clock() + make_interval(secs => p_lease_seconds);
+    v_now timestamptz := _clock();
+    v_expires timestamptz := v_now + make_interval(secs => p_lease_seconds);
+    v_token uuid := gen_random_uuid();
     v_parent bigint := p_parent;
     v_started bigint;
-    v_claim jsonb;
+    v_action text;
+    v_agent text;
+    v_depth integer;
+    v_attempts integer;
+    v_claimed boolean;
 BEGIN
     IF cardinality(p_locks) > 0 AND NOT _take_locks(p_step, p_campaign, p_locks, v_expires) THEN
         RETURN NULL;
     END IF;
     UPDATE steps
-       SET status = 'running', claim_token = gen_random_uuid(), claim_owner = p_owner,
-           claimed_at = _clock(), heartbeat_at = _clock(), lease_expires_at = v_expires,
-           started_at = coalesce(started_at, _clock()), dispatched = p_dispatched
-     WHERE id = p_step
-    RETURNING jsonb_build_object('step_id', id, 'campaign_id', campaign_id, 'action', action,
-                                 'agent', agent, 'depth', depth, 'claim_token', claim_token,
-                                 'lease_expires_at', lease_expires_at, 'attempts', attempts)
-      INTO v_claim;
+       SET status = 'running', claim_token = v_token, claim_owner = p_owner,
+           claimed_at = v_now, heartbeat_at = v_now, lease_expires_at = v_expires,
+           started_at = coalesce(started_at, v_now), dispatched = p_dispatched
+     WHERE campaign_id = p_campaign AND id = p_step
+    RETURNING action, agent, depth, attempts INTO v_action, v_agent, v_depth, v_attempts;
+    v_claimed := FOUND;
     -- A compound step becomes running when its first child starts (its parents with it), and
     -- says so in the log like any other step (SPEC §13).
     WHILE v_parent IS NOT NULL LOOP
-        UPDATE steps SET status = 'running', started_at = _clock()
-         WHERE id = v_parent AND status = 'pending'
+        UPDATE steps SET status = 'running', started_at = v_now
+         WHERE campaign_id = p_campaign AND id = v_parent AND status = 'pending'
         RETURNING id, parent_id INTO v_started, v_parent;
         EXIT WHEN NOT FOUND;
         PERFORM _emit(p_campaign, v_started, 'step.started', jsonb_build_object('step_type', 'compound'));
     END LOOP;
     PERFORM _emit(p_campaign, p_step, 'step.claimed', jsonb_build_object('owner', p_owner));
-    RETURN v_claim;
+    RETURN CASE WHEN v_claimed THEN jsonb_build_object(
+        'step_id', p_step, 'campaign_id', p_campaign, 'action', v_action, 'agent', v_agent, 'depth', v_depth,
+        'claim_token', v_token, 'lease_expires_at', v_expires, 'attempts', v_attempts) END;
 END
 $$;
 
@@ -1235,16 +1357,27 @@ DECLARE
     v_floor bigint;
     v_first bigint;
     v_after bigint;
+    v_now timestamptz := _clock();
+    v_citus boolean := _on_citus();
 BEGIN
     SELECT ready_floor INTO v_floor FROM campaigns WHERE id = p_campaign;
     -- The first ready step whatever its agent, back-off or lock keys: no ready step lies below
     -- it, so the floor may rise to it.
-    SELECT id INTO v_first
-      FROM steps
-     WHERE (campaign_id, id) >= (p_campaign, v_floor) AND campaign_id <= p_campaign
-       AND status = 'pending' AND step_type = 'atomic' AND remaining_deps = 0
-     ORDER BY campaign_id, id
-     LIMIT 1;
+    IF v_citus THEN
+        SELECT id INTO v_first
+          FROM steps
+         WHERE campaign_id = p_campaign AND id >= v_floor
+           AND status = 'pending' AND step_type = 'atomic' AND remaining_deps = 0
+         ORDER BY campaign_id, id
+         LIMIT 1;
+    ELSE
+        SELECT id INTO v_first
+          FROM steps
+         WHERE (campaign_id, id) >= (p_campaign, v_floor) AND campaign_id <= p_campaign
+           AND status = 'pending' AND step_type = 'atomic' AND remaining_deps = 0
+         ORDER BY campaign_id, id
+         LIMIT 1;
+    END IF;
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
@@ -1253,21 +1386,33 @@ BEGIN
     END IF;
     v_after := v_first - 1;
     LOOP
-        SELECT id, parent_id, requires_locks INTO v_step, v_parent, v_locks
-          FROM steps
-         -- The row comparison is an index condition only an index led by (campaign_id, id)
-         -- can take: with a plain `id > v_after` a cached generic plan walked the primary key
-         -- through other campaigns' history (13 ms at 10^5 steps, docs/benchmarks.md). And it
-         -- is the only lower bound on campaign_id: beside `campaign_id = p_campaign` the
-         -- B-tree starts the scan at the equality, the campaign's first entry, and walks
-         -- every entry before (p_campaign, v_after); `campaign_id <= p_campaign` ends it.
-         WHERE (campaign_id, id) > (p_campaign, v_after) AND campaign_id <= p_campaign
-           AND status = 'pending' AND step_type = 'atomic' AND remaining_deps = 0
-           AND not_before <= _clock()
-           AND (p_agent IS NULL OR agent IS NULL OR agent = p_agent)
-         ORDER BY campaign_id, id
-         LIMIT 1
-           FOR UPDATE SKIP LOCKED;
+        IF v_citus THEN
+            SELECT id, parent_id, requires_locks INTO v_step, v_parent, v_locks
+              FROM steps
+             WHERE campaign_id = p_campaign AND id > v_after
+               AND status = 'pending' AND step_type = 'atomic' AND remaining_deps = 0
+               AND not_before <= v_now
+               AND (p_agent IS NULL OR agent IS NULL OR agent = p_agent)
+             ORDER BY campaign_id, id
+             LIMIT 1
+               FOR UPDATE SKIP LOCKED;
+        ELSE
+            SELECT id, parent_id, requires_locks INTO v_step, v_parent, v_locks
+              FROM steps
+             -- The row comparison is an index condition only an index led by (campaign_id, id)
+             -- can take: with a plain `id > v_after` a cached generic plan walked the primary
+             -- key through other campaigns' history (13 ms at 10^5 steps, docs/benchmarks.md).
+             -- And it is the only lower bound on campaign_id: beside `campaign_id = p_campaign`
+             -- the B-tree starts the scan at the equality, the campaign's first entry, and walks
+             -- every entry before (p_campaign, v_after); `campaign_id <= p_campaign` ends it.
+             WHERE (campaign_id, id) > (p_campaign, v_after) AND campaign_id <= p_campaign
+               AND status = 'pending' AND step_type = 'atomic' AND remaining_deps = 0
+               AND not_before <= v_now
+               AND (p_agent IS NULL OR agent IS NULL OR agent = p_agent)
+             ORDER BY campaign_id, id
+             LIMIT 1
+               FOR UPDATE SKIP LOCKED;
+        END IF;
         IF NOT FOUND THEN
             RETURN NULL;
         END IF;
@@ -1442,16 +1587,25 @@ END
 $$;
 
 CREATE OR REPLACE FUNCTION dispatch_blockers(max_dispatched integer DEFAULT NULL) RETURNS jsonb
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
 AS $$
+DECLARE
+    l record;
+    -- The time once, in a variable: Citus runs a read's functions on the workers, where this
+    -- session's clock (sortie.fake_now) is not set.
+    v_now timestamptz := _clock();
+BEGIN
+    -- Lock keys are tested against the leases read once (_locks_conflict, lock_keys.sql).
+    SELECT * INTO l FROM _live_leases();
+    RETURN (
     WITH ready AS (
         SELECT CASE
                    WHEN c.status <> 'active' THEN 'campaign_' || c.status
                    WHEN c.token_budget IS NOT NULL AND c.tokens_used >= c.token_budget THEN 'budget'
                    WHEN c.max_parallel IS NOT NULL AND c.running_steps >= c.max_parallel THEN 'max_parallel'
-                   WHEN s.not_before > _clock() THEN 'backoff'
-                   WHEN _locks_busy(s.requires_locks, NULL) THEN 'locks'
+                   WHEN s.not_before > v_now THEN 'backoff'
+                   WHEN _locks_conflict(s.requires_locks, NULL, l.keys, l.modes, l.steps) THEN 'locks'
                    ELSE 'claimable' END AS held_by
           FROM steps s JOIN campaigns c ON c.id = s.campaign_id
          WHERE s.status = 'pending' AND s.step_type = 'atomic' AND s.remaining_deps = 0
@@ -1463,7 +1617,8 @@ AS $$
         'held_back', coalesce((SELECT jsonb_object_agg(held_by, n)
                                  FROM (SELECT held_by, count(*) AS n FROM ready GROUP BY held_by) g), '{}'),
         'runner_slots', jsonb_build_object('in_use', (SELECT in_use FROM slots), 'cap', max_dispatched),
-        'capacity_reached', max_dispatched IS NOT NULL AND (SELECT in_use FROM slots) >= max_dispatched);
+        'capacity_reached', max_dispatched IS NOT NULL AND (SELECT in_use FROM slots) >= max_dispatched));
+END
 $$;
 
 -- sql/engine/leases.sql
@@ -1477,8 +1632,10 @@ DECLARE
     s steps := _lock_claimed_step(step_id, claim_token, 'heartbeat');
     v_expires timestamptz := _clock() + make_interval(secs => v_lease);
 BEGIN
-    UPDATE steps SET heartbeat_at = _clock(), lease_expires_at = v_expires WHERE id = s.id;
-    UPDATE resource_leases SET expires_at = v_expires WHERE resource_leases.step_id = s.id;
+    UPDATE steps SET heartbeat_at = _clock(), lease_expires_at = v_expires
+     WHERE steps.campaign_id = s.campaign_id AND id = s.id;
+    UPDATE resource_leases SET expires_at = v_expires
+     WHERE resource_leases.campaign_id = s.campaign_id AND resource_leases.step_id = s.id;
     RETURN jsonb_build_object('step_id', s.id, 'status', 'running', 'lease_expires_at', v_expires);
 END
 $$;
@@ -1491,16 +1648,19 @@ DECLARE
     v_zombie record;
     s steps;
     v_reset jsonb := '[]';
+    -- The time once, in a variable: Citus runs a read's functions on the workers, where this
+    -- session's clock (sortie.fake_now) is not set.
+    v_now timestamptz := _clock();
 BEGIN
     FOR v_zombie IN
         SELECT id, campaign_id FROM steps
-         WHERE status = 'running' AND step_type = 'atomic' AND lease_expires_at < _clock()
+         WHERE status = 'running' AND step_type = 'atomic' AND lease_expires_at < v_now
          ORDER BY campaign_id, id
          LIMIT greatest("limit", 0)
     LOOP
         PERFORM _lock_campaign(v_zombie.campaign_id);
-        SELECT * INTO s FROM steps WHERE id = v_zombie.id;
-        CONTINUE WHEN s.status <> 'running' OR s.lease_expires_at >= _clock();
+        SELECT * INTO s FROM steps WHERE campaign_id = v_zombie.campaign_id AND id = v_zombie.id;
+        CONTINUE WHEN s.status <> 'running' OR s.lease_expires_at >= v_now;
         v_reset := v_reset || jsonb_build_object('step_id', s.id, 'campaign_id', s.campaign_id,
                                                   'now', _attempt_failed(s, 'lease expired'));
     END LOOP;
@@ -1518,7 +1678,7 @@ DECLARE
 BEGIN
     PERFORM _leave_running(s.campaign_id, s.id, s.claimed_at, s.requires_locks);
     UPDATE steps SET status = 'pending', claim_token = NULL, claim_owner = NULL, lease_expires_at = NULL
-     WHERE id = s.id;
+     WHERE steps.campaign_id = s.campaign_id AND id = s.id;
     PERFORM _bump_counters(s.campaign_id, 0, 0, 1);
     PERFORM _lower_ready_floor(s.campaign_id, s.id);
     PERFORM _emit(s.campaign_id, s.id, 'step.released');
@@ -1596,7 +1756,7 @@ BEGIN
        SET status = 'waiting_input', question = request_input.question, answer = NULL,
            output = coalesce(partial_output, steps.output),
            claim_token = NULL, lease_expires_at = NULL
-     WHERE id = s.id;
+     WHERE steps.campaign_id = s.campaign_id AND id = s.id;
     PERFORM _emit(s.campaign_id, s.id, 'input.requested', jsonb_build_object('question', question));
     PERFORM _notify_campaign(s.campaign_id, 'milestone', format('Step %s asks: %s', s.id, question));
     RETURN jsonb_build_object('step_id', s.id, 'status', 'waiting_input',
@@ -1622,7 +1782,7 @@ BEGIN
     IF answer IS NULL OR btrim(answer) = '' THEN
         PERFORM _raise('invalid_argument', 'answer is empty');
     END IF;
-    SELECT * INTO s FROM steps WHERE steps.id = step_id AND steps.campaign_id = c.id FOR UPDATE;
+    SELECT * INTO s FROM steps WHERE steps.campaign_id = c.id AND steps.id = step_id FOR UPDATE;
     IF NOT FOUND THEN
         PERFORM _raise('not_found', format('campaign %s has no step %s', c.id, step_id));
     END IF;
@@ -1630,7 +1790,7 @@ BEGIN
         PERFORM _raise('invalid_state', format('step %s is %s, not waiting for input', s.id, s.status));
     END IF;
     UPDATE steps SET status = 'pending', answer = provide_input.answer, not_before = '-infinity'
-     WHERE steps.id = s.id;
+     WHERE steps.campaign_id = c.id AND steps.id = s.id;
     PERFORM _bump_counters(c.id, 0, 0, 1);
     PERFORM _lower_ready_floor(c.id, s.id);
     PERFORM _emit(c.id, s.id, 'input.provided', jsonb_build_object('answer', answer));
@@ -1639,15 +1799,18 @@ END
 $$;
 
 -- sql/engine/add_steps.sql
-CREATE OR REPLACE FUNCTION _newest_continuation(p_step bigint) RETURNS bigint
-LANGUAGE sql STABLE
+CREATE OR REPLACE FUNCTION _newest_continuation(p_campaign uuid, p_step bigint) RETURNS bigint
+LANGUAGE plpgsql STABLE
 AS $$
-    WITH RECURSIVE chain(id, next) AS (
-        SELECT id, continued_by FROM steps WHERE id = p_step
-        UNION ALL
-        SELECT s.id, s.continued_by FROM steps s JOIN chain c ON s.id = c.next
-    )
-    SELECT id FROM chain WHERE next IS NULL;
+BEGIN
+    RETURN (
+        WITH RECURSIVE chain(id, next) AS (
+            SELECT s.id, s.continued_by FROM steps s WHERE s.campaign_id = p_campaign AND s.id = p_step
+            UNION ALL
+            SELECT s.id, s.continued_by FROM steps s JOIN chain c ON s.id = c.next WHERE s.campaign_id = p_campaign
+        )
+        SELECT chain.id FROM chain WHERE chain.next IS NULL);
+END
 $$;
 
 CREATE OR REPLACE FUNCTION _unwrap(p_answer jsonb) RETURNS jsonb
@@ -1671,6 +1834,8 @@ DECLARE
     v_count integer := jsonb_array_length(p_expansion -> 'nodes');
     v_ids bigint[];
     v_existing bigint[];
+    v_found bigint[];
+    v_resolved bigint[];
     v_missing bigint;
     v_zero bigint[];
     v_doomed bigint[];
@@ -1688,13 +1853,15 @@ BEGIN
     SELECT coalesce(array_agg(DISTINCT d::bigint), '{}') INTO v_existing
       FROM jsonb_array_elements(v_nodes) n, jsonb_array_elements_text(n -> 'existing_deps') d;
     IF cardinality(v_existing) > 0 THEN
-        SELECT x INTO v_missing FROM unnest(v_existing) x
-         WHERE NOT EXISTS (SELECT 1 FROM steps s WHERE s.id = x AND s.campaign_id = c.id)
-         LIMIT 1;
+        v_found := ARRAY(SELECT s.id FROM steps s WHERE s.campaign_id = c.id AND s.id = ANY (v_existing));
+        SELECT x INTO v_missing FROM unnest(v_existing) x WHERE NOT x = ANY (v_found) LIMIT 1;
         IF v_missing IS NOT NULL THEN
             PERFORM _raise('not_found', format('depends_on names step %s, which is not a step of campaign %s',
                                               v_missing, c.id));
         END IF;
+        -- Each resolved to its newest continuation, before the statements that use them: a
+        -- rule called inside a query on a shard may not run queries of its own (Citus).
+        v_resolved := ARRAY(SELECT _newest_continuation(c.id, x) FROM unnest(v_existing) x);
     END IF;
 
     -- Ids are taken up front so that parents and local dependencies resolve in one INSERT.
@@ -1731,25 +1898,27 @@ BEGIN
       FROM jsonb_array_elements(v_nodes) WITH ORDINALITY AS t(n, i),
            LATERAL (SELECT v_ids[l::integer + 1] AS dep FROM jsonb_array_elements_text(n -> 'local_deps') l
                     UNION ALL
-                    SELECT _newest_continuation(e::bigint) FROM jsonb_array_elements_text(n -> 'existing_deps') e) deps;
+                    SELECT v_resolved[array_position(v_existing, e::bigint)]
+                      FROM jsonb_array_elements_text(n -> 'existing_deps') e) deps;
 
     UPDATE steps s
        SET remaining_deps = s.remaining_deps + open.n
-      FROM (SELECT d.step_id, count(*) AS n
-              FROM step_dependencies d JOIN steps x ON x.id = d.depends_on
-             WHERE d.step_id = ANY (v_ids) AND x.status <> 'done'
-             GROUP BY d.step_id) open
-     WHERE s.id = open.step_id;
+      FROM (SELECT d.campaign_id, d.step_id, count(*) AS n
+              FROM step_dependencies d JOIN steps x ON x.campaign_id = d.campaign_id AND x.id = d.depends_on
+             WHERE d.campaign_id = c.id AND d.step_id = ANY (v_ids) AND x.status <> 'done'
+             GROUP BY d.campaign_id, d.step_id) open
+     WHERE s.campaign_id = open.campaign_id AND s.id = open.step_id AND s.campaign_id = c.id;
 
     PERFORM _bump_counters(c.id, v_count, 0, 0);
-    SELECT coalesce(array_agg(id), '{}') INTO v_zero FROM steps WHERE id = ANY (v_ids) AND remaining_deps = 0;
+    SELECT coalesce(array_agg(id), '{}') INTO v_zero
+      FROM steps WHERE campaign_id = c.id AND id = ANY (v_ids) AND remaining_deps = 0;
     PERFORM _unblocked(c.id, v_zero);
 
     -- A step that depends on a failed or skipped step can never run (SPEC §12: never pending
     -- forever): it is skipped now, with everything that waits on it.
     SELECT coalesce(array_agg(DISTINCT d.step_id), '{}') INTO v_doomed
-      FROM step_dependencies d JOIN steps x ON x.id = d.depends_on
-     WHERE d.step_id = ANY (v_ids) AND x.status IN ('failed', 'skipped');
+      FROM step_dependencies d JOIN steps x ON x.campaign_id = d.campaign_id AND x.id = d.depends_on
+     WHERE d.campaign_id = c.id AND d.step_id = ANY (v_ids) AND x.status IN ('failed', 'skipped');
     IF cardinality(v_doomed) > 0 THEN
         PERFORM _skip_cascade(c.id, v_doomed, 'dependency', 'a dependency had already failed or been skipped');
     END IF;
@@ -1760,9 +1929,9 @@ BEGIN
       FROM steps n
       CROSS JOIN LATERAL (
           SELECT o.id FROM steps o
-           WHERE o.campaign_id = c.id AND o.fingerprint = n.fingerprint AND o.id < n.id AND o.status <> 'failed'
+           WHERE o.campaign_id = n.campaign_id AND o.fingerprint = n.fingerprint AND o.id < n.id AND o.status <> 'failed'
            ORDER BY o.id LIMIT 1) d
-     WHERE n.id = ANY (v_ids) AND n.fingerprint IS NOT NULL;
+     WHERE n.campaign_id = c.id AND n.id = ANY (v_ids) AND n.fingerprint IS NOT NULL;
 
     SELECT coalesce(jsonb_object_agg(k, v_ids[(v)::integer + 1]), '{}') INTO v_keys
       FROM jsonb_each_text(p_expansion -> 'keys') AS kv(k, v);
@@ -1812,31 +1981,39 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT p_depth + 1 <= p_max_depth $$;
 
 CREATE OR REPLACE FUNCTION can_spawn(step_id bigint) RETURNS boolean
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
 AS $$
-    SELECT _spawn_allowed(s.depth, c.max_depth)
-      FROM steps s JOIN campaigns c ON c.id = s.campaign_id
-     WHERE s.id = $1
+BEGIN
+    RETURN (SELECT _spawn_allowed(s.depth, c.max_depth)
+              FROM steps s JOIN campaigns c ON c.id = s.campaign_id
+             WHERE s.id = $1);
+END
 $$;
 
-CREATE OR REPLACE FUNCTION _steps_waiting_for(p_step bigint) RETURNS SETOF bigint
-LANGUAGE sql STABLE
+CREATE OR REPLACE FUNCTION _steps_waiting_for(p_campaign uuid, p_step bigint) RETURNS SETOF bigint
+LANGUAGE plpgsql STABLE
 AS $$
+BEGIN
+    RETURN QUERY
     WITH RECURSIVE down(id, started_after) AS (
         SELECT p_step, false
         UNION
         SELECT next.id, next.started_after
           FROM down
          CROSS JOIN LATERAL (
-             SELECT d.step_id AS id, true AS started_after FROM step_dependencies d WHERE d.depends_on = down.id
+             SELECT d.step_id AS id, true AS started_after FROM step_dependencies d
+              WHERE d.campaign_id = p_campaign AND d.depends_on = down.id
              UNION ALL
-             SELECT s.parent_id, false FROM steps s WHERE s.id = down.id AND s.parent_id IS NOT NULL
+             SELECT s.parent_id, false FROM steps s
+              WHERE s.campaign_id = p_campaign AND s.id = down.id AND s.parent_id IS NOT NULL
              UNION ALL
-             SELECT s.id, true FROM steps s WHERE s.parent_id = down.id AND down.started_after
+             SELECT s.id, true FROM steps s
+              WHERE s.campaign_id = p_campaign AND s.parent_id = down.id AND down.started_after
          ) next
     )
-    SELECT DISTINCT id FROM down;
+    SELECT DISTINCT down.id FROM down;
+END
 $$;
 
 CREATE OR REPLACE FUNCTION spawn_and_continue(step_id bigint, claim_token uuid, subtasks jsonb, continuation jsonb,
@@ -1857,6 +2034,10 @@ DECLARE
     v_cont_agent text;
     v_cont_input jsonb;
     v_cont bigint;
+    v_cont_deps integer;
+    v_deps bigint[];
+    v_waiting bigint[];
+    v_dep bigint;
     v_cycle_dep bigint;
 BEGIN
     -- SPEC §14: a repeat with the same request_id returns the first result (idempotency.sql).
@@ -1896,14 +2077,22 @@ BEGIN
     v_expansion := _unwrap(_expand_steps(subtasks));
     -- SPEC §13: once rewired, whatever waited for this step waits for the continuation, which
     -- waits for the subtasks; a subtask depending on any of those would wait for itself.
-    SELECT x.dep INTO v_cycle_dep
-      FROM (SELECT DISTINCT e::bigint AS dep
-              FROM jsonb_array_elements(v_expansion -> 'nodes') n,
-                   jsonb_array_elements_text(n -> 'existing_deps') e) x
-     WHERE EXISTS (SELECT 1 FROM steps o WHERE o.id = x.dep AND o.campaign_id = s.campaign_id)
-       AND _newest_continuation(x.dep) IN (SELECT _steps_waiting_for(s.id))
-     ORDER BY x.dep
-     LIMIT 1;
+    -- The subtasks' dependencies on steps of this campaign, lowest first; the first whose newest
+    -- continuation waits for this step is reported. One statement each, no rule called inside
+    -- a query on a shard (Citus).
+    v_deps := ARRAY(SELECT DISTINCT e::bigint
+                      FROM jsonb_array_elements(v_expansion -> 'nodes') n,
+                           jsonb_array_elements_text(n -> 'existing_deps') e);
+    v_deps := ARRAY(SELECT o.id FROM steps o WHERE o.campaign_id = s.campaign_id AND o.id = ANY (v_deps) ORDER BY o.id);
+    IF cardinality(v_deps) > 0 THEN
+        v_waiting := ARRAY(SELECT _steps_waiting_for(s.campaign_id, s.id));
+        FOREACH v_dep IN ARRAY v_deps LOOP
+            IF _newest_continuation(s.campaign_id, v_dep) = ANY (v_waiting) THEN
+                v_cycle_dep := v_dep;
+                EXIT;
+            END IF;
+        END LOOP;
+    END IF;
     IF v_cycle_dep IS NOT NULL THEN
         PERFORM _raise('cycle', format(
             'a subtask depends on step %s, which waits for step %s; once the continuation takes step %s''s place they would wait for each other forever. A subtask cannot depend on work that waits for its spawner: drop that dependency',
@@ -1913,14 +2102,16 @@ BEGIN
     -- New work first, so the campaign never looks drained in between.
     v_spawned := _insert_steps(c, v_expansion, s.id, s.depth + 1, c.max_depth);
     SELECT array_agg(x::bigint) INTO v_subtask_ids FROM jsonb_array_elements_text(v_spawned -> 'step_ids') x;
+    -- Counted before the insert: Citus takes no subquery in an INSERT's VALUES.
+    SELECT count(*) INTO v_cont_deps
+      FROM steps x WHERE x.campaign_id = s.campaign_id AND x.id = ANY (v_subtask_ids) AND x.status <> 'done';
 
     INSERT INTO steps (campaign_id, parent_id, depth, position, action, agent, step_type, failure_policy,
                        remaining_deps, input, fingerprint, continuation_of, max_attempts, requires_locks, verify,
                        created_at)
     -- The continuation finishes the spawner's work, so the spawner's check (SPEC §17) is its.
     VALUES (s.campaign_id, s.parent_id, s.depth, s.position, v_cont_action, coalesce(v_cont_agent, s.agent), 'atomic',
-            s.failure_policy,
-            (SELECT count(*) FROM steps WHERE id = ANY (v_subtask_ids) AND status <> 'done'),
+            s.failure_policy, v_cont_deps,
             coalesce(v_cont_input, s.input),
             _step_fingerprint(v_cont_action, coalesce(v_cont_agent, s.agent), coalesce(v_cont_input, s.input)),
             s.id, s.max_attempts, s.requires_locks, s.verify, _clock())
@@ -1928,7 +2119,8 @@ BEGIN
     INSERT INTO step_dependencies (campaign_id, step_id, depends_on)
     SELECT s.campaign_id, v_cont, x FROM unnest(v_subtask_ids) x;
     -- Everything that waited for the spawner now waits for the continuation.
-    UPDATE step_dependencies SET depends_on = v_cont WHERE depends_on = s.id;
+    UPDATE step_dependencies SET depends_on = v_cont
+     WHERE step_dependencies.campaign_id = s.campaign_id AND step_dependencies.depends_on = s.id;
     PERFORM _bump_counters(s.campaign_id, 1, 0, 0);
     PERFORM _unblocked(s.campaign_id, ARRAY[v_cont]);
 
@@ -1938,7 +2130,7 @@ BEGIN
        SET status = 'done', output = coalesce(partial_output, ''), continued_by = v_cont,
            duration_ms = (extract(epoch FROM _clock() - s.claimed_at) * 1000)::bigint,
            completed_at = _clock(), claim_token = NULL, lease_expires_at = NULL
-     WHERE id = s.id;
+     WHERE steps.campaign_id = s.campaign_id AND id = s.id;
     PERFORM _leave_running(s.campaign_id, s.id, s.claimed_at, s.requires_locks, p_open => -1);
     PERFORM _emit(s.campaign_id, s.id, 'step.spliced', jsonb_build_object(
         'subtask_ids', to_jsonb(v_subtask_ids), 'continuation_id', v_cont));
@@ -1962,18 +2154,19 @@ DECLARE
     v_children bigint[];
     v_skipped bigint[];
     v_note bigint;
+    v_now timestamptz := _clock();
 BEGIN
     IF reason IS NULL OR btrim(reason) = '' THEN
         PERFORM _raise('invalid_argument', 'reason is required: say why this branch is pointless');
     END IF;
-    SELECT * INTO t FROM steps WHERE id = target_id AND campaign_id = caller.campaign_id FOR UPDATE;
+    SELECT * INTO t FROM steps WHERE campaign_id = caller.campaign_id AND id = target_id FOR UPDATE;
     IF NOT FOUND THEN
         PERFORM _raise('not_found', format('step %s is not a step of your campaign', target_id));
     END IF;
     WITH RECURSIVE up(id, parent_id) AS (
-        SELECT id, parent_id FROM steps WHERE id = caller.parent_id
+        SELECT id, parent_id FROM steps WHERE campaign_id = caller.campaign_id AND id = caller.parent_id
         UNION ALL
-        SELECT s.id, s.parent_id FROM steps s JOIN up ON s.id = up.parent_id
+        SELECT s.id, s.parent_id FROM steps s JOIN up ON s.id = up.parent_id WHERE s.campaign_id = caller.campaign_id
     )
     SELECT EXISTS (SELECT 1 FROM up WHERE up.id = t.id) INTO v_is_ancestor;
     IF NOT v_is_ancestor THEN
@@ -1985,24 +2178,26 @@ BEGIN
     END IF;
 
     -- Settle target and caller first, so that the skips below find both closed.
-    UPDATE steps SET status = 'done', output = abort_branch.output, completed_at = _clock(),
-                     started_at = coalesce(started_at, _clock())
-     WHERE id = t.id;
+    -- (The time in a variable: Citus refuses a STABLE function inside COALESCE in a
+    -- distributed change.)
+    UPDATE steps SET status = 'done', output = abort_branch.output, completed_at = v_now,
+                     started_at = coalesce(started_at, v_now)
+     WHERE campaign_id = t.campaign_id AND id = t.id;
     UPDATE steps SET status = 'done', output = reason, completed_at = _clock(), claim_token = NULL,
                      lease_expires_at = NULL,
                      duration_ms = (extract(epoch FROM _clock() - caller.claimed_at) * 1000)::bigint
-     WHERE id = caller.id;
+     WHERE campaign_id = caller.campaign_id AND id = caller.id;
     PERFORM _emit(caller.campaign_id, caller.id, 'step.done', jsonb_build_object('aborted_branch', t.id));
     -- As in complete_step: the caller's counters and the steps it made ready in one update.
     PERFORM _leave_running(caller.campaign_id, caller.id, caller.claimed_at, caller.requires_locks,
                           p_open => -1, p_ready => _release_dependents(caller.campaign_id, caller.id));
 
-    SELECT coalesce(array_agg(id), '{}') INTO v_children FROM steps WHERE parent_id = t.id;
+    SELECT coalesce(array_agg(id), '{}') INTO v_children FROM steps WHERE campaign_id = t.campaign_id AND parent_id = t.id;
     v_skipped := _skip_cascade(caller.campaign_id, v_children, 'abort',
                               format('branch %s aborted by step %s: %s', t.id, caller.id, reason));
     -- The caller counts as a resolved member of its parent, which is closed by now.
     IF caller.continued_by IS NULL THEN
-        PERFORM _member_settled(caller.parent_id, 1, 0, NULL);
+        PERFORM _member_settled(caller.campaign_id, caller.parent_id, 1, 0, NULL);
     END IF;
 
     INSERT INTO notes (campaign_id, step_id, agent, content, tags)
@@ -2185,7 +2380,7 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION _step_row(s steps) RETURNS jsonb
+CREATE OR REPLACE FUNCTION _step_row(s steps, p_depends_on jsonb) RETURNS jsonb
 LANGUAGE sql STABLE
 AS $$
     SELECT jsonb_strip_nulls(jsonb_build_object(
@@ -2194,7 +2389,7 @@ AS $$
         'error', left(s.error, 300), 'question', s.question,
         'output_chars', length(s.output), 'continuation_of', s.continuation_of,
         'continued_by', s.continued_by, 'skip_cause', s.skip_cause,
-        'depends_on', (SELECT jsonb_agg(d.depends_on ORDER BY d.depends_on) FROM step_dependencies d WHERE d.step_id = s.id)));
+        'depends_on', p_depends_on));
 $$;
 
 CREATE OR REPLACE FUNCTION get_campaign(id uuid, steps_limit integer DEFAULT 500, steps_cursor text DEFAULT NULL) RETURNS jsonb
@@ -2218,7 +2413,10 @@ BEGIN
     IF NOT FOUND THEN
         PERFORM _raise('not_found', format('campaign %s does not exist', get_campaign.id));
     END IF;
-    SELECT coalesce(jsonb_agg(_step_row(s) ORDER BY s.id), '[]') INTO v_steps
+    SELECT coalesce(jsonb_agg(_step_row(s, (SELECT jsonb_agg(d.depends_on ORDER BY d.depends_on)
+                                              FROM step_dependencies d
+                                             WHERE d.campaign_id = c.id AND d.step_id = s.id))
+                              ORDER BY s.id), '[]') INTO v_steps
       FROM (SELECT * FROM steps
              WHERE campaign_id = c.id AND (v_after IS NULL OR steps.id > v_after)
              ORDER BY steps.id
@@ -2381,14 +2579,22 @@ SET search_path FROM CURRENT
 AS $$
 DECLARE
     c campaigns;
+    v_id uuid;
+    -- The time once, in a variable: Citus runs a read's functions on the workers, where this
+    -- session's clock (sortie.fake_now) is not set.
+    v_now timestamptz := _clock();
 BEGIN
-    SELECT * INTO c FROM campaigns
-     WHERE benchmark_due AND status = 'active'
-       AND (benchmark_lease_until IS NULL OR benchmark_lease_until <= _clock())
-     ORDER BY updated_at
-     LIMIT 1
-       FOR UPDATE SKIP LOCKED;
-    IF NOT FOUND THEN
+    FOR v_id IN SELECT x.id FROM campaigns x
+                 WHERE x.benchmark_due AND x.status = 'active'
+                   AND (x.benchmark_lease_until IS NULL OR x.benchmark_lease_until <= v_now)
+                 ORDER BY x.updated_at LOOP
+        SELECT * INTO c FROM campaigns x
+         WHERE x.id = v_id AND x.benchmark_due AND x.status = 'active'
+           AND (x.benchmark_lease_until IS NULL OR x.benchmark_lease_until <= v_now)
+           FOR UPDATE SKIP LOCKED;
+        EXIT WHEN FOUND;
+    END LOOP;
+    IF c.id IS NULL THEN
         RETURN NULL;
     END IF;
     UPDATE campaigns SET benchmark_lease_until = _clock() + make_interval(secs => greatest(coalesce(lease_seconds, 900), 1)),
@@ -2488,23 +2694,32 @@ $$;
 CREATE OR REPLACE FUNCTION campaigns_to_plan("limit" integer DEFAULT 10, planner_configured boolean DEFAULT true,
                                   plan_delay double precision DEFAULT 10)
 RETURNS SETOF uuid
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
 AS $$
+DECLARE
+    -- The time once, in a variable: Citus runs a read's functions on the workers, where this
+    -- session's clock (sortie.fake_now) is not set.
+    v_now timestamptz := _clock();
+BEGIN
+    -- Whether a campaign had steps is read in the query (as _has_had_steps() does), not by a
+    -- call per campaign: Citus refuses a query nested in a query on a shard.
+    RETURN QUERY
     SELECT c.id FROM campaigns c
      WHERE c.status = 'active' AND c.open_steps = 0 AND c.planner = 'llm'
        -- SPEC §17: its benchmark runs first; record_benchmark() hands it back.
        AND NOT c.benchmark_due
        AND CASE WHEN coalesce(planner_configured, true) THEN
-                     (c.planner_lease_until IS NULL OR c.planner_lease_until <= _clock())
-                 AND (c.next_action_at IS NULL OR c.next_action_at <= _clock())
-                 AND (c.created_at + make_interval(secs => greatest(coalesce(plan_delay, 10), 0)) <= _clock()
-                      OR _has_had_steps(c.id))
+                     (c.planner_lease_until IS NULL OR c.planner_lease_until <= v_now)
+                 AND (c.next_action_at IS NULL OR c.next_action_at <= v_now)
+                 AND (c.created_at + make_interval(secs => greatest(coalesce(plan_delay, 10), 0)) <= v_now
+                      OR EXISTS (SELECT 1 FROM steps s WHERE s.campaign_id = c.id))
                 -- Nothing to plan with: only the planner's schedule would wait, so a drained
                 -- campaign is handed over to be ended at once.
-                ELSE _has_had_steps(c.id) END
+                ELSE EXISTS (SELECT 1 FROM steps s WHERE s.campaign_id = c.id) END
      ORDER BY c.next_action_at NULLS FIRST, c.created_at
      LIMIT greatest("limit", 0);
+END
 $$;
 
 CREATE OR REPLACE FUNCTION planner_context(campaign_id uuid) RETURNS jsonb
@@ -2514,16 +2729,22 @@ AS $$
 #variable_conflict use_variable
 DECLARE
     c campaigns;
+    v_success jsonb;
 BEGIN
     SELECT * INTO c FROM campaigns x WHERE x.id = campaign_id;
     IF NOT FOUND THEN
         PERFORM _raise('not_found', format('campaign %s does not exist', campaign_id));
     END IF;
+    -- Apart from the query below: a rule called in a query over a per-campaign table may not
+    -- run queries of its own (Citus runs the whole query on the campaign's shard).
+    IF c.success_metric IS NOT NULL THEN
+        v_success := check_success(c.id);
+    END IF;
     RETURN jsonb_build_object(
         'goal', c.goal, 'strategy', c.strategy, 'progress', c.progress, 'guidance', c.guidance,
         'scope', c.scope, 'max_depth', c.max_depth, 'tokens_used', c.tokens_used, 'token_budget', c.token_budget,
         'success_metric', c.success_metric, 'success_target', c.success_target,
-        'success', CASE WHEN c.success_metric IS NOT NULL THEN check_success(c.id) END,
+        'success', v_success,
         'done', (SELECT coalesce(jsonb_agg(jsonb_build_object('id', s.id, 'action', s.action) ORDER BY s.id DESC), '[]')
                    FROM (SELECT * FROM steps s WHERE s.campaign_id = c.id AND s.status = 'done' AND s.step_type = 'atomic'
                           ORDER BY s.id DESC LIMIT 15) s),
@@ -2633,21 +2854,25 @@ BEGIN
             'lease_expires_at', s.lease_expires_at)),
         -- The spliced step this one continues: its partial output and what its subtasks said.
         'continues', (SELECT _preview(p.id, coalesce(p.output, ''), head, tail) || jsonb_build_object('action', p.action)
-                        FROM steps p WHERE p.id = s.continuation_of),
+                        FROM steps p WHERE p.campaign_id = s.campaign_id AND p.id = s.continuation_of),
         'upstream', (SELECT coalesce(jsonb_agg(_preview(u.id, coalesce(u.output, ''), head, tail)
                                                || jsonb_build_object('action', u.action, 'status', u.status,
                                                                      'via', via)
                                                ORDER BY u.id), '[]')
-                       FROM (SELECT d.depends_on AS id, 'dependency' AS via FROM step_dependencies d WHERE d.step_id = s.id
+                       FROM (SELECT d.depends_on AS id, 'dependency' AS via FROM step_dependencies d
+                              WHERE d.campaign_id = s.campaign_id AND d.step_id = s.id
                              UNION ALL
                              SELECT d.depends_on, 'ancestor ' || a.id
                                FROM step_dependencies d
                                JOIN LATERAL (WITH RECURSIVE up(id, parent_id) AS (
-                                                 SELECT x.id, x.parent_id FROM steps x WHERE x.id = s.parent_id
+                                                 SELECT x.id, x.parent_id FROM steps x
+                                                  WHERE x.campaign_id = s.campaign_id AND x.id = s.parent_id
                                                  UNION ALL
-                                                 SELECT x.id, x.parent_id FROM steps x JOIN up ON x.id = up.parent_id)
-                                             SELECT id FROM up) a ON d.step_id = a.id) deps
-                       JOIN steps u ON u.id = deps.id),
+                                                 SELECT x.id, x.parent_id FROM steps x JOIN up ON x.id = up.parent_id
+                                                  WHERE x.campaign_id = s.campaign_id)
+                                             SELECT id FROM up) a ON d.step_id = a.id
+                              WHERE d.campaign_id = s.campaign_id) deps
+                       JOIN steps u ON u.campaign_id = s.campaign_id AND u.id = deps.id),
         'notes', (SELECT coalesce(jsonb_agg(jsonb_build_object('id', n.id, 'step_id', n.step_id, 'agent', n.agent,
                                                                'content', left(n.content, 1000), 'tags', n.tags,
                                                                'created_at', n.created_at) ORDER BY n.id DESC), '[]')
@@ -2676,12 +2901,16 @@ BEGIN
     END IF;
     -- SPEC §15: with a claim token, the reader's campaign is its claim's (scope.sql).
     campaign_id := _worker_campaign(campaign_id, reader_step_id, claim_token, 'read_step_output');
-    SELECT * INTO s FROM steps WHERE id = step_id;
     -- Only steps of the reader's own campaign are readable; another campaign's step reads as
     -- missing rather than revealing that it exists.
-    IF NOT FOUND OR (campaign_id IS NOT NULL AND s.campaign_id <> campaign_id)
+    IF campaign_id IS NOT NULL THEN
+        SELECT * INTO s FROM steps x WHERE x.campaign_id = campaign_id AND x.id = step_id;
+    ELSE
+        SELECT * INTO s FROM steps x WHERE x.id = step_id;
+    END IF;
+    IF NOT FOUND
        OR (reader_step_id IS NOT NULL
-           AND s.campaign_id IS DISTINCT FROM (SELECT r.campaign_id FROM steps r WHERE r.id = reader_step_id)) THEN
+           AND NOT EXISTS (SELECT 1 FROM steps r WHERE r.campaign_id = s.campaign_id AND r.id = reader_step_id)) THEN
         PERFORM _raise('not_found', format('step %s does not exist in your campaign', step_id));
     END IF;
     RETURN jsonb_build_object('step_id', s.id, 'field', coalesce(field, 'output'), 'status', s.status)
@@ -2711,6 +2940,7 @@ AS $$
 DECLARE
     v_id bigint;
     v_arguments jsonb;
+    v_agent text;
 BEGIN
     -- SPEC §15: a worker writes notes only into the campaign of the step it holds (scope.sql).
     campaign_id := _worker_campaign(campaign_id, step_id, claim_token, 'add_note');
@@ -2742,10 +2972,11 @@ BEGIN
     IF step_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM steps s WHERE s.id = step_id AND s.campaign_id = campaign_id) THEN
         PERFORM _raise('not_found', format('campaign %s has no step %s', campaign_id, step_id));
     END IF;
-    -- A worker's note carries its step's agent when the caller does not name one.
+    -- A worker's note carries its step's agent when the caller does not name one (read before
+    -- the insert: Citus takes no subquery in an INSERT's VALUES).
+    v_agent := coalesce(agent, (SELECT s.agent FROM steps s WHERE s.campaign_id = campaign_id AND s.id = step_id));
     INSERT INTO notes (campaign_id, step_id, agent, content, tags, embedding, embedding_model)
-    VALUES (campaign_id, step_id, coalesce(agent, (SELECT s.agent FROM steps s WHERE s.id = step_id)),
-            content, coalesce(tags, '{}'), embedding, embedding_model)
+    VALUES (campaign_id, step_id, v_agent, content, coalesce(tags, '{}'), embedding, embedding_model)
     RETURNING id INTO v_id;
     PERFORM _emit(campaign_id, step_id, 'note.added', jsonb_build_object('note_id', v_id, 'tags', coalesce(tags, '{}')));
     RETURN jsonb_build_object('note_id', v_id, 'campaign_id', campaign_id, 'step_id', step_id,
@@ -2761,13 +2992,17 @@ $$;
 CREATE OR REPLACE FUNCTION _similar_notes(campaign_id uuid, embedding vector, embedding_model text, k integer DEFAULT 5,
                               exclude bigint DEFAULT NULL)
 RETURNS jsonb
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
 AS $$
-    SELECT coalesce(jsonb_agg(jsonb_build_object('note_id', id, 'content', left(content, 300),
-                                                 'similarity', round(similarity::numeric, 4),
-                                                 'possible_duplicate', similarity >= 0.9)
-                              ORDER BY similarity DESC), '[]')
+#variable_conflict use_column
+BEGIN
+    -- $1..$5: the arguments (named like the columns of notes).
+    RETURN (
+    SELECT coalesce(jsonb_agg(jsonb_build_object('note_id', near.id, 'content', left(near.content, 300),
+                                                 'similarity', round(near.similarity::numeric, 4),
+                                                 'possible_duplicate', near.similarity >= 0.9)
+                              ORDER BY near.similarity DESC), '[]')
       FROM (SELECT n.id, n.content, 1 - (n.embedding <=> $2) AS similarity
               FROM notes n
              WHERE $2 IS NOT NULL AND n.campaign_id = $1 AND n.embedding IS NOT NULL
@@ -2775,15 +3010,19 @@ AS $$
              ORDER BY n.embedding <=> $2
              LIMIT greatest($4, 0)) near
      -- SPEC §13: below the model's floor a note is not similar, however near it ranks.
-     WHERE similarity >= _similarity_floor($3);
+     WHERE near.similarity >= _similarity_floor($3));
+END
 $$;
 
 CREATE OR REPLACE FUNCTION notes_to_embed("limit" integer DEFAULT 100) RETURNS jsonb
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
 AS $$
-    SELECT coalesce(jsonb_agg(jsonb_build_object('note_id', id, 'content', content) ORDER BY id), '[]')
-      FROM (SELECT id, content FROM notes WHERE embedding IS NULL ORDER BY id LIMIT greatest($1, 0)) n;
+BEGIN
+    RETURN (
+    SELECT coalesce(jsonb_agg(jsonb_build_object('note_id', n.id, 'content', n.content) ORDER BY n.id), '[]')
+      FROM (SELECT x.id, x.content FROM notes x WHERE x.embedding IS NULL ORDER BY x.id LIMIT greatest($1, 0)) n);
+END
 $$;
 
 CREATE OR REPLACE FUNCTION set_note_embedding(note_id bigint, embedding vector, embedding_model text) RETURNS jsonb
@@ -2808,20 +3047,28 @@ CREATE OR REPLACE FUNCTION get_notes(campaign_id uuid, tags text[] DEFAULT NULL,
                           "limit" integer DEFAULT 50, cursor text DEFAULT NULL, preview_chars integer DEFAULT NULL,
                           claim_token uuid DEFAULT NULL)
 RETURNS jsonb
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
 AS $$
+#variable_conflict use_column
+DECLARE
+    -- SPEC §15: a worker reads the notes of its claim's campaign only (scope.sql). Found
+    -- before the query rather than inside it: a rule called inside a query on a shard may not
+    -- run queries of its own (Citus).
+    v_campaign uuid := _worker_campaign($1, NULL, $7, 'get_notes');
+BEGIN
+    -- $1..$7: the arguments (some named like the columns of notes).
+    RETURN (
     WITH page AS (
         SELECT * FROM notes n
-         -- SPEC §15: a worker reads the notes of its claim's campaign only (scope.sql).
-         WHERE n.campaign_id = (SELECT _worker_campaign($1, NULL, $7, 'get_notes'))
+         WHERE n.campaign_id = v_campaign
            AND ($2 IS NULL OR n.tags && $2)
            AND ($3 IS NULL OR n.step_id = $3)
            AND ($5 IS NULL OR n.id < CASE WHEN $5 ~ '^[0-9]{1,18}$' THEN $5::bigint END)
          ORDER BY n.id DESC
          LIMIT least(greatest(coalesce($4, 50), 1), 500) + 1),
     shown AS (
-        SELECT * FROM page ORDER BY id DESC LIMIT least(greatest(coalesce($4, 50), 1), 500))
+        SELECT * FROM page ORDER BY page.id DESC LIMIT least(greatest(coalesce($4, 50), 1), 500))
     SELECT jsonb_build_object(
         'notes', coalesce((SELECT jsonb_agg(jsonb_build_object(
                'id', n.id, 'step_id', n.step_id, 'agent', n.agent,
@@ -2832,7 +3079,8 @@ AS $$
                                                'truncated', length(n.content) > greatest($6, 1)) END
                ORDER BY n.id DESC) FROM shown n), '[]'),
         'next_cursor', CASE WHEN (SELECT count(*) FROM page) > least(greatest(coalesce($4, 50), 1), 500)
-                            THEN (SELECT min(id) FROM shown)::text END);
+                            THEN (SELECT min(shown.id) FROM shown)::text END));
+END
 $$;
 
 CREATE OR REPLACE FUNCTION search_notes(query text, campaign_id uuid DEFAULT NULL, top_k integer DEFAULT 5,
@@ -2851,6 +3099,10 @@ DECLARE
     v_tsquery tsquery;
     v_rare tsquery;
     v_common tsquery;
+    v_terms text[];
+    v_term text;
+    v_rare_terms text[] := '{}';
+    v_common_terms text[] := '{}';
     v_hits jsonb;
 BEGIN
     IF query IS NULL OR btrim(query) = '' THEN
@@ -2874,27 +3126,32 @@ BEGIN
     -- common word costs time in proportion to the whole table, so the words are split by how
     -- many notes they match (counted up to v_cap + 1): every match of a rare word is a candidate
     -- and ranks first, as the rarer word says more; of the notes sharing only common words, the
-    -- newest v_cap are.
-    SELECT string_agg(w.term, ' | ') FILTER (WHERE w.rare)::tsquery,
-           string_agg(w.term, ' | ') FILTER (WHERE NOT w.rare)::tsquery,
-           string_agg(w.term, ' | ')::tsquery
-      INTO v_rare, v_common, v_tsquery
-      FROM (SELECT t.term,
-                   CASE WHEN campaign_id IS NOT NULL THEN true
-                        ELSE (SELECT count(*) FROM (SELECT 1 FROM notes n
-                                                     WHERE n.content_tsv @@ t.term::tsquery
-                                                       AND (tags IS NULL OR n.tags && tags)
-                                                     LIMIT v_cap + 1) m) <= v_cap END AS rare
-              FROM (SELECT quote_literal(lexeme)::tsquery::text AS term
-                      FROM unnest(to_tsvector('english', query)) AS u(lexeme, positions, weights)) t) w;
+    -- newest v_cap are. One count per word, each a statement of its own (not a subquery per
+    -- word of one query: Citus plans no subquery correlated with a function's rows).
+    v_terms := ARRAY(SELECT quote_literal(lexeme)::tsquery::text
+                       FROM unnest(to_tsvector('english', query)) AS u(lexeme, positions, weights));
+    FOREACH v_term IN ARRAY v_terms LOOP
+        IF campaign_id IS NOT NULL
+           OR (SELECT count(*) FROM (SELECT 1 FROM notes n
+                                      WHERE n.content_tsv @@ v_term::tsquery
+                                        AND (tags IS NULL OR n.tags && tags)
+                                      LIMIT v_cap + 1) m) <= v_cap THEN
+            v_rare_terms := v_rare_terms || v_term;
+        ELSE
+            v_common_terms := v_common_terms || v_term;
+        END IF;
+    END LOOP;
+    v_rare := nullif(array_to_string(v_rare_terms, ' | '), '')::tsquery;
+    v_common := nullif(array_to_string(v_common_terms, ' | '), '')::tsquery;
+    v_tsquery := nullif(array_to_string(v_terms, ' | '), '')::tsquery;
     WITH candidates AS (
-        SELECT n.id, n.content_tsv, true AS rare
+        SELECT n.campaign_id, n.id, n.content_tsv, true AS rare
           FROM notes n
          WHERE v_rare IS NOT NULL AND n.content_tsv @@ v_rare
            AND (campaign_id IS NULL OR n.campaign_id = campaign_id)
            AND (tags IS NULL OR n.tags && tags)
         UNION ALL
-        (SELECT n.id, n.content_tsv, false
+        (SELECT n.campaign_id, n.id, n.content_tsv, false
            FROM notes n
           WHERE v_common IS NOT NULL AND n.content_tsv @@ v_common
             AND NOT (v_rare IS NOT NULL AND n.content_tsv @@ v_rare)
@@ -2904,14 +3161,15 @@ BEGIN
           LIMIT v_cap)
     ),
     lexical AS (
-        SELECT c.id, row_number() OVER (ORDER BY c.rare DESC, ts_rank_cd(c.content_tsv, v_tsquery) DESC, c.id DESC) AS rank
+        SELECT c.campaign_id, c.id,
+               row_number() OVER (ORDER BY c.rare DESC, ts_rank_cd(c.content_tsv, v_tsquery) DESC, c.id DESC) AS rank
           FROM candidates c
          ORDER BY c.rare DESC, ts_rank_cd(c.content_tsv, v_tsquery) DESC, c.id DESC
          LIMIT v_pool
     ),
     semantic AS (
-        SELECT s.id, row_number() OVER (ORDER BY s.distance, s.id) AS rank, s.distance
-          FROM (SELECT n.id, n.embedding <=> query_embedding AS distance
+        SELECT s.campaign_id, s.id, row_number() OVER (ORDER BY s.distance, s.id) AS rank, s.distance
+          FROM (SELECT n.campaign_id, n.id, n.embedding <=> query_embedding AS distance
                   FROM notes n
                  WHERE query_embedding IS NOT NULL AND n.embedding IS NOT NULL
                    AND (embedding_model IS NULL OR n.embedding_model = embedding_model)
@@ -2923,12 +3181,12 @@ BEGIN
          WHERE 1 - s.distance >= _similarity_floor(embedding_model)
     ),
     fused AS (
-        SELECT coalesce(l.id, s.id) AS id,
+        SELECT coalesce(l.campaign_id, s.campaign_id) AS campaign_id, coalesce(l.id, s.id) AS id,
                coalesce(1.0 / (60 + l.rank), 0) + coalesce(1.0 / (60 + s.rank), 0) AS score,
                CASE WHEN l.id IS NOT NULL AND s.id IS NOT NULL THEN 'hybrid'
                     WHEN s.id IS NOT NULL THEN 'semantic' ELSE 'lexical' END AS mode,
                1 - s.distance AS similarity
-          FROM lexical l FULL JOIN semantic s ON s.id = l.id
+          FROM lexical l FULL JOIN semantic s ON s.campaign_id = l.campaign_id AND s.id = l.id
     )
     SELECT coalesce(jsonb_agg(jsonb_build_object(
                'note_id', n.id, 'campaign_id', n.campaign_id, 'step_id', n.step_id, 'agent', n.agent,
@@ -2936,7 +3194,8 @@ BEGIN
                'score', round(f.score::numeric, 6), 'mode', f.mode, 'similarity', round(f.similarity::numeric, 4))
                ORDER BY f.score DESC, n.id DESC), '[]')
       INTO v_hits
-      FROM (SELECT * FROM fused ORDER BY score DESC, id DESC LIMIT v_k) f JOIN notes n ON n.id = f.id;
+      FROM (SELECT * FROM fused ORDER BY score DESC, id DESC LIMIT v_k) f
+      JOIN notes n ON n.campaign_id = f.campaign_id AND n.id = f.id;
     RETURN jsonb_build_object('results', v_hits,
                               'mode', CASE WHEN query_embedding IS NULL THEN 'lexical' ELSE 'hybrid' END);
 END
@@ -2980,7 +3239,7 @@ BEGIN
                  WHERE s.similarity >= 0.2
                  ORDER BY s.similarity DESC, s.id DESC
                  LIMIT greatest(k, 0)) best
-          JOIN notes n ON n.id = best.id);
+          JOIN notes n ON n.campaign_id = _similar_notes_by_words.campaign_id AND n.id = best.id);
 END
 $$;
 
@@ -3025,6 +3284,12 @@ DECLARE
     v_horizon xid8 := _event_horizon();
     v_limit integer := least(greatest(coalesce("limit", 200), 1), 1000);
     v_page events[];
+    v_done_campaigns uuid[];
+    v_done_steps bigint[];
+    v_note_campaigns uuid[];
+    v_note_ids bigint[];
+    v_completed jsonb;
+    v_notes jsonb;
 BEGIN
     IF consumer IS NULL OR btrim(consumer) = '' OR length(consumer) > 200 THEN
         PERFORM _raise('invalid_argument', 'consumer must be a name of 1 to 200 characters');
@@ -3037,9 +3302,11 @@ BEGIN
     SELECT * INTO v_cursor FROM cursors WHERE cursors.consumer = v_key FOR UPDATE;
 
     -- The page is an array, not a temporary table: creating and dropping a table per call
-    -- bloats the catalog and makes every commit wait for its WAL flush.
-    SELECT coalesce(array_agg(e ORDER BY e.tx, e.id), '{}') INTO v_page
-      FROM (SELECT e.* FROM events e
+    -- bloats the catalog and makes every commit wait for its WAL flush. Its rows are built from
+    -- their columns: Citus hands a whole row of a subquery back as a record it cannot read.
+    SELECT coalesce(array_agg(ROW(e.id, e.tx, e.campaign_id, e.step_id, e.kind, e.payload, e.at)::events
+                              ORDER BY e.tx, e.id), '{}') INTO v_page
+      FROM (SELECT e.id, e.tx, e.campaign_id, e.step_id, e.kind, e.payload, e.at FROM events e
              WHERE (e.tx, e.id) > (v_cursor.last_tx, v_cursor.last_event_id) AND e.tx < v_horizon
                AND (id IS NULL OR e.campaign_id = id)
              ORDER BY e.tx, e.id
@@ -3051,11 +3318,30 @@ BEGIN
          WHERE cursors.consumer = v_key;
     END IF;
 
+    -- The steps and notes the page names, read by their ids rather than joined with the page:
+    -- under Citus the page cannot travel to the workers (a distributed query takes no array of
+    -- rows).
+    SELECT coalesce(array_agg(e.campaign_id ORDER BY e.tx, e.id), '{}'), coalesce(array_agg(e.step_id ORDER BY e.tx, e.id), '{}')
+      INTO v_done_campaigns, v_done_steps
+      FROM unnest(v_page) e WHERE e.kind = 'step.done';
+    SELECT coalesce(jsonb_agg(jsonb_build_object('step_id', s.id, 'campaign_id', s.campaign_id,
+                              'action', s.action, 'output_preview', left(s.output, 300),
+                              'output_chars', length(s.output)) ORDER BY array_position(v_done_steps, s.id)), '[]')
+      INTO v_completed
+      FROM steps s
+     WHERE s.campaign_id = ANY (v_done_campaigns) AND s.id = ANY (v_done_steps);
+    SELECT coalesce(array_agg(e.campaign_id), '{}'), coalesce(array_agg((e.payload ->> 'note_id')::bigint), '{}')
+      INTO v_note_campaigns, v_note_ids
+      FROM unnest(v_page) e WHERE e.kind = 'note.added';
+    SELECT coalesce(jsonb_agg(jsonb_build_object('note_id', n.id, 'campaign_id', n.campaign_id,
+                              'step_id', n.step_id, 'agent', n.agent, 'tags', n.tags,
+                              'content', left(n.content, 500)) ORDER BY n.id DESC), '[]')
+      INTO v_notes
+      FROM notes n
+     WHERE n.campaign_id = ANY (v_note_campaigns) AND n.id = ANY (v_note_ids);
+
     RETURN jsonb_build_object(
-        'completed', (SELECT coalesce(jsonb_agg(jsonb_build_object('step_id', s.id, 'campaign_id', s.campaign_id,
-                                       'action', s.action, 'output_preview', left(s.output, 300),
-                                       'output_chars', length(s.output)) ORDER BY e.tx, e.id), '[]')
-                        FROM unnest(v_page) e JOIN steps s ON s.id = e.step_id WHERE e.kind = 'step.done'),
+        'completed', v_completed,
         'failed', (SELECT coalesce(jsonb_agg(jsonb_build_object('step_id', e.step_id, 'campaign_id', e.campaign_id,
                                     'error', e.payload ->> 'error') ORDER BY e.tx, e.id), '[]')
                      FROM unnest(v_page) e WHERE e.kind = 'step.failed'),
@@ -3064,11 +3350,7 @@ BEGIN
                        FROM unnest(v_page) e WHERE e.kind = 'step.retry'),
         'skipped', (SELECT coalesce(jsonb_agg(jsonb_build_object('campaign_id', e.campaign_id) || e.payload ORDER BY e.tx, e.id), '[]')
                       FROM unnest(v_page) e WHERE e.kind = 'step.skipped'),
-        'notes', (SELECT coalesce(jsonb_agg(jsonb_build_object('note_id', n.id, 'campaign_id', n.campaign_id,
-                                  'step_id', n.step_id, 'agent', n.agent, 'tags', n.tags,
-                                  'content', left(n.content, 500)) ORDER BY n.id DESC), '[]')
-                    FROM unnest(v_page) e JOIN notes n ON n.id = (e.payload ->> 'note_id')::bigint
-                   WHERE e.kind = 'note.added'),
+        'notes', v_notes,
         'campaigns', (SELECT coalesce(jsonb_agg(jsonb_build_object('campaign_id', e.campaign_id, 'event', e.kind,
                                       'reason', e.payload ->> 'reason', 'at', e.at) ORDER BY e.tx, e.id), '[]')
                         FROM unnest(v_page) e WHERE e.kind LIKE 'campaign.%' OR e.kind = 'plan.applied'),
@@ -3100,24 +3382,45 @@ LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
 DECLARE
-    v_taken jsonb;
+    v_due record;
+    v_until timestamptz := _clock() + make_interval(secs => greatest(lease_seconds, 1));
+    v_taken jsonb := '[]';
+    v_count integer := 0;
+    n notifications;
+    -- The time once, in a variable: Citus runs a read's functions on the workers, where this
+    -- session's clock (sortie.fake_now) is not set.
+    v_now timestamptz := _clock();
 BEGIN
-    WITH due AS (
-        SELECT id FROM notifications
-         WHERE NOT delivered AND given_up_at IS NULL AND next_attempt_at <= _clock()
-         ORDER BY id
-         LIMIT greatest("limit", 0)
-           FOR UPDATE SKIP LOCKED
-    ),
-    taken AS (
-        UPDATE notifications n SET next_attempt_at = _clock() + make_interval(secs => greatest(lease_seconds, 1))
-          FROM due WHERE n.id = due.id
-        RETURNING n.*
-    )
-    SELECT coalesce(jsonb_agg(jsonb_build_object('id', t.id, 'campaign_id', t.campaign_id, 'level', t.level,
-                                                 'message', t.message, 'channel', t.channel,
-                                                 'delivery_attempts', t.delivery_attempts) ORDER BY t.id), '[]')
-      INTO v_taken FROM taken t;
+    IF greatest("limit", 0) = 0 THEN
+        RETURN v_taken;
+    END IF;
+    FOR v_due IN SELECT x.campaign_id, x.id FROM notifications x
+                  WHERE NOT x.delivered AND x.given_up_at IS NULL AND x.next_attempt_at <= v_now
+                  ORDER BY x.id LOOP
+        IF v_due.campaign_id IS NULL THEN
+            -- Not a campaign's (written by hand): found by its id alone.
+            SELECT * INTO n FROM notifications x
+             WHERE x.campaign_id IS NULL AND x.id = v_due.id
+               AND NOT x.delivered AND x.given_up_at IS NULL AND x.next_attempt_at <= v_now
+               FOR UPDATE SKIP LOCKED;
+            CONTINUE WHEN NOT FOUND;
+            UPDATE notifications x SET next_attempt_at = v_until WHERE x.campaign_id IS NULL AND x.id = n.id
+            RETURNING * INTO n;
+        ELSE
+            SELECT * INTO n FROM notifications x
+             WHERE x.campaign_id = v_due.campaign_id AND x.id = v_due.id
+               AND NOT x.delivered AND x.given_up_at IS NULL AND x.next_attempt_at <= v_now
+               FOR UPDATE SKIP LOCKED;
+            CONTINUE WHEN NOT FOUND;
+            UPDATE notifications x SET next_attempt_at = v_until WHERE x.campaign_id = n.campaign_id AND x.id = n.id
+            RETURNING * INTO n;
+        END IF;
+        v_taken := v_taken || jsonb_build_array(jsonb_build_object(
+            'id', n.id, 'campaign_id', n.campaign_id, 'level', n.level, 'message', n.message,
+            'channel', n.channel, 'delivery_attempts', n.delivery_attempts));
+        v_count := v_count + 1;
+        EXIT WHEN v_count >= "limit";
+    END LOOP;
     RETURN v_taken;
 END
 $$;
@@ -3134,17 +3437,23 @@ AS $$
 #variable_conflict use_variable
 DECLARE
     n notifications;
+    -- The time in a variable, not a call inside the CASEs, and the back-off added in UTC (the
+    -- same instant; timestamptz + interval is STABLE): Citus refuses STABLE functions inside
+    -- CASE, and on a column, in a distributed change.
+    v_now timestamptz := _clock();
 BEGIN
     UPDATE notifications
        SET delivered = ok,
-           delivered_at = CASE WHEN ok THEN _clock() END,
+           delivered_at = CASE WHEN ok THEN v_now END,
            delivery_attempts = delivery_attempts + 1,
            last_error = CASE WHEN ok THEN NULL ELSE left(error, 1000) END,
            next_attempt_at = CASE WHEN ok THEN next_attempt_at
-                                  ELSE _clock() + make_interval(secs => least(30 * power(2, delivery_attempts), 3600)) END,
+                                  ELSE ((v_now AT TIME ZONE 'UTC')
+                                        + make_interval(secs => least(30 * power(2, delivery_attempts), 3600)))
+                                       AT TIME ZONE 'UTC' END,
            given_up_at = CASE WHEN NOT ok AND (NOT coalesce(retry, true)
                                                OR delivery_attempts + 1 >= _notification_max_attempts())
-                              THEN _clock() END
+                              THEN v_now END
      WHERE notifications.id = id AND NOT delivered AND given_up_at IS NULL
     RETURNING * INTO n;
     IF NOT FOUND THEN
@@ -3218,8 +3527,12 @@ AS $$
 $$;
 
 CREATE OR REPLACE FUNCTION _workflow_definition(c campaigns) RETURNS jsonb
-LANGUAGE sql STABLE
-AS $$ SELECT definition FROM workflows WHERE name = c.workflow AND hash = c.workflow_hash $$;
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    RETURN (SELECT w.definition FROM workflows w WHERE w.name = c.workflow AND w.hash = c.workflow_hash);
+END
+$$;
 
 CREATE OR REPLACE FUNCTION _workflow_step_names(p_definition jsonb) RETURNS text[]
 LANGUAGE sql IMMUTABLE
@@ -3510,13 +3823,15 @@ END
 $$;
 
 CREATE OR REPLACE FUNCTION _finished_claim(p_step bigint, p_token uuid, p_call text, p_arguments jsonb) RETURNS jsonb
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
 AS $$
-    SELECT f.result || '{"replayed": true}'
-      FROM finished_claims f
-     WHERE f.claim_token = p_token AND f.step_id = p_step AND f.call = p_call
-       AND f.arguments_hash = _arguments_hash(p_arguments)
+BEGIN
+    RETURN (SELECT f.result || '{"replayed": true}'
+              FROM finished_claims f
+             WHERE f.claim_token = p_token AND f.step_id = p_step AND f.call = p_call
+               AND f.arguments_hash = _arguments_hash(p_arguments));
+END
 $$;
 
 CREATE OR REPLACE FUNCTION _keep_finished_claim(p_step bigint, p_token uuid, p_call text, p_arguments jsonb, p_result jsonb)
@@ -3618,6 +3933,9 @@ SET search_path FROM CURRENT
 AS $$
 DECLARE
     v_grace double precision := extract(epoch FROM coalesce(grace, interval '30 seconds'));
+    -- The time once, in a variable: Citus runs a read's functions on the workers, where this
+    -- session's clock (sortie.fake_now) is not set.
+    v_now timestamptz := _clock();
     v_horizon xid8 := _event_horizon();
     v_waiting bigint;
     v_holder jsonb;
@@ -3666,11 +3984,11 @@ BEGIN
     END IF;
 
     SELECT jsonb_build_object('count', count(*),
-                              'oldest_expired_seconds', round(max(extract(epoch FROM _clock() - s.lease_expires_at))::numeric, 1),
+                              'oldest_expired_seconds', round(max(extract(epoch FROM v_now - s.lease_expires_at))::numeric, 1),
                               'step_ids', coalesce((array_agg(s.id ORDER BY s.lease_expires_at))[1:20], '{}'))
       INTO v_leases
       FROM steps s
-     WHERE s.status = 'running' AND s.step_type = 'atomic' AND s.lease_expires_at < _clock();
+     WHERE s.status = 'running' AND s.step_type = 'atomic' AND s.lease_expires_at < v_now;
     IF (v_leases ->> 'count')::bigint > 0 AND (v_leases ->> 'oldest_expired_seconds')::double precision >= v_grace THEN
         v_problems := v_problems || jsonb_build_object('code', 'expired_leases',
             'message', format('%s running steps have an expired lease that nothing reset (is sortie-runner running? reset_zombies() resets them)',
@@ -3709,7 +4027,7 @@ BEGIN
     -- coordinator's add_steps can move it, or a dependency it waits for never resolves.
     SELECT coalesce(jsonb_agg(jsonb_build_object('id', c.id, 'name', c.name, 'open_steps', c.open_steps,
                                                  'planner', c.planner,
-                                                 'idle_seconds', round(extract(epoch FROM _clock() - c.updated_at)::numeric, 1))
+                                                 'idle_seconds', round(extract(epoch FROM v_now - c.updated_at)::numeric, 1))
                               ORDER BY c.updated_at), '[]')
       INTO v_stalled
       FROM campaigns c
@@ -3739,7 +4057,7 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION _graph_node(s steps, p_parent_type text) RETURNS jsonb
+CREATE OR REPLACE FUNCTION _graph_node(s steps, p_parent_type text, p_now timestamptz) RETURNS jsonb
 LANGUAGE sql STABLE
 AS $$
     SELECT jsonb_strip_nulls(jsonb_build_object(
@@ -3755,7 +4073,7 @@ AS $$
         'started_at', s.started_at, 'completed_at', s.completed_at,
         'duration_ms', coalesce(s.duration_ms,
                                 CASE WHEN s.status = 'running' AND s.claimed_at IS NOT NULL
-                                     THEN (extract(epoch FROM _clock() - s.claimed_at) * 1000)::bigint END),
+                                     THEN (extract(epoch FROM p_now - s.claimed_at) * 1000)::bigint END),
         'lease_expires_at', CASE WHEN s.status = 'running' THEN s.lease_expires_at END,
         'output_line', left(split_part(btrim(s.output, E' \n\r\t'), E'\n', 1), 200),
         'output_chars', length(s.output),
@@ -3771,6 +4089,7 @@ DECLARE
     c campaigns;
     v_limit integer := least(greatest(coalesce(max_steps, 5000), 1), 20000);
     v_total bigint;
+    v_now timestamptz := _clock();
 BEGIN
     SELECT * INTO c FROM campaigns WHERE campaigns.id = id;
     IF NOT FOUND THEN
@@ -3781,16 +4100,16 @@ BEGIN
         'campaign', _campaign_summary(c) || jsonb_build_object('ready_steps', c.ready_steps),
         'step_counts', (SELECT coalesce(jsonb_object_agg(t.status, t.n), '{}')
                           FROM (SELECT s.status, count(*) AS n FROM steps s WHERE s.campaign_id = c.id GROUP BY s.status) t),
-        'nodes', (SELECT coalesce(jsonb_agg(_graph_node(s, p.step_type) ORDER BY s.id), '[]')
+        'nodes', (SELECT coalesce(jsonb_agg(_graph_node(s, p.step_type, v_now) ORDER BY s.id), '[]')
                     FROM (SELECT * FROM steps WHERE steps.campaign_id = c.id ORDER BY steps.id LIMIT v_limit) s
-                    LEFT JOIN steps p ON p.id = s.parent_id),
+                    LEFT JOIN steps p ON p.campaign_id = c.id AND p.id = s.parent_id),
         'edges', (SELECT coalesce(jsonb_agg(e ORDER BY e ->> 'kind', (e ->> 'to')::bigint, (e ->> 'from')::bigint), '[]') FROM (
                     SELECT jsonb_build_object('from', d.depends_on, 'to', d.step_id, 'kind', 'dependency') AS e
                       FROM step_dependencies d
                      WHERE d.campaign_id = c.id AND d.step_id <= (SELECT max(x.id) FROM (SELECT steps.id FROM steps WHERE steps.campaign_id = c.id ORDER BY steps.id LIMIT v_limit) x)
                     UNION ALL
                     SELECT jsonb_build_object('from', s.parent_id, 'to', s.id, 'kind', 'spawned')
-                      FROM steps s JOIN steps p ON p.id = s.parent_id AND p.step_type = 'atomic'
+                      FROM steps s JOIN steps p ON p.campaign_id = s.campaign_id AND p.id = s.parent_id AND p.step_type = 'atomic'
                      WHERE s.campaign_id = c.id
                     UNION ALL
                     SELECT jsonb_build_object('from', s.continuation_of, 'to', s.id, 'kind', 'continues')
@@ -3808,6 +4127,9 @@ AS $$
 #variable_conflict use_variable
 DECLARE
     v_limit integer := least(greatest(coalesce("limit", 50), 1), 1000);
+    -- The time once, in a variable: Citus runs a read's functions on the workers, where this
+    -- session's clock (sortie.fake_now) is not set.
+    v_now timestamptz := _clock();
 BEGIN
     RETURN jsonb_build_object(
         'running', (SELECT coalesce(jsonb_agg(r ORDER BY r ->> 'started_at'), '[]') FROM (
@@ -3815,8 +4137,8 @@ BEGIN
                        'step_id', s.id, 'campaign_id', s.campaign_id, 'campaign_name', c.name,
                        'action', s.action, 'agent', s.agent, 'claim_owner', s.claim_owner,
                        'attempts', s.attempts, 'started_at', s.claimed_at,
-                       'running_seconds', round(extract(epoch FROM _clock() - s.claimed_at)::numeric, 1),
-                       'lease_seconds_left', round(extract(epoch FROM s.lease_expires_at - _clock())::numeric, 1))) AS r
+                       'running_seconds', round(extract(epoch FROM v_now - s.claimed_at)::numeric, 1),
+                       'lease_seconds_left', round(extract(epoch FROM s.lease_expires_at - v_now)::numeric, 1))) AS r
               FROM steps s JOIN campaigns c ON c.id = s.campaign_id
              WHERE s.status = 'running' AND s.step_type = 'atomic'
              ORDER BY s.claimed_at
@@ -3834,7 +4156,7 @@ BEGIN
              WHERE c.status IN ('active', 'paused')
              ORDER BY c.created_at DESC
              LIMIT v_limit) active),
-        'at', _clock());
+        'at', v_now);
 END
 $$;
 
@@ -3846,11 +4168,15 @@ SET search_path FROM CURRENT
 AS $$
 #variable_conflict use_variable
 DECLARE
-    v_ids uuid[];
+    v_id uuid;
+    v_ids uuid[] := '{}';
     v_steps bigint;
     v_events bigint;
     v_notes bigint;
     v_more boolean;
+    -- The time once, in a variable: Citus runs a read's functions on the workers, where this
+    -- session's clock (sortie.fake_now) is not set.
+    v_before timestamptz;
 BEGIN
     IF older_than IS NULL OR older_than < interval '0' THEN
         PERFORM _raise('invalid_argument', 'older_than must be an interval of zero or more');
@@ -3858,12 +4184,17 @@ BEGIN
     IF "limit" IS NULL OR "limit" NOT BETWEEN 1 AND 10000 THEN
         PERFORM _raise('invalid_argument', 'limit must be from 1 to 10000');
     END IF;
-    SELECT coalesce(array_agg(x.id), '{}') INTO v_ids
-      FROM (SELECT c.id FROM campaigns c
-             WHERE c.status IN ('done', 'failed', 'cancelled') AND c.completed_at < _clock() - older_than
-             ORDER BY c.completed_at
-             LIMIT "limit"
-               FOR UPDATE SKIP LOCKED) x;
+    v_before := _clock() - older_than;
+    FOR v_id IN SELECT c.id FROM campaigns c
+                 WHERE c.status IN ('done', 'failed', 'cancelled') AND c.completed_at < v_before
+                 ORDER BY c.completed_at LOOP
+        PERFORM 1 FROM campaigns c
+         WHERE c.id = v_id AND c.status IN ('done', 'failed', 'cancelled') AND c.completed_at < v_before
+           FOR UPDATE SKIP LOCKED;
+        CONTINUE WHEN NOT FOUND;
+        v_ids := v_ids || v_id;
+        EXIT WHEN cardinality(v_ids) >= "limit";
+    END LOOP;
     SELECT count(*) INTO v_steps FROM steps s WHERE s.campaign_id = ANY (v_ids);
     SELECT count(*) INTO v_events FROM events e WHERE e.campaign_id = ANY (v_ids);
     SELECT count(*) INTO v_notes FROM notes n WHERE n.campaign_id = ANY (v_ids);
@@ -3872,11 +4203,13 @@ BEGIN
     DELETE FROM step_dependencies d WHERE d.campaign_id = ANY (v_ids);
     DELETE FROM notes n WHERE n.campaign_id = ANY (v_ids);
     DELETE FROM events e WHERE e.campaign_id = ANY (v_ids);
+    -- Lock keys are global (under Citus a reference table, without a foreign key to campaigns).
+    DELETE FROM resource_leases l WHERE l.campaign_id = ANY (v_ids);
     DELETE FROM steps s WHERE s.campaign_id = ANY (v_ids);
     DELETE FROM campaigns c WHERE c.id = ANY (v_ids);
     v_more := cardinality(v_ids) = "limit" AND EXISTS (
         SELECT 1 FROM campaigns c
-         WHERE c.status IN ('done', 'failed', 'cancelled') AND c.completed_at < _clock() - older_than);
+         WHERE c.status IN ('done', 'failed', 'cancelled') AND c.completed_at < v_before);
     RETURN jsonb_build_object('campaigns', cardinality(v_ids), 'steps', v_steps, 'events', v_events,
                               'notes', v_notes, 'more', v_more);
 END
@@ -3919,15 +4252,22 @@ BEGIN
     SELECT coalesce(array_agg(d.step_id), '{}'), coalesce(array_agg(d.depends_on), '{}')
       INTO v_dep_steps, v_dep_on
       FROM step_dependencies d
-     WHERE d.step_id = ANY (v_ids);
+     WHERE d.campaign_id = p_campaign AND d.step_id = ANY (v_ids);
     RETURN _wait_cycle_step(v_ids, v_parents, v_dep_steps, v_dep_on);
 END
 $$;
 
 CREATE OR REPLACE FUNCTION check_invariants(campaign_id uuid DEFAULT NULL) RETURNS SETOF text
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
 AS $$
+#variable_conflict use_column
+DECLARE
+    v_campaign uuid;
+    v_step bigint;
+BEGIN
+    -- $1: the argument campaign_id (named like the columns).
+    RETURN QUERY
     WITH scope AS (SELECT * FROM campaigns c WHERE $1 IS NULL OR c.id = $1),
     counts AS (
         SELECT c.id,
@@ -3947,15 +4287,22 @@ AS $$
       FROM scope c JOIN steps s ON s.campaign_id = c.id
      WHERE s.status = 'pending' AND s.step_type = 'atomic' AND s.remaining_deps = 0 AND s.id < c.ready_floor
     UNION ALL
-    SELECT format('step %s: remaining_deps is %s, expected %s', s.id, s.remaining_deps, expected)
-      FROM scope c JOIN steps s ON s.campaign_id = c.id
-      LEFT JOIN steps p ON p.id = s.parent_id
-     CROSS JOIN LATERAL (
-         SELECT (SELECT count(*) FROM step_dependencies d JOIN steps x ON x.id = d.depends_on
-                  WHERE d.step_id = s.id AND x.status <> 'done')
-              + CASE WHEN p.step_type <> 'atomic' AND p.status = 'pending' AND p.remaining_deps > 0 THEN 1 ELSE 0 END
-                AS expected) e
-     WHERE s.status = 'pending' AND s.remaining_deps <> expected
+    -- Unmet dependencies counted per step in a join rather than by a subquery per step: Citus
+    -- plans no correlated subquery beside a subquery without FROM.
+    SELECT format('step %s: remaining_deps is %s, expected %s', e.id, e.remaining_deps, e.expected)
+      FROM (SELECT s.id, s.remaining_deps,
+                   coalesce(u.n, 0)
+                   + CASE WHEN p.step_type <> 'atomic' AND p.status = 'pending' AND p.remaining_deps > 0 THEN 1 ELSE 0 END
+                     AS expected
+              FROM scope c JOIN steps s ON s.campaign_id = c.id
+              LEFT JOIN steps p ON p.campaign_id = s.campaign_id AND p.id = s.parent_id
+              LEFT JOIN (SELECT d.campaign_id, d.step_id, count(*) AS n
+                           FROM step_dependencies d
+                           JOIN steps x ON x.campaign_id = d.campaign_id AND x.id = d.depends_on
+                          WHERE x.status <> 'done' AND d.campaign_id IN (SELECT id FROM scope)
+                          GROUP BY d.campaign_id, d.step_id) u ON u.campaign_id = s.campaign_id AND u.step_id = s.id
+             WHERE s.status = 'pending') e
+     WHERE e.remaining_deps <> e.expected
     UNION ALL
     SELECT format('step %s: is running without a claim token', s.id)
       FROM scope c JOIN steps s ON s.campaign_id = c.id
@@ -3980,12 +4327,12 @@ AS $$
          SELECT count(*) AS total,
                 count(*) FILTER (WHERE k.status = 'done' OR (k.status = 'skipped' AND k.skip_cause IN ('abort', 'threshold'))) AS resolved,
                 count(*) FILTER (WHERE k.status = 'failed' OR (k.status = 'skipped' AND k.skip_cause NOT IN ('abort', 'threshold'))) AS failed
-           FROM steps k WHERE k.parent_id = p.id AND k.continued_by IS NULL) m
+           FROM steps k WHERE k.campaign_id = p.campaign_id AND k.parent_id = p.id AND k.continued_by IS NULL) m
      WHERE p.step_type <> 'atomic'
        AND (p.members <> m.total OR p.members_resolved <> m.resolved OR p.members_failed <> m.failed)
     UNION ALL
     SELECT format('step %s: done compound step has open member %s', p.id, k.id)
-      FROM scope c JOIN steps p ON p.campaign_id = c.id JOIN steps k ON k.parent_id = p.id
+      FROM scope c JOIN steps p ON p.campaign_id = c.id JOIN steps k ON k.campaign_id = p.campaign_id AND k.parent_id = p.id
      WHERE p.step_type <> 'atomic' AND p.status IN ('done', 'failed', 'skipped')
        AND k.status IN ('pending', 'running', 'waiting_input')
     UNION ALL
@@ -3993,24 +4340,162 @@ AS $$
       FROM scope c JOIN steps s ON s.campaign_id = c.id
      WHERE c.status IN ('done', 'failed', 'cancelled') AND s.status IN ('pending', 'running', 'waiting_input')
     UNION ALL
+    -- Both ends must be steps of the dependency's own campaign (each looked up within it, so
+    -- that no query joins two campaigns).
     SELECT format('dependency %s -> %s crosses campaigns', d.step_id, d.depends_on)
-      FROM step_dependencies d JOIN steps a ON a.id = d.step_id JOIN steps b ON b.id = d.depends_on
-     WHERE a.campaign_id <> b.campaign_id OR d.campaign_id <> a.campaign_id
+      FROM step_dependencies d
+     WHERE NOT EXISTS (SELECT 1 FROM steps a WHERE a.campaign_id = d.campaign_id AND a.id = d.step_id)
+        OR NOT EXISTS (SELECT 1 FROM steps b WHERE b.campaign_id = d.campaign_id AND b.id = d.depends_on)
     UNION ALL
     SELECT format('step %s: ran although dependency %s is %s', s.id, x.id, x.status)
       FROM scope c JOIN steps s ON s.campaign_id = c.id
-      JOIN step_dependencies d ON d.step_id = s.id JOIN steps x ON x.id = d.depends_on
+      JOIN step_dependencies d ON d.campaign_id = s.campaign_id AND d.step_id = s.id
+      JOIN steps x ON x.campaign_id = d.campaign_id AND x.id = d.depends_on
      WHERE s.status IN ('running', 'waiting_input') AND s.step_type = 'atomic' AND x.status <> 'done'
     UNION ALL
     SELECT format('lease on %s held by step %s which is %s', l.key, l.step_id, s.status)
-      FROM resource_leases l JOIN steps s ON s.id = l.step_id
-     WHERE s.status <> 'running'
-    UNION ALL
+      FROM resource_leases l JOIN steps s ON s.campaign_id = l.campaign_id AND s.id = l.step_id
+     WHERE s.status <> 'running';
     -- SPEC §13: a cycle of waits among open steps (dependencies, and compound parents waiting
-    -- for their members) can never finish.
-    SELECT format('campaign %s: steps wait for each other in a cycle through step %s', c.id, w.step)
-      FROM scope c CROSS JOIN LATERAL (SELECT _campaign_wait_cycle(c.id) AS step) w
-     WHERE w.step IS NOT NULL;
+    -- for their members) can never finish. One campaign at a time, outside the query: a rule
+    -- called inside a query on a shard may not run queries of its own (Citus).
+    FOR v_campaign IN SELECT c.id FROM campaigns c WHERE $1 IS NULL OR c.id = $1 ORDER BY c.id LOOP
+        v_step := _campaign_wait_cycle(v_campaign);
+        IF v_step IS NOT NULL THEN
+            RETURN NEXT format('campaign %s: steps wait for each other in a cycle through step %s', v_campaign, v_step);
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- sql/engine/distribute.sql
+CREATE OR REPLACE FUNCTION _distributed_tables() RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT ARRAY['campaigns', 'steps', 'step_dependencies', 'events', 'notes', 'notifications', 'workflow_history'] $$;
+
+CREATE OR REPLACE FUNCTION _reference_tables() RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT ARRAY['resource_leases', 'workflows', 'cursors', 'idempotency_records', 'finished_claims'] $$;
+
+CREATE OR REPLACE FUNCTION _delegated_functions() RETURNS TABLE (signature text, campaign_arg text)
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT * FROM (VALUES
+        ('get_campaign(uuid,integer,text)', 'id'),
+        ('campaign_graph(uuid,integer)', 'id'),
+        ('planner_context(uuid)', 'campaign_id')
+    ) AS f(signature, campaign_arg);
+$$;
+
+CREATE OR REPLACE FUNCTION _distribution_keys(p_schema text) RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT array_agg(replace(s, '@s', quote_ident(p_schema)) ORDER BY o) FROM unnest(ARRAY[
+        'ALTER TABLE @s.steps DROP CONSTRAINT IF EXISTS steps_parent_id_fkey, DROP CONSTRAINT IF EXISTS steps_continuation_of_fkey, DROP CONSTRAINT IF EXISTS steps_continued_by_fkey',
+        'ALTER TABLE @s.step_dependencies DROP CONSTRAINT IF EXISTS step_dependencies_step_id_fkey, DROP CONSTRAINT IF EXISTS step_dependencies_depends_on_fkey',
+        'ALTER TABLE @s.notes DROP CONSTRAINT IF EXISTS notes_step_id_fkey',
+        'ALTER TABLE @s.resource_leases DROP CONSTRAINT IF EXISTS resource_leases_step_id_fkey, DROP CONSTRAINT IF EXISTS resource_leases_campaign_id_fkey',
+        'ALTER TABLE @s.steps DROP CONSTRAINT steps_pkey, ADD CONSTRAINT steps_pkey PRIMARY KEY (campaign_id, id)',
+        'ALTER TABLE @s.steps ADD CONSTRAINT steps_parent_id_fkey FOREIGN KEY (campaign_id, parent_id) REFERENCES @s.steps (campaign_id, id) ON DELETE CASCADE, '
+            || 'ADD CONSTRAINT steps_continuation_of_fkey FOREIGN KEY (campaign_id, continuation_of) REFERENCES @s.steps (campaign_id, id) ON DELETE CASCADE, '
+            || 'ADD CONSTRAINT steps_continued_by_fkey FOREIGN KEY (campaign_id, continued_by) REFERENCES @s.steps (campaign_id, id)',
+        'ALTER TABLE @s.step_dependencies DROP CONSTRAINT step_dependencies_pkey, ADD CONSTRAINT step_dependencies_pkey PRIMARY KEY (campaign_id, step_id, depends_on), '
+            || 'ADD CONSTRAINT step_dependencies_step_id_fkey FOREIGN KEY (campaign_id, step_id) REFERENCES @s.steps (campaign_id, id) ON DELETE CASCADE, '
+            || 'ADD CONSTRAINT step_dependencies_depends_on_fkey FOREIGN KEY (campaign_id, depends_on) REFERENCES @s.steps (campaign_id, id) ON DELETE CASCADE',
+        'ALTER TABLE @s.events ALTER COLUMN campaign_id SET NOT NULL, DROP CONSTRAINT events_pkey, ADD CONSTRAINT events_pkey PRIMARY KEY (campaign_id, tx, id)',
+        'ALTER TABLE @s.notes DROP CONSTRAINT notes_pkey, ADD CONSTRAINT notes_pkey PRIMARY KEY (campaign_id, id), '
+            || 'ADD CONSTRAINT notes_step_id_fkey FOREIGN KEY (campaign_id, step_id) REFERENCES @s.steps (campaign_id, id)',
+        'ALTER TABLE @s.notifications ALTER COLUMN campaign_id SET NOT NULL, DROP CONSTRAINT notifications_pkey, ADD CONSTRAINT notifications_pkey PRIMARY KEY (campaign_id, id)',
+        'ALTER TABLE @s.workflow_history DROP CONSTRAINT workflow_history_pkey, ADD CONSTRAINT workflow_history_pkey PRIMARY KEY (campaign_id, id)'
+    ]) WITH ORDINALITY AS k(s, o);
+$$;
+
+CREATE OR REPLACE FUNCTION distribute() RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    v_schema text := current_schema();
+    v_first boolean;
+    v_stmt text;
+    v_table text;
+    v_fn record;
+    v_result record;
+    v_workers integer;
+    v_ranges text;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus') THEN
+        PERFORM _raise('invalid_state', 'distribute() needs the citus extension in this database (docs/scale-out.md)');
+    END IF;
+    IF NOT (SELECT citus_is_coordinator()) THEN
+        PERFORM _raise('invalid_state', 'distribute() runs on the Citus coordinator');
+    END IF;
+    EXECUTE 'SELECT count(*) FROM citus_get_active_worker_nodes()' INTO v_workers;
+    v_first := NOT EXISTS (SELECT 1 FROM pg_dist_partition WHERE logicalrelid = format('%I.campaigns', v_schema)::regclass);
+
+    IF v_first THEN
+        -- The keys, here and on each worker's copy (DDL on an extension's local tables is not
+        -- propagated, so it is run on every node alike).
+        PERFORM set_config('citus.enable_ddl_propagation', 'off', true);
+        FOREACH v_stmt IN ARRAY _distribution_keys(v_schema) LOOP
+            EXECUTE v_stmt;
+            FOR v_result IN SELECT * FROM run_command_on_workers(
+                    'SET citus.enable_ddl_propagation = off; ' || v_stmt) LOOP
+                IF NOT v_result.success THEN
+                    PERFORM _raise('invalid_state', format('distribute(): worker %s:%s refused %s: %s',
+                                   v_result.nodename, v_result.nodeport, left(v_stmt, 80), v_result.result));
+                END IF;
+            END LOOP;
+        END LOOP;
+        PERFORM set_config('citus.enable_ddl_propagation', 'on', true);
+
+        PERFORM create_distributed_table(format('%I.campaigns', v_schema), 'id');
+        FOREACH v_table IN ARRAY (_distributed_tables())[2:] LOOP
+            PERFORM create_distributed_table(format('%I.%I', v_schema, v_table), 'campaign_id',
+                                             colocate_with => format('%I.campaigns', v_schema));
+        END LOOP;
+        FOREACH v_table IN ARRAY _reference_tables() LOOP
+            PERFORM create_reference_table(format('%I.%I', v_schema, v_table));
+        END LOOP;
+        FOR v_fn IN SELECT * FROM _delegated_functions() LOOP
+            PERFORM create_distributed_function(format('%I.%s', v_schema, v_fn.signature)::regprocedure,
+                                                v_fn.campaign_arg,
+                                                colocate_with => format('%I.campaigns', v_schema));
+        END LOOP;
+    END IF;
+
+    -- Every worker's sequences in their own range (again for nodes added since the last call:
+    -- a range is only ever moved up, never back into ids already given).
+    v_ranges := format($cmd$
+        DO $d$
+        DECLARE
+            g bigint := (SELECT groupid FROM pg_dist_local_group);
+            s regclass;
+        BEGIN
+            SET LOCAL citus.enable_ddl_propagation = off;
+            FOR s IN SELECT seqrelid::regclass FROM pg_sequence q
+                       JOIN pg_class c ON c.oid = q.seqrelid
+                      WHERE c.relnamespace = %L::regnamespace AND q.seqmin < (g << 48) + 1 LOOP
+                EXECUTE format('ALTER SEQUENCE %%s MINVALUE %%s MAXVALUE %%s START %%s RESTART %%s',
+                               s, (g << 48) + 1, ((g + 1) << 48) - 1, (g << 48) + 1, (g << 48) + 1);
+            END LOOP;
+        END
+        $d$
+    $cmd$, v_schema);
+    FOR v_result IN SELECT * FROM run_command_on_workers(v_ranges) LOOP
+        IF NOT v_result.success THEN
+            PERFORM _raise('invalid_state', format('distribute(): worker %s:%s could not take its id range: %s',
+                           v_result.nodename, v_result.nodeport, v_result.result));
+        END IF;
+    END LOOP;
+
+    RETURN jsonb_build_object(
+        'distributed', to_jsonb(_distributed_tables()),
+        'reference', to_jsonb(_reference_tables()),
+        'functions', (SELECT jsonb_agg(signature) FROM _delegated_functions()),
+        'workers', v_workers,
+        'first', v_first);
+END
 $$;
 
 -- sql/engine/roles.sql
@@ -4085,6 +4570,8 @@ AS $$
             ('complete_steps',         ARRAY['sortie_runner']),
             ('prune',                  ARRAY['sortie_runner']),
             ('record_benchmark',       ARRAY['sortie_runner']),
+            -- scale-out (docs/scale-out.md): an operator's, as superuser, on a Citus coordinator
+            ('distribute',             ARRAY[]::text[]),
             -- internal: called by the functions above (which run as the owner), by no role
             ('_skip_cascade',           ARRAY[]::text[]),
             ('_similar_notes',          ARRAY[]::text[]),
@@ -4112,7 +4599,13 @@ DECLARE
 BEGIN
     FOREACH v_role IN ARRAY ARRAY['sortie_coordinator', 'sortie_worker', 'sortie_runner', 'sortie_reader'] LOOP
         IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = v_role) THEN
-            EXECUTE format('CREATE ROLE %I NOLOGIN', v_role);
+            -- Roles belong to the cluster: another database creating the extension at the same
+            -- moment (or a Citus node's copy of this script) may make the role first.
+            BEGIN
+                EXECUTE format('CREATE ROLE %I NOLOGIN', v_role);
+            EXCEPTION WHEN duplicate_object OR unique_violation THEN
+                NULL;
+            END;
         END IF;
         EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', v_schema, v_role);
     END LOOP;

@@ -17,6 +17,7 @@ DECLARE
     v_children bigint[];
     v_skipped bigint[];
     v_note bigint;
+    v_now timestamptz := _clock();
 BEGIN
     IF reason IS NULL OR btrim(reason) = '' THEN
         PERFORM _raise('invalid_argument', 'reason is required: say why this branch is pointless');
@@ -40,8 +41,10 @@ BEGIN
     END IF;
 
     -- Settle target and caller first, so that the skips below find both closed.
-    UPDATE steps SET status = 'done', output = abort_branch.output, completed_at = _clock(),
-                     started_at = coalesce(started_at, _clock())
+    -- (The time in a variable: Citus refuses a STABLE function inside COALESCE in a
+    -- distributed change.)
+    UPDATE steps SET status = 'done', output = abort_branch.output, completed_at = v_now,
+                     started_at = coalesce(started_at, v_now)
      WHERE campaign_id = t.campaign_id AND id = t.id;
     UPDATE steps SET status = 'done', output = reason, completed_at = _clock(), claim_token = NULL,
                      lease_expires_at = NULL,

@@ -6,41 +6,49 @@
 -- Claims a ready step of an already locked campaign and returns the claim as the tools
 -- answer it; NULL when its lock keys are busy. The campaign's counters are the caller's
 -- (count_claim). Scalars rather than a `steps` row: this is the hot path, and whole-row
--- values cost a tuple descriptor per call.
+-- values cost a tuple descriptor per call. The time and the token are taken before the update
+-- and the answer built after it: Citus refuses a volatile function (gen_random_uuid), a
+-- STABLE one inside COALESCE, and any non-immutable one in RETURNING of a distributed change.
 CREATE FUNCTION _take_step(p_step bigint, p_campaign uuid, p_parent bigint, p_locks text[],
                           p_owner text, p_lease_seconds integer, p_dispatched boolean DEFAULT false)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
-    v_expires timestamptz := _clock() + make_interval(secs => p_lease_seconds);
+    v_now timestamptz := _clock();
+    v_expires timestamptz := v_now + make_interval(secs => p_lease_seconds);
+    v_token uuid := gen_random_uuid();
     v_parent bigint := p_parent;
     v_started bigint;
-    v_claim jsonb;
+    v_action text;
+    v_agent text;
+    v_depth integer;
+    v_attempts integer;
+    v_claimed boolean;
 BEGIN
     IF cardinality(p_locks) > 0 AND NOT _take_locks(p_step, p_campaign, p_locks, v_expires) THEN
         RETURN NULL;
     END IF;
     UPDATE steps
-       SET status = 'running', claim_token = gen_random_uuid(), claim_owner = p_owner,
-           claimed_at = _clock(), heartbeat_at = _clock(), lease_expires_at = v_expires,
-           started_at = coalesce(started_at, _clock()), dispatched = p_dispatched
+       SET status = 'running', claim_token = v_token, claim_owner = p_owner,
+           claimed_at = v_now, heartbeat_at = v_now, lease_expires_at = v_expires,
+           started_at = coalesce(started_at, v_now), dispatched = p_dispatched
      WHERE campaign_id = p_campaign AND id = p_step
-    RETURNING jsonb_build_object('step_id', id, 'campaign_id', campaign_id, 'action', action,
-                                 'agent', agent, 'depth', depth, 'claim_token', claim_token,
-                                 'lease_expires_at', lease_expires_at, 'attempts', attempts)
-      INTO v_claim;
+    RETURNING action, agent, depth, attempts INTO v_action, v_agent, v_depth, v_attempts;
+    v_claimed := FOUND;
     -- A compound step becomes running when its first child starts (its parents with it), and
     -- says so in the log like any other step (SPEC §13).
     WHILE v_parent IS NOT NULL LOOP
-        UPDATE steps SET status = 'running', started_at = _clock()
+        UPDATE steps SET status = 'running', started_at = v_now
          WHERE campaign_id = p_campaign AND id = v_parent AND status = 'pending'
         RETURNING id, parent_id INTO v_started, v_parent;
         EXIT WHEN NOT FOUND;
         PERFORM _emit(p_campaign, v_started, 'step.started', jsonb_build_object('step_type', 'compound'));
     END LOOP;
     PERFORM _emit(p_campaign, p_step, 'step.claimed', jsonb_build_object('owner', p_owner));
-    RETURN v_claim;
+    RETURN CASE WHEN v_claimed THEN jsonb_build_object(
+        'step_id', p_step, 'campaign_id', p_campaign, 'action', v_action, 'agent', v_agent, 'depth', v_depth,
+        'claim_token', v_token, 'lease_expires_at', v_expires, 'attempts', v_attempts) END;
 END
 $$;
 
@@ -66,6 +74,11 @@ $$;
 -- (docs/architecture.md, Readiness).
 -- Whichever index a plan picks (stale statistics can make steps_campaign look as good as the
 -- partial index), the scan is positioned at (p_campaign, floor), past the finished history.
+--
+-- Where Citus is loaded (_on_citus(), locking.sql) the two reads name the campaign by
+-- equality instead: Citus routes a query to one campaign's shard only by `campaign_id = …`,
+-- and locks rows (FOR UPDATE) only in such a query. Beside the equality a plain `id > …`
+-- positions the scan; the cached-plan risk above is the price there.
 CREATE FUNCTION _claim_in_campaign(p_campaign uuid, p_owner text, p_agent text, p_lease_seconds integer,
                                   p_dispatched boolean DEFAULT false)
 RETURNS jsonb
@@ -79,16 +92,27 @@ DECLARE
     v_floor bigint;
     v_first bigint;
     v_after bigint;
+    v_now timestamptz := _clock();
+    v_citus boolean := _on_citus();
 BEGIN
     SELECT ready_floor INTO v_floor FROM campaigns WHERE id = p_campaign;
     -- The first ready step whatever its agent, back-off or lock keys: no ready step lies below
     -- it, so the floor may rise to it.
-    SELECT id INTO v_first
-      FROM steps
-     WHERE (campaign_id, id) >= (p_campaign, v_floor) AND campaign_id <= p_campaign
-       AND status = 'pending' AND step_type = 'atomic' AND remaining_deps = 0
-     ORDER BY campaign_id, id
-     LIMIT 1;
+    IF v_citus THEN
+        SELECT id INTO v_first
+          FROM steps
+         WHERE campaign_id = p_campaign AND id >= v_floor
+           AND status = 'pending' AND step_type = 'atomic' AND remaining_deps = 0
+         ORDER BY campaign_id, id
+         LIMIT 1;
+    ELSE
+        SELECT id INTO v_first
+          FROM steps
+         WHERE (campaign_id, id) >= (p_campaign, v_floor) AND campaign_id <= p_campaign
+           AND status = 'pending' AND step_type = 'atomic' AND remaining_deps = 0
+         ORDER BY campaign_id, id
+         LIMIT 1;
+    END IF;
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
@@ -97,21 +121,33 @@ BEGIN
     END IF;
     v_after := v_first - 1;
     LOOP
-        SELECT id, parent_id, requires_locks INTO v_step, v_parent, v_locks
-          FROM steps
-         -- The row comparison is an index condition only an index led by (campaign_id, id)
-         -- can take: with a plain `id > v_after` a cached generic plan walked the primary key
-         -- through other campaigns' history (13 ms at 10^5 steps, docs/benchmarks.md). And it
-         -- is the only lower bound on campaign_id: beside `campaign_id = p_campaign` the
-         -- B-tree starts the scan at the equality, the campaign's first entry, and walks
-         -- every entry before (p_campaign, v_after); `campaign_id <= p_campaign` ends it.
-         WHERE (campaign_id, id) > (p_campaign, v_after) AND campaign_id <= p_campaign
-           AND status = 'pending' AND step_type = 'atomic' AND remaining_deps = 0
-           AND not_before <= _clock()
-           AND (p_agent IS NULL OR agent IS NULL OR agent = p_agent)
-         ORDER BY campaign_id, id
-         LIMIT 1
-           FOR UPDATE SKIP LOCKED;
+        IF v_citus THEN
+            SELECT id, parent_id, requires_locks INTO v_step, v_parent, v_locks
+              FROM steps
+             WHERE campaign_id = p_campaign AND id > v_after
+               AND status = 'pending' AND step_type = 'atomic' AND remaining_deps = 0
+               AND not_before <= v_now
+               AND (p_agent IS NULL OR agent IS NULL OR agent = p_agent)
+             ORDER BY campaign_id, id
+             LIMIT 1
+               FOR UPDATE SKIP LOCKED;
+        ELSE
+            SELECT id, parent_id, requires_locks INTO v_step, v_parent, v_locks
+              FROM steps
+             -- The row comparison is an index condition only an index led by (campaign_id, id)
+             -- can take: with a plain `id > v_after` a cached generic plan walked the primary
+             -- key through other campaigns' history (13 ms at 10^5 steps, docs/benchmarks.md).
+             -- And it is the only lower bound on campaign_id: beside `campaign_id = p_campaign`
+             -- the B-tree starts the scan at the equality, the campaign's first entry, and walks
+             -- every entry before (p_campaign, v_after); `campaign_id <= p_campaign` ends it.
+             WHERE (campaign_id, id) > (p_campaign, v_after) AND campaign_id <= p_campaign
+               AND status = 'pending' AND step_type = 'atomic' AND remaining_deps = 0
+               AND not_before <= v_now
+               AND (p_agent IS NULL OR agent IS NULL OR agent = p_agent)
+             ORDER BY campaign_id, id
+             LIMIT 1
+               FOR UPDATE SKIP LOCKED;
+        END IF;
         IF NOT FOUND THEN
             RETURN NULL;
         END IF;
@@ -314,6 +350,9 @@ SET search_path FROM CURRENT
 AS $$
 DECLARE
     l record;
+    -- The time once, in a variable: Citus runs a read's functions on the workers, where this
+    -- session's clock (sortie.fake_now) is not set.
+    v_now timestamptz := _clock();
 BEGIN
     -- Lock keys are tested against the leases read once (_locks_conflict, lock_keys.sql).
     SELECT * INTO l FROM _live_leases();
@@ -323,7 +362,7 @@ BEGIN
                    WHEN c.status <> 'active' THEN 'campaign_' || c.status
                    WHEN c.token_budget IS NOT NULL AND c.tokens_used >= c.token_budget THEN 'budget'
                    WHEN c.max_parallel IS NOT NULL AND c.running_steps >= c.max_parallel THEN 'max_parallel'
-                   WHEN s.not_before > _clock() THEN 'backoff'
+                   WHEN s.not_before > v_now THEN 'backoff'
                    WHEN _locks_conflict(s.requires_locks, NULL, l.keys, l.modes, l.steps) THEN 'locks'
                    ELSE 'claimable' END AS held_by
           FROM steps s JOIN campaigns c ON c.id = s.campaign_id

@@ -48,10 +48,13 @@ CREATE FUNCTION _settle_compound_done(p steps) RETURNS void
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
+    v_now timestamptz := _clock();
     v_rest bigint[];
+    v_output text;
 BEGIN
-    -- Done first, so the skips below find their parent settled and do not re-enter.
-    UPDATE steps SET status = 'done', completed_at = _clock(), started_at = coalesce(started_at, _clock())
+    -- Done first, so the skips below find their parent settled and do not re-enter. (The time
+    -- in a variable: Citus refuses a STABLE function inside COALESCE in a distributed change.)
+    UPDATE steps SET status = 'done', completed_at = v_now, started_at = coalesce(started_at, v_now)
      WHERE campaign_id = p.campaign_id AND id = p.id;
     SELECT coalesce(array_agg(id), '{}') INTO v_rest
       FROM steps WHERE campaign_id = p.campaign_id AND parent_id = p.id AND status IN ('pending', 'running', 'waiting_input');
@@ -59,14 +62,14 @@ BEGIN
         PERFORM _skip_cascade(p.campaign_id, v_rest, 'threshold',
                              format('step %s met its completion threshold without it', p.id));
     END IF;
-    UPDATE steps
-       -- A compound step with no members (a for_each over no items) outputs [] (SPEC §13).
-       SET output = coalesce((SELECT jsonb_agg(jsonb_build_object('step_id', c.id, 'status', c.status, 'output', c.output)
-                                               ORDER BY c.position, c.id)
-                                FROM steps c
-                               WHERE c.campaign_id = p.campaign_id AND c.parent_id = p.id AND c.continued_by IS NULL),
-                              '[]')::text
-     WHERE campaign_id = p.campaign_id AND id = p.id;
+    -- A compound step with no members (a for_each over no items) outputs [] (SPEC §13). Read
+    -- before the update: Citus takes no STABLE function inside COALESCE in a distributed change.
+    SELECT coalesce(jsonb_agg(jsonb_build_object('step_id', c.id, 'status', c.status, 'output', c.output)
+                              ORDER BY c.position, c.id), '[]')::text
+      INTO v_output
+      FROM steps c
+     WHERE c.campaign_id = p.campaign_id AND c.parent_id = p.id AND c.continued_by IS NULL;
+    UPDATE steps SET output = v_output WHERE campaign_id = p.campaign_id AND id = p.id;
     PERFORM _bump_counters(p.campaign_id, -1, 0, 0);
     PERFORM _after_done(p.campaign_id, p.id, p.parent_id);
 END

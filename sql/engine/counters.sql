@@ -73,15 +73,18 @@ AS $$ SELECT extract(epoch FROM _clock() - p_claimed_at)::double precision - _pr
 -- Everything a running atomic step gives up when it stops running, however it stops: its
 -- running slot (with the real slot time charged) and its lock keys. A completion folds its
 -- own counter changes (open, ready, tokens) into the same update. Returns the campaign's
--- counters and status as they now stand.
+-- counters and status as they now stand. The slot correction is worked out before the update
+-- (its body calls other functions of this extension, which Citus cannot inline on a worker).
 CREATE FUNCTION _leave_running(p_campaign uuid, p_step bigint, p_claimed_at timestamptz, p_locks text[],
                               p_open integer DEFAULT 0, p_ready integer DEFAULT 0, p_tokens bigint DEFAULT 0,
                               OUT open_steps integer, OUT status text, OUT token_budget bigint)
 LANGUAGE plpgsql VOLATILE
 AS $$
+DECLARE
+    v_correction double precision := _slot_correction(p_claimed_at);
 BEGIN
     UPDATE campaigns c
-       SET slot_seconds_used = greatest(c.slot_seconds_used + _slot_correction(p_claimed_at), 0),
+       SET slot_seconds_used = greatest(c.slot_seconds_used + v_correction, 0),
            tokens_used = c.tokens_used + p_tokens,
            running_steps = c.running_steps - 1, open_steps = c.open_steps + p_open,
            ready_steps = c.ready_steps + p_ready, updated_at = now()

@@ -84,16 +84,20 @@ DECLARE
     v_replay jsonb := _finished_claim(step_id, claim_token, 'fail_step', jsonb_build_object('error', error));
     s steps;
     v_now text;
+    v_not_before timestamptz;
 BEGIN
     IF v_replay IS NOT NULL THEN
         RETURN v_replay;
     END IF;
     s := _lock_claimed_step(step_id, claim_token, 'fail_step');
     v_now := _attempt_failed(s, coalesce(nullif(error, ''), 'failed without a reason'));
+    -- Read apart from the call below: a rule called in a query over a per-campaign table may
+    -- not run queries of its own (Citus runs the whole query on the campaign's shard).
+    SELECT x.not_before INTO v_not_before FROM steps x
+     WHERE x.campaign_id = s.campaign_id AND x.id = s.id AND x.status = 'pending';
     RETURN _keep_finished_claim(s.id, claim_token, 'fail_step', jsonb_build_object('error', error),
         jsonb_build_object('step_id', s.id, 'status', v_now,
         'attempts', s.attempts + 1, 'max_attempts', s.max_attempts, 'will_retry', v_now = 'pending',
-        'not_before', (SELECT x.not_before FROM steps x WHERE x.campaign_id = s.campaign_id AND x.id = s.id
-                                                          AND x.status = 'pending')));
+        'not_before', v_not_before));
 END
 $$;

@@ -31,16 +31,19 @@ DECLARE
     v_zombie record;
     s steps;
     v_reset jsonb := '[]';
+    -- The time once, in a variable: Citus runs a read's functions on the workers, where this
+    -- session's clock (sortie.fake_now) is not set.
+    v_now timestamptz := _clock();
 BEGIN
     FOR v_zombie IN
         SELECT id, campaign_id FROM steps
-         WHERE status = 'running' AND step_type = 'atomic' AND lease_expires_at < _clock()
+         WHERE status = 'running' AND step_type = 'atomic' AND lease_expires_at < v_now
          ORDER BY campaign_id, id
          LIMIT greatest("limit", 0)
     LOOP
         PERFORM _lock_campaign(v_zombie.campaign_id);
         SELECT * INTO s FROM steps WHERE campaign_id = v_zombie.campaign_id AND id = v_zombie.id;
-        CONTINUE WHEN s.status <> 'running' OR s.lease_expires_at >= _clock();
+        CONTINUE WHEN s.status <> 'running' OR s.lease_expires_at >= v_now;
         v_reset := v_reset || jsonb_build_object('step_id', s.id, 'campaign_id', s.campaign_id,
                                                   'now', _attempt_failed(s, 'lease expired'));
     END LOOP;

@@ -8,6 +8,15 @@
 -- equate campaign_id, and a function that reads or writes a table is PL/pgSQL, never
 -- LANGUAGE sql (Citus cannot plan those with parameters) and never called per row inside a
 -- query over a per-campaign table (Citus refuses a query nested in a query on a shard).
+-- Two statements on the hot paths cannot take that shape without costing a single node (the
+-- campaign lock of a rule that names only a step, and the claim's ready-step read,
+-- claim.sql): they take another shape where Citus is loaded, _on_citus().
+
+-- Whether this server has Citus loaded (it sets `citus.version`). A plain PostgreSQL server
+-- never has, so its rules never take the Citus shapes.
+CREATE FUNCTION _on_citus() RETURNS boolean
+LANGUAGE sql STABLE PARALLEL SAFE
+AS $$ SELECT current_setting('citus.version', true) IS NOT NULL $$;
 
 -- The campaign row lock every writing rule takes first.
 CREATE FUNCTION _lock_campaign(p_campaign uuid) RETURNS campaigns
@@ -30,6 +39,8 @@ $$;
 -- Locks a step's campaign (one statement: the hot paths call this) and returns its id. This is
 -- where a rule that names only a step finds its campaign; every later statement of the rule
 -- names that campaign beside the step (SPEC §2 scale-out rule: one campaign, one node).
+-- Under Citus the step is looked up first and its campaign locked by id: Citus locks rows
+-- only in a query it routes to one campaign.
 CREATE FUNCTION _lock_step_campaign(p_step bigint) RETURNS uuid
 LANGUAGE plpgsql VOLATILE
 AS $$
@@ -39,10 +50,15 @@ BEGIN
     IF p_step IS NULL THEN
         PERFORM _raise('invalid_argument', 'a step id is required (pass step_id, or run with SORTIE_STEP_ID set)');
     END IF;
-    SELECT c.id INTO v_campaign
-      FROM campaigns c
-     WHERE c.id = (SELECT s.campaign_id FROM steps s WHERE s.id = p_step)
-       FOR UPDATE;
+    IF _on_citus() THEN
+        SELECT s.campaign_id INTO v_campaign FROM steps s WHERE s.id = p_step;
+        SELECT c.id INTO v_campaign FROM campaigns c WHERE c.id = v_campaign FOR UPDATE;
+    ELSE
+        SELECT c.id INTO v_campaign
+          FROM campaigns c
+         WHERE c.id = (SELECT s.campaign_id FROM steps s WHERE s.id = p_step)
+           FOR UPDATE;
+    END IF;
     IF NOT FOUND THEN
         PERFORM _raise('not_found', format('step %s does not exist', p_step));
     END IF;

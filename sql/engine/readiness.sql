@@ -98,27 +98,37 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT 32::bigint $$;
 
 -- Ready steps, for dashboards and runners that choose for themselves. Lock keys are tested
--- against the leases read once, before the query (_locks_conflict, lock_keys.sql).
-CREATE FUNCTION ready_steps(campaign_id uuid DEFAULT NULL, agent text DEFAULT NULL, "limit" integer DEFAULT 100)
+-- against the leases read once, before the query (_locks_conflict, lock_keys.sql). The query is
+-- PL/pgSQL (_ready_steps), which Citus can plan; this SQL wrapper keeps the argument names
+-- beside the result columns of the same names, which PL/pgSQL does not allow.
+CREATE FUNCTION _ready_steps(p_campaign uuid, p_agent text, p_limit integer)
 RETURNS TABLE (step_id bigint, campaign_id uuid, action text, agent text, depth integer, created_at timestamptz)
 LANGUAGE plpgsql STABLE
-SET search_path FROM CURRENT
 AS $$
+#variable_conflict use_column
 DECLARE
     l record;
+    -- The time once, in a variable: Citus runs a read's functions on the workers, where this
+    -- session's clock (sortie.fake_now) is not set.
+    v_now timestamptz := _clock();
 BEGIN
     SELECT * INTO l FROM _live_leases();
-    -- $1..$3: the arguments campaign_id, agent and limit (the result has columns of those names).
     RETURN QUERY
     SELECT s.id, s.campaign_id, s.action::text, s.agent, s.depth::integer, s.created_at
       FROM steps s JOIN campaigns c ON c.id = s.campaign_id
      WHERE s.status = 'pending' AND s.step_type = 'atomic' AND s.remaining_deps = 0
-       AND s.not_before <= _clock()
-       AND ($1 IS NULL OR s.campaign_id = $1)
-       AND ($2 IS NULL OR s.agent IS NULL OR s.agent = $2)
+       AND s.not_before <= v_now
+       AND (p_campaign IS NULL OR s.campaign_id = p_campaign)
+       AND (p_agent IS NULL OR s.agent IS NULL OR s.agent = p_agent)
        AND c.status = 'active' AND (c.token_budget IS NULL OR c.tokens_used < c.token_budget)
        AND NOT _locks_conflict(s.requires_locks, NULL, l.keys, l.modes, l.steps)
      ORDER BY c.slot_seconds_used / c.weight, s.id
-     LIMIT greatest($3, 0);
+     LIMIT greatest(p_limit, 0);
 END
 $$;
+
+CREATE FUNCTION ready_steps(campaign_id uuid DEFAULT NULL, agent text DEFAULT NULL, "limit" integer DEFAULT 100)
+RETURNS TABLE (step_id bigint, campaign_id uuid, action text, agent text, depth integer, created_at timestamptz)
+LANGUAGE sql STABLE
+SET search_path FROM CURRENT
+AS $$ SELECT * FROM _ready_steps($1, $2, $3) $$;
