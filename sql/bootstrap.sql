@@ -51,7 +51,7 @@ $$;
 -- The one clock every rule compares against (SPEC §11). Tests move time with
 -- `SET sortie.fake_now = '…'` instead of sleeping. PL/pgSQL, so that it is never inlined: Citus
 -- computes a call of a STABLE function once for a change of a distributed table, but refuses
--- the COALESCE an inlined body would leave in the statement (docs/scale-out.md).
+-- the COALESCE an inlined body would leave in the statement (engine/locking.sql, distribution).
 CREATE FUNCTION _clock() RETURNS timestamptz
 LANGUAGE plpgsql STABLE PARALLEL SAFE
 AS $$

@@ -7,7 +7,13 @@
 -- per-campaign table (`WHERE campaign_id = … AND id = …`), joins between per-campaign tables
 -- equate campaign_id, and a function that reads or writes a table is PL/pgSQL, never
 -- LANGUAGE sql (Citus cannot plan those with parameters) and never called per row inside a
--- query over a per-campaign table (Citus refuses a query nested in a query on a shard).
+-- query over a per-campaign table (Citus refuses a query nested in a query on a shard). A
+-- change of a per-campaign table calls no volatile function, no STABLE one inside COALESCE or
+-- CASE or on a column, nothing but immutable ones in RETURNING, and an INSERT's VALUES hold no
+-- subquery: such values are worked out first. A read across campaigns compares against the
+-- time taken once, in a variable (Citus runs a read's functions on the workers, where the
+-- session's sortie.fake_now is not set). A SQL helper inlined into such queries calls only
+-- built-in functions (Citus inlines it on a shard with only pg_catalog on the search_path).
 -- Two statements on the hot paths cannot take that shape without costing a single node (the
 -- campaign lock of a rule that names only a step, and the claim's ready-step read,
 -- claim.sql): they take another shape where Citus is loaded, _on_citus().
