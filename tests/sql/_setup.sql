@@ -82,6 +82,19 @@ $$;
 CREATE FUNCTION t.clock_ahead(p_seconds double precision) RETURNS void
 LANGUAGE sql AS $$ SELECT set_config('sortie.fake_now', (now() + make_interval(secs => p_seconds))::text, true) $$;
 
+-- The first column of the first row of `p_sql`, as text. An assertion over a table reads it
+-- through this: on a distributed database Citus would send a query naming one campaign's
+-- shard to its worker whole, pgTAP's call included, away from this session's plan.
+CREATE FUNCTION t.one(p_sql text) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    v text;
+BEGIN
+    EXECUTE p_sql INTO v;
+    RETURN v;
+END
+$$;
+
 -- The invariants every file ends with (SPEC §11).
 CREATE FUNCTION t.invariants_hold() RETURNS text
 LANGUAGE sql AS $$ SELECT is_empty($q$SELECT * FROM sortie.check_invariants()$q$, 'check_invariants() finds nothing') $$;

@@ -22,7 +22,7 @@ SELECT t.add(:'low', '[{"action": "measure"}]') AS lowids \gset
 SELECT sortie.add_note(:'low', 'acc=0.4', ARRAY['metric:acc']);
 SELECT t.run_all(:'low');
 SELECT is(t.campaign_status(:'low'), 'failed', 'an unmet contract fails the drained campaign');
-SELECT matches((SELECT status_reason FROM sortie.campaigns WHERE id = :'low'), '^success contract not met', 'and says so');
+SELECT matches(t.one(format('SELECT status_reason FROM sortie.campaigns WHERE id = %L', :'low')), '^success contract not met', 'and says so');
 
 SELECT t.campaign('none', '{"success_metric": "acc", "success_target": 0.9}') AS high \gset
 SELECT t.add(:'high', '[{"action": "measure"}]') AS highids \gset
@@ -55,7 +55,7 @@ SELECT is(sortie.record_benchmark(:'stale', 0, 'acc=0.95') ->> 'status', 'done',
 -- A planner's done on a campaign that never had a step says what happened.
 SELECT t.campaign('llm', '{"plan_delay": 0}') AS nothing \gset
 SELECT sortie.apply_plan(:'nothing', '{"done": true}');
-SELECT is((SELECT status_reason FROM sortie.campaigns WHERE id = :'nothing'),
+SELECT is(t.one(format('SELECT status_reason FROM sortie.campaigns WHERE id = %L', :'nothing')),
           'its planner found nothing to do: no step was ever added', 'not "all steps done"');
 
 SELECT t.invariants_hold();

@@ -8,7 +8,7 @@ SELECT t.claim(:'c') AS first \gset
 SELECT is(:'first'::jsonb ->> 'action', 'a', 'only the step without unmet dependencies is ready');
 SELECT is(t.claim(:'c') ->> 'step_id', NULL, 'b waits for a: nothing else to claim');
 SELECT is(t.status(t.id(:'first')), 'running', 'a claimed step is running');
-SELECT ok(NOT (SELECT dispatched FROM sortie.steps WHERE id = t.id(:'first')), 'a pull-mode claim uses no runner slot');
+SELECT ok(NOT t.one(format('SELECT dispatched FROM sortie.steps WHERE id = %s', t.id(:'first')))::boolean, 'a pull-mode claim uses no runner slot');
 SELECT ok((sortie.heartbeat(t.id(:'first'), t.token(:'first'), 3600) ->> 'lease_expires_at')::timestamptz > now() + interval '59 minutes',
           'a heartbeat extends the lease');
 SELECT throws_ok(format('SELECT sortie.complete_step(%s, %L, %L)', t.id(:'first'), gen_random_uuid(), 'x'),
@@ -40,10 +40,10 @@ SELECT t.campaign() AS f \gset
 SELECT t.add(:'f', (SELECT jsonb_agg(jsonb_build_object('action', 'f' || i)) FROM generate_series(1, 40) i));
 SELECT t.claim(:'f') AS held \gset
 SELECT t.claim(:'f') FROM generate_series(1, 38);
-SELECT ok((SELECT ready_floor FROM sortie.campaigns WHERE id = :'f') > t.id(:'held'),
+SELECT ok(t.one(format('SELECT ready_floor FROM sortie.campaigns WHERE id = %L', :'f'))::bigint > t.id(:'held'),
           'claims raised the ready floor past the first claimed step');
 SELECT sortie.release_step(t.id(:'held'), t.token(:'held'));
-SELECT ok((SELECT ready_floor FROM sortie.campaigns WHERE id = :'f') <= t.id(:'held'),
+SELECT ok(t.one(format('SELECT ready_floor FROM sortie.campaigns WHERE id = %L', :'f'))::bigint <= t.id(:'held'),
           'releasing it lowered the floor to it');
 SELECT is(t.claim(:'f') ->> 'step_id', t.id(:'held')::text, 'so the next claim takes it again');
 SELECT sortie.cancel_campaign(:'f');

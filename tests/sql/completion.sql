@@ -7,17 +7,17 @@ SELECT t.add(:'c', '[{"step_type": "sequence", "action": "s", "key": "s", "steps
 
 SELECT is(t.run_all(:'c'), ARRAY['one', 'two', 'after'], 'a sequence runs in order, its dependents after it');
 SELECT is(t.status(t.step(:'c', 's')), 'done', 'the sequence is done when its members are');
-SELECT is((sortie.steps.output)::jsonb -> 1 ->> 'output', 'ok', 'its output lists the members'' outputs in order')
-  FROM sortie.steps WHERE id = t.step(:'c', 's');
+SELECT is(t.one(format('SELECT output FROM sortie.steps WHERE id = %s', t.step(:'c', 's')))::jsonb -> 1 ->> 'output', 'ok',
+          'its output lists the members'' outputs in order');
 SELECT is(t.campaign_status(:'c'), 'done', 'planner none: a drained campaign ends by the rule');
-SELECT is((SELECT status_reason FROM sortie.campaigns WHERE id = :'c'), 'all steps done', 'and says why');
-SELECT is((SELECT open_steps::integer FROM sortie.campaigns WHERE id = :'c'), 0, 'no open step is left counted');
+SELECT is(t.one(format('SELECT status_reason FROM sortie.campaigns WHERE id = %L', :'c')), 'all steps done', 'and says why');
+SELECT is(t.one(format('SELECT open_steps FROM sortie.campaigns WHERE id = %L', :'c'))::integer, 0, 'no open step is left counted');
 
 SELECT t.campaign('llm') AS planned \gset
 SELECT t.add(:'planned', '[{"action": "x"}]') AS x \gset
 SELECT is(t.run_all(:'planned'), ARRAY['x'], 'the step runs');
 SELECT is(t.campaign_status(:'planned'), 'active', 'an llm-planned campaign waits for its planner when drained');
-SELECT is((SELECT count(*)::integer FROM sortie.events WHERE campaign_id = :'planned' AND kind = 'campaign.drained'), 1,
+SELECT is(t.one(format('SELECT count(*) FROM sortie.events WHERE campaign_id = %L AND kind = %L', :'planned', 'campaign.drained'))::integer, 1,
           'and announces it once');
 
 SELECT t.invariants_hold();

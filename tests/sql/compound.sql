@@ -6,12 +6,13 @@ SELECT t.campaign() AS c \gset
 SELECT t.add(:'c', '[{"step_type": "parallel_group", "action": "race", "completion_threshold": 1,
                       "children": [{"action": "fast"}, {"action": "slow"}]}]') AS ids \gset
 SELECT t.claim(:'c') AS fast \gset
-SELECT is((SELECT count(*)::integer FROM sortie.events WHERE kind = 'step.started' AND step_id = t.step(:'c', 'race')), 1,
+SELECT is(t.one(format('SELECT count(*) FROM sortie.events WHERE campaign_id = %L AND kind = %L AND step_id = %s',
+                        :'c', 'step.started', t.step(:'c', 'race')))::integer, 1,
           'a compound step starting is an event');
 SELECT sortie.complete_step(t.id(:'fast'), t.token(:'fast'), 'first!');
 SELECT is(t.status(t.step(:'c', 'race')), 'done', 'a met threshold settles the group');
 SELECT is(t.status(t.step(:'c', 'slow')), 'skipped', 'the rest is skipped');
-SELECT is((SELECT skip_cause FROM sortie.steps WHERE id = t.step(:'c', 'slow'))::text, 'threshold', 'as not needed');
+SELECT is(t.one(format('SELECT skip_cause FROM sortie.steps WHERE id = %s', t.step(:'c', 'slow'))), 'threshold', 'as not needed');
 
 SELECT t.campaign() AS fe \gset
 SELECT t.add(:'fe', '[{"step_type": "for_each", "action": "outer", "items": ["A", "B"],
@@ -20,14 +21,15 @@ SELECT t.add(:'fe', '[{"step_type": "for_each", "action": "outer", "items": ["A"
                        "collect": {"action": "merge"}}]') AS feids \gset
 SELECT is(t.run_all(:'fe'), ARRAY['do A/x', 'do A/y', 'do B/x', 'do B/y', 'merge'],
           'a nested for_each takes its own item; the outer one reaches it through its fields; collect comes last');
-SELECT is((SELECT array_agg(action::text ORDER BY id) FROM sortie.steps WHERE campaign_id = :'fe' AND action LIKE 'inner%'),
+SELECT is(t.one(format('SELECT array_agg(action::text ORDER BY id) FROM sortie.steps WHERE campaign_id = %L AND action LIKE %L',
+                        :'fe', 'inner%'))::text[],
           ARRAY['inner A', 'inner B'], 'the inner loops'' own fields take the outer item');
 
 SELECT t.campaign() AS empty \gset
 SELECT t.add(:'empty', '[{"step_type": "for_each", "action": "nothing", "key": "n", "items": [], "template": {"action": "x {item}"}},
                          {"action": "then", "depends_on": ["n"]}]') AS eids \gset
 SELECT is(t.status(t.step(:'empty', 'nothing')), 'done', 'a for_each over no items is done at once');
-SELECT is((SELECT output FROM sortie.steps WHERE id = t.step(:'empty', 'nothing')), '[]', 'with [] as its output');
+SELECT is(t.one(format('SELECT output FROM sortie.steps WHERE id = %s', t.step(:'empty', 'nothing'))), '[]', 'with [] as its output');
 SELECT is(t.run_all(:'empty'), ARRAY['then'], 'and releases its dependents');
 
 SELECT t.invariants_hold();

@@ -7,7 +7,7 @@ SELECT t.add(:'c', '[{"action": "flaky", "key": "f", "max_attempts": 2}, {"actio
 SELECT t.claim(:'c') AS first \gset
 SELECT sortie.fail_step(t.id(:'first'), t.token(:'first'), 'timeout') AS failed \gset
 SELECT is(:'failed'::jsonb ->> 'status', 'pending', 'a failed attempt with attempts left is retried');
-SELECT ok((SELECT not_before > now() FROM sortie.steps WHERE id = t.id(:'first')), 'after a back-off');
+SELECT ok(t.one(format('SELECT not_before FROM sortie.steps WHERE id = %s', t.id(:'first')))::timestamptz > now(), 'after a back-off');
 SELECT is(t.claim(:'c') ->> 'step_id', NULL, 'nothing is claimable during the back-off');
 SELECT t.clock_ahead(3600);
 SELECT t.claim(:'c') AS second \gset
@@ -16,7 +16,7 @@ SELECT is(sortie.fail_step(t.id(:'second'), t.token(:'second'), 'timeout again')
           'the last attempt fails the step');
 SELECT is(t.status(t.step(:'c', 'needs flaky')), 'skipped', 'its dependents are skipped');
 SELECT is(t.status(t.step(:'c', 'needs needs')), 'skipped', 'transitively');
-SELECT is((SELECT skip_cause FROM sortie.steps WHERE id = t.step(:'c', 'needs needs'))::text, 'dependency', 'because of a dependency');
+SELECT is(t.one(format('SELECT skip_cause FROM sortie.steps WHERE id = %s', t.step(:'c', 'needs needs'))), 'dependency', 'because of a dependency');
 SELECT is(t.campaign_status(:'c'), 'failed', 'a top-level step failed: the campaign fails when drained');
 
 SELECT t.campaign('none', '{"failure_policy": "fail_fast"}') AS ff \gset

@@ -10,7 +10,7 @@ SELECT throws_ok(format('SELECT sortie.complete_step(%s, %L, %L)', t.id(:'asker'
                  'SR003', NULL, 'the asking claim is spent');
 SELECT sortie.provide_input(:'c', t.id(:'asker'), 'left');
 SELECT is(t.status(t.id(:'asker')), 'pending', 'an answer makes it claimable again');
-SELECT is((SELECT answer FROM sortie.steps WHERE id = t.id(:'asker')), 'left', 'with the answer kept');
+SELECT is(t.one(format('SELECT answer FROM sortie.steps WHERE id = %s', t.id(:'asker'))), 'left', 'with the answer kept');
 
 SELECT t.campaign('none', '{"token_budget": 100}') AS b \gset
 SELECT t.add(:'b', '[{"action": "spend"}, {"action": "more"}]') AS bids \gset
@@ -23,7 +23,7 @@ SELECT t.campaign() AS d \gset
 SELECT sortie.add_steps(:'d', '[{"action": "same work"}]');
 SELECT is(jsonb_array_length(sortie.add_steps(:'d', '[{"action": "same work"}]') -> 'duplicates'), 1,
           'the same step again is reported as a duplicate');
-SELECT is((SELECT count(*)::integer FROM sortie.steps WHERE campaign_id = :'d'), 2, 'but added: dedup is advice');
+SELECT is(t.one(format('SELECT count(*) FROM sortie.steps WHERE campaign_id = %L', :'d'))::integer, 2, 'but added: dedup is advice');
 
 SELECT sortie.cancel_campaign(:'b');
 SELECT sortie.cancel_campaign(:'d');

@@ -16,13 +16,16 @@ SELECT throws_ok(format('SELECT sortie.spawn_and_continue(%s, %L, %L, %L)', t.id
 SELECT is(t.status(t.id(:'a')), 'running', 'the refused spawner keeps its claim');
 SELECT sortie.spawn_and_continue(t.id(:'a'), t.token(:'a'), '[{"action": "part 1"}, {"action": "part 2"}]', '"merge the parts"')
     AS spliced \gset
-SELECT is((SELECT verify FROM sortie.steps WHERE id = (:'spliced'::jsonb ->> 'continuation_id')::bigint), 'true',
+SELECT is(t.one(format('SELECT verify FROM sortie.steps WHERE id = %s', :'spliced'::jsonb ->> 'continuation_id')), 'true',
           'the continuation takes the spawner''s check');
-SELECT is((SELECT d.depends_on FROM sortie.step_dependencies d WHERE d.step_id = t.step(:'c', 'b')),
+SELECT is(t.one(format('SELECT d.depends_on FROM sortie.step_dependencies d WHERE d.campaign_id = %L AND d.step_id = %s',
+                        :'c', t.step(:'c', 'b')))::bigint,
           (:'spliced'::jsonb ->> 'continuation_id')::bigint, 'what waited for the spawner waits for the continuation');
 SELECT is(t.run_all(:'c'), ARRAY['part 1', 'part 2', 'merge the parts'], 'the parts run first, then the continuation');
 SELECT is(t.status(t.step(:'c', 'merge the parts')), 'running', 'which waits for its check');
-SELECT sortie.record_verification(id, claim_token, true, 'exit 0') FROM sortie.steps WHERE id = t.step(:'c', 'merge the parts');
+SELECT t.step(:'c', 'merge the parts') AS merge_id \gset
+SELECT t.one(format('SELECT claim_token FROM sortie.steps WHERE id = %s', :merge_id)) AS merge_token \gset
+SELECT sortie.record_verification(:merge_id, :'merge_token', true, 'exit 0');
 SELECT is(t.status(t.step(:'c', 'merge the parts')), 'done', 'done once the check passed');
 SELECT is(t.run_all(:'c'), ARRAY['b'], 'and the sibling after it');
 

@@ -53,8 +53,12 @@ impl TestDb {
     /// A database on the Citus cluster with the extension distributed (`sortie.distribute()`).
     pub async fn distributed() -> TestDb {
         let db = crate::citus::CitusDb::new().await;
-        // Two transactions: distribute() reaches the workers over connections of their own,
-        // which must see the extension committed.
+        // One database at a time: CREATE EXTENSION on the coordinator also creates it on the
+        // workers, and two of those at once collided on the cluster's catalog ("tuple
+        // concurrently updated"). Two transactions: distribute() reaches the workers over
+        // connections of their own, which must see the extension committed.
+        static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let _turn = ONE_AT_A_TIME.lock().await;
         for step in ["CREATE EXTENSION sortie CASCADE", "SELECT sortie.distribute()"] {
             db.client
                 .batch_execute(step)

@@ -482,7 +482,9 @@ async fn a_capped_campaign_does_not_block_the_others() {
 /// Events carry no foreign key (a key check per event would lock the campaign row again);
 /// deleting a campaign still takes its events, steps and notes with it.
 #[tokio::test]
-async fn deleting_a_campaign_deletes_everything_it_owns() {
+/// Removing a campaign is prune()'s work (SPEC §18): a raw `DELETE` of the campaign row would
+/// leave its events, which carry no foreign key (docs/decisions.md, "Scale-out on Citus").
+async fn removing_a_campaign_removes_everything_it_owns() {
     let db = TestDb::new().await;
     let c = campaign(&db, "none").await;
     let keep = campaign(&db, "none").await;
@@ -493,10 +495,8 @@ async fn deleting_a_campaign_deletes_everything_it_owns() {
         &format!("SELECT count(*) FROM sortie.events WHERE campaign_id = '{keep}'"),
     )
     .await;
-    db.client
-        .execute("DELETE FROM sortie.campaigns WHERE id = $1", &[&c])
-        .await
-        .unwrap();
+    db.ok("sortie.cancel_campaign($1)", &[&c]).await;
+    db.ok("sortie.prune(older_than => interval '0 seconds')", &[]).await;
     for table in ["events", "steps", "step_dependencies", "notes"] {
         let left = count(
             &db,
