@@ -162,17 +162,7 @@ async fn a_campaign_read_runs_on_the_worker_holding_it() {
             .await
             .unwrap();
     }
-    let (client, mut connection) = tokio_postgres::connect(&db.connection_string(), NoTls)
-        .await
-        .unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        use futures_util::{stream, StreamExt};
-        let mut messages = stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(Ok(message)) = messages.next().await {
-            let _ = tx.send(message);
-        }
-    });
+    let (client, mut rx) = db.connect_with_messages().await;
     let answer: Value = client
         .query_one("SELECT sortie.get_campaign($1::text::uuid)", &[&campaign])
         .await
