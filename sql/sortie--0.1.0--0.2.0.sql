@@ -256,6 +256,34 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION _emit_many(p_campaign uuid, p_steps bigint[], p_kind text, p_payload jsonb DEFAULT '{}')
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    v_id bigint;
+    v_step bigint;
+    v_woke text := current_setting('sortie.woke_at', true);
+BEGIN
+    IF cardinality(p_steps) IS NULL OR cardinality(p_steps) = 0 THEN
+        RETURN;
+    END IF;
+    WITH added AS (
+        INSERT INTO events (campaign_id, step_id, kind, payload)
+        SELECT p_campaign, s.id, p_kind, coalesce(p_payload, '{}')
+          FROM unnest(p_steps) WITH ORDINALITY AS s(id, n)
+         ORDER BY s.n
+        RETURNING id, step_id)
+    SELECT a.id, a.step_id INTO v_id, v_step FROM added a ORDER BY a.id DESC LIMIT 1;
+    IF coalesce(v_woke, '') = ''
+       OR v_woke::double precision <= extract(epoch FROM clock_timestamp() - wake_interval()) THEN
+        PERFORM set_config('sortie.woke_at', extract(epoch FROM clock_timestamp())::text, false);
+        PERFORM pg_notify('sortie_events', json_build_object(
+            'id', v_id, 'campaign_id', p_campaign, 'step_id', v_step, 'kind', p_kind)::text);
+    END IF;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION _notify_campaign(p_campaign uuid, p_level text, p_message text)
 RETURNS void
 LANGUAGE plpgsql VOLATILE
@@ -1062,6 +1090,111 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION _complete_many(p_campaign uuid, p_ords bigint[], p_ids bigint[], p_tokens uuid[],
+                              p_summaries text[], p_used bigint[])
+RETURNS TABLE (ord bigint, answer jsonb)
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    v_now timestamptz := _clock();
+    v_ords bigint[];
+    v_ids bigint[];
+    v_claimed timestamptz[];
+    v_leased bigint[];
+    v_done_tokens uuid[];
+    v_done_summaries text[];
+    v_done_used bigint[];
+    v_slot double precision;
+    v_claimed_at timestamptz;
+    v_ready integer;
+    v_first bigint;
+    v_compound bigint[];
+    v_open integer;
+    v_status text;
+BEGIN
+    SELECT c.slot_seconds_used INTO v_slot
+      FROM campaigns c WHERE c.id = p_campaign AND c.token_budget IS NULL FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    WITH done AS (
+        UPDATE steps s
+           SET status = 'done', output = i.summary, tokens_used = s.tokens_used + i.used,
+               duration_ms = (extract(epoch FROM v_now - s.claimed_at) * 1000)::bigint,
+               completed_at = v_now, claim_token = NULL, lease_expires_at = NULL
+          FROM unnest(p_ords, p_ids, p_tokens, p_summaries, p_used) AS i(ord, id, token, summary, used)
+         WHERE s.campaign_id = p_campaign AND s.id = i.id AND s.claim_token = i.token
+           AND s.status = 'running' AND s.verify IS NULL AND s.parent_id IS NULL
+        RETURNING i.ord, s.id, s.claimed_at, cardinality(s.requires_locks) > 0 AS leased, i.token, i.summary, i.used)
+    SELECT array_agg(d.ord ORDER BY d.id, d.ord), array_agg(d.id ORDER BY d.id, d.ord),
+           array_agg(d.claimed_at ORDER BY d.id, d.ord),
+           coalesce(array_agg(d.id ORDER BY d.id) FILTER (WHERE d.leased), '{}'),
+           array_agg(d.token ORDER BY d.id, d.ord), array_agg(d.summary ORDER BY d.id, d.ord),
+           array_agg(d.used ORDER BY d.id, d.ord)
+      INTO v_ords, v_ids, v_claimed, v_leased, v_done_tokens, v_done_summaries, v_done_used
+      FROM done d;
+    IF v_ids IS NULL THEN
+        RETURN;
+    END IF;
+    PERFORM _emit_many(p_campaign, v_ids, 'step.done');
+    -- Each dependent loses one dependency per completed step it waits on.
+    WITH needs AS (
+        SELECT d.step_id, count(*)::integer AS n
+          FROM step_dependencies d
+         WHERE d.campaign_id = p_campaign AND d.depends_on = ANY (v_ids)
+         GROUP BY d.step_id),
+    released AS (
+        UPDATE steps s SET remaining_deps = s.remaining_deps - n.n
+          FROM needs n
+         WHERE s.campaign_id = p_campaign AND s.id = n.step_id AND s.status = 'pending'
+        RETURNING s.id, s.step_type, s.remaining_deps)
+    SELECT count(*) FILTER (WHERE remaining_deps = 0 AND step_type = 'atomic'),
+           min(id) FILTER (WHERE remaining_deps = 0 AND step_type = 'atomic'),
+           array_agg(id) FILTER (WHERE remaining_deps = 0 AND step_type <> 'atomic')
+      INTO v_ready, v_first, v_compound
+      FROM released;
+    IF v_first IS NOT NULL THEN
+        PERFORM _lower_ready_floor(p_campaign, v_first);
+    END IF;
+    IF v_compound IS NOT NULL THEN
+        PERFORM _unblocked(p_campaign, v_compound);
+    END IF;
+    -- The slot time as complete_step's updates leave it, one step after another.
+    FOREACH v_claimed_at IN ARRAY v_claimed LOOP
+        v_slot := greatest(v_slot + _slot_correction(v_claimed_at), 0);
+    END LOOP;
+    UPDATE campaigns c
+       SET slot_seconds_used = v_slot,
+           tokens_used = c.tokens_used + (SELECT sum(u) FROM unnest(v_done_used) u),
+           running_steps = c.running_steps - cardinality(v_ids), open_steps = c.open_steps - cardinality(v_ids),
+           ready_steps = c.ready_steps + v_ready, updated_at = now()
+     WHERE c.id = p_campaign
+    RETURNING c.open_steps, c.status INTO v_open, v_status;
+    IF cardinality(v_leased) > 0 THEN
+        DELETE FROM resource_leases WHERE campaign_id = p_campaign AND step_id = ANY (v_leased);
+    END IF;
+    IF v_open = 0 THEN
+        PERFORM _check_drained(p_campaign);
+        SELECT c.status INTO v_status FROM campaigns c WHERE c.id = p_campaign;
+    END IF;
+    -- SPEC §14, as _keep_finished_claim keeps each.
+    DELETE FROM finished_claims
+     WHERE claim_token IN (SELECT f.claim_token FROM finished_claims f
+                            WHERE f.created_at < now() - _idempotency_retention()
+                            ORDER BY f.created_at LIMIT 10 * cardinality(v_ids));
+    RETURN QUERY
+    WITH kept AS (
+        INSERT INTO finished_claims (claim_token, step_id, call, arguments_hash, result)
+        SELECT k.token, k.id, 'complete_step',
+               _arguments_hash(jsonb_build_object('summary', k.summary, 'tokens_used', k.used)),
+               jsonb_build_object('step_id', k.id, 'status', 'done', 'accepted', true, 'campaign_status', v_status)
+          FROM unnest(v_ids, v_done_tokens, v_done_summaries, v_done_used) AS k(id, token, summary, used)
+        ON CONFLICT (claim_token) DO NOTHING)
+    SELECT a.ord, jsonb_build_object('step_id', a.id, 'status', 'done', 'accepted', true, 'campaign_status', v_status)
+      FROM unnest(v_ords, v_ids) AS a(ord, id);
+END
+$$;
+
 CREATE OR REPLACE FUNCTION complete_steps(items jsonb) RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
@@ -1071,6 +1204,16 @@ DECLARE
     v_item record;
     v_step_ids bigint[];
     v_campaigns uuid[];
+    v_campaign uuid;
+    v_fast boolean := NOT _on_citus();
+    v_done_ords bigint[] := '{}';
+    v_done_answers jsonb[] := '{}';
+    v_ords bigint[];
+    v_ids bigint[];
+    v_tokens uuid[];
+    v_summaries text[];
+    v_used bigint[];
+    v_at integer;
     v_completed jsonb := '[]';
     v_refused jsonb := '[]';
     v_code text;
@@ -1094,7 +1237,7 @@ BEGIN
       FROM steps s
      WHERE s.id = ANY (v_step_ids);
     FOR v_item IN
-        SELECT e.value AS item, e.ordinality
+        SELECT e.value AS item, e.ordinality, s.campaign_id
           FROM jsonb_array_elements(items) WITH ORDINALITY e
           LEFT JOIN unnest(v_step_ids, v_campaigns) AS s(id, campaign_id)
             ON s.id = CASE WHEN jsonb_typeof(e.value -> 'step_id') = 'number'
@@ -1102,6 +1245,40 @@ BEGIN
                            THEN (e.value ->> 'step_id')::numeric::bigint END
          ORDER BY s.campaign_id, s.id, e.ordinality
     LOOP
+        -- Entering a campaign: its well-formed items (the first for each step) go set-wise
+        -- first (_complete_many); what that leaves, one at a time below. One campaign after
+        -- another in id order, so the lock order stays (campaign, then steps).
+        IF v_fast AND v_item.campaign_id IS NOT NULL AND v_item.campaign_id IS DISTINCT FROM v_campaign THEN
+            v_campaign := v_item.campaign_id;
+            SELECT array_agg(f.ordinality ORDER BY f.id), array_agg(f.id ORDER BY f.id),
+                   array_agg(f.token ORDER BY f.id), array_agg(f.summary ORDER BY f.id), array_agg(f.used ORDER BY f.id)
+              INTO v_ords, v_ids, v_tokens, v_summaries, v_used
+              FROM (SELECT DISTINCT ON (s.id) e.ordinality, s.id, (e.value ->> 'claim_token')::uuid AS token,
+                           coalesce(e.value ->> 'summary', '') AS summary,
+                           coalesce((e.value ->> 'tokens_used')::bigint, 0) AS used
+                      FROM jsonb_array_elements(items) WITH ORDINALITY e
+                      JOIN unnest(v_step_ids, v_campaigns) AS s(id, campaign_id)
+                        ON s.campaign_id = v_campaign
+                       AND s.id = CASE WHEN jsonb_typeof(e.value -> 'step_id') = 'number'
+                                            AND e.value ->> 'step_id' ~ '^[0-9]{1,18}$'
+                                       THEN (e.value ->> 'step_id')::bigint END
+                     WHERE jsonb_typeof(e.value -> 'claim_token') = 'string'
+                       AND e.value ->> 'claim_token' ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+                       AND (coalesce(jsonb_typeof(e.value -> 'tokens_used'), 'null') = 'null'
+                            OR (jsonb_typeof(e.value -> 'tokens_used') = 'number'
+                                AND e.value ->> 'tokens_used' ~ '^[0-9]{1,18}$'))
+                     ORDER BY s.id, e.ordinality) f;
+            IF v_ids IS NOT NULL THEN
+                SELECT v_done_ords || coalesce(array_agg(m.ord), '{}'), v_done_answers || coalesce(array_agg(m.answer), '{}')
+                  INTO v_done_ords, v_done_answers
+                  FROM _complete_many(v_campaign, v_ords, v_ids, v_tokens, v_summaries, v_used) m;
+            END IF;
+        END IF;
+        v_at := array_position(v_done_ords, v_item.ordinality);
+        IF v_at IS NOT NULL THEN
+            v_completed := v_completed || jsonb_build_array(v_done_answers[v_at]);
+            CONTINUE;
+        END IF;
         BEGIN
             IF jsonb_typeof(v_item.item -> 'step_id') IS DISTINCT FROM 'number'
                OR jsonb_typeof(v_item.item -> 'claim_token') IS DISTINCT FROM 'string' THEN
@@ -1425,6 +1602,116 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION _claim_many(p_campaign uuid, p_owner text, p_agent text, p_lease_seconds integer,
+                           p_dispatched boolean, p_limit integer)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    v_now timestamptz := _clock();
+    v_expires timestamptz := _clock() + make_interval(secs => p_lease_seconds);
+    v_ready integer;
+    v_room integer;
+    v_floor bigint;
+    v_first bigint;
+    v_after bigint;
+    v_got integer := 0;
+    v_asked integer;
+    v_seen integer;
+    v_plain bigint[];
+    v_tokens uuid[];
+    v_claim jsonb;
+    v_claims jsonb := '[]';
+    r record;
+BEGIN
+    SELECT c.ready_steps, c.ready_floor,
+           CASE WHEN NOT _can_dispatch(c.status, c.max_parallel, c.running_steps, c.token_budget, c.tokens_used) THEN 0
+                WHEN c.max_parallel IS NULL THEN p_limit
+                ELSE c.max_parallel - c.running_steps END
+      INTO v_ready, v_floor, v_room
+      FROM campaigns c WHERE c.id = p_campaign FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM _raise('not_found', format('campaign %s does not exist', p_campaign));
+    END IF;
+    v_room := least(p_limit, v_ready, v_room);
+    IF v_room <= 0 THEN
+        RETURN '[]';
+    END IF;
+    -- The floor as _claim_in_campaign keeps it.
+    SELECT id INTO v_first
+      FROM steps
+     WHERE (campaign_id, id) >= (p_campaign, v_floor) AND campaign_id <= p_campaign
+       AND status = 'pending' AND step_type = 'atomic' AND remaining_deps = 0
+     ORDER BY campaign_id, id
+     LIMIT 1;
+    IF NOT FOUND THEN
+        RETURN '[]';
+    END IF;
+    IF v_first - v_floor > _ready_floor_slack() THEN
+        UPDATE campaigns SET ready_floor = v_first WHERE id = p_campaign;
+    END IF;
+    v_after := v_first - 1;
+    -- Rounds: a step whose lock keys are busy is passed over, and the next round looks further.
+    LOOP
+        v_plain := '{}';
+        v_asked := v_room - v_got;
+        v_seen := 0;
+        FOR r IN
+            SELECT id, parent_id, requires_locks
+              FROM steps
+             WHERE (campaign_id, id) > (p_campaign, v_after) AND campaign_id <= p_campaign
+               AND status = 'pending' AND step_type = 'atomic' AND remaining_deps = 0
+               AND not_before <= v_now
+               AND (p_agent IS NULL OR agent IS NULL OR agent = p_agent)
+             ORDER BY campaign_id, id
+             LIMIT v_asked
+               FOR UPDATE SKIP LOCKED
+        LOOP
+            v_after := r.id;
+            v_seen := v_seen + 1;
+            IF r.parent_id IS NULL AND coalesce(cardinality(r.requires_locks), 0) = 0 THEN
+                v_plain := v_plain || r.id;
+            ELSE
+                v_claim := _take_step(r.id, p_campaign, r.parent_id, r.requires_locks, p_owner, p_lease_seconds, p_dispatched);
+                IF v_claim IS NOT NULL THEN
+                    v_claims := v_claims || jsonb_build_array(v_claim);
+                    v_got := v_got + 1;
+                END IF;
+            END IF;
+        END LOOP;
+        IF cardinality(v_plain) > 0 THEN
+            v_tokens := ARRAY(SELECT gen_random_uuid() FROM generate_series(1, cardinality(v_plain)));
+            WITH taken AS (
+                UPDATE steps s
+                   SET status = 'running', claim_token = t.token, claim_owner = p_owner,
+                       claimed_at = v_now, heartbeat_at = v_now, lease_expires_at = v_expires,
+                       started_at = coalesce(s.started_at, v_now), dispatched = p_dispatched
+                  FROM unnest(v_plain, v_tokens) AS t(id, token)
+                 WHERE s.campaign_id = p_campaign AND s.id = t.id
+                RETURNING s.id, s.action, s.agent, s.depth, s.attempts, t.token)
+            SELECT v_claims || coalesce(jsonb_agg(jsonb_build_object(
+                       'step_id', t.id, 'campaign_id', p_campaign, 'action', t.action, 'agent', t.agent,
+                       'depth', t.depth, 'claim_token', t.token, 'lease_expires_at', v_expires,
+                       'attempts', t.attempts) ORDER BY t.id), '[]')
+              INTO v_claims
+              FROM taken t;
+            PERFORM _emit_many(p_campaign, v_plain, 'step.claimed', jsonb_build_object('owner', p_owner));
+            v_got := v_got + cardinality(v_plain);
+        END IF;
+        -- Done when the batch is full or the read found fewer steps than it asked for.
+        EXIT WHEN v_got >= v_room OR v_seen < v_asked;
+    END LOOP;
+    IF v_got = 0 THEN
+        RETURN '[]';
+    END IF;
+    UPDATE campaigns
+       SET running_steps = running_steps + v_got, ready_steps = ready_steps - v_got,
+           slot_seconds_used = slot_seconds_used + v_got * _provisional_slot_seconds(), updated_at = now()
+     WHERE id = p_campaign;
+    RETURN (SELECT jsonb_agg(c ORDER BY (c ->> 'step_id')::bigint) FROM jsonb_array_elements(v_claims) c);
+END
+$$;
+
 CREATE OR REPLACE FUNCTION _claim_one(p_owner text, p_agent text, p_campaign uuid, p_lease integer, p_dispatched boolean)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
@@ -1522,6 +1809,11 @@ BEGIN
         IF v_limit <= 0 THEN
             RETURN CASE WHEN max_steps IS NULL THEN jsonb_build_object('step_id', NULL, 'reason', 'capacity') ELSE '[]' END;
         END IF;
+    END IF;
+    -- A batch in one campaign is taken set-wise (_claim_many); across campaigns each claim is
+    -- placed by fair share in turn. Under Citus the loop: its statements are the routed ones.
+    IF max_steps IS NOT NULL AND campaign_id IS NOT NULL AND NOT _on_citus() THEN
+        RETURN _claim_many(campaign_id, owner, agent, v_lease, v_dispatched, v_limit);
     END IF;
     FOR i IN 1..v_limit LOOP
         v_claim := _claim_one(owner, agent, campaign_id, v_lease, v_dispatched);

@@ -160,6 +160,123 @@ BEGIN
 END
 $$;
 
+-- A batch of claims in one campaign (SPEC §18: claim_next with campaign_id and max_steps), the
+-- same claims the single-claim loop would take — the first ready steps for `p_agent` in id
+-- order whose lock keys are free, at most `p_limit`, as many as the campaign may dispatch
+-- (max_parallel) — taken set-wise: the campaign locked and counted once, the plain steps (no
+-- parent, no lock keys) claimed by one update with one event insert; a step with a parent or
+-- lock keys is taken by _take_step as a single claim takes it. Returns the claims as a JSON
+-- array in id order ([] when none). Errors: not_found (campaign).
+CREATE FUNCTION _claim_many(p_campaign uuid, p_owner text, p_agent text, p_lease_seconds integer,
+                           p_dispatched boolean, p_limit integer)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    v_now timestamptz := _clock();
+    v_expires timestamptz := _clock() + make_interval(secs => p_lease_seconds);
+    v_ready integer;
+    v_room integer;
+    v_floor bigint;
+    v_first bigint;
+    v_after bigint;
+    v_got integer := 0;
+    v_asked integer;
+    v_seen integer;
+    v_plain bigint[];
+    v_tokens uuid[];
+    v_claim jsonb;
+    v_claims jsonb := '[]';
+    r record;
+BEGIN
+    SELECT c.ready_steps, c.ready_floor,
+           CASE WHEN NOT _can_dispatch(c.status, c.max_parallel, c.running_steps, c.token_budget, c.tokens_used) THEN 0
+                WHEN c.max_parallel IS NULL THEN p_limit
+                ELSE c.max_parallel - c.running_steps END
+      INTO v_ready, v_floor, v_room
+      FROM campaigns c WHERE c.id = p_campaign FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM _raise('not_found', format('campaign %s does not exist', p_campaign));
+    END IF;
+    v_room := least(p_limit, v_ready, v_room);
+    IF v_room <= 0 THEN
+        RETURN '[]';
+    END IF;
+    -- The floor as _claim_in_campaign keeps it.
+    SELECT id INTO v_first
+      FROM steps
+     WHERE (campaign_id, id) >= (p_campaign, v_floor) AND campaign_id <= p_campaign
+       AND status = 'pending' AND step_type = 'atomic' AND remaining_deps = 0
+     ORDER BY campaign_id, id
+     LIMIT 1;
+    IF NOT FOUND THEN
+        RETURN '[]';
+    END IF;
+    IF v_first - v_floor > _ready_floor_slack() THEN
+        UPDATE campaigns SET ready_floor = v_first WHERE id = p_campaign;
+    END IF;
+    v_after := v_first - 1;
+    -- Rounds: a step whose lock keys are busy is passed over, and the next round looks further.
+    LOOP
+        v_plain := '{}';
+        v_asked := v_room - v_got;
+        v_seen := 0;
+        FOR r IN
+            SELECT id, parent_id, requires_locks
+              FROM steps
+             WHERE (campaign_id, id) > (p_campaign, v_after) AND campaign_id <= p_campaign
+               AND status = 'pending' AND step_type = 'atomic' AND remaining_deps = 0
+               AND not_before <= v_now
+               AND (p_agent IS NULL OR agent IS NULL OR agent = p_agent)
+             ORDER BY campaign_id, id
+             LIMIT v_asked
+               FOR UPDATE SKIP LOCKED
+        LOOP
+            v_after := r.id;
+            v_seen := v_seen + 1;
+            IF r.parent_id IS NULL AND coalesce(cardinality(r.requires_locks), 0) = 0 THEN
+                v_plain := v_plain || r.id;
+            ELSE
+                v_claim := _take_step(r.id, p_campaign, r.parent_id, r.requires_locks, p_owner, p_lease_seconds, p_dispatched);
+                IF v_claim IS NOT NULL THEN
+                    v_claims := v_claims || jsonb_build_array(v_claim);
+                    v_got := v_got + 1;
+                END IF;
+            END IF;
+        END LOOP;
+        IF cardinality(v_plain) > 0 THEN
+            v_tokens := ARRAY(SELECT gen_random_uuid() FROM generate_series(1, cardinality(v_plain)));
+            WITH taken AS (
+                UPDATE steps s
+                   SET status = 'running', claim_token = t.token, claim_owner = p_owner,
+                       claimed_at = v_now, heartbeat_at = v_now, lease_expires_at = v_expires,
+                       started_at = coalesce(s.started_at, v_now), dispatched = p_dispatched
+                  FROM unnest(v_plain, v_tokens) AS t(id, token)
+                 WHERE s.campaign_id = p_campaign AND s.id = t.id
+                RETURNING s.id, s.action, s.agent, s.depth, s.attempts, t.token)
+            SELECT v_claims || coalesce(jsonb_agg(jsonb_build_object(
+                       'step_id', t.id, 'campaign_id', p_campaign, 'action', t.action, 'agent', t.agent,
+                       'depth', t.depth, 'claim_token', t.token, 'lease_expires_at', v_expires,
+                       'attempts', t.attempts) ORDER BY t.id), '[]')
+              INTO v_claims
+              FROM taken t;
+            PERFORM _emit_many(p_campaign, v_plain, 'step.claimed', jsonb_build_object('owner', p_owner));
+            v_got := v_got + cardinality(v_plain);
+        END IF;
+        -- Done when the batch is full or the read found fewer steps than it asked for.
+        EXIT WHEN v_got >= v_room OR v_seen < v_asked;
+    END LOOP;
+    IF v_got = 0 THEN
+        RETURN '[]';
+    END IF;
+    UPDATE campaigns
+       SET running_steps = running_steps + v_got, ready_steps = ready_steps - v_got,
+           slot_seconds_used = slot_seconds_used + v_got * _provisional_slot_seconds(), updated_at = now()
+     WHERE id = p_campaign;
+    RETURN (SELECT jsonb_agg(c ORDER BY (c ->> 'step_id')::bigint) FROM jsonb_array_elements(v_claims) c);
+END
+$$;
+
 -- One claim for claim_next, after its checks: the best ready step for `p_agent` in
 -- `p_campaign`, or in any campaign when it is NULL; NULL when there is none.
 -- Campaigns are tried in fair-share order — lowest slot_seconds_used / weight first — and
@@ -274,6 +391,11 @@ BEGIN
         IF v_limit <= 0 THEN
             RETURN CASE WHEN max_steps IS NULL THEN jsonb_build_object('step_id', NULL, 'reason', 'capacity') ELSE '[]' END;
         END IF;
+    END IF;
+    -- A batch in one campaign is taken set-wise (_claim_many); across campaigns each claim is
+    -- placed by fair share in turn. Under Citus the loop: its statements are the routed ones.
+    IF max_steps IS NOT NULL AND campaign_id IS NOT NULL AND NOT _on_citus() THEN
+        RETURN _claim_many(campaign_id, owner, agent, v_lease, v_dispatched, v_limit);
     END IF;
     FOR i IN 1..v_limit LOOP
         v_claim := _claim_one(owner, agent, campaign_id, v_lease, v_dispatched);

@@ -149,9 +149,125 @@ BEGIN
 END
 $$;
 
+-- complete_steps' set-wise path for one campaign (SPEC §18): the items' top-level steps whose
+-- claim is current, completed the way complete_step completes each one — one guarded update of
+-- the steps, one event insert, one release of their dependents, one update of the campaign's
+-- counters, and their finished claims kept (SPEC §14). Only for a campaign without a token
+-- budget (complete_step enforces the budget after each step) and steps without a parent (a
+-- member's completion may settle its parent and skip its siblings: one at a time decides
+-- which). Returns (ord, answer) for each item it completed; every other item is left to
+-- complete_step. The arrays are the items in (step, item) order: ordinal, step id, claim
+-- token, summary, tokens_used (≥ 0).
+CREATE FUNCTION _complete_many(p_campaign uuid, p_ords bigint[], p_ids bigint[], p_tokens uuid[],
+                              p_summaries text[], p_used bigint[])
+RETURNS TABLE (ord bigint, answer jsonb)
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    v_now timestamptz := _clock();
+    v_ords bigint[];
+    v_ids bigint[];
+    v_claimed timestamptz[];
+    v_leased bigint[];
+    v_done_tokens uuid[];
+    v_done_summaries text[];
+    v_done_used bigint[];
+    v_slot double precision;
+    v_claimed_at timestamptz;
+    v_ready integer;
+    v_first bigint;
+    v_compound bigint[];
+    v_open integer;
+    v_status text;
+BEGIN
+    SELECT c.slot_seconds_used INTO v_slot
+      FROM campaigns c WHERE c.id = p_campaign AND c.token_budget IS NULL FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    WITH done AS (
+        UPDATE steps s
+           SET status = 'done', output = i.summary, tokens_used = s.tokens_used + i.used,
+               duration_ms = (extract(epoch FROM v_now - s.claimed_at) * 1000)::bigint,
+               completed_at = v_now, claim_token = NULL, lease_expires_at = NULL
+          FROM unnest(p_ords, p_ids, p_tokens, p_summaries, p_used) AS i(ord, id, token, summary, used)
+         WHERE s.campaign_id = p_campaign AND s.id = i.id AND s.claim_token = i.token
+           AND s.status = 'running' AND s.verify IS NULL AND s.parent_id IS NULL
+        RETURNING i.ord, s.id, s.claimed_at, cardinality(s.requires_locks) > 0 AS leased, i.token, i.summary, i.used)
+    SELECT array_agg(d.ord ORDER BY d.id, d.ord), array_agg(d.id ORDER BY d.id, d.ord),
+           array_agg(d.claimed_at ORDER BY d.id, d.ord),
+           coalesce(array_agg(d.id ORDER BY d.id) FILTER (WHERE d.leased), '{}'),
+           array_agg(d.token ORDER BY d.id, d.ord), array_agg(d.summary ORDER BY d.id, d.ord),
+           array_agg(d.used ORDER BY d.id, d.ord)
+      INTO v_ords, v_ids, v_claimed, v_leased, v_done_tokens, v_done_summaries, v_done_used
+      FROM done d;
+    IF v_ids IS NULL THEN
+        RETURN;
+    END IF;
+    PERFORM _emit_many(p_campaign, v_ids, 'step.done');
+    -- Each dependent loses one dependency per completed step it waits on.
+    WITH needs AS (
+        SELECT d.step_id, count(*)::integer AS n
+          FROM step_dependencies d
+         WHERE d.campaign_id = p_campaign AND d.depends_on = ANY (v_ids)
+         GROUP BY d.step_id),
+    released AS (
+        UPDATE steps s SET remaining_deps = s.remaining_deps - n.n
+          FROM needs n
+         WHERE s.campaign_id = p_campaign AND s.id = n.step_id AND s.status = 'pending'
+        RETURNING s.id, s.step_type, s.remaining_deps)
+    SELECT count(*) FILTER (WHERE remaining_deps = 0 AND step_type = 'atomic'),
+           min(id) FILTER (WHERE remaining_deps = 0 AND step_type = 'atomic'),
+           array_agg(id) FILTER (WHERE remaining_deps = 0 AND step_type <> 'atomic')
+      INTO v_ready, v_first, v_compound
+      FROM released;
+    IF v_first IS NOT NULL THEN
+        PERFORM _lower_ready_floor(p_campaign, v_first);
+    END IF;
+    IF v_compound IS NOT NULL THEN
+        PERFORM _unblocked(p_campaign, v_compound);
+    END IF;
+    -- The slot time as complete_step's updates leave it, one step after another.
+    FOREACH v_claimed_at IN ARRAY v_claimed LOOP
+        v_slot := greatest(v_slot + _slot_correction(v_claimed_at), 0);
+    END LOOP;
+    UPDATE campaigns c
+       SET slot_seconds_used = v_slot,
+           tokens_used = c.tokens_used + (SELECT sum(u) FROM unnest(v_done_used) u),
+           running_steps = c.running_steps - cardinality(v_ids), open_steps = c.open_steps - cardinality(v_ids),
+           ready_steps = c.ready_steps + v_ready, updated_at = now()
+     WHERE c.id = p_campaign
+    RETURNING c.open_steps, c.status INTO v_open, v_status;
+    IF cardinality(v_leased) > 0 THEN
+        DELETE FROM resource_leases WHERE campaign_id = p_campaign AND step_id = ANY (v_leased);
+    END IF;
+    IF v_open = 0 THEN
+        PERFORM _check_drained(p_campaign);
+        SELECT c.status INTO v_status FROM campaigns c WHERE c.id = p_campaign;
+    END IF;
+    -- SPEC §14, as _keep_finished_claim keeps each.
+    DELETE FROM finished_claims
+     WHERE claim_token IN (SELECT f.claim_token FROM finished_claims f
+                            WHERE f.created_at < now() - _idempotency_retention()
+                            ORDER BY f.created_at LIMIT 10 * cardinality(v_ids));
+    RETURN QUERY
+    WITH kept AS (
+        INSERT INTO finished_claims (claim_token, step_id, call, arguments_hash, result)
+        SELECT k.token, k.id, 'complete_step',
+               _arguments_hash(jsonb_build_object('summary', k.summary, 'tokens_used', k.used)),
+               jsonb_build_object('step_id', k.id, 'status', 'done', 'accepted', true, 'campaign_status', v_status)
+          FROM unnest(v_ids, v_done_tokens, v_done_summaries, v_done_used) AS k(id, token, summary, used)
+        ON CONFLICT (claim_token) DO NOTHING)
+    SELECT a.ord, jsonb_build_object('step_id', a.id, 'status', 'done', 'accepted', true, 'campaign_status', v_status)
+      FROM unnest(v_ords, v_ids) AS a(ord, id);
+END
+$$;
+
 -- Completes several claims in one transaction: `items` is a JSON array of up to 1,000 objects
 -- {step_id, claim_token, summary?, tokens_used?}, each done exactly as complete_step does it.
--- Each item runs in its own subtransaction: an item complete_step refuses (stale_claim,
+-- A campaign's well-formed items for top-level steps go set-wise (_complete_many: one statement
+-- per effect for all of them, SPEC §18); each other item runs as complete_step in its own
+-- subtransaction: an item complete_step refuses (stale_claim,
 -- skipped, invalid_state, not_found, a bad item) changes nothing and is reported, and the
 -- others are applied. Items are taken in (campaign, step) order, whatever the array's order,
 -- so two batches touching the same campaigns lock them in the same order and cannot
@@ -167,6 +283,16 @@ DECLARE
     v_item record;
     v_step_ids bigint[];
     v_campaigns uuid[];
+    v_campaign uuid;
+    v_fast boolean := NOT _on_citus();
+    v_done_ords bigint[] := '{}';
+    v_done_answers jsonb[] := '{}';
+    v_ords bigint[];
+    v_ids bigint[];
+    v_tokens uuid[];
+    v_summaries text[];
+    v_used bigint[];
+    v_at integer;
     v_completed jsonb := '[]';
     v_refused jsonb := '[]';
     v_code text;
@@ -190,7 +316,7 @@ BEGIN
       FROM steps s
      WHERE s.id = ANY (v_step_ids);
     FOR v_item IN
-        SELECT e.value AS item, e.ordinality
+        SELECT e.value AS item, e.ordinality, s.campaign_id
           FROM jsonb_array_elements(items) WITH ORDINALITY e
           LEFT JOIN unnest(v_step_ids, v_campaigns) AS s(id, campaign_id)
             ON s.id = CASE WHEN jsonb_typeof(e.value -> 'step_id') = 'number'
@@ -198,6 +324,40 @@ BEGIN
                            THEN (e.value ->> 'step_id')::numeric::bigint END
          ORDER BY s.campaign_id, s.id, e.ordinality
     LOOP
+        -- Entering a campaign: its well-formed items (the first for each step) go set-wise
+        -- first (_complete_many); what that leaves, one at a time below. One campaign after
+        -- another in id order, so the lock order stays (campaign, then steps).
+        IF v_fast AND v_item.campaign_id IS NOT NULL AND v_item.campaign_id IS DISTINCT FROM v_campaign THEN
+            v_campaign := v_item.campaign_id;
+            SELECT array_agg(f.ordinality ORDER BY f.id), array_agg(f.id ORDER BY f.id),
+                   array_agg(f.token ORDER BY f.id), array_agg(f.summary ORDER BY f.id), array_agg(f.used ORDER BY f.id)
+              INTO v_ords, v_ids, v_tokens, v_summaries, v_used
+              FROM (SELECT DISTINCT ON (s.id) e.ordinality, s.id, (e.value ->> 'claim_token')::uuid AS token,
+                           coalesce(e.value ->> 'summary', '') AS summary,
+                           coalesce((e.value ->> 'tokens_used')::bigint, 0) AS used
+                      FROM jsonb_array_elements(items) WITH ORDINALITY e
+                      JOIN unnest(v_step_ids, v_campaigns) AS s(id, campaign_id)
+                        ON s.campaign_id = v_campaign
+                       AND s.id = CASE WHEN jsonb_typeof(e.value -> 'step_id') = 'number'
+                                            AND e.value ->> 'step_id' ~ '^[0-9]{1,18}$'
+                                       THEN (e.value ->> 'step_id')::bigint END
+                     WHERE jsonb_typeof(e.value -> 'claim_token') = 'string'
+                       AND e.value ->> 'claim_token' ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+                       AND (coalesce(jsonb_typeof(e.value -> 'tokens_used'), 'null') = 'null'
+                            OR (jsonb_typeof(e.value -> 'tokens_used') = 'number'
+                                AND e.value ->> 'tokens_used' ~ '^[0-9]{1,18}$'))
+                     ORDER BY s.id, e.ordinality) f;
+            IF v_ids IS NOT NULL THEN
+                SELECT v_done_ords || coalesce(array_agg(m.ord), '{}'), v_done_answers || coalesce(array_agg(m.answer), '{}')
+                  INTO v_done_ords, v_done_answers
+                  FROM _complete_many(v_campaign, v_ords, v_ids, v_tokens, v_summaries, v_used) m;
+            END IF;
+        END IF;
+        v_at := array_position(v_done_ords, v_item.ordinality);
+        IF v_at IS NOT NULL THEN
+            v_completed := v_completed || jsonb_build_array(v_done_answers[v_at]);
+            CONTINUE;
+        END IF;
         BEGIN
             IF jsonb_typeof(v_item.item -> 'step_id') IS DISTINCT FROM 'number'
                OR jsonb_typeof(v_item.item -> 'claim_token') IS DISTINCT FROM 'string' THEN

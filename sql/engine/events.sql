@@ -44,6 +44,36 @@ BEGIN
 END
 $$;
 
+-- _emit for several steps of one campaign at once (SPEC §18 batches): one event of `p_kind`
+-- per step, in the array's order, in one insert, and at most one wake-up, as _emit decides it.
+CREATE FUNCTION _emit_many(p_campaign uuid, p_steps bigint[], p_kind text, p_payload jsonb DEFAULT '{}')
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    v_id bigint;
+    v_step bigint;
+    v_woke text := current_setting('sortie.woke_at', true);
+BEGIN
+    IF cardinality(p_steps) IS NULL OR cardinality(p_steps) = 0 THEN
+        RETURN;
+    END IF;
+    WITH added AS (
+        INSERT INTO events (campaign_id, step_id, kind, payload)
+        SELECT p_campaign, s.id, p_kind, coalesce(p_payload, '{}')
+          FROM unnest(p_steps) WITH ORDINALITY AS s(id, n)
+         ORDER BY s.n
+        RETURNING id, step_id)
+    SELECT a.id, a.step_id INTO v_id, v_step FROM added a ORDER BY a.id DESC LIMIT 1;
+    IF coalesce(v_woke, '') = ''
+       OR v_woke::double precision <= extract(epoch FROM clock_timestamp() - wake_interval()) THEN
+        PERFORM set_config('sortie.woke_at', extract(epoch FROM clock_timestamp())::text, false);
+        PERFORM pg_notify('sortie_events', json_build_object(
+            'id', v_id, 'campaign_id', p_campaign, 'step_id', v_step, 'kind', p_kind)::text);
+    END IF;
+END
+$$;
+
 -- A notification for the campaign's channel (notifications.sql delivers it). PL/pgSQL, as
 -- every function that reads or writes a table (locking.sql, distribution); campaign_id is
 -- taken from the campaign's row, so that under Citus the insert stays with its campaign.

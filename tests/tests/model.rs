@@ -151,6 +151,22 @@ impl Model {
         }
     }
 
+    /// A claim of `id`: it runs, and so does every compound ancestor not yet started.
+    fn claim(&mut self, id: i64, token: Option<Uuid>) {
+        let s = self.steps.get_mut(&id).unwrap();
+        s.status = St::Running;
+        s.token = token;
+        let mut up = self.steps[&id].parent;
+        while let Some(p) = up {
+            let parent = self.steps.get_mut(&p).unwrap();
+            if parent.status != St::Pending {
+                break;
+            }
+            parent.status = St::Running;
+            up = parent.parent;
+        }
+    }
+
     fn settle_done(&mut self, id: i64) {
         self.steps.get_mut(&id).unwrap().status = St::Done;
         self.after_done(id);
@@ -223,6 +239,18 @@ impl Model {
     }
 }
 
+async fn assert_invariants(db: &TestDb, seed: u64, op: usize) {
+    let problems: Vec<String> = db
+        .client
+        .query("SELECT sortie.check_invariants()", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(problems.is_empty(), "seed {seed}, op {op}: invariants: {problems:?}");
+}
+
 async fn compare(db: &TestDb, model: &Model, c: Uuid, seed: u64, op: usize, what: &str) {
     let rows = db
         .client
@@ -260,7 +288,9 @@ async fn random_operation_sequences_match_the_reference_model() {
     for kind in [
         "add",
         "claim",
+        "batch claim",
         "complete",
+        "batch complete",
         "fail",
         "zombie reset",
         "splice",
@@ -373,6 +403,32 @@ async fn run_sequence(
                 }
             }
             model.doomed_skip(&new_ids);
+        } else if (47..55).contains(&roll) {
+            // SPEC §18: a batch takes the claims the single claims would take, one after another.
+            what = "batch claim";
+            let n = rng.random_range(1..5i32);
+            let v = db
+                .ok(
+                    "sortie.claim_next(owner => 'model', campaign_id => $1, max_steps => $2)",
+                    &[&c, &n],
+                )
+                .await;
+            let claimed: Vec<_> = v.as_array().unwrap().iter().filter_map(parse_claim).collect();
+            let mut expected = Vec::new();
+            while expected.len() < n as usize {
+                let Some(id) = model.ready() else { break };
+                expected.push(id);
+                model.claim(id, None);
+            }
+            assert_eq!(
+                claimed.iter().map(|s| s.step_id).collect::<Vec<_>>(),
+                expected,
+                "seed {seed}, op {op}: the batch claimed other steps"
+            );
+            for step in claimed {
+                model.steps.get_mut(&step.step_id).unwrap().token = Some(step.token);
+            }
+            assert_invariants(db, seed, op).await;
         } else if roll < 55 {
             what = "claim";
             let v = db
@@ -389,26 +445,58 @@ async fn run_sequence(
                 "seed {seed}, op {op}: claim_next picked another step"
             );
             if let Some(step) = claimed {
-                let s = model.steps.get_mut(&step.step_id).unwrap();
-                s.status = St::Running;
-                s.token = Some(step.token);
-                // A compound step becomes running when its first child starts.
-                let mut up = model.steps[&step.step_id].parent;
-                while let Some(p) = up {
-                    let parent = model.steps.get_mut(&p).unwrap();
-                    if parent.status != St::Pending {
-                        break;
-                    }
-                    parent.status = St::Running;
-                    up = parent.parent;
-                }
+                model.claim(step.step_id, Some(step.token));
             }
         } else if running.is_empty() {
             continue;
         } else {
             let id = running[rng.random_range(0..running.len())];
             let token = model.steps[&id].token.unwrap();
-            if roll < 75 {
+            if (68..75).contains(&roll) {
+                // Several running steps (top-level ones go set-wise, members one at a time), one
+                // of them twice and one with a stale claim: the stale one and the repeat are
+                // refused or replayed, the rest done in (step) order.
+                what = "batch complete";
+                let mut chosen: Vec<i64> = running
+                    .iter()
+                    .copied()
+                    .filter(|_| rng.random_bool(0.6))
+                    .collect();
+                if chosen.is_empty() {
+                    chosen.push(id);
+                }
+                let mut items: Vec<serde_json::Value> = chosen
+                    .iter()
+                    .map(|s| json!({"step_id": s, "claim_token": model.steps[s].token.unwrap(), "summary": "ok", "tokens_used": 2}))
+                    .collect();
+                items.push(json!({"step_id": chosen[0], "claim_token": model.steps[&chosen[0]].token.unwrap(), "summary": "ok", "tokens_used": 2}));
+                items.push(json!({"step_id": id, "claim_token": Uuid::new_v4()}));
+                items.reverse();
+                let answer = db.ok("sortie.complete_steps($1)", &[&serde_json::Value::Array(items)]).await;
+                chosen.sort();
+                let mut accepted = Vec::new();
+                for s in &chosen {
+                    // A member whose parent settled under an earlier item is skipped.
+                    if model.steps[s].status == St::Running {
+                        model.settle_done(*s);
+                        accepted.push(*s);
+                    }
+                }
+                let done: Vec<i64> = answer["completed"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|a| a["accepted"] == true && a.get("replayed").is_none())
+                    .map(|a| a["step_id"].as_i64().unwrap())
+                    .collect();
+                assert_eq!(done, accepted, "seed {seed}, op {op}: the batch completed other steps: {answer}");
+                let refused = answer["refused"].as_array().unwrap();
+                assert!(
+                    refused.iter().any(|r| r["step_id"] == id && r["code"] == "stale_claim"),
+                    "seed {seed}, op {op}: the stale item is not refused: {answer}"
+                );
+                assert_invariants(db, seed, op).await;
+            } else if roll < 75 {
                 what = "complete";
                 db.ok("sortie.complete_step($1, $2, 'ok')", &[&id, &token])
                     .await;
