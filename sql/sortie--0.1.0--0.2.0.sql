@@ -2694,6 +2694,9 @@ DECLARE
     v_limit integer := least(greatest(coalesce(steps_limit, 500), 1), 5000);
     v_steps jsonb;
 BEGIN
+    IF get_campaign.id IS NULL THEN
+        PERFORM _raise('invalid_argument', 'id is required: the campaign to read');
+    END IF;
     IF steps_cursor IS NOT NULL THEN
         BEGIN
             v_after := steps_cursor::bigint;
@@ -3023,6 +3026,9 @@ DECLARE
     c campaigns;
     v_success jsonb;
 BEGIN
+    IF campaign_id IS NULL THEN
+        PERFORM _raise('invalid_argument', 'campaign_id is required');
+    END IF;
     SELECT * INTO c FROM campaigns x WHERE x.id = campaign_id;
     IF NOT FOUND THEN
         PERFORM _raise('not_found', format('campaign %s does not exist', campaign_id));
@@ -4383,6 +4389,9 @@ DECLARE
     v_total bigint;
     v_now timestamptz := _clock();
 BEGIN
+    IF id IS NULL THEN
+        PERFORM _raise('invalid_argument', 'id is required: the campaign to draw');
+    END IF;
     SELECT * INTO c FROM campaigns WHERE campaigns.id = id;
     IF NOT FOUND THEN
         PERFORM _raise('not_found', format('campaign %s does not exist', id));
@@ -4669,13 +4678,43 @@ CREATE OR REPLACE FUNCTION _reference_tables() RETURNS text[]
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT ARRAY['resource_leases', 'workflows', 'cursors', 'idempotency_records', 'finished_claims'] $$;
 
+CREATE OR REPLACE FUNCTION _get_campaign_delegated(id uuid, steps_limit integer DEFAULT 500, steps_cursor text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN get_campaign(id, steps_limit, steps_cursor);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _campaign_graph_delegated(id uuid, max_steps integer DEFAULT 5000)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN campaign_graph(id, max_steps);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _planner_context_delegated(campaign_id uuid)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN planner_context(campaign_id);
+END
+$$;
+
 CREATE OR REPLACE FUNCTION _delegated_functions() RETURNS TABLE (signature text, campaign_arg text)
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
     SELECT * FROM (VALUES
-        ('get_campaign(uuid,integer,text)', 'id'),
-        ('campaign_graph(uuid,integer)', 'id'),
-        ('planner_context(uuid)', 'campaign_id')
+        ('_get_campaign_delegated(uuid,integer,text)', 'id'),
+        ('_campaign_graph_delegated(uuid,integer)', 'id'),
+        ('_planner_context_delegated(uuid)', 'campaign_id')
     ) AS f(signature, campaign_arg);
 $$;
 
@@ -4864,6 +4903,11 @@ AS $$
             ('record_benchmark',       ARRAY['sortie_runner']),
             -- scale-out (docs/scale-out.md): an operator's, as superuser, on a Citus coordinator
             ('distribute',             ARRAY[]::text[]),
+            -- the delegated twins of three reads (distribute.sql), for sortie's programs, which
+            -- call them with the campaign they hold: the roles of the function each one calls
+            ('_get_campaign_delegated',    ARRAY['sortie_coordinator', 'sortie_reader']),
+            ('_campaign_graph_delegated',  ARRAY['sortie_coordinator', 'sortie_reader']),
+            ('_planner_context_delegated', ARRAY['sortie_runner']),
             -- internal: called by the functions above (which run as the owner), by no role
             ('_skip_cascade',           ARRAY[]::text[]),
             ('_similar_notes',          ARRAY[]::text[]),

@@ -120,14 +120,14 @@ pub async fn read(db: &Db, uri: &str) -> Result<ReadResourceResult, ErrorData> {
         }
         Address::Campaign(id) => {
             let answer = db
-                .call("get_campaign($1)", &[&id])
+                .call("_get_campaign_delegated($1)", &[&id])
                 .await
                 .map_err(|e| db_error(uri, e))?;
             ResourceContents::text(pretty(&answer), uri).with_mime_type("application/json")
         }
         Address::Graph(id) => {
             let answer = db
-                .call("campaign_graph($1)", &[&id])
+                .call("_campaign_graph_delegated($1)", &[&id])
                 .await
                 .map_err(|e| db_error(uri, e))?;
             let graph = Graph::from_json(&answer)

@@ -197,6 +197,9 @@ DECLARE
     v_limit integer := least(greatest(coalesce(steps_limit, 500), 1), 5000);
     v_steps jsonb;
 BEGIN
+    IF get_campaign.id IS NULL THEN
+        PERFORM _raise('invalid_argument', 'id is required: the campaign to read');
+    END IF;
     IF steps_cursor IS NOT NULL THEN
         BEGIN
             v_after := steps_cursor::bigint;

@@ -16,8 +16,15 @@
 --   idempotency_records, finished_claims: reference. Keyed by request id and claim token,
 --     which do not name a campaign (create_campaign's request id has none yet).
 --
--- The rules that read one campaign are distributed by it (create_distributed_function), so a
--- call runs on the worker holding that campaign. The writing rules run on the coordinator,
+-- The rules that read one campaign are delegated by it (create_distributed_function), so a
+-- call runs on the worker holding that campaign — through twins, not the public functions:
+-- Citus 13.2 hashes a NULL distribution argument to find its shard and crashes the backend
+-- (citusdata/citus#7242, open), which takes every session of the coordinator with it. The
+-- public get_campaign, campaign_graph and planner_context stay undistributed, so a NULL from
+-- any caller is refused (invalid_argument) as on one node; their twins _get_campaign_delegated,
+-- _campaign_graph_delegated and _planner_context_delegated are what sortie's programs call,
+-- always with the campaign they hold (a Rust Uuid, never NULL), granted to the same roles.
+-- The writing rules run on the coordinator,
 -- which routes each of their statements to the campaign's shards: their event order (xid and
 -- sequence, which get_updates' cursor depends on), wake-ups (NOTIFY), lock-key and runner-slot
 -- serialisation (advisory locks) then stay those of one node. docs/scale-out.md says what
@@ -33,15 +40,49 @@ CREATE FUNCTION _reference_tables() RETURNS text[]
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT ARRAY['resource_leases', 'workflows', 'cursors', 'idempotency_records', 'finished_claims'] $$;
 
--- The read-only rules of one campaign, delegated to the worker that holds it: signature and
--- the argument naming the campaign (never defaulted: Citus cannot route a NULL one).
+-- The delegated entry points of the read-only rules of one campaign: each answers exactly as
+-- the public function it names (it calls it), and under Citus is delegated to the worker
+-- holding the campaign. For programs that hold the campaign: a NULL campaign crashes a Citus
+-- 13.2 coordinator (citusdata/citus#7242), so these are never to be called with one; the public
+-- functions refuse it. Errors: those of the public function.
+CREATE FUNCTION _get_campaign_delegated(id uuid, steps_limit integer DEFAULT 500, steps_cursor text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN get_campaign(id, steps_limit, steps_cursor);
+END
+$$;
+
+CREATE FUNCTION _campaign_graph_delegated(id uuid, max_steps integer DEFAULT 5000)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN campaign_graph(id, max_steps);
+END
+$$;
+
+CREATE FUNCTION _planner_context_delegated(campaign_id uuid)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN planner_context(campaign_id);
+END
+$$;
+
+-- Those twins: signature and the argument naming the campaign.
 CREATE FUNCTION _delegated_functions() RETURNS TABLE (signature text, campaign_arg text)
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
     SELECT * FROM (VALUES
-        ('get_campaign(uuid,integer,text)', 'id'),
-        ('campaign_graph(uuid,integer)', 'id'),
-        ('planner_context(uuid)', 'campaign_id')
+        ('_get_campaign_delegated(uuid,integer,text)', 'id'),
+        ('_campaign_graph_delegated(uuid,integer)', 'id'),
+        ('_planner_context_delegated(uuid)', 'campaign_id')
     ) AS f(signature, campaign_arg);
 $$;
 

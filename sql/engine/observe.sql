@@ -260,6 +260,9 @@ DECLARE
     v_total bigint;
     v_now timestamptz := _clock();
 BEGIN
+    IF id IS NULL THEN
+        PERFORM _raise('invalid_argument', 'id is required: the campaign to draw');
+    END IF;
     SELECT * INTO c FROM campaigns WHERE campaigns.id = id;
     IF NOT FOUND THEN
         PERFORM _raise('not_found', format('campaign %s does not exist', id));

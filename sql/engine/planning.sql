@@ -69,6 +69,9 @@ DECLARE
     c campaigns;
     v_success jsonb;
 BEGIN
+    IF campaign_id IS NULL THEN
+        PERFORM _raise('invalid_argument', 'campaign_id is required');
+    END IF;
     SELECT * INTO c FROM campaigns x WHERE x.id = campaign_id;
     IF NOT FOUND THEN
         PERFORM _raise('not_found', format('campaign %s does not exist', campaign_id));

@@ -164,7 +164,7 @@ async fn a_campaign_read_runs_on_the_worker_holding_it() {
     }
     let (client, mut rx) = db.connect_with_messages().await;
     let answer: Value = client
-        .query_one("SELECT sortie.get_campaign($1::text::uuid)", &[&campaign])
+        .query_one("SELECT sortie._get_campaign_delegated($1::text::uuid)", &[&campaign])
         .await
         .unwrap()
         .get(0);
@@ -180,7 +180,7 @@ async fn a_campaign_read_runs_on_the_worker_holding_it() {
     let issued: Vec<&String> = notices.iter().filter(|n| n.starts_with("issuing")).collect();
     assert_eq!(issued.len(), 1, "the coordinator sends one command: {notices:#?}");
     assert!(
-        issued[0].contains("get_campaign") && issued[0].contains(&holder_addr),
+        issued[0].contains("_get_campaign_delegated") && issued[0].contains(&holder_addr),
         "the call itself, to the worker holding the campaign (port {port}): {notices:#?}"
     );
     let local: Vec<&String> = notices.iter().filter(|n| n.starts_with("executing the command locally")).collect();
@@ -189,6 +189,58 @@ async fn a_campaign_read_runs_on_the_worker_holding_it() {
         local.iter().all(|n| n.contains(&holder_addr)),
         "only on the worker holding the campaign (port {port}): {notices:#?}"
     );
+    db.finish().await;
+}
+
+/// A read of one campaign called with no campaign (a NULL id, literal or bound) is refused as on
+/// one node, and the coordinator keeps serving: were the public function delegated, Citus 13.2
+/// would hash the NULL to find a shard (citusdata/citus#7242) and crash the backend, and with
+/// it every session of the node. Only the twins sortie's programs call are delegated.
+#[tokio::test]
+async fn a_delegated_read_without_a_campaign_is_refused_and_the_coordinator_lives() {
+    let nulls = [
+        "sortie.get_campaign(NULL)",
+        "sortie.campaign_graph(NULL)",
+        "sortie.planner_context(NULL)",
+        "sortie._get_campaign_delegated(NULL)",
+    ];
+    // One node: the same refusal, from the same check.
+    let single = TestDb::single_node().await;
+    for sql in nulls {
+        let refused = single.call(sql, &[]).await.unwrap_err();
+        assert_eq!(refused.code, "invalid_argument", "one node, {sql}: {refused:?}");
+    }
+    single.finish().await;
+    let db = TestDb::distributed().await;
+    for sql in &nulls[..3] {
+        let refused = db.call(sql, &[]).await.unwrap_err();
+        assert_eq!(refused.code, "invalid_argument", "{sql}: {refused:?}");
+    }
+    let none: Option<uuid::Uuid> = None;
+    let refused = db.call("sortie.get_campaign($1)", &[&none]).await.unwrap_err();
+    assert_eq!(refused.code, "invalid_argument", "bound NULL: {refused:?}");
+    // The public functions are not Citus's distributed functions; only their twins are.
+    let delegated: Vec<String> = db
+        .client
+        .query(
+            "SELECT p.proname::text FROM pg_dist_object o JOIN pg_proc p ON o.classid = 'pg_proc'::regclass AND o.objid = p.oid \
+              WHERE o.distribution_argument_index IS NOT NULL ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        delegated,
+        ["_campaign_graph_delegated", "_get_campaign_delegated", "_planner_context_delegated"]
+    );
+    // The same connection and a new one both still work.
+    let one: i32 = db.client.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+    let (client, _rx) = db.connect_with_messages().await;
+    assert_eq!(client.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
     db.finish().await;
 }
 

@@ -287,7 +287,9 @@ async fn execute(cli: Cli, colour: bool) -> Result<ExitCode, Failure> {
             }
         }
         Command::Show { .. } => {
-            let answer = db.call("campaign_graph($1)", &[&ids]).await?;
+            // The campaign is named (ids is Some): the delegated twin never takes a NULL.
+            let id = ids.expect("show names a campaign");
+            let answer = db.call("_campaign_graph_delegated($1)", &[&id]).await?;
             if cli.json {
                 print_json(&answer);
             } else {
@@ -301,7 +303,8 @@ async fn execute(cli: Cli, colour: bool) -> Result<ExitCode, Failure> {
             }
         }
         Command::Graph { format, .. } => {
-            let answer = db.call("campaign_graph($1)", &[&ids]).await?;
+            let id = ids.expect("graph names a campaign");
+            let answer = db.call("_campaign_graph_delegated($1)", &[&id]).await?;
             if cli.json {
                 print_json(&answer);
             } else {

@@ -193,7 +193,7 @@ priority, progress, open_steps}], next_cursor}; pass next_cursor back for the ne
         loop {
             let result = self
                 .call(
-                    "get_campaign(id => $1, steps_limit => $2, steps_cursor => $3)",
+                    "_get_campaign_delegated(id => $1, steps_limit => $2, steps_cursor => $3)",
                     &[&p.id, &limit, &p.steps_cursor],
                 )
                 .await;

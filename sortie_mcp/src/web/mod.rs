@@ -197,7 +197,7 @@ async fn campaign(State(db): State<Db>, Path(id): Path<String>) -> Response {
     let Ok(id) = uuid::Uuid::parse_str(&id) else {
         return bad_request(format!("{id:?} is not a campaign id"));
     };
-    match db.call("campaign_graph($1)", &[&id]).await {
+    match db.call("_campaign_graph_delegated($1)", &[&id]).await {
         Ok(answer) => {
             let svg = Graph::from_json(&answer)
                 .map(|g| crate::view::svg::svg(&g))
