@@ -1090,58 +1090,49 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION _complete_many(p_campaign uuid, p_ords bigint[], p_ids bigint[], p_tokens uuid[],
-                              p_summaries text[], p_used bigint[])
-RETURNS TABLE (ord bigint, answer jsonb)
+CREATE OR REPLACE FUNCTION _complete_many(p_campaign uuid, p_ids bigint[], p_tokens uuid[], p_summaries text[], p_used bigint[])
+RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
     v_now timestamptz := _clock();
-    v_ords bigint[];
-    v_ids bigint[];
+    v_count integer := cardinality(p_ids);
+    v_done integer;
     v_claimed timestamptz[];
     v_leased bigint[];
-    v_done_tokens uuid[];
-    v_done_summaries text[];
-    v_done_used bigint[];
     v_slot double precision;
     v_claimed_at timestamptz;
     v_ready integer;
     v_first bigint;
     v_compound bigint[];
     v_open integer;
-    v_status text;
+    v_before text;
+    v_after text;
+    v_answers jsonb;
 BEGIN
-    SELECT c.slot_seconds_used INTO v_slot
-      FROM campaigns c WHERE c.id = p_campaign AND c.token_budget IS NULL FOR UPDATE;
-    IF NOT FOUND THEN
-        RETURN;
-    END IF;
+    SELECT c.slot_seconds_used INTO v_slot FROM campaigns c WHERE c.id = p_campaign FOR UPDATE;
     WITH done AS (
         UPDATE steps s
            SET status = 'done', output = i.summary, tokens_used = s.tokens_used + i.used,
                duration_ms = (extract(epoch FROM v_now - s.claimed_at) * 1000)::bigint,
                completed_at = v_now, claim_token = NULL, lease_expires_at = NULL
-          FROM unnest(p_ords, p_ids, p_tokens, p_summaries, p_used) AS i(ord, id, token, summary, used)
+          FROM unnest(p_ids, p_tokens, p_summaries, p_used) AS i(id, token, summary, used)
          WHERE s.campaign_id = p_campaign AND s.id = i.id AND s.claim_token = i.token
            AND s.status = 'running' AND s.verify IS NULL AND s.parent_id IS NULL
-        RETURNING i.ord, s.id, s.claimed_at, cardinality(s.requires_locks) > 0 AS leased, i.token, i.summary, i.used)
-    SELECT array_agg(d.ord ORDER BY d.id, d.ord), array_agg(d.id ORDER BY d.id, d.ord),
-           array_agg(d.claimed_at ORDER BY d.id, d.ord),
-           coalesce(array_agg(d.id ORDER BY d.id) FILTER (WHERE d.leased), '{}'),
-           array_agg(d.token ORDER BY d.id, d.ord), array_agg(d.summary ORDER BY d.id, d.ord),
-           array_agg(d.used ORDER BY d.id, d.ord)
-      INTO v_ords, v_ids, v_claimed, v_leased, v_done_tokens, v_done_summaries, v_done_used
+        RETURNING s.id, s.claimed_at, cardinality(s.requires_locks) > 0 AS leased)
+    SELECT count(*), array_agg(d.claimed_at ORDER BY d.id),
+           coalesce(array_agg(d.id ORDER BY d.id) FILTER (WHERE d.leased), '{}')
+      INTO v_done, v_claimed, v_leased
       FROM done d;
-    IF v_ids IS NULL THEN
-        RETURN;
+    -- The items were chosen under the campaign lock (_complete_run_items): each one completes.
+    IF v_done <> v_count THEN
+        RAISE EXCEPTION 'complete_steps: % of % items chosen for the set-wise path completed', v_done, v_count;
     END IF;
-    PERFORM _emit_many(p_campaign, v_ids, 'step.done');
-    -- Each dependent loses one dependency per completed step it waits on.
+    PERFORM _emit_many(p_campaign, p_ids, 'step.done');
     WITH needs AS (
         SELECT d.step_id, count(*)::integer AS n
           FROM step_dependencies d
-         WHERE d.campaign_id = p_campaign AND d.depends_on = ANY (v_ids)
+         WHERE d.campaign_id = p_campaign AND d.depends_on = ANY (p_ids)
          GROUP BY d.step_id),
     released AS (
         UPDATE steps s SET remaining_deps = s.remaining_deps - n.n
@@ -1159,39 +1150,89 @@ BEGIN
     IF v_compound IS NOT NULL THEN
         PERFORM _unblocked(p_campaign, v_compound);
     END IF;
-    -- The slot time as complete_step's updates leave it, one step after another.
     FOREACH v_claimed_at IN ARRAY v_claimed LOOP
         v_slot := greatest(v_slot + _slot_correction(v_claimed_at), 0);
     END LOOP;
     UPDATE campaigns c
        SET slot_seconds_used = v_slot,
-           tokens_used = c.tokens_used + (SELECT sum(u) FROM unnest(v_done_used) u),
-           running_steps = c.running_steps - cardinality(v_ids), open_steps = c.open_steps - cardinality(v_ids),
+           tokens_used = c.tokens_used + (SELECT sum(u) FROM unnest(p_used) u),
+           running_steps = c.running_steps - v_count, open_steps = c.open_steps - v_count,
            ready_steps = c.ready_steps + v_ready, updated_at = now()
      WHERE c.id = p_campaign
-    RETURNING c.open_steps, c.status INTO v_open, v_status;
+    RETURNING c.open_steps, c.status INTO v_open, v_before;
+    v_after := v_before;
     IF cardinality(v_leased) > 0 THEN
         DELETE FROM resource_leases WHERE campaign_id = p_campaign AND step_id = ANY (v_leased);
     END IF;
     IF v_open = 0 THEN
         PERFORM _check_drained(p_campaign);
-        SELECT c.status INTO v_status FROM campaigns c WHERE c.id = p_campaign;
+        SELECT c.status INTO v_after FROM campaigns c WHERE c.id = p_campaign;
     END IF;
     -- SPEC §14, as _keep_finished_claim keeps each.
     DELETE FROM finished_claims
      WHERE claim_token IN (SELECT f.claim_token FROM finished_claims f
                             WHERE f.created_at < now() - _idempotency_retention()
-                            ORDER BY f.created_at LIMIT 10 * cardinality(v_ids));
-    RETURN QUERY
-    WITH kept AS (
+                            ORDER BY f.created_at LIMIT 10 * v_count);
+    WITH answers AS (
+        SELECT k.id, k.token, k.summary, k.used,
+               jsonb_build_object('step_id', k.id, 'status', 'done', 'accepted', true,
+                                  'campaign_status', CASE WHEN k.n = v_count THEN v_after ELSE v_before END) AS answer,
+               k.n
+          FROM unnest(p_ids, p_tokens, p_summaries, p_used) WITH ORDINALITY AS k(id, token, summary, used, n)),
+    kept AS (
         INSERT INTO finished_claims (claim_token, step_id, call, arguments_hash, result)
-        SELECT k.token, k.id, 'complete_step',
-               _arguments_hash(jsonb_build_object('summary', k.summary, 'tokens_used', k.used)),
-               jsonb_build_object('step_id', k.id, 'status', 'done', 'accepted', true, 'campaign_status', v_status)
-          FROM unnest(v_ids, v_done_tokens, v_done_summaries, v_done_used) AS k(id, token, summary, used)
+        SELECT a.token, a.id, 'complete_step',
+               _arguments_hash(jsonb_build_object('summary', a.summary, 'tokens_used', a.used)), a.answer
+          FROM answers a
         ON CONFLICT (claim_token) DO NOTHING)
-    SELECT a.ord, jsonb_build_object('step_id', a.id, 'status', 'done', 'accepted', true, 'campaign_status', v_status)
-      FROM unnest(v_ords, v_ids) AS a(ord, id);
+    SELECT jsonb_agg(a.answer ORDER BY a.n) INTO v_answers FROM answers a;
+    RETURN v_answers;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _complete_run_items(p_campaign uuid, p_items jsonb, p_steps bigint[], p_campaigns uuid[])
+RETURNS bigint[]
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    v_budget bigint;
+    v_tokens bigint;
+    v_ords bigint[];
+BEGIN
+    SELECT c.token_budget, c.tokens_used INTO v_budget, v_tokens
+      FROM campaigns c WHERE c.id = p_campaign FOR UPDATE;
+    IF NOT FOUND OR v_budget IS NOT NULL OR v_tokens > 8000000000000000000 THEN
+        RETURN '{}';
+    END IF;
+    WITH item AS (
+        SELECT e.ordinality, m.id, e.value AS v,
+               min(e.ordinality) OVER (PARTITION BY m.id) AS first_for_step
+          FROM jsonb_array_elements(p_items) WITH ORDINALITY e
+          JOIN unnest(p_steps, p_campaigns) AS m(id, campaign_id)
+            ON m.campaign_id = p_campaign
+           AND m.id = CASE WHEN jsonb_typeof(e.value -> 'step_id') = 'number'
+                                AND (e.value ->> 'step_id')::numeric BETWEEN 1 AND 9223372036854775807
+                           THEN (e.value ->> 'step_id')::numeric::bigint END),
+    formed AS (
+        SELECT i.ordinality, i.id,
+               CASE WHEN jsonb_typeof(i.v -> 'claim_token') = 'string'
+                         AND i.v ->> 'claim_token' ~ '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$'
+                    THEN (i.v ->> 'claim_token')::uuid END AS token
+          FROM item i
+         WHERE i.ordinality = i.first_for_step
+           AND i.v ->> 'step_id' ~ '^[0-9]{1,19}$'
+           AND (coalesce(jsonb_typeof(i.v -> 'tokens_used'), 'null') = 'null'
+                OR (jsonb_typeof(i.v -> 'tokens_used') = 'number' AND i.v ->> 'tokens_used' ~ '^[0-9]{1,15}$')))
+    SELECT coalesce(array_agg(f.ordinality), '{}') INTO v_ords
+      FROM formed f
+      JOIN steps s ON s.campaign_id = p_campaign AND s.id = f.id
+     WHERE f.token IS NOT NULL AND s.claim_token = f.token AND s.status = 'running'
+       AND s.step_type = 'atomic' AND s.parent_id IS NULL AND s.verify IS NULL
+       AND s.tokens_used < 8000000000000000000
+       AND NOT EXISTS (SELECT 1 FROM step_dependencies d
+                         JOIN steps t ON t.campaign_id = d.campaign_id AND t.id = d.step_id
+                        WHERE d.campaign_id = p_campaign AND d.depends_on = s.id AND t.step_type <> 'atomic');
+    RETURN v_ords;
 END
 $$;
 
@@ -1206,14 +1247,13 @@ DECLARE
     v_campaigns uuid[];
     v_campaign uuid;
     v_fast boolean := NOT _on_citus();
-    v_done_ords bigint[] := '{}';
-    v_done_answers jsonb[] := '{}';
-    v_ords bigint[];
-    v_ids bigint[];
-    v_tokens uuid[];
-    v_summaries text[];
-    v_used bigint[];
-    v_at integer;
+    v_run_items bigint[] := '{}';
+    -- The pending run of set-wise items (in step order) and its campaign.
+    v_run_campaign uuid;
+    v_ids bigint[] := '{}';
+    v_tokens uuid[] := '{}';
+    v_summaries text[] := '{}';
+    v_used bigint[] := '{}';
     v_completed jsonb := '[]';
     v_refused jsonb := '[]';
     v_code text;
@@ -1245,38 +1285,25 @@ BEGIN
                            THEN (e.value ->> 'step_id')::numeric::bigint END
          ORDER BY s.campaign_id, s.id, e.ordinality
     LOOP
-        -- Entering a campaign: its well-formed items (the first for each step) go set-wise
-        -- first (_complete_many); what that leaves, one at a time below. One campaign after
-        -- another in id order, so the lock order stays (campaign, then steps).
+        -- Consecutive set-wise items gather into a run; any other item first completes the run
+        -- before it, so that answers and events keep the one-at-a-time order.
+        IF cardinality(v_ids) > 0
+           AND (v_item.campaign_id IS DISTINCT FROM v_run_campaign OR NOT v_item.ordinality = ANY (v_run_items)) THEN
+            v_completed := v_completed || _complete_many(v_run_campaign, v_ids, v_tokens, v_summaries, v_used);
+            v_ids := '{}'; v_tokens := '{}'; v_summaries := '{}'; v_used := '{}';
+        END IF;
+        -- Entering a campaign (in id order, so the lock order stays campaign, then steps): the
+        -- items that may go set-wise, chosen under its lock.
         IF v_fast AND v_item.campaign_id IS NOT NULL AND v_item.campaign_id IS DISTINCT FROM v_campaign THEN
             v_campaign := v_item.campaign_id;
-            SELECT array_agg(f.ordinality ORDER BY f.id), array_agg(f.id ORDER BY f.id),
-                   array_agg(f.token ORDER BY f.id), array_agg(f.summary ORDER BY f.id), array_agg(f.used ORDER BY f.id)
-              INTO v_ords, v_ids, v_tokens, v_summaries, v_used
-              FROM (SELECT DISTINCT ON (s.id) e.ordinality, s.id, (e.value ->> 'claim_token')::uuid AS token,
-                           coalesce(e.value ->> 'summary', '') AS summary,
-                           coalesce((e.value ->> 'tokens_used')::bigint, 0) AS used
-                      FROM jsonb_array_elements(items) WITH ORDINALITY e
-                      JOIN unnest(v_step_ids, v_campaigns) AS s(id, campaign_id)
-                        ON s.campaign_id = v_campaign
-                       AND s.id = CASE WHEN jsonb_typeof(e.value -> 'step_id') = 'number'
-                                            AND e.value ->> 'step_id' ~ '^[0-9]{1,18}$'
-                                       THEN (e.value ->> 'step_id')::bigint END
-                     WHERE jsonb_typeof(e.value -> 'claim_token') = 'string'
-                       AND e.value ->> 'claim_token' ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
-                       AND (coalesce(jsonb_typeof(e.value -> 'tokens_used'), 'null') = 'null'
-                            OR (jsonb_typeof(e.value -> 'tokens_used') = 'number'
-                                AND e.value ->> 'tokens_used' ~ '^[0-9]{1,18}$'))
-                     ORDER BY s.id, e.ordinality) f;
-            IF v_ids IS NOT NULL THEN
-                SELECT v_done_ords || coalesce(array_agg(m.ord), '{}'), v_done_answers || coalesce(array_agg(m.answer), '{}')
-                  INTO v_done_ords, v_done_answers
-                  FROM _complete_many(v_campaign, v_ords, v_ids, v_tokens, v_summaries, v_used) m;
-            END IF;
+            v_run_items := _complete_run_items(v_campaign, items, v_step_ids, v_campaigns);
         END IF;
-        v_at := array_position(v_done_ords, v_item.ordinality);
-        IF v_at IS NOT NULL THEN
-            v_completed := v_completed || jsonb_build_array(v_done_answers[v_at]);
+        IF v_fast AND v_item.ordinality = ANY (v_run_items) AND v_item.campaign_id = v_campaign THEN
+            v_run_campaign := v_campaign;
+            v_ids := v_ids || (v_item.item ->> 'step_id')::bigint;
+            v_tokens := v_tokens || (v_item.item ->> 'claim_token')::uuid;
+            v_summaries := v_summaries || coalesce(v_item.item ->> 'summary', '');
+            v_used := v_used || coalesce((v_item.item ->> 'tokens_used')::bigint, 0);
             CONTINUE;
         END IF;
         BEGIN
@@ -1300,6 +1327,9 @@ BEGIN
                     'message', CASE WHEN v_message ~ '^[a-z_]+: ' THEN substr(v_message, length(v_code) + 3) ELSE v_message END));
         END;
     END LOOP;
+    IF cardinality(v_ids) > 0 THEN
+        v_completed := v_completed || _complete_many(v_run_campaign, v_ids, v_tokens, v_summaries, v_used);
+    END IF;
     RETURN jsonb_build_object('completed', v_completed, 'refused', v_refused);
 END
 $$;
@@ -1602,6 +1632,34 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION _take_plain_steps(p_campaign uuid, p_steps bigint[], p_owner text, p_now timestamptz,
+                                 p_expires timestamptz, p_dispatched boolean)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    v_tokens uuid[] := ARRAY(SELECT gen_random_uuid() FROM generate_series(1, cardinality(p_steps)));
+    v_claims jsonb;
+BEGIN
+    WITH taken AS (
+        UPDATE steps s
+           SET status = 'running', claim_token = t.token, claim_owner = p_owner,
+               claimed_at = p_now, heartbeat_at = p_now, lease_expires_at = p_expires,
+               started_at = coalesce(s.started_at, p_now), dispatched = p_dispatched
+          FROM unnest(p_steps, v_tokens) AS t(id, token)
+         WHERE s.campaign_id = p_campaign AND s.id = t.id
+        RETURNING s.id, s.action, s.agent, s.depth, s.attempts, t.token)
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+               'step_id', t.id, 'campaign_id', p_campaign, 'action', t.action, 'agent', t.agent,
+               'depth', t.depth, 'claim_token', t.token, 'lease_expires_at', p_expires,
+               'attempts', t.attempts) ORDER BY t.id), '[]')
+      INTO v_claims
+      FROM taken t;
+    PERFORM _emit_many(p_campaign, p_steps, 'step.claimed', jsonb_build_object('owner', p_owner));
+    RETURN v_claims;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION _claim_many(p_campaign uuid, p_owner text, p_agent text, p_lease_seconds integer,
                            p_dispatched boolean, p_limit integer)
 RETURNS jsonb
@@ -1619,7 +1677,6 @@ DECLARE
     v_asked integer;
     v_seen integer;
     v_plain bigint[];
-    v_tokens uuid[];
     v_claim jsonb;
     v_claims jsonb := '[]';
     r record;
@@ -1672,6 +1729,12 @@ BEGIN
             IF r.parent_id IS NULL AND coalesce(cardinality(r.requires_locks), 0) = 0 THEN
                 v_plain := v_plain || r.id;
             ELSE
+                -- The plain steps before it first, so that the events keep the claims' order.
+                IF cardinality(v_plain) > 0 THEN
+                    v_claims := v_claims || _take_plain_steps(p_campaign, v_plain, p_owner, v_now, v_expires, p_dispatched);
+                    v_got := v_got + cardinality(v_plain);
+                    v_plain := '{}';
+                END IF;
                 v_claim := _take_step(r.id, p_campaign, r.parent_id, r.requires_locks, p_owner, p_lease_seconds, p_dispatched);
                 IF v_claim IS NOT NULL THEN
                     v_claims := v_claims || jsonb_build_array(v_claim);
@@ -1680,22 +1743,7 @@ BEGIN
             END IF;
         END LOOP;
         IF cardinality(v_plain) > 0 THEN
-            v_tokens := ARRAY(SELECT gen_random_uuid() FROM generate_series(1, cardinality(v_plain)));
-            WITH taken AS (
-                UPDATE steps s
-                   SET status = 'running', claim_token = t.token, claim_owner = p_owner,
-                       claimed_at = v_now, heartbeat_at = v_now, lease_expires_at = v_expires,
-                       started_at = coalesce(s.started_at, v_now), dispatched = p_dispatched
-                  FROM unnest(v_plain, v_tokens) AS t(id, token)
-                 WHERE s.campaign_id = p_campaign AND s.id = t.id
-                RETURNING s.id, s.action, s.agent, s.depth, s.attempts, t.token)
-            SELECT v_claims || coalesce(jsonb_agg(jsonb_build_object(
-                       'step_id', t.id, 'campaign_id', p_campaign, 'action', t.action, 'agent', t.agent,
-                       'depth', t.depth, 'claim_token', t.token, 'lease_expires_at', v_expires,
-                       'attempts', t.attempts) ORDER BY t.id), '[]')
-              INTO v_claims
-              FROM taken t;
-            PERFORM _emit_many(p_campaign, v_plain, 'step.claimed', jsonb_build_object('owner', p_owner));
+            v_claims := v_claims || _take_plain_steps(p_campaign, v_plain, p_owner, v_now, v_expires, p_dispatched);
             v_got := v_got + cardinality(v_plain);
         END IF;
         -- Done when the batch is full or the read found fewer steps than it asked for.
@@ -1921,14 +1969,47 @@ AS $$
 #variable_conflict use_variable
 DECLARE
     v_lease integer := _check_lease_seconds(extend_leases_sec);
-    s steps := _lock_claimed_step(step_id, claim_token, 'heartbeat');
-    v_expires timestamptz := _clock() + make_interval(secs => v_lease);
 BEGIN
+    RETURN _heartbeat_in(_lock_step_campaign(step_id), step_id, claim_token, v_lease);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _heartbeat_in(p_campaign uuid, p_step bigint, p_token uuid, p_lease integer) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    v_expires timestamptz := _clock() + make_interval(secs => p_lease);
+    s steps;
+BEGIN
+    PERFORM 1 FROM campaigns c WHERE c.id = p_campaign FOR UPDATE;
+    SELECT * INTO s FROM steps WHERE campaign_id = p_campaign AND id = p_step FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM _raise('not_found', format('step %s does not exist in campaign %s', p_step, p_campaign));
+    END IF;
+    PERFORM _check_claim(s, p_token, 'heartbeat');
     UPDATE steps SET heartbeat_at = _clock(), lease_expires_at = v_expires
-     WHERE steps.campaign_id = s.campaign_id AND id = s.id;
-    UPDATE resource_leases SET expires_at = v_expires
-     WHERE resource_leases.campaign_id = s.campaign_id AND resource_leases.step_id = s.id;
+     WHERE campaign_id = p_campaign AND id = p_step;
+    IF cardinality(s.requires_locks) > 0 THEN
+        UPDATE resource_leases SET expires_at = v_expires
+         WHERE resource_leases.campaign_id = p_campaign AND resource_leases.step_id = p_step;
+    END IF;
     RETURN jsonb_build_object('step_id', s.id, 'status', 'running', 'lease_expires_at', v_expires);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _heartbeat_delegated(campaign_id uuid, step_id bigint, claim_token uuid,
+                                    extend_leases_sec integer DEFAULT 900) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_lease integer := _check_lease_seconds(extend_leases_sec);
+BEGIN
+    IF campaign_id IS NULL OR step_id IS NULL THEN
+        PERFORM _raise('invalid_argument', 'campaign_id and step_id are required');
+    END IF;
+    RETURN _heartbeat_in(campaign_id, step_id, claim_token, v_lease);
 END
 $$;
 
@@ -4714,7 +4795,8 @@ AS $$
     SELECT * FROM (VALUES
         ('_get_campaign_delegated(uuid,integer,text)', 'id'),
         ('_campaign_graph_delegated(uuid,integer)', 'id'),
-        ('_planner_context_delegated(uuid)', 'campaign_id')
+        ('_planner_context_delegated(uuid)', 'campaign_id'),
+        ('_heartbeat_delegated(uuid,bigint,uuid,integer)', 'campaign_id')
     ) AS f(signature, campaign_arg);
 $$;
 
@@ -4908,6 +4990,7 @@ AS $$
             ('_get_campaign_delegated',    ARRAY['sortie_coordinator', 'sortie_reader']),
             ('_campaign_graph_delegated',  ARRAY['sortie_coordinator', 'sortie_reader']),
             ('_planner_context_delegated', ARRAY['sortie_runner']),
+            ('_heartbeat_delegated',       ARRAY['sortie_worker', 'sortie_runner']),
             -- internal: called by the functions above (which run as the owner), by no role
             ('_skip_cascade',           ARRAY[]::text[]),
             ('_similar_notes',          ARRAY[]::text[]),

@@ -160,6 +160,37 @@ BEGIN
 END
 $$;
 
+-- Claims plain steps (atomic, no parent, no lock keys) of a locked campaign, already locked
+-- themselves, as _take_step claims one: one update and one event per step in the array's
+-- order. Returns their claims, a JSON array in id order. The counters are the caller's.
+CREATE FUNCTION _take_plain_steps(p_campaign uuid, p_steps bigint[], p_owner text, p_now timestamptz,
+                                 p_expires timestamptz, p_dispatched boolean)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    v_tokens uuid[] := ARRAY(SELECT gen_random_uuid() FROM generate_series(1, cardinality(p_steps)));
+    v_claims jsonb;
+BEGIN
+    WITH taken AS (
+        UPDATE steps s
+           SET status = 'running', claim_token = t.token, claim_owner = p_owner,
+               claimed_at = p_now, heartbeat_at = p_now, lease_expires_at = p_expires,
+               started_at = coalesce(s.started_at, p_now), dispatched = p_dispatched
+          FROM unnest(p_steps, v_tokens) AS t(id, token)
+         WHERE s.campaign_id = p_campaign AND s.id = t.id
+        RETURNING s.id, s.action, s.agent, s.depth, s.attempts, t.token)
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+               'step_id', t.id, 'campaign_id', p_campaign, 'action', t.action, 'agent', t.agent,
+               'depth', t.depth, 'claim_token', t.token, 'lease_expires_at', p_expires,
+               'attempts', t.attempts) ORDER BY t.id), '[]')
+      INTO v_claims
+      FROM taken t;
+    PERFORM _emit_many(p_campaign, p_steps, 'step.claimed', jsonb_build_object('owner', p_owner));
+    RETURN v_claims;
+END
+$$;
+
 -- A batch of claims in one campaign (SPEC §18: claim_next with campaign_id and max_steps), the
 -- same claims the single-claim loop would take — the first ready steps for `p_agent` in id
 -- order whose lock keys are free, at most `p_limit`, as many as the campaign may dispatch
@@ -184,7 +215,6 @@ DECLARE
     v_asked integer;
     v_seen integer;
     v_plain bigint[];
-    v_tokens uuid[];
     v_claim jsonb;
     v_claims jsonb := '[]';
     r record;
@@ -237,6 +267,12 @@ BEGIN
             IF r.parent_id IS NULL AND coalesce(cardinality(r.requires_locks), 0) = 0 THEN
                 v_plain := v_plain || r.id;
             ELSE
+                -- The plain steps before it first, so that the events keep the claims' order.
+                IF cardinality(v_plain) > 0 THEN
+                    v_claims := v_claims || _take_plain_steps(p_campaign, v_plain, p_owner, v_now, v_expires, p_dispatched);
+                    v_got := v_got + cardinality(v_plain);
+                    v_plain := '{}';
+                END IF;
                 v_claim := _take_step(r.id, p_campaign, r.parent_id, r.requires_locks, p_owner, p_lease_seconds, p_dispatched);
                 IF v_claim IS NOT NULL THEN
                     v_claims := v_claims || jsonb_build_array(v_claim);
@@ -245,22 +281,7 @@ BEGIN
             END IF;
         END LOOP;
         IF cardinality(v_plain) > 0 THEN
-            v_tokens := ARRAY(SELECT gen_random_uuid() FROM generate_series(1, cardinality(v_plain)));
-            WITH taken AS (
-                UPDATE steps s
-                   SET status = 'running', claim_token = t.token, claim_owner = p_owner,
-                       claimed_at = v_now, heartbeat_at = v_now, lease_expires_at = v_expires,
-                       started_at = coalesce(s.started_at, v_now), dispatched = p_dispatched
-                  FROM unnest(v_plain, v_tokens) AS t(id, token)
-                 WHERE s.campaign_id = p_campaign AND s.id = t.id
-                RETURNING s.id, s.action, s.agent, s.depth, s.attempts, t.token)
-            SELECT v_claims || coalesce(jsonb_agg(jsonb_build_object(
-                       'step_id', t.id, 'campaign_id', p_campaign, 'action', t.action, 'agent', t.agent,
-                       'depth', t.depth, 'claim_token', t.token, 'lease_expires_at', v_expires,
-                       'attempts', t.attempts) ORDER BY t.id), '[]')
-              INTO v_claims
-              FROM taken t;
-            PERFORM _emit_many(p_campaign, v_plain, 'step.claimed', jsonb_build_object('owner', p_owner));
+            v_claims := v_claims || _take_plain_steps(p_campaign, v_plain, p_owner, v_now, v_expires, p_dispatched);
             v_got := v_got + cardinality(v_plain);
         END IF;
         -- Done when the batch is full or the read found fewer steps than it asked for.

@@ -149,67 +149,57 @@ BEGIN
 END
 $$;
 
--- complete_steps' set-wise path for one campaign (SPEC §18): the items' top-level steps whose
--- claim is current, completed the way complete_step completes each one — one guarded update of
--- the steps, one event insert, one release of their dependents, one update of the campaign's
--- counters, and their finished claims kept (SPEC §14). Only for a campaign without a token
--- budget (complete_step enforces the budget after each step) and steps without a parent (a
--- member's completion may settle its parent and skip its siblings: one at a time decides
--- which). Returns (ord, answer) for each item it completed; every other item is left to
--- complete_step. The arrays are the items in (step, item) order: ordinal, step id, claim
--- token, summary, tokens_used (≥ 0).
-CREATE FUNCTION _complete_many(p_campaign uuid, p_ords bigint[], p_ids bigint[], p_tokens uuid[],
-                              p_summaries text[], p_used bigint[])
-RETURNS TABLE (ord bigint, answer jsonb)
+-- complete_steps' set-wise path (SPEC §18): a run of consecutive items of one locked campaign
+-- that _complete_run_items chose, completed as complete_step would complete them one after
+-- another — one guarded update of the steps, one event insert, one release of their dependents
+-- (each losing one dependency per completed step it waits on), one update of the campaign's
+-- counters (slot time folded step by step), their lock keys, and their finished claims kept
+-- (SPEC §14). Each answer's campaign_status is the status after that item, as one at a time:
+-- the campaign can only end at the last one. The arrays are the run's items in step order:
+-- step id, claim token, summary, tokens_used. Returns the answers, a JSON array in that order.
+CREATE FUNCTION _complete_many(p_campaign uuid, p_ids bigint[], p_tokens uuid[], p_summaries text[], p_used bigint[])
+RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
     v_now timestamptz := _clock();
-    v_ords bigint[];
-    v_ids bigint[];
+    v_count integer := cardinality(p_ids);
+    v_done integer;
     v_claimed timestamptz[];
     v_leased bigint[];
-    v_done_tokens uuid[];
-    v_done_summaries text[];
-    v_done_used bigint[];
     v_slot double precision;
     v_claimed_at timestamptz;
     v_ready integer;
     v_first bigint;
     v_compound bigint[];
     v_open integer;
-    v_status text;
+    v_before text;
+    v_after text;
+    v_answers jsonb;
 BEGIN
-    SELECT c.slot_seconds_used INTO v_slot
-      FROM campaigns c WHERE c.id = p_campaign AND c.token_budget IS NULL FOR UPDATE;
-    IF NOT FOUND THEN
-        RETURN;
-    END IF;
+    SELECT c.slot_seconds_used INTO v_slot FROM campaigns c WHERE c.id = p_campaign FOR UPDATE;
     WITH done AS (
         UPDATE steps s
            SET status = 'done', output = i.summary, tokens_used = s.tokens_used + i.used,
                duration_ms = (extract(epoch FROM v_now - s.claimed_at) * 1000)::bigint,
                completed_at = v_now, claim_token = NULL, lease_expires_at = NULL
-          FROM unnest(p_ords, p_ids, p_tokens, p_summaries, p_used) AS i(ord, id, token, summary, used)
+          FROM unnest(p_ids, p_tokens, p_summaries, p_used) AS i(id, token, summary, used)
          WHERE s.campaign_id = p_campaign AND s.id = i.id AND s.claim_token = i.token
            AND s.status = 'running' AND s.verify IS NULL AND s.parent_id IS NULL
-        RETURNING i.ord, s.id, s.claimed_at, cardinality(s.requires_locks) > 0 AS leased, i.token, i.summary, i.used)
-    SELECT array_agg(d.ord ORDER BY d.id, d.ord), array_agg(d.id ORDER BY d.id, d.ord),
-           array_agg(d.claimed_at ORDER BY d.id, d.ord),
-           coalesce(array_agg(d.id ORDER BY d.id) FILTER (WHERE d.leased), '{}'),
-           array_agg(d.token ORDER BY d.id, d.ord), array_agg(d.summary ORDER BY d.id, d.ord),
-           array_agg(d.used ORDER BY d.id, d.ord)
-      INTO v_ords, v_ids, v_claimed, v_leased, v_done_tokens, v_done_summaries, v_done_used
+        RETURNING s.id, s.claimed_at, cardinality(s.requires_locks) > 0 AS leased)
+    SELECT count(*), array_agg(d.claimed_at ORDER BY d.id),
+           coalesce(array_agg(d.id ORDER BY d.id) FILTER (WHERE d.leased), '{}')
+      INTO v_done, v_claimed, v_leased
       FROM done d;
-    IF v_ids IS NULL THEN
-        RETURN;
+    -- The items were chosen under the campaign lock (_complete_run_items): each one completes.
+    IF v_done <> v_count THEN
+        RAISE EXCEPTION 'complete_steps: % of % items chosen for the set-wise path completed', v_done, v_count;
     END IF;
-    PERFORM _emit_many(p_campaign, v_ids, 'step.done');
-    -- Each dependent loses one dependency per completed step it waits on.
+    PERFORM _emit_many(p_campaign, p_ids, 'step.done');
     WITH needs AS (
         SELECT d.step_id, count(*)::integer AS n
           FROM step_dependencies d
-         WHERE d.campaign_id = p_campaign AND d.depends_on = ANY (v_ids)
+         WHERE d.campaign_id = p_campaign AND d.depends_on = ANY (p_ids)
          GROUP BY d.step_id),
     released AS (
         UPDATE steps s SET remaining_deps = s.remaining_deps - n.n
@@ -227,49 +217,110 @@ BEGIN
     IF v_compound IS NOT NULL THEN
         PERFORM _unblocked(p_campaign, v_compound);
     END IF;
-    -- The slot time as complete_step's updates leave it, one step after another.
     FOREACH v_claimed_at IN ARRAY v_claimed LOOP
         v_slot := greatest(v_slot + _slot_correction(v_claimed_at), 0);
     END LOOP;
     UPDATE campaigns c
        SET slot_seconds_used = v_slot,
-           tokens_used = c.tokens_used + (SELECT sum(u) FROM unnest(v_done_used) u),
-           running_steps = c.running_steps - cardinality(v_ids), open_steps = c.open_steps - cardinality(v_ids),
+           tokens_used = c.tokens_used + (SELECT sum(u) FROM unnest(p_used) u),
+           running_steps = c.running_steps - v_count, open_steps = c.open_steps - v_count,
            ready_steps = c.ready_steps + v_ready, updated_at = now()
      WHERE c.id = p_campaign
-    RETURNING c.open_steps, c.status INTO v_open, v_status;
+    RETURNING c.open_steps, c.status INTO v_open, v_before;
+    v_after := v_before;
     IF cardinality(v_leased) > 0 THEN
         DELETE FROM resource_leases WHERE campaign_id = p_campaign AND step_id = ANY (v_leased);
     END IF;
     IF v_open = 0 THEN
         PERFORM _check_drained(p_campaign);
-        SELECT c.status INTO v_status FROM campaigns c WHERE c.id = p_campaign;
+        SELECT c.status INTO v_after FROM campaigns c WHERE c.id = p_campaign;
     END IF;
     -- SPEC §14, as _keep_finished_claim keeps each.
     DELETE FROM finished_claims
      WHERE claim_token IN (SELECT f.claim_token FROM finished_claims f
                             WHERE f.created_at < now() - _idempotency_retention()
-                            ORDER BY f.created_at LIMIT 10 * cardinality(v_ids));
-    RETURN QUERY
-    WITH kept AS (
+                            ORDER BY f.created_at LIMIT 10 * v_count);
+    WITH answers AS (
+        SELECT k.id, k.token, k.summary, k.used,
+               jsonb_build_object('step_id', k.id, 'status', 'done', 'accepted', true,
+                                  'campaign_status', CASE WHEN k.n = v_count THEN v_after ELSE v_before END) AS answer,
+               k.n
+          FROM unnest(p_ids, p_tokens, p_summaries, p_used) WITH ORDINALITY AS k(id, token, summary, used, n)),
+    kept AS (
         INSERT INTO finished_claims (claim_token, step_id, call, arguments_hash, result)
-        SELECT k.token, k.id, 'complete_step',
-               _arguments_hash(jsonb_build_object('summary', k.summary, 'tokens_used', k.used)),
-               jsonb_build_object('step_id', k.id, 'status', 'done', 'accepted', true, 'campaign_status', v_status)
-          FROM unnest(v_ids, v_done_tokens, v_done_summaries, v_done_used) AS k(id, token, summary, used)
+        SELECT a.token, a.id, 'complete_step',
+               _arguments_hash(jsonb_build_object('summary', a.summary, 'tokens_used', a.used)), a.answer
+          FROM answers a
         ON CONFLICT (claim_token) DO NOTHING)
-    SELECT a.ord, jsonb_build_object('step_id', a.id, 'status', 'done', 'accepted', true, 'campaign_status', v_status)
-      FROM unnest(v_ords, v_ids) AS a(ord, id);
+    SELECT jsonb_agg(a.answer ORDER BY a.n) INTO v_answers FROM answers a;
+    RETURN v_answers;
+END
+$$;
+
+-- Which items of one campaign complete_steps may take set-wise (_complete_many), under the
+-- campaign's lock: an item that complete_step would complete with nothing beyond its step and
+-- its atomic dependents. Its step is a top-level atomic step, running, with that claim token and
+-- no verify command, whose dependents are all atomic (a compound dependent opening writes
+-- events of its own); it is the batch's first item for that step (a later one is a repeat,
+-- replayed or refused one at a time); it is well formed as complete_step reads it (step_id an
+-- integer, claim_token a canonical uuid, tokens_used absent, null or an integer below 10^15);
+-- and the campaign has no token budget (enforced after each step) and room for the tokens.
+-- `p_steps`/`p_campaigns`: the batch's steps and their campaigns. Returns the item ordinals.
+CREATE FUNCTION _complete_run_items(p_campaign uuid, p_items jsonb, p_steps bigint[], p_campaigns uuid[])
+RETURNS bigint[]
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    v_budget bigint;
+    v_tokens bigint;
+    v_ords bigint[];
+BEGIN
+    SELECT c.token_budget, c.tokens_used INTO v_budget, v_tokens
+      FROM campaigns c WHERE c.id = p_campaign FOR UPDATE;
+    IF NOT FOUND OR v_budget IS NOT NULL OR v_tokens > 8000000000000000000 THEN
+        RETURN '{}';
+    END IF;
+    WITH item AS (
+        SELECT e.ordinality, m.id, e.value AS v,
+               min(e.ordinality) OVER (PARTITION BY m.id) AS first_for_step
+          FROM jsonb_array_elements(p_items) WITH ORDINALITY e
+          JOIN unnest(p_steps, p_campaigns) AS m(id, campaign_id)
+            ON m.campaign_id = p_campaign
+           AND m.id = CASE WHEN jsonb_typeof(e.value -> 'step_id') = 'number'
+                                AND (e.value ->> 'step_id')::numeric BETWEEN 1 AND 9223372036854775807
+                           THEN (e.value ->> 'step_id')::numeric::bigint END),
+    formed AS (
+        SELECT i.ordinality, i.id,
+               CASE WHEN jsonb_typeof(i.v -> 'claim_token') = 'string'
+                         AND i.v ->> 'claim_token' ~ '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$'
+                    THEN (i.v ->> 'claim_token')::uuid END AS token
+          FROM item i
+         WHERE i.ordinality = i.first_for_step
+           AND i.v ->> 'step_id' ~ '^[0-9]{1,19}$'
+           AND (coalesce(jsonb_typeof(i.v -> 'tokens_used'), 'null') = 'null'
+                OR (jsonb_typeof(i.v -> 'tokens_used') = 'number' AND i.v ->> 'tokens_used' ~ '^[0-9]{1,15}$')))
+    SELECT coalesce(array_agg(f.ordinality), '{}') INTO v_ords
+      FROM formed f
+      JOIN steps s ON s.campaign_id = p_campaign AND s.id = f.id
+     WHERE f.token IS NOT NULL AND s.claim_token = f.token AND s.status = 'running'
+       AND s.step_type = 'atomic' AND s.parent_id IS NULL AND s.verify IS NULL
+       AND s.tokens_used < 8000000000000000000
+       AND NOT EXISTS (SELECT 1 FROM step_dependencies d
+                         JOIN steps t ON t.campaign_id = d.campaign_id AND t.id = d.step_id
+                        WHERE d.campaign_id = p_campaign AND d.depends_on = s.id AND t.step_type <> 'atomic');
+    RETURN v_ords;
 END
 $$;
 
 -- Completes several claims in one transaction: `items` is a JSON array of up to 1,000 objects
--- {step_id, claim_token, summary?, tokens_used?}, each done exactly as complete_step does it.
--- A campaign's well-formed items for top-level steps go set-wise (_complete_many: one statement
--- per effect for all of them, SPEC §18); each other item runs as complete_step in its own
--- subtransaction: an item complete_step refuses (stale_claim,
--- skipped, invalid_state, not_found, a bad item) changes nothing and is reported, and the
--- others are applied. Items are taken in (campaign, step) order, whatever the array's order,
+-- {step_id, claim_token, summary?, tokens_used?}, each done exactly as complete_step does it,
+-- one after another. Runs of items that need nothing beyond their own top-level step and its
+-- atomic dependents go set-wise (_complete_run_items chooses them, _complete_many completes a run
+-- in one statement per effect, SPEC §18); every other item runs as complete_step in its own
+-- subtransaction: an item complete_step refuses (stale_claim, invalid_state, not_found,
+-- invalid_argument for a bad item) changes nothing and is reported, and the others are applied;
+-- a step skipped under its worker is answered in `completed` with accepted false, as
+-- complete_step answers it. Items are taken in (campaign, step) order, whatever the array's order,
 -- so two batches touching the same campaigns lock them in the same order and cannot
 -- deadlock. Returns {completed: [complete_step's answer per applied item],
 -- refused: [{step_id, code, message}]}, both in that order.
@@ -285,14 +336,13 @@ DECLARE
     v_campaigns uuid[];
     v_campaign uuid;
     v_fast boolean := NOT _on_citus();
-    v_done_ords bigint[] := '{}';
-    v_done_answers jsonb[] := '{}';
-    v_ords bigint[];
-    v_ids bigint[];
-    v_tokens uuid[];
-    v_summaries text[];
-    v_used bigint[];
-    v_at integer;
+    v_run_items bigint[] := '{}';
+    -- The pending run of set-wise items (in step order) and its campaign.
+    v_run_campaign uuid;
+    v_ids bigint[] := '{}';
+    v_tokens uuid[] := '{}';
+    v_summaries text[] := '{}';
+    v_used bigint[] := '{}';
     v_completed jsonb := '[]';
     v_refused jsonb := '[]';
     v_code text;
@@ -324,38 +374,25 @@ BEGIN
                            THEN (e.value ->> 'step_id')::numeric::bigint END
          ORDER BY s.campaign_id, s.id, e.ordinality
     LOOP
-        -- Entering a campaign: its well-formed items (the first for each step) go set-wise
-        -- first (_complete_many); what that leaves, one at a time below. One campaign after
-        -- another in id order, so the lock order stays (campaign, then steps).
+        -- Consecutive set-wise items gather into a run; any other item first completes the run
+        -- before it, so that answers and events keep the one-at-a-time order.
+        IF cardinality(v_ids) > 0
+           AND (v_item.campaign_id IS DISTINCT FROM v_run_campaign OR NOT v_item.ordinality = ANY (v_run_items)) THEN
+            v_completed := v_completed || _complete_many(v_run_campaign, v_ids, v_tokens, v_summaries, v_used);
+            v_ids := '{}'; v_tokens := '{}'; v_summaries := '{}'; v_used := '{}';
+        END IF;
+        -- Entering a campaign (in id order, so the lock order stays campaign, then steps): the
+        -- items that may go set-wise, chosen under its lock.
         IF v_fast AND v_item.campaign_id IS NOT NULL AND v_item.campaign_id IS DISTINCT FROM v_campaign THEN
             v_campaign := v_item.campaign_id;
-            SELECT array_agg(f.ordinality ORDER BY f.id), array_agg(f.id ORDER BY f.id),
-                   array_agg(f.token ORDER BY f.id), array_agg(f.summary ORDER BY f.id), array_agg(f.used ORDER BY f.id)
-              INTO v_ords, v_ids, v_tokens, v_summaries, v_used
-              FROM (SELECT DISTINCT ON (s.id) e.ordinality, s.id, (e.value ->> 'claim_token')::uuid AS token,
-                           coalesce(e.value ->> 'summary', '') AS summary,
-                           coalesce((e.value ->> 'tokens_used')::bigint, 0) AS used
-                      FROM jsonb_array_elements(items) WITH ORDINALITY e
-                      JOIN unnest(v_step_ids, v_campaigns) AS s(id, campaign_id)
-                        ON s.campaign_id = v_campaign
-                       AND s.id = CASE WHEN jsonb_typeof(e.value -> 'step_id') = 'number'
-                                            AND e.value ->> 'step_id' ~ '^[0-9]{1,18}$'
-                                       THEN (e.value ->> 'step_id')::bigint END
-                     WHERE jsonb_typeof(e.value -> 'claim_token') = 'string'
-                       AND e.value ->> 'claim_token' ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
-                       AND (coalesce(jsonb_typeof(e.value -> 'tokens_used'), 'null') = 'null'
-                            OR (jsonb_typeof(e.value -> 'tokens_used') = 'number'
-                                AND e.value ->> 'tokens_used' ~ '^[0-9]{1,18}$'))
-                     ORDER BY s.id, e.ordinality) f;
-            IF v_ids IS NOT NULL THEN
-                SELECT v_done_ords || coalesce(array_agg(m.ord), '{}'), v_done_answers || coalesce(array_agg(m.answer), '{}')
-                  INTO v_done_ords, v_done_answers
-                  FROM _complete_many(v_campaign, v_ords, v_ids, v_tokens, v_summaries, v_used) m;
-            END IF;
+            v_run_items := _complete_run_items(v_campaign, items, v_step_ids, v_campaigns);
         END IF;
-        v_at := array_position(v_done_ords, v_item.ordinality);
-        IF v_at IS NOT NULL THEN
-            v_completed := v_completed || jsonb_build_array(v_done_answers[v_at]);
+        IF v_fast AND v_item.ordinality = ANY (v_run_items) AND v_item.campaign_id = v_campaign THEN
+            v_run_campaign := v_campaign;
+            v_ids := v_ids || (v_item.item ->> 'step_id')::bigint;
+            v_tokens := v_tokens || (v_item.item ->> 'claim_token')::uuid;
+            v_summaries := v_summaries || coalesce(v_item.item ->> 'summary', '');
+            v_used := v_used || coalesce((v_item.item ->> 'tokens_used')::bigint, 0);
             CONTINUE;
         END IF;
         BEGIN
@@ -379,6 +416,9 @@ BEGIN
                     'message', CASE WHEN v_message ~ '^[a-z_]+: ' THEN substr(v_message, length(v_code) + 3) ELSE v_message END));
         END;
     END LOOP;
+    IF cardinality(v_ids) > 0 THEN
+        v_completed := v_completed || _complete_many(v_run_campaign, v_ids, v_tokens, v_summaries, v_used);
+    END IF;
     RETURN jsonb_build_object('completed', v_completed, 'refused', v_refused);
 END
 $$;

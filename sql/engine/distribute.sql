@@ -75,14 +75,17 @@ BEGIN
 END
 $$;
 
--- Those twins: signature and the argument naming the campaign.
+-- Those twins, and the writes that are delegated (they write no event: events are ordered by
+-- the coordinator's transactions until each campaign keeps its own order, docs/scale-out.md):
+-- signature and the argument naming the campaign.
 CREATE FUNCTION _delegated_functions() RETURNS TABLE (signature text, campaign_arg text)
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
     SELECT * FROM (VALUES
         ('_get_campaign_delegated(uuid,integer,text)', 'id'),
         ('_campaign_graph_delegated(uuid,integer)', 'id'),
-        ('_planner_context_delegated(uuid)', 'campaign_id')
+        ('_planner_context_delegated(uuid)', 'campaign_id'),
+        ('_heartbeat_delegated(uuid,bigint,uuid,integer)', 'campaign_id')
     ) AS f(signature, campaign_arg);
 $$;
 

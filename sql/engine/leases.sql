@@ -9,14 +9,56 @@ AS $$
 #variable_conflict use_variable
 DECLARE
     v_lease integer := _check_lease_seconds(extend_leases_sec);
-    s steps := _lock_claimed_step(step_id, claim_token, 'heartbeat');
-    v_expires timestamptz := _clock() + make_interval(secs => v_lease);
 BEGIN
+    RETURN _heartbeat_in(_lock_step_campaign(step_id), step_id, claim_token, v_lease);
+END
+$$;
+
+-- A heartbeat in a campaign already known (every statement names it, so that under Citus a
+-- delegated call runs them all on the worker holding the campaign). The lock keys' leases, in a
+-- table shared by every campaign, are touched only for a step that holds some.
+-- Errors: not_found (the step is not in the campaign), as _check_claim.
+CREATE FUNCTION _heartbeat_in(p_campaign uuid, p_step bigint, p_token uuid, p_lease integer) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    v_expires timestamptz := _clock() + make_interval(secs => p_lease);
+    s steps;
+BEGIN
+    PERFORM 1 FROM campaigns c WHERE c.id = p_campaign FOR UPDATE;
+    SELECT * INTO s FROM steps WHERE campaign_id = p_campaign AND id = p_step FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM _raise('not_found', format('step %s does not exist in campaign %s', p_step, p_campaign));
+    END IF;
+    PERFORM _check_claim(s, p_token, 'heartbeat');
     UPDATE steps SET heartbeat_at = _clock(), lease_expires_at = v_expires
-     WHERE steps.campaign_id = s.campaign_id AND id = s.id;
-    UPDATE resource_leases SET expires_at = v_expires
-     WHERE resource_leases.campaign_id = s.campaign_id AND resource_leases.step_id = s.id;
+     WHERE campaign_id = p_campaign AND id = p_step;
+    IF cardinality(s.requires_locks) > 0 THEN
+        UPDATE resource_leases SET expires_at = v_expires
+         WHERE resource_leases.campaign_id = p_campaign AND resource_leases.step_id = p_step;
+    END IF;
     RETURN jsonb_build_object('step_id', s.id, 'status', 'running', 'lease_expires_at', v_expires);
+END
+$$;
+
+-- heartbeat() naming its campaign first (SPEC §2 scale-out rule): under Citus it is delegated to
+-- the worker holding the campaign and runs there as one local transaction (distribute.sql).
+-- The runner's heartbeats and sortie-mcp's, when the session knows its campaign, come here.
+-- Never with a NULL campaign_id: a Citus 13.2 coordinator crashes on one (citusdata/citus#7242).
+-- Errors: those of heartbeat; not_found when the step is not in that campaign.
+CREATE FUNCTION _heartbeat_delegated(campaign_id uuid, step_id bigint, claim_token uuid,
+                                    extend_leases_sec integer DEFAULT 900) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_lease integer := _check_lease_seconds(extend_leases_sec);
+BEGIN
+    IF campaign_id IS NULL OR step_id IS NULL THEN
+        PERFORM _raise('invalid_argument', 'campaign_id and step_id are required');
+    END IF;
+    RETURN _heartbeat_in(campaign_id, step_id, claim_token, v_lease);
 END
 $$;
 

@@ -541,7 +541,6 @@ async fn a_claim_batch_mixing_plain_and_compound_members_claims_as_single_calls_
 }
 
 #[tokio::test]
-#[ignore = "divergence: a claim batch writes its plain steps' step.claimed events after those of members and compound starts, not in claim (id) order"]
 async fn a_claim_batch_writes_its_events_in_the_order_single_claims_write_them() {
     // a (plain), g (parallel_group) with m1, m2, b (plain): single claims log
     // claimed a, started g, claimed m1, claimed m2, claimed b; the batch logs
@@ -577,7 +576,7 @@ async fn a_claim_batch_respects_max_parallel_smaller_than_max_steps() {
     assert_eq!(p.compare_claims(0, 10, None).await, json!([]));
     p.assert_same_state(true).await;
     // A completion frees one slot.
-    p.both("SELECT sortie.complete_step(id, claim_token, 'x') FROM sortie.steps WHERE id = (SELECT min(id) FROM sortie.steps WHERE status = 'running')")
+    p.both("DO $d$ DECLARE r record; BEGIN FOR r IN SELECT id, claim_token FROM sortie.steps WHERE id = (SELECT min(id) FROM sortie.steps WHERE status = 'running') ORDER BY id LOOP PERFORM sortie.complete_step(r.id, r.claim_token, 'x'); END LOOP; END $d$")
         .await;
     assert_eq!(
         p.compare_claims(0, 5, None).await.as_array().unwrap().len(),
@@ -617,9 +616,9 @@ async fn a_claim_batch_passes_over_steps_backing_off() {
     let p = Pair::new(&[("", steps(6))]).await;
     // Steps 2 and 4 fail once: pending again, backing off.
     p.claim_both(0, 6).await;
-    p.both("SELECT sortie.fail_step(id, claim_token, 'boom') FROM sortie.steps WHERE action IN ('s1', 's3') ORDER BY id")
+    p.both("DO $d$ DECLARE r record; BEGIN FOR r IN SELECT id, claim_token FROM sortie.steps WHERE action IN ('s1', 's3') ORDER BY id LOOP PERFORM sortie.fail_step(r.id, r.claim_token, 'boom'); END LOOP; END $d$")
         .await;
-    p.both("SELECT sortie.complete_step(id, claim_token, 'x') FROM sortie.steps WHERE action IN ('s0', 's5') ORDER BY id")
+    p.both("DO $d$ DECLARE r record; BEGIN FOR r IN SELECT id, claim_token FROM sortie.steps WHERE action IN ('s0', 's5') ORDER BY id LOOP PERFORM sortie.complete_step(r.id, r.claim_token, 'x'); END LOOP; END $d$")
         .await;
     assert_eq!(p.compare_claims(0, 10, None).await, json!([]));
     p.assert_same_state(true).await;
@@ -671,7 +670,7 @@ async fn a_claim_batch_respects_lock_keys_within_the_batch_and_across_campaigns(
     p.compare_claims(1, 100, None).await;
     p.assert_same_state(false).await;
     // The holder and the db/users step finish: what they held becomes claimable.
-    p.both("SELECT sortie.complete_step(id, claim_token, 'x') FROM sortie.steps WHERE action IN ('holder', 'needs db/users') ORDER BY id")
+    p.both("DO $d$ DECLARE r record; BEGIN FOR r IN SELECT id, claim_token FROM sortie.steps WHERE action IN ('holder', 'needs db/users') ORDER BY id LOOP PERFORM sortie.complete_step(r.id, r.claim_token, 'x'); END LOOP; END $d$")
         .await;
     p.compare_claims(1, 100, None).await;
     p.assert_same_state(false).await;
@@ -698,7 +697,7 @@ async fn a_claim_batch_of_a_paused_or_spent_campaign_is_empty() {
     p.both("SELECT sortie.pause_campaign('{c0}')").await;
     assert_eq!(p.compare_claims(0, 5, None).await, json!([]));
     p.claim_both(1, 1).await;
-    p.both("SELECT sortie.complete_step(id, claim_token, 'x', 10) FROM sortie.steps WHERE status = 'running'")
+    p.both("DO $d$ DECLARE r record; BEGIN FOR r IN SELECT id, claim_token FROM sortie.steps WHERE status = 'running' ORDER BY id LOOP PERFORM sortie.complete_step(r.id, r.claim_token, 'x', 10); END LOOP; END $d$")
         .await;
     assert_eq!(p.compare_claims(1, 5, None).await, json!([]));
     p.assert_same_state(true).await;
@@ -810,7 +809,6 @@ async fn malformed_items_are_refused_or_applied_as_complete_step_takes_them() {
 }
 
 #[tokio::test]
-#[ignore = "divergence: a duplicate item the set-wise filter rejects (braced or unhyphenated claim_token) is passed over for a later item of the same step, which completes it instead"]
 async fn the_first_of_two_items_for_a_step_wins_even_with_a_braced_token() {
     // Items [{1, "{token}", "first"}, {1, token, "second"}]: complete_step in item order
     // completes step 1 with "first" and refuses the second item (stale_claim); the batch
@@ -829,7 +827,6 @@ async fn the_first_of_two_items_for_a_step_wins_even_with_a_braced_token() {
 }
 
 #[tokio::test]
-#[ignore = "divergence: a duplicate item with tokens_used as a string (or a 19-digit number) is passed over for a later item of the same step, which completes it instead"]
 async fn the_first_of_two_items_for_a_step_wins_even_with_tokens_used_as_a_string() {
     // Items [{1, token, "first", tokens_used: "5"}, {1, token, "second", tokens_used: 6}]:
     // one at a time gives output "first", 5 tokens; the batch gives "second", 6 tokens.
@@ -847,7 +844,6 @@ async fn the_first_of_two_items_for_a_step_wins_even_with_tokens_used_as_a_strin
 }
 
 #[tokio::test]
-#[ignore = "divergence: every answer of a batch that ends its campaign says campaign_status 'done'; one at a time, only the last does (the others 'active'), also in the kept answers replays return"]
 async fn a_batch_that_ends_its_campaign_answers_each_item_as_single_calls_do() {
     let p = Pair::new(&[("", steps(3))]).await;
     p.claim_both(0, 3).await;
@@ -902,7 +898,6 @@ async fn a_batch_ending_its_campaign_ends_it_done() {
 }
 
 #[tokio::test]
-#[ignore = "divergence: complete_steps fails as a whole (bigint out of range) when a campaign's tokens_used overflows; one at a time only the overflowing item is refused"]
 async fn an_item_overflowing_the_campaigns_tokens_is_refused_alone() {
     // Ten items of 999999999999999999 tokens: nine fit in a bigint, the tenth does not.
     // One at a time: nine completed, the tenth refused (invalid_argument). The batch: ERROR
@@ -1050,7 +1045,6 @@ async fn members_of_groups_and_sequences_mixed_with_top_level_steps_complete_as_
 }
 
 #[tokio::test]
-#[ignore = "divergence: complete_steps applies a campaign's top-level items before its member items, so events (and the answers' campaign_status) come out of (step id) order"]
 async fn a_batch_of_members_and_top_level_steps_writes_events_in_step_order() {
     // g (parallel_group, #1) with m (#2), then t (#3), all claimed; items [m, t]. One at a
     // time: step.done m, step.done g, step.done t, campaign.done, and t's answer says 'done'.
@@ -1072,7 +1066,6 @@ async fn a_batch_of_members_and_top_level_steps_writes_events_in_step_order() {
 }
 
 #[tokio::test]
-#[ignore = "divergence: complete_steps writes the step.done events of the set-wise items first and those of items completed one at a time after, out of (step id) order"]
 async fn a_batch_writes_its_step_done_events_in_step_order() {
     // Items [{1, stale token}, {1, its token}, {2, its token}], step 3 left running. One at a
     // time: step.done 1, step.done 2. The batch: step.done 2 (set-wise), then step.done 1 (its
@@ -1176,7 +1169,7 @@ async fn a_diamond_completed_in_one_batch_releases_its_join() {
     )])
     .await;
     p.claim_both(0, 1).await;
-    p.both("SELECT sortie.complete_step(1, claim_token, 'a') FROM sortie.steps WHERE id = 1")
+    p.both("DO $d$ DECLARE r record; BEGIN FOR r IN SELECT id, claim_token FROM sortie.steps WHERE id = 1 ORDER BY id LOOP PERFORM sortie.complete_step(1, r.claim_token, 'a'); END LOOP; END $d$")
         .await;
     p.claim_both(0, 2).await;
     p.compare_completion(|t| json!([item(3, &t[&3], "c"), item(2, &t[&2], "b")]))
@@ -1294,7 +1287,7 @@ async fn a_runners_batch_in_one_campaign_claims_as_single_dispatches() {
             normalise_claims(&Value::Array(singles))
         );
         p.assert_same_state(false).await;
-        p.both("SELECT sortie.complete_step(id, claim_token, 'x') FROM sortie.steps WHERE status = 'running' AND step_type = 'atomic' AND action <> 's0' ORDER BY id")
+        p.both("DO $d$ DECLARE r record; BEGIN FOR r IN SELECT id, claim_token FROM sortie.steps WHERE status = 'running' AND step_type = 'atomic' AND action <> 's0' ORDER BY id LOOP PERFORM sortie.complete_step(r.id, r.claim_token, 'x'); END LOOP; END $d$")
             .await;
     }
     p.finish().await;

@@ -149,8 +149,21 @@ async fn a_campaign_read_runs_on_the_worker_holding_it() {
     )
     .await;
     let port = holder(&db, &campaign).await;
-    // Every node logs the commands it runs locally and those it sends elsewhere; Citus relays
-    // the workers' notices to the client.
+    let (answer, notices) = logged_call(
+        &db,
+        "SELECT sortie._get_campaign_delegated($1::text::uuid)",
+        &campaign,
+    )
+    .await;
+    assert_eq!(answer["steps"].as_array().map(Vec::len), Some(2), "{answer}");
+    assert_runs_on_holder(&notices, "_get_campaign_delegated", port);
+    db.finish().await;
+}
+
+/// Runs `sql` (one parameter, the campaign id as text) with every node logging the commands
+/// it runs locally and those it sends elsewhere (Citus relays the workers' notices to the
+/// client); the answer and the notices, `message | detail`.
+async fn logged_call(db: &TestDb, sql: &str, campaign: &str) -> (Value, Vec<String>) {
     for node in db.citus().unwrap().nodes() {
         let admin = node.connect("postgres").await.unwrap();
         admin
@@ -163,12 +176,7 @@ async fn a_campaign_read_runs_on_the_worker_holding_it() {
             .unwrap();
     }
     let (client, mut rx) = db.connect_with_messages().await;
-    let answer: Value = client
-        .query_one("SELECT sortie._get_campaign_delegated($1::text::uuid)", &[&campaign])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(answer["steps"].as_array().map(Vec::len), Some(2), "{answer}");
+    let answer: Value = client.query_one(sql, &[&campaign]).await.unwrap().get(0);
     drop(client);
     let mut notices = Vec::new();
     while let Some(message) = rx.recv().await {
@@ -176,11 +184,27 @@ async fn a_campaign_read_runs_on_the_worker_holding_it() {
             notices.push(format!("{} | {}", notice.message(), notice.detail().unwrap_or("")));
         }
     }
+    for node in db.citus().unwrap().nodes() {
+        let admin = node.connect("postgres").await.unwrap();
+        admin
+            .batch_execute(&format!(
+                "ALTER DATABASE {0} RESET citus.log_local_commands; ALTER DATABASE {0} RESET citus.log_remote_commands;",
+                db.name
+            ))
+            .await
+            .unwrap();
+    }
+    (answer, notices)
+}
+
+/// The coordinator sent exactly one command, the call of `function`, to the worker on `port`,
+/// and every statement run locally ran there.
+fn assert_runs_on_holder(notices: &[String], function: &str, port: i32) {
     let holder_addr = format!(":{port}");
     let issued: Vec<&String> = notices.iter().filter(|n| n.starts_with("issuing")).collect();
     assert_eq!(issued.len(), 1, "the coordinator sends one command: {notices:#?}");
     assert!(
-        issued[0].contains("_get_campaign_delegated") && issued[0].contains(&holder_addr),
+        issued[0].contains(function) && issued[0].contains(&holder_addr),
         "the call itself, to the worker holding the campaign (port {port}): {notices:#?}"
     );
     let local: Vec<&String> = notices.iter().filter(|n| n.starts_with("executing the command locally")).collect();
@@ -189,6 +213,66 @@ async fn a_campaign_read_runs_on_the_worker_holding_it() {
         local.iter().all(|n| n.contains(&holder_addr)),
         "only on the worker holding the campaign (port {port}): {notices:#?}"
     );
+}
+
+/// A heartbeat named by its campaign (the runner's, and sortie-mcp's for its own step) runs on
+/// the worker holding the campaign as one local transaction: it writes no event, and a step
+/// without lock keys touches no table shared by every node.
+#[tokio::test]
+async fn a_heartbeat_runs_on_the_worker_holding_its_campaign() {
+    let db = TestDb::distributed().await;
+    let campaign = db
+        .ok("sortie.create_campaign(goal => 'g', planner => 'none')", &[])
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    db.ok("sortie.add_steps($1::text::uuid, '[{\"action\": \"a\"}]')", &[&campaign])
+        .await;
+    let claim = db
+        .ok("sortie.claim_next(owner => 'w', campaign_id => $1::text::uuid, lease_seconds => 60)", &[&campaign])
+        .await;
+    let (step, token) = (claim["step_id"].as_i64().unwrap(), claim["claim_token"].as_str().unwrap().to_string());
+    let port = holder(&db, &campaign).await;
+    let sql = format!(
+        "SELECT sortie._heartbeat_delegated($1::text::uuid, {step}, '{token}'::uuid, 3600)"
+    );
+    let (answer, notices) = logged_call(&db, &sql, &campaign).await;
+    assert_eq!(answer["status"], "running", "{answer}");
+    assert_runs_on_holder(&notices, "_heartbeat_delegated", port);
+    let left: f64 = db
+        .client
+        .query_one(
+            "SELECT extract(epoch FROM lease_expires_at - now())::float8 FROM sortie.steps WHERE id = $1",
+            &[&step],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(left > 3000.0, "the lease was extended to an hour: {left} s left");
+    // A step of another campaign, or a stale token, is refused there as by heartbeat().
+    let other = db
+        .ok("sortie.create_campaign(goal => 'other', planner => 'none')", &[])
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let refused = db
+        .call(
+            &format!("sortie._heartbeat_delegated($1::text::uuid, {step}, '{token}'::uuid)"),
+            &[&other],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code, "not_found", "{refused:?}");
+    let stale = db
+        .call(
+            &format!("sortie._heartbeat_delegated($1::text::uuid, {step}, gen_random_uuid())"),
+            &[&campaign],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code, "stale_claim", "{stale:?}");
     db.finish().await;
 }
 
@@ -234,7 +318,12 @@ async fn a_delegated_read_without_a_campaign_is_refused_and_the_coordinator_live
         .collect();
     assert_eq!(
         delegated,
-        ["_campaign_graph_delegated", "_get_campaign_delegated", "_planner_context_delegated"]
+        [
+            "_campaign_graph_delegated",
+            "_get_campaign_delegated",
+            "_heartbeat_delegated",
+            "_planner_context_delegated"
+        ]
     );
     // The same connection and a new one both still work.
     let one: i32 = db.client.query_one("SELECT 1", &[]).await.unwrap().get(0);

@@ -273,14 +273,16 @@ impl Job {
     /// Heartbeats on the agent's behalf while the dispatch runs, a third of the lease apart.
     fn keep_alive(&self) -> tokio::task::JoinHandle<()> {
         let (db, step, token) = (self.db.clone(), self.claim.step_id, self.claim.token);
+        let campaign = self.claim.campaign_id;
         let lease = self.config.zombie_timeout.as_secs().max(3) as i32;
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs((lease / 3) as u64)).await;
+                // Named by its campaign: on Citus the heartbeat runs on the worker holding it.
                 let beat = db
                     .call(
-                        "heartbeat(step_id => $1, claim_token => $2, extend_leases_sec => $3)",
-                        &[&step, &token, &lease],
+                        "_heartbeat_delegated(campaign_id => $1, step_id => $2, claim_token => $3, extend_leases_sec => $4)",
+                        &[&campaign, &step, &token, &lease],
                     )
                     .await;
                 // Through an outage the heartbeats go on; a refused one means the claim is gone.

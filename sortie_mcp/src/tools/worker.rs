@@ -255,11 +255,26 @@ workers call this every few minutes; a step whose lease runs out is reset and yo
             return missing(NO_TOKEN);
         };
         let extend = p.extend_leases_sec.unwrap_or(900);
-        self.call(
-            "heartbeat(step_id => $1, claim_token => $2, extend_leases_sec => $3)",
-            &[&step, &token, &extend],
-        )
-        .await
+        // The session's own step is named by its campaign: on Citus the heartbeat then runs
+        // on the worker holding the campaign (docs/scale-out.md). Another step goes by its id.
+        let binding = self.binding();
+        let own = binding.step_id == Some(step);
+        match binding.campaign_id.filter(|_| own) {
+            Some(campaign) => {
+                self.call(
+                    "_heartbeat_delegated(campaign_id => $1, step_id => $2, claim_token => $3, extend_leases_sec => $4)",
+                    &[&campaign, &step, &token, &extend],
+                )
+                .await
+            }
+            None => {
+                self.call(
+                    "heartbeat(step_id => $1, claim_token => $2, extend_leases_sec => $3)",
+                    &[&step, &token, &extend],
+                )
+                .await
+            }
+        }
     }
 
     #[tool(
