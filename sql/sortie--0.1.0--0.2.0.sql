@@ -1198,41 +1198,57 @@ DECLARE
     v_budget bigint;
     v_tokens bigint;
     v_ords bigint[];
+    v_ids bigint[];
+    v_claims uuid[];
+    v_fit bigint[];
 BEGIN
     SELECT c.token_budget, c.tokens_used INTO v_budget, v_tokens
       FROM campaigns c WHERE c.id = p_campaign FOR UPDATE;
     IF NOT FOUND OR v_budget IS NOT NULL OR v_tokens > 8000000000000000000 THEN
         RETURN '{}';
     END IF;
-    WITH item AS (
-        SELECT e.ordinality, m.id, e.value AS v,
-               min(e.ordinality) OVER (PARTITION BY m.id) AS first_for_step
-          FROM jsonb_array_elements(p_items) WITH ORDINALITY e
-          JOIN unnest(p_steps, p_campaigns) AS m(id, campaign_id)
-            ON m.campaign_id = p_campaign
-           AND m.id = CASE WHEN jsonb_typeof(e.value -> 'step_id') = 'number'
-                                AND (e.value ->> 'step_id')::numeric BETWEEN 1 AND 9223372036854775807
-                           THEN (e.value ->> 'step_id')::numeric::bigint END),
-    formed AS (
-        SELECT i.ordinality, i.id,
-               CASE WHEN jsonb_typeof(i.v -> 'claim_token') = 'string'
-                         AND i.v ->> 'claim_token' ~ '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$'
-                    THEN (i.v ->> 'claim_token')::uuid END AS token
-          FROM item i
-         WHERE i.ordinality = i.first_for_step
-           AND i.v ->> 'step_id' ~ '^[0-9]{1,19}$'
-           AND (coalesce(jsonb_typeof(i.v -> 'tokens_used'), 'null') = 'null'
-                OR (jsonb_typeof(i.v -> 'tokens_used') = 'number' AND i.v ->> 'tokens_used' ~ '^[0-9]{1,15}$')))
-    SELECT coalesce(array_agg(f.ordinality), '{}') INTO v_ords
-      FROM formed f
-      JOIN steps s ON s.campaign_id = p_campaign AND s.id = f.id
-     WHERE f.token IS NOT NULL AND s.claim_token = f.token AND s.status = 'running'
+    -- The well-formed first items of their steps, from the items alone. Arrays, not a join with
+    -- steps: a cached generic plan cannot know there are few items and would read the campaign.
+    SELECT coalesce(array_agg(f.ordinality ORDER BY f.id), '{}'), coalesce(array_agg(f.id ORDER BY f.id), '{}'),
+           coalesce(array_agg(f.token ORDER BY f.id), '{}')
+      INTO v_ords, v_ids, v_claims
+      FROM (SELECT i.ordinality, i.id,
+                   CASE WHEN jsonb_typeof(i.v -> 'claim_token') = 'string'
+                             AND i.v ->> 'claim_token' ~ '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$'
+                        THEN (i.v ->> 'claim_token')::uuid END AS token
+              FROM (SELECT e.ordinality, m.id, e.value AS v,
+                           min(e.ordinality) OVER (PARTITION BY m.id) AS first_for_step
+                      FROM jsonb_array_elements(p_items) WITH ORDINALITY e
+                      JOIN unnest(p_steps, p_campaigns) AS m(id, campaign_id)
+                        ON m.campaign_id = p_campaign
+                       AND m.id = CASE WHEN jsonb_typeof(e.value -> 'step_id') = 'number'
+                                            AND (e.value ->> 'step_id')::numeric BETWEEN 1 AND 9223372036854775807
+                                       THEN (e.value ->> 'step_id')::numeric::bigint END) i
+             WHERE i.ordinality = i.first_for_step
+               AND i.v ->> 'step_id' ~ '^[0-9]{1,19}$'
+               AND (coalesce(jsonb_typeof(i.v -> 'tokens_used'), 'null') = 'null'
+                    OR (jsonb_typeof(i.v -> 'tokens_used') = 'number' AND i.v ->> 'tokens_used' ~ '^[0-9]{1,15}$'))) f
+     WHERE f.token IS NOT NULL;
+    IF cardinality(v_ids) = 0 THEN
+        RETURN '{}';
+    END IF;
+    -- Their steps as complete_step would find them.
+    SELECT coalesce(array_agg(s.id), '{}') INTO v_fit
+      FROM steps s
+      JOIN unnest(v_ids, v_claims) AS c(id, token) ON c.id = s.id
+     WHERE s.campaign_id = p_campaign AND s.id = ANY (v_ids)
+       AND s.claim_token = c.token AND s.status = 'running'
        AND s.step_type = 'atomic' AND s.parent_id IS NULL AND s.verify IS NULL
-       AND s.tokens_used < 8000000000000000000
-       AND NOT EXISTS (SELECT 1 FROM step_dependencies d
-                         JOIN steps t ON t.campaign_id = d.campaign_id AND t.id = d.step_id
-                        WHERE d.campaign_id = p_campaign AND d.depends_on = s.id AND t.step_type <> 'atomic');
-    RETURN v_ords;
+       AND s.tokens_used < 8000000000000000000;
+    -- Less those with a compound dependent (opening one writes events of its own).
+    SELECT coalesce(array_agg(x), '{}') INTO v_fit
+      FROM unnest(v_fit) x
+     WHERE x <> ALL (coalesce((SELECT array_agg(d.depends_on)
+                                 FROM step_dependencies d
+                                 JOIN steps t ON t.campaign_id = d.campaign_id AND t.id = d.step_id
+                                WHERE d.campaign_id = p_campaign AND d.depends_on = ANY (v_fit)
+                                  AND t.step_type <> 'atomic'), '{}'));
+    RETURN ARRAY(SELECT o FROM unnest(v_ords, v_ids) AS a(o, id) WHERE a.id = ANY (v_fit));
 END
 $$;
 
@@ -4158,7 +4174,7 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT interval '48 hours' $$;
 
 CREATE OR REPLACE FUNCTION _arguments_hash(p_arguments jsonb) RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+LANGUAGE sql STABLE PARALLEL SAFE
 AS $$ SELECT encode(sha256(convert_to(p_arguments::text, 'UTF8')), 'hex') $$;
 
 CREATE OR REPLACE FUNCTION _replay(p_request_id text, p_call text, p_arguments jsonb) RETURNS jsonb

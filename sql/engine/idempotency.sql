@@ -40,8 +40,11 @@ CREATE FUNCTION _idempotency_retention() RETURNS interval
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT interval '48 hours' $$;
 
+-- STABLE, as its body is (convert_to is STABLE): a SQL function declared more strictly than
+-- its body is never inlined, and then runs as a call of its own per row (about 20 µs each in
+-- complete_steps' insert of finished claims, session 7).
 CREATE FUNCTION _arguments_hash(p_arguments jsonb) RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+LANGUAGE sql STABLE PARALLEL SAFE
 AS $$ SELECT encode(sha256(convert_to(p_arguments::text, 'UTF8')), 'hex') $$;
 
 -- The kept result of an earlier call with this request_id, marked replayed; NULL when there is
