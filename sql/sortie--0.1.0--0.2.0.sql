@@ -1494,6 +1494,25 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION _worker_claim_in(p_campaign uuid, p_step bigint, p_token uuid, p_call text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    IF p_token IS NULL THEN
+        PERFORM _worker_campaign(p_campaign, NULL, NULL, p_call);
+        RETURN;
+    END IF;
+    PERFORM 1 FROM steps s
+     WHERE s.campaign_id = p_campaign AND s.id = p_step AND s.claim_token = p_token AND s.status = 'running';
+    IF NOT FOUND THEN
+        PERFORM _raise('stale_claim', format(
+            '%s: the claim token is not the current claim of step %s (its lease expired, it was reset or it finished); stop working on it',
+            p_call, p_step));
+    END IF;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION claim_session(claim_token uuid) RETURNS jsonb
 LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
@@ -3224,7 +3243,6 @@ AS $$
 #variable_conflict use_variable
 DECLARE
     s steps;
-    c campaigns;
 BEGIN
     IF step_id IS NULL THEN
         PERFORM _raise('invalid_argument', 'step_id is required (or run with SORTIE_STEP_ID set)');
@@ -3235,6 +3253,39 @@ BEGIN
     IF NOT FOUND THEN
         PERFORM _raise('not_found', format('step %s does not exist', step_id));
     END IF;
+    RETURN _context_of(s, head, tail);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _get_my_context_delegated(campaign_id uuid, step_id bigint, head integer DEFAULT 600,
+                                         tail integer DEFAULT 200, claim_token uuid DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    s steps;
+BEGIN
+    IF campaign_id IS NULL OR step_id IS NULL THEN
+        PERFORM _raise('invalid_argument', 'campaign_id and step_id are required');
+    END IF;
+    PERFORM _worker_claim_in(campaign_id, step_id, claim_token, 'get_my_context');
+    SELECT * INTO s FROM steps x WHERE x.campaign_id = campaign_id AND x.id = step_id;
+    IF NOT FOUND THEN
+        PERFORM _raise('not_found', format('step %s does not exist in campaign %s', step_id, campaign_id));
+    END IF;
+    RETURN _context_of(s, head, tail);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _context_of(s steps, head integer, tail integer)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    c campaigns;
+BEGIN
     SELECT * INTO c FROM campaigns WHERE id = s.campaign_id;
     RETURN jsonb_build_object(
         'campaign', jsonb_build_object('id', c.id, 'name', c.name, 'goal', c.goal, 'status', c.status,
@@ -4812,7 +4863,8 @@ AS $$
         ('_get_campaign_delegated(uuid,integer,text)', 'id'),
         ('_campaign_graph_delegated(uuid,integer)', 'id'),
         ('_planner_context_delegated(uuid)', 'campaign_id'),
-        ('_heartbeat_delegated(uuid,bigint,uuid,integer)', 'campaign_id')
+        ('_heartbeat_delegated(uuid,bigint,uuid,integer)', 'campaign_id'),
+        ('_get_my_context_delegated(uuid,bigint,integer,integer,uuid)', 'campaign_id')
     ) AS f(signature, campaign_arg);
 $$;
 
@@ -5007,6 +5059,7 @@ AS $$
             ('_campaign_graph_delegated',  ARRAY['sortie_coordinator', 'sortie_reader']),
             ('_planner_context_delegated', ARRAY['sortie_runner']),
             ('_heartbeat_delegated',       ARRAY['sortie_worker', 'sortie_runner']),
+            ('_get_my_context_delegated',  ARRAY['sortie_worker', 'sortie_runner']),
             -- internal: called by the functions above (which run as the owner), by no role
             ('_skip_cascade',           ARRAY[]::text[]),
             ('_similar_notes',          ARRAY[]::text[]),

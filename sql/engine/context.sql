@@ -10,7 +10,6 @@ AS $$
 #variable_conflict use_variable
 DECLARE
     s steps;
-    c campaigns;
 BEGIN
     IF step_id IS NULL THEN
         PERFORM _raise('invalid_argument', 'step_id is required (or run with SORTIE_STEP_ID set)');
@@ -21,6 +20,47 @@ BEGIN
     IF NOT FOUND THEN
         PERFORM _raise('not_found', format('step %s does not exist', step_id));
     END IF;
+    RETURN _context_of(s, head, tail);
+END
+$$;
+
+-- get_my_context() naming its campaign first (SPEC §2 scale-out rule): every statement names
+-- the campaign, so under Citus the call is delegated to the worker holding it and runs there
+-- as one local transaction (distribute.sql). sortie-mcp calls it for its session's own step.
+-- Never with a NULL campaign_id: a Citus 13.2 coordinator crashes on one (citusdata/citus#7242).
+-- Errors: those of get_my_context; not_found when the step is not in that campaign.
+CREATE FUNCTION _get_my_context_delegated(campaign_id uuid, step_id bigint, head integer DEFAULT 600,
+                                         tail integer DEFAULT 200, claim_token uuid DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    s steps;
+BEGIN
+    IF campaign_id IS NULL OR step_id IS NULL THEN
+        PERFORM _raise('invalid_argument', 'campaign_id and step_id are required');
+    END IF;
+    PERFORM _worker_claim_in(campaign_id, step_id, claim_token, 'get_my_context');
+    SELECT * INTO s FROM steps x WHERE x.campaign_id = campaign_id AND x.id = step_id;
+    IF NOT FOUND THEN
+        PERFORM _raise('not_found', format('step %s does not exist in campaign %s', step_id, campaign_id));
+    END IF;
+    RETURN _context_of(s, head, tail);
+END
+$$;
+
+-- What get_my_context answers for step `s`: the campaign, the step, what it continues, its
+-- upstream outputs as previews of `head` and `tail` characters, and the newest notes. Every
+-- statement names s.campaign_id.
+CREATE FUNCTION _context_of(s steps, head integer, tail integer)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    c campaigns;
+BEGIN
     SELECT * INTO c FROM campaigns WHERE id = s.campaign_id;
     RETURN jsonb_build_object(
         'campaign', jsonb_build_object('id', c.id, 'name', c.name, 'goal', c.goal, 'status', c.status,

@@ -85,7 +85,8 @@ AS $$
         ('_get_campaign_delegated(uuid,integer,text)', 'id'),
         ('_campaign_graph_delegated(uuid,integer)', 'id'),
         ('_planner_context_delegated(uuid)', 'campaign_id'),
-        ('_heartbeat_delegated(uuid,bigint,uuid,integer)', 'campaign_id')
+        ('_heartbeat_delegated(uuid,bigint,uuid,integer)', 'campaign_id'),
+        ('_get_my_context_delegated(uuid,bigint,integer,integer,uuid)', 'campaign_id')
     ) AS f(signature, campaign_arg);
 $$;
 

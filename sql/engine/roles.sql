@@ -95,6 +95,7 @@ AS $$
             ('_campaign_graph_delegated',  ARRAY['sortie_coordinator', 'sortie_reader']),
             ('_planner_context_delegated', ARRAY['sortie_runner']),
             ('_heartbeat_delegated',       ARRAY['sortie_worker', 'sortie_runner']),
+            ('_get_my_context_delegated',  ARRAY['sortie_worker', 'sortie_runner']),
             -- internal: called by the functions above (which run as the owner), by no role
             ('_skip_cascade',           ARRAY[]::text[]),
             ('_similar_notes',          ARRAY[]::text[]),

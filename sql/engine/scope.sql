@@ -58,6 +58,28 @@ BEGIN
 END
 $$;
 
+-- _worker_campaign for a step of a campaign already named (the delegated twins): without a
+-- token, a confined caller is refused (`forbidden`); with one, it must be the current claim of
+-- that running step of that campaign, else `stale_claim`. Every statement names the campaign.
+CREATE FUNCTION _worker_claim_in(p_campaign uuid, p_step bigint, p_token uuid, p_call text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    IF p_token IS NULL THEN
+        PERFORM _worker_campaign(p_campaign, NULL, NULL, p_call);
+        RETURN;
+    END IF;
+    PERFORM 1 FROM steps s
+     WHERE s.campaign_id = p_campaign AND s.id = p_step AND s.claim_token = p_token AND s.status = 'running';
+    IF NOT FOUND THEN
+        PERFORM _raise('stale_claim', format(
+            '%s: the claim token is not the current claim of step %s (its lease expired, it was reset or it finished); stop working on it',
+            p_call, p_step));
+    END IF;
+END
+$$;
+
 -- The step a claim token holds (SPEC §15): `sortie-mcp --http` binds a session opened with a
 -- claim token as its bearer to it. Returns {step_id, campaign_id}.
 -- Errors: stale_claim when the token is not the current claim of a running step.

@@ -217,9 +217,9 @@ fn assert_runs_on_holder(notices: &[String], function: &str, port: i32) {
 
 /// A heartbeat named by its campaign (the runner's, and sortie-mcp's for its own step) runs on
 /// the worker holding the campaign as one local transaction: it writes no event, and a step
-/// without lock keys touches no table shared by every node.
+/// without lock keys touches no table shared by every node. So does the step's context.
 #[tokio::test]
-async fn a_heartbeat_runs_on_the_worker_holding_its_campaign() {
+async fn a_heartbeat_and_the_context_run_on_the_worker_holding_their_campaign() {
     let db = TestDb::distributed().await;
     let campaign = db
         .ok("sortie.create_campaign(goal => 'g', planner => 'none')", &[])
@@ -273,6 +273,16 @@ async fn a_heartbeat_runs_on_the_worker_holding_its_campaign() {
         .await
         .unwrap_err();
     assert_eq!(stale.code, "stale_claim", "{stale:?}");
+    // The worker's first read, its context, the same way: answered as get_my_context answers.
+    let sql = format!(
+        "SELECT sortie._get_my_context_delegated($1::text::uuid, {step}, claim_token => '{token}'::uuid)"
+    );
+    let (context, notices) = logged_call(&db, &sql, &campaign).await;
+    let public = db
+        .ok(&format!("sortie.get_my_context({step}, claim_token => '{token}'::uuid)"), &[])
+        .await;
+    assert_eq!(context, public);
+    assert_runs_on_holder(&notices, "_get_my_context_delegated", port);
     db.finish().await;
 }
 
@@ -321,6 +331,7 @@ async fn a_delegated_read_without_a_campaign_is_refused_and_the_coordinator_live
         [
             "_campaign_graph_delegated",
             "_get_campaign_delegated",
+            "_get_my_context_delegated",
             "_heartbeat_delegated",
             "_planner_context_delegated"
         ]

@@ -129,8 +129,10 @@ impl Job {
         let config = &self.config;
         let context = self
             .call_through_outage(
-                "get_my_context(step_id => $1, head => $2, tail => $3)",
+                // Named by its campaign: on Citus the read runs on the worker holding it.
+                "_get_my_context_delegated(campaign_id => $1, step_id => $2, head => $3, tail => $4)",
                 &[
+                    &self.claim.campaign_id,
                     &self.claim.step_id,
                     &config.preview_head,
                     &config.preview_tail,

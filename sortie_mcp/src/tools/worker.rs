@@ -212,11 +212,25 @@ tail + total length; read_step_output reads the rest), any question and answer, 
             Err(refusal) => return refusal,
         };
         let (head, tail) = (self.config.preview_head, self.config.preview_tail);
-        self.call(
-            "get_my_context(step_id => $1, head => $2, tail => $3, claim_token => $4)",
-            &[&step, &head, &tail, &token],
-        )
-        .await
+        // The session's own step is named by its campaign: on Citus the read then runs on the
+        // worker holding the campaign (docs/scale-out.md). Another step goes by its id.
+        let binding = self.binding();
+        match binding.campaign_id.filter(|_| binding.step_id == Some(step)) {
+            Some(campaign) => {
+                self.call(
+                    "_get_my_context_delegated(campaign_id => $1, step_id => $2, head => $3, tail => $4, claim_token => $5)",
+                    &[&campaign, &step, &head, &tail, &token],
+                )
+                .await
+            }
+            None => {
+                self.call(
+                    "get_my_context(step_id => $1, head => $2, tail => $3, claim_token => $4)",
+                    &[&step, &head, &tail, &token],
+                )
+                .await
+            }
+        }
     }
 
     #[tool(
