@@ -24,7 +24,8 @@
 -- any caller is refused (invalid_argument) as on one node; their twins _get_campaign_delegated,
 -- _campaign_graph_delegated and _planner_context_delegated are what sortie's programs call,
 -- always with the campaign they hold (a Rust Uuid, never NULL), granted to the same roles.
--- The writing rules run on the coordinator,
+-- So are the heartbeat and the step's context named by their campaign (_heartbeat_delegated,
+-- _get_my_context_delegated): they write no event. The other writing rules run on the coordinator,
 -- which routes each of their statements to the campaign's shards: their event order (xid and
 -- sequence, which get_updates' cursor depends on), wake-ups (NOTIFY), lock-key and runner-slot
 -- serialisation (advisory locks) then stay those of one node. docs/scale-out.md says what

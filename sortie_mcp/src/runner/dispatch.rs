@@ -100,9 +100,19 @@ impl Job {
                 Dispatch::Command => self.command(&brief).await,
                 Dispatch::None => Outcome::Interrupted,
             },
-            Err(e) => {
+            // An outage: one that outlasted the runner (shutting down), or a connection lost
+            // with the read in flight (a restart). Nothing was written: hand the step back.
+            Err(e) if e.code == "unavailable" || e.code == "in_doubt" => {
                 warn!(step = self.claim.step_id, error = %e, "cannot read the step's context; handing it back");
                 Outcome::Interrupted
+            }
+            // A refusal (a schema older than this runner, a revoked grant, …) would refuse the
+            // next claim of the step too: handed back, it was claimed again at once, forever.
+            // It fails the attempt instead, so the retry rules' back-off and max_attempts
+            // apply and the error is on the step for whoever looks.
+            Err(e) => {
+                warn!(step = self.claim.step_id, error = %e, "cannot read the step's context; failing the attempt");
+                Outcome::Failed(format!("the runner could not read the step's context: {e}"))
             }
         };
         // Heartbeats go on through the record: a verify command (SPEC §17) may take a while.

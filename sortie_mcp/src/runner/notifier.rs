@@ -11,8 +11,32 @@ use crate::db::Db;
 /// Discord refuses message content over 2,000 characters (SPEC §13).
 pub const CONTENT_LIMIT: usize = 2000;
 
+/// Without SORTIE_WEBHOOK_URL the runner's log is the sink: each notification is written there
+/// (stderr, through tracing) and marked delivered, so that a default install's `sortie doctor`
+/// does not report every finished campaign's notification as undelivered. Runners sharing a
+/// database should all have the webhook or none (docs/decisions.md).
 pub async fn deliver(db: &Db, http: &reqwest::Client, webhook: Option<&str>) -> Result<()> {
     let Some(webhook) = webhook else {
+        let batch = db
+            .call("take_notifications(\"limit\" => 100, lease_seconds => 60)", &[])
+            .await?;
+        for n in batch.as_array().into_iter().flatten() {
+            let id = n["id"].as_i64().unwrap_or_default();
+            tracing::info!(
+                notification = id,
+                campaign = %n["campaign_id"],
+                channel = %n["channel"],
+                level = %n["level"],
+                message = n["message"].as_str().unwrap_or_default(),
+                "notification (no SORTIE_WEBHOOK_URL: logged here)"
+            );
+            let none: Option<String> = None;
+            db.call(
+                "notification_delivered(id => $1, ok => true, error => $2, retry => false)",
+                &[&id, &none],
+            )
+            .await?;
+        }
         return Ok(());
     };
     // The batch's lease outlasts its slowest delivery (20 posts of at most 15 s), so another
