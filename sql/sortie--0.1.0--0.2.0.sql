@@ -622,7 +622,7 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION _release_dependents(p_campaign uuid, p_step bigint) RETURNS integer
+CREATE OR REPLACE FUNCTION _release_dependents(p_campaign uuid, p_steps bigint[]) RETURNS integer
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
@@ -630,11 +630,15 @@ DECLARE
     v_first bigint;
     v_compound bigint[];
 BEGIN
-    WITH released AS (
-        UPDATE steps s SET remaining_deps = s.remaining_deps - 1
+    WITH needs AS (
+        SELECT d.step_id, count(*)::integer AS n
           FROM step_dependencies d
-         WHERE d.campaign_id = p_campaign AND d.depends_on = p_step
-           AND s.campaign_id = d.campaign_id AND s.id = d.step_id AND s.status = 'pending'
+         WHERE d.campaign_id = p_campaign AND d.depends_on = ANY (p_steps)
+         GROUP BY d.step_id),
+    released AS (
+        UPDATE steps s SET remaining_deps = s.remaining_deps - n.n
+          FROM needs n
+         WHERE s.campaign_id = p_campaign AND s.id = n.step_id AND s.status = 'pending'
         RETURNING s.id, s.step_type, s.remaining_deps)
     SELECT count(*) FILTER (WHERE remaining_deps = 0 AND step_type = 'atomic'),
            min(id) FILTER (WHERE remaining_deps = 0 AND step_type = 'atomic'),
@@ -957,7 +961,7 @@ LANGUAGE plpgsql VOLATILE
 AS $$
 BEGIN
     PERFORM _emit(p_campaign, p_step, 'step.done');
-    PERFORM _bump_counters(p_campaign, 0, 0, _release_dependents(p_campaign, p_step));
+    PERFORM _bump_counters(p_campaign, 0, 0, _release_dependents(p_campaign, ARRAY[p_step]));
     IF p_parent IS NOT NULL THEN
         PERFORM _member_settled(p_campaign, p_parent, 1, 0, NULL);
     END IF;
@@ -1026,7 +1030,7 @@ BEGIN
         PERFORM _raise('invalid_state', format('step %s cannot be completed', s.id));
     END IF;
     PERFORM _emit(v_campaign, step_id, 'step.done');
-    v_ready := _release_dependents(v_campaign, step_id);
+    v_ready := _release_dependents(v_campaign, ARRAY[step_id]);
     -- One campaign update for every counter this completion moves: it stops running, is no
     -- longer open, made v_ready steps ready and spent v_tokens.
     SELECT r.open_steps, r.status, r.token_budget INTO v_open, v_status, v_budget
@@ -1077,7 +1081,7 @@ BEGIN
            completed_at = _clock(), claim_token = NULL, lease_expires_at = NULL
      WHERE steps.campaign_id = s.campaign_id AND id = s.id;
     PERFORM _emit(s.campaign_id, s.id, 'step.done', jsonb_build_object('verified', true));
-    v_ready := _release_dependents(s.campaign_id, s.id);
+    v_ready := _release_dependents(s.campaign_id, ARRAY[s.id]);
     SELECT r.open_steps INTO v_open
       FROM _leave_running(s.campaign_id, s.id, s.claimed_at, s.requires_locks, p_open => -1, p_ready => v_ready) r;
     IF s.parent_id IS NOT NULL THEN
@@ -1103,8 +1107,6 @@ DECLARE
     v_slot double precision;
     v_claimed_at timestamptz;
     v_ready integer;
-    v_first bigint;
-    v_compound bigint[];
     v_open integer;
     v_before text;
     v_after text;
@@ -1129,27 +1131,7 @@ BEGIN
         RAISE EXCEPTION 'complete_steps: % of % items chosen for the set-wise path completed', v_done, v_count;
     END IF;
     PERFORM _emit_many(p_campaign, p_ids, 'step.done');
-    WITH needs AS (
-        SELECT d.step_id, count(*)::integer AS n
-          FROM step_dependencies d
-         WHERE d.campaign_id = p_campaign AND d.depends_on = ANY (p_ids)
-         GROUP BY d.step_id),
-    released AS (
-        UPDATE steps s SET remaining_deps = s.remaining_deps - n.n
-          FROM needs n
-         WHERE s.campaign_id = p_campaign AND s.id = n.step_id AND s.status = 'pending'
-        RETURNING s.id, s.step_type, s.remaining_deps)
-    SELECT count(*) FILTER (WHERE remaining_deps = 0 AND step_type = 'atomic'),
-           min(id) FILTER (WHERE remaining_deps = 0 AND step_type = 'atomic'),
-           array_agg(id) FILTER (WHERE remaining_deps = 0 AND step_type <> 'atomic')
-      INTO v_ready, v_first, v_compound
-      FROM released;
-    IF v_first IS NOT NULL THEN
-        PERFORM _lower_ready_floor(p_campaign, v_first);
-    END IF;
-    IF v_compound IS NOT NULL THEN
-        PERFORM _unblocked(p_campaign, v_compound);
-    END IF;
+    v_ready := _release_dependents(p_campaign, p_ids);
     FOREACH v_claimed_at IN ARRAY v_claimed LOOP
         v_slot := greatest(v_slot + _slot_correction(v_claimed_at), 0);
     END LOOP;
@@ -2598,7 +2580,7 @@ BEGIN
     PERFORM _emit(caller.campaign_id, caller.id, 'step.done', jsonb_build_object('aborted_branch', t.id));
     -- As in complete_step: the caller's counters and the steps it made ready in one update.
     PERFORM _leave_running(caller.campaign_id, caller.id, caller.claimed_at, caller.requires_locks,
-                          p_open => -1, p_ready => _release_dependents(caller.campaign_id, caller.id));
+                          p_open => -1, p_ready => _release_dependents(caller.campaign_id, ARRAY[caller.id]));
 
     SELECT coalesce(array_agg(id), '{}') INTO v_children FROM steps WHERE campaign_id = t.campaign_id AND parent_id = t.id;
     v_skipped := _skip_cascade(caller.campaign_id, v_children, 'abort',

@@ -53,7 +53,7 @@ BEGIN
     PERFORM _emit(caller.campaign_id, caller.id, 'step.done', jsonb_build_object('aborted_branch', t.id));
     -- As in complete_step: the caller's counters and the steps it made ready in one update.
     PERFORM _leave_running(caller.campaign_id, caller.id, caller.claimed_at, caller.requires_locks,
-                          p_open => -1, p_ready => _release_dependents(caller.campaign_id, caller.id));
+                          p_open => -1, p_ready => _release_dependents(caller.campaign_id, ARRAY[caller.id]));
 
     SELECT coalesce(array_agg(id), '{}') INTO v_children FROM steps WHERE campaign_id = t.campaign_id AND parent_id = t.id;
     v_skipped := _skip_cascade(caller.campaign_id, v_children, 'abort',

@@ -57,10 +57,11 @@ BEGIN
 END
 $$;
 
--- A step became done: its dependents each have one dependency fewer. Compound ones that
--- reached 0 open here; the atomic ones that became ready are counted, not added to the
--- campaign's ready_steps: the caller folds that into its own counter update.
-CREATE FUNCTION _release_dependents(p_campaign uuid, p_step bigint) RETURNS integer
+-- Steps became done (one, or a batch's run, SPEC §18): each dependent has one dependency fewer
+-- per done step it waits on. Compound ones that reached 0 open here; the atomic ones that became
+-- ready are counted, not added to the campaign's ready_steps: the caller folds that into its own
+-- counter update.
+CREATE FUNCTION _release_dependents(p_campaign uuid, p_steps bigint[]) RETURNS integer
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
@@ -68,11 +69,15 @@ DECLARE
     v_first bigint;
     v_compound bigint[];
 BEGIN
-    WITH released AS (
-        UPDATE steps s SET remaining_deps = s.remaining_deps - 1
+    WITH needs AS (
+        SELECT d.step_id, count(*)::integer AS n
           FROM step_dependencies d
-         WHERE d.campaign_id = p_campaign AND d.depends_on = p_step
-           AND s.campaign_id = d.campaign_id AND s.id = d.step_id AND s.status = 'pending'
+         WHERE d.campaign_id = p_campaign AND d.depends_on = ANY (p_steps)
+         GROUP BY d.step_id),
+    released AS (
+        UPDATE steps s SET remaining_deps = s.remaining_deps - n.n
+          FROM needs n
+         WHERE s.campaign_id = p_campaign AND s.id = n.step_id AND s.status = 'pending'
         RETURNING s.id, s.step_type, s.remaining_deps)
     SELECT count(*) FILTER (WHERE remaining_deps = 0 AND step_type = 'atomic'),
            min(id) FILTER (WHERE remaining_deps = 0 AND step_type = 'atomic'),
