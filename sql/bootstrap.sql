@@ -178,6 +178,9 @@ CREATE TABLE campaigns (
     -- here, past the entries finished history left behind. Raised by claims, lowered by
     -- _lower_ready_floor() in every rule that makes a step ready again (readiness.sql).
     ready_floor         bigint NOT NULL DEFAULT 0,
+    -- The last number of the campaign's event order (events.seq, SPEC §10 delta reads): moved
+    -- by _emit() under the campaign's row lock, which the rule holds to its commit.
+    event_seq           bigint NOT NULL DEFAULT 0 CHECK (event_seq >= 0),
     next_action_at      timestamptz,
     created_at          timestamptz NOT NULL DEFAULT now(),
     updated_at          timestamptz NOT NULL DEFAULT now(),
@@ -274,9 +277,10 @@ CREATE TABLE step_dependencies (
 );
 CREATE INDEX step_dependencies_depends_on ON step_dependencies (depends_on);
 
--- Append-only log of every state change. `tx` orders delta reads (get_updates) safely: a
--- reader only passes events of transactions older than every one still running, so an event
--- committed late can never fall behind a consumer's cursor.
+-- Append-only log of every state change. `seq` numbers a campaign's events in the order their
+-- transactions commit (the campaign's event_seq, taken under its row lock): get_updates keeps a
+-- position per consumer and campaign, so an event committed late can never fall behind it, and
+-- the order is the campaign's own, wherever its rows live (docs/scale-out.md).
 CREATE TABLE events (
     id          bigint GENERATED ALWAYS AS IDENTITY,
     tx          xid8 NOT NULL DEFAULT pg_current_xact_id(),
@@ -288,18 +292,28 @@ CREATE TABLE events (
     kind        event_kind NOT NULL,
     payload     jsonb NOT NULL DEFAULT '{}',
     at          timestamptz NOT NULL DEFAULT now(),
-    -- The read order of get_updates. `id` alone is unique too, but a second always-rightmost
-    -- index would be one more page every logging transaction writes.
+    seq         bigint NOT NULL,
+    -- The log's newest-first order (events()). `id` alone is unique too, but a second
+    -- always-rightmost index would be one more page every logging transaction writes.
     PRIMARY KEY (tx, id)
 );
-CREATE INDEX events_campaign_order ON events (campaign_id, tx, id);
+CREATE UNIQUE INDEX events_campaign_seq ON events (campaign_id, seq);
 
 
+-- A get_updates consumer: its row serialises the consumer's reads; its positions are in
+-- event_positions.
 CREATE TABLE cursors (
     consumer      text PRIMARY KEY CHECK (length(consumer) BETWEEN 1 AND 300),
-    last_tx       xid8 NOT NULL DEFAULT '0',
-    last_event_id bigint NOT NULL DEFAULT 0,
     updated_at    timestamptz NOT NULL DEFAULT now()
+);
+
+-- How far a get_updates consumer has read each campaign's events (SPEC §10): the last
+-- events.seq handed to it. No row: nothing read yet.
+CREATE TABLE event_positions (
+    campaign_id uuid NOT NULL REFERENCES campaigns (id) ON DELETE CASCADE,
+    consumer    text NOT NULL,
+    seq         bigint NOT NULL,
+    PRIMARY KEY (campaign_id, consumer)
 );
 
 CREATE TABLE notifications (

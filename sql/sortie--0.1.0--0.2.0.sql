@@ -55,6 +55,38 @@ CREATE INDEX steps_dispatched ON steps (id) WHERE status = 'running' AND dispatc
 CREATE INDEX steps_continued_by ON steps (continued_by) WHERE continued_by IS NOT NULL;
 CREATE INDEX notes_step ON notes (step_id) WHERE step_id IS NOT NULL;
 
+
+-- SPEC §10 delta reads: each campaign numbers its own events (events.seq, from the campaign's
+-- event_seq) and each get_updates consumer keeps a position per campaign (event_positions),
+-- in place of one cursor over transaction ids, which are a node's own (docs/scale-out.md).
+-- Existing events are numbered in the order the old cursor read them, and each consumer's
+-- position in a campaign is the last of its events that cursor had passed.
+ALTER TABLE campaigns ADD COLUMN event_seq bigint NOT NULL DEFAULT 0 CHECK (event_seq >= 0);
+ALTER TABLE events ADD COLUMN seq bigint;
+UPDATE events e SET seq = n.seq
+  FROM (SELECT tx, id, row_number() OVER (PARTITION BY campaign_id ORDER BY tx, id) AS seq FROM events) n
+ WHERE e.tx = n.tx AND e.id = n.id;
+ALTER TABLE events ALTER COLUMN seq SET NOT NULL;
+UPDATE campaigns c SET event_seq = m.seq
+  FROM (SELECT campaign_id, max(seq) AS seq FROM events GROUP BY campaign_id) m
+ WHERE m.campaign_id = c.id;
+DROP INDEX events_campaign_order;
+CREATE UNIQUE INDEX events_campaign_seq ON events (campaign_id, seq);
+CREATE TABLE event_positions (
+    campaign_id uuid NOT NULL REFERENCES campaigns (id) ON DELETE CASCADE,
+    consumer    text NOT NULL,
+    seq         bigint NOT NULL,
+    PRIMARY KEY (campaign_id, consumer)
+);
+INSERT INTO event_positions (campaign_id, consumer, seq)
+SELECT e.campaign_id, k.consumer, max(e.seq)
+  FROM cursors k
+  JOIN events e ON (e.tx, e.id) <= (k.last_tx, k.last_event_id)
+   AND (k.consumer LIKE '%@*' OR e.campaign_id::text = substring(k.consumer FROM '@([^@]*)$'))
+ WHERE e.campaign_id IN (SELECT id FROM campaigns)
+ GROUP BY e.campaign_id, k.consumer;
+ALTER TABLE cursors DROP COLUMN last_tx, DROP COLUMN last_event_id;
+
 -- Functions of 0.1.0 that nothing depends on are dropped; the new ones follow.
 DO $drop$
 DECLARE
@@ -235,23 +267,39 @@ CREATE OR REPLACE FUNCTION listen_poll_window() RETURNS interval
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT interval '1 second' $$;
 
+CREATE OR REPLACE FUNCTION _take_event_seq(p_campaign uuid, p_count integer) RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    v_last bigint;
+BEGIN
+    UPDATE campaigns SET event_seq = event_seq + p_count WHERE id = p_campaign RETURNING event_seq INTO v_last;
+    IF v_last IS NULL THEN
+        PERFORM _raise('not_found', format('campaign %s does not exist', p_campaign));
+    END IF;
+    RETURN v_last;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION _emit(p_campaign uuid, p_step bigint, p_kind text, p_payload jsonb DEFAULT '{}')
 RETURNS void
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
     v_id bigint;
+    v_seq bigint;
     v_woke text := current_setting('sortie.woke_at', true);
 BEGIN
-    INSERT INTO events (campaign_id, step_id, kind, payload)
-    VALUES (p_campaign, p_step, p_kind, coalesce(p_payload, '{}'))
+    v_seq := _take_event_seq(p_campaign, 1);
+    INSERT INTO events (campaign_id, step_id, kind, payload, seq)
+    VALUES (p_campaign, p_step, p_kind, coalesce(p_payload, '{}'), v_seq)
     RETURNING id INTO v_id;
     -- Seconds since the epoch: independent of the session's DateStyle.
     IF coalesce(v_woke, '') = ''
        OR v_woke::double precision <= extract(epoch FROM clock_timestamp() - wake_interval()) THEN
         PERFORM set_config('sortie.woke_at', extract(epoch FROM clock_timestamp())::text, false);
         PERFORM pg_notify('sortie_events', json_build_object(
-            'id', v_id, 'campaign_id', p_campaign, 'step_id', p_step, 'kind', p_kind)::text);
+            'id', v_id, 'campaign_id', p_campaign, 'seq', v_seq, 'step_id', p_step, 'kind', p_kind)::text);
     END IF;
 END
 $$;
@@ -263,14 +311,16 @@ AS $$
 DECLARE
     v_id bigint;
     v_step bigint;
+    v_last bigint;
     v_woke text := current_setting('sortie.woke_at', true);
 BEGIN
     IF cardinality(p_steps) IS NULL OR cardinality(p_steps) = 0 THEN
         RETURN;
     END IF;
+    v_last := _take_event_seq(p_campaign, cardinality(p_steps));
     WITH added AS (
-        INSERT INTO events (campaign_id, step_id, kind, payload)
-        SELECT p_campaign, s.id, p_kind, coalesce(p_payload, '{}')
+        INSERT INTO events (campaign_id, step_id, kind, payload, seq)
+        SELECT p_campaign, s.id, p_kind, coalesce(p_payload, '{}'), v_last - cardinality(p_steps) + s.n
           FROM unnest(p_steps) WITH ORDINALITY AS s(id, n)
          ORDER BY s.n
         RETURNING id, step_id)
@@ -279,7 +329,7 @@ BEGIN
        OR v_woke::double precision <= extract(epoch FROM clock_timestamp() - wake_interval()) THEN
         PERFORM set_config('sortie.woke_at', extract(epoch FROM clock_timestamp())::text, false);
         PERFORM pg_notify('sortie_events', json_build_object(
-            'id', v_id, 'campaign_id', p_campaign, 'step_id', v_step, 'kind', p_kind)::text);
+            'id', v_id, 'campaign_id', p_campaign, 'seq', v_last, 'step_id', v_step, 'kind', p_kind)::text);
     END IF;
 END
 $$;
@@ -3672,34 +3722,6 @@ END
 $$;
 
 -- sql/engine/updates.sql
-CREATE OR REPLACE FUNCTION _widen_xid(p_xid xid) RETURNS xid8
-LANGUAGE sql STABLE
-SET search_path FROM CURRENT
-AS $$
-    WITH cur AS (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::numeric AS xmax),
-    guess AS (SELECT floor(xmax / 4294967296) * 4294967296 + p_xid::text::numeric AS x, xmax FROM cur)
-    SELECT (CASE WHEN x > xmax THEN x - 4294967296 ELSE x END)::text::xid8 FROM guess;
-$$;
-
-CREATE OR REPLACE FUNCTION _event_horizon() RETURNS xid8
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path FROM CURRENT
-AS $$
-DECLARE
-    v_next xid8 := pg_snapshot_xmax(pg_current_snapshot());
-    v_running xid8;
-    v_prepared xid8;
-BEGIN
-    -- The backend status view is cached per transaction; a second read must be fresh.
-    PERFORM pg_stat_clear_snapshot();
-    SELECT min(_widen_xid(a.backend_xid)) INTO v_running
-      FROM pg_stat_activity a
-     WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() AND a.backend_xid IS NOT NULL;
-    SELECT min(_widen_xid(p.transaction)) INTO v_prepared FROM pg_prepared_xacts p WHERE p.database = current_database();
-    RETURN least(v_next, v_running, v_prepared);
-END
-$$;
-
 CREATE OR REPLACE FUNCTION get_updates(id uuid DEFAULT NULL, consumer text DEFAULT 'default', "limit" integer DEFAULT 200)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
@@ -3708,8 +3730,7 @@ AS $$
 #variable_conflict use_variable
 DECLARE
     v_key text;
-    v_cursor cursors;
-    v_horizon xid8 := _event_horizon();
+    v_position bigint;
     v_limit integer := least(greatest(coalesce("limit", 200), 1), 1000);
     v_page events[];
     v_done_campaigns uuid[];
@@ -3726,32 +3747,52 @@ BEGIN
         PERFORM _raise('not_found', format('campaign %s does not exist', id));
     END IF;
     v_key := consumer || '@' || coalesce(id::text, '*');
+    -- The consumer's row serialises its reads: two at once would hand out the same events.
     INSERT INTO cursors (consumer) VALUES (v_key) ON CONFLICT ON CONSTRAINT cursors_pkey DO NOTHING;
-    SELECT * INTO v_cursor FROM cursors WHERE cursors.consumer = v_key FOR UPDATE;
+    UPDATE cursors SET updated_at = now() WHERE cursors.consumer = v_key;
 
     -- The page is an array, not a temporary table: creating and dropping a table per call
     -- bloats the catalog and makes every commit wait for its WAL flush. Its rows are built from
     -- their columns: Citus hands a whole row of a subquery back as a record it cannot read.
-    SELECT coalesce(array_agg(ROW(e.id, e.tx, e.campaign_id, e.step_id, e.kind, e.payload, e.at)::events
-                              ORDER BY e.tx, e.id), '{}') INTO v_page
-      FROM (SELECT e.id, e.tx, e.campaign_id, e.step_id, e.kind, e.payload, e.at FROM events e
-             WHERE (e.tx, e.id) > (v_cursor.last_tx, v_cursor.last_event_id) AND e.tx < v_horizon
-               AND (id IS NULL OR e.campaign_id = id)
-             ORDER BY e.tx, e.id
-             LIMIT v_limit) e;
+    IF id IS NOT NULL THEN
+        SELECT coalesce(max(p.seq), 0) INTO v_position
+          FROM event_positions p WHERE p.campaign_id = id AND p.consumer = v_key;
+        SELECT coalesce(array_agg(ROW(e.id, e.tx, e.campaign_id, e.step_id, e.kind, e.payload, e.at, e.seq)::events
+                                  ORDER BY e.seq), '{}') INTO v_page
+          FROM (SELECT e.id, e.tx, e.campaign_id, e.step_id, e.kind, e.payload, e.at, e.seq FROM events e
+                 WHERE e.campaign_id = id AND e.seq > v_position
+                 ORDER BY e.seq
+                 LIMIT v_limit) e;
+    ELSE
+        -- Every campaign with news (its event_seq past the consumer's position), the next
+        -- `limit` of its events at most: the page takes them by their rank in their campaign,
+        -- so each campaign's part of it is a run of its order with nothing skipped. A join on
+        -- the campaign alone: under Citus each shard answers its own campaigns.
+        SELECT coalesce(array_agg(ROW(e.id, e.tx, e.campaign_id, e.step_id, e.kind, e.payload, e.at, e.seq)::events
+                                  ORDER BY e.rank, e.at, e.campaign_id), '{}') INTO v_page
+          FROM (SELECT e.id, e.tx, e.campaign_id, e.step_id, e.kind, e.payload, e.at, e.seq,
+                       e.seq - coalesce(p.seq, 0) AS rank
+                  FROM campaigns c
+                  LEFT JOIN event_positions p ON p.campaign_id = c.id AND p.consumer = v_key
+                  JOIN events e ON e.campaign_id = c.id
+                             AND e.seq > coalesce(p.seq, 0) AND e.seq <= coalesce(p.seq, 0) + v_limit
+                 WHERE c.event_seq > coalesce(p.seq, 0)
+                 ORDER BY rank, e.at, e.campaign_id
+                 LIMIT v_limit) e;
+    END IF;
 
     IF cardinality(v_page) > 0 THEN
-        UPDATE cursors SET last_tx = (v_page[cardinality(v_page)]).tx,
-                           last_event_id = (v_page[cardinality(v_page)]).id, updated_at = now()
-         WHERE cursors.consumer = v_key;
+        INSERT INTO event_positions (campaign_id, consumer, seq)
+        SELECT e.campaign_id, v_key, max(e.seq) FROM unnest(v_page) e GROUP BY e.campaign_id
+        ON CONFLICT ON CONSTRAINT event_positions_pkey DO UPDATE SET seq = excluded.seq;
     END IF;
 
     -- The steps and notes the page names, read by their ids rather than joined with the page:
     -- under Citus the page cannot travel to the workers (a distributed query takes no array of
     -- rows).
-    SELECT coalesce(array_agg(e.campaign_id ORDER BY e.tx, e.id), '{}'), coalesce(array_agg(e.step_id ORDER BY e.tx, e.id), '{}')
+    SELECT coalesce(array_agg(e.campaign_id ORDER BY e.ordinality), '{}'), coalesce(array_agg(e.step_id ORDER BY e.ordinality), '{}')
       INTO v_done_campaigns, v_done_steps
-      FROM unnest(v_page) e WHERE e.kind = 'step.done';
+      FROM unnest(v_page) WITH ORDINALITY e WHERE e.kind = 'step.done';
     SELECT coalesce(jsonb_agg(jsonb_build_object('step_id', s.id, 'campaign_id', s.campaign_id,
                               'action', s.action, 'output_preview', left(s.output, 300),
                               'output_chars', length(s.output)) ORDER BY array_position(v_done_steps, s.id)), '[]')
@@ -3760,7 +3801,7 @@ BEGIN
      WHERE s.campaign_id = ANY (v_done_campaigns) AND s.id = ANY (v_done_steps);
     SELECT coalesce(array_agg(e.campaign_id), '{}'), coalesce(array_agg((e.payload ->> 'note_id')::bigint), '{}')
       INTO v_note_campaigns, v_note_ids
-      FROM unnest(v_page) e WHERE e.kind = 'note.added';
+      FROM unnest(v_page) WITH ORDINALITY e WHERE e.kind = 'note.added';
     SELECT coalesce(jsonb_agg(jsonb_build_object('note_id', n.id, 'campaign_id', n.campaign_id,
                               'step_id', n.step_id, 'agent', n.agent, 'tags', n.tags,
                               'content', left(n.content, 500)) ORDER BY n.id DESC), '[]')
@@ -3771,22 +3812,22 @@ BEGIN
     RETURN jsonb_build_object(
         'completed', v_completed,
         'failed', (SELECT coalesce(jsonb_agg(jsonb_build_object('step_id', e.step_id, 'campaign_id', e.campaign_id,
-                                    'error', e.payload ->> 'error') ORDER BY e.tx, e.id), '[]')
-                     FROM unnest(v_page) e WHERE e.kind = 'step.failed'),
+                                    'error', e.payload ->> 'error') ORDER BY e.ordinality), '[]')
+                     FROM unnest(v_page) WITH ORDINALITY e WHERE e.kind = 'step.failed'),
         'retrying', (SELECT coalesce(jsonb_agg(jsonb_build_object('step_id', e.step_id, 'campaign_id', e.campaign_id,
-                                      'error', e.payload ->> 'error', 'attempts', e.payload -> 'attempts') ORDER BY e.tx, e.id), '[]')
-                       FROM unnest(v_page) e WHERE e.kind = 'step.retry'),
-        'skipped', (SELECT coalesce(jsonb_agg(jsonb_build_object('campaign_id', e.campaign_id) || e.payload ORDER BY e.tx, e.id), '[]')
-                      FROM unnest(v_page) e WHERE e.kind = 'step.skipped'),
+                                      'error', e.payload ->> 'error', 'attempts', e.payload -> 'attempts') ORDER BY e.ordinality), '[]')
+                       FROM unnest(v_page) WITH ORDINALITY e WHERE e.kind = 'step.retry'),
+        'skipped', (SELECT coalesce(jsonb_agg(jsonb_build_object('campaign_id', e.campaign_id) || e.payload ORDER BY e.ordinality), '[]')
+                      FROM unnest(v_page) WITH ORDINALITY e WHERE e.kind = 'step.skipped'),
         'notes', v_notes,
         'campaigns', (SELECT coalesce(jsonb_agg(jsonb_build_object('campaign_id', e.campaign_id, 'event', e.kind,
-                                      'reason', e.payload ->> 'reason', 'at', e.at) ORDER BY e.tx, e.id), '[]')
-                        FROM unnest(v_page) e WHERE e.kind LIKE 'campaign.%' OR e.kind = 'plan.applied'),
+                                      'reason', e.payload ->> 'reason', 'at', e.at) ORDER BY e.ordinality), '[]')
+                        FROM unnest(v_page) WITH ORDINALITY e WHERE e.kind LIKE 'campaign.%' OR e.kind = 'plan.applied'),
         -- Workflow instances move without steps: each move is listed with where it went.
         'workflow_moves', (SELECT coalesce(jsonb_agg(jsonb_build_object('instance_id', e.campaign_id,
                                            'from', e.payload ->> 'from', 'to', e.payload ->> 'to',
-                                           'decided_by', e.payload ->> 'decided_by', 'at', e.at) ORDER BY e.tx, e.id), '[]')
-                             FROM unnest(v_page) e WHERE e.kind = 'workflow.advanced'),
+                                           'decided_by', e.payload ->> 'decided_by', 'at', e.at) ORDER BY e.ordinality), '[]')
+                             FROM unnest(v_page) WITH ORDINALITY e WHERE e.kind = 'workflow.advanced'),
         -- Waiting steps are listed for as long as they wait, not only when they start waiting.
         'waiting_inputs', (SELECT coalesce(jsonb_agg(jsonb_build_object('step_id', s.id, 'campaign_id', s.campaign_id,
                                           'action', s.action, 'question', s.question) ORDER BY s.id), '[]')
@@ -3796,11 +3837,9 @@ BEGIN
                                                                 AND c.status IN ('active', 'paused')))),
         'events_read', cardinality(v_page),
         'has_more', cardinality(v_page) = v_limit,
-        -- SPEC §16: events committed behind a transaction still open wait for it to end; say
-        -- whose (observe.sql), since nothing else would tell the caller why nothing comes.
-        'held_back_by', CASE WHEN cardinality(v_page) < v_limit AND EXISTS (
-                                  SELECT 1 FROM events e WHERE e.tx >= v_horizon AND (id IS NULL OR e.campaign_id = id))
-                             THEN _horizon_holder(v_horizon) END);
+        -- SPEC §16 names the transaction holding events back; with events numbered per
+        -- campaign none can: kept in the answer's shape for the clients that read it.
+        'held_back_by', NULL::jsonb);
 END
 $$;
 
@@ -4288,7 +4327,7 @@ CREATE INDEX IF NOT EXISTS events_id_range ON events USING brin (id);
 CREATE OR REPLACE FUNCTION _event_row(e events) RETURNS jsonb
 LANGUAGE sql IMMUTABLE
 AS $$
-    SELECT jsonb_build_object('id', e.id, 'campaign_id', e.campaign_id, 'step_id', e.step_id,
+    SELECT jsonb_build_object('id', e.id, 'campaign_id', e.campaign_id, 'seq', e.seq, 'step_id', e.step_id,
                               'kind', e.kind, 'payload', e.payload, 'at', e.at);
 $$;
 
@@ -4328,33 +4367,6 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION _horizon_holder(p_horizon xid8) RETURNS jsonb
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path FROM CURRENT
-AS $$
-DECLARE
-    v_holder jsonb;
-BEGIN
-    SELECT jsonb_build_object('pid', a.pid, 'state', a.state, 'application_name', a.application_name,
-                              'age_seconds', round(extract(epoch FROM clock_timestamp() - a.xact_start)::numeric, 1),
-                              'query', left(a.query, 200))
-      INTO v_holder
-      FROM pg_stat_activity a
-     WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() AND a.backend_xid IS NOT NULL
-       AND _widen_xid(a.backend_xid) = p_horizon
-     LIMIT 1;
-    IF v_holder IS NULL THEN
-        SELECT jsonb_build_object('prepared_transaction', p.gid, 'state', 'prepared',
-                                  'age_seconds', round(extract(epoch FROM clock_timestamp() - p.prepared)::numeric, 1))
-          INTO v_holder
-          FROM pg_prepared_xacts p
-         WHERE p.database = current_database() AND _widen_xid(p.transaction) = p_horizon
-         LIMIT 1;
-    END IF;
-    RETURN v_holder;
-END
-$$;
-
 CREATE OR REPLACE FUNCTION health(grace interval DEFAULT '30 seconds') RETURNS jsonb
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path FROM CURRENT
@@ -4364,9 +4376,6 @@ DECLARE
     -- The time once, in a variable: Citus runs a read's functions on the workers, where this
     -- session's clock (sortie.fake_now) is not set.
     v_now timestamptz := _clock();
-    v_horizon xid8 := _event_horizon();
-    v_waiting bigint;
-    v_holder jsonb;
     v_oldest jsonb;
     v_leases jsonb;
     v_tables jsonb;
@@ -4378,36 +4387,33 @@ BEGIN
         PERFORM _raise('invalid_argument', 'grace must not be negative');
     END IF;
     PERFORM pg_stat_clear_snapshot();
-    -- Events committed behind the horizon: what get_updates cannot hand out yet.
-    SELECT count(*) INTO v_waiting FROM events e WHERE e.tx >= v_horizon;
-    v_holder := _horizon_holder(v_horizon);
 
     SELECT jsonb_build_object(
                'pid', a.pid, 'state', a.state, 'application_name', a.application_name,
                'age_seconds', round(extract(epoch FROM clock_timestamp() - a.xact_start)::numeric, 1),
                'query', left(a.query, 200),
+               -- A transaction id: it wrote or locked rows, which rules may wait for. An old
+               -- snapshot (backend_xmin) holds back the clean-up of dead rows. Neither holds
+               -- get_updates back (events are numbered per campaign, updates.sql).
                'has_transaction_id', a.backend_xid IS NOT NULL,
-               -- A transaction id at the horizon holds get_updates back; an old snapshot
-               -- (backend_xmin) holds back the clean-up of dead rows.
-               'holds_back_updates', a.backend_xid IS NOT NULL AND _widen_xid(a.backend_xid) = v_horizon,
-               'holds_back_cleanup', a.backend_xmin IS NOT NULL,
-               'events_waiting', CASE WHEN a.backend_xid IS NOT NULL AND _widen_xid(a.backend_xid) = v_horizon
-                                      THEN v_waiting ELSE 0 END)
+               'holds_back_cleanup', a.backend_xmin IS NOT NULL)
       INTO v_oldest
       FROM pg_stat_activity a
      WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() AND a.xact_start IS NOT NULL
        AND a.backend_type = 'client backend'
      ORDER BY a.xact_start
      LIMIT 1;
-    IF v_holder IS NOT NULL AND v_waiting > 0 AND (v_holder ->> 'age_seconds')::double precision >= v_grace THEN
+    -- Idle in a transaction for `grace`: nobody is working in it, and whatever it locked waits
+    -- for it (a campaign's rules, if it locked the campaign). Any transaction open for a minute
+    -- or more holds back vacuum's clean-up of dead rows.
+    IF v_oldest IS NOT NULL AND (v_oldest ->> 'state') LIKE 'idle in transaction%'
+       AND (v_oldest ->> 'age_seconds')::double precision >= v_grace THEN
         v_problems := v_problems || jsonb_build_object('code', 'open_transaction',
-            'message', format('%s events wait behind %s (%s, open %s s): get_updates hands none of them out until it ends',
-                              v_waiting, coalesce('pid ' || (v_holder ->> 'pid'), 'prepared transaction ' || (v_holder ->> 'prepared_transaction')),
-                              v_holder ->> 'state', v_holder ->> 'age_seconds'));
-    ELSIF v_oldest IS NOT NULL AND (v_oldest ->> 'holds_back_updates')::boolean
-          AND (v_oldest ->> 'age_seconds')::double precision >= greatest(v_grace, 60) THEN
+            'message', format('pid %s has been idle in a transaction for %s s: what it locked waits for it, and vacuum cannot clean up behind it',
+                              v_oldest ->> 'pid', v_oldest ->> 'age_seconds'));
+    ELSIF v_oldest IS NOT NULL AND (v_oldest ->> 'age_seconds')::double precision >= greatest(v_grace, 60) THEN
         v_problems := v_problems || jsonb_build_object('code', 'open_transaction',
-            'message', format('pid %s has held a transaction open for %s s (%s); get_updates will hold back every event until it ends',
+            'message', format('pid %s has held a transaction open for %s s (%s): vacuum cannot clean up dead rows behind it',
                               v_oldest ->> 'pid', v_oldest ->> 'age_seconds', v_oldest ->> 'state'));
     END IF;
 
@@ -4476,7 +4482,6 @@ BEGIN
         'ok', jsonb_array_length(v_problems) = 0,
         'problems', v_problems,
         'oldest_transaction', v_oldest,
-        'updates_held_back_by', CASE WHEN v_waiting > 0 THEN v_holder || jsonb_build_object('events_waiting', v_waiting) END,
         'expired_leases', v_leases,
         'tables', v_tables,
         'undelivered_notifications', v_notifications,
@@ -4786,7 +4791,15 @@ BEGIN
     UNION ALL
     SELECT format('lease on %s held by step %s which is %s', l.key, l.step_id, s.status)
       FROM resource_leases l JOIN steps s ON s.campaign_id = l.campaign_id AND s.id = l.step_id
-     WHERE s.status <> 'running';
+     WHERE s.status <> 'running'
+    UNION ALL
+    -- SPEC §10: a campaign's events are numbered 1, 2, … up to its event_seq, each number once
+    -- (prune() removes only whole campaigns, so none is missing either).
+    SELECT format('campaign %s: %s events numbered 1 to %s (%s distinct), its event_seq is %s',
+                  c.id, count(e.seq), max(e.seq), count(DISTINCT e.seq), c.event_seq)
+      FROM scope c JOIN events e ON e.campaign_id = c.id
+     GROUP BY c.id, c.event_seq
+    HAVING max(e.seq) <> c.event_seq OR min(e.seq) <> 1 OR count(DISTINCT e.seq) <> count(*) OR count(*) <> c.event_seq;
     -- SPEC §13: a cycle of waits among open steps (dependencies, and compound parents waiting
     -- for their members) can never finish. One campaign at a time, outside the query: a rule
     -- called inside a query on a shard may not run queries of its own (Citus).
@@ -4802,7 +4815,7 @@ $$;
 -- sql/engine/distribute.sql
 CREATE OR REPLACE FUNCTION _distributed_tables() RETURNS text[]
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$ SELECT ARRAY['campaigns', 'steps', 'step_dependencies', 'events', 'notes', 'notifications', 'workflow_history'] $$;
+AS $$ SELECT ARRAY['campaigns', 'steps', 'step_dependencies', 'events', 'event_positions', 'notes', 'notifications', 'workflow_history'] $$;
 
 CREATE OR REPLACE FUNCTION _reference_tables() RETURNS text[]
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
@@ -5046,13 +5059,10 @@ AS $$
             ('_skip_cascade',           ARRAY[]::text[]),
             ('_similar_notes',          ARRAY[]::text[]),
             ('_similar_notes_by_words', ARRAY[]::text[]),
-            ('_widen_xid',              ARRAY[]::text[]),
-            ('_event_horizon',          ARRAY[]::text[]),
             ('_running_count',          ARRAY[]::text[]),
             ('_lower_ready_floor',      ARRAY[]::text[]),
             ('_finished_claim',        ARRAY[]::text[]),
             ('_keep_finished_claim',   ARRAY[]::text[]),
-            ('_horizon_holder',        ARRAY[]::text[]),
             ('_keep',                  ARRAY[]::text[]),
             ('_replay',                ARRAY[]::text[])
     ) AS f(name, roles);

@@ -65,7 +65,10 @@ pub async fn run(db: Db, mut config: Config, shutdown: watch::Receiver<bool>) ->
     loop {
         runner.tick().await?;
         let state = db
-            .call("_get_campaign_delegated(id => $1, steps_limit => 1)", &[&campaign])
+            .call(
+                "_get_campaign_delegated(id => $1, steps_limit => 1)",
+                &[&campaign],
+            )
             .await?;
         if state["status"] != "active" || *shutdown.borrow() {
             break;
@@ -77,7 +80,9 @@ pub async fn run(db: Db, mut config: Config, shutdown: watch::Receiver<bool>) ->
     }
     runner.wait().await;
 
-    let state = db.call("_get_campaign_delegated(id => $1)", &[&campaign]).await?;
+    let state = db
+        .call("_get_campaign_delegated(id => $1)", &[&campaign])
+        .await?;
     println!(
         "\ncampaign {}: {}",
         state["name"].as_str().unwrap_or_default(),

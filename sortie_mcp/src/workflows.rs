@@ -217,7 +217,10 @@ mod tests {
         let def = load(&dir, "wf").unwrap();
         assert_eq!(def["goal"], "Review a change");
         assert_eq!(def["steps"][0]["name"], "Read Diff");
-        assert_eq!(def["steps"][0]["transitions"], json!({"success": "Verdict"}));
+        assert_eq!(
+            def["steps"][0]["transitions"],
+            json!({"success": "Verdict"})
+        );
         assert_eq!(def["steps"][0]["instructions"], "Read it. Be brief.");
         assert_eq!(def["steps"][1]["transitions"], json!({"done": "FINISH"}));
     }

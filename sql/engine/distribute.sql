@@ -4,15 +4,16 @@
 -- single-node database: distribute() is called once, by a superuser, on a Citus coordinator.
 --
 -- What each table becomes, and why:
---   campaigns (id), steps, step_dependencies, events, notes, notifications, workflow_history
---     (campaign_id): distributed and co-located. Citus requires every primary and foreign key
+--   campaigns (id), steps, step_dependencies, events, event_positions, notes, notifications,
+--     workflow_history (campaign_id): distributed and co-located. Citus requires every primary and foreign key
 --     of a distributed table to include its distribution column, so they are reshaped here
 --     (steps (campaign_id, id), …); a single-node database keeps the narrower keys, which every
 --     rule's statements satisfy alike because they name the campaign and join on it.
 --   resource_leases: reference. Lock keys are shared across campaigns (SPEC §12): the conflict
 --     test must see every campaign's leases.
 --   workflows: reference. Definitions are global and read by start_workflow in any campaign.
---   cursors: reference. A get_updates consumer may follow every campaign.
+--   cursors: reference. A get_updates consumer may follow every campaign; its row serialises
+--     the consumer's reads, its positions are event_positions' rows, with their campaigns.
 --   idempotency_records, finished_claims: reference. Keyed by request id and claim token,
 --     which do not name a campaign (create_campaign's request id has none yet).
 --
@@ -25,17 +26,18 @@
 -- _campaign_graph_delegated and _planner_context_delegated are what sortie's programs call,
 -- always with the campaign they hold (a Rust Uuid, never NULL), granted to the same roles.
 -- So are the heartbeat and the step's context named by their campaign (_heartbeat_delegated,
--- _get_my_context_delegated): they write no event. The other writing rules run on the coordinator,
--- which routes each of their statements to the campaign's shards: their event order (xid and
--- sequence, which get_updates' cursor depends on), wake-ups (NOTIFY), lock-key and runner-slot
--- serialisation (advisory locks) then stay those of one node. docs/scale-out.md says what
+-- _get_my_context_delegated): they write no event. The other writing rules run on the
+-- coordinator, which routes each of their statements to the campaign's shards: their wake-ups
+-- (NOTIFY), lock-key and runner-slot serialisation (advisory locks) and finished claims (a
+-- reference table) then stay those of one node. Their events are numbered per campaign
+-- (events.sql), an order that holds on whichever node runs them. docs/scale-out.md says what
 -- that costs and what delegating the writes would take.
 
 -- The tables distributed by campaign, in the order Citus needs (a table after those its
 -- foreign keys reference), and the global ones.
 CREATE FUNCTION _distributed_tables() RETURNS text[]
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$ SELECT ARRAY['campaigns', 'steps', 'step_dependencies', 'events', 'notes', 'notifications', 'workflow_history'] $$;
+AS $$ SELECT ARRAY['campaigns', 'steps', 'step_dependencies', 'events', 'event_positions', 'notes', 'notifications', 'workflow_history'] $$;
 
 CREATE FUNCTION _reference_tables() RETURNS text[]
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
@@ -76,8 +78,7 @@ BEGIN
 END
 $$;
 
--- Those twins, and the writes that are delegated (they write no event: events are ordered by
--- the coordinator's transactions until each campaign keeps its own order, docs/scale-out.md):
+-- Those twins, and the writes that are delegated (they write no event, docs/scale-out.md):
 -- signature and the argument naming the campaign.
 CREATE FUNCTION _delegated_functions() RETURNS TABLE (signature text, campaign_arg text)
 LANGUAGE sql IMMUTABLE PARALLEL SAFE

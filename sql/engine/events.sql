@@ -19,6 +19,26 @@ CREATE FUNCTION listen_poll_window() RETURNS interval
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT interval '1 second' $$;
 
+-- The campaign's next `p_count` event numbers (events.seq, SPEC §10 delta reads): moves the
+-- campaign's event_seq and returns the last number taken. The update takes the campaign's row
+-- lock, which every writing rule holds (or takes here) to its commit, so a campaign's events
+-- become visible in number order and a reader's position can never pass one still uncommitted.
+-- On Citus the row is on the worker holding the campaign: the order is the campaign's own,
+-- whichever node runs the rule. Errors: not_found (no such campaign).
+CREATE FUNCTION _take_event_seq(p_campaign uuid, p_count integer) RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    v_last bigint;
+BEGIN
+    UPDATE campaigns SET event_seq = event_seq + p_count WHERE id = p_campaign RETURNING event_seq INTO v_last;
+    IF v_last IS NULL THEN
+        PERFORM _raise('not_found', format('campaign %s does not exist', p_campaign));
+    END IF;
+    RETURN v_last;
+END
+$$;
+
 -- Appends to the event log and, unless this connection woke listeners within
 -- wake_interval(), wakes them (`sortie_events`). NOTIFY is a hint; readers page the table
 -- (SPEC §10). The connection's last wake-up is a session setting: reading it touches no
@@ -29,17 +49,19 @@ LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
     v_id bigint;
+    v_seq bigint;
     v_woke text := current_setting('sortie.woke_at', true);
 BEGIN
-    INSERT INTO events (campaign_id, step_id, kind, payload)
-    VALUES (p_campaign, p_step, p_kind, coalesce(p_payload, '{}'))
+    v_seq := _take_event_seq(p_campaign, 1);
+    INSERT INTO events (campaign_id, step_id, kind, payload, seq)
+    VALUES (p_campaign, p_step, p_kind, coalesce(p_payload, '{}'), v_seq)
     RETURNING id INTO v_id;
     -- Seconds since the epoch: independent of the session's DateStyle.
     IF coalesce(v_woke, '') = ''
        OR v_woke::double precision <= extract(epoch FROM clock_timestamp() - wake_interval()) THEN
         PERFORM set_config('sortie.woke_at', extract(epoch FROM clock_timestamp())::text, false);
         PERFORM pg_notify('sortie_events', json_build_object(
-            'id', v_id, 'campaign_id', p_campaign, 'step_id', p_step, 'kind', p_kind)::text);
+            'id', v_id, 'campaign_id', p_campaign, 'seq', v_seq, 'step_id', p_step, 'kind', p_kind)::text);
     END IF;
 END
 $$;
@@ -53,14 +75,16 @@ AS $$
 DECLARE
     v_id bigint;
     v_step bigint;
+    v_last bigint;
     v_woke text := current_setting('sortie.woke_at', true);
 BEGIN
     IF cardinality(p_steps) IS NULL OR cardinality(p_steps) = 0 THEN
         RETURN;
     END IF;
+    v_last := _take_event_seq(p_campaign, cardinality(p_steps));
     WITH added AS (
-        INSERT INTO events (campaign_id, step_id, kind, payload)
-        SELECT p_campaign, s.id, p_kind, coalesce(p_payload, '{}')
+        INSERT INTO events (campaign_id, step_id, kind, payload, seq)
+        SELECT p_campaign, s.id, p_kind, coalesce(p_payload, '{}'), v_last - cardinality(p_steps) + s.n
           FROM unnest(p_steps) WITH ORDINALITY AS s(id, n)
          ORDER BY s.n
         RETURNING id, step_id)
@@ -69,7 +93,7 @@ BEGIN
        OR v_woke::double precision <= extract(epoch FROM clock_timestamp() - wake_interval()) THEN
         PERFORM set_config('sortie.woke_at', extract(epoch FROM clock_timestamp())::text, false);
         PERFORM pg_notify('sortie_events', json_build_object(
-            'id', v_id, 'campaign_id', p_campaign, 'step_id', v_step, 'kind', p_kind)::text);
+            'id', v_id, 'campaign_id', p_campaign, 'seq', v_last, 'step_id', v_step, 'kind', p_kind)::text);
     END IF;
 END
 $$;

@@ -126,7 +126,15 @@ BEGIN
     UNION ALL
     SELECT format('lease on %s held by step %s which is %s', l.key, l.step_id, s.status)
       FROM resource_leases l JOIN steps s ON s.campaign_id = l.campaign_id AND s.id = l.step_id
-     WHERE s.status <> 'running';
+     WHERE s.status <> 'running'
+    UNION ALL
+    -- SPEC §10: a campaign's events are numbered 1, 2, … up to its event_seq, each number once
+    -- (prune() removes only whole campaigns, so none is missing either).
+    SELECT format('campaign %s: %s events numbered 1 to %s (%s distinct), its event_seq is %s',
+                  c.id, count(e.seq), max(e.seq), count(DISTINCT e.seq), c.event_seq)
+      FROM scope c JOIN events e ON e.campaign_id = c.id
+     GROUP BY c.id, c.event_seq
+    HAVING max(e.seq) <> c.event_seq OR min(e.seq) <> 1 OR count(DISTINCT e.seq) <> count(*) OR count(*) <> c.event_seq;
     -- SPEC §13: a cycle of waits among open steps (dependencies, and compound parents waiting
     -- for their members) can never finish. One campaign at a time, outside the query: a rule
     -- called inside a query on a shard may not run queries of its own (Citus).

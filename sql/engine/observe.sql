@@ -10,7 +10,7 @@ CREATE INDEX events_id_range ON events USING brin (id);
 CREATE FUNCTION _event_row(e events) RETURNS jsonb
 LANGUAGE sql IMMUTABLE
 AS $$
-    SELECT jsonb_build_object('id', e.id, 'campaign_id', e.campaign_id, 'step_id', e.step_id,
+    SELECT jsonb_build_object('id', e.id, 'campaign_id', e.campaign_id, 'seq', e.seq, 'step_id', e.step_id,
                               'kind', e.kind, 'payload', e.payload, 'at', e.at);
 $$;
 
@@ -54,36 +54,6 @@ BEGIN
 END
 $$;
 
--- The session whose transaction is the event horizon (updates.sql): get_updates passes no
--- event of a transaction at or above it until it ends. SECURITY DEFINER for the same reason as
--- _event_horizon(): other sessions' rows of pg_stat_activity.
-CREATE FUNCTION _horizon_holder(p_horizon xid8) RETURNS jsonb
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path FROM CURRENT
-AS $$
-DECLARE
-    v_holder jsonb;
-BEGIN
-    SELECT jsonb_build_object('pid', a.pid, 'state', a.state, 'application_name', a.application_name,
-                              'age_seconds', round(extract(epoch FROM clock_timestamp() - a.xact_start)::numeric, 1),
-                              'query', left(a.query, 200))
-      INTO v_holder
-      FROM pg_stat_activity a
-     WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() AND a.backend_xid IS NOT NULL
-       AND _widen_xid(a.backend_xid) = p_horizon
-     LIMIT 1;
-    IF v_holder IS NULL THEN
-        SELECT jsonb_build_object('prepared_transaction', p.gid, 'state', 'prepared',
-                                  'age_seconds', round(extract(epoch FROM clock_timestamp() - p.prepared)::numeric, 1))
-          INTO v_holder
-          FROM pg_prepared_xacts p
-         WHERE p.database = current_database() AND _widen_xid(p.transaction) = p_horizon
-         LIMIT 1;
-    END IF;
-    RETURN v_holder;
-END
-$$;
-
 -- The installation's health (SPEC §16). Facts are always reported; each becomes a problem
 -- only once it has lasted `grace` (a claim in flight is an open transaction too, for a few
 -- milliseconds). SECURITY DEFINER: other sessions' transactions in pg_stat_activity.
@@ -96,9 +66,6 @@ DECLARE
     -- The time once, in a variable: Citus runs a read's functions on the workers, where this
     -- session's clock (sortie.fake_now) is not set.
     v_now timestamptz := _clock();
-    v_horizon xid8 := _event_horizon();
-    v_waiting bigint;
-    v_holder jsonb;
     v_oldest jsonb;
     v_leases jsonb;
     v_tables jsonb;
@@ -110,36 +77,33 @@ BEGIN
         PERFORM _raise('invalid_argument', 'grace must not be negative');
     END IF;
     PERFORM pg_stat_clear_snapshot();
-    -- Events committed behind the horizon: what get_updates cannot hand out yet.
-    SELECT count(*) INTO v_waiting FROM events e WHERE e.tx >= v_horizon;
-    v_holder := _horizon_holder(v_horizon);
 
     SELECT jsonb_build_object(
                'pid', a.pid, 'state', a.state, 'application_name', a.application_name,
                'age_seconds', round(extract(epoch FROM clock_timestamp() - a.xact_start)::numeric, 1),
                'query', left(a.query, 200),
+               -- A transaction id: it wrote or locked rows, which rules may wait for. An old
+               -- snapshot (backend_xmin) holds back the clean-up of dead rows. Neither holds
+               -- get_updates back (events are numbered per campaign, updates.sql).
                'has_transaction_id', a.backend_xid IS NOT NULL,
-               -- A transaction id at the horizon holds get_updates back; an old snapshot
-               -- (backend_xmin) holds back the clean-up of dead rows.
-               'holds_back_updates', a.backend_xid IS NOT NULL AND _widen_xid(a.backend_xid) = v_horizon,
-               'holds_back_cleanup', a.backend_xmin IS NOT NULL,
-               'events_waiting', CASE WHEN a.backend_xid IS NOT NULL AND _widen_xid(a.backend_xid) = v_horizon
-                                      THEN v_waiting ELSE 0 END)
+               'holds_back_cleanup', a.backend_xmin IS NOT NULL)
       INTO v_oldest
       FROM pg_stat_activity a
      WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() AND a.xact_start IS NOT NULL
        AND a.backend_type = 'client backend'
      ORDER BY a.xact_start
      LIMIT 1;
-    IF v_holder IS NOT NULL AND v_waiting > 0 AND (v_holder ->> 'age_seconds')::double precision >= v_grace THEN
+    -- Idle in a transaction for `grace`: nobody is working in it, and whatever it locked waits
+    -- for it (a campaign's rules, if it locked the campaign). Any transaction open for a minute
+    -- or more holds back vacuum's clean-up of dead rows.
+    IF v_oldest IS NOT NULL AND (v_oldest ->> 'state') LIKE 'idle in transaction%'
+       AND (v_oldest ->> 'age_seconds')::double precision >= v_grace THEN
         v_problems := v_problems || jsonb_build_object('code', 'open_transaction',
-            'message', format('%s events wait behind %s (%s, open %s s): get_updates hands none of them out until it ends',
-                              v_waiting, coalesce('pid ' || (v_holder ->> 'pid'), 'prepared transaction ' || (v_holder ->> 'prepared_transaction')),
-                              v_holder ->> 'state', v_holder ->> 'age_seconds'));
-    ELSIF v_oldest IS NOT NULL AND (v_oldest ->> 'holds_back_updates')::boolean
-          AND (v_oldest ->> 'age_seconds')::double precision >= greatest(v_grace, 60) THEN
+            'message', format('pid %s has been idle in a transaction for %s s: what it locked waits for it, and vacuum cannot clean up behind it',
+                              v_oldest ->> 'pid', v_oldest ->> 'age_seconds'));
+    ELSIF v_oldest IS NOT NULL AND (v_oldest ->> 'age_seconds')::double precision >= greatest(v_grace, 60) THEN
         v_problems := v_problems || jsonb_build_object('code', 'open_transaction',
-            'message', format('pid %s has held a transaction open for %s s (%s); get_updates will hold back every event until it ends',
+            'message', format('pid %s has held a transaction open for %s s (%s): vacuum cannot clean up dead rows behind it',
                               v_oldest ->> 'pid', v_oldest ->> 'age_seconds', v_oldest ->> 'state'));
     END IF;
 
@@ -208,7 +172,6 @@ BEGIN
         'ok', jsonb_array_length(v_problems) = 0,
         'problems', v_problems,
         'oldest_transaction', v_oldest,
-        'updates_held_back_by', CASE WHEN v_waiting > 0 THEN v_holder || jsonb_build_object('events_waiting', v_waiting) END,
         'expired_leases', v_leases,
         'tables', v_tables,
         'undelivered_notifications', v_notifications,

@@ -100,13 +100,10 @@ AS $$
             ('_skip_cascade',           ARRAY[]::text[]),
             ('_similar_notes',          ARRAY[]::text[]),
             ('_similar_notes_by_words', ARRAY[]::text[]),
-            ('_widen_xid',              ARRAY[]::text[]),
-            ('_event_horizon',          ARRAY[]::text[]),
             ('_running_count',          ARRAY[]::text[]),
             ('_lower_ready_floor',      ARRAY[]::text[]),
             ('_finished_claim',        ARRAY[]::text[]),
             ('_keep_finished_claim',   ARRAY[]::text[]),
-            ('_horizon_holder',        ARRAY[]::text[]),
             ('_keep',                  ARRAY[]::text[]),
             ('_replay',                ARRAY[]::text[])
     ) AS f(name, roles);

@@ -51,3 +51,34 @@ CREATE INDEX steps_dispatched ON steps (id) WHERE status = 'running' AND dispatc
 CREATE INDEX steps_continued_by ON steps (continued_by) WHERE continued_by IS NOT NULL;
 CREATE INDEX notes_step ON notes (step_id) WHERE step_id IS NOT NULL;
 
+
+-- SPEC §10 delta reads: each campaign numbers its own events (events.seq, from the campaign's
+-- event_seq) and each get_updates consumer keeps a position per campaign (event_positions),
+-- in place of one cursor over transaction ids, which are a node's own (docs/scale-out.md).
+-- Existing events are numbered in the order the old cursor read them, and each consumer's
+-- position in a campaign is the last of its events that cursor had passed.
+ALTER TABLE campaigns ADD COLUMN event_seq bigint NOT NULL DEFAULT 0 CHECK (event_seq >= 0);
+ALTER TABLE events ADD COLUMN seq bigint;
+UPDATE events e SET seq = n.seq
+  FROM (SELECT tx, id, row_number() OVER (PARTITION BY campaign_id ORDER BY tx, id) AS seq FROM events) n
+ WHERE e.tx = n.tx AND e.id = n.id;
+ALTER TABLE events ALTER COLUMN seq SET NOT NULL;
+UPDATE campaigns c SET event_seq = m.seq
+  FROM (SELECT campaign_id, max(seq) AS seq FROM events GROUP BY campaign_id) m
+ WHERE m.campaign_id = c.id;
+DROP INDEX events_campaign_order;
+CREATE UNIQUE INDEX events_campaign_seq ON events (campaign_id, seq);
+CREATE TABLE event_positions (
+    campaign_id uuid NOT NULL REFERENCES campaigns (id) ON DELETE CASCADE,
+    consumer    text NOT NULL,
+    seq         bigint NOT NULL,
+    PRIMARY KEY (campaign_id, consumer)
+);
+INSERT INTO event_positions (campaign_id, consumer, seq)
+SELECT e.campaign_id, k.consumer, max(e.seq)
+  FROM cursors k
+  JOIN events e ON (e.tx, e.id) <= (k.last_tx, k.last_event_id)
+   AND (k.consumer LIKE '%@*' OR e.campaign_id::text = substring(k.consumer FROM '@([^@]*)$'))
+ WHERE e.campaign_id IN (SELECT id FROM campaigns)
+ GROUP BY e.campaign_id, k.consumer;
+ALTER TABLE cursors DROP COLUMN last_tx, DROP COLUMN last_event_id;

@@ -169,11 +169,15 @@ impl CitusCluster {
                 {
                     Ok(_) => break,
                     Err(e) if attempt < 3 => {
-                        eprintln!("citus_add_node for port {} (attempt {attempt}): {e}", worker.port);
+                        eprintln!(
+                            "citus_add_node for port {} (attempt {attempt}): {e}",
+                            worker.port
+                        );
                         tokio::time::sleep(std::time::Duration::from_millis(500 * attempt)).await;
                     }
                     Err(e) => {
-                        return Err(e).with_context(|| format!("citus_add_node for port {}", worker.port))
+                        return Err(e)
+                            .with_context(|| format!("citus_add_node for port {}", worker.port))
                     }
                 }
             }

@@ -59,7 +59,10 @@ impl TestDb {
         // connections of their own, which must see the extension committed.
         static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
         let _turn = ONE_AT_A_TIME.lock().await;
-        for step in ["CREATE EXTENSION sortie CASCADE", "SELECT sortie.distribute()"] {
+        for step in [
+            "CREATE EXTENSION sortie CASCADE",
+            "SELECT sortie.distribute()",
+        ] {
             db.client
                 .batch_execute(step)
                 .await
@@ -122,7 +125,10 @@ impl TestDb {
     /// down for `down_for`, starts it again and reconnects `client`. Every test of the binary
     /// sees the restart, so a test that calls this needs a binary of its own.
     pub async fn restart_server(&mut self, down_for: std::time::Duration) {
-        assert!(self.citus.is_none(), "restart_server restarts the single-node test cluster only");
+        assert!(
+            self.citus.is_none(),
+            "restart_server restarts the single-node test cluster only"
+        );
         let cluster = &shared().cluster;
         tokio::task::spawn_blocking(move || cluster.stop("fast"))
             .await

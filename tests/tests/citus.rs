@@ -63,8 +63,16 @@ async fn distribute_places_every_table_by_campaign_or_as_reference() {
         let colocated: Option<bool> = row.get(3);
         match method.as_deref() {
             Some("h") => {
-                let expected = if table == "campaigns" { "id" } else { "campaign_id" };
-                assert_eq!(column.as_deref(), Some(expected), "{table} distributed by its campaign");
+                let expected = if table == "campaigns" {
+                    "id"
+                } else {
+                    "campaign_id"
+                };
+                assert_eq!(
+                    column.as_deref(),
+                    Some(expected),
+                    "{table} distributed by its campaign"
+                );
                 assert_eq!(colocated, Some(true), "{table} co-located with campaigns");
                 distributed.push(table);
             }
@@ -74,11 +82,26 @@ async fn distribute_places_every_table_by_campaign_or_as_reference() {
     }
     assert_eq!(
         distributed,
-        ["campaigns", "events", "notes", "notifications", "step_dependencies", "steps", "workflow_history"]
+        [
+            "campaigns",
+            "event_positions",
+            "events",
+            "notes",
+            "notifications",
+            "step_dependencies",
+            "steps",
+            "workflow_history"
+        ]
     );
     assert_eq!(
         reference,
-        ["cursors", "finished_claims", "idempotency_records", "resource_leases", "workflows"]
+        [
+            "cursors",
+            "finished_claims",
+            "idempotency_records",
+            "resource_leases",
+            "workflows"
+        ]
     );
     // A second call moves nothing again.
     let again = db.ok("sortie.distribute()", &[]).await;
@@ -105,7 +128,9 @@ async fn ids_given_on_workers_do_not_collide() {
     let mut firsts = Vec::new();
     for worker in &cluster.workers {
         let (client, connection) =
-            tokio_postgres::connect(&worker.connection_string(&db.name), NoTls).await.unwrap();
+            tokio_postgres::connect(&worker.connection_string(&db.name), NoTls)
+                .await
+                .unwrap();
         tokio::spawn(connection);
         let next: i64 = client
             .query_one("SELECT nextval('sortie.steps_id_seq')", &[])
@@ -138,7 +163,10 @@ async fn holder(db: &TestDb, campaign: &str) -> i32 {
 async fn a_campaign_read_runs_on_the_worker_holding_it() {
     let db = TestDb::distributed().await;
     let campaign = db
-        .ok("sortie.create_campaign(goal => 'g', planner => 'none')", &[])
+        .ok(
+            "sortie.create_campaign(goal => 'g', planner => 'none')",
+            &[],
+        )
         .await["id"]
         .as_str()
         .unwrap()
@@ -155,7 +183,11 @@ async fn a_campaign_read_runs_on_the_worker_holding_it() {
         &campaign,
     )
     .await;
-    assert_eq!(answer["steps"].as_array().map(Vec::len), Some(2), "{answer}");
+    assert_eq!(
+        answer["steps"].as_array().map(Vec::len),
+        Some(2),
+        "{answer}"
+    );
     assert_runs_on_holder(&notices, "_get_campaign_delegated", port);
     db.finish().await;
 }
@@ -181,7 +213,11 @@ async fn logged_call(db: &TestDb, sql: &str, campaign: &str) -> (Value, Vec<Stri
     let mut notices = Vec::new();
     while let Some(message) = rx.recv().await {
         if let AsyncMessage::Notice(notice) = message {
-            notices.push(format!("{} | {}", notice.message(), notice.detail().unwrap_or("")));
+            notices.push(format!(
+                "{} | {}",
+                notice.message(),
+                notice.detail().unwrap_or("")
+            ));
         }
     }
     for node in db.citus().unwrap().nodes() {
@@ -201,14 +237,27 @@ async fn logged_call(db: &TestDb, sql: &str, campaign: &str) -> (Value, Vec<Stri
 /// and every statement run locally ran there.
 fn assert_runs_on_holder(notices: &[String], function: &str, port: i32) {
     let holder_addr = format!(":{port}");
-    let issued: Vec<&String> = notices.iter().filter(|n| n.starts_with("issuing")).collect();
-    assert_eq!(issued.len(), 1, "the coordinator sends one command: {notices:#?}");
+    let issued: Vec<&String> = notices
+        .iter()
+        .filter(|n| n.starts_with("issuing"))
+        .collect();
+    assert_eq!(
+        issued.len(),
+        1,
+        "the coordinator sends one command: {notices:#?}"
+    );
     assert!(
         issued[0].contains(function) && issued[0].contains(&holder_addr),
         "the call itself, to the worker holding the campaign (port {port}): {notices:#?}"
     );
-    let local: Vec<&String> = notices.iter().filter(|n| n.starts_with("executing the command locally")).collect();
-    assert!(!local.is_empty(), "the worker ran the rule's statements: {notices:#?}");
+    let local: Vec<&String> = notices
+        .iter()
+        .filter(|n| n.starts_with("executing the command locally"))
+        .collect();
+    assert!(
+        !local.is_empty(),
+        "the worker ran the rule's statements: {notices:#?}"
+    );
     assert!(
         local.iter().all(|n| n.contains(&holder_addr)),
         "only on the worker holding the campaign (port {port}): {notices:#?}"
@@ -222,17 +271,29 @@ fn assert_runs_on_holder(notices: &[String], function: &str, port: i32) {
 async fn a_heartbeat_and_the_context_run_on_the_worker_holding_their_campaign() {
     let db = TestDb::distributed().await;
     let campaign = db
-        .ok("sortie.create_campaign(goal => 'g', planner => 'none')", &[])
+        .ok(
+            "sortie.create_campaign(goal => 'g', planner => 'none')",
+            &[],
+        )
         .await["id"]
         .as_str()
         .unwrap()
         .to_string();
-    db.ok("sortie.add_steps($1::text::uuid, '[{\"action\": \"a\"}]')", &[&campaign])
-        .await;
+    db.ok(
+        "sortie.add_steps($1::text::uuid, '[{\"action\": \"a\"}]')",
+        &[&campaign],
+    )
+    .await;
     let claim = db
-        .ok("sortie.claim_next(owner => 'w', campaign_id => $1::text::uuid, lease_seconds => 60)", &[&campaign])
+        .ok(
+            "sortie.claim_next(owner => 'w', campaign_id => $1::text::uuid, lease_seconds => 60)",
+            &[&campaign],
+        )
         .await;
-    let (step, token) = (claim["step_id"].as_i64().unwrap(), claim["claim_token"].as_str().unwrap().to_string());
+    let (step, token) = (
+        claim["step_id"].as_i64().unwrap(),
+        claim["claim_token"].as_str().unwrap().to_string(),
+    );
     let port = holder(&db, &campaign).await;
     let sql = format!(
         "SELECT sortie._heartbeat_delegated($1::text::uuid, {step}, '{token}'::uuid, 3600)"
@@ -249,10 +310,16 @@ async fn a_heartbeat_and_the_context_run_on_the_worker_holding_their_campaign() 
         .await
         .unwrap()
         .get(0);
-    assert!(left > 3000.0, "the lease was extended to an hour: {left} s left");
+    assert!(
+        left > 3000.0,
+        "the lease was extended to an hour: {left} s left"
+    );
     // A step of another campaign, or a stale token, is refused there as by heartbeat().
     let other = db
-        .ok("sortie.create_campaign(goal => 'other', planner => 'none')", &[])
+        .ok(
+            "sortie.create_campaign(goal => 'other', planner => 'none')",
+            &[],
+        )
         .await["id"]
         .as_str()
         .unwrap()
@@ -279,7 +346,10 @@ async fn a_heartbeat_and_the_context_run_on_the_worker_holding_their_campaign() 
     );
     let (context, notices) = logged_call(&db, &sql, &campaign).await;
     let public = db
-        .ok(&format!("sortie.get_my_context({step}, claim_token => '{token}'::uuid)"), &[])
+        .ok(
+            &format!("sortie.get_my_context({step}, claim_token => '{token}'::uuid)"),
+            &[],
+        )
         .await;
     assert_eq!(context, public);
     assert_runs_on_holder(&notices, "_get_my_context_delegated", port);
@@ -302,7 +372,10 @@ async fn a_delegated_read_without_a_campaign_is_refused_and_the_coordinator_live
     let single = TestDb::single_node().await;
     for sql in nulls {
         let refused = single.call(sql, &[]).await.unwrap_err();
-        assert_eq!(refused.code, "invalid_argument", "one node, {sql}: {refused:?}");
+        assert_eq!(
+            refused.code, "invalid_argument",
+            "one node, {sql}: {refused:?}"
+        );
     }
     single.finish().await;
     let db = TestDb::distributed().await;
@@ -311,7 +384,10 @@ async fn a_delegated_read_without_a_campaign_is_refused_and_the_coordinator_live
         assert_eq!(refused.code, "invalid_argument", "{sql}: {refused:?}");
     }
     let none: Option<uuid::Uuid> = None;
-    let refused = db.call("sortie.get_campaign($1)", &[&none]).await.unwrap_err();
+    let refused = db
+        .call("sortie.get_campaign($1)", &[&none])
+        .await
+        .unwrap_err();
     assert_eq!(refused.code, "invalid_argument", "bound NULL: {refused:?}");
     // The public functions are not Citus's distributed functions; only their twins are.
     let delegated: Vec<String> = db
@@ -340,7 +416,14 @@ async fn a_delegated_read_without_a_campaign_is_refused_and_the_coordinator_live
     let one: i32 = db.client.query_one("SELECT 1", &[]).await.unwrap().get(0);
     assert_eq!(one, 1);
     let (client, _rx) = db.connect_with_messages().await;
-    assert_eq!(client.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+    assert_eq!(
+        client
+            .query_one("SELECT 1", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        1
+    );
     db.finish().await;
 }
 
@@ -350,7 +433,10 @@ async fn a_delegated_read_without_a_campaign_is_refused_and_the_coordinator_live
 async fn a_campaign_runs_to_its_end_on_the_cluster() {
     let db = TestDb::distributed().await;
     let campaign = db
-        .ok("sortie.create_campaign(goal => 'ship it', planner => 'none')", &[])
+        .ok(
+            "sortie.create_campaign(goal => 'ship it', planner => 'none')",
+            &[],
+        )
         .await["id"]
         .as_str()
         .unwrap()
@@ -371,7 +457,9 @@ async fn a_campaign_runs_to_its_end_on_the_cluster() {
                 &[&campaign],
             )
             .await;
-        let Some(step) = claim["step_id"].as_i64() else { break };
+        let Some(step) = claim["step_id"].as_i64() else {
+            break;
+        };
         let token = claim["claim_token"].as_str().unwrap().to_string();
         let action = claim["action"].as_str().unwrap().to_string();
         if action == "test" && !failed_once {
@@ -404,10 +492,15 @@ async fn a_campaign_runs_to_its_end_on_the_cluster() {
     assert!(failed_once);
     assert_eq!(done[0], "build");
     assert_eq!(done.len(), 3, "{done:?}");
-    let got = db.ok("sortie.get_campaign($1::text::uuid)", &[&campaign]).await;
+    let got = db
+        .ok("sortie.get_campaign($1::text::uuid)", &[&campaign])
+        .await;
     assert_eq!(got["status"], "done", "{got}");
     let notes = db
-        .ok("sortie.get_notes(campaign_id => $1::text::uuid)", &[&campaign])
+        .ok(
+            "sortie.get_notes(campaign_id => $1::text::uuid)",
+            &[&campaign],
+        )
         .await;
     assert_eq!(notes["notes"].as_array().map(Vec::len), Some(3), "{notes}");
     db.finish().await;
@@ -418,12 +511,16 @@ async fn a_campaign_runs_to_its_end_on_the_cluster() {
 #[tokio::test]
 async fn an_existing_database_moves_with_its_running_campaign() {
     let db = CitusDb::new().await;
-    db.client.batch_execute("CREATE EXTENSION sortie CASCADE").await.unwrap();
+    db.client
+        .batch_execute("CREATE EXTENSION sortie CASCADE")
+        .await
+        .unwrap();
     let one = |sql: &'static str| {
         let client = &db.client;
         async move { client.query_one(sql, &[]).await.unwrap().get::<_, Value>(0) }
     };
-    let campaign = one("SELECT sortie.create_campaign(goal => 'before', planner => 'none')").await["id"]
+    let campaign = one("SELECT sortie.create_campaign(goal => 'before', planner => 'none')").await
+        ["id"]
         .as_str()
         .unwrap()
         .to_string();
@@ -436,11 +533,20 @@ async fn an_existing_database_moves_with_its_running_campaign() {
         .unwrap();
     let claim: Value = db
         .client
-        .query_one("SELECT sortie.claim_next(owner => 'w', campaign_id => $1::text::uuid)", &[&campaign])
+        .query_one(
+            "SELECT sortie.claim_next(owner => 'w', campaign_id => $1::text::uuid)",
+            &[&campaign],
+        )
         .await
         .unwrap()
         .get(0);
-    db.client.batch_execute("SELECT sortie.distribute()").await.unwrap();
+    // A consumer that has read the campaign so far: its positions move with the campaign.
+    let before = one("SELECT sortie.get_updates(NULL, 'follower')").await;
+    assert!(before["events_read"].as_i64().unwrap() >= 3, "{before}");
+    db.client
+        .batch_execute("SELECT sortie.distribute()")
+        .await
+        .unwrap();
     // The rows now live on the workers, none on the coordinator.
     let placed: i64 = db
         .client
@@ -455,12 +561,18 @@ async fn an_existing_database_moves_with_its_running_campaign() {
     let step = claim["step_id"].as_i64().unwrap();
     let token = claim["claim_token"].as_str().unwrap().to_string();
     db.client
-        .execute("SELECT sortie.complete_step($1, $2::text::uuid, 'a done')", &[&step, &token])
+        .execute(
+            "SELECT sortie.complete_step($1, $2::text::uuid, 'a done')",
+            &[&step, &token],
+        )
         .await
         .unwrap();
     let next: Value = db
         .client
-        .query_one("SELECT sortie.claim_next(owner => 'w', campaign_id => $1::text::uuid)", &[&campaign])
+        .query_one(
+            "SELECT sortie.claim_next(owner => 'w', campaign_id => $1::text::uuid)",
+            &[&campaign],
+        )
         .await
         .unwrap()
         .get(0);
@@ -468,7 +580,10 @@ async fn an_existing_database_moves_with_its_running_campaign() {
     db.client
         .execute(
             "SELECT sortie.complete_step($1, $2::text::uuid, 'b done')",
-            &[&next["step_id"].as_i64().unwrap(), &next["claim_token"].as_str().unwrap()],
+            &[
+                &next["step_id"].as_i64().unwrap(),
+                &next["claim_token"].as_str().unwrap(),
+            ],
         )
         .await
         .unwrap();
@@ -479,6 +594,19 @@ async fn an_existing_database_moves_with_its_running_campaign() {
         .unwrap()
         .get(0);
     assert_eq!(got["status"], "done", "{got}");
+    // The consumer goes on where it stopped: both completions once, the claim read before not again.
+    let after = one("SELECT sortie.get_updates(NULL, 'follower')").await;
+    let done: Vec<&str> = after["completed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(done, ["a", "b"], "{after}");
+    assert_eq!(
+        one("SELECT sortie.get_updates(NULL, 'follower')").await["events_read"],
+        0
+    );
     let problems: i64 = db
         .client
         .query_one("SELECT count(*) FROM sortie.check_invariants()", &[])

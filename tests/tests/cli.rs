@@ -378,7 +378,7 @@ async fn top_once_shows_running_steps_and_progress() {
 }
 
 #[tokio::test]
-async fn doctor_exits_non_zero_while_an_idle_transaction_holds_back_updates() {
+async fn doctor_exits_non_zero_while_a_transaction_sits_idle() {
     let db = TestDb::new().await;
     let healthy = sortie(&db, &["doctor", "--grace", "0"]);
     assert_eq!(healthy.code, 0, "{}{}", healthy.stdout, healthy.stderr);
@@ -410,7 +410,7 @@ async fn doctor_exits_non_zero_while_an_idle_transaction_holds_back_updates() {
     let report: Value =
         serde_json::from_str(&sortie(&db, &["doctor", "--grace", "0", "--json"]).stdout).unwrap();
     assert_eq!(report["ok"], false);
-    assert_eq!(report["updates_held_back_by"]["pid"], pid);
+    assert_eq!(report["oldest_transaction"]["pid"], pid);
     idle.batch_execute("COMMIT").await.unwrap();
     assert_eq!(sortie(&db, &["doctor", "--grace", "0"]).code, 0);
     db.finish().await;

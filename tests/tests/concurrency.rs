@@ -386,3 +386,145 @@ async fn splice_vs_abort_is_consistent_either_way() {
     }
     db.finish().await;
 }
+
+/// SPEC §10 delta reads: readers paging get_updates while workers claim, complete and add notes
+/// in three campaigns are handed every completion and every note exactly once, each campaign's
+/// in its own commit order (the order of the numbers its events carry), and nothing after the
+/// last read is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readers_racing_writers_get_every_event_once_in_each_campaigns_order() {
+    let db = TestDb::new().await;
+    let mut campaigns = Vec::new();
+    let mut all = HashSet::new();
+    for _ in 0..3 {
+        let c = campaign(&db, "none").await;
+        let steps: Vec<_> = (0..40)
+            .map(|i| json!({"action": format!("s{i}")}))
+            .collect();
+        all.extend(ids(
+            &add(&db, c, serde_json::Value::Array(steps)).await["step_ids"]
+        ));
+        campaigns.push(c);
+    }
+    // Every reader starts at the end of the log as it is now.
+    let first = campaigns[0];
+    db.ok("sortie.get_updates(NULL, 'all')", &[]).await;
+    db.ok("sortie.get_updates($1, 'one')", &[&first]).await;
+
+    let writing = Arc::new(std::sync::atomic::AtomicUsize::new(6));
+    let mut writers = Vec::new();
+    for w in 0..6 {
+        let client = db.connect().await;
+        let writing = writing.clone();
+        writers.push(tokio::spawn(async move {
+            let mut idle = 0;
+            while idle < 3 {
+                let v = call_on(&client, "sortie.claim_next(owner => 'writer')", &[])
+                    .await
+                    .expect("claim_next");
+                let Some(step) = parse_claim(&v) else {
+                    idle += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                };
+                idle = 0;
+                let campaign = uuid::Uuid::parse_str(v["campaign_id"].as_str().unwrap()).unwrap();
+                // A note in its own transaction, numbered among the campaign's other events.
+                call_on(
+                    &client,
+                    "sortie.add_note($1, $2, step_id => $3, claim_token => $4)",
+                    &[
+                        &campaign,
+                        &format!("note of {} by {w}", step.step_id),
+                        &step.step_id,
+                        &step.token,
+                    ],
+                )
+                .await
+                .expect("add_note");
+                call_on(
+                    &client,
+                    "sortie.complete_step($1, $2, 'ok')",
+                    &[&step.step_id, &step.token],
+                )
+                .await
+                .expect("complete_step");
+            }
+            writing.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }));
+    }
+    let mut readers = Vec::new();
+    for (consumer, id) in [("all", None), ("one", Some(first))] {
+        let client = db.connect().await;
+        let writing = writing.clone();
+        readers.push(tokio::spawn(async move {
+            let mut completed: Vec<(String, i64)> = Vec::new();
+            let mut notes: Vec<i64> = Vec::new();
+            loop {
+                let done = writing.load(std::sync::atomic::Ordering::SeqCst) == 0;
+                let page = call_on(
+                    &client,
+                    "sortie.get_updates($1, $2, \"limit\" => 7)",
+                    &[&id, &consumer],
+                )
+                .await
+                .expect("get_updates");
+                for c in page["completed"].as_array().unwrap() {
+                    completed.push((
+                        c["campaign_id"].as_str().unwrap().to_string(),
+                        c["step_id"].as_i64().unwrap(),
+                    ));
+                }
+                notes.extend(
+                    page["notes"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|n| n["note_id"].as_i64().unwrap()),
+                );
+                if done && page["events_read"] == 0 {
+                    break;
+                }
+            }
+            (completed, notes)
+        }));
+    }
+    for t in writers {
+        t.await.unwrap();
+    }
+    let (all_done, all_notes) = readers.remove(0).await.unwrap();
+    let (one_done, one_notes) = readers.remove(0).await.unwrap();
+
+    // Once each, all of them.
+    let steps: Vec<i64> = all_done.iter().map(|(_, s)| *s).collect();
+    assert_eq!(
+        steps.len(),
+        all.len(),
+        "a completion handed out twice or lost"
+    );
+    assert_eq!(steps.iter().copied().collect::<HashSet<_>>(), all);
+    assert_eq!(all_notes.len(), all.len());
+    assert_eq!(all_notes.iter().collect::<HashSet<_>>().len(), all.len());
+    // Each campaign's completions in the order its events are numbered.
+    let client = db.connect().await;
+    for c in &campaigns {
+        let logged: Vec<i64> = client
+            .query("SELECT step_id FROM sortie.events WHERE campaign_id = $1 AND kind = 'step.done' ORDER BY seq", &[c])
+            .await.unwrap().iter().map(|r| r.get(0)).collect();
+        let handed: Vec<i64> = all_done
+            .iter()
+            .filter(|(x, _)| *x == c.to_string())
+            .map(|(_, s)| *s)
+            .collect();
+        assert_eq!(
+            handed, logged,
+            "campaign {c}: the all-campaign reader's order"
+        );
+        if *c == first {
+            let one: Vec<i64> = one_done.iter().map(|(_, s)| *s).collect();
+            assert_eq!(one, logged, "the one-campaign reader's order");
+            assert_eq!(one_notes.len(), 40);
+        }
+    }
+    db.finish().await;
+}

@@ -248,7 +248,10 @@ async fn assert_invariants(db: &TestDb, seed: u64, op: usize) {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert!(problems.is_empty(), "seed {seed}, op {op}: invariants: {problems:?}");
+    assert!(
+        problems.is_empty(),
+        "seed {seed}, op {op}: invariants: {problems:?}"
+    );
 }
 
 async fn compare(db: &TestDb, model: &Model, c: Uuid, seed: u64, op: usize, what: &str) {
@@ -413,7 +416,12 @@ async fn run_sequence(
                     &[&c, &n],
                 )
                 .await;
-            let claimed: Vec<_> = v.as_array().unwrap().iter().filter_map(parse_claim).collect();
+            let claimed: Vec<_> = v
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(parse_claim)
+                .collect();
             let mut expected = Vec::new();
             while expected.len() < n as usize {
                 let Some(id) = model.ready() else { break };
@@ -472,7 +480,12 @@ async fn run_sequence(
                 items.push(json!({"step_id": chosen[0], "claim_token": model.steps[&chosen[0]].token.unwrap(), "summary": "ok", "tokens_used": 2}));
                 items.push(json!({"step_id": id, "claim_token": Uuid::new_v4()}));
                 items.reverse();
-                let answer = db.ok("sortie.complete_steps($1)", &[&serde_json::Value::Array(items)]).await;
+                let answer = db
+                    .ok(
+                        "sortie.complete_steps($1)",
+                        &[&serde_json::Value::Array(items)],
+                    )
+                    .await;
                 chosen.sort();
                 let mut accepted = Vec::new();
                 for s in &chosen {
@@ -489,10 +502,15 @@ async fn run_sequence(
                     .filter(|a| a["accepted"] == true && a.get("replayed").is_none())
                     .map(|a| a["step_id"].as_i64().unwrap())
                     .collect();
-                assert_eq!(done, accepted, "seed {seed}, op {op}: the batch completed other steps: {answer}");
+                assert_eq!(
+                    done, accepted,
+                    "seed {seed}, op {op}: the batch completed other steps: {answer}"
+                );
                 let refused = answer["refused"].as_array().unwrap();
                 assert!(
-                    refused.iter().any(|r| r["step_id"] == id && r["code"] == "stale_claim"),
+                    refused
+                        .iter()
+                        .any(|r| r["step_id"] == id && r["code"] == "stale_claim"),
                     "seed {seed}, op {op}: the stale item is not refused: {answer}"
                 );
                 assert_invariants(db, seed, op).await;

@@ -21,10 +21,18 @@ async fn add_note_returns_similar_earlier_notes_of_the_campaign() {
     assert_eq!(first["embedded"], false);
     assert_eq!(first["similar"], json!([]));
     let embedded = || async {
-        count(&db, "SELECT count(*) FROM sortie.notes WHERE embedding IS NULL").await == 0
+        count(
+            &db,
+            "SELECT count(*) FROM sortie.notes WHERE embedding IS NULL",
+        )
+        .await
+            == 0
     };
     wait_for(std::time::Duration::from_secs(30), embedded).await;
-    assert!(embedded().await, "the note is embedded off the request path");
+    assert!(
+        embedded().await,
+        "the note is embedded off the request path"
+    );
     mcp.ok(
         "add_note",
         json!({"campaign_id": c, "content": "Protein folding papers from 2021 look promising"}),
@@ -141,7 +149,12 @@ async fn a_configured_embedding_service_is_used() {
     .await;
     // Embedded just after the answer, off the request path (SPEC §18).
     wait_for(std::time::Duration::from_secs(30), || async {
-        count(&db, "SELECT count(*) FROM sortie.notes WHERE embedding_model IS NOT NULL").await == 1
+        count(
+            &db,
+            "SELECT count(*) FROM sortie.notes WHERE embedding_model IS NOT NULL",
+        )
+        .await
+            == 1
     })
     .await;
     let model: String = db

@@ -94,7 +94,7 @@ async fn events_reads_the_log_oldest_first_and_pages_after_an_id() {
 }
 
 #[tokio::test]
-async fn an_idle_transaction_is_named_by_get_updates_and_health() {
+async fn an_idle_transaction_holds_back_no_update_and_health_names_it() {
     let db = TestDb::new().await;
     let c = campaign(&db, "none").await;
     add(&db, c, json!([{"action": "a"}])).await;
@@ -113,34 +113,156 @@ async fn an_idle_transaction_is_named_by_get_updates_and_health() {
     let step = claim(&db, c).await.unwrap();
     complete(&db, &step, "finished").await;
 
-    let held = db.ok("sortie.get_updates($1, 'watcher')", &[&c]).await;
-    assert_eq!(held["completed"], json!([]), "{held}");
-    assert_eq!(held["held_back_by"]["pid"], idle_pid, "{held}");
-    assert_eq!(held["held_back_by"]["state"], "idle in transaction");
-    assert!(held["held_back_by"]["age_seconds"].as_f64().unwrap() >= 0.0);
+    // SPEC §10: events are numbered per campaign, so a transaction open elsewhere delays
+    // nothing (it used to hold back every event committed after it began).
+    let delivered = db.ok("sortie.get_updates($1, 'watcher')", &[&c]).await;
+    assert_eq!(
+        delivered["completed"][0]["step_id"], step.step_id,
+        "{delivered}"
+    );
+    assert_eq!(delivered["held_back_by"], Value::Null);
+    let everything = db.ok("sortie.get_updates(NULL, 'watcher')", &[]).await;
+    assert_eq!(
+        everything["completed"][0]["step_id"], step.step_id,
+        "{everything}"
+    );
 
     let health = db.ok("sortie.health(grace => '0 seconds')", &[]).await;
     let oldest = &health["oldest_transaction"];
     assert_eq!(oldest["pid"], idle_pid, "{health}");
-    assert_eq!(oldest["holds_back_updates"], true);
-    assert!(oldest["events_waiting"].as_i64().unwrap() >= 1);
-    assert_eq!(health["updates_held_back_by"]["pid"], idle_pid);
+    assert_eq!(oldest["has_transaction_id"], true);
+    assert_eq!(oldest["state"], "idle in transaction");
     assert_eq!(health["ok"], false);
+    let problem = health["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["code"] == "open_transaction")
+        .unwrap_or_else(|| panic!("{health}"))
+        .clone();
     assert!(
-        health["problems"]
+        problem["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("pid {idle_pid} has been idle in a transaction")),
+        "{problem}"
+    );
+    // Under the default grace a transaction idle for a moment is no problem yet.
+    let calm = db.ok("sortie.health()", &[]).await;
+    assert!(
+        !calm["problems"]
             .as_array()
             .unwrap()
             .iter()
             .any(|p| p["code"] == "open_transaction"),
-        "{health}"
+        "{calm}"
     );
 
     idle.batch_execute("COMMIT").await.unwrap();
-    let delivered = db.ok("sortie.get_updates($1, 'watcher')", &[&c]).await;
-    assert_eq!(delivered["completed"][0]["step_id"], step.step_id);
-    assert_eq!(delivered["held_back_by"], Value::Null);
     let health = db.ok("sortie.health(grace => '0 seconds')", &[]).await;
-    assert_eq!(health["updates_held_back_by"], Value::Null, "{health}");
+    assert_eq!(health["ok"], true, "{health}");
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn an_event_committed_late_is_handed_out_after_the_others_and_never_lost() {
+    let db = TestDb::new().await;
+    let slow = campaign(&db, "none").await;
+    let quick = campaign(&db, "none").await;
+    add(&db, quick, json!([{"action": "q1"}, {"action": "q2"}])).await;
+    db.ok("sortie.get_updates(NULL, 'everything')", &[]).await;
+    db.ok("sortie.get_updates($1, 'one')", &[&slow]).await;
+
+    // A note of `slow` written in a transaction left open: its event is numbered, not visible.
+    let open = db.connect().await;
+    open.batch_execute("BEGIN").await.unwrap();
+    open.query_one("SELECT sortie.add_note($1, 'written late')", &[&slow])
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let step = claim(&db, quick).await.unwrap();
+        complete(&db, &step, "done").await;
+    }
+    let first = db.ok("sortie.get_updates(NULL, 'everything')", &[]).await;
+    assert_eq!(first["completed"].as_array().unwrap().len(), 2, "{first}");
+    assert_eq!(first["notes"], json!([]), "{first}");
+    assert_eq!(
+        db.ok("sortie.get_updates($1, 'one')", &[&slow]).await["events_read"],
+        0
+    );
+
+    open.batch_execute("COMMIT").await.unwrap();
+    let late = db.ok("sortie.get_updates(NULL, 'everything')", &[]).await;
+    assert_eq!(late["notes"][0]["content"], "written late", "{late}");
+    assert_eq!(late["completed"], json!([]), "{late}");
+    let one = db.ok("sortie.get_updates($1, 'one')", &[&slow]).await;
+    assert_eq!(one["notes"][0]["content"], "written late", "{one}");
+    assert_eq!(
+        db.ok("sortie.get_updates(NULL, 'everything')", &[]).await["events_read"],
+        0
+    );
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn get_updates_pages_every_campaign_in_its_own_order() {
+    let db = TestDb::new().await;
+    let a = campaign(&db, "none").await;
+    let b = campaign(&db, "none").await;
+    add(
+        &db,
+        a,
+        json!([{"action": "a1"}, {"action": "a2"}, {"action": "a3"}]),
+    )
+    .await;
+    add(&db, b, json!([{"action": "b1"}])).await;
+    for c in [a, a, a, b] {
+        let step = claim(&db, c).await.unwrap();
+        complete(&db, &step, "done").await;
+    }
+    // Page by page, two events at a time: each campaign's events come in its own order, once.
+    let mut seen: Vec<(String, i64)> = Vec::new();
+    loop {
+        let page = db
+            .ok("sortie.get_updates(NULL, 'pager', \"limit\" => 2)", &[])
+            .await;
+        let read = page["events_read"].as_i64().unwrap();
+        assert!(read <= 2, "{page}");
+        if read == 0 {
+            assert_eq!(page["has_more"], false);
+            break;
+        }
+        for done in page["completed"].as_array().unwrap() {
+            seen.push((
+                done["action"].as_str().unwrap().to_string(),
+                done["step_id"].as_i64().unwrap(),
+            ));
+        }
+    }
+    let actions: Vec<&str> = seen.iter().map(|(a, _)| a.as_str()).collect();
+    let of_a: Vec<&str> = actions
+        .iter()
+        .copied()
+        .filter(|x| x.starts_with('a'))
+        .collect();
+    assert_eq!(of_a, ["a1", "a2", "a3"], "{seen:?}");
+    assert_eq!(
+        actions.iter().filter(|x| **x == "b1").count(),
+        1,
+        "{seen:?}"
+    );
+    // Every event of both campaigns was read, each once, in its campaign's numbering.
+    let log = db.ok("sortie.events(\"limit\" => 1000)", &[]).await;
+    for c in [a, b] {
+        let seqs: Vec<i64> = log["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["campaign_id"] == json!(c))
+            .map(|e| e["seq"].as_i64().unwrap())
+            .collect();
+        assert_eq!(seqs, (1..=seqs.len() as i64).collect::<Vec<_>>(), "{log}");
+    }
     db.finish().await;
 }
 

@@ -643,17 +643,28 @@ async fn a_dispatch_whose_context_cannot_be_read_fails_its_attempt_instead_of_sp
 async fn without_a_webhook_notifications_go_to_the_runners_log() {
     let db = TestDb::new().await;
     let created = db
-        .ok("sortie.create_campaign(goal => 'quiet', planner => 'none')", &[])
+        .ok(
+            "sortie.create_campaign(goal => 'quiet', planner => 'none')",
+            &[],
+        )
         .await;
     let c = uuid::Uuid::parse_str(created["id"].as_str().unwrap()).unwrap();
     add(&db, c, json!([{"action": "a"}])).await;
     run_all(&db, c).await;
-    let waiting = count(&db, "SELECT count(*) FROM sortie.notifications WHERE NOT delivered").await;
+    let waiting = count(
+        &db,
+        "SELECT count(*) FROM sortie.notifications WHERE NOT delivered",
+    )
+    .await;
     assert!(waiting > 0, "the campaign's end left a notification");
     let (mut runner, _stop) = runner(&db, &[]).await;
     runner.tick().await.unwrap();
     assert_eq!(
-        count(&db, "SELECT count(*) FROM sortie.notifications WHERE NOT delivered").await,
+        count(
+            &db,
+            "SELECT count(*) FROM sortie.notifications WHERE NOT delivered"
+        )
+        .await,
         0
     );
     let health = db.ok("sortie.health()", &[]).await;

@@ -111,6 +111,15 @@ async fn an_upgraded_first_release_equals_a_fresh_install_and_keeps_running() {
     )
     .await
     .expect("complete under 0.1.0");
+    // Two consumers that have read everything so far, one of the campaign and one of all.
+    for read in [
+        "sortie.get_updates($1, 'watcher')",
+        "sortie.get_updates(NULL, 'watcher') || jsonb_build_object('ignored', $1::uuid)",
+    ] {
+        call_on(&old, read, &[&campaign])
+            .await
+            .expect("get_updates under 0.1.0");
+    }
     let second = claim(&old, campaign).await;
 
     old.batch_execute("ALTER EXTENSION sortie UPDATE")
@@ -125,6 +134,17 @@ async fn an_upgraded_first_release_equals_a_fresh_install_and_keeps_running() {
         .unwrap()
         .get(0);
     assert_ne!(version, "0.1.0");
+    // Each consumer goes on where it stopped: the one claim made since, nothing again.
+    for read in [
+        "sortie.get_updates($1, 'watcher')",
+        "sortie.get_updates(NULL, 'watcher') || jsonb_build_object('ignored', $1::uuid)",
+    ] {
+        let page = call_on(&old, read, &[&campaign])
+            .await
+            .expect("get_updates after the upgrade");
+        assert_eq!(page["events_read"], 1, "{read}: {page}");
+        assert_eq!(page["completed"], json!([]), "{read}: {page}");
+    }
 
     let fresh_url = database_without_extension().await;
     let fresh = connect(&fresh_url).await;

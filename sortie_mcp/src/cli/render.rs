@@ -278,24 +278,14 @@ pub fn health(answer: &Value, colour: bool) -> String {
                 t["pid"],
                 text(t, "state"),
                 t["age_seconds"],
-                if t["holds_back_updates"] == true {
-                    format!(
-                        ", holds back get_updates ({} events waiting)",
-                        t["events_waiting"]
-                    )
+                if t["holds_back_cleanup"] == true {
+                    ", holds back vacuum's clean-up"
                 } else {
-                    String::new()
+                    ""
                 }
             );
         }
         None => out.push_str("oldest open transaction: none\n"),
-    }
-    if let Some(holder) = answer["updates_held_back_by"].as_object() {
-        let _ = writeln!(
-            out,
-            "get_updates held back by: {}",
-            Value::Object(holder.clone())
-        );
     }
     let leases = &answer["expired_leases"];
     let _ = writeln!(
@@ -338,20 +328,20 @@ mod tests {
     #[test]
     fn doctor_lists_problems_first_and_names_the_open_transaction() {
         let answer = json!({"ok": false,
-            "problems": [{"code": "open_transaction", "message": "3 events wait behind pid 42"}],
+            "problems": [{"code": "open_transaction", "message": "pid 42 has been idle in a transaction for 12.5 s"}],
             "oldest_transaction": {"pid": 42, "state": "idle in transaction", "age_seconds": 12.5,
-                                   "holds_back_updates": true, "events_waiting": 3},
-            "updates_held_back_by": {"pid": 42},
+                                   "has_transaction_id": true, "holds_back_cleanup": true},
             "expired_leases": {"count": 0}, "undelivered_notifications": {"count": 1, "given_up": 0},
             "stalled_campaigns": [], "tables": [{"table": "steps", "live_rows": 90, "dead_rows": 10, "dead_ratio": 0.1}]});
         let text = health(&answer, false);
         assert!(
-            text.starts_with("1 problem(s):\n  open_transaction 3 events wait behind pid 42"),
+            text.starts_with(
+                "1 problem(s):\n  open_transaction pid 42 has been idle in a transaction"
+            ),
             "{text}"
         );
-        assert!(text.contains(
-            "pid 42 (idle in transaction), open 12.5 s, holds back get_updates (3 events waiting)"
-        ));
+        assert!(text
+            .contains("pid 42 (idle in transaction), open 12.5 s, holds back vacuum's clean-up"));
         assert!(text.contains("steps 10/100 (10%)"));
         let fine = health(&json!({"ok": true, "problems": []}), false);
         assert!(fine.starts_with("healthy"));

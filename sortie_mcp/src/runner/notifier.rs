@@ -18,7 +18,10 @@ pub const CONTENT_LIMIT: usize = 2000;
 pub async fn deliver(db: &Db, http: &reqwest::Client, webhook: Option<&str>) -> Result<()> {
     let Some(webhook) = webhook else {
         let batch = db
-            .call("take_notifications(\"limit\" => 100, lease_seconds => 60)", &[])
+            .call(
+                "take_notifications(\"limit\" => 100, lease_seconds => 60)",
+                &[],
+            )
             .await?;
         for n in batch.as_array().into_iter().flatten() {
             let id = n["id"].as_i64().unwrap_or_default();

@@ -24,7 +24,10 @@ pub async fn consult(
     campaign: uuid::Uuid,
 ) -> Result<()> {
     let state = db
-        .call("_planner_context_delegated(campaign_id => $1)", &[&campaign])
+        .call(
+            "_planner_context_delegated(campaign_id => $1)",
+            &[&campaign],
+        )
         .await?;
     let plan = if config.stub_ai {
         stub_plan(&state)

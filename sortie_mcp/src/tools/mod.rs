@@ -245,7 +245,11 @@ impl SortieServer {
         };
         // The depth rule is the extension's (can_spawn), not re-derived from its tables.
         matches!(
-            db.query_value("SELECT to_jsonb({schema}.can_spawn(step_id => $1))", &[&step]).await,
+            db.query_value(
+                "SELECT to_jsonb({schema}.can_spawn(step_id => $1))",
+                &[&step]
+            )
+            .await,
             Ok(Value::Bool(false))
         )
     }

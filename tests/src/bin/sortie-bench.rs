@@ -1399,12 +1399,24 @@ async fn citus_cost() -> anyhow::Result<()> {
     println!("## Cost per call: Citus (coordinator + 2 workers) beside one node\n");
     println!("`sortie-bench citus`: one client; {RUNS} runs of {CALLS} calls each; ms per call, median of the runs (min–max). Both with fsync=off, synchronous_commit=off, on the same machine.\n");
     println!("| call | one node | Citus | runs where |\n|---|---|---|---|");
-    let single = tokio::task::spawn_blocking(|| start_cluster(sortie_tests::cluster::TEST_SETTINGS)).await??;
+    let single =
+        tokio::task::spawn_blocking(|| start_cluster(sortie_tests::cluster::TEST_SETTINGS))
+            .await??;
     let (_, one) = fresh(&single).await?;
     let citus = sortie_tests::TestDb::distributed().await;
     let mut rows: Vec<(&str, &str, Vec<f64>, Vec<f64>)> = vec![
-        ("get_campaign (20 steps)", "delegated to the campaign's worker", vec![], vec![]),
-        ("claim_next(campaign) + complete_step", "coordinator, statements routed to one shard", vec![], vec![]),
+        (
+            "get_campaign (20 steps)",
+            "delegated to the campaign's worker",
+            vec![],
+            vec![],
+        ),
+        (
+            "claim_next(campaign) + complete_step",
+            "coordinator, statements routed to one shard",
+            vec![],
+            vec![],
+        ),
         ("create_campaign", "coordinator", vec![], vec![]),
     ];
     for (index, client) in [&one, &citus.client].into_iter().enumerate() {
@@ -1413,21 +1425,33 @@ async fn citus_cost() -> anyhow::Result<()> {
             add(client, c, &chains(20, 1)).await?;
             let start = Instant::now();
             for _ in 0..CALLS {
-                client.query_one("SELECT sortie.get_campaign($1)", &[&c]).await?;
+                client
+                    .query_one("SELECT sortie.get_campaign($1)", &[&c])
+                    .await?;
             }
             let read = start.elapsed().as_secs_f64() * 1000.0 / CALLS as f64;
             let c = new_campaign(client, ", planner => 'none'").await?;
             add(client, c, &chains(CALLS, 1)).await?;
             let start = Instant::now();
             for _ in 0..CALLS {
-                let v = call_on(client, "sortie.claim_next(owner => 'bench', campaign_id => $1)", &[&c])
-                    .await
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
-                let step = v["step_id"].as_i64().ok_or_else(|| anyhow::anyhow!("nothing claimed: {v}"))?;
+                let v = call_on(
+                    client,
+                    "sortie.claim_next(owner => 'bench', campaign_id => $1)",
+                    &[&c],
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+                let step = v["step_id"]
+                    .as_i64()
+                    .ok_or_else(|| anyhow::anyhow!("nothing claimed: {v}"))?;
                 let token = uuid::Uuid::parse_str(v["claim_token"].as_str().unwrap_or_default())?;
-                call_on(client, "sortie.complete_step($1, $2, 'ok')", &[&step, &token])
-                    .await
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                call_on(
+                    client,
+                    "sortie.complete_step($1, $2, 'ok')",
+                    &[&step, &token],
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             }
             let cycle = start.elapsed().as_secs_f64() * 1000.0 / CALLS as f64;
             let start = Instant::now();
@@ -1436,12 +1460,20 @@ async fn citus_cost() -> anyhow::Result<()> {
             }
             let create = start.elapsed().as_secs_f64() * 1000.0 / CALLS as f64;
             for (row, value) in rows.iter_mut().zip([read, cycle, create]) {
-                if index == 0 { row.2.push(value) } else { row.3.push(value) }
+                if index == 0 {
+                    row.2.push(value)
+                } else {
+                    row.3.push(value)
+                }
             }
         }
     }
     for (call, place, one_node, distributed) in rows {
-        println!("| {call} | {} | {} | {place} |", summary_ms(one_node), summary_ms(distributed));
+        println!(
+            "| {call} | {} | {} | {place} |",
+            summary_ms(one_node),
+            summary_ms(distributed)
+        );
     }
     println!();
     citus.finish().await;

@@ -30,8 +30,7 @@ impl Noop {
             return CallToolResult::error(vec![rmcp::model::ContentBlock::text("no DATABASE_URL")]);
         };
         let (client, insert) = &**db;
-        match client.execute(insert, &[]).await
-        {
+        match client.execute(insert, &[]).await {
             Ok(_) => CallToolResult::structured(serde_json::json!({})),
             Err(e) => CallToolResult::error(vec![rmcp::model::ContentBlock::text(e.to_string())]),
         }
