@@ -59,9 +59,14 @@ mod tests {
     /// `_raise()`'s CASE, read from the SQL that installs it, is the table above.
     #[test]
     fn raise_maps_exactly_the_error_codes() {
-        let sql = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../sql/bootstrap.sql"))
-            .expect("sql/bootstrap.sql");
-        let start = sql.find("CREATE FUNCTION _raise(").expect("_raise() in bootstrap.sql");
+        let sql = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../sql/bootstrap.sql"
+        ))
+        .expect("sql/bootstrap.sql");
+        let start = sql
+            .find("CREATE FUNCTION _raise(")
+            .expect("_raise() in bootstrap.sql");
         let body = &sql[start..start + sql[start..].find("$$;").expect("end of _raise()")];
         let pairs: Vec<(String, String)> = body
             .lines()
