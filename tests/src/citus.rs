@@ -62,6 +62,10 @@ const CITUS_SETTINGS: &[(&str, &str)] = &[
     ("log_min_messages", "warning"),
     ("shared_preload_libraries", "citus"),
     ("citus.shard_count", "8"),
+    // Citus asks for SSL between nodes by default and turns SSL on in a node when its
+    // extension is created; a node that has not reloaded yet refuses the coordinator's
+    // citus_add_node ("server does not support SSL"). These nodes share one machine.
+    ("citus.node_conninfo", "sslmode=prefer"),
     ("listen_addresses", "127.0.0.1"),
 ];
 
