@@ -391,6 +391,22 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION _lock_named_step_campaign(p_campaign uuid, p_step bigint) RETURNS uuid
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+    IF p_campaign IS NULL OR p_step IS NULL THEN
+        PERFORM _raise('invalid_argument', 'campaign_id and step_id are required');
+    END IF;
+    PERFORM _lock_campaign(p_campaign);
+    PERFORM 1 FROM steps s WHERE s.campaign_id = p_campaign AND s.id = p_step;
+    IF NOT FOUND THEN
+        PERFORM _raise('not_found', format('step %s does not exist in campaign %s', p_step, p_campaign));
+    END IF;
+    RETURN p_campaign;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION _lock_step(p_step bigint) RETURNS steps
 LANGUAGE plpgsql VOLATILE
 AS $$
@@ -1027,7 +1043,31 @@ AS $$
 #variable_conflict use_variable
 DECLARE
     v_tokens bigint := _check_tokens(tokens_used);
-    v_campaign uuid;
+BEGIN
+    RETURN _complete_step_in(_lock_step_campaign(step_id), step_id, claim_token, summary, v_tokens);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _complete_step_delegated(campaign_id uuid, step_id bigint, claim_token uuid, summary text DEFAULT '',
+                                         tokens_used bigint DEFAULT 0)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_tokens bigint := _check_tokens(tokens_used);
+BEGIN
+    RETURN _complete_step_in(_lock_named_step_campaign(campaign_id, step_id), step_id, claim_token, summary, v_tokens);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _complete_step_in(v_campaign uuid, step_id bigint, claim_token uuid, summary text, v_tokens bigint)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+AS $$
+#variable_conflict use_variable
+DECLARE
     v_parent bigint;
     v_claimed_at timestamptz;
     v_locks text[];
@@ -1037,13 +1077,12 @@ DECLARE
     v_budget bigint;
     s steps;
 BEGIN
-    v_campaign := _lock_step_campaign(step_id);
     UPDATE steps
        SET status = 'done', output = coalesce(summary, ''), tokens_used = steps.tokens_used + v_tokens,
            duration_ms = (extract(epoch FROM _clock() - claimed_at) * 1000)::bigint,
            completed_at = _clock(), claim_token = NULL, lease_expires_at = NULL
      WHERE steps.campaign_id = v_campaign AND id = step_id
-       AND steps.claim_token = complete_step.claim_token AND status = 'running' AND steps.verify IS NULL
+       AND steps.claim_token = _complete_step_in.claim_token AND status = 'running' AND steps.verify IS NULL
     RETURNING parent_id, claimed_at, requires_locks INTO v_parent, v_claimed_at, v_locks;
     IF NOT FOUND THEN
         SELECT * INTO s FROM steps WHERE steps.campaign_id = v_campaign AND id = step_id;
@@ -1073,8 +1112,8 @@ BEGIN
                                   s.id, coalesce(s.error, s.skip_cause)));
         END IF;
         -- SPEC §14: the claim that completed the step, repeating itself, gets its first answer.
-        IF _finished_claim(s.id, claim_token, 'complete_step', jsonb_build_object('summary', summary, 'tokens_used', v_tokens)) IS NOT NULL THEN
-            RETURN _finished_claim(s.id, claim_token, 'complete_step', jsonb_build_object('summary', summary, 'tokens_used', v_tokens));
+        IF _finished_claim(v_campaign, s.id, claim_token, 'complete_step', jsonb_build_object('summary', summary, 'tokens_used', v_tokens)) IS NOT NULL THEN
+            RETURN _finished_claim(v_campaign, s.id, claim_token, 'complete_step', jsonb_build_object('summary', summary, 'tokens_used', v_tokens));
         END IF;
         PERFORM _check_claim(s, claim_token, 'complete_step');
         PERFORM _raise('invalid_state', format('step %s cannot be completed', s.id));
@@ -1096,7 +1135,7 @@ BEGIN
         END IF;
         SELECT status INTO v_status FROM campaigns WHERE id = v_campaign;
     END IF;
-    RETURN _keep_finished_claim(step_id, claim_token, 'complete_step',
+    RETURN _keep_finished_claim(v_campaign, step_id, claim_token, 'complete_step',
                                 jsonb_build_object('summary', summary, 'tokens_used', v_tokens),
                                 jsonb_build_object('step_id', step_id, 'status', 'done', 'accepted', true,
                                                    'campaign_status', v_status));
@@ -1201,10 +1240,11 @@ BEGIN
         SELECT c.status INTO v_after FROM campaigns c WHERE c.id = p_campaign;
     END IF;
     -- SPEC §14, as _keep_finished_claim keeps each.
-    DELETE FROM finished_claims
-     WHERE claim_token IN (SELECT f.claim_token FROM finished_claims f
-                            WHERE f.created_at < now() - _idempotency_retention()
-                            ORDER BY f.created_at LIMIT 10 * v_count);
+    DELETE FROM finished_claims f
+     WHERE f.campaign_id = p_campaign
+       AND f.claim_token IN (SELECT o.claim_token FROM finished_claims o
+                              WHERE o.campaign_id = p_campaign AND o.created_at < now() - _idempotency_retention()
+                              ORDER BY o.created_at LIMIT 10 * v_count);
     WITH answers AS (
         SELECT k.id, k.token, k.summary, k.used,
                jsonb_build_object('step_id', k.id, 'status', 'done', 'accepted', true,
@@ -1212,11 +1252,11 @@ BEGIN
                k.n
           FROM unnest(p_ids, p_tokens, p_summaries, p_used) WITH ORDINALITY AS k(id, token, summary, used, n)),
     kept AS (
-        INSERT INTO finished_claims (claim_token, step_id, call, arguments_hash, result)
-        SELECT a.token, a.id, 'complete_step',
+        INSERT INTO finished_claims (campaign_id, claim_token, step_id, call, arguments_hash, result)
+        SELECT p_campaign, a.token, a.id, 'complete_step',
                _arguments_hash(jsonb_build_object('summary', a.summary, 'tokens_used', a.used)), a.answer
           FROM answers a
-        ON CONFLICT (claim_token) DO NOTHING)
+        ON CONFLICT DO NOTHING)
     SELECT jsonb_agg(a.answer ORDER BY a.n) INTO v_answers FROM answers a;
     RETURN v_answers;
 END
@@ -1456,10 +1496,28 @@ CREATE OR REPLACE FUNCTION fail_step(step_id bigint, claim_token uuid, error tex
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
+BEGIN
+    RETURN _fail_step_in(_lock_step_campaign(step_id), step_id, claim_token, error);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _fail_step_delegated(campaign_id uuid, step_id bigint, claim_token uuid, error text DEFAULT '')
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN _fail_step_in(_lock_named_step_campaign(campaign_id, step_id), step_id, claim_token, error);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _fail_step_in(p_campaign uuid, step_id bigint, claim_token uuid, error text) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+AS $$
 #variable_conflict use_variable
 DECLARE
     -- SPEC §14: the claim that failed the step, repeating itself, gets its first answer.
-    v_replay jsonb := _finished_claim(step_id, claim_token, 'fail_step', jsonb_build_object('error', error));
+    v_replay jsonb := _finished_claim(p_campaign, step_id, claim_token, 'fail_step', jsonb_build_object('error', error));
     s steps;
     v_now text;
     v_not_before timestamptz;
@@ -1467,13 +1525,14 @@ BEGIN
     IF v_replay IS NOT NULL THEN
         RETURN v_replay;
     END IF;
-    s := _lock_claimed_step(step_id, claim_token, 'fail_step');
+    SELECT * INTO s FROM steps x WHERE x.campaign_id = p_campaign AND x.id = step_id FOR UPDATE;
+    s := _check_claim(s, claim_token, 'fail_step');
     v_now := _attempt_failed(s, coalesce(nullif(error, ''), 'failed without a reason'));
     -- Read apart from the call below: a rule called in a query over a per-campaign table may
     -- not run queries of its own (Citus runs the whole query on the campaign's shard).
     SELECT x.not_before INTO v_not_before FROM steps x
-     WHERE x.campaign_id = s.campaign_id AND x.id = s.id AND x.status = 'pending';
-    RETURN _keep_finished_claim(s.id, claim_token, 'fail_step', jsonb_build_object('error', error),
+     WHERE x.campaign_id = p_campaign AND x.id = s.id AND x.status = 'pending';
+    RETURN _keep_finished_claim(p_campaign, s.id, claim_token, 'fail_step', jsonb_build_object('error', error),
         jsonb_build_object('step_id', s.id, 'status', v_now,
         'attempts', s.attempts + 1, 'max_attempts', s.max_attempts, 'will_retry', v_now = 'pending',
         'not_before', v_not_before));
@@ -4231,6 +4290,7 @@ CREATE TABLE IF NOT EXISTS idempotency_records (
 CREATE INDEX IF NOT EXISTS idempotency_records_created_at ON idempotency_records (created_at);
 
 CREATE TABLE IF NOT EXISTS finished_claims (
+    campaign_id  uuid NOT NULL REFERENCES campaigns (id) ON DELETE CASCADE,
     claim_token  uuid PRIMARY KEY,
     step_id      bigint NOT NULL,
     call         text NOT NULL,
@@ -4239,7 +4299,7 @@ CREATE TABLE IF NOT EXISTS finished_claims (
     created_at   timestamptz NOT NULL DEFAULT now()
 );
 
-CREATE INDEX IF NOT EXISTS finished_claims_created_at ON finished_claims (created_at);
+CREATE INDEX IF NOT EXISTS finished_claims_campaign_created ON finished_claims (campaign_id, created_at);
 
 CREATE OR REPLACE FUNCTION _idempotency_retention() RETURNS interval
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
@@ -4289,34 +4349,41 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION _finished_claim(p_step bigint, p_token uuid, p_call text, p_arguments jsonb) RETURNS jsonb
+CREATE OR REPLACE FUNCTION _finished_claim(p_campaign uuid, p_step bigint, p_token uuid, p_call text, p_arguments jsonb)
+RETURNS jsonb
 LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
 AS $$
 BEGIN
     RETURN (SELECT f.result || '{"replayed": true}'
               FROM finished_claims f
-             WHERE f.claim_token = p_token AND f.step_id = p_step AND f.call = p_call
-               AND f.arguments_hash = _arguments_hash(p_arguments));
+             WHERE f.campaign_id = p_campaign AND f.claim_token = p_token AND f.step_id = p_step
+               AND f.call = p_call AND f.arguments_hash = _arguments_hash(p_arguments));
 END
 $$;
 
-CREATE OR REPLACE FUNCTION _keep_finished_claim(p_step bigint, p_token uuid, p_call text, p_arguments jsonb, p_result jsonb)
+CREATE OR REPLACE FUNCTION _keep_finished_claim(p_campaign uuid, p_step bigint, p_token uuid, p_call text, p_arguments jsonb,
+                                     p_result jsonb)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
+DECLARE
+    v_before timestamptz := now() - _idempotency_retention();
+    v_hash text := _arguments_hash(p_arguments);
 BEGIN
     IF p_token IS NULL THEN
         RETURN p_result;
     END IF;
-    DELETE FROM finished_claims
-     WHERE claim_token IN (SELECT claim_token FROM finished_claims
-                            WHERE created_at < now() - _idempotency_retention()
-                            ORDER BY created_at LIMIT 10);
-    INSERT INTO finished_claims (claim_token, step_id, call, arguments_hash, result)
-    VALUES (p_token, p_step, p_call, _arguments_hash(p_arguments), p_result)
-    ON CONFLICT (claim_token) DO NOTHING;
+    DELETE FROM finished_claims f
+     WHERE f.campaign_id = p_campaign
+       AND f.claim_token IN (SELECT o.claim_token FROM finished_claims o
+                              WHERE o.campaign_id = p_campaign AND o.created_at < v_before
+                              ORDER BY o.created_at LIMIT 10);
+    -- No conflict target: on Citus the key is (campaign_id, claim_token).
+    INSERT INTO finished_claims (campaign_id, claim_token, step_id, call, arguments_hash, result)
+    VALUES (p_campaign, p_token, p_step, p_call, v_hash, p_result)
+    ON CONFLICT DO NOTHING;
     RETURN p_result;
 END
 $$;
@@ -4331,7 +4398,10 @@ AS $$
                               'kind', e.kind, 'payload', e.payload, 'at', e.at);
 $$;
 
-CREATE OR REPLACE FUNCTION events(campaign_id uuid DEFAULT NULL, after_id bigint DEFAULT 0, "limit" integer DEFAULT 100)
+CREATE INDEX IF NOT EXISTS events_at_range ON events USING brin (at);
+
+CREATE OR REPLACE FUNCTION events(campaign_id uuid DEFAULT NULL, after_id bigint DEFAULT 0, "limit" integer DEFAULT 100,
+                       after text DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
@@ -4339,7 +4409,17 @@ AS $$
 #variable_conflict use_variable
 DECLARE
     v_limit integer := least(greatest(coalesce("limit", 100), 1), 1000);
+    -- The order a position names: 's' one campaign's numbers, 'i' ids, 't' (at, campaign, seq).
+    v_mode text := CASE WHEN campaign_id IS NOT NULL THEN 's' WHEN _on_citus() THEN 't' ELSE 'i' END;
+    v_parts text[];
+    v_id bigint := 0;
+    v_seq bigint := 0;
+    v_at timestamptz := '-infinity';
+    v_campaign uuid := '00000000-0000-0000-0000-000000000000';
+    v_start boolean := after IS NULL AND coalesce(after_id, 0) = 0;
     v_rows jsonb;
+    v_last jsonb;
+    v_next text;
 BEGIN
     IF after_id IS NOT NULL AND after_id < 0 THEN
         PERFORM _raise('invalid_argument', 'after_id must be 0 or an event id');
@@ -4347,23 +4427,78 @@ BEGIN
     IF campaign_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM campaigns c WHERE c.id = campaign_id) THEN
         PERFORM _raise('not_found', format('campaign %s does not exist', campaign_id));
     END IF;
-    IF coalesce(after_id, 0) = 0 THEN
-        SELECT coalesce(jsonb_agg(_event_row(e) ORDER BY e.id), '[]') INTO v_rows
+    IF after IS NOT NULL THEN
+        v_parts := regexp_match(after, '^(s|i)(\d{1,19})$');
+        IF v_parts IS NULL THEN
+            v_parts := regexp_match(after, '^(t)(-?\d{1,19})/([0-9a-f-]{36})/(\d{1,19})$');
+        END IF;
+        IF v_parts IS NULL OR v_parts[1] <> v_mode THEN
+            PERFORM _raise('invalid_argument', format(
+                'after must be the next_after of an earlier events() call with the same campaign_id, not %L', left(after, 80)));
+        END IF;
+        IF v_mode = 't' THEN
+            v_at := timestamptz 'epoch' + v_parts[2]::bigint * interval '1 microsecond';
+            v_campaign := v_parts[3]::uuid;
+            v_seq := v_parts[4]::bigint;
+        ELSIF v_mode = 's' THEN
+            v_seq := v_parts[2]::bigint;
+        ELSE
+            v_id := v_parts[2]::bigint;
+        END IF;
+    ELSIF NOT v_start THEN
+        -- after_id: the id order, as before positions (single node).
+        v_mode := 'i';
+        v_id := after_id;
+    END IF;
+
+    IF v_start THEN
+        -- The newest, by the order of the position the answer gives.
+        IF v_mode = 's' THEN
+            SELECT coalesce(jsonb_agg(_event_row(e) ORDER BY e.seq), '[]') INTO v_rows
+              FROM (SELECT * FROM events e WHERE e.campaign_id = campaign_id ORDER BY e.seq DESC LIMIT v_limit) e;
+        ELSIF v_mode = 't' THEN
+            SELECT coalesce(jsonb_agg(_event_row(e) ORDER BY e.at, e.campaign_id, e.seq), '[]') INTO v_rows
+              FROM (SELECT * FROM events e ORDER BY e.at DESC, e.campaign_id DESC, e.seq DESC LIMIT v_limit) e;
+        ELSE
+            SELECT coalesce(jsonb_agg(_event_row(e) ORDER BY e.id), '[]') INTO v_rows
+              FROM (SELECT * FROM events e ORDER BY e.tx DESC, e.id DESC LIMIT v_limit) e;
+        END IF;
+    ELSIF v_mode = 's' THEN
+        SELECT coalesce(jsonb_agg(_event_row(e) ORDER BY e.seq), '[]') INTO v_rows
+          FROM (SELECT * FROM events e WHERE e.campaign_id = campaign_id AND e.seq > v_seq
+                 ORDER BY e.seq LIMIT v_limit) e;
+    ELSIF v_mode = 't' THEN
+        SELECT coalesce(jsonb_agg(_event_row(e) ORDER BY e.at, e.campaign_id, e.seq), '[]') INTO v_rows
           FROM (SELECT * FROM events e
-                 WHERE campaign_id IS NULL OR e.campaign_id = campaign_id
-                 ORDER BY e.tx DESC, e.id DESC
-                 LIMIT v_limit) e;
+                 WHERE e.at >= v_at AND (e.at, e.campaign_id, e.seq) > (v_at, v_campaign, v_seq)
+                 ORDER BY e.at, e.campaign_id, e.seq LIMIT v_limit) e;
     ELSE
         SELECT coalesce(jsonb_agg(_event_row(e) ORDER BY e.id), '[]') INTO v_rows
           FROM (SELECT * FROM events e
-                 WHERE e.id > after_id AND (campaign_id IS NULL OR e.campaign_id = campaign_id)
-                 ORDER BY e.id
-                 LIMIT v_limit) e;
+                 WHERE e.id > v_id AND (campaign_id IS NULL OR e.campaign_id = campaign_id)
+                 ORDER BY e.id LIMIT v_limit) e;
+    END IF;
+
+    v_last := v_rows -> -1;
+    IF v_mode = 's' THEN
+        v_next := 's' || coalesce((v_last ->> 'seq')::bigint, v_seq);
+    ELSIF v_mode = 't' THEN
+        IF v_last IS NULL THEN
+            -- Nothing after the position (or no log yet: the position before every event).
+            v_next := 't' || CASE WHEN v_at = '-infinity' THEN 0 ELSE (extract(epoch FROM v_at) * 1000000)::bigint END
+                      || '/' || v_campaign || '/' || v_seq;
+        ELSE
+            v_next := 't' || (extract(epoch FROM (v_last ->> 'at')::timestamptz) * 1000000)::bigint
+                      || '/' || (v_last ->> 'campaign_id') || '/' || (v_last ->> 'seq');
+        END IF;
+    ELSE
+        v_next := 'i' || coalesce((v_last ->> 'id')::bigint, v_id);
     END IF;
     RETURN jsonb_build_object(
         'events', v_rows,
-        'next_after_id', coalesce((v_rows -> -1 ->> 'id')::bigint, after_id, 0),
-        'has_more', coalesce(after_id, 0) > 0 AND jsonb_array_length(v_rows) = v_limit);
+        'next_after_id', coalesce((v_last ->> 'id')::bigint, after_id, 0),
+        'next_after', v_next,
+        'has_more', NOT v_start AND jsonb_array_length(v_rows) = v_limit);
 END
 $$;
 
@@ -4639,6 +4774,7 @@ BEGIN
     DELETE FROM step_dependencies d WHERE d.campaign_id = ANY (v_ids);
     DELETE FROM notes n WHERE n.campaign_id = ANY (v_ids);
     DELETE FROM events e WHERE e.campaign_id = ANY (v_ids);
+    DELETE FROM finished_claims f WHERE f.campaign_id = ANY (v_ids);
     -- Lock keys are global (under Citus a reference table, without a foreign key to campaigns).
     DELETE FROM resource_leases l WHERE l.campaign_id = ANY (v_ids);
     DELETE FROM steps s WHERE s.campaign_id = ANY (v_ids);
@@ -4815,11 +4951,12 @@ $$;
 -- sql/engine/distribute.sql
 CREATE OR REPLACE FUNCTION _distributed_tables() RETURNS text[]
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$ SELECT ARRAY['campaigns', 'steps', 'step_dependencies', 'events', 'event_positions', 'notes', 'notifications', 'workflow_history'] $$;
+AS $$ SELECT ARRAY['campaigns', 'steps', 'step_dependencies', 'events', 'event_positions', 'notes', 'notifications', 'workflow_history',
+                    'finished_claims'] $$;
 
 CREATE OR REPLACE FUNCTION _reference_tables() RETURNS text[]
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$ SELECT ARRAY['resource_leases', 'workflows', 'cursors', 'idempotency_records', 'finished_claims'] $$;
+AS $$ SELECT ARRAY['resource_leases', 'workflows', 'cursors', 'idempotency_records'] $$;
 
 CREATE OR REPLACE FUNCTION _get_campaign_delegated(id uuid, steps_limit integer DEFAULT 500, steps_cursor text DEFAULT NULL)
 RETURNS jsonb
@@ -4859,7 +4996,9 @@ AS $$
         ('_campaign_graph_delegated(uuid,integer)', 'id'),
         ('_planner_context_delegated(uuid)', 'campaign_id'),
         ('_heartbeat_delegated(uuid,bigint,uuid,integer)', 'campaign_id'),
-        ('_get_my_context_delegated(uuid,bigint,integer,integer,uuid)', 'campaign_id')
+        ('_get_my_context_delegated(uuid,bigint,integer,integer,uuid)', 'campaign_id'),
+        ('_complete_step_delegated(uuid,bigint,uuid,text,bigint)', 'campaign_id'),
+        ('_fail_step_delegated(uuid,bigint,uuid,text)', 'campaign_id')
     ) AS f(signature, campaign_arg);
 $$;
 
@@ -4882,7 +5021,8 @@ AS $$
         'ALTER TABLE @s.notes DROP CONSTRAINT notes_pkey, ADD CONSTRAINT notes_pkey PRIMARY KEY (campaign_id, id), '
             || 'ADD CONSTRAINT notes_step_id_fkey FOREIGN KEY (campaign_id, step_id) REFERENCES @s.steps (campaign_id, id)',
         'ALTER TABLE @s.notifications ALTER COLUMN campaign_id SET NOT NULL, DROP CONSTRAINT notifications_pkey, ADD CONSTRAINT notifications_pkey PRIMARY KEY (campaign_id, id)',
-        'ALTER TABLE @s.workflow_history DROP CONSTRAINT workflow_history_pkey, ADD CONSTRAINT workflow_history_pkey PRIMARY KEY (campaign_id, id)'
+        'ALTER TABLE @s.workflow_history DROP CONSTRAINT workflow_history_pkey, ADD CONSTRAINT workflow_history_pkey PRIMARY KEY (campaign_id, id)',
+        'ALTER TABLE @s.finished_claims DROP CONSTRAINT finished_claims_pkey, ADD CONSTRAINT finished_claims_pkey PRIMARY KEY (campaign_id, claim_token)'
     ]) WITH ORDINALITY AS k(s, o);
 $$;
 
@@ -5048,13 +5188,15 @@ AS $$
             ('record_benchmark',       ARRAY['sortie_runner']),
             -- scale-out (docs/scale-out.md): an operator's, as superuser, on a Citus coordinator
             ('distribute',             ARRAY[]::text[]),
-            -- the delegated twins of three reads (distribute.sql), for sortie's programs, which
-            -- call them with the campaign they hold: the roles of the function each one calls
+            -- the delegated twins (distribute.sql), for sortie's programs, which call them with
+            -- the campaign they hold: the roles of the function each one stands for
             ('_get_campaign_delegated',    ARRAY['sortie_coordinator', 'sortie_reader']),
             ('_campaign_graph_delegated',  ARRAY['sortie_coordinator', 'sortie_reader']),
             ('_planner_context_delegated', ARRAY['sortie_runner']),
             ('_heartbeat_delegated',       ARRAY['sortie_worker', 'sortie_runner']),
             ('_get_my_context_delegated',  ARRAY['sortie_worker', 'sortie_runner']),
+            ('_complete_step_delegated',   ARRAY['sortie_worker', 'sortie_runner']),
+            ('_fail_step_delegated',       ARRAY['sortie_worker', 'sortie_runner']),
             -- internal: called by the functions above (which run as the owner), by no role
             ('_skip_cascade',           ARRAY[]::text[]),
             ('_similar_notes',          ARRAY[]::text[]),

@@ -274,9 +274,10 @@ async fn follow<F>(
     F: std::future::Future<Output = bool>,
 {
     let mut wake = crate::runner::listener::listen(db.connection_string()).await;
-    let mut after = match db.call("events(\"limit\" => 1)", &[]).await {
-        Ok(page) => page["next_after_id"].as_i64().unwrap_or(0),
-        Err(_) => 0,
+    let mut after: Option<String> = match db.call("events(\"limit\" => 1)", &[]).await {
+        // A position that holds on every node (on Citus too): `next_after`.
+        Ok(page) => page["next_after"].as_str().map(String::from),
+        Err(_) => None,
     };
     let mut poll_until = tokio::time::Instant::now();
     loop {
@@ -295,12 +296,14 @@ async fn follow<F>(
             _ = tokio::time::sleep(pause) => {}
         }
         let Ok(page) = db
-            .call("events(after_id => $1, \"limit\" => 1000)", &[&after])
+            .call("events(after => $1, \"limit\" => 1000)", &[&after])
             .await
         else {
             continue;
         };
-        after = page["next_after_id"].as_i64().unwrap_or(after);
+        if let Some(next) = page["next_after"].as_str() {
+            after = Some(next.to_string());
+        }
         let Some(subscribed) = addresses() else {
             return;
         };

@@ -16,8 +16,7 @@ BEGIN
 END
 $$;
 
--- The hot path: one guarded update of the step; the reasons a completion is refused are
--- worked out only when that update finds nothing.
+-- SPEC §3 completion: the step's campaign is locked here, the rest is _complete_step_in's.
 CREATE FUNCTION complete_step(step_id bigint, claim_token uuid, summary text DEFAULT '', tokens_used bigint DEFAULT 0)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
@@ -26,7 +25,40 @@ AS $$
 #variable_conflict use_variable
 DECLARE
     v_tokens bigint := _check_tokens(tokens_used);
-    v_campaign uuid;
+BEGIN
+    RETURN _complete_step_in(_lock_step_campaign(step_id), step_id, claim_token, summary, v_tokens);
+END
+$$;
+
+-- complete_step() naming its campaign first (SPEC §2 scale-out rule): under Citus it is
+-- delegated to the worker holding the campaign and runs there as one local transaction
+-- (distribute.sql). sortie-mcp calls it for its session's own step, whose campaign it holds.
+-- Never with a NULL campaign_id: a Citus 13.2 coordinator crashes on one (citusdata/citus#7242).
+-- Errors: those of complete_step; not_found when the step is not in that campaign.
+CREATE FUNCTION _complete_step_delegated(campaign_id uuid, step_id bigint, claim_token uuid, summary text DEFAULT '',
+                                         tokens_used bigint DEFAULT 0)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_tokens bigint := _check_tokens(tokens_used);
+BEGIN
+    RETURN _complete_step_in(_lock_named_step_campaign(campaign_id, step_id), step_id, claim_token, summary, v_tokens);
+END
+$$;
+
+-- The completion itself, for a step of campaign `p_campaign`, which the caller has locked;
+-- `p_tokens` is checked. The hot path: one guarded update of the step; the reasons a
+-- completion is refused are worked out only when that update finds nothing. Every statement
+-- names the campaign.
+CREATE FUNCTION _complete_step_in(p_campaign uuid, step_id bigint, claim_token uuid, summary text, p_tokens bigint)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+AS $$
+#variable_conflict use_variable
+DECLARE
     v_parent bigint;
     v_claimed_at timestamptz;
     v_locks text[];
@@ -36,29 +68,28 @@ DECLARE
     v_budget bigint;
     s steps;
 BEGIN
-    v_campaign := _lock_step_campaign(step_id);
     UPDATE steps
-       SET status = 'done', output = coalesce(summary, ''), tokens_used = steps.tokens_used + v_tokens,
+       SET status = 'done', output = coalesce(summary, ''), tokens_used = steps.tokens_used + p_tokens,
            duration_ms = (extract(epoch FROM _clock() - claimed_at) * 1000)::bigint,
            completed_at = _clock(), claim_token = NULL, lease_expires_at = NULL
-     WHERE steps.campaign_id = v_campaign AND id = step_id
-       AND steps.claim_token = complete_step.claim_token AND status = 'running' AND steps.verify IS NULL
+     WHERE steps.campaign_id = p_campaign AND id = step_id
+       AND steps.claim_token = _complete_step_in.claim_token AND status = 'running' AND steps.verify IS NULL
     RETURNING parent_id, claimed_at, requires_locks INTO v_parent, v_claimed_at, v_locks;
     IF NOT FOUND THEN
-        SELECT * INTO s FROM steps WHERE steps.campaign_id = v_campaign AND id = step_id;
+        SELECT * INTO s FROM steps WHERE steps.campaign_id = p_campaign AND id = step_id;
         -- SPEC §17: a step with a check stays running, the summary stored, until its command
         -- passed (record_verification); the caller runs the command.
         IF s.verify IS NOT NULL AND s.status = 'running' AND s.claim_token = claim_token THEN
             UPDATE steps
-               SET output = coalesce(summary, ''), tokens_used = steps.tokens_used + v_tokens,
+               SET output = coalesce(summary, ''), tokens_used = steps.tokens_used + p_tokens,
                    verification_requested_at = _clock()
-             WHERE steps.campaign_id = v_campaign AND id = s.id;
+             WHERE steps.campaign_id = p_campaign AND id = s.id;
             -- Tokens were spent whatever the check says.
-            IF v_tokens > 0 THEN
-                UPDATE campaigns SET tokens_used = campaigns.tokens_used + v_tokens WHERE id = v_campaign;
-                PERFORM _enforce_budget(v_campaign);
+            IF p_tokens > 0 THEN
+                UPDATE campaigns SET tokens_used = campaigns.tokens_used + p_tokens WHERE id = p_campaign;
+                PERFORM _enforce_budget(p_campaign);
             END IF;
-            PERFORM _emit(v_campaign, s.id, 'step.verifying', jsonb_build_object('verify', s.verify));
+            PERFORM _emit(p_campaign, s.id, 'step.verifying', jsonb_build_object('verify', s.verify));
             RETURN jsonb_build_object('step_id', s.id, 'status', 'running', 'accepted', true,
                                       'verification', 'pending', 'verify', s.verify,
                                       'message', 'the step is done once its verify command passes');
@@ -66,37 +97,37 @@ BEGIN
         -- A worker whose step was skipped under it (abort, cancel) is told so; what it
         -- produced is kept on the step for audit, and nothing else changes.
         IF s.status = 'skipped' AND s.claim_token = claim_token THEN
-            UPDATE steps SET output = coalesce(steps.output, summary) WHERE steps.campaign_id = v_campaign AND id = s.id;
+            UPDATE steps SET output = coalesce(steps.output, summary) WHERE steps.campaign_id = p_campaign AND id = s.id;
             RETURN jsonb_build_object('step_id', s.id, 'status', 'skipped', 'accepted', false,
                 'message', format('step %s was skipped (%s) while you worked; your output was kept for the record',
                                   s.id, coalesce(s.error, s.skip_cause)));
         END IF;
         -- SPEC §14: the claim that completed the step, repeating itself, gets its first answer.
-        IF _finished_claim(s.id, claim_token, 'complete_step', jsonb_build_object('summary', summary, 'tokens_used', v_tokens)) IS NOT NULL THEN
-            RETURN _finished_claim(s.id, claim_token, 'complete_step', jsonb_build_object('summary', summary, 'tokens_used', v_tokens));
+        IF _finished_claim(p_campaign, s.id, claim_token, 'complete_step', jsonb_build_object('summary', summary, 'tokens_used', p_tokens)) IS NOT NULL THEN
+            RETURN _finished_claim(p_campaign, s.id, claim_token, 'complete_step', jsonb_build_object('summary', summary, 'tokens_used', p_tokens));
         END IF;
         PERFORM _check_claim(s, claim_token, 'complete_step');
         PERFORM _raise('invalid_state', format('step %s cannot be completed', s.id));
     END IF;
-    PERFORM _emit(v_campaign, step_id, 'step.done');
-    v_ready := _release_dependents(v_campaign, ARRAY[step_id]);
+    PERFORM _emit(p_campaign, step_id, 'step.done');
+    v_ready := _release_dependents(p_campaign, ARRAY[step_id]);
     -- One campaign update for every counter this completion moves: it stops running, is no
-    -- longer open, made v_ready steps ready and spent v_tokens.
+    -- longer open, made v_ready steps ready and spent p_tokens.
     SELECT r.open_steps, r.status, r.token_budget INTO v_open, v_status, v_budget
-      FROM _leave_running(v_campaign, step_id, v_claimed_at, v_locks,
-                         p_open => -1, p_ready => v_ready, p_tokens => v_tokens) r;
+      FROM _leave_running(p_campaign, step_id, v_claimed_at, v_locks,
+                         p_open => -1, p_ready => v_ready, p_tokens => p_tokens) r;
     IF v_parent IS NOT NULL THEN
-        PERFORM _member_settled(v_campaign, v_parent, 1, 0, NULL);
+        PERFORM _member_settled(p_campaign, v_parent, 1, 0, NULL);
     END IF;
     IF v_parent IS NOT NULL OR v_open = 0 OR v_budget IS NOT NULL THEN
-        PERFORM _check_drained(v_campaign);
+        PERFORM _check_drained(p_campaign);
         IF v_budget IS NOT NULL THEN
-            PERFORM _enforce_budget(v_campaign);
+            PERFORM _enforce_budget(p_campaign);
         END IF;
-        SELECT status INTO v_status FROM campaigns WHERE id = v_campaign;
+        SELECT status INTO v_status FROM campaigns WHERE id = p_campaign;
     END IF;
-    RETURN _keep_finished_claim(step_id, claim_token, 'complete_step',
-                                jsonb_build_object('summary', summary, 'tokens_used', v_tokens),
+    RETURN _keep_finished_claim(p_campaign, step_id, claim_token, 'complete_step',
+                                jsonb_build_object('summary', summary, 'tokens_used', p_tokens),
                                 jsonb_build_object('step_id', step_id, 'status', 'done', 'accepted', true,
                                                    'campaign_status', v_status));
 END
@@ -214,10 +245,11 @@ BEGIN
         SELECT c.status INTO v_after FROM campaigns c WHERE c.id = p_campaign;
     END IF;
     -- SPEC §14, as _keep_finished_claim keeps each.
-    DELETE FROM finished_claims
-     WHERE claim_token IN (SELECT f.claim_token FROM finished_claims f
-                            WHERE f.created_at < now() - _idempotency_retention()
-                            ORDER BY f.created_at LIMIT 10 * v_count);
+    DELETE FROM finished_claims f
+     WHERE f.campaign_id = p_campaign
+       AND f.claim_token IN (SELECT o.claim_token FROM finished_claims o
+                              WHERE o.campaign_id = p_campaign AND o.created_at < now() - _idempotency_retention()
+                              ORDER BY o.created_at LIMIT 10 * v_count);
     WITH answers AS (
         SELECT k.id, k.token, k.summary, k.used,
                jsonb_build_object('step_id', k.id, 'status', 'done', 'accepted', true,
@@ -225,11 +257,11 @@ BEGIN
                k.n
           FROM unnest(p_ids, p_tokens, p_summaries, p_used) WITH ORDINALITY AS k(id, token, summary, used, n)),
     kept AS (
-        INSERT INTO finished_claims (claim_token, step_id, call, arguments_hash, result)
-        SELECT a.token, a.id, 'complete_step',
+        INSERT INTO finished_claims (campaign_id, claim_token, step_id, call, arguments_hash, result)
+        SELECT p_campaign, a.token, a.id, 'complete_step',
                _arguments_hash(jsonb_build_object('summary', a.summary, 'tokens_used', a.used)), a.answer
           FROM answers a
-        ON CONFLICT (claim_token) DO NOTHING)
+        ON CONFLICT DO NOTHING)
     SELECT jsonb_agg(a.answer ORDER BY a.n) INTO v_answers FROM answers a;
     RETURN v_answers;
 END

@@ -5,7 +5,7 @@
 --
 -- What each table becomes, and why:
 --   campaigns (id), steps, step_dependencies, events, event_positions, notes, notifications,
---     workflow_history (campaign_id): distributed and co-located. Citus requires every primary and foreign key
+--     workflow_history, finished_claims (campaign_id): distributed and co-located. Citus requires every primary and foreign key
 --     of a distributed table to include its distribution column, so they are reshaped here
 --     (steps (campaign_id, id), …); a single-node database keeps the narrower keys, which every
 --     rule's statements satisfy alike because they name the campaign and join on it.
@@ -14,8 +14,8 @@
 --   workflows: reference. Definitions are global and read by start_workflow in any campaign.
 --   cursors: reference. A get_updates consumer may follow every campaign; its row serialises
 --     the consumer's reads, its positions are event_positions' rows, with their campaigns.
---   idempotency_records, finished_claims: reference. Keyed by request id and claim token,
---     which do not name a campaign (create_campaign's request id has none yet).
+--   idempotency_records: reference. Keyed by request id, which does not name a campaign
+--     (create_campaign's request id has none yet).
 --
 -- The rules that read one campaign are delegated by it (create_distributed_function), so a
 -- call runs on the worker holding that campaign — through twins, not the public functions:
@@ -26,22 +26,24 @@
 -- _campaign_graph_delegated and _planner_context_delegated are what sortie's programs call,
 -- always with the campaign they hold (a Rust Uuid, never NULL), granted to the same roles.
 -- So are the heartbeat and the step's context named by their campaign (_heartbeat_delegated,
--- _get_my_context_delegated): they write no event. The other writing rules run on the
--- coordinator, which routes each of their statements to the campaign's shards: their wake-ups
--- (NOTIFY), lock-key and runner-slot serialisation (advisory locks) and finished claims (a
--- reference table) then stay those of one node. Their events are numbered per campaign
--- (events.sql), an order that holds on whichever node runs them. docs/scale-out.md says what
--- that costs and what delegating the writes would take.
+-- _get_my_context_delegated), and the completion and the failure (_complete_step_delegated,
+-- _fail_step_delegated): their events are numbered per campaign (events.sql), an order that
+-- holds on whichever node runs them; their finished claims are kept with the campaign; their
+-- wake-ups are sent on the worker, where sortie's listener listens too. The other writing
+-- rules run on the coordinator, which routes each of their statements to the campaign's
+-- shards: claims serialise lock keys and runner slots with advisory locks, which hold on one
+-- node. docs/scale-out.md says what that costs and what delegating them would take.
 
 -- The tables distributed by campaign, in the order Citus needs (a table after those its
 -- foreign keys reference), and the global ones.
 CREATE FUNCTION _distributed_tables() RETURNS text[]
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$ SELECT ARRAY['campaigns', 'steps', 'step_dependencies', 'events', 'event_positions', 'notes', 'notifications', 'workflow_history'] $$;
+AS $$ SELECT ARRAY['campaigns', 'steps', 'step_dependencies', 'events', 'event_positions', 'notes', 'notifications', 'workflow_history',
+                    'finished_claims'] $$;
 
 CREATE FUNCTION _reference_tables() RETURNS text[]
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$ SELECT ARRAY['resource_leases', 'workflows', 'cursors', 'idempotency_records', 'finished_claims'] $$;
+AS $$ SELECT ARRAY['resource_leases', 'workflows', 'cursors', 'idempotency_records'] $$;
 
 -- The delegated entry points of the read-only rules of one campaign: each answers exactly as
 -- the public function it names (it calls it), and under Citus is delegated to the worker
@@ -78,8 +80,8 @@ BEGIN
 END
 $$;
 
--- Those twins, and the writes that are delegated (they write no event, docs/scale-out.md):
--- signature and the argument naming the campaign.
+-- Those twins, and the writes that are delegated (docs/scale-out.md): signature and the
+-- argument naming the campaign.
 CREATE FUNCTION _delegated_functions() RETURNS TABLE (signature text, campaign_arg text)
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
@@ -88,7 +90,9 @@ AS $$
         ('_campaign_graph_delegated(uuid,integer)', 'id'),
         ('_planner_context_delegated(uuid)', 'campaign_id'),
         ('_heartbeat_delegated(uuid,bigint,uuid,integer)', 'campaign_id'),
-        ('_get_my_context_delegated(uuid,bigint,integer,integer,uuid)', 'campaign_id')
+        ('_get_my_context_delegated(uuid,bigint,integer,integer,uuid)', 'campaign_id'),
+        ('_complete_step_delegated(uuid,bigint,uuid,text,bigint)', 'campaign_id'),
+        ('_fail_step_delegated(uuid,bigint,uuid,text)', 'campaign_id')
     ) AS f(signature, campaign_arg);
 $$;
 
@@ -116,7 +120,8 @@ AS $$
         'ALTER TABLE @s.notes DROP CONSTRAINT notes_pkey, ADD CONSTRAINT notes_pkey PRIMARY KEY (campaign_id, id), '
             || 'ADD CONSTRAINT notes_step_id_fkey FOREIGN KEY (campaign_id, step_id) REFERENCES @s.steps (campaign_id, id)',
         'ALTER TABLE @s.notifications ALTER COLUMN campaign_id SET NOT NULL, DROP CONSTRAINT notifications_pkey, ADD CONSTRAINT notifications_pkey PRIMARY KEY (campaign_id, id)',
-        'ALTER TABLE @s.workflow_history DROP CONSTRAINT workflow_history_pkey, ADD CONSTRAINT workflow_history_pkey PRIMARY KEY (campaign_id, id)'
+        'ALTER TABLE @s.workflow_history DROP CONSTRAINT workflow_history_pkey, ADD CONSTRAINT workflow_history_pkey PRIMARY KEY (campaign_id, id)',
+        'ALTER TABLE @s.finished_claims DROP CONSTRAINT finished_claims_pkey, ADD CONSTRAINT finished_claims_pkey PRIMARY KEY (campaign_id, claim_token)'
     ]) WITH ORDINALITY AS k(s, o);
 $$;
 

@@ -78,10 +78,35 @@ CREATE FUNCTION fail_step(step_id bigint, claim_token uuid, error text DEFAULT '
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
+BEGIN
+    RETURN _fail_step_in(_lock_step_campaign(step_id), step_id, claim_token, error);
+END
+$$;
+
+-- fail_step() naming its campaign first (SPEC §2 scale-out rule): under Citus it is delegated
+-- to the worker holding the campaign and runs there as one local transaction (distribute.sql).
+-- sortie-mcp and the runner call it for a step whose campaign they hold. Never with a NULL
+-- campaign_id: a Citus 13.2 coordinator crashes on one (citusdata/citus#7242).
+-- Errors: those of fail_step; not_found when the step is not in that campaign.
+CREATE FUNCTION _fail_step_delegated(campaign_id uuid, step_id bigint, claim_token uuid, error text DEFAULT '')
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN _fail_step_in(_lock_named_step_campaign(campaign_id, step_id), step_id, claim_token, error);
+END
+$$;
+
+-- The failed attempt itself, for a step of campaign `p_campaign`, which the caller has locked.
+-- Every statement names the campaign.
+CREATE FUNCTION _fail_step_in(p_campaign uuid, step_id bigint, claim_token uuid, error text) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+AS $$
 #variable_conflict use_variable
 DECLARE
     -- SPEC §14: the claim that failed the step, repeating itself, gets its first answer.
-    v_replay jsonb := _finished_claim(step_id, claim_token, 'fail_step', jsonb_build_object('error', error));
+    v_replay jsonb := _finished_claim(p_campaign, step_id, claim_token, 'fail_step', jsonb_build_object('error', error));
     s steps;
     v_now text;
     v_not_before timestamptz;
@@ -89,13 +114,14 @@ BEGIN
     IF v_replay IS NOT NULL THEN
         RETURN v_replay;
     END IF;
-    s := _lock_claimed_step(step_id, claim_token, 'fail_step');
+    SELECT * INTO s FROM steps x WHERE x.campaign_id = p_campaign AND x.id = step_id FOR UPDATE;
+    s := _check_claim(s, claim_token, 'fail_step');
     v_now := _attempt_failed(s, coalesce(nullif(error, ''), 'failed without a reason'));
     -- Read apart from the call below: a rule called in a query over a per-campaign table may
     -- not run queries of its own (Citus runs the whole query on the campaign's shard).
     SELECT x.not_before INTO v_not_before FROM steps x
-     WHERE x.campaign_id = s.campaign_id AND x.id = s.id AND x.status = 'pending';
-    RETURN _keep_finished_claim(s.id, claim_token, 'fail_step', jsonb_build_object('error', error),
+     WHERE x.campaign_id = p_campaign AND x.id = s.id AND x.status = 'pending';
+    RETURN _keep_finished_claim(p_campaign, s.id, claim_token, 'fail_step', jsonb_build_object('error', error),
         jsonb_build_object('step_id', s.id, 'status', v_now,
         'attempts', s.attempts + 1, 'max_attempts', s.max_attempts, 'will_retry', v_now = 'pending',
         'not_before', v_not_before));

@@ -24,7 +24,12 @@ CREATE TABLE idempotency_records (
 );
 CREATE INDEX idempotency_records_created_at ON idempotency_records (created_at);
 
+-- Kept with the step's campaign (SPEC §2 scale-out rule): a completion's record is written
+-- where its campaign lives, so on Citus (distributed by campaign_id, distribute.sql) a
+-- completion delegated to a worker writes it there, with no commit across nodes. Removed with
+-- the campaign (prune) or, per campaign, by the calls that add new ones.
 CREATE TABLE finished_claims (
+    campaign_id  uuid NOT NULL REFERENCES campaigns (id) ON DELETE CASCADE,
     claim_token  uuid PRIMARY KEY,
     step_id      bigint NOT NULL,
     call         text NOT NULL,
@@ -32,7 +37,7 @@ CREATE TABLE finished_claims (
     result       jsonb NOT NULL,
     created_at   timestamptz NOT NULL DEFAULT now()
 );
-CREATE INDEX finished_claims_created_at ON finished_claims (created_at);
+CREATE INDEX finished_claims_campaign_created ON finished_claims (campaign_id, created_at);
 
 -- How long a result is kept at least (SPEC §14 says 24 hours; records are pruned after twice
 -- that, a few at a time, by the calls that add new ones).
@@ -91,37 +96,45 @@ BEGIN
 END
 $$;
 
--- The answer the claim `p_token` got when it finished step `p_step` with `p_call` and these
--- arguments, marked replayed; NULL when that claim did not finish it so.
-CREATE FUNCTION _finished_claim(p_step bigint, p_token uuid, p_call text, p_arguments jsonb) RETURNS jsonb
+-- The answer the claim `p_token` got when it finished step `p_step` of campaign `p_campaign`
+-- with `p_call` and these arguments, marked replayed; NULL when that claim did not finish it so.
+CREATE FUNCTION _finished_claim(p_campaign uuid, p_step bigint, p_token uuid, p_call text, p_arguments jsonb)
+RETURNS jsonb
 LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
 AS $$
 BEGIN
     RETURN (SELECT f.result || '{"replayed": true}'
               FROM finished_claims f
-             WHERE f.claim_token = p_token AND f.step_id = p_step AND f.call = p_call
-               AND f.arguments_hash = _arguments_hash(p_arguments));
+             WHERE f.campaign_id = p_campaign AND f.claim_token = p_token AND f.step_id = p_step
+               AND f.call = p_call AND f.arguments_hash = _arguments_hash(p_arguments));
 END
 $$;
 
--- Keeps the answer of the call with which a claim finished its step, and returns it.
-CREATE FUNCTION _keep_finished_claim(p_step bigint, p_token uuid, p_call text, p_arguments jsonb, p_result jsonb)
+-- Keeps the answer of the call with which a claim finished its step, and returns it. Records
+-- of the campaign older than _idempotency_retention() go, ten at a time.
+CREATE FUNCTION _keep_finished_claim(p_campaign uuid, p_step bigint, p_token uuid, p_call text, p_arguments jsonb,
+                                     p_result jsonb)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
+DECLARE
+    v_before timestamptz := now() - _idempotency_retention();
+    v_hash text := _arguments_hash(p_arguments);
 BEGIN
     IF p_token IS NULL THEN
         RETURN p_result;
     END IF;
-    DELETE FROM finished_claims
-     WHERE claim_token IN (SELECT claim_token FROM finished_claims
-                            WHERE created_at < now() - _idempotency_retention()
-                            ORDER BY created_at LIMIT 10);
-    INSERT INTO finished_claims (claim_token, step_id, call, arguments_hash, result)
-    VALUES (p_token, p_step, p_call, _arguments_hash(p_arguments), p_result)
-    ON CONFLICT (claim_token) DO NOTHING;
+    DELETE FROM finished_claims f
+     WHERE f.campaign_id = p_campaign
+       AND f.claim_token IN (SELECT o.claim_token FROM finished_claims o
+                              WHERE o.campaign_id = p_campaign AND o.created_at < v_before
+                              ORDER BY o.created_at LIMIT 10);
+    -- No conflict target: on Citus the key is (campaign_id, claim_token).
+    INSERT INTO finished_claims (campaign_id, claim_token, step_id, call, arguments_hash, result)
+    VALUES (p_campaign, p_token, p_step, p_call, v_hash, p_result)
+    ON CONFLICT DO NOTHING;
     RETURN p_result;
 END
 $$;

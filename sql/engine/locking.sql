@@ -72,6 +72,27 @@ BEGIN
 END
 $$;
 
+-- The campaign lock of a rule called with its campaign named first (the delegated twins,
+-- distribute.sql): locks campaign `p_campaign` and checks that step `p_step` is one of its
+-- steps. Every statement names the campaign, so on Citus a call delegated to the worker holding
+-- it stays there. Returns p_campaign. Errors: invalid_argument (a NULL), not_found (no such
+-- campaign, or the step is not in it).
+CREATE FUNCTION _lock_named_step_campaign(p_campaign uuid, p_step bigint) RETURNS uuid
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+    IF p_campaign IS NULL OR p_step IS NULL THEN
+        PERFORM _raise('invalid_argument', 'campaign_id and step_id are required');
+    END IF;
+    PERFORM _lock_campaign(p_campaign);
+    PERFORM 1 FROM steps s WHERE s.campaign_id = p_campaign AND s.id = p_step;
+    IF NOT FOUND THEN
+        PERFORM _raise('not_found', format('step %s does not exist in campaign %s', p_step, p_campaign));
+    END IF;
+    RETURN p_campaign;
+END
+$$;
+
 -- Locks a step's campaign, then the step. Returns the step as it is under the lock.
 CREATE FUNCTION _lock_step(p_step bigint) RETURNS steps
 LANGUAGE plpgsql VOLATILE

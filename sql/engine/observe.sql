@@ -14,11 +14,26 @@ AS $$
                               'kind', e.kind, 'payload', e.payload, 'at', e.at);
 $$;
 
--- The log, oldest first, after `after_id`. With `after_id` 0 the newest `limit` events are
--- returned (still oldest first), so a viewer starts from what happened last. This is a reader
--- for people: an event whose transaction commits after a later-numbered one may appear behind
--- a follower's position; get_updates is the delivery guarantee (docs/decisions.md).
-CREATE FUNCTION events(campaign_id uuid DEFAULT NULL, after_id bigint DEFAULT 0, "limit" integer DEFAULT 100)
+-- A block-range index on the time too: on Citus the followers of every campaign page by it
+-- (events() below), since ids come from each node's own range.
+CREATE INDEX events_at_range ON events USING brin (at);
+
+-- The log, oldest first. A reader for people (`sortie events`, the web view's stream, the MCP
+-- resources' change feed): an event whose transaction commits after a later-ordered one may
+-- appear behind a follower's position; get_updates is the delivery guarantee
+-- (docs/decisions.md).
+--   * Without a position (`after` NULL and `after_id` 0), the newest `limit` events, still
+--     oldest first, so a viewer starts from what happened last.
+--   * `after_id` N > 0: the events after id N. Ids order the log of one node; on Citus each
+--     node gives ids from its own range, so this form is for single-node databases.
+--   * `after`: the `next_after` of an earlier answer, an opaque position that holds on every
+--     node: one campaign's log pages by its event number (seq, the campaign's own order);
+--     every campaign's by id on one node, and on Citus by (at, campaign_id, seq).
+-- Answers {events, next_after_id, next_after, has_more}. Errors: invalid_argument (a negative
+-- after_id, or an `after` this call did not give for these arguments), not_found (no such
+-- campaign).
+CREATE FUNCTION events(campaign_id uuid DEFAULT NULL, after_id bigint DEFAULT 0, "limit" integer DEFAULT 100,
+                       after text DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
@@ -26,7 +41,17 @@ AS $$
 #variable_conflict use_variable
 DECLARE
     v_limit integer := least(greatest(coalesce("limit", 100), 1), 1000);
+    -- The order a position names: 's' one campaign's numbers, 'i' ids, 't' (at, campaign, seq).
+    v_mode text := CASE WHEN campaign_id IS NOT NULL THEN 's' WHEN _on_citus() THEN 't' ELSE 'i' END;
+    v_parts text[];
+    v_id bigint := 0;
+    v_seq bigint := 0;
+    v_at timestamptz := '-infinity';
+    v_campaign uuid := '00000000-0000-0000-0000-000000000000';
+    v_start boolean := after IS NULL AND coalesce(after_id, 0) = 0;
     v_rows jsonb;
+    v_last jsonb;
+    v_next text;
 BEGIN
     IF after_id IS NOT NULL AND after_id < 0 THEN
         PERFORM _raise('invalid_argument', 'after_id must be 0 or an event id');
@@ -34,23 +59,78 @@ BEGIN
     IF campaign_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM campaigns c WHERE c.id = campaign_id) THEN
         PERFORM _raise('not_found', format('campaign %s does not exist', campaign_id));
     END IF;
-    IF coalesce(after_id, 0) = 0 THEN
-        SELECT coalesce(jsonb_agg(_event_row(e) ORDER BY e.id), '[]') INTO v_rows
+    IF after IS NOT NULL THEN
+        v_parts := regexp_match(after, '^(s|i)(\d{1,19})$');
+        IF v_parts IS NULL THEN
+            v_parts := regexp_match(after, '^(t)(-?\d{1,19})/([0-9a-f-]{36})/(\d{1,19})$');
+        END IF;
+        IF v_parts IS NULL OR v_parts[1] <> v_mode THEN
+            PERFORM _raise('invalid_argument', format(
+                'after must be the next_after of an earlier events() call with the same campaign_id, not %L', left(after, 80)));
+        END IF;
+        IF v_mode = 't' THEN
+            v_at := timestamptz 'epoch' + v_parts[2]::bigint * interval '1 microsecond';
+            v_campaign := v_parts[3]::uuid;
+            v_seq := v_parts[4]::bigint;
+        ELSIF v_mode = 's' THEN
+            v_seq := v_parts[2]::bigint;
+        ELSE
+            v_id := v_parts[2]::bigint;
+        END IF;
+    ELSIF NOT v_start THEN
+        -- after_id: the id order, as before positions (single node).
+        v_mode := 'i';
+        v_id := after_id;
+    END IF;
+
+    IF v_start THEN
+        -- The newest, by the order of the position the answer gives.
+        IF v_mode = 's' THEN
+            SELECT coalesce(jsonb_agg(_event_row(e) ORDER BY e.seq), '[]') INTO v_rows
+              FROM (SELECT * FROM events e WHERE e.campaign_id = campaign_id ORDER BY e.seq DESC LIMIT v_limit) e;
+        ELSIF v_mode = 't' THEN
+            SELECT coalesce(jsonb_agg(_event_row(e) ORDER BY e.at, e.campaign_id, e.seq), '[]') INTO v_rows
+              FROM (SELECT * FROM events e ORDER BY e.at DESC, e.campaign_id DESC, e.seq DESC LIMIT v_limit) e;
+        ELSE
+            SELECT coalesce(jsonb_agg(_event_row(e) ORDER BY e.id), '[]') INTO v_rows
+              FROM (SELECT * FROM events e ORDER BY e.tx DESC, e.id DESC LIMIT v_limit) e;
+        END IF;
+    ELSIF v_mode = 's' THEN
+        SELECT coalesce(jsonb_agg(_event_row(e) ORDER BY e.seq), '[]') INTO v_rows
+          FROM (SELECT * FROM events e WHERE e.campaign_id = campaign_id AND e.seq > v_seq
+                 ORDER BY e.seq LIMIT v_limit) e;
+    ELSIF v_mode = 't' THEN
+        SELECT coalesce(jsonb_agg(_event_row(e) ORDER BY e.at, e.campaign_id, e.seq), '[]') INTO v_rows
           FROM (SELECT * FROM events e
-                 WHERE campaign_id IS NULL OR e.campaign_id = campaign_id
-                 ORDER BY e.tx DESC, e.id DESC
-                 LIMIT v_limit) e;
+                 WHERE e.at >= v_at AND (e.at, e.campaign_id, e.seq) > (v_at, v_campaign, v_seq)
+                 ORDER BY e.at, e.campaign_id, e.seq LIMIT v_limit) e;
     ELSE
         SELECT coalesce(jsonb_agg(_event_row(e) ORDER BY e.id), '[]') INTO v_rows
           FROM (SELECT * FROM events e
-                 WHERE e.id > after_id AND (campaign_id IS NULL OR e.campaign_id = campaign_id)
-                 ORDER BY e.id
-                 LIMIT v_limit) e;
+                 WHERE e.id > v_id AND (campaign_id IS NULL OR e.campaign_id = campaign_id)
+                 ORDER BY e.id LIMIT v_limit) e;
+    END IF;
+
+    v_last := v_rows -> -1;
+    IF v_mode = 's' THEN
+        v_next := 's' || coalesce((v_last ->> 'seq')::bigint, v_seq);
+    ELSIF v_mode = 't' THEN
+        IF v_last IS NULL THEN
+            -- Nothing after the position (or no log yet: the position before every event).
+            v_next := 't' || CASE WHEN v_at = '-infinity' THEN 0 ELSE (extract(epoch FROM v_at) * 1000000)::bigint END
+                      || '/' || v_campaign || '/' || v_seq;
+        ELSE
+            v_next := 't' || (extract(epoch FROM (v_last ->> 'at')::timestamptz) * 1000000)::bigint
+                      || '/' || (v_last ->> 'campaign_id') || '/' || (v_last ->> 'seq');
+        END IF;
+    ELSE
+        v_next := 'i' || coalesce((v_last ->> 'id')::bigint, v_id);
     END IF;
     RETURN jsonb_build_object(
         'events', v_rows,
-        'next_after_id', coalesce((v_rows -> -1 ->> 'id')::bigint, after_id, 0),
-        'has_more', coalesce(after_id, 0) > 0 AND jsonb_array_length(v_rows) = v_limit);
+        'next_after_id', coalesce((v_last ->> 'id')::bigint, after_id, 0),
+        'next_after', v_next,
+        'has_more', NOT v_start AND jsonb_array_length(v_rows) = v_limit);
 END
 $$;
 

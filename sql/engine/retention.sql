@@ -3,7 +3,7 @@
 
 -- Removes up to `limit` campaigns that ended (done, failed or cancelled) before
 -- _clock() - older_than, oldest end first, with their steps, dependencies, events, notes,
--- notifications, lock keys and workflow history (foreign keys; events and lock keys by prune
+-- finished claims, notifications, lock keys and workflow history (foreign keys; events and lock keys by prune
 -- itself). A campaign another transaction holds locked is left for the next call: the ended
 -- campaigns are listed first, then locked one at a time, skipping those held (Citus locks
 -- rows only in a query on one campaign). The runner calls it once a day with
@@ -52,6 +52,7 @@ BEGIN
     DELETE FROM step_dependencies d WHERE d.campaign_id = ANY (v_ids);
     DELETE FROM notes n WHERE n.campaign_id = ANY (v_ids);
     DELETE FROM events e WHERE e.campaign_id = ANY (v_ids);
+    DELETE FROM finished_claims f WHERE f.campaign_id = ANY (v_ids);
     -- Lock keys are global (under Citus a reference table, without a foreign key to campaigns).
     DELETE FROM resource_leases l WHERE l.campaign_id = ANY (v_ids);
     DELETE FROM steps s WHERE s.campaign_id = ANY (v_ids);

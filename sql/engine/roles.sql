@@ -89,13 +89,15 @@ AS $$
             ('record_benchmark',       ARRAY['sortie_runner']),
             -- scale-out (docs/scale-out.md): an operator's, as superuser, on a Citus coordinator
             ('distribute',             ARRAY[]::text[]),
-            -- the delegated twins of three reads (distribute.sql), for sortie's programs, which
-            -- call them with the campaign they hold: the roles of the function each one calls
+            -- the delegated twins (distribute.sql), for sortie's programs, which call them with
+            -- the campaign they hold: the roles of the function each one stands for
             ('_get_campaign_delegated',    ARRAY['sortie_coordinator', 'sortie_reader']),
             ('_campaign_graph_delegated',  ARRAY['sortie_coordinator', 'sortie_reader']),
             ('_planner_context_delegated', ARRAY['sortie_runner']),
             ('_heartbeat_delegated',       ARRAY['sortie_worker', 'sortie_runner']),
             ('_get_my_context_delegated',  ARRAY['sortie_worker', 'sortie_runner']),
+            ('_complete_step_delegated',   ARRAY['sortie_worker', 'sortie_runner']),
+            ('_fail_step_delegated',       ARRAY['sortie_worker', 'sortie_runner']),
             -- internal: called by the functions above (which run as the owner), by no role
             ('_skip_cascade',           ARRAY[]::text[]),
             ('_similar_notes',          ARRAY[]::text[]),

@@ -22,6 +22,26 @@ pub fn binary(name: &str) -> PathBuf {
         // rebuilds sortie_mcp with other features here, and again for the next test build.
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = Command::new(cargo);
+        // `cargo test` gives the test process the package's build variables
+        // (CARGO_MANIFEST_DIR, CARGO_PKG_NAME, …). Some dependencies' build scripts (ring's)
+        // rerun when one of them changes, so a nested build that inherits them rebuilds ring,
+        // rustls, reqwest and every binary above them, and the next top-level build rebuilds
+        // them all back: minutes of CI time, twice. The nested build gets the shell's
+        // environment: cargo's own settings (CARGO_HOME, CARGO_TARGET_DIR, …) are kept.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if name == "CARGO_MANIFEST_DIR"
+                || name == "CARGO_MANIFEST_PATH"
+                || name == "CARGO_PRIMARY_PACKAGE"
+                || name == "CARGO_CRATE_NAME"
+                || name == "CARGO_TARGET_TMPDIR"
+                || name == "OUT_DIR"
+                || name.starts_with("CARGO_PKG_")
+                || name.starts_with("CARGO_BIN_EXE_")
+            {
+                build.env_remove(name.as_ref());
+            }
+        }
         build.args([
             "build",
             "-q",

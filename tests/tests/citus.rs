@@ -86,6 +86,7 @@ async fn distribute_places_every_table_by_campaign_or_as_reference() {
             "campaigns",
             "event_positions",
             "events",
+            "finished_claims",
             "notes",
             "notifications",
             "step_dependencies",
@@ -97,7 +98,6 @@ async fn distribute_places_every_table_by_campaign_or_as_reference() {
         reference,
         [
             "cursors",
-            "finished_claims",
             "idempotency_records",
             "resource_leases",
             "workflows"
@@ -356,6 +356,335 @@ async fn a_heartbeat_and_the_context_run_on_the_worker_holding_their_campaign() 
     db.finish().await;
 }
 
+/// A completion and a failure named by their campaign (sortie-mcp's for its own step, the
+/// runner's for its dispatches) run on the worker holding the campaign as one local
+/// transaction: dependents released, counters moved, the event numbered and the finished claim
+/// kept there, with no command to any other node. A repeat of the same call is answered from
+/// the finished claim kept on that worker.
+#[tokio::test]
+async fn a_completion_and_a_failure_run_on_the_worker_holding_their_campaign() {
+    let db = TestDb::distributed().await;
+    let campaign = db
+        .ok(
+            "sortie.create_campaign(goal => 'g', planner => 'none')",
+            &[],
+        )
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    db.ok(
+        "sortie.add_steps($1::text::uuid, '[{\"action\": \"a\", \"key\": \"a\"}, {\"action\": \"b\", \"key\": \"b\", \"max_attempts\": 2}, \
+           {\"action\": \"after\", \"depends_on\": [\"a\"]}]')",
+        &[&campaign],
+    )
+    .await;
+    let claim = |action: &'static str| {
+        let (db, campaign) = (&db, campaign.clone());
+        async move {
+            let claim = db
+                .ok(
+                    "sortie.claim_next(owner => 'w', campaign_id => $1::text::uuid)",
+                    &[&campaign],
+                )
+                .await;
+            assert_eq!(claim["action"], action, "{claim}");
+            (
+                claim["step_id"].as_i64().unwrap(),
+                claim["claim_token"].as_str().unwrap().to_string(),
+            )
+        }
+    };
+    let port = holder(&db, &campaign).await;
+    let (a, a_token) = claim("a").await;
+    let complete = format!(
+        "SELECT sortie._complete_step_delegated($1::text::uuid, {a}, '{a_token}'::uuid, 'a done', 7)"
+    );
+    let (answer, notices) = logged_call(&db, &complete, &campaign).await;
+    assert_eq!(answer["status"], "done", "{answer}");
+    assert_runs_on_holder(&notices, "_complete_step_delegated", port);
+    // The lost reply's repeat: the first answer, from the worker's finished claim.
+    let again = db
+        .ok(
+            &format!(
+                "sortie._complete_step_delegated($1::text::uuid, {a}, '{a_token}'::uuid, 'a done', 7)"
+            ),
+            &[&campaign],
+        )
+        .await;
+    assert_eq!(again["replayed"], true, "{again}");
+    assert_eq!(again["status"], "done", "{again}");
+
+    let (b, b_token) = claim("b").await;
+    let fail = format!(
+        "SELECT sortie._fail_step_delegated($1::text::uuid, {b}, '{b_token}'::uuid, 'flaky')"
+    );
+    let (answer, notices) = logged_call(&db, &fail, &campaign).await;
+    assert_eq!(answer["status"], "pending", "{answer}");
+    assert_eq!(answer["will_retry"], true, "{answer}");
+    assert_runs_on_holder(&notices, "_fail_step_delegated", port);
+
+    // What the worker wrote is the campaign's state as every reader sees it.
+    let got = db
+        .ok("sortie.get_campaign($1::text::uuid)", &[&campaign])
+        .await;
+    assert_eq!(got["step_counts"]["done"], 1, "{got}");
+    let tokens: i64 = db
+        .client
+        .query_one(
+            "SELECT tokens_used FROM sortie.campaigns WHERE id = $1::text::uuid",
+            &[&campaign],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tokens, 7);
+    let ready: Vec<String> = db
+        .client
+        .query(
+            "SELECT action FROM sortie.ready_steps(campaign_id => $1) ORDER BY action",
+            &[&campaign.parse::<uuid::Uuid>().unwrap()],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(
+        ready.contains(&"after".to_string()),
+        "a's dependent was released: {ready:?}"
+    );
+    let invariants: Vec<String> = db
+        .client
+        .query(
+            "SELECT sortie.check_invariants($1)",
+            &[&campaign.parse::<uuid::Uuid>().unwrap()],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(invariants.is_empty(), "{invariants:?}");
+    // A step of another campaign, or a stale token, is refused as by the public functions.
+    let other = db
+        .ok(
+            "sortie.create_campaign(goal => 'other', planner => 'none')",
+            &[],
+        )
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let refused = db
+        .call(
+            &format!("sortie._complete_step_delegated($1::text::uuid, {b}, '{b_token}'::uuid)"),
+            &[&other],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code, "not_found", "{refused:?}");
+    let stale = db
+        .call(
+            &format!("sortie._fail_step_delegated($1::text::uuid, {b}, gen_random_uuid())"),
+            &[&campaign],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code, "stale_claim", "{stale:?}");
+    db.finish().await;
+}
+
+/// A completion delegated to a worker sends its wake-up from that worker: a LISTEN on the
+/// coordinator alone does not hear it, sortie's listener (the runner's, the web view's, the
+/// CLI's, the MCP server's) does, since it listens on every worker too. And the followers of
+/// the log (events() with `after`) see every event once, whichever node wrote it: ids come from
+/// each node's own range, so an id position would pass one worker's events for good.
+#[tokio::test]
+async fn wake_ups_and_the_log_reach_followers_from_every_worker() {
+    let db = TestDb::distributed().await;
+    // Two campaigns held by different workers.
+    let mut campaigns: Vec<(String, i32)> = Vec::new();
+    while campaigns.len() < 2 {
+        let id = db
+            .ok(
+                "sortie.create_campaign(goal => 'g', planner => 'none')",
+                &[],
+            )
+            .await["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let port = holder(&db, &id).await;
+        if campaigns.iter().all(|(_, p)| *p != port) {
+            campaigns.push((id, port));
+        }
+    }
+    for (id, _) in &campaigns {
+        db.ok(
+            "sortie.add_steps($1::text::uuid, '[{\"action\": \"x\"}, {\"action\": \"y\"}, {\"action\": \"z\"}]')",
+            &[id],
+        )
+        .await;
+    }
+    // Each campaign's last event number before following starts.
+    let mut before = Vec::new();
+    for (id, _) in &campaigns {
+        let seq: i64 = db
+            .client
+            .query_one(
+                "SELECT event_seq FROM sortie.campaigns WHERE id = $1::text::uuid",
+                &[id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        before.push(seq);
+    }
+    let start = db.ok("sortie.events(\"limit\" => 1)", &[]).await;
+    let mut after = start["next_after"].as_str().unwrap().to_string();
+
+    // A plain LISTEN on the coordinator, and sortie's listener.
+    let (plain, mut plain_rx) = db.connect_with_messages().await;
+    plain.batch_execute("LISTEN sortie_events").await.unwrap();
+    let mut wake = sortie_mcp::runner::listener::listen(&db.connection_string()).await;
+    let (first, _) = &campaigns[0];
+    let mut claims = Vec::new();
+    for (id, _) in &campaigns {
+        let claim = db
+            .ok(
+                "sortie.claim_next(owner => 'w', campaign_id => $1::text::uuid)",
+                &[id],
+            )
+            .await;
+        claims.push((
+            id.clone(),
+            claim["step_id"].as_i64().unwrap(),
+            claim["claim_token"].as_str().unwrap().to_string(),
+        ));
+    }
+    // The listener listens on the coordinator and on both workers.
+    for node in db.citus().unwrap().nodes() {
+        let client = node.connect(&db.name).await.unwrap();
+        sortie_tests::programs::wait_for(std::time::Duration::from_secs(20), || async {
+            client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query = 'LISTEN sortie_events'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+                >= 1
+        })
+        .await;
+    }
+    // The extension wakes at most once per wake_interval() a connection.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    while plain_rx.try_recv().is_ok() {}
+    while wake.try_recv().is_ok() {}
+    let (id, step, token) = &claims[0];
+    assert_eq!(id, first);
+    db.ok(
+        "sortie._complete_step_delegated($1::text::uuid, $2, $3::text::uuid, 'x done')",
+        &[id, step, token],
+    )
+    .await;
+    tokio::time::timeout(std::time::Duration::from_secs(10), wake.recv())
+        .await
+        .expect("the listener heard the worker's wake-up")
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let mut heard_on_coordinator = false;
+    while let Ok(message) = plain_rx.try_recv() {
+        heard_on_coordinator |= matches!(message, AsyncMessage::Notification(_));
+    }
+    assert!(
+        !heard_on_coordinator,
+        "the completion ran on the worker: the coordinator sent no wake-up"
+    );
+    drop(plain);
+
+    // The other campaign's worker, then the coordinator again, then the first worker.
+    let (id, step, token) = &claims[1];
+    db.ok(
+        "sortie._complete_step_delegated($1::text::uuid, $2, $3::text::uuid, 'x done')",
+        &[id, step, token],
+    )
+    .await;
+    for (id, _) in &campaigns {
+        let claim = db
+            .ok(
+                "sortie.claim_next(owner => 'w', campaign_id => $1::text::uuid)",
+                &[id],
+            )
+            .await;
+        db.ok(
+            "sortie._fail_step_delegated($1::text::uuid, $2, $3::text::uuid, 'no')",
+            &[
+                id,
+                &claim["step_id"].as_i64().unwrap(),
+                &claim["claim_token"].as_str().unwrap().to_string(),
+            ],
+        )
+        .await;
+    }
+    // Followed two events at a time, every event of both campaigns arrives once.
+    let mut seen: Vec<(String, i64)> = Vec::new();
+    loop {
+        let page = db
+            .ok("sortie.events(after => $1, \"limit\" => 2)", &[&after])
+            .await;
+        let rows = page["events"].as_array().unwrap().clone();
+        for event in &rows {
+            seen.push((
+                event["campaign_id"].as_str().unwrap().to_string(),
+                event["seq"].as_i64().unwrap(),
+            ));
+        }
+        after = page["next_after"].as_str().unwrap().to_string();
+        if rows.is_empty() {
+            break;
+        }
+    }
+    let mut expected: Vec<(String, i64)> = Vec::new();
+    for ((id, _), start_seq) in campaigns.iter().zip(&before) {
+        let rows = db
+            .client
+            .query(
+                "SELECT seq FROM sortie.events WHERE campaign_id = $1::text::uuid AND seq > $2 ORDER BY seq",
+                &[id, start_seq],
+            )
+            .await
+            .unwrap();
+        expected.extend(rows.iter().map(|row| (id.clone(), row.get::<_, i64>(0))));
+    }
+    assert!(
+        expected.len() >= 8,
+        "claims, completions, failures: {expected:?}"
+    );
+    let mut sorted = seen.clone();
+    sorted.sort();
+    expected.sort();
+    assert_eq!(sorted, expected, "in the order followed: {seen:?}");
+    // One campaign's follower pages by the campaign's own numbers.
+    let (id, _) = &campaigns[1];
+    let one = db
+        .ok(
+            "sortie.events(campaign_id => $1::text::uuid, after => 's0', \"limit\" => 1000)",
+            &[id],
+        )
+        .await;
+    let seqs: Vec<i64> = one["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_i64().unwrap())
+        .collect();
+    assert_eq!(seqs, (1..=seqs.len() as i64).collect::<Vec<_>>());
+    db.finish().await;
+}
+
 /// A read of one campaign called with no campaign (a NULL id, literal or bound) is refused as on
 /// one node, and the coordinator keeps serving: were the public function delegated, Citus 13.2
 /// would hash the NULL to find a shard (citusdata/citus#7242) and crash the backend, and with
@@ -406,6 +735,8 @@ async fn a_delegated_read_without_a_campaign_is_refused_and_the_coordinator_live
         delegated,
         [
             "_campaign_graph_delegated",
+            "_complete_step_delegated",
+            "_fail_step_delegated",
             "_get_campaign_delegated",
             "_get_my_context_delegated",
             "_heartbeat_delegated",
@@ -428,7 +759,9 @@ async fn a_delegated_read_without_a_campaign_is_refused_and_the_coordinator_live
 }
 
 /// A campaign runs through the rules on the distributed database: steps with a dependency,
-/// claims, completions, a failure retried, notes, and the campaign's end.
+/// claims, completions and a failure retried (through the delegated twins sortie's programs
+/// call, so run on the worker: a group settled, dependents released, the campaign ended
+/// there), notes, and the campaign's end.
 #[tokio::test]
 async fn a_campaign_runs_to_its_end_on_the_cluster() {
     let db = TestDb::distributed().await;
@@ -465,8 +798,8 @@ async fn a_campaign_runs_to_its_end_on_the_cluster() {
         if action == "test" && !failed_once {
             failed_once = true;
             db.ok(
-                "sortie.fail_step($1, $2::text::uuid, 'flaky')",
-                &[&step, &token],
+                "sortie._fail_step_delegated($1::text::uuid, $2, $3::text::uuid, 'flaky')",
+                &[&campaign, &step, &token],
             )
             .await;
             db.client
@@ -483,8 +816,8 @@ async fn a_campaign_runs_to_its_end_on_the_cluster() {
         )
         .await;
         db.ok(
-            "sortie.complete_step($1, $2::text::uuid, $3)",
-            &[&step, &token, &format!("{action} ok")],
+            "sortie._complete_step_delegated($1::text::uuid, $2, $3::text::uuid, $4)",
+            &[&campaign, &step, &token, &format!("{action} ok")],
         )
         .await;
         done.push(action);

@@ -93,6 +93,98 @@ async fn events_reads_the_log_oldest_first_and_pages_after_an_id() {
     db.finish().await;
 }
 
+/// The position form: `next_after` pages one campaign by its own event numbers and every
+/// campaign in the node's order (by time on Citus), and a position of another form, or made
+/// up, is refused with a stable code.
+#[tokio::test]
+async fn events_pages_by_the_position_it_gives() {
+    let db = TestDb::new().await;
+    let c = campaign(&db, "none").await;
+    let other = campaign(&db, "none").await;
+    add(&db, c, json!([{"action": "a"}, {"action": "b"}])).await;
+    add(&db, other, json!([{"action": "x"}])).await;
+    run_all(&db, c).await;
+    run_all(&db, other).await;
+
+    // One campaign, from the start, three at a time: its numbers 1..n, each once.
+    let mut after = "s0".to_string();
+    let mut seqs = Vec::new();
+    loop {
+        let page = db
+            .ok(
+                "sortie.events(campaign_id => $1, after => $2, \"limit\" => 3)",
+                &[&c, &after],
+            )
+            .await;
+        let rows = page["events"].as_array().unwrap().clone();
+        assert!(rows
+            .iter()
+            .all(|e| e["campaign_id"] == json!(c.to_string())));
+        seqs.extend(rows.iter().map(|e| e["seq"].as_i64().unwrap()));
+        assert_eq!(page["has_more"], rows.len() == 3, "{page}");
+        after = page["next_after"].as_str().unwrap().to_string();
+        if rows.is_empty() {
+            break;
+        }
+    }
+    let count: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FROM sortie.events WHERE campaign_id = $1",
+            &[&c],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(seqs, (1..=count).collect::<Vec<_>>());
+    assert_eq!(after, format!("s{count}"));
+
+    // Every campaign: starting from the newest event, nothing is after it until more happens.
+    let start = db.ok("sortie.events(\"limit\" => 1)", &[]).await;
+    let position = start["next_after"].as_str().unwrap().to_string();
+    let quiet = db.ok("sortie.events(after => $1)", &[&position]).await;
+    assert_eq!(quiet["events"], json!([]), "{quiet}");
+    assert_eq!(quiet["next_after"], json!(position));
+    let (third, fourth) = (campaign(&db, "none").await, campaign(&db, "none").await);
+    add(&db, fourth, json!([{"action": "y"}])).await;
+    let moved = db.ok("sortie.events(after => $1)", &[&position]).await;
+    // The new campaigns' events, in the order they happened.
+    let mut order: Vec<String> = moved["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["campaign_id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(moved["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["kind"] == "steps.added"));
+    order.dedup();
+    assert_eq!(order, [third.to_string(), fourth.to_string()], "{moved}");
+
+    // Positions are checked: of another form (a campaign's for the whole log, the whole
+    // log's for a campaign), or not one at all.
+    for (campaign, bad) in [
+        (None, "s3".to_string()),
+        (Some(c), position.clone()),
+        (None, "12".to_string()),
+        (None, "i-1".to_string()),
+        (None, "t1/zz/1".to_string()),
+        (None, String::new()),
+    ] {
+        let refused = db
+            .call(
+                "sortie.events(campaign_id => $1, after => $2)",
+                &[&campaign, &bad],
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code, "invalid_argument", "{bad:?}: {refused:?}");
+    }
+    db.finish().await;
+}
+
 #[tokio::test]
 async fn an_idle_transaction_holds_back_no_update_and_health_names_it() {
     let db = TestDb::new().await;

@@ -399,14 +399,15 @@ async fn events(
     } else {
         None
     };
-    let mut after: i64 = 0;
+    // The position `next_after` gives: it holds on every node (on Citus too).
+    let mut after: Option<String> = None;
     let mut first = true;
     let mut poll_until = tokio::time::Instant::now();
     loop {
         loop {
             let page = match db
                 .call(
-                    "events(campaign_id => $1, after_id => $2, \"limit\" => $3)",
+                    "events(campaign_id => $1, after => $2, \"limit\" => $3)",
                     &[&campaign, &after, &(if first { limit } else { 1000 })],
                 )
                 .await
@@ -437,7 +438,9 @@ async fn events(
                 }
             }
             let _ = stdout.flush();
-            after = page["next_after_id"].as_i64().unwrap_or(after);
+            if let Some(next) = page["next_after"].as_str() {
+                after = Some(next.to_string());
+            }
             first = false;
             if page["has_more"] != true {
                 break;

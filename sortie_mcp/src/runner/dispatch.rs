@@ -164,14 +164,19 @@ impl Job {
     /// for any reason but the step being settled already (by the agent through MCP, or by a
     /// reset) is followed by a failed attempt naming the refusal, and if even that is refused,
     /// by handing the step back.
+    ///
+    /// Completions and failures name the claim's campaign: on Citus they run on the worker
+    /// holding it (docs/scale-out.md).
     async fn record(&self, outcome: &Outcome) -> Result<Value, DbError> {
-        let (step, token) = (self.claim.step_id, self.claim.token);
+        let (campaign, step, token) =
+            (self.claim.campaign_id, self.claim.step_id, self.claim.token);
         let first = match outcome {
             Outcome::Output { text, tokens_used } => {
                 match self
                     .call_through_outage(
-                        "complete_step(step_id => $1, claim_token => $2, summary => $3, tokens_used => $4)",
-                        &[&step, &token, text, tokens_used],
+                        "_complete_step_delegated(campaign_id => $1, step_id => $2, claim_token => $3, summary => $4, \
+                         tokens_used => $5)",
+                        &[&campaign, &step, &token, text, tokens_used],
                     )
                     .await
                 {
@@ -181,8 +186,8 @@ impl Job {
             }
             Outcome::Failed(error) | Outcome::Silent(error) => {
                 self.call_through_outage(
-                    "fail_step(step_id => $1, claim_token => $2, error => $3)",
-                    &[&step, &token, error],
+                    "_fail_step_delegated(campaign_id => $1, step_id => $2, claim_token => $3, error => $4)",
+                    &[&campaign, &step, &token, error],
                 )
                 .await
             }
@@ -208,8 +213,8 @@ impl Job {
             Outcome::Failed(_) | Outcome::Silent(_) => Err(refusal),
             _ => {
                 self.call_through_outage(
-                    "fail_step(step_id => $1, claim_token => $2, error => $3)",
-                    &[&step, &token, &error],
+                    "_fail_step_delegated(campaign_id => $1, step_id => $2, claim_token => $3, error => $4)",
+                    &[&campaign, &step, &token, &error],
                 )
                 .await
             }

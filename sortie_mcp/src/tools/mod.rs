@@ -201,6 +201,16 @@ impl SortieServer {
         campaign_id.or(self.binding().campaign_id)
     }
 
+    /// The campaign of `step` when it is this session's own step (its campaign is known):
+    /// calls about it then go to the delegated twins, which on Citus run on the worker holding
+    /// the campaign (docs/scale-out.md). None for any other step, which goes by its id.
+    fn own_campaign(&self, step: i64) -> Option<uuid::Uuid> {
+        let binding = self.binding();
+        binding
+            .campaign_id
+            .filter(|_| binding.step_id == Some(step))
+    }
+
     fn session_token(&self, claim_token: Option<uuid::Uuid>) -> Option<uuid::Uuid> {
         claim_token.or(self.binding().claim_token)
     }

@@ -212,10 +212,7 @@ tail + total length; read_step_output reads the rest), any question and answer, 
             Err(refusal) => return refusal,
         };
         let (head, tail) = (self.config.preview_head, self.config.preview_tail);
-        // The session's own step is named by its campaign: on Citus the read then runs on the
-        // worker holding the campaign (docs/scale-out.md). Another step goes by its id.
-        let binding = self.binding();
-        match binding.campaign_id.filter(|_| binding.step_id == Some(step)) {
+        match self.own_campaign(step) {
             Some(campaign) => {
                 self.call(
                     "_get_my_context_delegated(campaign_id => $1, step_id => $2, head => $3, tail => $4, claim_token => $5)",
@@ -269,11 +266,7 @@ workers call this every few minutes; a step whose lease runs out is reset and yo
             return missing(NO_TOKEN);
         };
         let extend = p.extend_leases_sec.unwrap_or(900);
-        // The session's own step is named by its campaign: on Citus the heartbeat then runs
-        // on the worker holding the campaign (docs/scale-out.md). Another step goes by its id.
-        let binding = self.binding();
-        let own = binding.step_id == Some(step);
-        match binding.campaign_id.filter(|_| own) {
+        match self.own_campaign(step) {
             Some(campaign) => {
                 self.call(
                     "_heartbeat_delegated(campaign_id => $1, step_id => $2, claim_token => $3, extend_leases_sec => $4)",
@@ -417,13 +410,24 @@ while you worked, the answer says so and nothing else changes.",
             return missing(NO_TOKEN);
         };
         let tokens = p.tokens_used.unwrap_or(0);
-        let answer = match self
-            .try_call(
-                "complete_step(step_id => $1, claim_token => $2, summary => $3, tokens_used => $4)",
-                &[&step, &token, &p.summary, &tokens],
-            )
-            .await
-        {
+        let answer = match self.own_campaign(step) {
+            Some(campaign) => {
+                self.try_call(
+                    "_complete_step_delegated(campaign_id => $1, step_id => $2, claim_token => $3, summary => $4, \
+                     tokens_used => $5)",
+                    &[&campaign, &step, &token, &p.summary, &tokens],
+                )
+                .await
+            }
+            None => {
+                self.try_call(
+                    "complete_step(step_id => $1, claim_token => $2, summary => $3, tokens_used => $4)",
+                    &[&step, &token, &p.summary, &tokens],
+                )
+                .await
+            }
+        };
+        let answer = match answer {
             Ok(answer) => answer,
             Err(e) => return tool_error(&e),
         };
@@ -475,11 +479,22 @@ then it fails and the steps depending on it are skipped.",
         let Some(token) = self.session_token(p.claim_token) else {
             return missing(NO_TOKEN);
         };
-        self.call(
-            "fail_step(step_id => $1, claim_token => $2, error => $3)",
-            &[&step, &token, &p.error],
-        )
-        .await
+        match self.own_campaign(step) {
+            Some(campaign) => {
+                self.call(
+                    "_fail_step_delegated(campaign_id => $1, step_id => $2, claim_token => $3, error => $4)",
+                    &[&campaign, &step, &token, &p.error],
+                )
+                .await
+            }
+            None => {
+                self.call(
+                    "fail_step(step_id => $1, claim_token => $2, error => $3)",
+                    &[&step, &token, &p.error],
+                )
+                .await
+            }
+        }
     }
 
     #[tool(

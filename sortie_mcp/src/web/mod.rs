@@ -230,9 +230,10 @@ async fn events(
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
     tokio::spawn(async move {
         let mut wake = crate::runner::listener::listen(db.connection_string()).await;
-        let mut after = match db.call("events(\"limit\" => 1)", &[]).await {
-            Ok(page) => page["next_after_id"].as_i64().unwrap_or(0),
-            Err(_) => 0,
+        let mut after: Option<String> = match db.call("events(\"limit\" => 1)", &[]).await {
+            // A position that holds on every node (on Citus too): `next_after`.
+            Ok(page) => page["next_after"].as_str().map(String::from),
+            Err(_) => None,
         };
         if tx
             .send(Event::default().event("ready").data("{}"))
@@ -257,12 +258,14 @@ async fn events(
                 _ = tx.closed() => return,
             }
             let Ok(page) = db
-                .call("events(after_id => $1, \"limit\" => 1000)", &[&after])
+                .call("events(after => $1, \"limit\" => 1000)", &[&after])
                 .await
             else {
                 continue;
             };
-            after = page["next_after_id"].as_i64().unwrap_or(after);
+            if let Some(next) = page["next_after"].as_str() {
+                after = Some(next.to_string());
+            }
             for event in page["events"].as_array().into_iter().flatten() {
                 let brief = json!({"id": event["id"], "campaign_id": event["campaign_id"],
                                    "step_id": event["step_id"], "kind": event["kind"]});

@@ -28,6 +28,28 @@ const RUN_SECONDS: f64 = 4.0;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let what = std::env::args().nth(1).unwrap_or_else(|| "all".into());
+    const MODES: &[&str] = &[
+        "all",
+        "engine",
+        "throughput",
+        "latency",
+        "cascade",
+        "claim-history",
+        "soak",
+        "embed",
+        "side-by-side",
+        "citus",
+        "mcp",
+        "runner",
+        "notes",
+    ];
+    if !MODES.contains(&what.as_str()) {
+        eprintln!(
+            "sortie-bench: unknown mode {what:?}; one of: {}",
+            MODES.join(" | ")
+        );
+        std::process::exit(2);
+    }
     let cluster = tokio::task::spawn_blocking(|| start_cluster(BENCH_SETTINGS)).await??;
     println!("# Sortie benchmarks\n");
     println!("Machine: {} cores, PostgreSQL 15 throwaway cluster (fsync on). {RUNS} runs per figure; median (min–max).\n",
@@ -1406,13 +1428,25 @@ async fn citus_cost() -> anyhow::Result<()> {
     let citus = sortie_tests::TestDb::distributed().await;
     let mut rows: Vec<(&str, &str, Vec<f64>, Vec<f64>)> = vec![
         (
-            "get_campaign (20 steps)",
+            "_get_campaign_delegated (20 steps)",
             "delegated to the campaign's worker",
             vec![],
             vec![],
         ),
         (
-            "claim_next(campaign) + complete_step",
+            "claim_next(campaign)",
+            "coordinator, statements routed to one shard",
+            vec![],
+            vec![],
+        ),
+        (
+            "_complete_step_delegated",
+            "delegated to the campaign's worker",
+            vec![],
+            vec![],
+        ),
+        (
+            "complete_step (by step id)",
             "coordinator, statements routed to one shard",
             vec![],
             vec![],
@@ -1426,40 +1460,68 @@ async fn citus_cost() -> anyhow::Result<()> {
             let start = Instant::now();
             for _ in 0..CALLS {
                 client
-                    .query_one("SELECT sortie.get_campaign($1)", &[&c])
+                    .query_one("SELECT sortie._get_campaign_delegated($1)", &[&c])
                     .await?;
             }
             let read = start.elapsed().as_secs_f64() * 1000.0 / CALLS as f64;
-            let c = new_campaign(client, ", planner => 'none'").await?;
-            add(client, c, &chains(CALLS, 1)).await?;
-            let start = Instant::now();
-            for _ in 0..CALLS {
-                let v = call_on(
-                    client,
-                    "sortie.claim_next(owner => 'bench', campaign_id => $1)",
-                    &[&c],
-                )
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-                let step = v["step_id"]
-                    .as_i64()
-                    .ok_or_else(|| anyhow::anyhow!("nothing claimed: {v}"))?;
-                let token = uuid::Uuid::parse_str(v["claim_token"].as_str().unwrap_or_default())?;
-                call_on(
-                    client,
-                    "sortie.complete_step($1, $2, 'ok')",
-                    &[&step, &token],
-                )
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            // Claims and completions timed apart; the completions by the twin in one campaign,
+            // by step id in another.
+            let mut claiming = std::time::Duration::ZERO;
+            let mut completing = [std::time::Duration::ZERO; 2];
+            for (form, complete) in [
+                "sortie._complete_step_delegated($3, $1, $2, 'ok')",
+                "sortie.complete_step($1, $2, 'ok')",
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let c = new_campaign(client, ", planner => 'none'").await?;
+                add(client, c, &chains(CALLS, 1)).await?;
+                for _ in 0..CALLS {
+                    let start = Instant::now();
+                    let v = call_on(
+                        client,
+                        "sortie.claim_next(owner => 'bench', campaign_id => $1)",
+                        &[&c],
+                    )
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    if form == 0 {
+                        claiming += start.elapsed();
+                    }
+                    let step = v["step_id"]
+                        .as_i64()
+                        .ok_or_else(|| anyhow::anyhow!("nothing claimed: {v}"))?;
+                    let token =
+                        uuid::Uuid::parse_str(v["claim_token"].as_str().unwrap_or_default())?;
+                    let start = Instant::now();
+                    if form == 0 {
+                        // A plain `SELECT f(…)`, as sortie's programs call it: Citus delegates
+                        // only that form.
+                        client
+                            .query_one(&format!("SELECT {complete}"), &[&step, &token, &c])
+                            .await?;
+                    } else {
+                        call_on(client, complete, &[&step, &token])
+                            .await
+                            .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    }
+                    completing[form] += start.elapsed();
+                }
             }
-            let cycle = start.elapsed().as_secs_f64() * 1000.0 / CALLS as f64;
+            let per_call = |d: std::time::Duration| d.as_secs_f64() * 1000.0 / CALLS as f64;
             let start = Instant::now();
             for _ in 0..CALLS {
                 new_campaign(client, ", planner => 'none'").await?;
             }
             let create = start.elapsed().as_secs_f64() * 1000.0 / CALLS as f64;
-            for (row, value) in rows.iter_mut().zip([read, cycle, create]) {
+            for (row, value) in rows.iter_mut().zip([
+                read,
+                per_call(claiming),
+                per_call(completing[0]),
+                per_call(completing[1]),
+                create,
+            ]) {
                 if index == 0 {
                     row.2.push(value)
                 } else {
