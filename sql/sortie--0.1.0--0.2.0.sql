@@ -1062,7 +1062,7 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION _complete_step_in(v_campaign uuid, step_id bigint, claim_token uuid, summary text, v_tokens bigint)
+CREATE OR REPLACE FUNCTION _complete_step_in(p_campaign uuid, step_id bigint, claim_token uuid, summary text, p_tokens bigint)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 AS $$
@@ -1078,27 +1078,27 @@ DECLARE
     s steps;
 BEGIN
     UPDATE steps
-       SET status = 'done', output = coalesce(summary, ''), tokens_used = steps.tokens_used + v_tokens,
+       SET status = 'done', output = coalesce(summary, ''), tokens_used = steps.tokens_used + p_tokens,
            duration_ms = (extract(epoch FROM _clock() - claimed_at) * 1000)::bigint,
            completed_at = _clock(), claim_token = NULL, lease_expires_at = NULL
-     WHERE steps.campaign_id = v_campaign AND id = step_id
+     WHERE steps.campaign_id = p_campaign AND id = step_id
        AND steps.claim_token = _complete_step_in.claim_token AND status = 'running' AND steps.verify IS NULL
     RETURNING parent_id, claimed_at, requires_locks INTO v_parent, v_claimed_at, v_locks;
     IF NOT FOUND THEN
-        SELECT * INTO s FROM steps WHERE steps.campaign_id = v_campaign AND id = step_id;
+        SELECT * INTO s FROM steps WHERE steps.campaign_id = p_campaign AND id = step_id;
         -- SPEC §17: a step with a check stays running, the summary stored, until its command
         -- passed (record_verification); the caller runs the command.
         IF s.verify IS NOT NULL AND s.status = 'running' AND s.claim_token = claim_token THEN
             UPDATE steps
-               SET output = coalesce(summary, ''), tokens_used = steps.tokens_used + v_tokens,
+               SET output = coalesce(summary, ''), tokens_used = steps.tokens_used + p_tokens,
                    verification_requested_at = _clock()
-             WHERE steps.campaign_id = v_campaign AND id = s.id;
+             WHERE steps.campaign_id = p_campaign AND id = s.id;
             -- Tokens were spent whatever the check says.
-            IF v_tokens > 0 THEN
-                UPDATE campaigns SET tokens_used = campaigns.tokens_used + v_tokens WHERE id = v_campaign;
-                PERFORM _enforce_budget(v_campaign);
+            IF p_tokens > 0 THEN
+                UPDATE campaigns SET tokens_used = campaigns.tokens_used + p_tokens WHERE id = p_campaign;
+                PERFORM _enforce_budget(p_campaign);
             END IF;
-            PERFORM _emit(v_campaign, s.id, 'step.verifying', jsonb_build_object('verify', s.verify));
+            PERFORM _emit(p_campaign, s.id, 'step.verifying', jsonb_build_object('verify', s.verify));
             RETURN jsonb_build_object('step_id', s.id, 'status', 'running', 'accepted', true,
                                       'verification', 'pending', 'verify', s.verify,
                                       'message', 'the step is done once its verify command passes');
@@ -1106,37 +1106,37 @@ BEGIN
         -- A worker whose step was skipped under it (abort, cancel) is told so; what it
         -- produced is kept on the step for audit, and nothing else changes.
         IF s.status = 'skipped' AND s.claim_token = claim_token THEN
-            UPDATE steps SET output = coalesce(steps.output, summary) WHERE steps.campaign_id = v_campaign AND id = s.id;
+            UPDATE steps SET output = coalesce(steps.output, summary) WHERE steps.campaign_id = p_campaign AND id = s.id;
             RETURN jsonb_build_object('step_id', s.id, 'status', 'skipped', 'accepted', false,
                 'message', format('step %s was skipped (%s) while you worked; your output was kept for the record',
                                   s.id, coalesce(s.error, s.skip_cause)));
         END IF;
         -- SPEC §14: the claim that completed the step, repeating itself, gets its first answer.
-        IF _finished_claim(v_campaign, s.id, claim_token, 'complete_step', jsonb_build_object('summary', summary, 'tokens_used', v_tokens)) IS NOT NULL THEN
-            RETURN _finished_claim(v_campaign, s.id, claim_token, 'complete_step', jsonb_build_object('summary', summary, 'tokens_used', v_tokens));
+        IF _finished_claim(p_campaign, s.id, claim_token, 'complete_step', jsonb_build_object('summary', summary, 'tokens_used', p_tokens)) IS NOT NULL THEN
+            RETURN _finished_claim(p_campaign, s.id, claim_token, 'complete_step', jsonb_build_object('summary', summary, 'tokens_used', p_tokens));
         END IF;
         PERFORM _check_claim(s, claim_token, 'complete_step');
         PERFORM _raise('invalid_state', format('step %s cannot be completed', s.id));
     END IF;
-    PERFORM _emit(v_campaign, step_id, 'step.done');
-    v_ready := _release_dependents(v_campaign, ARRAY[step_id]);
+    PERFORM _emit(p_campaign, step_id, 'step.done');
+    v_ready := _release_dependents(p_campaign, ARRAY[step_id]);
     -- One campaign update for every counter this completion moves: it stops running, is no
-    -- longer open, made v_ready steps ready and spent v_tokens.
+    -- longer open, made v_ready steps ready and spent p_tokens.
     SELECT r.open_steps, r.status, r.token_budget INTO v_open, v_status, v_budget
-      FROM _leave_running(v_campaign, step_id, v_claimed_at, v_locks,
-                         p_open => -1, p_ready => v_ready, p_tokens => v_tokens) r;
+      FROM _leave_running(p_campaign, step_id, v_claimed_at, v_locks,
+                         p_open => -1, p_ready => v_ready, p_tokens => p_tokens) r;
     IF v_parent IS NOT NULL THEN
-        PERFORM _member_settled(v_campaign, v_parent, 1, 0, NULL);
+        PERFORM _member_settled(p_campaign, v_parent, 1, 0, NULL);
     END IF;
     IF v_parent IS NOT NULL OR v_open = 0 OR v_budget IS NOT NULL THEN
-        PERFORM _check_drained(v_campaign);
+        PERFORM _check_drained(p_campaign);
         IF v_budget IS NOT NULL THEN
-            PERFORM _enforce_budget(v_campaign);
+            PERFORM _enforce_budget(p_campaign);
         END IF;
-        SELECT status INTO v_status FROM campaigns WHERE id = v_campaign;
+        SELECT status INTO v_status FROM campaigns WHERE id = p_campaign;
     END IF;
-    RETURN _keep_finished_claim(v_campaign, step_id, claim_token, 'complete_step',
-                                jsonb_build_object('summary', summary, 'tokens_used', v_tokens),
+    RETURN _keep_finished_claim(p_campaign, step_id, claim_token, 'complete_step',
+                                jsonb_build_object('summary', summary, 'tokens_used', p_tokens),
                                 jsonb_build_object('step_id', step_id, 'status', 'done', 'accepted', true,
                                                    'campaign_status', v_status));
 END
@@ -1678,7 +1678,7 @@ END
 $$;
 
 CREATE OR REPLACE FUNCTION _claim_in_campaign(p_campaign uuid, p_owner text, p_agent text, p_lease_seconds integer,
-                                  p_dispatched boolean DEFAULT false)
+                                  p_dispatched boolean DEFAULT false, p_lock_keys_here boolean DEFAULT true)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 AS $$
@@ -1748,6 +1748,11 @@ BEGIN
         END IF;
         IF NOT FOUND THEN
             RETURN NULL;
+        END IF;
+        -- A claim delegated to a Citus worker (_claim_next_delegated) does not take lock keys,
+        -- which are serialised on the coordinator: it says so, and its caller claims there.
+        IF NOT p_lock_keys_here AND cardinality(v_locks) > 0 THEN
+            RETURN jsonb_build_object('step_id', NULL, 'reason', 'lock_keys');
         END IF;
         v_claim := _take_step(v_step, p_campaign, v_parent, v_locks, p_owner, p_lease_seconds, p_dispatched);
         IF v_claim IS NOT NULL THEN
@@ -1886,7 +1891,8 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION _claim_one(p_owner text, p_agent text, p_campaign uuid, p_lease integer, p_dispatched boolean)
+CREATE OR REPLACE FUNCTION _claim_one(p_owner text, p_agent text, p_campaign uuid, p_lease integer, p_dispatched boolean,
+                           p_lock_keys_here boolean DEFAULT true)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 AS $$
@@ -1906,8 +1912,8 @@ BEGIN
             END IF;
             RETURN NULL;
         END IF;
-        v_claim := _claim_in_campaign(p_campaign, p_owner, p_agent, p_lease, p_dispatched);
-        IF v_claim IS NULL THEN
+        v_claim := _claim_in_campaign(p_campaign, p_owner, p_agent, p_lease, p_dispatched, p_lock_keys_here);
+        IF v_claim IS NULL OR v_claim ->> 'step_id' IS NULL THEN
             PERFORM _uncount_claim(p_campaign);
         END IF;
         RETURN v_claim;
@@ -1998,6 +2004,35 @@ BEGIN
         RETURN v_claims;
     END IF;
     RETURN coalesce(v_claims -> 0, jsonb_build_object('step_id', NULL));
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _claim_next_delegated(campaign_id uuid, owner text, agent text DEFAULT NULL,
+                                      lease_seconds integer DEFAULT 900, claim_token uuid DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_lease integer := _check_lease_seconds(lease_seconds);
+BEGIN
+    PERFORM _check_owner(owner);
+    IF campaign_id IS NULL THEN
+        PERFORM _raise('invalid_argument', 'campaign_id is required');
+    END IF;
+    IF claim_token IS NULL THEN
+        PERFORM _worker_campaign(campaign_id, NULL, NULL, 'claim_next');
+    ELSE
+        PERFORM 1 FROM steps s
+         WHERE s.campaign_id = campaign_id AND s.claim_token = claim_token AND s.status = 'running';
+        IF NOT FOUND THEN
+            PERFORM _raise('stale_claim', format(
+                'claim_next: the claim token is not the current claim of a running step of campaign %s (its lease expired, it was reset or it finished); stop working on it',
+                campaign_id));
+        END IF;
+    END IF;
+    RETURN coalesce(_claim_one(owner, agent, campaign_id, v_lease, false, false), jsonb_build_object('step_id', NULL));
 END
 $$;
 
@@ -4998,7 +5033,8 @@ AS $$
         ('_heartbeat_delegated(uuid,bigint,uuid,integer)', 'campaign_id'),
         ('_get_my_context_delegated(uuid,bigint,integer,integer,uuid)', 'campaign_id'),
         ('_complete_step_delegated(uuid,bigint,uuid,text,bigint)', 'campaign_id'),
-        ('_fail_step_delegated(uuid,bigint,uuid,text)', 'campaign_id')
+        ('_fail_step_delegated(uuid,bigint,uuid,text)', 'campaign_id'),
+        ('_claim_next_delegated(uuid,text,text,integer,uuid)', 'campaign_id')
     ) AS f(signature, campaign_arg);
 $$;
 
@@ -5197,6 +5233,7 @@ AS $$
             ('_get_my_context_delegated',  ARRAY['sortie_worker', 'sortie_runner']),
             ('_complete_step_delegated',   ARRAY['sortie_worker', 'sortie_runner']),
             ('_fail_step_delegated',       ARRAY['sortie_worker', 'sortie_runner']),
+            ('_claim_next_delegated',      ARRAY['sortie_worker', 'sortie_runner', 'sortie_coordinator']),
             -- internal: called by the functions above (which run as the owner), by no role
             ('_skip_cascade',           ARRAY[]::text[]),
             ('_similar_notes',          ARRAY[]::text[]),

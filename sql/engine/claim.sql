@@ -80,7 +80,7 @@ $$;
 -- and locks rows (FOR UPDATE) only in such a query. Beside the equality a plain `id > …`
 -- positions the scan; the cached-plan risk above is the price there.
 CREATE FUNCTION _claim_in_campaign(p_campaign uuid, p_owner text, p_agent text, p_lease_seconds integer,
-                                  p_dispatched boolean DEFAULT false)
+                                  p_dispatched boolean DEFAULT false, p_lock_keys_here boolean DEFAULT true)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 AS $$
@@ -150,6 +150,11 @@ BEGIN
         END IF;
         IF NOT FOUND THEN
             RETURN NULL;
+        END IF;
+        -- A claim delegated to a Citus worker (_claim_next_delegated) does not take lock keys,
+        -- which are serialised on the coordinator: it says so, and its caller claims there.
+        IF NOT p_lock_keys_here AND cardinality(v_locks) > 0 THEN
+            RETURN jsonb_build_object('step_id', NULL, 'reason', 'lock_keys');
         END IF;
         v_claim := _take_step(v_step, p_campaign, v_parent, v_locks, p_owner, p_lease_seconds, p_dispatched);
         IF v_claim IS NOT NULL THEN
@@ -302,7 +307,8 @@ $$;
 -- `p_campaign`, or in any campaign when it is NULL; NULL when there is none.
 -- Campaigns are tried in fair-share order — lowest slot_seconds_used / weight first — and
 -- capped, paused or over-budget campaigns are never tried, so they cannot block the others.
-CREATE FUNCTION _claim_one(p_owner text, p_agent text, p_campaign uuid, p_lease integer, p_dispatched boolean)
+CREATE FUNCTION _claim_one(p_owner text, p_agent text, p_campaign uuid, p_lease integer, p_dispatched boolean,
+                           p_lock_keys_here boolean DEFAULT true)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 AS $$
@@ -322,8 +328,8 @@ BEGIN
             END IF;
             RETURN NULL;
         END IF;
-        v_claim := _claim_in_campaign(p_campaign, p_owner, p_agent, p_lease, p_dispatched);
-        IF v_claim IS NULL THEN
+        v_claim := _claim_in_campaign(p_campaign, p_owner, p_agent, p_lease, p_dispatched, p_lock_keys_here);
+        IF v_claim IS NULL OR v_claim ->> 'step_id' IS NULL THEN
             PERFORM _uncount_claim(p_campaign);
         END IF;
         RETURN v_claim;
@@ -427,6 +433,45 @@ BEGIN
         RETURN v_claims;
     END IF;
     RETURN coalesce(v_claims -> 0, jsonb_build_object('step_id', NULL));
+END
+$$;
+
+-- claim_next() in one campaign named first (SPEC §2 scale-out rule), for one step in pull mode:
+-- under Citus it is delegated to the worker holding the campaign and runs there as one local
+-- transaction (distribute.sql). A step that needs lock keys is not claimed here — lock keys are
+-- serialised on the coordinator (advisory locks, lock_keys.sql) — and the answer is
+-- {step_id: null, reason: 'lock_keys'}: the caller claims with claim_next. sortie-mcp calls it
+-- when it holds the campaign. Never with a NULL campaign_id: a Citus 13.2 coordinator crashes
+-- on one (citusdata/citus#7242). With a claim token (a worker confined to its campaign, SPEC
+-- §15) the token must be the current claim of a running step of this campaign.
+-- Answers as claim_next without max_steps. Errors: those of claim_next; stale_claim when the
+-- token holds no running step of this campaign.
+CREATE FUNCTION _claim_next_delegated(campaign_id uuid, owner text, agent text DEFAULT NULL,
+                                      lease_seconds integer DEFAULT 900, claim_token uuid DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_lease integer := _check_lease_seconds(lease_seconds);
+BEGIN
+    PERFORM _check_owner(owner);
+    IF campaign_id IS NULL THEN
+        PERFORM _raise('invalid_argument', 'campaign_id is required');
+    END IF;
+    IF claim_token IS NULL THEN
+        PERFORM _worker_campaign(campaign_id, NULL, NULL, 'claim_next');
+    ELSE
+        PERFORM 1 FROM steps s
+         WHERE s.campaign_id = campaign_id AND s.claim_token = claim_token AND s.status = 'running';
+        IF NOT FOUND THEN
+            PERFORM _raise('stale_claim', format(
+                'claim_next: the claim token is not the current claim of a running step of campaign %s (its lease expired, it was reset or it finished); stop working on it',
+                campaign_id));
+        END IF;
+    END IF;
+    RETURN coalesce(_claim_one(owner, agent, campaign_id, v_lease, false, false), jsonb_build_object('step_id', NULL));
 END
 $$;
 

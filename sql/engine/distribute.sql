@@ -26,13 +26,15 @@
 -- _campaign_graph_delegated and _planner_context_delegated are what sortie's programs call,
 -- always with the campaign they hold (a Rust Uuid, never NULL), granted to the same roles.
 -- So are the heartbeat and the step's context named by their campaign (_heartbeat_delegated,
--- _get_my_context_delegated), and the completion and the failure (_complete_step_delegated,
--- _fail_step_delegated): their events are numbered per campaign (events.sql), an order that
--- holds on whichever node runs them; their finished claims are kept with the campaign; their
--- wake-ups are sent on the worker, where sortie's listener listens too. The other writing
--- rules run on the coordinator, which routes each of their statements to the campaign's
--- shards: claims serialise lock keys and runner slots with advisory locks, which hold on one
--- node. docs/scale-out.md says what that costs and what delegating them would take.
+-- _get_my_context_delegated), the claim in a campaign (_claim_next_delegated, which leaves a
+-- step with lock keys to claim_next), and the completion and the failure
+-- (_complete_step_delegated, _fail_step_delegated): their events are numbered per campaign
+-- (events.sql), an order that holds on whichever node runs them; their finished claims are
+-- kept with the campaign; their wake-ups are sent on the worker, where sortie's listener
+-- listens too. The other writing rules run on the coordinator, which routes each of their
+-- statements to the campaign's shards: lock keys and runner slots are serialised there with
+-- advisory locks, which hold on one node. docs/scale-out.md says what that costs and what
+-- delegating the rest would take.
 
 -- The tables distributed by campaign, in the order Citus needs (a table after those its
 -- foreign keys reference), and the global ones.
@@ -92,7 +94,8 @@ AS $$
         ('_heartbeat_delegated(uuid,bigint,uuid,integer)', 'campaign_id'),
         ('_get_my_context_delegated(uuid,bigint,integer,integer,uuid)', 'campaign_id'),
         ('_complete_step_delegated(uuid,bigint,uuid,text,bigint)', 'campaign_id'),
-        ('_fail_step_delegated(uuid,bigint,uuid,text)', 'campaign_id')
+        ('_fail_step_delegated(uuid,bigint,uuid,text)', 'campaign_id'),
+        ('_claim_next_delegated(uuid,text,text,integer,uuid)', 'campaign_id')
     ) AS f(signature, campaign_arg);
 $$;
 

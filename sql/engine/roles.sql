@@ -98,6 +98,7 @@ AS $$
             ('_get_my_context_delegated',  ARRAY['sortie_worker', 'sortie_runner']),
             ('_complete_step_delegated',   ARRAY['sortie_worker', 'sortie_runner']),
             ('_fail_step_delegated',       ARRAY['sortie_worker', 'sortie_runner']),
+            ('_claim_next_delegated',      ARRAY['sortie_worker', 'sortie_runner', 'sortie_coordinator']),
             -- internal: called by the functions above (which run as the owner), by no role
             ('_skip_cascade',           ARRAY[]::text[]),
             ('_similar_notes',          ARRAY[]::text[]),

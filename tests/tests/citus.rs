@@ -356,13 +356,14 @@ async fn a_heartbeat_and_the_context_run_on_the_worker_holding_their_campaign() 
     db.finish().await;
 }
 
-/// A completion and a failure named by their campaign (sortie-mcp's for its own step, the
-/// runner's for its dispatches) run on the worker holding the campaign as one local
-/// transaction: dependents released, counters moved, the event numbered and the finished claim
-/// kept there, with no command to any other node. A repeat of the same call is answered from
-/// the finished claim kept on that worker.
+/// A claim, a completion and a failure named by their campaign (sortie-mcp's in its campaign
+/// and for its own step, the runner's for its dispatches) run on the worker holding the
+/// campaign as one local transaction: the step taken, dependents released, counters moved, the
+/// event numbered and the finished claim kept there, with no command to any other node. A
+/// repeat of the same completion is answered from the finished claim kept on that worker; a
+/// step with lock keys is left to claim_next on the coordinator.
 #[tokio::test]
-async fn a_completion_and_a_failure_run_on_the_worker_holding_their_campaign() {
+async fn a_claim_a_completion_and_a_failure_run_on_the_worker_holding_their_campaign() {
     let db = TestDb::distributed().await;
     let campaign = db
         .ok(
@@ -375,7 +376,7 @@ async fn a_completion_and_a_failure_run_on_the_worker_holding_their_campaign() {
         .to_string();
     db.ok(
         "sortie.add_steps($1::text::uuid, '[{\"action\": \"a\", \"key\": \"a\"}, {\"action\": \"b\", \"key\": \"b\", \"max_attempts\": 2}, \
-           {\"action\": \"after\", \"depends_on\": [\"a\"]}]')",
+           {\"action\": \"after\", \"depends_on\": [\"a\"]}, {\"action\": \"locked\", \"requires_locks\": [\"db\"]}]')",
         &[&campaign],
     )
     .await;
@@ -396,7 +397,18 @@ async fn a_completion_and_a_failure_run_on_the_worker_holding_their_campaign() {
         }
     };
     let port = holder(&db, &campaign).await;
-    let (a, a_token) = claim("a").await;
+    let (claimed, notices) = logged_call(
+        &db,
+        "SELECT sortie._claim_next_delegated($1::text::uuid, 'w')",
+        &campaign,
+    )
+    .await;
+    assert_eq!(claimed["action"], "a", "{claimed}");
+    assert_runs_on_holder(&notices, "_claim_next_delegated", port);
+    let (a, a_token) = (
+        claimed["step_id"].as_i64().unwrap(),
+        claimed["claim_token"].as_str().unwrap().to_string(),
+    );
     let complete = format!(
         "SELECT sortie._complete_step_delegated($1::text::uuid, {a}, '{a_token}'::uuid, 'a done', 7)"
     );
@@ -466,6 +478,14 @@ async fn a_completion_and_a_failure_run_on_the_worker_holding_their_campaign() {
         .map(|row| row.get(0))
         .collect();
     assert!(invariants.is_empty(), "{invariants:?}");
+    // The released step next; the step with lock keys is claim_next's.
+    let twin = "sortie._claim_next_delegated($1::text::uuid, 'w')";
+    assert_eq!(db.ok(twin, &[&campaign]).await["action"], "after");
+    assert_eq!(
+        db.ok(twin, &[&campaign]).await,
+        serde_json::json!({"step_id": null, "reason": "lock_keys"})
+    );
+    claim("locked").await;
     // A step of another campaign, or a stale token, is refused as by the public functions.
     let other = db
         .ok(
@@ -735,6 +755,7 @@ async fn a_delegated_read_without_a_campaign_is_refused_and_the_coordinator_live
         delegated,
         [
             "_campaign_graph_delegated",
+            "_claim_next_delegated",
             "_complete_step_delegated",
             "_fail_step_delegated",
             "_get_campaign_delegated",

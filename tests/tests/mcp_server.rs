@@ -139,7 +139,7 @@ async fn a_whole_campaign_runs_through_the_mcp_tools() {
         .ok("add_steps", json!({"campaign_id": c, "steps": [
             {"action": "research X", "key": "r"},
             {"step_type": "parallel_group", "action": "probe", "key": "g", "children": [{"action": "probe a"}, {"action": "probe b"}]},
-            {"action": "write up", "depends_on": ["r", "g"]}]}))
+            {"action": "write up", "depends_on": ["r", "g"], "requires_locks": ["docs/report"]}]}))
         .await;
     assert_eq!(added["created"], 5);
 
@@ -214,8 +214,10 @@ async fn a_whole_campaign_runs_through_the_mcp_tools() {
     .await;
     mcp.ok("complete_step", json!({"step_id": cont, "claim_token": synth["claim_token"], "summary": "X holds, with sources"})).await;
 
+    // A step with lock keys: the claim named by its campaign leaves it to claim_next.
     let write = mcp.ok("claim_next", json!({"campaign_id": c})).await;
     assert_eq!(write["action"], "write up");
+    assert!(write.get("reason").is_none(), "{write}");
     mcp.ok("complete_step", json!({"step_id": write["step_id"], "claim_token": write["claim_token"], "summary": "report"})).await;
     let success = mcp.ok("check_success", json!({"id": c})).await;
     assert_eq!(success["met"], true);

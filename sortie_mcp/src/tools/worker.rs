@@ -587,15 +587,44 @@ worker calls for that step.",
         // claim (checked in the extension); a session that claimed its own step may claim again.
         let session = self.binding();
         let token = session.claim_token.filter(|_| session.assigned);
-        let answer = match self
-            .try_call(
-                "claim_next(owner => $1, agent => $2, campaign_id => $3, lease_seconds => $4, claim_token => $5)",
-                &[&owner, &p.agent, &p.campaign_id, &lease, &token],
-            )
-            .await
-        {
-            Ok(answer) => answer,
-            Err(e) => return tool_error(&e),
+        // A claim in a known campaign is named by it: on Citus it then runs on the worker
+        // holding the campaign (docs/scale-out.md). The campaign is the one asked for, or the
+        // assigned session's own; a session asking for another campaign than its own goes to
+        // claim_next, which refuses it. A step with lock keys is claimed through claim_next
+        // (the twin says so): lock keys are serialised on the coordinator.
+        let campaign = match (p.campaign_id, token) {
+            (Some(asked), Some(_)) => Some(asked).filter(|c| session.campaign_id == Some(*c)),
+            (Some(asked), None) => Some(asked),
+            (None, Some(_)) => session.campaign_id,
+            (None, None) => None,
+        };
+        let delegated = match campaign {
+            Some(campaign) => match self
+                .try_call(
+                    "_claim_next_delegated(campaign_id => $1, owner => $2, agent => $3, lease_seconds => $4, \
+                     claim_token => $5)",
+                    &[&campaign, &owner, &p.agent, &lease, &token],
+                )
+                .await
+            {
+                Ok(answer) if answer["reason"] == "lock_keys" => None,
+                Ok(answer) => Some(answer),
+                Err(e) => return tool_error(&e),
+            },
+            None => None,
+        };
+        let answer = match delegated {
+            Some(answer) => answer,
+            None => match self
+                .try_call(
+                    "claim_next(owner => $1, agent => $2, campaign_id => $3, lease_seconds => $4, claim_token => $5)",
+                    &[&owner, &p.agent, &p.campaign_id, &lease, &token],
+                )
+                .await
+            {
+                Ok(answer) => answer,
+                Err(e) => return tool_error(&e),
+            },
         };
         if let (Some(step_id), Some(campaign_id), Some(claim_token)) = (
             answer["step_id"].as_i64(),
