@@ -338,9 +338,14 @@ CREATE OR REPLACE FUNCTION _notify_campaign(p_campaign uuid, p_level text, p_mes
 RETURNS void
 LANGUAGE plpgsql VOLATILE
 AS $$
+DECLARE
+    v_channel text;
 BEGIN
-    INSERT INTO notifications (campaign_id, level, message, channel)
-    SELECT c.id, p_level, p_message, c.channel FROM campaigns c WHERE c.id = p_campaign;
+    SELECT c.channel INTO v_channel FROM campaigns c WHERE c.id = p_campaign;
+    IF FOUND THEN
+        INSERT INTO notifications (campaign_id, level, message, channel)
+        VALUES (p_campaign, p_level, p_message, v_channel);
+    END IF;
 END
 $$;
 
@@ -806,7 +811,13 @@ BEGIN
     IF v_open = 0 THEN
         RETURN v_skipped;
     END IF;
-    DELETE FROM resource_leases WHERE campaign_id = p_campaign AND step_id = ANY (v_skipped);
+    -- Leases are a table every node holds (a reference table under Citus, where a change is a
+    -- commit on every node): touched only when a skipped running step held lock keys.
+    IF v_running > 0 AND EXISTS (SELECT 1 FROM steps s
+                                  WHERE s.campaign_id = p_campaign AND s.id = ANY (v_skipped)
+                                    AND cardinality(s.requires_locks) > 0) THEN
+        DELETE FROM resource_leases WHERE campaign_id = p_campaign AND step_id = ANY (v_skipped);
+    END IF;
     PERFORM _bump_counters(p_campaign, -v_open, -v_running, -v_ready);
     PERFORM _emit(p_campaign, NULL, 'step.skipped',
                  jsonb_build_object('step_ids', to_jsonb(v_skipped), 'cause', p_cause, 'reason', p_reason));
@@ -2463,7 +2474,9 @@ BEGIN
       FROM steps n
       CROSS JOIN LATERAL (
           SELECT o.id FROM steps o
-           WHERE o.campaign_id = n.campaign_id AND o.fingerprint = n.fingerprint AND o.id < n.id AND o.status <> 'failed'
+           -- The campaign by equality here too: Citus routes a lateral subquery with a LIMIT to
+           -- one shard only so.
+           WHERE o.campaign_id = c.id AND o.fingerprint = n.fingerprint AND o.id < n.id AND o.status <> 'failed'
            ORDER BY o.id LIMIT 1) d
      WHERE n.campaign_id = c.id AND n.id = ANY (v_ids) AND n.fingerprint IS NOT NULL;
 
@@ -2558,8 +2571,42 @@ SET search_path FROM CURRENT
 AS $$
 #variable_conflict use_variable
 DECLARE
-    s steps;
     v_arguments jsonb;
+BEGIN
+    -- SPEC §14: a repeat with the same request_id returns the first result (idempotency.sql).
+    IF request_id IS NOT NULL THEN
+        v_arguments := jsonb_build_object('step_id', step_id, 'claim_token', claim_token, 'subtasks', subtasks,
+                                          'continuation', continuation, 'partial_output', partial_output);
+        RETURN coalesce(_replay(request_id, 'spawn_and_continue', v_arguments),
+                        _keep(request_id, 'spawn_and_continue', v_arguments, spawn_and_continue(
+                            step_id => step_id, claim_token => claim_token, subtasks => subtasks,
+                            continuation => continuation, partial_output => partial_output)));
+    END IF;
+    RETURN _spawn_and_continue_in(_lock_step_campaign(step_id), step_id, claim_token, subtasks, continuation,
+                                  partial_output);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _spawn_and_continue_delegated(campaign_id uuid, step_id bigint, claim_token uuid, subtasks jsonb,
+                                              continuation jsonb, partial_output text DEFAULT '')
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN _spawn_and_continue_in(_lock_named_step_campaign(campaign_id, step_id), step_id, claim_token, subtasks,
+                                  continuation, partial_output);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _spawn_and_continue_in(p_campaign uuid, step_id bigint, claim_token uuid, subtasks jsonb,
+                                       continuation jsonb, partial_output text)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+AS $$
+#variable_conflict use_variable
+DECLARE
+    s steps;
     c campaigns;
     v_expansion jsonb;
     v_spawned jsonb;
@@ -2574,16 +2621,8 @@ DECLARE
     v_dep bigint;
     v_cycle_dep bigint;
 BEGIN
-    -- SPEC §14: a repeat with the same request_id returns the first result (idempotency.sql).
-    IF request_id IS NOT NULL THEN
-        v_arguments := jsonb_build_object('step_id', step_id, 'claim_token', claim_token, 'subtasks', subtasks,
-                                          'continuation', continuation, 'partial_output', partial_output);
-        RETURN coalesce(_replay(request_id, 'spawn_and_continue', v_arguments),
-                        _keep(request_id, 'spawn_and_continue', v_arguments, spawn_and_continue(
-                            step_id => step_id, claim_token => claim_token, subtasks => subtasks,
-                            continuation => continuation, partial_output => partial_output)));
-    END IF;
-    s := _lock_claimed_step(step_id, claim_token, 'spawn_and_continue');
+    SELECT * INTO s FROM steps x WHERE x.campaign_id = p_campaign AND x.id = step_id FOR UPDATE;
+    s := _check_claim(s, claim_token, 'spawn_and_continue');
     SELECT * INTO c FROM campaigns WHERE id = s.campaign_id;
     IF subtasks IS NULL OR jsonb_typeof(subtasks) <> 'array' OR jsonb_array_length(subtasks) = 0 THEN
         PERFORM _raise('invalid_argument', 'subtasks must list at least one step; to finish alone, call complete_step');
@@ -3510,9 +3549,7 @@ SET search_path FROM CURRENT
 AS $$
 #variable_conflict use_variable
 DECLARE
-    v_id bigint;
     v_arguments jsonb;
-    v_agent text;
 BEGIN
     -- SPEC §15: a worker writes notes only into the campaign of the step it holds (scope.sql).
     campaign_id := _worker_campaign(campaign_id, step_id, claim_token, 'add_note');
@@ -3527,6 +3564,37 @@ BEGIN
                             agent => agent, embedding => embedding, embedding_model => embedding_model,
                             claim_token => claim_token)));
     END IF;
+    RETURN _add_note_in(campaign_id, content, tags, step_id, agent, embedding, embedding_model);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _add_note_delegated(campaign_id uuid, content text, tags text[] DEFAULT '{}', step_id bigint DEFAULT NULL,
+                                    agent text DEFAULT NULL, embedding vector DEFAULT NULL,
+                                    embedding_model text DEFAULT NULL, claim_token uuid DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+BEGIN
+    IF campaign_id IS NULL THEN
+        PERFORM _raise('invalid_argument', 'campaign_id is required');
+    END IF;
+    PERFORM _worker_claim_in(campaign_id, step_id, claim_token, 'add_note');
+    RETURN _add_note_in(campaign_id, content, tags, step_id, agent, embedding, embedding_model);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _add_note_in(campaign_id uuid, content text, tags text[], step_id bigint, agent text,
+                             embedding vector, embedding_model text)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_id bigint;
+    v_agent text;
+BEGIN
     IF content IS NULL OR btrim(content) = '' THEN
         PERFORM _raise('invalid_argument', 'content is empty: write what you found');
     END IF;
@@ -3887,21 +3955,28 @@ BEGIN
     SELECT coalesce(array_agg(e.campaign_id ORDER BY e.ordinality), '{}'), coalesce(array_agg(e.step_id ORDER BY e.ordinality), '{}')
       INTO v_done_campaigns, v_done_steps
       FROM unnest(v_page) WITH ORDINALITY e WHERE e.kind = 'step.done';
-    SELECT coalesce(jsonb_agg(jsonb_build_object('step_id', s.id, 'campaign_id', s.campaign_id,
-                              'action', s.action, 'output_preview', left(s.output, 300),
-                              'output_chars', length(s.output)) ORDER BY array_position(v_done_steps, s.id)), '[]')
-      INTO v_completed
-      FROM steps s
-     WHERE s.campaign_id = ANY (v_done_campaigns) AND s.id = ANY (v_done_steps);
+    -- Only when the page has any: under Citus an empty list reaches every shard.
+    v_completed := '[]';
+    IF cardinality(v_done_steps) > 0 THEN
+        SELECT coalesce(jsonb_agg(jsonb_build_object('step_id', s.id, 'campaign_id', s.campaign_id,
+                                  'action', s.action, 'output_preview', left(s.output, 300),
+                                  'output_chars', length(s.output)) ORDER BY array_position(v_done_steps, s.id)), '[]')
+          INTO v_completed
+          FROM steps s
+         WHERE s.campaign_id = ANY (v_done_campaigns) AND s.id = ANY (v_done_steps);
+    END IF;
     SELECT coalesce(array_agg(e.campaign_id), '{}'), coalesce(array_agg((e.payload ->> 'note_id')::bigint), '{}')
       INTO v_note_campaigns, v_note_ids
       FROM unnest(v_page) WITH ORDINALITY e WHERE e.kind = 'note.added';
-    SELECT coalesce(jsonb_agg(jsonb_build_object('note_id', n.id, 'campaign_id', n.campaign_id,
-                              'step_id', n.step_id, 'agent', n.agent, 'tags', n.tags,
-                              'content', left(n.content, 500)) ORDER BY n.id DESC), '[]')
-      INTO v_notes
-      FROM notes n
-     WHERE n.campaign_id = ANY (v_note_campaigns) AND n.id = ANY (v_note_ids);
+    v_notes := '[]';
+    IF cardinality(v_note_ids) > 0 THEN
+        SELECT coalesce(jsonb_agg(jsonb_build_object('note_id', n.id, 'campaign_id', n.campaign_id,
+                                  'step_id', n.step_id, 'agent', n.agent, 'tags', n.tags,
+                                  'content', left(n.content, 500)) ORDER BY n.id DESC), '[]')
+          INTO v_notes
+          FROM notes n
+         WHERE n.campaign_id = ANY (v_note_campaigns) AND n.id = ANY (v_note_ids);
+    END IF;
 
     RETURN jsonb_build_object(
         'completed', v_completed,
@@ -5034,7 +5109,9 @@ AS $$
         ('_get_my_context_delegated(uuid,bigint,integer,integer,uuid)', 'campaign_id'),
         ('_complete_step_delegated(uuid,bigint,uuid,text,bigint)', 'campaign_id'),
         ('_fail_step_delegated(uuid,bigint,uuid,text)', 'campaign_id'),
-        ('_claim_next_delegated(uuid,text,text,integer,uuid)', 'campaign_id')
+        ('_claim_next_delegated(uuid,text,text,integer,uuid)', 'campaign_id'),
+        ('_add_note_delegated(uuid,text,text[],bigint,text,vector,text,uuid)', 'campaign_id'),
+        ('_spawn_and_continue_delegated(uuid,bigint,uuid,jsonb,jsonb,text)', 'campaign_id')
     ) AS f(signature, campaign_arg);
 $$;
 
@@ -5234,6 +5311,8 @@ AS $$
             ('_complete_step_delegated',   ARRAY['sortie_worker', 'sortie_runner']),
             ('_fail_step_delegated',       ARRAY['sortie_worker', 'sortie_runner']),
             ('_claim_next_delegated',      ARRAY['sortie_worker', 'sortie_runner', 'sortie_coordinator']),
+            ('_add_note_delegated',        ARRAY['sortie_worker', 'sortie_coordinator']),
+            ('_spawn_and_continue_delegated', ARRAY['sortie_worker']),
             -- internal: called by the functions above (which run as the owner), by no role
             ('_skip_cascade',           ARRAY[]::text[]),
             ('_similar_notes',          ARRAY[]::text[]),

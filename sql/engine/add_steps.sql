@@ -137,7 +137,9 @@ BEGIN
       FROM steps n
       CROSS JOIN LATERAL (
           SELECT o.id FROM steps o
-           WHERE o.campaign_id = n.campaign_id AND o.fingerprint = n.fingerprint AND o.id < n.id AND o.status <> 'failed'
+           -- The campaign by equality here too: Citus routes a lateral subquery with a LIMIT to
+           -- one shard only so.
+           WHERE o.campaign_id = c.id AND o.fingerprint = n.fingerprint AND o.id < n.id AND o.status <> 'failed'
            ORDER BY o.id LIMIT 1) d
      WHERE n.campaign_id = c.id AND n.id = ANY (v_ids) AND n.fingerprint IS NOT NULL;
 

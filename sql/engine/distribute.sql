@@ -27,8 +27,9 @@
 -- always with the campaign they hold (a Rust Uuid, never NULL), granted to the same roles.
 -- So are the heartbeat and the step's context named by their campaign (_heartbeat_delegated,
 -- _get_my_context_delegated), the claim in a campaign (_claim_next_delegated, which leaves a
--- step with lock keys to claim_next), and the completion and the failure
--- (_complete_step_delegated, _fail_step_delegated): their events are numbered per campaign
+-- step with lock keys to claim_next), the completion and the failure
+-- (_complete_step_delegated, _fail_step_delegated), the note and the splice without a
+-- request id (_add_note_delegated, _spawn_and_continue_delegated): their events are numbered per campaign
 -- (events.sql), an order that holds on whichever node runs them; their finished claims are
 -- kept with the campaign; their wake-ups are sent on the worker, where sortie's listener
 -- listens too. The other writing rules run on the coordinator, which routes each of their
@@ -95,7 +96,9 @@ AS $$
         ('_get_my_context_delegated(uuid,bigint,integer,integer,uuid)', 'campaign_id'),
         ('_complete_step_delegated(uuid,bigint,uuid,text,bigint)', 'campaign_id'),
         ('_fail_step_delegated(uuid,bigint,uuid,text)', 'campaign_id'),
-        ('_claim_next_delegated(uuid,text,text,integer,uuid)', 'campaign_id')
+        ('_claim_next_delegated(uuid,text,text,integer,uuid)', 'campaign_id'),
+        ('_add_note_delegated(uuid,text,text[],bigint,text,vector,text,uuid)', 'campaign_id'),
+        ('_spawn_and_continue_delegated(uuid,bigint,uuid,jsonb,jsonb,text)', 'campaign_id')
     ) AS f(signature, campaign_arg);
 $$;
 

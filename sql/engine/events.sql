@@ -99,14 +99,20 @@ END
 $$;
 
 -- A notification for the campaign's channel (notifications.sql delivers it). PL/pgSQL, as
--- every function that reads or writes a table (locking.sql, distribution); campaign_id is
--- taken from the campaign's row, so that under Citus the insert stays with its campaign.
+-- every function that reads or writes a table (locking.sql, distribution). The channel is read
+-- first and the row inserted by its campaign: under Citus an INSERT … SELECT with a parameter
+-- read every shard of campaigns. Nothing is inserted for a campaign that does not exist.
 CREATE FUNCTION _notify_campaign(p_campaign uuid, p_level text, p_message text)
 RETURNS void
 LANGUAGE plpgsql VOLATILE
 AS $$
+DECLARE
+    v_channel text;
 BEGIN
-    INSERT INTO notifications (campaign_id, level, message, channel)
-    SELECT c.id, p_level, p_message, c.channel FROM campaigns c WHERE c.id = p_campaign;
+    SELECT c.channel INTO v_channel FROM campaigns c WHERE c.id = p_campaign;
+    IF FOUND THEN
+        INSERT INTO notifications (campaign_id, level, message, channel)
+        VALUES (p_campaign, p_level, p_message, v_channel);
+    END IF;
 END
 $$;

@@ -26,9 +26,7 @@ SET search_path FROM CURRENT
 AS $$
 #variable_conflict use_variable
 DECLARE
-    v_id bigint;
     v_arguments jsonb;
-    v_agent text;
 BEGIN
     -- SPEC §15: a worker writes notes only into the campaign of the step it holds (scope.sql).
     campaign_id := _worker_campaign(campaign_id, step_id, claim_token, 'add_note');
@@ -43,6 +41,46 @@ BEGIN
                             agent => agent, embedding => embedding, embedding_model => embedding_model,
                             claim_token => claim_token)));
     END IF;
+    RETURN _add_note_in(campaign_id, content, tags, step_id, agent, embedding, embedding_model);
+END
+$$;
+
+-- add_note() naming its campaign first (SPEC §2 scale-out rule), without a request_id: under
+-- Citus it is delegated to the worker holding the campaign and runs there as one local
+-- transaction (distribute.sql). sortie-mcp calls it for its session's campaign (and own step).
+-- A request_id goes to add_note: request ids are serialised on the coordinator (idempotency.sql).
+-- Never with a NULL campaign_id: a Citus 13.2 coordinator crashes on one (citusdata/citus#7242).
+-- With a claim token, step_id must be the step it holds in this campaign (else stale_claim).
+-- Answers as add_note. Errors: those of add_note.
+CREATE FUNCTION _add_note_delegated(campaign_id uuid, content text, tags text[] DEFAULT '{}', step_id bigint DEFAULT NULL,
+                                    agent text DEFAULT NULL, embedding vector DEFAULT NULL,
+                                    embedding_model text DEFAULT NULL, claim_token uuid DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+#variable_conflict use_variable
+BEGIN
+    IF campaign_id IS NULL THEN
+        PERFORM _raise('invalid_argument', 'campaign_id is required');
+    END IF;
+    PERFORM _worker_claim_in(campaign_id, step_id, claim_token, 'add_note');
+    RETURN _add_note_in(campaign_id, content, tags, step_id, agent, embedding, embedding_model);
+END
+$$;
+
+-- The note itself, in campaign `campaign_id` (the caller has checked who may write there).
+-- Every statement names the campaign.
+CREATE FUNCTION _add_note_in(campaign_id uuid, content text, tags text[], step_id bigint, agent text,
+                             embedding vector, embedding_model text)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_id bigint;
+    v_agent text;
+BEGIN
     IF content IS NULL OR btrim(content) = '' THEN
         PERFORM _raise('invalid_argument', 'content is empty: write what you found');
     END IF;

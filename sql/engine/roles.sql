@@ -99,6 +99,8 @@ AS $$
             ('_complete_step_delegated',   ARRAY['sortie_worker', 'sortie_runner']),
             ('_fail_step_delegated',       ARRAY['sortie_worker', 'sortie_runner']),
             ('_claim_next_delegated',      ARRAY['sortie_worker', 'sortie_runner', 'sortie_coordinator']),
+            ('_add_note_delegated',        ARRAY['sortie_worker', 'sortie_coordinator']),
+            ('_spawn_and_continue_delegated', ARRAY['sortie_worker']),
             -- internal: called by the functions above (which run as the owner), by no role
             ('_skip_cascade',           ARRAY[]::text[]),
             ('_similar_notes',          ARRAY[]::text[]),

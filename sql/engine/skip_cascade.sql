@@ -59,7 +59,13 @@ BEGIN
     IF v_open = 0 THEN
         RETURN v_skipped;
     END IF;
-    DELETE FROM resource_leases WHERE campaign_id = p_campaign AND step_id = ANY (v_skipped);
+    -- Leases are a table every node holds (a reference table under Citus, where a change is a
+    -- commit on every node): touched only when a skipped running step held lock keys.
+    IF v_running > 0 AND EXISTS (SELECT 1 FROM steps s
+                                  WHERE s.campaign_id = p_campaign AND s.id = ANY (v_skipped)
+                                    AND cardinality(s.requires_locks) > 0) THEN
+        DELETE FROM resource_leases WHERE campaign_id = p_campaign AND step_id = ANY (v_skipped);
+    END IF;
     PERFORM _bump_counters(p_campaign, -v_open, -v_running, -v_ready);
     PERFORM _emit(p_campaign, NULL, 'step.skipped',
                  jsonb_build_object('step_ids', to_jsonb(v_skipped), 'cause', p_cause, 'reason', p_reason));

@@ -59,8 +59,51 @@ SET search_path FROM CURRENT
 AS $$
 #variable_conflict use_variable
 DECLARE
-    s steps;
     v_arguments jsonb;
+BEGIN
+    -- SPEC §14: a repeat with the same request_id returns the first result (idempotency.sql).
+    IF request_id IS NOT NULL THEN
+        v_arguments := jsonb_build_object('step_id', step_id, 'claim_token', claim_token, 'subtasks', subtasks,
+                                          'continuation', continuation, 'partial_output', partial_output);
+        RETURN coalesce(_replay(request_id, 'spawn_and_continue', v_arguments),
+                        _keep(request_id, 'spawn_and_continue', v_arguments, spawn_and_continue(
+                            step_id => step_id, claim_token => claim_token, subtasks => subtasks,
+                            continuation => continuation, partial_output => partial_output)));
+    END IF;
+    RETURN _spawn_and_continue_in(_lock_step_campaign(step_id), step_id, claim_token, subtasks, continuation,
+                                  partial_output);
+END
+$$;
+
+-- spawn_and_continue() naming its campaign first (SPEC §2 scale-out rule), without a
+-- request_id: under Citus it is delegated to the worker holding the campaign and runs there as
+-- one local transaction (distribute.sql). sortie-mcp calls it for its session's own step. A
+-- request_id goes to spawn_and_continue: request ids are serialised on the coordinator
+-- (idempotency.sql). Never with a NULL campaign_id: a Citus 13.2 coordinator crashes on one
+-- (citusdata/citus#7242). Errors: those of spawn_and_continue; not_found when the step is not
+-- in that campaign.
+CREATE FUNCTION _spawn_and_continue_delegated(campaign_id uuid, step_id bigint, claim_token uuid, subtasks jsonb,
+                                              continuation jsonb, partial_output text DEFAULT '')
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN _spawn_and_continue_in(_lock_named_step_campaign(campaign_id, step_id), step_id, claim_token, subtasks,
+                                  continuation, partial_output);
+END
+$$;
+
+-- The splice itself, for a step of campaign `p_campaign`, which the caller has locked. Every
+-- statement names the campaign.
+CREATE FUNCTION _spawn_and_continue_in(p_campaign uuid, step_id bigint, claim_token uuid, subtasks jsonb,
+                                       continuation jsonb, partial_output text)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+AS $$
+#variable_conflict use_variable
+DECLARE
+    s steps;
     c campaigns;
     v_expansion jsonb;
     v_spawned jsonb;
@@ -75,16 +118,8 @@ DECLARE
     v_dep bigint;
     v_cycle_dep bigint;
 BEGIN
-    -- SPEC §14: a repeat with the same request_id returns the first result (idempotency.sql).
-    IF request_id IS NOT NULL THEN
-        v_arguments := jsonb_build_object('step_id', step_id, 'claim_token', claim_token, 'subtasks', subtasks,
-                                          'continuation', continuation, 'partial_output', partial_output);
-        RETURN coalesce(_replay(request_id, 'spawn_and_continue', v_arguments),
-                        _keep(request_id, 'spawn_and_continue', v_arguments, spawn_and_continue(
-                            step_id => step_id, claim_token => claim_token, subtasks => subtasks,
-                            continuation => continuation, partial_output => partial_output)));
-    END IF;
-    s := _lock_claimed_step(step_id, claim_token, 'spawn_and_continue');
+    SELECT * INTO s FROM steps x WHERE x.campaign_id = p_campaign AND x.id = step_id FOR UPDATE;
+    s := _check_claim(s, claim_token, 'spawn_and_continue');
     SELECT * INTO c FROM campaigns WHERE id = s.campaign_id;
     IF subtasks IS NULL OR jsonb_typeof(subtasks) <> 'array' OR jsonb_array_length(subtasks) = 0 THEN
         PERFORM _raise('invalid_argument', 'subtasks must list at least one step; to finish alone, call complete_step');

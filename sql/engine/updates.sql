@@ -87,21 +87,28 @@ BEGIN
     SELECT coalesce(array_agg(e.campaign_id ORDER BY e.ordinality), '{}'), coalesce(array_agg(e.step_id ORDER BY e.ordinality), '{}')
       INTO v_done_campaigns, v_done_steps
       FROM unnest(v_page) WITH ORDINALITY e WHERE e.kind = 'step.done';
-    SELECT coalesce(jsonb_agg(jsonb_build_object('step_id', s.id, 'campaign_id', s.campaign_id,
-                              'action', s.action, 'output_preview', left(s.output, 300),
-                              'output_chars', length(s.output)) ORDER BY array_position(v_done_steps, s.id)), '[]')
-      INTO v_completed
-      FROM steps s
-     WHERE s.campaign_id = ANY (v_done_campaigns) AND s.id = ANY (v_done_steps);
+    -- Only when the page has any: under Citus an empty list reaches every shard.
+    v_completed := '[]';
+    IF cardinality(v_done_steps) > 0 THEN
+        SELECT coalesce(jsonb_agg(jsonb_build_object('step_id', s.id, 'campaign_id', s.campaign_id,
+                                  'action', s.action, 'output_preview', left(s.output, 300),
+                                  'output_chars', length(s.output)) ORDER BY array_position(v_done_steps, s.id)), '[]')
+          INTO v_completed
+          FROM steps s
+         WHERE s.campaign_id = ANY (v_done_campaigns) AND s.id = ANY (v_done_steps);
+    END IF;
     SELECT coalesce(array_agg(e.campaign_id), '{}'), coalesce(array_agg((e.payload ->> 'note_id')::bigint), '{}')
       INTO v_note_campaigns, v_note_ids
       FROM unnest(v_page) WITH ORDINALITY e WHERE e.kind = 'note.added';
-    SELECT coalesce(jsonb_agg(jsonb_build_object('note_id', n.id, 'campaign_id', n.campaign_id,
-                              'step_id', n.step_id, 'agent', n.agent, 'tags', n.tags,
-                              'content', left(n.content, 500)) ORDER BY n.id DESC), '[]')
-      INTO v_notes
-      FROM notes n
-     WHERE n.campaign_id = ANY (v_note_campaigns) AND n.id = ANY (v_note_ids);
+    v_notes := '[]';
+    IF cardinality(v_note_ids) > 0 THEN
+        SELECT coalesce(jsonb_agg(jsonb_build_object('note_id', n.id, 'campaign_id', n.campaign_id,
+                                  'step_id', n.step_id, 'agent', n.agent, 'tags', n.tags,
+                                  'content', left(n.content, 500)) ORDER BY n.id DESC), '[]')
+          INTO v_notes
+          FROM notes n
+         WHERE n.campaign_id = ANY (v_note_campaigns) AND n.id = ANY (v_note_ids);
+    END IF;
 
     RETURN jsonb_build_object(
         'completed', v_completed,

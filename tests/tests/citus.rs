@@ -356,10 +356,11 @@ async fn a_heartbeat_and_the_context_run_on_the_worker_holding_their_campaign() 
     db.finish().await;
 }
 
-/// A claim, a completion and a failure named by their campaign (sortie-mcp's in its campaign
-/// and for its own step, the runner's for its dispatches) run on the worker holding the
-/// campaign as one local transaction: the step taken, dependents released, counters moved, the
-/// event numbered and the finished claim kept there, with no command to any other node. A
+/// A claim, a note, a completion, a failure and a splice named by their campaign (sortie-mcp's
+/// in its campaign and for its own step, the runner's for its dispatches) run on the worker
+/// holding the campaign as one local transaction: the step taken, the note stored, dependents
+/// released, counters moved, subtasks and the continuation inserted, the events numbered and
+/// the finished claim kept there, with no command to any other node. A
 /// repeat of the same completion is answered from the finished claim kept on that worker; a
 /// step with lock keys is left to claim_next on the coordinator.
 #[tokio::test]
@@ -409,6 +410,12 @@ async fn a_claim_a_completion_and_a_failure_run_on_the_worker_holding_their_camp
         claimed["step_id"].as_i64().unwrap(),
         claimed["claim_token"].as_str().unwrap().to_string(),
     );
+    let note = format!(
+        "SELECT sortie._add_note_delegated($1::text::uuid, 'a finding', step_id => {a}, claim_token => '{a_token}'::uuid)"
+    );
+    let (noted, notices) = logged_call(&db, &note, &campaign).await;
+    assert_eq!(noted["campaign_id"], campaign.as_str(), "{noted}");
+    assert_runs_on_holder(&notices, "_add_note_delegated", port);
     let complete = format!(
         "SELECT sortie._complete_step_delegated($1::text::uuid, {a}, '{a_token}'::uuid, 'a done', 7)"
     );
@@ -480,12 +487,22 @@ async fn a_claim_a_completion_and_a_failure_run_on_the_worker_holding_their_camp
     assert!(invariants.is_empty(), "{invariants:?}");
     // The released step next; the step with lock keys is claim_next's.
     let twin = "sortie._claim_next_delegated($1::text::uuid, 'w')";
-    assert_eq!(db.ok(twin, &[&campaign]).await["action"], "after");
+    let after = db.ok(twin, &[&campaign]).await;
+    assert_eq!(after["action"], "after");
     assert_eq!(
         db.ok(twin, &[&campaign]).await,
         serde_json::json!({"step_id": null, "reason": "lock_keys"})
     );
     claim("locked").await;
+    // A splice of the released step, on the worker too.
+    let splice = format!(
+        "SELECT sortie._spawn_and_continue_delegated($1::text::uuid, {}, '{}'::uuid,          '[{{\"action\": \"sub\"}}]'::jsonb, '\"resume\"'::jsonb, 'half way')",
+        after["step_id"], after["claim_token"].as_str().unwrap()
+    );
+    let (spliced, notices) = logged_call(&db, &splice, &campaign).await;
+    assert_eq!(spliced["status"], "done", "{spliced}");
+    assert_eq!(spliced["subtask_ids"].as_array().map(Vec::len), Some(1));
+    assert_runs_on_holder(&notices, "_spawn_and_continue_delegated", port);
     // A step of another campaign, or a stale token, is refused as by the public functions.
     let other = db
         .ok(
@@ -512,6 +529,114 @@ async fn a_claim_a_completion_and_a_failure_run_on_the_worker_holding_their_camp
         .await
         .unwrap_err();
     assert_eq!(stale.code, "stale_claim", "{stale:?}");
+    db.finish().await;
+}
+
+/// The kind of fault behind a query that fans out: a statement of a rule that does not name
+/// the campaign by equality on every per-campaign table reaches every worker. Every rule called
+/// with its campaign — on the coordinator or delegated — sends commands to the worker holding
+/// it and to no other node; one table shared by every node may be touched only by a rule whose
+/// steps hold lock keys (none here) or one that keeps a request id (none here).
+#[tokio::test]
+async fn every_rule_named_by_its_campaign_touches_only_the_worker_holding_it() {
+    let db = TestDb::distributed().await;
+    let campaign = db
+        .ok(
+            "sortie.create_campaign(goal => 'g', planner => 'none', success_metric => 'score', success_target => 1)",
+            &[],
+        )
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let port = holder(&db, &campaign).await;
+    let mut calls: Vec<String> = vec![
+        "SELECT sortie.add_steps($1::text::uuid, '[{\"action\": \"a\", \"key\": \"a\"}, {\"action\": \"a\"}, \
+           {\"step_type\": \"parallel_group\", \"action\": \"g\", \"depends_on\": [\"a\"], \"children\": [{\"action\": \"g1\"}, {\"action\": \"g2\"}]}, \
+           {\"step_type\": \"for_each\", \"action\": \"each\", \"items\": [1, 2], \"template\": {\"action\": \"item {{item}}\"}}]')".into(),
+        "SELECT sortie.steer_campaign($1::text::uuid, 'go faster')".into(),
+        "SELECT sortie.pause_campaign($1::text::uuid)".into(),
+        "SELECT sortie.resume_campaign($1::text::uuid)".into(),
+        "SELECT sortie._claim_next_delegated($1::text::uuid, 'w')".into(),
+        "SELECT sortie.claim_next(owner => 'w', campaign_id => $1::text::uuid)".into(),
+        "SELECT sortie.events(campaign_id => $1::text::uuid)".into(),
+        "SELECT sortie.get_updates(id => $1::text::uuid)".into(),
+        "SELECT sortie._add_note_delegated($1::text::uuid, 'a finding', tags => '{metric:score}')".into(),
+        "SELECT sortie.get_notes(campaign_id => $1::text::uuid)".into(),
+        "SELECT sortie.check_success($1::text::uuid)".into(),
+        "SELECT sortie._get_campaign_delegated($1::text::uuid)".into(),
+        "SELECT sortie._campaign_graph_delegated($1::text::uuid)".into(),
+        "SELECT sortie._planner_context_delegated($1::text::uuid)".into(),
+    ];
+    let mut failures = Vec::new();
+    let mut claims = Vec::new();
+    for call in calls.drain(..) {
+        let (answer, notices) = logged_call(&db, &call, &campaign).await;
+        if answer["claim_token"].is_string() {
+            claims.push(answer.clone());
+        }
+        // get_updates keeps its consumer's row in `cursors`, a reference table (a consumer may
+        // follow every campaign): that write, and the commit it makes on every node, is its.
+        let cursor_write = |n: &str| {
+            call.contains("get_updates")
+                && (n.contains("cursors_")
+                    || n.contains("assign_distributed_transaction_id")
+                    || n.contains("PREPARE TRANSACTION")
+                    || n.contains("COMMIT PREPARED"))
+        };
+        let elsewhere: Vec<&String> = notices
+            .iter()
+            .filter(|n| {
+                (n.starts_with("issuing") || n.starts_with("executing the command locally"))
+                    && n.contains("127.0.0.1:")
+                    && !n.contains(&format!(":{port}"))
+                    && !cursor_write(n)
+            })
+            .collect();
+        if !elsewhere.is_empty() {
+            failures.push(format!("{call}:\n{elsewhere:#?}"));
+        }
+    }
+    // The claimed steps' own calls, by their campaign.
+    assert_eq!(claims.len(), 2, "{claims:?}");
+    for (i, claim) in claims.iter().enumerate() {
+        let (step, token) = (&claim["step_id"], claim["claim_token"].as_str().unwrap());
+        let call = if i == 0 {
+            format!("SELECT sortie._complete_step_delegated($1::text::uuid, {step}, '{token}'::uuid, 'ok')")
+        } else {
+            format!(
+                "SELECT sortie._spawn_and_continue_delegated($1::text::uuid, {step}, '{token}'::uuid, \
+                 '[{{\"action\": \"sub\"}}]'::jsonb, '\"join\"'::jsonb, 'half')"
+            )
+        };
+        for call in [
+            format!("SELECT sortie._heartbeat_delegated($1::text::uuid, {step}, '{token}'::uuid)"),
+            format!("SELECT sortie._get_my_context_delegated($1::text::uuid, {step}, claim_token => '{token}'::uuid)"),
+            call,
+        ] {
+            let (_, notices) = logged_call(&db, &call, &campaign).await;
+            let elsewhere: Vec<&String> = notices
+                .iter()
+                .filter(|n| n.contains("127.0.0.1:") && !n.contains(&format!(":{port}")))
+                .collect();
+            if !elsewhere.is_empty() {
+                failures.push(format!("{call}:\n{elsewhere:#?}"));
+            }
+        }
+    }
+    let (_, notices) = logged_call(
+        &db,
+        "SELECT sortie.cancel_campaign($1::text::uuid, 'enough')",
+        &campaign,
+    )
+    .await;
+    if notices
+        .iter()
+        .any(|n| n.contains("127.0.0.1:") && !n.contains(&format!(":{port}")))
+    {
+        failures.push(format!("cancel_campaign:\n{notices:#?}"));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
     db.finish().await;
 }
 
@@ -754,6 +879,7 @@ async fn a_delegated_read_without_a_campaign_is_refused_and_the_coordinator_live
     assert_eq!(
         delegated,
         [
+            "_add_note_delegated",
             "_campaign_graph_delegated",
             "_claim_next_delegated",
             "_complete_step_delegated",
@@ -761,7 +887,8 @@ async fn a_delegated_read_without_a_campaign_is_refused_and_the_coordinator_live
             "_get_campaign_delegated",
             "_get_my_context_delegated",
             "_heartbeat_delegated",
-            "_planner_context_delegated"
+            "_planner_context_delegated",
+            "_spawn_and_continue_delegated"
         ]
     );
     // The same connection and a new one both still work.

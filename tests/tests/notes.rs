@@ -511,3 +511,90 @@ async fn a_note_stored_without_its_embedding_is_compared_by_its_words() {
     assert_eq!(nothing["similar"], json!([]));
     db.finish().await;
 }
+
+/// The note named by its campaign (`_add_note_delegated`, sortie-mcp's for its session's
+/// campaign; on Citus it runs on the worker holding the campaign) is stored and answered as
+/// add_note stores and answers it, and checks a claim token within that campaign: a worker's
+/// stale claim, or a step of another campaign, is refused and stores nothing.
+#[tokio::test]
+async fn the_note_named_by_its_campaign_is_add_note_checked_within_the_campaign() {
+    let db = TestDb::new().await;
+    let c = campaign(&db, "none").await;
+    add(
+        &db,
+        c,
+        json!([{"action": "look", "agent": "scout"}, {"action": "later"}]),
+    )
+    .await;
+    let step = claim(&db, c).await.unwrap();
+    let public = db
+        .ok(
+            "sortie.add_note(campaign_id => $1, content => 'the cache is cold at 9', tags => '{finding}', \
+             step_id => $2, claim_token => $3)",
+            &[&c, &step.step_id, &step.token],
+        )
+        .await;
+    let named = db
+        .ok(
+            "sortie._add_note_delegated(campaign_id => $1, content => 'the cache is cold at 9am', tags => '{finding}', \
+             step_id => $2, claim_token => $3)",
+            &[&c, &step.step_id, &step.token],
+        )
+        .await;
+    assert_eq!(named["campaign_id"], json!(c.to_string()));
+    assert_eq!(named["step_id"], json!(step.step_id));
+    assert_eq!(named["embedded"], false);
+    assert_eq!(
+        named["similar"][0]["note_id"], public["note_id"],
+        "compared with the earlier note by its words: {named}"
+    );
+    let stored = db.ok("sortie.get_notes(campaign_id => $1)", &[&c]).await;
+    let notes = stored["notes"].as_array().unwrap();
+    assert_eq!(notes.len(), 2);
+    assert!(
+        notes.iter().all(|n| n["agent"] == "scout"),
+        "the step's agent: {stored}"
+    );
+
+    let other = campaign(&db, "none").await;
+    add(&db, other, json!([{"action": "theirs"}])).await;
+    let refusals = [
+        // A step of another campaign, with this claim.
+        (other, step.step_id, step.token),
+        // Not the step's claim.
+        (c, step.step_id, uuid::Uuid::new_v4()),
+    ];
+    for (campaign, step_id, token) in refusals {
+        let refused = db
+            .call(
+                "sortie._add_note_delegated(campaign_id => $1, content => 'x', step_id => $2, claim_token => $3)",
+                &[&campaign, &step_id, &token],
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code, "stale_claim", "{refused:?}");
+    }
+    complete(&db, &step, "done").await;
+    let late = db
+        .call(
+            "sortie._add_note_delegated(campaign_id => $1, content => 'x', step_id => $2, claim_token => $3)",
+            &[&c, &step.step_id, &step.token],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(late.code, "stale_claim", "{late:?}");
+    let empty = db
+        .call(
+            "sortie._add_note_delegated(campaign_id => $1, content => ' ')",
+            &[&c],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(empty.code, "invalid_argument", "{empty:?}");
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM sortie.notes").await,
+        2,
+        "nothing stored by a refused call"
+    );
+    db.finish().await;
+}

@@ -354,3 +354,47 @@ async fn a_terminal_target_cannot_be_aborted() {
     run_all(&db, c).await;
     db.finish().await;
 }
+
+/// The splice named by its campaign (`_spawn_and_continue_delegated`, sortie-mcp's for its own
+/// step; on Citus it runs on the worker holding the campaign) splices as spawn_and_continue
+/// does; a step of another campaign or a stale claim is refused and changes nothing.
+#[tokio::test]
+async fn the_splice_named_by_its_campaign_splices_as_spawn_and_continue() {
+    let db = TestDb::new().await;
+    let c = campaign(&db, "none").await;
+    add(
+        &db,
+        c,
+        json!([{"action": "big", "key": "big"}, {"action": "after", "depends_on": ["big"]}]),
+    )
+    .await;
+    let big = claim(&db, c).await.unwrap();
+    let other = campaign(&db, "none").await;
+    let steps_before = count(&db, "SELECT count(*) FROM sortie.steps").await;
+    let splice = "sortie._spawn_and_continue_delegated($1, $2, $3, '[{\"action\": \"part 1\"}, {\"action\": \"part 2\"}]', \
+                  '\"join\"', 'started')";
+    let wrong = db
+        .call(splice, &[&other, &big.step_id, &big.token])
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code, "not_found", "{wrong:?}");
+    let stale = db
+        .call(splice, &[&c, &big.step_id, &uuid::Uuid::new_v4()])
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code, "stale_claim", "{stale:?}");
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM sortie.steps").await,
+        steps_before,
+        "refused splices add nothing"
+    );
+    let spliced = db.ok(splice, &[&c, &big.step_id, &big.token]).await;
+    assert_eq!(spliced["status"], "done", "{spliced}");
+    assert_eq!(spliced["subtask_ids"].as_array().map(Vec::len), Some(2));
+    let cont = spliced["continuation_id"].as_i64().unwrap();
+    // The rest of the campaign runs as after any splice: parts, join, then what waited for big.
+    let order = run_all(&db, c).await;
+    assert_eq!(order, ["part 1", "part 2", "join", "after"], "{order:?}");
+    assert_eq!(status(&db, cont).await, "done");
+    db.finish().await;
+}

@@ -304,14 +304,27 @@ note id. For metrics use tags ['metric:<name>'] and content '<name>=<value>'.",
         };
         // SPEC §18: the note is stored at once and embedded just after, off the request path
         // (embed::BackgroundEmbedder); until then the answer's similar notes share its words.
-        let stored = match self
-            .try_call(
+        // Named by its campaign (on Citus it then runs on the worker holding the campaign,
+        // docs/scale-out.md) when the session's claim, if any, is of that campaign; a
+        // request_id goes to add_note, which serialises request ids on one node.
+        let binding = self.binding();
+        let named = p.request_id.is_none()
+            && (token.is_none() || (step.is_some() && binding.campaign_id == Some(campaign)));
+        let stored = if named {
+            self.try_call(
+                "_add_note_delegated(campaign_id => $1, content => $2, tags => $3, step_id => $4, claim_token => $5)",
+                &[&campaign, &p.content, &p.tags, &step, &token],
+            )
+            .await
+        } else {
+            self.try_call(
                 "add_note(campaign_id => $1, content => $2, tags => $3, step_id => $4, request_id => $5, \
                  claim_token => $6)",
                 &[&campaign, &p.content, &p.tags, &step, &p.request_id, &token],
             )
             .await
-        {
+        };
+        let stored = match stored {
             Ok(stored) => stored,
             Err(e) => return tool_error(&e),
         };
@@ -539,12 +552,27 @@ completes with partial_output and everything that waited for it waits for the co
         let Some(token) = self.session_token(p.claim_token) else {
             return missing(NO_TOKEN);
         };
-        self.call(
-            "spawn_and_continue(step_id => $1, claim_token => $2, subtasks => $3, continuation => $4, partial_output => $5, \
-             request_id => $6)",
-            &[&step, &token, &p.subtasks, &p.continuation, &p.partial_output, &p.request_id],
-        )
-        .await
+        // The session's own step is named by its campaign (on Citus the splice then runs on
+        // the worker holding it); a request_id goes to spawn_and_continue, which serialises
+        // request ids on one node.
+        match self.own_campaign(step).filter(|_| p.request_id.is_none()) {
+            Some(campaign) => {
+                self.call(
+                    "_spawn_and_continue_delegated(campaign_id => $1, step_id => $2, claim_token => $3, subtasks => $4, \
+                     continuation => $5, partial_output => $6)",
+                    &[&campaign, &step, &token, &p.subtasks, &p.continuation, &p.partial_output],
+                )
+                .await
+            }
+            None => {
+                self.call(
+                    "spawn_and_continue(step_id => $1, claim_token => $2, subtasks => $3, continuation => $4, \
+                     partial_output => $5, request_id => $6)",
+                    &[&step, &token, &p.subtasks, &p.continuation, &p.partial_output, &p.request_id],
+                )
+                .await
+            }
+        }
     }
 
     #[tool(

@@ -208,6 +208,9 @@ pub fn step_line(node: &Node, colour: bool) -> String {
     let detail = match node.status.as_str() {
         "failed" => node.error.as_deref(),
         "waiting_input" => node.question.as_deref(),
+        // A compound step's output is its members' outputs as JSON (SPEC §13); the members
+        // are the lines below it, each with its own.
+        _ if node.is_compound() => node.error.as_deref(),
         _ => node.output_line.as_deref().or(node.error.as_deref()),
     };
     if let Some(text) = detail.filter(|t| !t.trim().is_empty()) {
@@ -488,6 +491,34 @@ pub(crate) mod tests {
         assert!(text.contains("├─ #3 pending probe a · prober"));
         assert!(!text.contains('\x1b'));
         assert!(tree(&sample(), true).contains("\x1b[32mdone\x1b[0m"));
+    }
+
+    /// A done compound step's output is its members' outputs as JSON: the tree leaves it to
+    /// the members' own lines rather than print the JSON.
+    #[test]
+    fn a_done_compound_step_shows_its_members_not_its_json_output() {
+        let graph = Graph::from_json(&json!({
+            "campaign": {"name": "c", "status": "done"},
+            "nodes": [
+                {"id": 1, "position": 0, "action": "checks", "step_type": "parallel_group", "status": "done",
+                 "output_line": "[{\"output\": \"lint ok\", \"status\": \"done\", \"step_id\": 2}]",
+                 "output_chars": 55},
+                {"id": 2, "parent_id": 1, "position": 0, "action": "lint", "step_type": "atomic",
+                 "status": "done", "attempts": 1, "output_line": "lint ok"}
+            ],
+            "edges": []
+        }))
+        .unwrap();
+        let text = tree(&graph, false);
+        assert!(
+            text.starts_with("#1 done [parallel_group] checks\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("└─ #2 done lint · 1 attempt — lint ok"),
+            "{text}"
+        );
+        assert!(!text.contains("step_id"), "{text}");
     }
 
     #[test]
