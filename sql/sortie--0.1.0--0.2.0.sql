@@ -288,11 +288,14 @@ AS $$
 DECLARE
     v_id bigint;
     v_seq bigint;
+    v_at timestamptz;
     v_woke text := current_setting('sortie.woke_at', true);
 BEGIN
     v_seq := _take_event_seq(p_campaign, 1);
-    INSERT INTO events (campaign_id, step_id, kind, payload, seq)
-    VALUES (p_campaign, p_step, p_kind, coalesce(p_payload, '{}'), v_seq)
+    -- Read into a variable first: Citus takes no volatile function in a change's values.
+    v_at := clock_timestamp();
+    INSERT INTO events (campaign_id, step_id, kind, payload, seq, at)
+    VALUES (p_campaign, p_step, p_kind, coalesce(p_payload, '{}'), v_seq, v_at)
     RETURNING id INTO v_id;
     -- Seconds since the epoch: independent of the session's DateStyle.
     IF coalesce(v_woke, '') = ''
@@ -312,15 +315,17 @@ DECLARE
     v_id bigint;
     v_step bigint;
     v_last bigint;
+    v_at timestamptz;
     v_woke text := current_setting('sortie.woke_at', true);
 BEGIN
     IF cardinality(p_steps) IS NULL OR cardinality(p_steps) = 0 THEN
         RETURN;
     END IF;
     v_last := _take_event_seq(p_campaign, cardinality(p_steps));
+    v_at := clock_timestamp();
     WITH added AS (
-        INSERT INTO events (campaign_id, step_id, kind, payload, seq)
-        SELECT p_campaign, s.id, p_kind, coalesce(p_payload, '{}'), v_last - cardinality(p_steps) + s.n
+        INSERT INTO events (campaign_id, step_id, kind, payload, seq, at)
+        SELECT p_campaign, s.id, p_kind, coalesce(p_payload, '{}'), v_last - cardinality(p_steps) + s.n, v_at
           FROM unnest(p_steps) WITH ORDINALITY AS s(id, n)
          ORDER BY s.n
         RETURNING id, step_id)
@@ -454,6 +459,18 @@ LANGUAGE plpgsql VOLATILE
 AS $$
 BEGIN
     RETURN _check_claim(_lock_step(p_step), p_token, p_call);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _lock_claimed_step_in(p_campaign uuid, p_step bigint, p_token uuid, p_call text) RETURNS steps
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    s steps;
+BEGIN
+    PERFORM _lock_named_step_campaign(p_campaign, p_step);
+    SELECT * INTO s FROM steps WHERE campaign_id = p_campaign AND id = p_step FOR UPDATE;
+    RETURN _check_claim(s, p_token, p_call);
 END
 $$;
 
@@ -1158,9 +1175,27 @@ RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
+BEGIN
+    RETURN _record_verification_in(_lock_claimed_step(step_id, claim_token, 'record_verification'), step_id, claim_token, passed, output);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _record_verification_delegated(campaign_id uuid, step_id bigint, claim_token uuid, passed boolean, output text DEFAULT '')
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN _record_verification_in(_lock_claimed_step_in(campaign_id, step_id, claim_token, 'record_verification'), step_id, claim_token, passed, output);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _record_verification_in(s steps, step_id bigint, claim_token uuid, passed boolean, output text)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+AS $$
 #variable_conflict use_variable
 DECLARE
-    s steps := _lock_claimed_step(step_id, claim_token, 'record_verification');
     v_ready integer;
     v_status text;
     v_open integer;
@@ -1600,18 +1635,35 @@ CREATE OR REPLACE FUNCTION _worker_claim_in(p_campaign uuid, p_step bigint, p_to
 RETURNS void
 LANGUAGE plpgsql STABLE
 AS $$
+DECLARE
+    v_elsewhere uuid;
 BEGIN
     IF p_token IS NULL THEN
         PERFORM _worker_campaign(p_campaign, NULL, NULL, p_call);
         RETURN;
     END IF;
-    PERFORM 1 FROM steps s
-     WHERE s.campaign_id = p_campaign AND s.id = p_step AND s.claim_token = p_token AND s.status = 'running';
-    IF NOT FOUND THEN
-        PERFORM _raise('stale_claim', format(
-            '%s: the claim token is not the current claim of step %s (its lease expired, it was reset or it finished); stop working on it',
-            p_call, p_step));
+    IF p_step IS NOT NULL THEN
+        PERFORM 1 FROM steps s
+         WHERE s.campaign_id = p_campaign AND s.id = p_step AND s.claim_token = p_token AND s.status = 'running';
+    ELSE
+        PERFORM 1 FROM steps s
+         WHERE s.campaign_id = p_campaign AND s.claim_token = p_token AND s.status = 'running'
+           AND s.step_type = 'atomic';
     END IF;
+    IF FOUND THEN
+        RETURN;
+    END IF;
+    SELECT s.campaign_id INTO v_elsewhere FROM steps s
+     WHERE s.claim_token = p_token AND s.status = 'running' AND s.step_type = 'atomic'
+       AND (p_step IS NULL OR s.id = p_step);
+    IF v_elsewhere IS NOT NULL AND v_elsewhere <> p_campaign THEN
+        PERFORM _raise('forbidden', format(
+            '%s: campaign %s is not the campaign of your step; a worker sees only its own campaign',
+            p_call, p_campaign));
+    END IF;
+    PERFORM _raise('stale_claim', format(
+        '%s: the claim token is not the current claim of %s (its lease expired, it was reset or it finished); stop working on it',
+        p_call, CASE WHEN p_step IS NULL THEN 'a running step of campaign ' || p_campaign ELSE 'step ' || p_step END));
 END
 $$;
 
@@ -2032,17 +2084,7 @@ BEGIN
     IF campaign_id IS NULL THEN
         PERFORM _raise('invalid_argument', 'campaign_id is required');
     END IF;
-    IF claim_token IS NULL THEN
-        PERFORM _worker_campaign(campaign_id, NULL, NULL, 'claim_next');
-    ELSE
-        PERFORM 1 FROM steps s
-         WHERE s.campaign_id = campaign_id AND s.claim_token = claim_token AND s.status = 'running';
-        IF NOT FOUND THEN
-            PERFORM _raise('stale_claim', format(
-                'claim_next: the claim token is not the current claim of a running step of campaign %s (its lease expired, it was reset or it finished); stop working on it',
-                campaign_id));
-        END IF;
-    END IF;
+    PERFORM _worker_claim_in(campaign_id, NULL, claim_token, 'claim_next');
     RETURN coalesce(_claim_one(owner, agent, campaign_id, v_lease, false, false), jsonb_build_object('step_id', NULL));
 END
 $$;
@@ -2213,13 +2255,31 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION release_step(step_id bigint, claim_token uuid) RETURNS jsonb
+CREATE OR REPLACE FUNCTION release_step(step_id bigint, claim_token uuid)
+RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
+BEGIN
+    RETURN _release_step_in(_lock_claimed_step(step_id, claim_token, 'release_step'), step_id, claim_token);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _release_step_delegated(campaign_id uuid, step_id bigint, claim_token uuid)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN _release_step_in(_lock_claimed_step_in(campaign_id, step_id, claim_token, 'release_step'), step_id, claim_token);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _release_step_in(s steps, step_id bigint, claim_token uuid)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+AS $$
 #variable_conflict use_variable
-DECLARE
-    s steps := _lock_claimed_step(step_id, claim_token, 'release_step');
 BEGIN
     PERFORM _leave_running(s.campaign_id, s.id, s.claimed_at, s.requires_locks);
     UPDATE steps SET status = 'pending', claim_token = NULL, claim_owner = NULL, lease_expires_at = NULL
@@ -2289,16 +2349,33 @@ RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
+BEGIN
+    RETURN _request_input_in(_lock_claimed_step(step_id, claim_token, 'request_input'), step_id, claim_token, question, partial_output);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _request_input_delegated(campaign_id uuid, step_id bigint, claim_token uuid, question text, partial_output text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN _request_input_in(_lock_claimed_step_in(campaign_id, step_id, claim_token, 'request_input'), step_id, claim_token, question, partial_output);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _request_input_in(s steps, step_id bigint, claim_token uuid, question text, partial_output text)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+AS $$
 #variable_conflict use_variable
-DECLARE
-    s steps := _lock_claimed_step(step_id, claim_token, 'request_input');
 BEGIN
     IF question IS NULL OR btrim(question) = '' THEN
         PERFORM _raise('invalid_argument', 'question is empty: ask what you need decided');
     END IF;
     PERFORM _leave_running(s.campaign_id, s.id, s.claimed_at, s.requires_locks);
     UPDATE steps
-       SET status = 'waiting_input', question = request_input.question, answer = NULL,
+       SET status = 'waiting_input', question = _request_input_in.question, answer = NULL,
            output = coalesce(partial_output, steps.output),
            claim_token = NULL, lease_expires_at = NULL
      WHERE steps.campaign_id = s.campaign_id AND id = s.id;
@@ -2719,9 +2796,27 @@ RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
+BEGIN
+    RETURN _abort_branch_in(_lock_claimed_step(step_id, claim_token, 'abort_branch'), target_id, claim_token, step_id, output, reason);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _abort_branch_delegated(campaign_id uuid, target_id bigint, claim_token uuid, step_id bigint, output text, reason text)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN _abort_branch_in(_lock_claimed_step_in(campaign_id, step_id, claim_token, 'abort_branch'), target_id, claim_token, step_id, output, reason);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _abort_branch_in(caller steps, target_id bigint, claim_token uuid, step_id bigint, output text, reason text)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+AS $$
 #variable_conflict use_variable
 DECLARE
-    caller steps := _lock_claimed_step(step_id, claim_token, 'abort_branch');
     t steps;
     v_is_ancestor boolean;
     v_children bigint[];
@@ -2753,7 +2848,7 @@ BEGIN
     -- Settle target and caller first, so that the skips below find both closed.
     -- (The time in a variable: Citus refuses a STABLE function inside COALESCE in a
     -- distributed change.)
-    UPDATE steps SET status = 'done', output = abort_branch.output, completed_at = v_now,
+    UPDATE steps SET status = 'done', output = _abort_branch_in.output, completed_at = v_now,
                      started_at = coalesce(started_at, v_now)
      WHERE campaign_id = t.campaign_id AND id = t.id;
     UPDATE steps SET status = 'done', output = reason, completed_at = _clock(), claim_token = NULL,
@@ -4540,20 +4635,34 @@ BEGIN
     IF after IS NOT NULL THEN
         v_parts := regexp_match(after, '^(s|i)(\d{1,19})$');
         IF v_parts IS NULL THEN
-            v_parts := regexp_match(after, '^(t)(-?\d{1,19})/([0-9a-f-]{36})/(\d{1,19})$');
+            v_parts := regexp_match(after, '^(t)(\d{1,19})/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})/(\d{1,19})$');
+        END IF;
+        -- An id position ('i', which after_id answers too) pages by id in any call.
+        IF v_parts IS NOT NULL AND v_parts[1] = 'i' THEN
+            v_mode := 'i';
         END IF;
         IF v_parts IS NULL OR v_parts[1] <> v_mode THEN
             PERFORM _raise('invalid_argument', format(
                 'after must be the next_after of an earlier events() call with the same campaign_id, not %L', left(after, 80)));
         END IF;
-        IF v_mode = 't' THEN
-            v_at := timestamptz 'epoch' + v_parts[2]::bigint * interval '1 microsecond';
-            v_campaign := v_parts[3]::uuid;
-            v_seq := v_parts[4]::bigint;
-        ELSIF v_mode = 's' THEN
-            v_seq := v_parts[2]::bigint;
-        ELSE
-            v_id := v_parts[2]::bigint;
+        BEGIN
+            IF v_mode = 't' THEN
+                v_at := timestamptz 'epoch' + v_parts[2]::bigint * interval '1 microsecond';
+                v_campaign := v_parts[3]::uuid;
+                v_seq := v_parts[4]::bigint;
+            ELSIF v_mode = 's' THEN
+                v_seq := v_parts[2]::bigint;
+            ELSE
+                v_id := v_parts[2]::bigint;
+            END IF;
+        EXCEPTION WHEN numeric_value_out_of_range OR datetime_field_overflow OR invalid_text_representation THEN
+            v_parts := NULL;
+        END;
+        -- A number beyond what it can name, or a campaign position past the campaign's last event.
+        IF v_parts IS NULL
+           OR (v_mode = 's' AND v_seq > (SELECT c.event_seq FROM campaigns c WHERE c.id = campaign_id)) THEN
+            PERFORM _raise('invalid_argument', format(
+                'after must be the next_after of an earlier events() call with the same campaign_id, not %L', left(after, 80)));
         END IF;
     ELSIF NOT v_start THEN
         -- after_id: the id order, as before positions (single node).
@@ -5111,7 +5220,11 @@ AS $$
         ('_fail_step_delegated(uuid,bigint,uuid,text)', 'campaign_id'),
         ('_claim_next_delegated(uuid,text,text,integer,uuid)', 'campaign_id'),
         ('_add_note_delegated(uuid,text,text[],bigint,text,vector,text,uuid)', 'campaign_id'),
-        ('_spawn_and_continue_delegated(uuid,bigint,uuid,jsonb,jsonb,text)', 'campaign_id')
+        ('_spawn_and_continue_delegated(uuid,bigint,uuid,jsonb,jsonb,text)', 'campaign_id'),
+        ('_request_input_delegated(uuid,bigint,uuid,text,text)', 'campaign_id'),
+        ('_release_step_delegated(uuid,bigint,uuid)', 'campaign_id'),
+        ('_record_verification_delegated(uuid,bigint,uuid,boolean,text)', 'campaign_id'),
+        ('_abort_branch_delegated(uuid,bigint,uuid,bigint,text,text)', 'campaign_id')
     ) AS f(signature, campaign_arg);
 $$;
 
@@ -5313,6 +5426,10 @@ AS $$
             ('_claim_next_delegated',      ARRAY['sortie_worker', 'sortie_runner', 'sortie_coordinator']),
             ('_add_note_delegated',        ARRAY['sortie_worker', 'sortie_coordinator']),
             ('_spawn_and_continue_delegated', ARRAY['sortie_worker']),
+            ('_request_input_delegated', ARRAY['sortie_worker']),
+            ('_release_step_delegated', ARRAY['sortie_runner']),
+            ('_record_verification_delegated', ARRAY['sortie_worker', 'sortie_runner']),
+            ('_abort_branch_delegated', ARRAY['sortie_worker']),
             -- internal: called by the functions above (which run as the owner), by no role
             ('_skip_cascade',           ARRAY[]::text[]),
             ('_similar_notes',          ARRAY[]::text[]),

@@ -9,9 +9,34 @@ RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
+BEGIN
+    RETURN _abort_branch_in(_lock_claimed_step(step_id, claim_token, 'abort_branch'), target_id, claim_token, step_id, output, reason);
+END
+$$;
+
+-- abort_branch() naming its campaign first (SPEC §2 scale-out rule): under Citus it is delegated to
+-- the worker holding the campaign and runs there as one local transaction (distribute.sql). sortie-
+-- mcp calls it for its session's own step. Never with a NULL campaign_id: a Citus 13.2 coordinator
+-- crashes on one (citusdata/citus#7242). Errors: those of abort_branch; not_found when the step is
+-- not in that campaign.
+CREATE FUNCTION _abort_branch_delegated(campaign_id uuid, target_id bigint, claim_token uuid, step_id bigint, output text, reason text)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN _abort_branch_in(_lock_claimed_step_in(campaign_id, step_id, claim_token, 'abort_branch'), target_id, claim_token, step_id, output, reason);
+END
+$$;
+
+-- abort_branch itself, for `caller`, the claimed step its caller locked with its campaign.
+-- Every statement names the campaign.
+CREATE FUNCTION _abort_branch_in(caller steps, target_id bigint, claim_token uuid, step_id bigint, output text, reason text)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+AS $$
 #variable_conflict use_variable
 DECLARE
-    caller steps := _lock_claimed_step(step_id, claim_token, 'abort_branch');
     t steps;
     v_is_ancestor boolean;
     v_children bigint[];
@@ -43,7 +68,7 @@ BEGIN
     -- Settle target and caller first, so that the skips below find both closed.
     -- (The time in a variable: Citus refuses a STABLE function inside COALESCE in a
     -- distributed change.)
-    UPDATE steps SET status = 'done', output = abort_branch.output, completed_at = v_now,
+    UPDATE steps SET status = 'done', output = _abort_branch_in.output, completed_at = v_now,
                      started_at = coalesce(started_at, v_now)
      WHERE campaign_id = t.campaign_id AND id = t.id;
     UPDATE steps SET status = 'done', output = reason, completed_at = _clock(), claim_token = NULL,

@@ -443,9 +443,8 @@ $$;
 -- {step_id: null, reason: 'lock_keys'}: the caller claims with claim_next. sortie-mcp calls it
 -- when it holds the campaign. Never with a NULL campaign_id: a Citus 13.2 coordinator crashes
 -- on one (citusdata/citus#7242). With a claim token (a worker confined to its campaign, SPEC
--- §15) the token must be the current claim of a running step of this campaign.
--- Answers as claim_next without max_steps. Errors: those of claim_next; stale_claim when the
--- token holds no running step of this campaign.
+-- §15) the token must be the current claim of a running step of this campaign (_worker_claim_in).
+-- Answers as claim_next without max_steps. Errors: those of claim_next.
 CREATE FUNCTION _claim_next_delegated(campaign_id uuid, owner text, agent text DEFAULT NULL,
                                       lease_seconds integer DEFAULT 900, claim_token uuid DEFAULT NULL)
 RETURNS jsonb
@@ -460,17 +459,7 @@ BEGIN
     IF campaign_id IS NULL THEN
         PERFORM _raise('invalid_argument', 'campaign_id is required');
     END IF;
-    IF claim_token IS NULL THEN
-        PERFORM _worker_campaign(campaign_id, NULL, NULL, 'claim_next');
-    ELSE
-        PERFORM 1 FROM steps s
-         WHERE s.campaign_id = campaign_id AND s.claim_token = claim_token AND s.status = 'running';
-        IF NOT FOUND THEN
-            PERFORM _raise('stale_claim', format(
-                'claim_next: the claim token is not the current claim of a running step of campaign %s (its lease expired, it was reset or it finished); stop working on it',
-                campaign_id));
-        END IF;
-    END IF;
+    PERFORM _worker_claim_in(campaign_id, NULL, claim_token, 'claim_next');
     RETURN coalesce(_claim_one(owner, agent, campaign_id, v_lease, false, false), jsonb_build_object('step_id', NULL));
 END
 $$;

@@ -144,9 +144,34 @@ RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
+BEGIN
+    RETURN _record_verification_in(_lock_claimed_step(step_id, claim_token, 'record_verification'), step_id, claim_token, passed, output);
+END
+$$;
+
+-- record_verification() naming its campaign first (SPEC §2 scale-out rule): under Citus it is
+-- delegated to the worker holding the campaign and runs there as one local transaction
+-- (distribute.sql). The runner and sortie-mcp record the check of their own step with it. Never
+-- with a NULL campaign_id: a Citus 13.2 coordinator crashes on one (citusdata/citus#7242). Errors:
+-- those of record_verification; not_found when the step is not in that campaign.
+CREATE FUNCTION _record_verification_delegated(campaign_id uuid, step_id bigint, claim_token uuid, passed boolean, output text DEFAULT '')
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN _record_verification_in(_lock_claimed_step_in(campaign_id, step_id, claim_token, 'record_verification'), step_id, claim_token, passed, output);
+END
+$$;
+
+-- record_verification itself, for `s`, the claimed step its caller locked with its campaign.
+-- Every statement names the campaign.
+CREATE FUNCTION _record_verification_in(s steps, step_id bigint, claim_token uuid, passed boolean, output text)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+AS $$
 #variable_conflict use_variable
 DECLARE
-    s steps := _lock_claimed_step(step_id, claim_token, 'record_verification');
     v_ready integer;
     v_status text;
     v_open integer;

@@ -98,7 +98,11 @@ AS $$
         ('_fail_step_delegated(uuid,bigint,uuid,text)', 'campaign_id'),
         ('_claim_next_delegated(uuid,text,text,integer,uuid)', 'campaign_id'),
         ('_add_note_delegated(uuid,text,text[],bigint,text,vector,text,uuid)', 'campaign_id'),
-        ('_spawn_and_continue_delegated(uuid,bigint,uuid,jsonb,jsonb,text)', 'campaign_id')
+        ('_spawn_and_continue_delegated(uuid,bigint,uuid,jsonb,jsonb,text)', 'campaign_id'),
+        ('_request_input_delegated(uuid,bigint,uuid,text,text)', 'campaign_id'),
+        ('_release_step_delegated(uuid,bigint,uuid)', 'campaign_id'),
+        ('_record_verification_delegated(uuid,bigint,uuid,boolean,text)', 'campaign_id'),
+        ('_abort_branch_delegated(uuid,bigint,uuid,bigint,text,text)', 'campaign_id')
     ) AS f(signature, campaign_arg);
 $$;
 

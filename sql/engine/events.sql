@@ -43,6 +43,10 @@ $$;
 -- wake_interval(), wakes them (`sortie_events`). NOTIFY is a hint; readers page the table
 -- (SPEC §10). The connection's last wake-up is a session setting: reading it touches no
 -- shared page, and an aborted transaction takes it back together with its NOTIFY.
+-- The event's time (`at`) is the clock when it is numbered, under the campaign's lock, not the
+-- transaction's start: a rule that waited for the lock would otherwise log a time earlier than
+-- events committed while it waited, and a follower paging the log by time (events() on Citus)
+-- would pass it for good. So a campaign's events are in the same order by time as by number.
 CREATE FUNCTION _emit(p_campaign uuid, p_step bigint, p_kind text, p_payload jsonb DEFAULT '{}')
 RETURNS void
 LANGUAGE plpgsql VOLATILE
@@ -50,11 +54,14 @@ AS $$
 DECLARE
     v_id bigint;
     v_seq bigint;
+    v_at timestamptz;
     v_woke text := current_setting('sortie.woke_at', true);
 BEGIN
     v_seq := _take_event_seq(p_campaign, 1);
-    INSERT INTO events (campaign_id, step_id, kind, payload, seq)
-    VALUES (p_campaign, p_step, p_kind, coalesce(p_payload, '{}'), v_seq)
+    -- Read into a variable first: Citus takes no volatile function in a change's values.
+    v_at := clock_timestamp();
+    INSERT INTO events (campaign_id, step_id, kind, payload, seq, at)
+    VALUES (p_campaign, p_step, p_kind, coalesce(p_payload, '{}'), v_seq, v_at)
     RETURNING id INTO v_id;
     -- Seconds since the epoch: independent of the session's DateStyle.
     IF coalesce(v_woke, '') = ''
@@ -76,15 +83,17 @@ DECLARE
     v_id bigint;
     v_step bigint;
     v_last bigint;
+    v_at timestamptz;
     v_woke text := current_setting('sortie.woke_at', true);
 BEGIN
     IF cardinality(p_steps) IS NULL OR cardinality(p_steps) = 0 THEN
         RETURN;
     END IF;
     v_last := _take_event_seq(p_campaign, cardinality(p_steps));
+    v_at := clock_timestamp();
     WITH added AS (
-        INSERT INTO events (campaign_id, step_id, kind, payload, seq)
-        SELECT p_campaign, s.id, p_kind, coalesce(p_payload, '{}'), v_last - cardinality(p_steps) + s.n
+        INSERT INTO events (campaign_id, step_id, kind, payload, seq, at)
+        SELECT p_campaign, s.id, p_kind, coalesce(p_payload, '{}'), v_last - cardinality(p_steps) + s.n, v_at
           FROM unnest(p_steps) WITH ORDINALITY AS s(id, n)
          ORDER BY s.n
         RETURNING id, step_id)

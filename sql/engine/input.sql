@@ -7,16 +7,40 @@ RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
+BEGIN
+    RETURN _request_input_in(_lock_claimed_step(step_id, claim_token, 'request_input'), step_id, claim_token, question, partial_output);
+END
+$$;
+
+-- request_input() naming its campaign first (SPEC §2 scale-out rule): under Citus it is delegated
+-- to the worker holding the campaign and runs there as one local transaction (distribute.sql).
+-- sortie-mcp calls it for its session's own step. Never with a NULL campaign_id: a Citus 13.2
+-- coordinator crashes on one (citusdata/citus#7242). Errors: those of request_input; not_found when
+-- the step is not in that campaign.
+CREATE FUNCTION _request_input_delegated(campaign_id uuid, step_id bigint, claim_token uuid, question text, partial_output text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN _request_input_in(_lock_claimed_step_in(campaign_id, step_id, claim_token, 'request_input'), step_id, claim_token, question, partial_output);
+END
+$$;
+
+-- request_input itself, for `s`, the claimed step its caller locked with its campaign.
+-- Every statement names the campaign.
+CREATE FUNCTION _request_input_in(s steps, step_id bigint, claim_token uuid, question text, partial_output text)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+AS $$
 #variable_conflict use_variable
-DECLARE
-    s steps := _lock_claimed_step(step_id, claim_token, 'request_input');
 BEGIN
     IF question IS NULL OR btrim(question) = '' THEN
         PERFORM _raise('invalid_argument', 'question is empty: ask what you need decided');
     END IF;
     PERFORM _leave_running(s.campaign_id, s.id, s.claimed_at, s.requires_locks);
     UPDATE steps
-       SET status = 'waiting_input', question = request_input.question, answer = NULL,
+       SET status = 'waiting_input', question = _request_input_in.question, answer = NULL,
            output = coalesce(partial_output, steps.output),
            claim_token = NULL, lease_expires_at = NULL
      WHERE steps.campaign_id = s.campaign_id AND id = s.id;

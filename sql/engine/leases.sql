@@ -95,13 +95,38 @@ $$;
 
 -- A runner shutting down hands back a step it claimed but did not get to finish: pending
 -- again, no attempt counted.
-CREATE FUNCTION release_step(step_id bigint, claim_token uuid) RETURNS jsonb
+CREATE FUNCTION release_step(step_id bigint, claim_token uuid)
+RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
+BEGIN
+    RETURN _release_step_in(_lock_claimed_step(step_id, claim_token, 'release_step'), step_id, claim_token);
+END
+$$;
+
+-- release_step() naming its campaign first (SPEC §2 scale-out rule): under Citus it is delegated to
+-- the worker holding the campaign and runs there as one local transaction (distribute.sql). The
+-- runner hands its dispatch back with it. Never with a NULL campaign_id: a Citus 13.2 coordinator
+-- crashes on one (citusdata/citus#7242). Errors: those of release_step; not_found when the step is
+-- not in that campaign.
+CREATE FUNCTION _release_step_delegated(campaign_id uuid, step_id bigint, claim_token uuid)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN _release_step_in(_lock_claimed_step_in(campaign_id, step_id, claim_token, 'release_step'), step_id, claim_token);
+END
+$$;
+
+-- release_step itself, for `s`, the claimed step its caller locked with its campaign.
+-- Every statement names the campaign.
+CREATE FUNCTION _release_step_in(s steps, step_id bigint, claim_token uuid)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+AS $$
 #variable_conflict use_variable
-DECLARE
-    s steps := _lock_claimed_step(step_id, claim_token, 'release_step');
 BEGIN
     PERFORM _leave_running(s.campaign_id, s.id, s.claimed_at, s.requires_locks);
     UPDATE steps SET status = 'pending', claim_token = NULL, claim_owner = NULL, lease_expires_at = NULL

@@ -144,3 +144,17 @@ BEGIN
     RETURN _check_claim(_lock_step(p_step), p_token, p_call);
 END
 $$;
+
+-- _lock_claimed_step for a step of a campaign named first (the delegated twins): the campaign
+-- locked, the step checked to be one of its steps (not_found), locked and its claim checked.
+CREATE FUNCTION _lock_claimed_step_in(p_campaign uuid, p_step bigint, p_token uuid, p_call text) RETURNS steps
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    s steps;
+BEGIN
+    PERFORM _lock_named_step_campaign(p_campaign, p_step);
+    SELECT * INTO s FROM steps WHERE campaign_id = p_campaign AND id = p_step FOR UPDATE;
+    RETURN _check_claim(s, p_token, p_call);
+END
+$$;

@@ -50,7 +50,7 @@ $$;
 -- transaction (distribute.sql). sortie-mcp calls it for its session's campaign (and own step).
 -- A request_id goes to add_note: request ids are serialised on the coordinator (idempotency.sql).
 -- Never with a NULL campaign_id: a Citus 13.2 coordinator crashes on one (citusdata/citus#7242).
--- With a claim token, step_id must be the step it holds in this campaign (else stale_claim).
+-- With a claim token, the token must hold a running step of this campaign (step_id when given).
 -- Answers as add_note. Errors: those of add_note.
 CREATE FUNCTION _add_note_delegated(campaign_id uuid, content text, tags text[] DEFAULT '{}', step_id bigint DEFAULT NULL,
                                     agent text DEFAULT NULL, embedding vector DEFAULT NULL,

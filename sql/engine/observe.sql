@@ -28,10 +28,12 @@ CREATE INDEX events_at_range ON events USING brin (at);
 --     node gives ids from its own range, so this form is for single-node databases.
 --   * `after`: the `next_after` of an earlier answer, an opaque position that holds on every
 --     node: one campaign's log pages by its event number (seq, the campaign's own order);
---     every campaign's by id on one node, and on Citus by (at, campaign_id, seq).
+--     every campaign's by id on one node, and on Citus by (at, campaign_id, seq) — `at` is
+--     taken when the event is numbered, under its campaign's lock (events.sql). A position an
+--     `after_id` call gave pages by id, as after_id does.
 -- Answers {events, next_after_id, next_after, has_more}. Errors: invalid_argument (a negative
--- after_id, or an `after` this call did not give for these arguments), not_found (no such
--- campaign).
+-- after_id; an `after` of another form than this call gives, with a number out of range, or
+-- past the campaign's last event), not_found (no such campaign).
 CREATE FUNCTION events(campaign_id uuid DEFAULT NULL, after_id bigint DEFAULT 0, "limit" integer DEFAULT 100,
                        after text DEFAULT NULL)
 RETURNS jsonb
@@ -62,20 +64,34 @@ BEGIN
     IF after IS NOT NULL THEN
         v_parts := regexp_match(after, '^(s|i)(\d{1,19})$');
         IF v_parts IS NULL THEN
-            v_parts := regexp_match(after, '^(t)(-?\d{1,19})/([0-9a-f-]{36})/(\d{1,19})$');
+            v_parts := regexp_match(after, '^(t)(\d{1,19})/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})/(\d{1,19})$');
+        END IF;
+        -- An id position ('i', which after_id answers too) pages by id in any call.
+        IF v_parts IS NOT NULL AND v_parts[1] = 'i' THEN
+            v_mode := 'i';
         END IF;
         IF v_parts IS NULL OR v_parts[1] <> v_mode THEN
             PERFORM _raise('invalid_argument', format(
                 'after must be the next_after of an earlier events() call with the same campaign_id, not %L', left(after, 80)));
         END IF;
-        IF v_mode = 't' THEN
-            v_at := timestamptz 'epoch' + v_parts[2]::bigint * interval '1 microsecond';
-            v_campaign := v_parts[3]::uuid;
-            v_seq := v_parts[4]::bigint;
-        ELSIF v_mode = 's' THEN
-            v_seq := v_parts[2]::bigint;
-        ELSE
-            v_id := v_parts[2]::bigint;
+        BEGIN
+            IF v_mode = 't' THEN
+                v_at := timestamptz 'epoch' + v_parts[2]::bigint * interval '1 microsecond';
+                v_campaign := v_parts[3]::uuid;
+                v_seq := v_parts[4]::bigint;
+            ELSIF v_mode = 's' THEN
+                v_seq := v_parts[2]::bigint;
+            ELSE
+                v_id := v_parts[2]::bigint;
+            END IF;
+        EXCEPTION WHEN numeric_value_out_of_range OR datetime_field_overflow OR invalid_text_representation THEN
+            v_parts := NULL;
+        END;
+        -- A number beyond what it can name, or a campaign position past the campaign's last event.
+        IF v_parts IS NULL
+           OR (v_mode = 's' AND v_seq > (SELECT c.event_seq FROM campaigns c WHERE c.id = campaign_id)) THEN
+            PERFORM _raise('invalid_argument', format(
+                'after must be the next_after of an earlier events() call with the same campaign_id, not %L', left(after, 80)));
         END IF;
     ELSIF NOT v_start THEN
         -- after_id: the id order, as before positions (single node).

@@ -101,6 +101,10 @@ AS $$
             ('_claim_next_delegated',      ARRAY['sortie_worker', 'sortie_runner', 'sortie_coordinator']),
             ('_add_note_delegated',        ARRAY['sortie_worker', 'sortie_coordinator']),
             ('_spawn_and_continue_delegated', ARRAY['sortie_worker']),
+            ('_request_input_delegated', ARRAY['sortie_worker']),
+            ('_release_step_delegated', ARRAY['sortie_runner']),
+            ('_record_verification_delegated', ARRAY['sortie_worker', 'sortie_runner']),
+            ('_abort_branch_delegated', ARRAY['sortie_worker']),
             -- internal: called by the functions above (which run as the owner), by no role
             ('_skip_cascade',           ARRAY[]::text[]),
             ('_similar_notes',          ARRAY[]::text[]),

@@ -559,6 +559,8 @@ async fn every_rule_named_by_its_campaign_touches_only_the_worker_holding_it() {
         "SELECT sortie.resume_campaign($1::text::uuid)".into(),
         "SELECT sortie._claim_next_delegated($1::text::uuid, 'w')".into(),
         "SELECT sortie.claim_next(owner => 'w', campaign_id => $1::text::uuid)".into(),
+        "SELECT sortie._claim_next_delegated($1::text::uuid, 'w')".into(),
+        "SELECT sortie._claim_next_delegated($1::text::uuid, 'w')".into(),
         "SELECT sortie.events(campaign_id => $1::text::uuid)".into(),
         "SELECT sortie.get_updates(id => $1::text::uuid)".into(),
         "SELECT sortie._add_note_delegated($1::text::uuid, 'a finding', tags => '{metric:score}')".into(),
@@ -600,16 +602,17 @@ async fn every_rule_named_by_its_campaign_touches_only_the_worker_holding_it() {
         }
     }
     // The claimed steps' own calls, by their campaign.
-    assert_eq!(claims.len(), 2, "{claims:?}");
+    assert_eq!(claims.len(), 4, "{claims:?}");
     for (i, claim) in claims.iter().enumerate() {
         let (step, token) = (&claim["step_id"], claim["claim_token"].as_str().unwrap());
-        let call = if i == 0 {
-            format!("SELECT sortie._complete_step_delegated($1::text::uuid, {step}, '{token}'::uuid, 'ok')")
-        } else {
-            format!(
+        let call = match i {
+            0 => format!("SELECT sortie._complete_step_delegated($1::text::uuid, {step}, '{token}'::uuid, 'ok')"),
+            1 => format!(
                 "SELECT sortie._spawn_and_continue_delegated($1::text::uuid, {step}, '{token}'::uuid, \
                  '[{{\"action\": \"sub\"}}]'::jsonb, '\"join\"'::jsonb, 'half')"
-            )
+            ),
+            2 => format!("SELECT sortie._request_input_delegated($1::text::uuid, {step}, '{token}'::uuid, 'go on?')"),
+            _ => format!("SELECT sortie._release_step_delegated($1::text::uuid, {step}, '{token}'::uuid)"),
         };
         for call in [
             format!("SELECT sortie._heartbeat_delegated($1::text::uuid, {step}, '{token}'::uuid)"),
@@ -639,6 +642,123 @@ async fn every_rule_named_by_its_campaign_touches_only_the_worker_holding_it() {
         failures.push(format!("cancel_campaign:\n{notices:#?}"));
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    db.finish().await;
+}
+
+/// An event's time is taken when it is numbered, under its campaign's lock. A rule that waited
+/// for the lock therefore logs a time later than the events committed while it waited, and a
+/// follower of every campaign — which pages by time on Citus — does not pass it. (With the
+/// transaction's start as its time, the claim below was logged before the other campaign's
+/// event that the follower had already read, and was never seen.)
+#[tokio::test]
+async fn a_rule_that_waited_for_its_campaign_is_not_passed_by_a_follower() {
+    use sortie_tests::fixtures::{add, campaign, claim, claim_on};
+    let db = TestDb::distributed().await;
+    let (a, b) = (campaign(&db, "none").await, campaign(&db, "none").await);
+    add(&db, a, serde_json::json!([{"action": "x"}])).await;
+    add(&db, b, serde_json::json!([{"action": "y"}])).await;
+    let start = db.ok("sortie.events(\"limit\" => 1)", &[]).await;
+    let after = start["next_after"].as_str().unwrap().to_string();
+
+    // Another session holds campaign a; a claim in a waits for it.
+    let holder = db.connect().await;
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM sortie.campaigns WHERE id = '{a}' FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+    let claimer = db.connect().await;
+    let waiting = tokio::spawn(async move { claim_on(&claimer, a).await });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Meanwhile b's claim commits, and a follower reads past it.
+    assert!(claim(&db, b).await.is_some());
+    let page = db.ok("sortie.events(after => $1)", &[&after]).await;
+    let seen: Vec<String> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["campaign_id"].as_str().unwrap(),
+                e["kind"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(seen, [format!("{b} step.claimed")], "{page}");
+    let after = page["next_after"].as_str().unwrap().to_string();
+
+    holder.batch_execute("COMMIT").await.unwrap();
+    let claimed = waiting
+        .await
+        .unwrap()
+        .expect("a's step claimed once a is free");
+    let page = db.ok("sortie.events(after => $1)", &[&after]).await;
+    let seen: Vec<String> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {} {}",
+                e["campaign_id"].as_str().unwrap(),
+                e["kind"].as_str().unwrap(),
+                e["step_id"]
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [format!("{a} step.claimed {}", claimed.step_id)],
+        "the waiting claim's event comes after the follower's position: {page}"
+    );
+    db.finish().await;
+}
+
+/// A worker that refuses the listener (here: its login exists on the coordinator alone; a
+/// pg_hba rule or a node that is down alike) is left out with a warning; the coordinator's and
+/// the other workers' wake-ups still arrive.
+#[tokio::test]
+async fn a_worker_refusing_the_listener_leaves_the_other_nodes_heard() {
+    use sortie_tests::fixtures::{add, campaign, claim};
+    let db = TestDb::distributed().await;
+    let role = format!("listener_{}", std::process::id());
+    db.client
+        .batch_execute(&format!(
+            "SET citus.enable_ddl_propagation = off; \
+             DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}') THEN \
+               CREATE ROLE {role} LOGIN SUPERUSER; END IF; END $$; \
+             RESET citus.enable_ddl_propagation"
+        ))
+        .await
+        .unwrap();
+    let url = db
+        .connection_string()
+        .replace("user=postgres", &format!("user={role}"));
+    let c = campaign(&db, "none").await;
+    add(&db, c, serde_json::json!([{"action": "x"}])).await;
+    let mut wake = sortie_mcp::runner::listener::listen(&url).await;
+    sortie_tests::programs::wait_for(std::time::Duration::from_secs(20), || async {
+        db.client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND query = 'LISTEN sortie_events'",
+                &[&role],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    while wake.try_recv().is_ok() {}
+    // A claim on the coordinator wakes it.
+    assert!(claim(&db, c).await.is_some());
+    tokio::time::timeout(std::time::Duration::from_secs(10), wake.recv())
+        .await
+        .expect("the coordinator's wake-up reaches a listener some worker refused")
+        .unwrap();
     db.finish().await;
 }
 
@@ -881,6 +1001,7 @@ async fn a_delegated_read_without_a_campaign_is_refused_and_the_coordinator_live
     assert_eq!(
         delegated,
         [
+            "_abort_branch_delegated",
             "_add_note_delegated",
             "_campaign_graph_delegated",
             "_claim_next_delegated",
@@ -890,6 +1011,9 @@ async fn a_delegated_read_without_a_campaign_is_refused_and_the_coordinator_live
             "_get_my_context_delegated",
             "_heartbeat_delegated",
             "_planner_context_delegated",
+            "_record_verification_delegated",
+            "_release_step_delegated",
+            "_request_input_delegated",
             "_spawn_and_continue_delegated"
         ]
     );

@@ -515,7 +515,8 @@ async fn a_note_stored_without_its_embedding_is_compared_by_its_words() {
 /// The note named by its campaign (`_add_note_delegated`, sortie-mcp's for its session's
 /// campaign; on Citus it runs on the worker holding the campaign) is stored and answered as
 /// add_note stores and answers it, and checks a claim token within that campaign: a worker's
-/// stale claim, or a step of another campaign, is refused and stores nothing.
+/// stale claim is `stale_claim` and a claim of another campaign `forbidden`, as add_note answers,
+/// and neither stores anything.
 #[tokio::test]
 async fn the_note_named_by_its_campaign_is_add_note_checked_within_the_campaign() {
     let db = TestDb::new().await;
@@ -559,12 +560,14 @@ async fn the_note_named_by_its_campaign_is_add_note_checked_within_the_campaign(
     let other = campaign(&db, "none").await;
     add(&db, other, json!([{"action": "theirs"}])).await;
     let refusals = [
-        // A step of another campaign, with this claim.
-        (other, step.step_id, step.token),
+        // Another campaign, with this claim: as add_note answers.
+        (other, Some(step.step_id), step.token, "forbidden"),
+        (other, None, step.token, "forbidden"),
         // Not the step's claim.
-        (c, step.step_id, uuid::Uuid::new_v4()),
+        (c, Some(step.step_id), uuid::Uuid::new_v4(), "stale_claim"),
+        (c, None, uuid::Uuid::new_v4(), "stale_claim"),
     ];
-    for (campaign, step_id, token) in refusals {
+    for (campaign, step_id, token, code) in refusals {
         let refused = db
             .call(
                 "sortie._add_note_delegated(campaign_id => $1, content => 'x', step_id => $2, claim_token => $3)",
@@ -572,8 +575,20 @@ async fn the_note_named_by_its_campaign_is_add_note_checked_within_the_campaign(
             )
             .await
             .unwrap_err();
-        assert_eq!(refused.code, "stale_claim", "{refused:?}");
+        assert_eq!(refused.code, code, "{refused:?}");
     }
+    // A claim and no step: the note is the campaign's, as add_note stores it.
+    let unattached = db
+        .ok(
+            "sortie._add_note_delegated(campaign_id => $1, content => 'a side remark', claim_token => $2)",
+            &[&c, &step.token],
+        )
+        .await;
+    assert_eq!(
+        unattached["step_id"],
+        serde_json::Value::Null,
+        "{unattached}"
+    );
     complete(&db, &step, "done").await;
     let late = db
         .call(
@@ -593,7 +608,7 @@ async fn the_note_named_by_its_campaign_is_add_note_checked_within_the_campaign(
     assert_eq!(empty.code, "invalid_argument", "{empty:?}");
     assert_eq!(
         count(&db, "SELECT count(*) FROM sortie.notes").await,
-        2,
+        3,
         "nothing stored by a refused call"
     );
     db.finish().await;

@@ -165,14 +165,42 @@ async fn events_pages_by_the_position_it_gives() {
 
     // Positions are checked: of another form (a campaign's for the whole log, the whole
     // log's for a campaign), or not one at all.
-    for (campaign, bad) in [
+    let third_events: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FROM sortie.events WHERE campaign_id = $1",
+            &[&third],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let on_citus = sortie_tests::on_citus();
+    let mut bad_positions = vec![
         (None, "s3".to_string()),
-        (Some(c), position.clone()),
+        (Some(third), format!("s{}", third_events + 1)),
+        (Some(third), "s99999999999999999999".to_string()),
+        (None, "i9999999999999999999".to_string()),
         (None, "12".to_string()),
         (None, "i-1".to_string()),
         (None, "t1/zz/1".to_string()),
         (None, String::new()),
-    ] {
+    ];
+    if on_citus {
+        bad_positions.push((
+            None,
+            "t9223372036854775807/00000000-0000-0000-0000-000000000000/0".to_string(),
+        ));
+        bad_positions.push((
+            None,
+            "t0/00000000-0000-0000-0000-000000000000/99999999999999999999".to_string(),
+        ));
+    } else {
+        bad_positions.push((
+            Some(c),
+            "t0/00000000-0000-0000-0000-000000000000/0".to_string(),
+        ));
+    }
+    for (campaign, bad) in bad_positions {
         let refused = db
             .call(
                 "sortie.events(campaign_id => $1, after => $2)",
@@ -181,7 +209,40 @@ async fn events_pages_by_the_position_it_gives() {
             .await
             .unwrap_err();
         assert_eq!(refused.code, "invalid_argument", "{bad:?}: {refused:?}");
+        assert!(
+            refused.message.contains("next_after"),
+            "the position's own message, not a conversion error: {refused:?}"
+        );
     }
+    // What an after_id call answers is a position too: given back, it pages on by id.
+    let by_id = db
+        .ok(
+            "sortie.events(campaign_id => $1, after_id => 1, \"limit\" => 2)",
+            &[&c],
+        )
+        .await;
+    let again = db
+        .ok(
+            "sortie.events(campaign_id => $1, after => $2, \"limit\" => 2)",
+            &[&c, &by_id["next_after"].as_str().unwrap().to_string()],
+        )
+        .await;
+    let first_ids: Vec<i64> = by_id["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_i64().unwrap())
+        .collect();
+    let next_ids: Vec<i64> = again["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_i64().unwrap())
+        .collect();
+    assert!(
+        next_ids.iter().all(|id| id > first_ids.last().unwrap()),
+        "{by_id} then {again}"
+    );
     db.finish().await;
 }
 

@@ -421,7 +421,7 @@ async fn claim_step_refuses_a_claim_its_counters_cannot_account_for() {
 /// campaign; on Citus it runs on the worker holding the campaign) claims as claim_next does, in
 /// the same order, and leaves a step with lock keys to claim_next: it answers
 /// {step_id: null, reason: 'lock_keys'} and changes nothing, and claim_next then takes that
-/// step. A claim token of another campaign is refused.
+/// step. A claim token is checked as claim_next checks it.
 #[tokio::test]
 async fn the_claim_named_by_its_campaign_claims_as_claim_next_and_leaves_lock_keys_to_it() {
     let db = TestDb::new().await;
@@ -473,7 +473,14 @@ async fn the_claim_named_by_its_campaign_claims_as_claim_next_and_leaves_lock_ke
     let other = campaign(&db, "none").await;
     add(&db, other, json!([{"action": "theirs"}])).await;
     let refused = twin(other, Some(token.clone())).await.unwrap_err();
-    assert_eq!(refused.code, "stale_claim", "{refused:?}");
+    assert_eq!(
+        refused.code, "forbidden",
+        "as claim_next answers: {refused:?}"
+    );
+    let forged = twin(c, Some(uuid::Uuid::new_v4().to_string()))
+        .await
+        .unwrap_err();
+    assert_eq!(forged.code, "stale_claim", "{forged:?}");
     if !sortie_tests::on_citus() {
         // Refused on one node; never tried on Citus, whose 13.2 coordinator a NULL distribution
         // argument crashes (citusdata/citus#7242).

@@ -165,8 +165,8 @@ impl Job {
     /// reset) is followed by a failed attempt naming the refusal, and if even that is refused,
     /// by handing the step back.
     ///
-    /// Completions and failures name the claim's campaign: on Citus they run on the worker
-    /// holding it (docs/scale-out.md).
+    /// Completions, failures and hand-backs name the claim's campaign: on Citus they run on the
+    /// worker holding it (docs/scale-out.md).
     async fn record(&self, outcome: &Outcome) -> Result<Value, DbError> {
         let (campaign, step, token) =
             (self.claim.campaign_id, self.claim.step_id, self.claim.token);
@@ -194,8 +194,8 @@ impl Job {
             Outcome::Interrupted => {
                 return self
                     .call_through_outage(
-                        "release_step(step_id => $1, claim_token => $2)",
-                        &[&step, &token],
+                        "_release_step_delegated(campaign_id => $1, step_id => $2, claim_token => $3)",
+                        &[&campaign, &step, &token],
                     )
                     .await
             }
@@ -222,8 +222,8 @@ impl Job {
         match failed {
             Err(e) if !settled_elsewhere(&e) && e.code != "unavailable" => {
                 self.call_through_outage(
-                    "release_step(step_id => $1, claim_token => $2)",
-                    &[&step, &token],
+                    "_release_step_delegated(campaign_id => $1, step_id => $2, claim_token => $3)",
+                    &[&campaign, &step, &token],
                 )
                 .await
             }
@@ -248,15 +248,17 @@ impl Job {
             passed = run.passed(),
             "verify command ran"
         );
-        let (step, token, passed, report) = (
+        let (campaign, step, token, passed, report) = (
+            self.claim.campaign_id,
             self.claim.step_id,
             self.claim.token,
             run.passed(),
             run.report(),
         );
         self.call_through_outage(
-            "record_verification(step_id => $1, claim_token => $2, passed => $3, output => $4)",
-            &[&step, &token, &passed, &report],
+            "_record_verification_delegated(campaign_id => $1, step_id => $2, claim_token => $3, passed => $4, \
+             output => $5)",
+            &[&campaign, &step, &token, &passed, &report],
         )
         .await
     }

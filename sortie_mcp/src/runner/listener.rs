@@ -6,15 +6,17 @@
 //! On a Citus cluster the rules delegated to a worker (completions, failures, …) send their
 //! wake-up from that worker, whose listeners alone hear it: the listener then also listens on
 //! every active primary worker of `pg_dist_node`, with the same user, password and database
-//! (docs/scale-out.md, "Wake-ups"). The list is read again every minute; a change, or any of
-//! the connections closing, reconnects them all.
+//! (docs/scale-out.md). A worker that cannot be reached or refuses the connection is logged and
+//! left out; the coordinator and the other workers are still heard, and the polling covers the
+//! rest. The list is read again every minute; a change, a worker left out, or a connection
+//! closing reconnects them all.
 
 use std::time::Duration;
 
 use futures_util::{stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls};
-use tracing::debug;
+use tracing::{debug, warn};
 
 /// How often the listener reads the Citus worker list again.
 const NODES_RECHECK: Duration = Duration::from_secs(60);
@@ -57,9 +59,17 @@ async fn listen_once(connection_string: &str, tx: &mpsc::Sender<()>) -> anyhow::
         };
         // Kept open: dropping a client closes its connection.
         let mut worker_clients = Vec::with_capacity(workers.len());
+        let mut left_out = false;
         for (host, port) in &workers {
             let node = on_node(&config, host, *port);
-            worker_clients.push(listen_on(&node, &heard_tx, &mut drivers).await?);
+            match listen_on(&node, &heard_tx, &mut drivers).await {
+                Ok(client) => worker_clients.push(client),
+                Err(e) => {
+                    left_out = true;
+                    warn!(host = %host, port, error = %e,
+                          "cannot listen for wake-ups on this Citus worker; its changes are found by polling");
+                }
+            }
         }
         if !workers.is_empty() {
             debug!(
@@ -81,6 +91,9 @@ async fn listen_once(connection_string: &str, tx: &mpsc::Sender<()>) -> anyhow::
                 _ = recheck.tick() => {
                     if citus_workers(&client).await? != workers {
                         anyhow::bail!("the Citus worker list changed");
+                    }
+                    if left_out {
+                        anyhow::bail!("trying the Citus workers left out again");
                     }
                     // Already listening; said again so that the last query shown is LISTEN.
                     client.batch_execute("LISTEN sortie_events").await?;
@@ -177,8 +190,12 @@ fn on_node(config: &Config, host: &str, port: u16) -> Config {
     if let Some(name) = config.get_application_name() {
         node.application_name(name);
     }
-    if let Some(timeout) = config.get_connect_timeout() {
-        node.connect_timeout(*timeout);
-    }
+    // A worker that does not answer must not hold the other nodes' wake-ups up.
+    node.connect_timeout(
+        config
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(Duration::from_secs(5)),
+    );
     node
 }

@@ -193,6 +193,46 @@ impl SortieServer {
         }
     }
 
+    /// A call about `step`: for the session's own step, `twin(campaign_id => $1, …)` (the
+    /// campaign first, the other parameters from $2 on), which on Citus runs on the worker
+    /// holding the campaign (docs/scale-out.md); for any other step, `public(…)` with the same
+    /// parameters from $1.
+    async fn try_call_for_step(
+        &self,
+        step: i64,
+        twin: &str,
+        public: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<serde_json::Value, DbError> {
+        match self.own_campaign(step) {
+            Some(campaign) => {
+                let mut with_campaign: Vec<&(dyn ToSql + Sync)> = vec![&campaign];
+                with_campaign.extend_from_slice(params);
+                match self.try_call(twin, &with_campaign).await {
+                    // The session's campaign is not its step's (SORTIE_CAMPAIGN_ID and
+                    // SORTIE_STEP_ID disagree): the call by step id answers.
+                    Err(e) if e.code == "not_found" => self.try_call(public, params).await,
+                    other => other,
+                }
+            }
+            None => self.try_call(public, params).await,
+        }
+    }
+
+    /// `try_call_for_step`, shaped as a tool result.
+    async fn call_for_step(
+        &self,
+        step: i64,
+        twin: &str,
+        public: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> CallToolResult {
+        match self.try_call_for_step(step, twin, public, params).await {
+            Ok(value) => CallToolResult::structured(value),
+            Err(e) => tool_error(&e),
+        }
+    }
+
     fn session_step(&self, step_id: Option<i64>) -> Option<i64> {
         step_id.or(self.binding().step_id)
     }

@@ -212,22 +212,13 @@ tail + total length; read_step_output reads the rest), any question and answer, 
             Err(refusal) => return refusal,
         };
         let (head, tail) = (self.config.preview_head, self.config.preview_tail);
-        match self.own_campaign(step) {
-            Some(campaign) => {
-                self.call(
-                    "_get_my_context_delegated(campaign_id => $1, step_id => $2, head => $3, tail => $4, claim_token => $5)",
-                    &[&campaign, &step, &head, &tail, &token],
-                )
-                .await
-            }
-            None => {
-                self.call(
-                    "get_my_context(step_id => $1, head => $2, tail => $3, claim_token => $4)",
-                    &[&step, &head, &tail, &token],
-                )
-                .await
-            }
-        }
+        self.call_for_step(
+            step,
+            "_get_my_context_delegated(campaign_id => $1, step_id => $2, head => $3, tail => $4, claim_token => $5)",
+            "get_my_context(step_id => $1, head => $2, tail => $3, claim_token => $4)",
+            &[&step, &head, &tail, &token],
+        )
+        .await
     }
 
     #[tool(
@@ -266,22 +257,13 @@ workers call this every few minutes; a step whose lease runs out is reset and yo
             return missing(NO_TOKEN);
         };
         let extend = p.extend_leases_sec.unwrap_or(900);
-        match self.own_campaign(step) {
-            Some(campaign) => {
-                self.call(
-                    "_heartbeat_delegated(campaign_id => $1, step_id => $2, claim_token => $3, extend_leases_sec => $4)",
-                    &[&campaign, &step, &token, &extend],
-                )
-                .await
-            }
-            None => {
-                self.call(
-                    "heartbeat(step_id => $1, claim_token => $2, extend_leases_sec => $3)",
-                    &[&step, &token, &extend],
-                )
-                .await
-            }
-        }
+        self.call_for_step(
+            step,
+            "_heartbeat_delegated(campaign_id => $1, step_id => $2, claim_token => $3, extend_leases_sec => $4)",
+            "heartbeat(step_id => $1, claim_token => $2, extend_leases_sec => $3)",
+            &[&step, &token, &extend],
+        )
+        .await
     }
 
     #[tool(
@@ -423,24 +405,16 @@ while you worked, the answer says so and nothing else changes.",
             return missing(NO_TOKEN);
         };
         let tokens = p.tokens_used.unwrap_or(0);
-        let answer = match self.own_campaign(step) {
-            Some(campaign) => {
-                self.try_call(
-                    "_complete_step_delegated(campaign_id => $1, step_id => $2, claim_token => $3, summary => $4, \
-                     tokens_used => $5)",
-                    &[&campaign, &step, &token, &p.summary, &tokens],
-                )
-                .await
-            }
-            None => {
-                self.try_call(
-                    "complete_step(step_id => $1, claim_token => $2, summary => $3, tokens_used => $4)",
-                    &[&step, &token, &p.summary, &tokens],
-                )
-                .await
-            }
-        };
-        let answer = match answer {
+        let answer = match self
+            .try_call_for_step(
+                step,
+                "_complete_step_delegated(campaign_id => $1, step_id => $2, claim_token => $3, summary => $4, \
+                 tokens_used => $5)",
+                "complete_step(step_id => $1, claim_token => $2, summary => $3, tokens_used => $4)",
+                &[&step, &token, &p.summary, &tokens],
+            )
+            .await
+        {
             Ok(answer) => answer,
             Err(e) => return tool_error(&e),
         };
@@ -452,7 +426,9 @@ while you worked, the answer says so and nothing else changes.",
         // lease is first made to outlast the check, so a passing check is not lost to it.
         let lease = (self.config.verify_timeout.as_secs() + 60).min(604_800) as i32;
         if let Err(e) = self
-            .try_call(
+            .try_call_for_step(
+                step,
+                "_heartbeat_delegated(campaign_id => $1, step_id => $2, claim_token => $3, extend_leases_sec => $4)",
                 "heartbeat(step_id => $1, claim_token => $2, extend_leases_sec => $3)",
                 &[&step, &token, &lease],
             )
@@ -469,7 +445,10 @@ while you worked, the answer says so and nothing else changes.",
         )
         .await;
         let (passed, report) = (run.passed(), run.report());
-        self.call(
+        self.call_for_step(
+            step,
+            "_record_verification_delegated(campaign_id => $1, step_id => $2, claim_token => $3, passed => $4, \
+             output => $5)",
             "record_verification(step_id => $1, claim_token => $2, passed => $3, output => $4)",
             &[&step, &token, &passed, &report],
         )
@@ -492,22 +471,13 @@ then it fails and the steps depending on it are skipped.",
         let Some(token) = self.session_token(p.claim_token) else {
             return missing(NO_TOKEN);
         };
-        match self.own_campaign(step) {
-            Some(campaign) => {
-                self.call(
-                    "_fail_step_delegated(campaign_id => $1, step_id => $2, claim_token => $3, error => $4)",
-                    &[&campaign, &step, &token, &p.error],
-                )
-                .await
-            }
-            None => {
-                self.call(
-                    "fail_step(step_id => $1, claim_token => $2, error => $3)",
-                    &[&step, &token, &p.error],
-                )
-                .await
-            }
-        }
+        self.call_for_step(
+            step,
+            "_fail_step_delegated(campaign_id => $1, step_id => $2, claim_token => $3, error => $4)",
+            "fail_step(step_id => $1, claim_token => $2, error => $3)",
+            &[&step, &token, &p.error],
+        )
+        .await
     }
 
     #[tool(
@@ -526,7 +496,10 @@ unclear requirements). The step waits until provide_input; then it is dispatched
         let Some(token) = self.session_token(p.claim_token) else {
             return missing(NO_TOKEN);
         };
-        self.call(
+        self.call_for_step(
+            step,
+            "_request_input_delegated(campaign_id => $1, step_id => $2, claim_token => $3, question => $4, \
+             partial_output => $5)",
             "request_input(step_id => $1, claim_token => $2, question => $3, partial_output => $4)",
             &[&step, &token, &p.question, &p.partial_output],
         )
@@ -591,7 +564,10 @@ your output, everything still open under it is skipped, your step completes with
         let Some(token) = self.session_token(p.claim_token) else {
             return missing(NO_TOKEN);
         };
-        self.call(
+        self.call_for_step(
+            step,
+            "_abort_branch_delegated(campaign_id => $1, target_id => $2, claim_token => $3, step_id => $4, output => $5, \
+             reason => $6)",
             "abort_branch(target_id => $1, claim_token => $2, step_id => $3, output => $4, reason => $5)",
             &[&p.target_id, &token, &step, &p.output, &p.reason],
         )
