@@ -219,7 +219,7 @@ async fn check_database(config: &tokio_postgres::Config, schema: &str, source: &
                     "SORTIE_SCHEMA: the sortie extension in {target} is installed in schema \"{installed_in}\", not \"{schema}\": set SORTIE_SCHEMA={installed_in}"
                 );
             }
-            Ok(())
+            check_functions(&client, schema, &target, source).await
         }
         None => {
             let available = client
@@ -239,6 +239,47 @@ async fn check_database(config: &tokio_postgres::Config, schema: &str, source: &
             )
         }
     }
+}
+
+include!(concat!(env!("OUT_DIR"), "/extension_functions.rs"));
+
+/// Start-up check: every SQL function of the extension these binaries were built with is in
+/// the database. A database whose extension was created by an older build of the same version
+/// (a development build: `ALTER EXTENSION sortie UPDATE` has no newer version to go to) lacks
+/// the newer functions, and every call of one would fail at run time, a runner's records
+/// among them; it stops here instead, naming them and the fix.
+async fn check_functions(
+    client: &tokio_postgres::Client,
+    schema: &str,
+    target: &str,
+    source: &str,
+) -> Result<()> {
+    let names: Vec<&str> = EXTENSION_FUNCTIONS.to_vec();
+    let row = client
+        .query_one(
+            "SELECT coalesce(array_agg(n ORDER BY n), '{}'),
+                    (SELECT extversion FROM pg_extension WHERE extname = 'sortie')
+               FROM unnest($1::text[]) n
+              WHERE NOT EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace s ON s.oid = p.pronamespace
+                                 WHERE s.nspname = $2 AND p.proname = n)",
+            &[&names, &schema],
+        )
+        .await
+        .with_context(|| format!("{source}: querying {target}"))?;
+    let missing: Vec<String> = row.get(0);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let version: String = row.get(1);
+    let shown: Vec<&str> = missing.iter().take(5).map(String::as_str).collect();
+    anyhow::bail!(
+        "{source}: the sortie extension {version} in {target} lacks {} function(s) these binaries call ({}{}): it was created by an older build than these binaries. \
+         If that build had another version, run ALTER EXTENSION sortie UPDATE; in the database. With the same version (a development build) there is nothing to update to: \
+         recreate the extension in a database whose data you can lose (DROP EXTENSION sortie CASCADE; CREATE EXTENSION sortie CASCADE;), or for the embedded default remove its data directory's pgdata",
+        missing.len(),
+        shown.join(", "),
+        if missing.len() > shown.len() { ", …" } else { "" }
+    )
 }
 
 /// The embedded cluster's database and extension, created on first use.

@@ -102,6 +102,37 @@ async fn a_database_without_the_extension_is_answered_with_the_command_that_inst
     }
 }
 
+/// A database whose extension was created by an older build of the same version (a
+/// development build) lacks the functions added since: both binaries stop at start naming them
+/// and the fix, rather than fail each call that needs one (a runner's records among them).
+#[tokio::test]
+async fn an_extension_older_than_the_binaries_is_named_with_the_functions_it_lacks() {
+    let db = TestDb::single_node().await;
+    db.client
+        .batch_execute(
+            "ALTER EXTENSION sortie DROP FUNCTION sortie._complete_step_delegated; \
+             DROP FUNCTION sortie._complete_step_delegated; \
+             ALTER EXTENSION sortie DROP FUNCTION sortie._release_step_delegated; \
+             DROP FUNCTION sortie._release_step_delegated",
+        )
+        .await
+        .unwrap();
+    for binary in BINARIES {
+        assert_refused_at_start(
+            binary,
+            &[("DATABASE_URL", &db.connection_string())],
+            &[
+                "DATABASE_URL:",
+                "lacks 2 function(s)",
+                "_complete_step_delegated, _release_step_delegated",
+                "older build",
+                "ALTER EXTENSION sortie UPDATE",
+            ],
+        );
+    }
+    db.finish().await;
+}
+
 #[tokio::test]
 async fn an_extension_in_another_schema_is_answered_with_the_setting_that_finds_it() {
     let db = TestDb::new().await;
