@@ -548,10 +548,6 @@ async fn a_failing_duty_does_not_hold_back_dispatch() {
     let runtime = FakeHttp::start(|_, _| (200, json!({"output": "dispatched anyway"}))).await;
     let c = campaign(&db, "none").await;
     let ids = add_ids(&db, c, json!([{"action": "only"}])).await;
-    db.client
-        .batch_execute("ALTER FUNCTION sortie.reap_leases() RENAME TO reap_leases_away")
-        .await
-        .unwrap();
     let (mut runner, _stop) = runner(
         &db,
         &[
@@ -560,6 +556,11 @@ async fn a_failing_duty_does_not_hold_back_dispatch() {
         ],
     )
     .await;
+    // After the start-up check, which would refuse a schema without it.
+    db.client
+        .batch_execute("ALTER FUNCTION sortie.reap_leases() RENAME TO reap_leases_away")
+        .await
+        .unwrap();
     let failed = runner
         .tick()
         .await
@@ -576,10 +577,11 @@ async fn a_failing_duty_does_not_hold_back_dispatch() {
     db.finish().await;
 }
 
-/// A dispatch whose context cannot be read for a reason that will not pass (here the schema
-/// lacks a function this runner calls, as a development build's older cluster does) fails its
-/// attempt, with the error on the step and the retry back-off before the next claim; handed
-/// back instead, the step was claimed again at once in a loop (about 8,000 events in 5 minutes).
+/// A dispatch whose context cannot be read for a reason that will not pass (here a function
+/// this runner calls is dropped after it started; a schema lacking it from the start is refused
+/// by the start-up check) fails its attempt, with the error on the step and the retry back-off
+/// before the next claim; handed back instead, the step was claimed again at once in a loop
+/// (about 8,000 events in 5 minutes).
 #[tokio::test]
 async fn a_dispatch_whose_context_cannot_be_read_fails_its_attempt_instead_of_spinning() {
     // One node also under SORTIE_TEST_CITUS: Citus does not carry the extension membership's
@@ -587,6 +589,14 @@ async fn a_dispatch_whose_context_cannot_be_read_fails_its_attempt_instead_of_sp
     let db = TestDb::single_node().await;
     let c = campaign(&db, "none").await;
     let ids = add_ids(&db, c, json!([{"action": "a", "max_attempts": 3}])).await;
+    let (mut runner, _stop) = runner(
+        &db,
+        &[
+            ("SORTIE_DISPATCH", "command".into()),
+            ("SORTIE_AGENT_COMMAND", "true".into()),
+        ],
+    )
+    .await;
     db.client
         .batch_execute(
             "ALTER EXTENSION sortie DROP FUNCTION sortie._get_my_context_delegated(uuid, bigint, integer, integer, uuid);
@@ -594,19 +604,9 @@ async fn a_dispatch_whose_context_cannot_be_read_fails_its_attempt_instead_of_sp
         )
         .await
         .unwrap();
-    let mut runner = sortie_tests::runner_process(
-        &db,
-        &["--once"],
-        &[
-            ("SORTIE_DISPATCH", "command".into()),
-            ("SORTIE_AGENT_COMMAND", "true".into()),
-        ],
-    );
-    let exit = tokio::task::spawn_blocking(move || runner.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(exit.success(), "sortie-runner --once: {exit}");
+    // One tick, as `--once` runs it.
+    let _ = runner.tick().await;
+    runner.wait().await;
     let row = db
         .client
         .query_one(
