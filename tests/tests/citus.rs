@@ -144,6 +144,18 @@ async fn ids_given_on_workers_do_not_collide() {
     db.finish().await;
 }
 
+/// A new campaign without a planner; its id as text, as the tests' SQL takes it.
+async fn new_campaign(db: &TestDb, goal: &str) -> String {
+    db.ok(
+        "sortie.create_campaign(goal => $1, planner => 'none')",
+        &[&goal],
+    )
+    .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 /// The node holding a campaign's shard (its port).
 async fn holder(db: &TestDb, campaign: &str) -> i32 {
     db.client
@@ -162,15 +174,7 @@ async fn holder(db: &TestDb, campaign: &str) -> i32 {
 #[tokio::test]
 async fn a_campaign_read_runs_on_the_worker_holding_it() {
     let db = TestDb::distributed().await;
-    let campaign = db
-        .ok(
-            "sortie.create_campaign(goal => 'g', planner => 'none')",
-            &[],
-        )
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let campaign = new_campaign(&db, "g").await;
     db.ok(
         "sortie.add_steps($1::text::uuid, '[{\"action\": \"a\", \"key\": \"a\"}, {\"action\": \"b\", \"depends_on\": [\"a\"]}]')",
         &[&campaign],
@@ -270,15 +274,7 @@ fn assert_runs_on_holder(notices: &[String], function: &str, port: i32) {
 #[tokio::test]
 async fn a_heartbeat_and_the_context_run_on_the_worker_holding_their_campaign() {
     let db = TestDb::distributed().await;
-    let campaign = db
-        .ok(
-            "sortie.create_campaign(goal => 'g', planner => 'none')",
-            &[],
-        )
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let campaign = new_campaign(&db, "g").await;
     db.ok(
         "sortie.add_steps($1::text::uuid, '[{\"action\": \"a\"}]')",
         &[&campaign],
@@ -315,15 +311,7 @@ async fn a_heartbeat_and_the_context_run_on_the_worker_holding_their_campaign() 
         "the lease was extended to an hour: {left} s left"
     );
     // A step of another campaign, or a stale token, is refused there as by heartbeat().
-    let other = db
-        .ok(
-            "sortie.create_campaign(goal => 'other', planner => 'none')",
-            &[],
-        )
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let other = new_campaign(&db, "other").await;
     let refused = db
         .call(
             &format!("sortie._heartbeat_delegated($1::text::uuid, {step}, '{token}'::uuid)"),
@@ -366,15 +354,7 @@ async fn a_heartbeat_and_the_context_run_on_the_worker_holding_their_campaign() 
 #[tokio::test]
 async fn a_claim_a_completion_and_a_failure_run_on_the_worker_holding_their_campaign() {
     let db = TestDb::distributed().await;
-    let campaign = db
-        .ok(
-            "sortie.create_campaign(goal => 'g', planner => 'none')",
-            &[],
-        )
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let campaign = new_campaign(&db, "g").await;
     db.ok(
         "sortie.add_steps($1::text::uuid, '[{\"action\": \"a\", \"key\": \"a\"}, {\"action\": \"b\", \"key\": \"b\", \"max_attempts\": 2}, \
            {\"action\": \"after\", \"depends_on\": [\"a\"]}, {\"action\": \"locked\", \"requires_locks\": [\"db\"]}]')",
@@ -504,15 +484,7 @@ async fn a_claim_a_completion_and_a_failure_run_on_the_worker_holding_their_camp
     assert_eq!(spliced["subtask_ids"].as_array().map(Vec::len), Some(1));
     assert_runs_on_holder(&notices, "_spawn_and_continue_delegated", port);
     // A step of another campaign, or a stale token, is refused as by the public functions.
-    let other = db
-        .ok(
-            "sortie.create_campaign(goal => 'other', planner => 'none')",
-            &[],
-        )
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let other = new_campaign(&db, "other").await;
     let refused = db
         .call(
             &format!("sortie._complete_step_delegated($1::text::uuid, {b}, '{b_token}'::uuid)"),
@@ -773,15 +745,7 @@ async fn wake_ups_and_the_log_reach_followers_from_every_worker() {
     // Two campaigns held by different workers.
     let mut campaigns: Vec<(String, i32)> = Vec::new();
     while campaigns.len() < 2 {
-        let id = db
-            .ok(
-                "sortie.create_campaign(goal => 'g', planner => 'none')",
-                &[],
-            )
-            .await["id"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let id = new_campaign(&db, "g").await;
         let port = holder(&db, &id).await;
         if campaigns.iter().all(|(_, p)| *p != port) {
             campaigns.push((id, port));
@@ -1039,15 +1003,7 @@ async fn a_delegated_read_without_a_campaign_is_refused_and_the_coordinator_live
 #[tokio::test]
 async fn a_campaign_runs_to_its_end_on_the_cluster() {
     let db = TestDb::distributed().await;
-    let campaign = db
-        .ok(
-            "sortie.create_campaign(goal => 'ship it', planner => 'none')",
-            &[],
-        )
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let campaign = new_campaign(&db, "ship it").await;
     db.ok(
         "sortie.add_steps($1::text::uuid, '[{\"action\": \"build\", \"key\": \"b\"}, \
            {\"step_type\": \"parallel_group\", \"action\": \"checks\", \"key\": \"c\", \"depends_on\": [\"b\"], \
