@@ -2089,6 +2089,26 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION _claim_candidates("limit" integer DEFAULT 5)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    PERFORM _worker_campaign(NULL, NULL, NULL, 'claim_next');
+    IF NOT _on_citus() THEN
+        RETURN NULL;
+    END IF;
+    RETURN (SELECT coalesce(jsonb_agg(x.id ORDER BY x.share, x.created_at), '[]')
+              FROM (SELECT c.id, c.slot_seconds_used / c.weight AS share, c.created_at
+                      FROM campaigns c
+                     WHERE c.ready_steps > 0
+                       AND _can_dispatch(c.status, c.max_parallel, c.running_steps, c.token_budget, c.tokens_used)
+                     ORDER BY share, c.created_at
+                     LIMIT least(greatest(coalesce("limit", 5), 1), 20)) x);
+END
+$$;
+
 CREATE OR REPLACE FUNCTION claim_step(step_id bigint, owner text, lease_seconds integer DEFAULT 900) RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
@@ -5430,6 +5450,7 @@ AS $$
             ('_release_step_delegated', ARRAY['sortie_runner']),
             ('_record_verification_delegated', ARRAY['sortie_worker', 'sortie_runner']),
             ('_abort_branch_delegated', ARRAY['sortie_worker']),
+            ('_claim_candidates',          ARRAY['sortie_worker', 'sortie_runner', 'sortie_coordinator']),
             -- internal: called by the functions above (which run as the owner), by no role
             ('_skip_cascade',           ARRAY[]::text[]),
             ('_similar_notes',          ARRAY[]::text[]),

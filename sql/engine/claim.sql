@@ -464,6 +464,32 @@ BEGIN
 END
 $$;
 
+-- The first step of claim_next without a campaign, for a caller that claims inside the
+-- campaign next with _claim_next_delegated (sortie-mcp on Citus, SPEC §2 scale-out rule): up to
+-- `limit` campaigns (1..20) with a ready step that may dispatch now, in claim_next's fair-share
+-- order (lowest slot_seconds_used / weight first). A JSON array of campaign ids; JSON null
+-- where Citus is not loaded, since claim_next there decides and claims in one call. Reads
+-- only. Errors: forbidden for a confined worker (it claims in its own campaign).
+CREATE FUNCTION _claim_candidates("limit" integer DEFAULT 5)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    PERFORM _worker_campaign(NULL, NULL, NULL, 'claim_next');
+    IF NOT _on_citus() THEN
+        RETURN NULL;
+    END IF;
+    RETURN (SELECT coalesce(jsonb_agg(x.id ORDER BY x.share, x.created_at), '[]')
+              FROM (SELECT c.id, c.slot_seconds_used / c.weight AS share, c.created_at
+                      FROM campaigns c
+                     WHERE c.ready_steps > 0
+                       AND _can_dispatch(c.status, c.max_parallel, c.running_steps, c.token_budget, c.tokens_used)
+                     ORDER BY share, c.created_at
+                     LIMIT least(greatest(coalesce("limit", 5), 1), 20)) x);
+END
+$$;
+
 -- Claims one named step, or says why it is not ready.
 CREATE FUNCTION claim_step(step_id bigint, owner text, lease_seconds integer DEFAULT 900) RETURNS jsonb
 LANGUAGE plpgsql VOLATILE

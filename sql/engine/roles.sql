@@ -105,6 +105,7 @@ AS $$
             ('_release_step_delegated', ARRAY['sortie_runner']),
             ('_record_verification_delegated', ARRAY['sortie_worker', 'sortie_runner']),
             ('_abort_branch_delegated', ARRAY['sortie_worker']),
+            ('_claim_candidates',          ARRAY['sortie_worker', 'sortie_runner', 'sortie_coordinator']),
             -- internal: called by the functions above (which run as the owner), by no role
             ('_skip_cascade',           ARRAY[]::text[]),
             ('_similar_notes',          ARRAY[]::text[]),

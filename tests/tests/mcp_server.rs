@@ -723,3 +723,35 @@ fn the_http_transport_refuses_to_start_without_a_token() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("SORTIE_HTTP_TOKEN"));
     assert!(output.stdout.is_empty());
 }
+
+/// claim_next without a campaign picks the campaign first, in fair-share order, and claims
+/// inside it (on Citus: the campaigns read on the coordinator, the claim run by the twin on the
+/// campaign's worker). Two campaigns of equal weight take turns, every step is claimed once,
+/// and nothing is left to claim after.
+#[tokio::test]
+async fn a_claim_without_a_campaign_takes_turns_between_campaigns_by_fair_share() {
+    let db = TestDb::new().await;
+    let first = campaign(&db, "none").await;
+    let second = campaign(&db, "none").await;
+    add(&db, first, json!([{"action": "f1"}, {"action": "f2"}])).await;
+    add(&db, second, json!([{"action": "s1"}, {"action": "s2"}])).await;
+    let mcp = McpClient::start(&db, &[]).await;
+    let mut taken = Vec::new();
+    for _ in 0..4 {
+        let claim = mcp.ok("claim_next", json!({})).await;
+        taken.push(claim["action"].as_str().unwrap().to_string());
+        mcp.ok(
+            "heartbeat",
+            json!({"step_id": claim["step_id"], "claim_token": claim["claim_token"]}),
+        )
+        .await;
+    }
+    assert_eq!(taken, ["f1", "s1", "f2", "s2"], "fair share takes turns");
+    let nothing = mcp.ok("claim_next", json!({})).await;
+    assert_eq!(nothing["step_id"], Value::Null, "{nothing}");
+    mcp.stop().await;
+    for c in [first, second] {
+        db.ok("sortie.cancel_campaign($1)", &[&c]).await;
+    }
+    db.finish().await;
+}

@@ -52,6 +52,9 @@ pub struct SortieServer {
     /// The step this session works on (SPEC §15): from SORTIE_STEP_ID, SORTIE_CAMPAIGN_ID and
     /// SORTIE_CLAIM_TOKEN (or an HTTP claim-token bearer), else from its last claim_next.
     binding: Arc<std::sync::Mutex<Binding>>,
+    /// Whether a claim without a campaign picks its campaign first and claims inside it with
+    /// the twin (on Citus, docs/scale-out.md): unknown until the first such claim asks.
+    picks_campaign_first: Arc<OnceCell<bool>>,
 }
 
 /// A worker session's step, campaign and claim token; each may be unset.
@@ -104,6 +107,7 @@ impl SortieServer {
             raw_schemas: Arc::new(raw_schemas),
             subscriptions: Default::default(),
             binding: Arc::new(std::sync::Mutex::new(binding)),
+            picks_campaign_first: Arc::new(OnceCell::new()),
         }
     }
 

@@ -595,15 +595,39 @@ worker calls for that step.",
         // holding the campaign (docs/scale-out.md). The campaign is the one asked for, or the
         // assigned session's own; a session asking for another campaign than its own goes to
         // claim_next, which refuses it. A step with lock keys is claimed through claim_next
-        // (the twin says so): lock keys are serialised on the coordinator.
+        // (the twin says so): lock keys are serialised on the coordinator. Whatever the twins
+        // leave (nothing ready in the campaigns tried, a race) claim_next settles.
         let campaign = match (p.campaign_id, token) {
             (Some(asked), Some(_)) => Some(asked).filter(|c| session.campaign_id == Some(*c)),
             (Some(asked), None) => Some(asked),
             (None, Some(_)) => session.campaign_id,
             (None, None) => None,
         };
-        let delegated = match campaign {
-            Some(campaign) => match self
+        // Without a campaign, on Citus: the campaigns in claim_next's fair-share order first
+        // (one read across campaigns), then the claim inside each in turn, on its worker.
+        let candidates: Vec<Uuid> = match campaign {
+            Some(campaign) => vec![campaign],
+            None if self.picks_campaign_first.get() == Some(&false) => Vec::new(),
+            None => match self.try_call("_claim_candidates()", &[]).await {
+                Ok(serde_json::Value::Null) => {
+                    let _ = self.picks_campaign_first.set(false);
+                    Vec::new()
+                }
+                Ok(list) => {
+                    let _ = self.picks_campaign_first.set(true);
+                    list.as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|c| c.as_str().and_then(|c| Uuid::parse_str(c).ok()))
+                        .collect()
+                }
+                Err(e) => return tool_error(&e),
+            },
+        };
+        let campaign_unnamed = campaign.is_none();
+        let mut delegated = None;
+        for campaign in candidates {
+            match self
                 .try_call(
                     "_claim_next_delegated(campaign_id => $1, owner => $2, agent => $3, lease_seconds => $4, \
                      claim_token => $5)",
@@ -611,12 +635,17 @@ worker calls for that step.",
                 )
                 .await
             {
-                Ok(answer) if answer["reason"] == "lock_keys" => None,
-                Ok(answer) => Some(answer),
+                // Lock keys are claim_next's (on the coordinator).
+                Ok(answer) if answer["reason"] == "lock_keys" => break,
+                // Nothing for this agent there: the next campaign (a named one's answer stands).
+                Ok(answer) if answer["step_id"].is_null() && campaign_unnamed => continue,
+                Ok(answer) => {
+                    delegated = Some(answer);
+                    break;
+                }
                 Err(e) => return tool_error(&e),
-            },
-            None => None,
-        };
+            }
+        }
         let answer = match delegated {
             Some(answer) => answer,
             None => match self
