@@ -468,8 +468,14 @@ AS $$
 DECLARE
     s steps;
 BEGIN
-    PERFORM _lock_named_step_campaign(p_campaign, p_step);
+    IF p_campaign IS NULL OR p_step IS NULL THEN
+        PERFORM _raise('invalid_argument', 'campaign_id and step_id are required');
+    END IF;
+    PERFORM _lock_campaign(p_campaign);
     SELECT * INTO s FROM steps WHERE campaign_id = p_campaign AND id = p_step FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM _raise('not_found', format('step %s does not exist in campaign %s', p_step, p_campaign));
+    END IF;
     RETURN _check_claim(s, p_token, p_call);
 END
 $$;
@@ -1635,8 +1641,6 @@ CREATE OR REPLACE FUNCTION _worker_claim_in(p_campaign uuid, p_step bigint, p_to
 RETURNS void
 LANGUAGE plpgsql STABLE
 AS $$
-DECLARE
-    v_elsewhere uuid;
 BEGIN
     IF p_token IS NULL THEN
         PERFORM _worker_campaign(p_campaign, NULL, NULL, p_call);
@@ -1653,17 +1657,9 @@ BEGIN
     IF FOUND THEN
         RETURN;
     END IF;
-    SELECT s.campaign_id INTO v_elsewhere FROM steps s
-     WHERE s.claim_token = p_token AND s.status = 'running' AND s.step_type = 'atomic'
-       AND (p_step IS NULL OR s.id = p_step);
-    IF v_elsewhere IS NOT NULL AND v_elsewhere <> p_campaign THEN
-        PERFORM _raise('forbidden', format(
-            '%s: campaign %s is not the campaign of your step; a worker sees only its own campaign',
-            p_call, p_campaign));
-    END IF;
-    PERFORM _raise('stale_claim', format(
-        '%s: the claim token is not the current claim of %s (its lease expired, it was reset or it finished); stop working on it',
-        p_call, CASE WHEN p_step IS NULL THEN 'a running step of campaign ' || p_campaign ELSE 'step ' || p_step END));
+    -- Refused: _worker_campaign (which looks in every campaign) says why, `forbidden` or
+    -- `stale_claim`, in its words.
+    PERFORM _worker_campaign(p_campaign, p_step, p_token, p_call);
 END
 $$;
 
@@ -2679,8 +2675,8 @@ BEGIN
                             step_id => step_id, claim_token => claim_token, subtasks => subtasks,
                             continuation => continuation, partial_output => partial_output)));
     END IF;
-    RETURN _spawn_and_continue_in(_lock_step_campaign(step_id), step_id, claim_token, subtasks, continuation,
-                                  partial_output);
+    RETURN _spawn_and_continue_in(_lock_claimed_step(step_id, claim_token, 'spawn_and_continue'), subtasks,
+                                  continuation, partial_output);
 END
 $$;
 
@@ -2691,19 +2687,17 @@ LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
 BEGIN
-    RETURN _spawn_and_continue_in(_lock_named_step_campaign(campaign_id, step_id), step_id, claim_token, subtasks,
-                                  continuation, partial_output);
+    RETURN _spawn_and_continue_in(_lock_claimed_step_in(campaign_id, step_id, claim_token, 'spawn_and_continue'),
+                                  subtasks, continuation, partial_output);
 END
 $$;
 
-CREATE OR REPLACE FUNCTION _spawn_and_continue_in(p_campaign uuid, step_id bigint, claim_token uuid, subtasks jsonb,
-                                       continuation jsonb, partial_output text)
+CREATE OR REPLACE FUNCTION _spawn_and_continue_in(s steps, subtasks jsonb, continuation jsonb, partial_output text)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 AS $$
 #variable_conflict use_variable
 DECLARE
-    s steps;
     c campaigns;
     v_expansion jsonb;
     v_spawned jsonb;
@@ -2718,8 +2712,6 @@ DECLARE
     v_dep bigint;
     v_cycle_dep bigint;
 BEGIN
-    SELECT * INTO s FROM steps x WHERE x.campaign_id = p_campaign AND x.id = step_id FOR UPDATE;
-    s := _check_claim(s, claim_token, 'spawn_and_continue');
     SELECT * INTO c FROM campaigns WHERE id = s.campaign_id;
     IF subtasks IS NULL OR jsonb_typeof(subtasks) <> 'array' OR jsonb_array_length(subtasks) = 0 THEN
         PERFORM _raise('invalid_argument', 'subtasks must list at least one step; to finish alone, call complete_step');
@@ -4661,24 +4653,25 @@ BEGIN
         IF v_parts IS NOT NULL AND v_parts[1] = 'i' THEN
             v_mode := 'i';
         END IF;
-        IF v_parts IS NULL OR v_parts[1] <> v_mode THEN
-            PERFORM _raise('invalid_argument', format(
-                'after must be the next_after of an earlier events() call with the same campaign_id, not %L', left(after, 80)));
-        END IF;
-        BEGIN
-            IF v_mode = 't' THEN
-                v_at := timestamptz 'epoch' + v_parts[2]::bigint * interval '1 microsecond';
-                v_campaign := v_parts[3]::uuid;
-                v_seq := v_parts[4]::bigint;
-            ELSIF v_mode = 's' THEN
-                v_seq := v_parts[2]::bigint;
-            ELSE
-                v_id := v_parts[2]::bigint;
-            END IF;
-        EXCEPTION WHEN numeric_value_out_of_range OR datetime_field_overflow OR invalid_text_representation THEN
+        IF v_parts[1] IS DISTINCT FROM v_mode THEN
             v_parts := NULL;
-        END;
-        -- A number beyond what it can name, or a campaign position past the campaign's last event.
+        ELSE
+            BEGIN
+                IF v_mode = 't' THEN
+                    v_at := timestamptz 'epoch' + v_parts[2]::bigint * interval '1 microsecond';
+                    v_campaign := v_parts[3]::uuid;
+                    v_seq := v_parts[4]::bigint;
+                ELSIF v_mode = 's' THEN
+                    v_seq := v_parts[2]::bigint;
+                ELSE
+                    v_id := v_parts[2]::bigint;
+                END IF;
+            EXCEPTION WHEN numeric_value_out_of_range OR datetime_field_overflow OR invalid_text_representation THEN
+                v_parts := NULL;
+            END;
+        END IF;
+        -- Another form than this call gives, a number beyond what it can name, or a campaign
+        -- position past the campaign's last event.
         IF v_parts IS NULL
            OR (v_mode = 's' AND v_seq > (SELECT c.event_seq FROM campaigns c WHERE c.id = campaign_id)) THEN
             PERFORM _raise('invalid_argument', format(

@@ -146,15 +146,21 @@ END
 $$;
 
 -- _lock_claimed_step for a step of a campaign named first (the delegated twins): the campaign
--- locked, the step checked to be one of its steps (not_found), locked and its claim checked.
+-- locked, then the step, which must be one of its steps (not_found), and its claim checked.
 CREATE FUNCTION _lock_claimed_step_in(p_campaign uuid, p_step bigint, p_token uuid, p_call text) RETURNS steps
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
     s steps;
 BEGIN
-    PERFORM _lock_named_step_campaign(p_campaign, p_step);
+    IF p_campaign IS NULL OR p_step IS NULL THEN
+        PERFORM _raise('invalid_argument', 'campaign_id and step_id are required');
+    END IF;
+    PERFORM _lock_campaign(p_campaign);
     SELECT * INTO s FROM steps WHERE campaign_id = p_campaign AND id = p_step FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM _raise('not_found', format('step %s does not exist in campaign %s', p_step, p_campaign));
+    END IF;
     RETURN _check_claim(s, p_token, p_call);
 END
 $$;

@@ -70,24 +70,25 @@ BEGIN
         IF v_parts IS NOT NULL AND v_parts[1] = 'i' THEN
             v_mode := 'i';
         END IF;
-        IF v_parts IS NULL OR v_parts[1] <> v_mode THEN
-            PERFORM _raise('invalid_argument', format(
-                'after must be the next_after of an earlier events() call with the same campaign_id, not %L', left(after, 80)));
-        END IF;
-        BEGIN
-            IF v_mode = 't' THEN
-                v_at := timestamptz 'epoch' + v_parts[2]::bigint * interval '1 microsecond';
-                v_campaign := v_parts[3]::uuid;
-                v_seq := v_parts[4]::bigint;
-            ELSIF v_mode = 's' THEN
-                v_seq := v_parts[2]::bigint;
-            ELSE
-                v_id := v_parts[2]::bigint;
-            END IF;
-        EXCEPTION WHEN numeric_value_out_of_range OR datetime_field_overflow OR invalid_text_representation THEN
+        IF v_parts[1] IS DISTINCT FROM v_mode THEN
             v_parts := NULL;
-        END;
-        -- A number beyond what it can name, or a campaign position past the campaign's last event.
+        ELSE
+            BEGIN
+                IF v_mode = 't' THEN
+                    v_at := timestamptz 'epoch' + v_parts[2]::bigint * interval '1 microsecond';
+                    v_campaign := v_parts[3]::uuid;
+                    v_seq := v_parts[4]::bigint;
+                ELSIF v_mode = 's' THEN
+                    v_seq := v_parts[2]::bigint;
+                ELSE
+                    v_id := v_parts[2]::bigint;
+                END IF;
+            EXCEPTION WHEN numeric_value_out_of_range OR datetime_field_overflow OR invalid_text_representation THEN
+                v_parts := NULL;
+            END;
+        END IF;
+        -- Another form than this call gives, a number beyond what it can name, or a campaign
+        -- position past the campaign's last event.
         IF v_parts IS NULL
            OR (v_mode = 's' AND v_seq > (SELECT c.event_seq FROM campaigns c WHERE c.id = campaign_id)) THEN
             PERFORM _raise('invalid_argument', format(

@@ -61,14 +61,12 @@ $$;
 -- _worker_campaign for a campaign already named (the delegated twins): without a token, a
 -- confined caller is refused (`forbidden`); with one, it must be the current claim of a running
 -- step of that campaign — of step p_step when given — and every statement of that check names
--- the campaign. Only a refusal looks further, to answer as _worker_campaign does: `forbidden`
--- when the token holds a running step of another campaign, else `stale_claim`.
+-- the campaign. Only a refusal looks further: _worker_campaign answers it (`forbidden` when the
+-- token holds a running step of another campaign, else `stale_claim`).
 CREATE FUNCTION _worker_claim_in(p_campaign uuid, p_step bigint, p_token uuid, p_call text)
 RETURNS void
 LANGUAGE plpgsql STABLE
 AS $$
-DECLARE
-    v_elsewhere uuid;
 BEGIN
     IF p_token IS NULL THEN
         PERFORM _worker_campaign(p_campaign, NULL, NULL, p_call);
@@ -85,17 +83,9 @@ BEGIN
     IF FOUND THEN
         RETURN;
     END IF;
-    SELECT s.campaign_id INTO v_elsewhere FROM steps s
-     WHERE s.claim_token = p_token AND s.status = 'running' AND s.step_type = 'atomic'
-       AND (p_step IS NULL OR s.id = p_step);
-    IF v_elsewhere IS NOT NULL AND v_elsewhere <> p_campaign THEN
-        PERFORM _raise('forbidden', format(
-            '%s: campaign %s is not the campaign of your step; a worker sees only its own campaign',
-            p_call, p_campaign));
-    END IF;
-    PERFORM _raise('stale_claim', format(
-        '%s: the claim token is not the current claim of %s (its lease expired, it was reset or it finished); stop working on it',
-        p_call, CASE WHEN p_step IS NULL THEN 'a running step of campaign ' || p_campaign ELSE 'step ' || p_step END));
+    -- Refused: _worker_campaign (which looks in every campaign) says why, `forbidden` or
+    -- `stale_claim`, in its words.
+    PERFORM _worker_campaign(p_campaign, p_step, p_token, p_call);
 END
 $$;
 

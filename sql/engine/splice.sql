@@ -70,8 +70,8 @@ BEGIN
                             step_id => step_id, claim_token => claim_token, subtasks => subtasks,
                             continuation => continuation, partial_output => partial_output)));
     END IF;
-    RETURN _spawn_and_continue_in(_lock_step_campaign(step_id), step_id, claim_token, subtasks, continuation,
-                                  partial_output);
+    RETURN _spawn_and_continue_in(_lock_claimed_step(step_id, claim_token, 'spawn_and_continue'), subtasks,
+                                  continuation, partial_output);
 END
 $$;
 
@@ -89,21 +89,19 @@ LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
 BEGIN
-    RETURN _spawn_and_continue_in(_lock_named_step_campaign(campaign_id, step_id), step_id, claim_token, subtasks,
-                                  continuation, partial_output);
+    RETURN _spawn_and_continue_in(_lock_claimed_step_in(campaign_id, step_id, claim_token, 'spawn_and_continue'),
+                                  subtasks, continuation, partial_output);
 END
 $$;
 
--- The splice itself, for a step of campaign `p_campaign`, which the caller has locked. Every
+-- The splice itself, for `s`, the claimed step its caller locked with its campaign. Every
 -- statement names the campaign.
-CREATE FUNCTION _spawn_and_continue_in(p_campaign uuid, step_id bigint, claim_token uuid, subtasks jsonb,
-                                       continuation jsonb, partial_output text)
+CREATE FUNCTION _spawn_and_continue_in(s steps, subtasks jsonb, continuation jsonb, partial_output text)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 AS $$
 #variable_conflict use_variable
 DECLARE
-    s steps;
     c campaigns;
     v_expansion jsonb;
     v_spawned jsonb;
@@ -118,8 +116,6 @@ DECLARE
     v_dep bigint;
     v_cycle_dep bigint;
 BEGIN
-    SELECT * INTO s FROM steps x WHERE x.campaign_id = p_campaign AND x.id = step_id FOR UPDATE;
-    s := _check_claim(s, claim_token, 'spawn_and_continue');
     SELECT * INTO c FROM campaigns WHERE id = s.campaign_id;
     IF subtasks IS NULL OR jsonb_typeof(subtasks) <> 'array' OR jsonb_array_length(subtasks) = 0 THEN
         PERFORM _raise('invalid_argument', 'subtasks must list at least one step; to finish alone, call complete_step');
