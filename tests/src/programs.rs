@@ -62,36 +62,6 @@ pub fn binary(name: &str) -> PathBuf {
     dir.join(name)
 }
 
-/// `runner_process` with the runner's log (at info) appended to `log`, for a test that shows
-/// it when something went wrong.
-pub fn runner_process_logged(
-    db: &TestDb,
-    args: &[&str],
-    env: &[(&str, String)],
-    log: &std::path::Path,
-) -> std::process::Child {
-    let mut env = env.to_vec();
-    env.push(("RUST_LOG", "info".into()));
-    let mut command = Command::new(binary("sortie-runner"));
-    command
-        .args(args)
-        .env("DATABASE_URL", db.connection_string())
-        .stdout(Stdio::null())
-        .stderr(append_to(log));
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    command.spawn().expect("start sortie-runner")
-}
-
-fn append_to(path: &std::path::Path) -> std::fs::File {
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .expect("runner log file")
-}
-
 /// Sends SIGTERM to a child process (a runner asked to shut down gracefully).
 #[allow(unsafe_code)] // one libc call; see the SAFETY comment
 pub fn terminate(child: &std::process::Child) {
@@ -175,22 +145,52 @@ pub fn psql(connection_string: &str, sql: &str) -> std::process::Output {
 
 /// A `sortie-runner` process against the test database, quiet on stdout and stderr.
 pub fn runner_process(db: &TestDb, args: &[&str], env: &[(&str, String)]) -> std::process::Child {
+    // For a flaky run's post-mortem: SORTIE_TEST_RUNNER_LOG=<file> appends every runner's log
+    // (at info) to that file.
+    match std::env::var_os("SORTIE_TEST_RUNNER_LOG") {
+        Some(path) => runner_process_logged(db, args, env, std::path::Path::new(&path)),
+        None => runner_command(db, args, env, "warn", Stdio::null())
+            .spawn()
+            .expect("start sortie-runner"),
+    }
+}
+
+/// `runner_process` with the runner's log (at info) appended to `log`, for a test that shows
+/// it when something went wrong.
+pub fn runner_process_logged(
+    db: &TestDb,
+    args: &[&str],
+    env: &[(&str, String)],
+    log: &std::path::Path,
+) -> std::process::Child {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("runner log file");
+    runner_command(db, args, env, "info", Stdio::from(file))
+        .spawn()
+        .expect("start sortie-runner")
+}
+
+/// sortie-runner on `db` with `args`, RUST_LOG=`level` and stderr to `stderr`; `env` is set
+/// after them.
+fn runner_command(
+    db: &TestDb,
+    args: &[&str],
+    env: &[(&str, String)],
+    level: &str,
+    stderr: Stdio,
+) -> Command {
     let mut command = Command::new(binary("sortie-runner"));
     command
         .args(args)
         .env("DATABASE_URL", db.connection_string())
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", level)
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    // For a flaky run's post-mortem: SORTIE_TEST_RUNNER_LOG=<file> appends every runner's log
-    // (at info) to that file.
-    if let Some(path) = std::env::var_os("SORTIE_TEST_RUNNER_LOG") {
-        command
-            .env("RUST_LOG", "info")
-            .stderr(append_to(&PathBuf::from(path)));
-    }
+        .stderr(stderr);
     for (k, v) in env {
         command.env(k, v);
     }
-    command.spawn().expect("start sortie-runner")
+    command
 }
