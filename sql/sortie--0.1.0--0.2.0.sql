@@ -5278,6 +5278,7 @@ DECLARE
     v_result record;
     v_workers integer;
     v_ranges text;
+    v_preload text;
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus') THEN
         PERFORM _raise('invalid_state', 'distribute() needs the citus extension in this database (docs/scale-out.md)');
@@ -5318,6 +5319,32 @@ BEGIN
                                                 colocate_with => format('%I.campaigns', v_schema));
         END LOOP;
     END IF;
+
+    -- Every session of this database, on every node, loads Sortie's library at its start, so
+    -- that its planner hook (sortie_pg/src/delegation_guard.rs) refuses a twin called with a
+    -- NULL campaign before Citus would hash the NULL and crash the backend (citusdata/citus#7242).
+    -- This session loads it now. Kept with any libraries the setting names already.
+    v_preload := format($cmd$
+        DO $d$
+        DECLARE
+            v_now text := current_setting('session_preload_libraries');
+        BEGIN
+            SET LOCAL citus.enable_ddl_propagation = off;
+            IF v_now !~ '(^|,)\s*(\$libdir/)?sortie\s*(,|$)' THEN
+                EXECUTE format('ALTER DATABASE %%I SET session_preload_libraries = %%L', current_database(),
+                               concat_ws(', ', nullif(v_now, ''), '$libdir/sortie'));
+            END IF;
+        END
+        $d$
+    $cmd$);
+    EXECUTE v_preload;
+    FOR v_result IN SELECT * FROM run_command_on_workers(v_preload) LOOP
+        IF NOT v_result.success THEN
+            PERFORM _raise('invalid_state', format('distribute(): worker %s:%s could not preload sortie: %s',
+                           v_result.nodename, v_result.nodeport, v_result.result));
+        END IF;
+    END LOOP;
+    LOAD '$libdir/sortie';
 
     -- Every worker's sequences in their own range (again for nodes added since the last call:
     -- a range is only ever moved up, never back into ids already given).

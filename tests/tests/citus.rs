@@ -937,6 +937,28 @@ async fn a_delegated_read_without_a_campaign_is_refused_and_the_coordinator_live
             "one node, {sql}: {refused:?}"
         );
     }
+    // Every twin too, from its own body's check.
+    let twins: Vec<(String, Vec<String>)> = single
+        .client
+        .query(
+            "SELECT p.proname::text, array(SELECT format_type(t, NULL) FROM unnest(p.proargtypes) t)::text[] \
+               FROM sortie._delegated_functions() f JOIN pg_proc p ON p.oid = ('sortie.' || f.signature)::regprocedure",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    for (name, types) in &twins {
+        let rest: String = types[1..].iter().map(|t| format!(", NULL::{t}")).collect();
+        let sql = format!("sortie.{name}(NULL::uuid{rest})");
+        let refused = single.call(&sql, &[]).await.unwrap_err();
+        assert_eq!(
+            refused.code, "invalid_argument",
+            "one node, {sql}: {refused:?}"
+        );
+    }
     single.finish().await;
     let db = TestDb::distributed().await;
     for sql in &nulls[..3] {
@@ -980,6 +1002,70 @@ async fn a_delegated_read_without_a_campaign_is_refused_and_the_coordinator_live
             "_request_input_delegated",
             "_spawn_and_continue_delegated"
         ]
+    );
+    // The twins are: called without a campaign (a NULL, literal or bound, named or not, in the
+    // target list, in FROM or in PL/pgSQL), each is refused by Sortie's planner hook before Citus
+    // would hash the NULL, in a new session (which loads the hook at its start) as in this one.
+    assert_eq!(twins.len(), delegated.len());
+    for (name, types) in &twins {
+        let rest: String = types[1..].iter().map(|t| format!(", NULL::{t}")).collect();
+        let calls = [
+            format!("SELECT sortie.{name}(NULL::uuid{rest})"),
+            format!("SELECT sortie.{name}($1{rest})"),
+            format!("SELECT * FROM sortie.{name}(NULL{rest})"),
+        ];
+        for (i, sql) in calls.iter().enumerate() {
+            let fresh = db.connect().await;
+            let error = if i == 1 {
+                fresh.query(sql.as_str(), &[&none]).await
+            } else {
+                fresh.query(sql.as_str(), &[]).await
+            }
+            .unwrap_err();
+            let refused = error
+                .as_db_error()
+                .unwrap_or_else(|| panic!("{sql}: {error:?}"));
+            assert_eq!(refused.code().code(), "SR005", "{sql}: {refused:?}");
+            assert!(
+                refused
+                    .message()
+                    .starts_with("invalid_argument: a campaign id is required"),
+                "{sql}: {refused:?}"
+            );
+            let one: i32 = fresh.query_one("SELECT 1", &[]).await.unwrap().get(0);
+            assert_eq!(one, 1, "{sql}: the session lives on");
+        }
+    }
+    let refused = db
+        .call(
+            "sortie._get_campaign_delegated(id => NULL, steps_limit => 1)",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code, "invalid_argument", "named: {refused:?}");
+    let refused = db
+        .call(
+            "sortie._heartbeat_delegated(step_id => 1, campaign_id => $1, claim_token => NULL)",
+            &[&none],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code, "invalid_argument",
+        "named, out of order, bound: {refused:?}"
+    );
+    let error = db
+        .client
+        .batch_execute(
+            "DO $$ DECLARE c uuid; BEGIN PERFORM sortie._get_campaign_delegated(c); END $$",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.as_db_error().map(|e| e.code().code()),
+        Some("SR005"),
+        "PL/pgSQL: {error:?}"
     );
     // The same connection and a new one both still work.
     let one: i32 = db.client.query_one("SELECT 1", &[]).await.unwrap().get(0);
