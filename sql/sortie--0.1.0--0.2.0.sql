@@ -259,6 +259,16 @@ LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'wait_cycle_step_wrapper';
 
 -- sql/engine/events.sql
+CREATE OR REPLACE FUNCTION _require(p_given boolean, p_name text) RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL SAFE
+AS $$
+BEGIN
+    IF NOT coalesce(p_given, false) THEN
+        PERFORM _raise('invalid_argument', p_name || ' is required');
+    END IF;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION wake_interval() RETURNS interval
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT interval '100 milliseconds' $$;
@@ -1207,6 +1217,7 @@ DECLARE
     v_open integer;
     v_output text := right(coalesce(output, ''), 4000);
 BEGIN
+    PERFORM _require(passed IS NOT NULL, 'passed');
     IF s.verify IS NULL OR s.verification_requested_at IS NULL OR s.verification_requested_at < s.claimed_at THEN
         PERFORM _raise('invalid_state', format('step %s has no verification pending: complete_step asks for it', s.id));
     END IF;
@@ -2411,6 +2422,7 @@ DECLARE
     c campaigns := _lock_campaign(id);
     s steps;
 BEGIN
+    PERFORM _require(step_id IS NOT NULL, 'step_id');
     -- SPEC §14: a repeat with the same request_id returns the first result (idempotency.sql).
     IF request_id IS NOT NULL THEN
         RETURN coalesce(_replay(request_id, 'provide_input', jsonb_build_object('id', id, 'step_id', step_id, 'answer', answer)),
@@ -2594,6 +2606,8 @@ DECLARE
     v_expansion jsonb;
     c campaigns;
 BEGIN
+    PERFORM _require(campaign_id IS NOT NULL, 'campaign_id');
+    PERFORM _require(steps IS NOT NULL, 'steps: a JSON array of steps');
     -- SPEC §14: a repeat with the same request_id returns the first result (idempotency.sql).
     IF request_id IS NOT NULL THEN
         RETURN coalesce(_replay(request_id, 'add_steps', jsonb_build_object('campaign_id', campaign_id, 'steps', steps)),
@@ -2836,6 +2850,7 @@ DECLARE
     v_note bigint;
     v_now timestamptz := _clock();
 BEGIN
+    PERFORM _require(target_id IS NOT NULL, 'target_id');
     IF reason IS NULL OR btrim(reason) = '' THEN
         PERFORM _raise('invalid_argument', 'reason is required: say why this branch is pointless');
     END IF;
@@ -3212,6 +3227,7 @@ DECLARE
     v_note bigint;
     v_iterations integer;
 BEGIN
+    PERFORM _require(check_success.id IS NOT NULL, 'id');
     SELECT * INTO c FROM campaigns WHERE campaigns.id = check_success.id;
     IF NOT FOUND THEN
         PERFORM _raise('not_found', format('campaign %s does not exist', check_success.id));
@@ -3300,6 +3316,7 @@ DECLARE
     v_success jsonb;
     v_status text;
 BEGIN
+    PERFORM _require(exit_code IS NOT NULL, 'exit_code');
     IF NOT c.benchmark_due OR c.status <> 'active' THEN
         PERFORM _raise('invalid_state', format('campaign %s has no benchmark due', c.id));
     END IF;
@@ -3466,11 +3483,15 @@ LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
 DECLARE
-    v_plan jsonb := _unwrap(_parse_plan(plan));
-    c campaigns := _lock_campaign(campaign_id);
+    v_plan jsonb;
+    c campaigns;
     v_steps jsonb;
     v_status text;
 BEGIN
+    PERFORM _require(campaign_id IS NOT NULL, 'campaign_id');
+    PERFORM _require(plan IS NOT NULL, 'plan');
+    v_plan := _unwrap(_parse_plan(plan));
+    c := _lock_campaign(campaign_id);
     IF c.status NOT IN ('active', 'paused') THEN
         PERFORM _raise('invalid_state', format('campaign %s is %s; a plan cannot change it', c.id, c.status));
     END IF;
@@ -3611,6 +3632,7 @@ AS $$
 DECLARE
     s steps;
 BEGIN
+    PERFORM _require(step_id IS NOT NULL, 'step_id');
     IF coalesce(field, 'output') NOT IN ('output', 'input') THEN
         PERFORM _raise('invalid_argument', 'field must be output or input');
     END IF;
@@ -3660,6 +3682,7 @@ DECLARE
 BEGIN
     -- SPEC §15: a worker writes notes only into the campaign of the step it holds (scope.sql).
     campaign_id := _worker_campaign(campaign_id, step_id, claim_token, 'add_note');
+    PERFORM _require(campaign_id IS NOT NULL, 'campaign_id');
     -- SPEC §14: a repeat with the same request_id returns the first result (idempotency.sql).
     -- The embedding is not compared: the same text embeds the same way.
     IF request_id IS NOT NULL THEN
@@ -3804,6 +3827,9 @@ DECLARE
     -- run queries of its own (Citus).
     v_campaign uuid := _worker_campaign($1, NULL, $7, 'get_notes');
 BEGIN
+    IF v_campaign IS NULL THEN
+        PERFORM _raise('invalid_argument', 'campaign_id is required');
+    END IF;
     -- $1..$7: the arguments (some named like the columns of notes).
     RETURN (
     WITH page AS (
@@ -4185,6 +4211,8 @@ DECLARE
     -- CASE, and on a column, in a distributed change.
     v_now timestamptz := _clock();
 BEGIN
+    PERFORM _require(id IS NOT NULL, 'id');
+    PERFORM _require(ok IS NOT NULL, 'ok');
     UPDATE notifications
        SET delivered = ok,
            delivered_at = CASE WHEN ok THEN v_now END,
@@ -4360,6 +4388,7 @@ AS $$
 DECLARE
     c campaigns;
 BEGIN
+    PERFORM _require(instance_id IS NOT NULL, 'instance_id');
     SELECT * INTO c FROM campaigns WHERE id = instance_id AND workflow IS NOT NULL;
     IF NOT FOUND THEN
         PERFORM _raise('not_found', format('workflow instance %s does not exist', instance_id));
@@ -4449,6 +4478,8 @@ DECLARE
     v_arguments jsonb := jsonb_build_object('instance_id', instance_id, 'report', report,
                                             'context_updates', context_updates);
 BEGIN
+    PERFORM _require(instance_id IS NOT NULL, 'instance_id');
+    PERFORM _require(report IS NOT NULL, 'report: {step_id, status}');
     -- SPEC §14: a repeat with the same request_id returns the first result (idempotency.sql).
     -- next_step is not compared: the server may have had the planner pick it.
     IF request_id IS NOT NULL THEN
@@ -4476,9 +4507,12 @@ LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
 DECLARE
-    c campaigns := _lock_active_workflow(instance_id, report, context_updates);
+    c campaigns;
     v_assumed text;
 BEGIN
+    PERFORM _require(instance_id IS NOT NULL, 'instance_id');
+    PERFORM _require(assumed_current_step_name IS NOT NULL, 'assumed_current_step_name');
+    c := _lock_active_workflow(instance_id, report, context_updates);
     v_assumed := _workflow_step_named(_workflow_step_names(_workflow_definition(c)), assumed_current_step_name);
     IF v_assumed IS NULL OR v_assumed = _workflow_finish() THEN
         PERFORM _raise('invalid_argument', format('%L is not a step of workflow %s', assumed_current_step_name, c.workflow));
@@ -5220,6 +5254,160 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION _add_steps_delegated(campaign_id uuid, steps jsonb)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN add_steps(campaign_id, steps);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _steer_campaign_delegated(id uuid, guidance text)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN steer_campaign(id, guidance);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _pause_campaign_delegated(id uuid)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN pause_campaign(id);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _resume_campaign_delegated(id uuid)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN resume_campaign(id);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _cancel_campaign_delegated(id uuid, reason text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN cancel_campaign(id, reason);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _provide_input_delegated(id uuid, step_id bigint, answer text)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN provide_input(id, step_id, answer);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _check_success_delegated(id uuid)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN check_success(id);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _get_notes_delegated(campaign_id uuid, tags text[] DEFAULT NULL, step_id bigint DEFAULT NULL,
+                                      "limit" integer DEFAULT 50, cursor text DEFAULT NULL,
+                                      preview_chars integer DEFAULT NULL, claim_token uuid DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN get_notes(campaign_id, tags, step_id, "limit", cursor, preview_chars, claim_token);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _begin_planning_delegated(id uuid, lease_seconds integer DEFAULT 300)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN begin_planning(id, lease_seconds);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _apply_plan_delegated(campaign_id uuid, plan jsonb)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN apply_plan(campaign_id, plan);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _finish_campaign_delegated(id uuid)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN finish_campaign(id);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _record_benchmark_delegated(campaign_id uuid, exit_code integer, output text DEFAULT '')
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN record_benchmark(campaign_id, exit_code, output);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _get_workflow_status_delegated(instance_id uuid, with_definition boolean DEFAULT false)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN get_workflow_status(instance_id, with_definition);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _advance_workflow_delegated(instance_id uuid, report jsonb, context_updates jsonb DEFAULT '{}',
+                                            next_step text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN advance_workflow(instance_id, report, context_updates, next_step);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _resume_workflow_delegated(instance_id uuid, assumed_current_step_name text, report jsonb DEFAULT NULL,
+                                           context_updates jsonb DEFAULT '{}', next_step text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN resume_workflow(instance_id, assumed_current_step_name, report, context_updates, next_step);
+END
+$$;
+
 CREATE OR REPLACE FUNCTION _delegated_functions() RETURNS TABLE (signature text, campaign_arg text)
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
@@ -5237,7 +5425,22 @@ AS $$
         ('_request_input_delegated(uuid,bigint,uuid,text,text)', 'campaign_id'),
         ('_release_step_delegated(uuid,bigint,uuid)', 'campaign_id'),
         ('_record_verification_delegated(uuid,bigint,uuid,boolean,text)', 'campaign_id'),
-        ('_abort_branch_delegated(uuid,bigint,uuid,bigint,text,text)', 'campaign_id')
+        ('_abort_branch_delegated(uuid,bigint,uuid,bigint,text,text)', 'campaign_id'),
+        ('_add_steps_delegated(uuid,jsonb)', 'campaign_id'),
+        ('_steer_campaign_delegated(uuid,text)', 'id'),
+        ('_pause_campaign_delegated(uuid)', 'id'),
+        ('_resume_campaign_delegated(uuid)', 'id'),
+        ('_cancel_campaign_delegated(uuid,text)', 'id'),
+        ('_provide_input_delegated(uuid,bigint,text)', 'id'),
+        ('_check_success_delegated(uuid)', 'id'),
+        ('_get_notes_delegated(uuid,text[],bigint,integer,text,integer,uuid)', 'campaign_id'),
+        ('_begin_planning_delegated(uuid,integer)', 'id'),
+        ('_apply_plan_delegated(uuid,jsonb)', 'campaign_id'),
+        ('_finish_campaign_delegated(uuid)', 'id'),
+        ('_record_benchmark_delegated(uuid,integer,text)', 'campaign_id'),
+        ('_get_workflow_status_delegated(uuid,boolean)', 'instance_id'),
+        ('_advance_workflow_delegated(uuid,jsonb,jsonb,text)', 'instance_id'),
+        ('_resume_workflow_delegated(uuid,text,jsonb,jsonb,text)', 'instance_id')
     ) AS f(signature, campaign_arg);
 $$;
 
@@ -5470,6 +5673,21 @@ AS $$
             ('_release_step_delegated', ARRAY['sortie_runner']),
             ('_record_verification_delegated', ARRAY['sortie_worker', 'sortie_runner']),
             ('_abort_branch_delegated', ARRAY['sortie_worker']),
+            ('_add_steps_delegated',       ARRAY['sortie_coordinator']),
+            ('_steer_campaign_delegated',  ARRAY['sortie_coordinator']),
+            ('_pause_campaign_delegated',  ARRAY['sortie_coordinator']),
+            ('_resume_campaign_delegated', ARRAY['sortie_coordinator']),
+            ('_cancel_campaign_delegated', ARRAY['sortie_coordinator']),
+            ('_provide_input_delegated',   ARRAY['sortie_coordinator']),
+            ('_check_success_delegated',   ARRAY['sortie_coordinator']),
+            ('_get_notes_delegated',       ARRAY['sortie_worker', 'sortie_coordinator', 'sortie_reader']),
+            ('_begin_planning_delegated',  ARRAY['sortie_runner']),
+            ('_apply_plan_delegated',      ARRAY['sortie_runner']),
+            ('_finish_campaign_delegated', ARRAY['sortie_runner']),
+            ('_record_benchmark_delegated', ARRAY['sortie_runner']),
+            ('_get_workflow_status_delegated', ARRAY['sortie_coordinator', 'sortie_reader']),
+            ('_advance_workflow_delegated', ARRAY['sortie_coordinator']),
+            ('_resume_workflow_delegated', ARRAY['sortie_coordinator']),
             ('_claim_candidates',          ARRAY['sortie_worker', 'sortie_runner', 'sortie_coordinator']),
             -- internal: called by the functions above (which run as the owner), by no role
             ('_skip_cascade',           ARRAY[]::text[]),

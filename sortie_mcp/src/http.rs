@@ -435,6 +435,7 @@ impl Gate {
                 .and_then(|c| uuid::Uuid::parse_str(c).ok()),
             claim_token: Some(token),
             assigned: true,
+            claim_over: false,
         })
     }
 

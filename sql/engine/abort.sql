@@ -44,6 +44,7 @@ DECLARE
     v_note bigint;
     v_now timestamptz := _clock();
 BEGIN
+    PERFORM _require(target_id IS NOT NULL, 'target_id');
     IF reason IS NULL OR btrim(reason) = '' THEN
         PERFORM _raise('invalid_argument', 'reason is required: say why this branch is pointless');
     END IF;

@@ -164,6 +164,8 @@ DECLARE
     v_expansion jsonb;
     c campaigns;
 BEGIN
+    PERFORM _require(campaign_id IS NOT NULL, 'campaign_id');
+    PERFORM _require(steps IS NOT NULL, 'steps: a JSON array of steps');
     -- SPEC §14: a repeat with the same request_id returns the first result (idempotency.sql).
     IF request_id IS NOT NULL THEN
         RETURN coalesce(_replay(request_id, 'add_steps', jsonb_build_object('campaign_id', campaign_id, 'steps', steps)),

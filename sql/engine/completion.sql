@@ -177,6 +177,7 @@ DECLARE
     v_open integer;
     v_output text := right(coalesce(output, ''), 4000);
 BEGIN
+    PERFORM _require(passed IS NOT NULL, 'passed');
     IF s.verify IS NULL OR s.verification_requested_at IS NULL OR s.verification_requested_at < s.claimed_at THEN
         PERFORM _raise('invalid_state', format('step %s has no verification pending: complete_step asks for it', s.id));
     END IF;

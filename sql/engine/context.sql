@@ -114,6 +114,7 @@ AS $$
 DECLARE
     s steps;
 BEGIN
+    PERFORM _require(step_id IS NOT NULL, 'step_id');
     IF coalesce(field, 'output') NOT IN ('output', 'input') THEN
         PERFORM _raise('invalid_argument', 'field must be output or input');
     END IF;

@@ -83,6 +83,166 @@ BEGIN
 END
 $$;
 
+-- The calls of one campaign that the coordinator tools, the `sortie` command and the runner
+-- make (session 10): each twin answers exactly as the public function it names, called without
+-- a request id (a call with one goes to the public function on the coordinator, where request
+-- ids are serialised), and under Citus is delegated to the worker holding the campaign, where
+-- every statement of the rule names the campaign and runs locally. Never with a NULL campaign
+-- (citusdata/citus#7242; delegation_guard.rs refuses one). Errors: those of the public function.
+CREATE FUNCTION _add_steps_delegated(campaign_id uuid, steps jsonb)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN add_steps(campaign_id, steps);
+END
+$$;
+
+CREATE FUNCTION _steer_campaign_delegated(id uuid, guidance text)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN steer_campaign(id, guidance);
+END
+$$;
+
+CREATE FUNCTION _pause_campaign_delegated(id uuid)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN pause_campaign(id);
+END
+$$;
+
+CREATE FUNCTION _resume_campaign_delegated(id uuid)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN resume_campaign(id);
+END
+$$;
+
+CREATE FUNCTION _cancel_campaign_delegated(id uuid, reason text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN cancel_campaign(id, reason);
+END
+$$;
+
+CREATE FUNCTION _provide_input_delegated(id uuid, step_id bigint, answer text)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN provide_input(id, step_id, answer);
+END
+$$;
+
+CREATE FUNCTION _check_success_delegated(id uuid)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN check_success(id);
+END
+$$;
+
+CREATE FUNCTION _get_notes_delegated(campaign_id uuid, tags text[] DEFAULT NULL, step_id bigint DEFAULT NULL,
+                                      "limit" integer DEFAULT 50, cursor text DEFAULT NULL,
+                                      preview_chars integer DEFAULT NULL, claim_token uuid DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN get_notes(campaign_id, tags, step_id, "limit", cursor, preview_chars, claim_token);
+END
+$$;
+
+CREATE FUNCTION _begin_planning_delegated(id uuid, lease_seconds integer DEFAULT 300)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN begin_planning(id, lease_seconds);
+END
+$$;
+
+CREATE FUNCTION _apply_plan_delegated(campaign_id uuid, plan jsonb)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN apply_plan(campaign_id, plan);
+END
+$$;
+
+CREATE FUNCTION _finish_campaign_delegated(id uuid)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN finish_campaign(id);
+END
+$$;
+
+CREATE FUNCTION _record_benchmark_delegated(campaign_id uuid, exit_code integer, output text DEFAULT '')
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN record_benchmark(campaign_id, exit_code, output);
+END
+$$;
+
+CREATE FUNCTION _get_workflow_status_delegated(instance_id uuid, with_definition boolean DEFAULT false)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN get_workflow_status(instance_id, with_definition);
+END
+$$;
+
+CREATE FUNCTION _advance_workflow_delegated(instance_id uuid, report jsonb, context_updates jsonb DEFAULT '{}',
+                                            next_step text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN advance_workflow(instance_id, report, context_updates, next_step);
+END
+$$;
+
+CREATE FUNCTION _resume_workflow_delegated(instance_id uuid, assumed_current_step_name text, report jsonb DEFAULT NULL,
+                                           context_updates jsonb DEFAULT '{}', next_step text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN resume_workflow(instance_id, assumed_current_step_name, report, context_updates, next_step);
+END
+$$;
+
 -- Those twins, and the writes that are delegated (docs/scale-out.md): signature and the
 -- argument naming the campaign.
 CREATE FUNCTION _delegated_functions() RETURNS TABLE (signature text, campaign_arg text)
@@ -102,7 +262,22 @@ AS $$
         ('_request_input_delegated(uuid,bigint,uuid,text,text)', 'campaign_id'),
         ('_release_step_delegated(uuid,bigint,uuid)', 'campaign_id'),
         ('_record_verification_delegated(uuid,bigint,uuid,boolean,text)', 'campaign_id'),
-        ('_abort_branch_delegated(uuid,bigint,uuid,bigint,text,text)', 'campaign_id')
+        ('_abort_branch_delegated(uuid,bigint,uuid,bigint,text,text)', 'campaign_id'),
+        ('_add_steps_delegated(uuid,jsonb)', 'campaign_id'),
+        ('_steer_campaign_delegated(uuid,text)', 'id'),
+        ('_pause_campaign_delegated(uuid)', 'id'),
+        ('_resume_campaign_delegated(uuid)', 'id'),
+        ('_cancel_campaign_delegated(uuid,text)', 'id'),
+        ('_provide_input_delegated(uuid,bigint,text)', 'id'),
+        ('_check_success_delegated(uuid)', 'id'),
+        ('_get_notes_delegated(uuid,text[],bigint,integer,text,integer,uuid)', 'campaign_id'),
+        ('_begin_planning_delegated(uuid,integer)', 'id'),
+        ('_apply_plan_delegated(uuid,jsonb)', 'campaign_id'),
+        ('_finish_campaign_delegated(uuid)', 'id'),
+        ('_record_benchmark_delegated(uuid,integer,text)', 'campaign_id'),
+        ('_get_workflow_status_delegated(uuid,boolean)', 'instance_id'),
+        ('_advance_workflow_delegated(uuid,jsonb,jsonb,text)', 'instance_id'),
+        ('_resume_workflow_delegated(uuid,text,jsonb,jsonb,text)', 'instance_id')
     ) AS f(signature, campaign_arg);
 $$;
 

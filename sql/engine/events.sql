@@ -11,6 +11,20 @@
 -- time. A woken listener polls for listen_poll_window() instead, which covers the events the
 -- interval held back, whichever campaign they belong to (docs/decisions.md, "Waking
 -- listeners").
+-- Refuses a call missing a required argument: invalid_argument "<name> is required" unless
+-- `p_given`. Called first, before anything is looked up, so that a NULL id never reads as a
+-- missing row (not_found of an empty id) or as "nothing" (an empty answer). VOLATILE, as
+-- _raise: a call with constant arguments must not be folded while its statement is planned.
+CREATE FUNCTION _require(p_given boolean, p_name text) RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL SAFE
+AS $$
+BEGIN
+    IF NOT coalesce(p_given, false) THEN
+        PERFORM _raise('invalid_argument', p_name || ' is required');
+    END IF;
+END
+$$;
+
 CREATE FUNCTION wake_interval() RETURNS interval
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT interval '100 milliseconds' $$;

@@ -60,6 +60,7 @@ DECLARE
     c campaigns := _lock_campaign(id);
     s steps;
 BEGIN
+    PERFORM _require(step_id IS NOT NULL, 'step_id');
     -- SPEC §14: a repeat with the same request_id returns the first result (idempotency.sql).
     IF request_id IS NOT NULL THEN
         RETURN coalesce(_replay(request_id, 'provide_input', jsonb_build_object('id', id, 'step_id', step_id, 'answer', answer)),

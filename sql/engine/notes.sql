@@ -30,6 +30,7 @@ DECLARE
 BEGIN
     -- SPEC §15: a worker writes notes only into the campaign of the step it holds (scope.sql).
     campaign_id := _worker_campaign(campaign_id, step_id, claim_token, 'add_note');
+    PERFORM _require(campaign_id IS NOT NULL, 'campaign_id');
     -- SPEC §14: a repeat with the same request_id returns the first result (idempotency.sql).
     -- The embedding is not compared: the same text embeds the same way.
     IF request_id IS NOT NULL THEN
@@ -189,6 +190,9 @@ DECLARE
     -- run queries of its own (Citus).
     v_campaign uuid := _worker_campaign($1, NULL, $7, 'get_notes');
 BEGIN
+    IF v_campaign IS NULL THEN
+        PERFORM _raise('invalid_argument', 'campaign_id is required');
+    END IF;
     -- $1..$7: the arguments (some named like the columns of notes).
     RETURN (
     WITH page AS (

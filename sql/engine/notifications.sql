@@ -74,6 +74,8 @@ DECLARE
     -- CASE, and on a column, in a distributed change.
     v_now timestamptz := _clock();
 BEGIN
+    PERFORM _require(id IS NOT NULL, 'id');
+    PERFORM _require(ok IS NOT NULL, 'ok');
     UPDATE notifications
        SET delivered = ok,
            delivered_at = CASE WHEN ok THEN v_now END,

@@ -122,11 +122,15 @@ LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
 DECLARE
-    v_plan jsonb := _unwrap(_parse_plan(plan));
-    c campaigns := _lock_campaign(campaign_id);
+    v_plan jsonb;
+    c campaigns;
     v_steps jsonb;
     v_status text;
 BEGIN
+    PERFORM _require(campaign_id IS NOT NULL, 'campaign_id');
+    PERFORM _require(plan IS NOT NULL, 'plan');
+    v_plan := _unwrap(_parse_plan(plan));
+    c := _lock_campaign(campaign_id);
     IF c.status NOT IN ('active', 'paused') THEN
         PERFORM _raise('invalid_state', format('campaign %s is %s; a plan cannot change it', c.id, c.status));
     END IF;

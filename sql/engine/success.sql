@@ -13,6 +13,7 @@ DECLARE
     v_note bigint;
     v_iterations integer;
 BEGIN
+    PERFORM _require(check_success.id IS NOT NULL, 'id');
     SELECT * INTO c FROM campaigns WHERE campaigns.id = check_success.id;
     IF NOT FOUND THEN
         PERFORM _raise('not_found', format('campaign %s does not exist', check_success.id));
@@ -113,6 +114,7 @@ DECLARE
     v_success jsonb;
     v_status text;
 BEGIN
+    PERFORM _require(exit_code IS NOT NULL, 'exit_code');
     IF NOT c.benchmark_due OR c.status <> 'active' THEN
         PERFORM _raise('invalid_state', format('campaign %s has no benchmark due', c.id));
     END IF;

@@ -163,6 +163,7 @@ AS $$
 DECLARE
     c campaigns;
 BEGIN
+    PERFORM _require(instance_id IS NOT NULL, 'instance_id');
     SELECT * INTO c FROM campaigns WHERE id = instance_id AND workflow IS NOT NULL;
     IF NOT FOUND THEN
         PERFORM _raise('not_found', format('workflow instance %s does not exist', instance_id));
@@ -259,6 +260,8 @@ DECLARE
     v_arguments jsonb := jsonb_build_object('instance_id', instance_id, 'report', report,
                                             'context_updates', context_updates);
 BEGIN
+    PERFORM _require(instance_id IS NOT NULL, 'instance_id');
+    PERFORM _require(report IS NOT NULL, 'report: {step_id, status}');
     -- SPEC §14: a repeat with the same request_id returns the first result (idempotency.sql).
     -- next_step is not compared: the server may have had the planner pick it.
     IF request_id IS NOT NULL THEN
@@ -289,9 +292,12 @@ LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT
 AS $$
 DECLARE
-    c campaigns := _lock_active_workflow(instance_id, report, context_updates);
+    c campaigns;
     v_assumed text;
 BEGIN
+    PERFORM _require(instance_id IS NOT NULL, 'instance_id');
+    PERFORM _require(assumed_current_step_name IS NOT NULL, 'assumed_current_step_name');
+    c := _lock_active_workflow(instance_id, report, context_updates);
     v_assumed := _workflow_step_named(_workflow_step_names(_workflow_definition(c)), assumed_current_step_name);
     IF v_assumed IS NULL OR v_assumed = _workflow_finish() THEN
         PERFORM _raise('invalid_argument', format('%L is not a step of workflow %s', assumed_current_step_name, c.workflow));

@@ -617,6 +617,235 @@ async fn every_rule_named_by_its_campaign_touches_only_the_worker_holding_it() {
     db.finish().await;
 }
 
+/// Runs a twin's call (`sql`, the campaign as its one parameter) with the nodes' command logs
+/// and checks that it ran on the worker holding the campaign alone; its answer.
+async fn delegated(db: &TestDb, sql: &str, campaign: &str) -> Value {
+    let function = sql
+        .split("sortie.")
+        .nth(1)
+        .and_then(|rest| rest.split('(').next())
+        .unwrap();
+    let port = holder(db, campaign).await;
+    let (answer, notices) = logged_call(db, sql, campaign).await;
+    assert_runs_on_holder(&notices, function, port);
+    answer
+}
+
+/// The coordinator's and the runner's calls of one campaign — steps added, steering, pause and
+/// resume, an answer to a question, notes and the success check read, the planner's lease and
+/// plan, the campaign's end, a benchmark's outcome, a workflow's status, advance and resume, a
+/// cancellation — run through their twins on the worker holding the campaign as one local
+/// transaction: the coordinator sends that worker the call and nothing else.
+#[tokio::test]
+async fn the_coordinators_and_the_runners_calls_of_one_campaign_run_on_the_worker_holding_it() {
+    let db = TestDb::distributed().await;
+    let id = |answer: Value| {
+        answer["id"]
+            .as_str()
+            .or(answer["instance_id"].as_str())
+            .unwrap_or_else(|| panic!("{answer}"))
+            .to_string()
+    };
+
+    // A campaign planned by the runner's planner, then driven by a coordinator.
+    let planned = id(db
+        .ok(
+            "sortie.create_campaign(goal => 'g', planner => 'llm', plan_delay => 0)",
+            &[],
+        )
+        .await);
+    let granted = delegated(
+        &db,
+        "SELECT sortie._begin_planning_delegated($1::text::uuid, 60)",
+        &planned,
+    )
+    .await;
+    assert_eq!(granted["granted"], true, "{granted}");
+    let applied = delegated(
+        &db,
+        "SELECT sortie._apply_plan_delegated($1::text::uuid, '{\"strategy_update\": \"one step\", \"next_delay_minutes\": 0}')",
+        &planned,
+    )
+    .await;
+    assert_eq!(applied["status"], "active", "{applied}");
+    let added = delegated(
+        &db,
+        "SELECT sortie._add_steps_delegated($1::text::uuid, '[{\"action\": \"a\", \"key\": \"a\"}]')",
+        &planned,
+    )
+    .await;
+    assert_eq!(added["created"], 1, "{added}");
+    delegated(
+        &db,
+        "SELECT sortie._steer_campaign_delegated($1::text::uuid, 'go on')",
+        &planned,
+    )
+    .await;
+    let paused = delegated(
+        &db,
+        "SELECT sortie._pause_campaign_delegated($1::text::uuid)",
+        &planned,
+    )
+    .await;
+    assert_eq!(paused["status"], "paused", "{paused}");
+    let resumed = delegated(
+        &db,
+        "SELECT sortie._resume_campaign_delegated($1::text::uuid)",
+        &planned,
+    )
+    .await;
+    assert_eq!(resumed["status"], "active", "{resumed}");
+    let claim = db
+        .ok(
+            "sortie._claim_next_delegated($1::text::uuid, 'w')",
+            &[&planned],
+        )
+        .await;
+    let (step, token) = (
+        claim["step_id"].as_i64().unwrap(),
+        claim["claim_token"].as_str().unwrap().to_string(),
+    );
+    db.ok(
+        &format!("sortie._request_input_delegated($1::text::uuid, {step}, '{token}'::uuid, 'which way?')"),
+        &[&planned],
+    )
+    .await;
+    let sql = format!("SELECT sortie._provide_input_delegated($1::text::uuid, {step}, 'left')");
+    let answered = delegated(&db, &sql, &planned).await;
+    assert!(answered.is_object(), "{answered}");
+    db.ok(
+        "sortie._add_note_delegated($1::text::uuid, 'a finding')",
+        &[&planned],
+    )
+    .await;
+    let notes = delegated(
+        &db,
+        "SELECT sortie._get_notes_delegated($1::text::uuid)",
+        &planned,
+    )
+    .await;
+    assert_eq!(notes["notes"].as_array().map(Vec::len), Some(1), "{notes}");
+    delegated(
+        &db,
+        "SELECT sortie._check_success_delegated($1::text::uuid)",
+        &planned,
+    )
+    .await;
+    let claim = db
+        .ok(
+            "sortie._claim_next_delegated($1::text::uuid, 'w')",
+            &[&planned],
+        )
+        .await;
+    let (step, token) = (
+        claim["step_id"].as_i64().unwrap(),
+        claim["claim_token"].as_str().unwrap().to_string(),
+    );
+    db.ok(
+        &format!("sortie._complete_step_delegated($1::text::uuid, {step}, '{token}'::uuid, 'ok')"),
+        &[&planned],
+    )
+    .await;
+    let finished = delegated(
+        &db,
+        "SELECT sortie._finish_campaign_delegated($1::text::uuid)",
+        &planned,
+    )
+    .await;
+    assert_eq!(finished["status"], "done", "{finished}");
+
+    // A campaign judged by its benchmark: the runner records the outcome.
+    let measured = id(db
+        .ok(
+            "sortie.create_campaign(goal => 'g', planner => 'none', success_metric => 'score', success_target => 1, \
+             benchmark_command => 'echo score=2', steps => '[{\"action\": \"a\"}]')",
+            &[],
+        )
+        .await);
+    let claim = db
+        .ok(
+            "sortie._claim_next_delegated($1::text::uuid, 'w')",
+            &[&measured],
+        )
+        .await;
+    let (step, token) = (
+        claim["step_id"].as_i64().unwrap(),
+        claim["claim_token"].as_str().unwrap().to_string(),
+    );
+    db.ok(
+        &format!("sortie._complete_step_delegated($1::text::uuid, {step}, '{token}'::uuid, 'ok')"),
+        &[&measured],
+    )
+    .await;
+    let taken = db.ok("sortie.take_benchmark()", &[]).await;
+    assert_eq!(
+        taken["campaign_id"].as_str(),
+        Some(measured.as_str()),
+        "{taken}"
+    );
+    let recorded = delegated(
+        &db,
+        "SELECT sortie._record_benchmark_delegated($1::text::uuid, 0, 'score=2')",
+        &measured,
+    )
+    .await;
+    assert_eq!(recorded["met"], true, "{recorded}");
+
+    // A workflow instance: its status, an advance, a resume, and its cancellation.
+    let step = |name: &str, transitions: Value| serde_json::json!({"name": name, "instructions": "do", "transitions": transitions});
+    let definition = serde_json::json!({"goal": "g", "steps": [
+        step("A", serde_json::json!({"success": "B"})),
+        step("B", serde_json::json!({"success": "FINISH"}))]});
+    let instance = id(db
+        .ok(
+            "sortie.start_workflow(workflow_name => 'T', definition => $1)",
+            &[&definition],
+        )
+        .await);
+    let status = delegated(
+        &db,
+        "SELECT sortie._get_workflow_status_delegated($1::text::uuid)",
+        &instance,
+    )
+    .await;
+    assert_eq!(status["current_step"]["step_name"], "A", "{status}");
+    let advanced = delegated(
+        &db,
+        "SELECT sortie._advance_workflow_delegated($1::text::uuid, '{\"step_id\": \"A\", \"status\": \"success\"}')",
+        &instance,
+    )
+    .await;
+    assert_eq!(advanced["current_step"]["step_name"], "B", "{advanced}");
+    let resumed = delegated(
+        &db,
+        "SELECT sortie._resume_workflow_delegated($1::text::uuid, 'B')",
+        &instance,
+    )
+    .await;
+    assert_eq!(resumed["current_step"]["step_name"], "B", "{resumed}");
+    let cancelled = delegated(
+        &db,
+        "SELECT sortie._cancel_campaign_delegated($1::text::uuid, 'enough')",
+        &instance,
+    )
+    .await;
+    assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
+    // Each answers as the public function: a repeat of the cancellation is refused alike.
+    let twin_refusal = db
+        .call(
+            "sortie._cancel_campaign_delegated($1::text::uuid)",
+            &[&instance],
+        )
+        .await
+        .unwrap_err();
+    let public_refusal = db
+        .call("sortie.cancel_campaign($1::text::uuid)", &[&instance])
+        .await
+        .unwrap_err();
+    assert_eq!(twin_refusal.code, public_refusal.code);
+    db.finish().await;
+}
+
 /// An event's time is taken when it is numbered, under its campaign's lock. A rule that waited
 /// for the lock therefore logs a time later than the events committed while it waited, and a
 /// follower of every campaign — which pages by time on Citus — does not pass it. (With the
@@ -984,24 +1213,15 @@ async fn a_delegated_read_without_a_campaign_is_refused_and_the_coordinator_live
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(
-        delegated,
-        [
-            "_abort_branch_delegated",
-            "_add_note_delegated",
-            "_campaign_graph_delegated",
-            "_claim_next_delegated",
-            "_complete_step_delegated",
-            "_fail_step_delegated",
-            "_get_campaign_delegated",
-            "_get_my_context_delegated",
-            "_heartbeat_delegated",
-            "_planner_context_delegated",
-            "_record_verification_delegated",
-            "_release_step_delegated",
-            "_request_input_delegated",
-            "_spawn_and_continue_delegated"
-        ]
+    let mut listed: Vec<String> = twins.iter().map(|(name, _)| name.clone()).collect();
+    listed.sort();
+    assert_eq!(delegated, listed, "the twins, and only they");
+    assert!(
+        delegated.len() >= 29
+            && delegated
+                .iter()
+                .all(|n| n.starts_with('_') && n.ends_with("_delegated")),
+        "{delegated:?}"
     );
     // The twins are: called without a campaign (a NULL, literal or bound, named or not, in the
     // target list, in FROM or in PL/pgSQL), each is refused by Sortie's planner hook before Citus

@@ -274,6 +274,70 @@ async fn worker_tools_fall_back_to_the_session() {
     db.finish().await;
 }
 
+/// A session that claimed its own step (pull mode) and finished it is not held to the finished
+/// claim: its notes and reads in the campaign work as before the claim (they were refused as
+/// `stale_claim` with the finished token), a repeat of the completion is still answered as the
+/// first, and a worker-only session is told to claim again. Every way a claim ends alike.
+#[tokio::test]
+async fn a_session_whose_claim_ended_reads_and_writes_notes_without_it() {
+    let db = TestDb::new().await;
+    let c = campaign(&db, "none").await;
+    add(
+        &db,
+        c,
+        json!([{"action": "done"}, {"action": "failed", "max_attempts": 1}, {"action": "asks"}, {"action": "splits"}, {"action": "left"}]),
+    )
+    .await;
+    let mcp = McpClient::start(&db, &[]).await;
+    let ends = [
+        ("complete_step", json!({"summary": "ok"})),
+        ("fail_step", json!({"error": "no"})),
+        ("request_input", json!({"question": "which?"})),
+        (
+            "spawn_and_continue",
+            json!({"subtasks": [{"action": "sub"}], "continuation": "join"}),
+        ),
+    ];
+    for (tool, args) in ends {
+        let claimed = mcp.ok("claim_next", json!({"campaign_id": c})).await;
+        assert!(claimed["step_id"].is_i64(), "{claimed}");
+        let first = mcp.ok(tool, args.clone()).await;
+        for (read, read_args) in [
+            (
+                "add_note",
+                json!({"campaign_id": c, "content": format!("after {tool}")}),
+            ),
+            ("get_notes", json!({"campaign_id": c})),
+            ("search_notes", json!({"campaign_id": c, "query": "after"})),
+        ] {
+            let outcome = mcp.call(read, read_args).await;
+            assert!(!outcome.is_error, "{read} after {tool}: {}", outcome.text);
+        }
+        if tool == "complete_step" {
+            // A lost reply's repeat, from the session: the first answer again.
+            let again = mcp.ok(tool, args).await;
+            assert_eq!(again["replayed"], true, "{again}");
+            assert_eq!(
+                (&again["step_id"], &again["status"]),
+                (&first["step_id"], &first["status"]),
+                "the repeat of {tool}: {again} against {first}"
+            );
+        }
+    }
+    mcp.stop().await;
+    // A worker-only session that claimed and finished must claim again to see the campaign.
+    let worker = McpClient::start(&db, &[("SORTIE_ROLE", "worker".into())]).await;
+    let claimed = worker.ok("claim_next", json!({"campaign_id": c})).await;
+    assert!(claimed["step_id"].is_i64(), "{claimed}");
+    worker.ok("get_notes", json!({})).await;
+    worker.ok("complete_step", json!({"summary": "ok"})).await;
+    let refused = worker.call("get_notes", json!({})).await;
+    assert_eq!(refused.code(), "forbidden", "{}", refused.text);
+    assert!(refused.text.contains("claim_next"), "{}", refused.text);
+    worker.stop().await;
+    db.finish().await;
+}
+
 #[tokio::test]
 async fn a_stale_claim_is_a_tool_error_with_its_code() {
     let db = TestDb::new().await;

@@ -768,3 +768,110 @@ async fn sortie_runner_runs_a_tick_with_a_runner_login() {
     assert_eq!(campaign_status(&db, c).await, "done");
     db.finish().await;
 }
+
+/// Every function a role may call, called with each argument it requires (no default) left
+/// NULL and its optional ones at their defaults, refuses with `invalid_argument` — never
+/// `not_found` of an empty id, an internal error, or an answer. Run on Citus too, where a NULL
+/// campaign reaching a delegated twin would otherwise crash the node (citusdata/citus#7242).
+#[tokio::test]
+async fn every_function_refuses_a_missing_required_argument_as_invalid_argument() {
+    let db = TestDb::new().await;
+    let functions: Vec<(String, Vec<String>, i16)> = db
+        .client
+        .query(
+            "SELECT p.proname::text, array(SELECT format_type(t, NULL) FROM unnest(p.proargtypes) t)::text[], p.pronargdefaults
+               FROM pg_proc p JOIN sortie._api_grants() g ON g.name = p.proname
+              WHERE p.pronamespace = 'sortie'::regnamespace AND cardinality(g.roles) > 0
+                AND p.pronargs > p.pronargdefaults
+              ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert!(functions.len() > 40, "{functions:?}");
+    // Functions whose required argument may be NULL by design: can_spawn answers false for no
+    // step (sortie-mcp lists spawn_and_continue by it), claim_session says no session.
+    let answers_null = ["can_spawn", "claim_session"];
+    let mut wrong = Vec::new();
+    for (name, types, defaults) in &functions {
+        if answers_null.contains(&name.as_str()) {
+            continue;
+        }
+        let required = types.len() - *defaults as usize;
+        let args: Vec<String> = types[..required]
+            .iter()
+            .map(|t| format!("NULL::{t}"))
+            .collect();
+        let sql = format!("sortie.{name}({})", args.join(", "));
+        match db.call(&sql, &[]).await {
+            Err(e) if e.code == "invalid_argument" => {}
+            other => wrong.push(format!("{sql}: {other:?}")),
+        }
+    }
+    // Each required argument NULL in turn, the others real: a campaign, its running step and
+    // the step's claim token. Whatever else the call says, it never looks a NULL up as an id.
+    let campaign = campaign(&db, "none").await;
+    add(&db, campaign, json!([{"action": "a"}, {"action": "b"}])).await;
+    let claimed = claim(&db, campaign).await.unwrap();
+    let (step, token) = (claimed.step_id, claimed.token);
+    let named: Vec<(String, Vec<String>, Vec<String>, i16)> = db
+        .client
+        .query(
+            "SELECT p.proname::text, array(SELECT format_type(t, NULL) FROM unnest(p.proargtypes) t)::text[],
+                    coalesce(p.proargnames, '{}')::text[], p.pronargdefaults
+               FROM pg_proc p JOIN sortie._api_grants() g ON g.name = p.proname
+              WHERE p.pronamespace = 'sortie'::regnamespace AND cardinality(g.roles) > 0
+                AND p.pronargs > p.pronargdefaults
+              ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let value = |name: &str, ty: &str| -> String {
+        match ty {
+            "uuid" if name.contains("token") => format!("'{token}'::uuid"),
+            "uuid" => format!("'{campaign}'::uuid"),
+            "bigint" => step.to_string(),
+            "integer" | "smallint" => "1".into(),
+            "double precision" => "1".into(),
+            "boolean" => "true".into(),
+            "text[]" => "'{}'::text[]".into(),
+            "jsonb" if name == "definition" => "'{\"steps\": [{\"name\": \"A\", \"instructions\": \"do\", \"transitions\": {}}]}'::jsonb".into(),
+            "jsonb" if name == "steps" || name == "subtasks" || name == "items" => "'[{\"action\": \"x\"}]'::jsonb".into(),
+            "jsonb" => "'{}'::jsonb".into(),
+            "interval" => "'1 minute'::interval".into(),
+            other => format!("'x'::{other}"),
+        }
+    };
+    for (function, types, names, defaults) in &named {
+        if answers_null.contains(&function.as_str()) {
+            continue;
+        }
+        let required = types.len() - *defaults as usize;
+        for missing in 0..required {
+            let args: Vec<String> = (0..required)
+                .map(|i| {
+                    let name = names.get(i).map(String::as_str).unwrap_or("");
+                    if i == missing {
+                        format!("NULL::{}", types[i])
+                    } else {
+                        value(name, &types[i])
+                    }
+                })
+                .collect();
+            let sql = format!("sortie.{function}({})", args.join(", "));
+            match db.call(&sql, &[]).await {
+                Err(e) if e.code == "invalid_argument" => {}
+                other => wrong.push(format!("{sql}: {other:?}")),
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    db.finish().await;
+}

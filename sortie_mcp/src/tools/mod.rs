@@ -66,6 +66,10 @@ pub struct Binding {
     /// The step was given to the session (environment or claim-token bearer), not claimed by
     /// it: claim_next then stays within that step's campaign.
     pub assigned: bool,
+    /// The session's own claim has ended (its step completed, failed, waiting for input,
+    /// spliced): its reads no longer present the token, which every read would refuse as
+    /// `stale_claim`; the step's own calls still do, so a repeat is answered as the first.
+    pub claim_over: bool,
 }
 
 impl SortieServer {
@@ -96,6 +100,7 @@ impl SortieServer {
             campaign_id: config.campaign_id,
             claim_token: config.claim_token,
             assigned: config.claim_token.is_some(),
+            claim_over: false,
         };
         Self {
             config: Arc::new(config),
@@ -142,6 +147,7 @@ impl SortieServer {
             campaign_id: self.config.campaign_id,
             claim_token: self.config.claim_token,
             assigned: self.config.claim_token.is_some(),
+            claim_over: false,
         };
         server.binding = Arc::new(std::sync::Mutex::new(binding));
         server
@@ -237,6 +243,23 @@ impl SortieServer {
         }
     }
 
+    /// After a call that ends the claim (completion, failure, a question, a splice, an early
+    /// return) succeeded: a session that claimed the step itself no longer presents its token
+    /// in reads (`Binding::claim_over`); it claims again with claim_next. A session given its
+    /// step (assigned) stays bound to it (SPEC §15). Answers `result`.
+    fn claim_over(&self, step: i64, token: uuid::Uuid, result: CallToolResult) -> CallToolResult {
+        if result.is_error != Some(true) {
+            let mut binding = self.binding.lock().unwrap_or_else(|e| e.into_inner());
+            if !binding.assigned
+                && binding.step_id == Some(step)
+                && binding.claim_token == Some(token)
+            {
+                binding.claim_over = true;
+            }
+        }
+        result
+    }
+
     fn session_step(&self, step_id: Option<i64>) -> Option<i64> {
         step_id.or(self.binding().step_id)
     }
@@ -278,7 +301,8 @@ impl SortieServer {
         &self,
         claim_token: Option<uuid::Uuid>,
     ) -> Result<Option<uuid::Uuid>, CallToolResult> {
-        let token = self.session_token(claim_token);
+        let binding = self.binding();
+        let token = claim_token.or(binding.claim_token.filter(|_| !binding.claim_over));
         if token.is_none() && self.config.role == Role::Worker {
             return Err(tool_error(&DbError {
                 code: "forbidden".into(),

@@ -419,7 +419,7 @@ while you worked, the answer says so and nothing else changes.",
             Err(e) => return tool_error(&e),
         };
         if answer["verification"] != "pending" {
-            return CallToolResult::structured(answer);
+            return self.claim_over(step, token, CallToolResult::structured(answer));
         }
         // SPEC §17: whoever completes runs the step's check; over MCP that is this server, in
         // the worker's environment (an agent's sortie-mcp inherits the agent's). The claim's
@@ -445,14 +445,16 @@ while you worked, the answer says so and nothing else changes.",
         )
         .await;
         let (passed, report) = (run.passed(), run.report());
-        self.call_for_step(
-            step,
-            "_record_verification_delegated(campaign_id => $1, step_id => $2, claim_token => $3, passed => $4, \
-             output => $5)",
-            "record_verification(step_id => $1, claim_token => $2, passed => $3, output => $4)",
-            &[&step, &token, &passed, &report],
-        )
-        .await
+        let recorded = self
+            .call_for_step(
+                step,
+                "_record_verification_delegated(campaign_id => $1, step_id => $2, claim_token => $3, passed => $4, \
+                 output => $5)",
+                "record_verification(step_id => $1, claim_token => $2, passed => $3, output => $4)",
+                &[&step, &token, &passed, &report],
+            )
+            .await;
+        self.claim_over(step, token, recorded)
     }
 
     #[tool(
@@ -471,13 +473,15 @@ then it fails and the steps depending on it are skipped.",
         let Some(token) = self.session_token(p.claim_token) else {
             return missing(NO_TOKEN);
         };
-        self.call_for_step(
-            step,
-            "_fail_step_delegated(campaign_id => $1, step_id => $2, claim_token => $3, error => $4)",
-            "fail_step(step_id => $1, claim_token => $2, error => $3)",
-            &[&step, &token, &p.error],
-        )
-        .await
+        let failed = self
+            .call_for_step(
+                step,
+                "_fail_step_delegated(campaign_id => $1, step_id => $2, claim_token => $3, error => $4)",
+                "fail_step(step_id => $1, claim_token => $2, error => $3)",
+                &[&step, &token, &p.error],
+            )
+            .await;
+        self.claim_over(step, token, failed)
     }
 
     #[tool(
@@ -496,14 +500,16 @@ unclear requirements). The step waits until provide_input; then it is dispatched
         let Some(token) = self.session_token(p.claim_token) else {
             return missing(NO_TOKEN);
         };
-        self.call_for_step(
-            step,
-            "_request_input_delegated(campaign_id => $1, step_id => $2, claim_token => $3, question => $4, \
-             partial_output => $5)",
-            "request_input(step_id => $1, claim_token => $2, question => $3, partial_output => $4)",
-            &[&step, &token, &p.question, &p.partial_output],
-        )
-        .await
+        let asked = self
+            .call_for_step(
+                step,
+                "_request_input_delegated(campaign_id => $1, step_id => $2, claim_token => $3, question => $4, \
+                 partial_output => $5)",
+                "request_input(step_id => $1, claim_token => $2, question => $3, partial_output => $4)",
+                &[&step, &token, &p.question, &p.partial_output],
+            )
+            .await;
+        self.claim_over(step, token, asked)
     }
 
     #[tool(
@@ -528,7 +534,7 @@ completes with partial_output and everything that waited for it waits for the co
         // The session's own step is named by its campaign (on Citus the splice then runs on
         // the worker holding it); a request_id goes to spawn_and_continue, which serialises
         // request ids on one node.
-        match self.own_campaign(step).filter(|_| p.request_id.is_none()) {
+        let spliced = match self.own_campaign(step).filter(|_| p.request_id.is_none()) {
             Some(campaign) => {
                 self.call(
                     "_spawn_and_continue_delegated(campaign_id => $1, step_id => $2, claim_token => $3, subtasks => $4, \
@@ -545,7 +551,8 @@ completes with partial_output and everything that waited for it waits for the co
                 )
                 .await
             }
-        }
+        };
+        self.claim_over(step, token, spliced)
     }
 
     #[tool(
@@ -564,14 +571,16 @@ your output, everything still open under it is skipped, your step completes with
         let Some(token) = self.session_token(p.claim_token) else {
             return missing(NO_TOKEN);
         };
-        self.call_for_step(
-            step,
-            "_abort_branch_delegated(campaign_id => $1, target_id => $2, claim_token => $3, step_id => $4, output => $5, \
-             reason => $6)",
-            "abort_branch(target_id => $1, claim_token => $2, step_id => $3, output => $4, reason => $5)",
-            &[&p.target_id, &token, &step, &p.output, &p.reason],
-        )
-        .await
+        let aborted = self
+            .call_for_step(
+                step,
+                "_abort_branch_delegated(campaign_id => $1, target_id => $2, claim_token => $3, step_id => $4, output => $5, \
+                 reason => $6)",
+                "abort_branch(target_id => $1, claim_token => $2, step_id => $3, output => $4, reason => $5)",
+                &[&p.target_id, &token, &step, &p.output, &p.reason],
+            )
+            .await;
+        self.claim_over(step, token, aborted)
     }
 
     #[tool(
@@ -673,6 +682,7 @@ worker calls for that step.",
                 campaign_id: Some(campaign_id),
                 claim_token: Some(claim_token),
                 assigned: session.assigned,
+                claim_over: false,
             });
         }
         CallToolResult::structured(answer)
