@@ -90,7 +90,7 @@ pub async fn run(db: Db, mut config: Config, shutdown: watch::Receiver<bool>) ->
     );
     print_tree(&db, &state["steps"]).await?;
     let notes = db
-        .call("get_notes(campaign_id => $1)", &[&campaign])
+        .call("_get_notes_delegated(campaign_id => $1)", &[&campaign])
         .await?;
     println!("\nnotes (newest first):");
     for n in notes["notes"].as_array().into_iter().flatten() {

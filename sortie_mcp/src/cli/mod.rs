@@ -350,15 +350,17 @@ async fn execute(cli: Cli, colour: bool) -> Result<ExitCode, Failure> {
             }
         }
         Command::Pause { .. } => {
-            let answer = db.call("pause_campaign($1)", &[&ids]).await?;
+            let answer = db.call("_pause_campaign_delegated($1)", &[&ids]).await?;
             steer_result(&answer, "paused", cli.json);
         }
         Command::Resume { .. } => {
-            let answer = db.call("resume_campaign($1)", &[&ids]).await?;
+            let answer = db.call("_resume_campaign_delegated($1)", &[&ids]).await?;
             steer_result(&answer, "resumed", cli.json);
         }
         Command::Cancel { reason, .. } => {
-            let answer = db.call("cancel_campaign($1, $2)", &[&ids, &reason]).await?;
+            let answer = db
+                .call("_cancel_campaign_delegated($1, $2)", &[&ids, &reason])
+                .await?;
             steer_result(&answer, "cancelled", cli.json);
         }
     }

@@ -583,7 +583,7 @@ impl Runner {
                 };
                 match db
                     .call(
-                        "record_benchmark(campaign_id => $1, exit_code => $2, output => $3)",
+                        "_record_benchmark_delegated(campaign_id => $1, exit_code => $2, output => $3)",
                         &[&id, &run.exit_code, &output],
                     )
                     .await
@@ -621,13 +621,20 @@ impl Runner {
                 continue;
             }
             if !self.config.has_planner() {
-                match self.db.call("finish_campaign(id => $1)", &[&id]).await {
+                match self
+                    .db
+                    .call("_finish_campaign_delegated(id => $1)", &[&id])
+                    .await
+                {
                     Ok(ended) => info!(campaign = %id, status = %ended["status"], "campaign ended"),
                     Err(e) => warn!(campaign = %id, error = %e, "could not end the campaign"),
                 }
                 continue;
             }
-            let granted = self.db.call("begin_planning(id => $1)", &[&id]).await?;
+            let granted = self
+                .db
+                .call("_begin_planning_delegated(id => $1)", &[&id])
+                .await?;
             if granted["granted"] != true {
                 continue;
             }

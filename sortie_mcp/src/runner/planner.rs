@@ -36,7 +36,7 @@ pub async fn consult(
     };
     let applied = db
         .call(
-            "apply_plan(campaign_id => $1, plan => $2)",
+            "_apply_plan_delegated(campaign_id => $1, plan => $2)",
             &[&campaign, &plan],
         )
         .await?;

@@ -248,11 +248,25 @@ campaign events, and every step waiting for your input. Omit id for all campaign
         )
     )]
     async fn steer_campaign(&self, Parameters(p): Parameters<SteerCampaign>) -> CallToolResult {
-        self.call(
-            "steer_campaign(id => $1, guidance => $2, request_id => $3)",
-            &[&p.id, &p.guidance, &p.request_id],
-        )
-        .await
+        // Named by its campaign, a call runs on the worker holding it on Citus (its twin,
+        // docs/scale-out.md); a request_id goes to the public function, which serialises
+        // request ids on one node.
+        match &p.request_id {
+            None => {
+                self.call(
+                    "_steer_campaign_delegated(id => $1, guidance => $2)",
+                    &[&p.id, &p.guidance],
+                )
+                .await
+            }
+            Some(_) => {
+                self.call(
+                    "steer_campaign(id => $1, guidance => $2, request_id => $3)",
+                    &[&p.id, &p.guidance, &p.request_id],
+                )
+                .await
+            }
+        }
     }
 
     #[tool(
@@ -264,7 +278,8 @@ campaign events, and every step waiting for your input. Omit id for all campaign
         )
     )]
     async fn pause_campaign(&self, Parameters(p): Parameters<CampaignId>) -> CallToolResult {
-        self.call("pause_campaign(id => $1)", &[&p.id]).await
+        self.call("_pause_campaign_delegated(id => $1)", &[&p.id])
+            .await
     }
 
     #[tool(
@@ -276,7 +291,8 @@ campaign events, and every step waiting for your input. Omit id for all campaign
         )
     )]
     async fn resume_campaign(&self, Parameters(p): Parameters<CampaignId>) -> CallToolResult {
-        self.call("resume_campaign(id => $1)", &[&p.id]).await
+        self.call("_resume_campaign_delegated(id => $1)", &[&p.id])
+            .await
     }
 
     #[tool(
@@ -289,7 +305,7 @@ campaign events, and every step waiting for your input. Omit id for all campaign
     )]
     async fn cancel_campaign(&self, Parameters(p): Parameters<CancelCampaign>) -> CallToolResult {
         self.call(
-            "cancel_campaign(id => $1, reason => $2)",
+            "_cancel_campaign_delegated(id => $1, reason => $2)",
             &[&p.id, &p.reason],
         )
         .await
@@ -305,11 +321,22 @@ again with its original input, the question and your answer.",
         )
     )]
     async fn provide_input(&self, Parameters(p): Parameters<ProvideInput>) -> CallToolResult {
-        self.call(
-            "provide_input(id => $1, step_id => $2, answer => $3, request_id => $4)",
-            &[&p.id, &p.step_id, &p.answer, &p.request_id],
-        )
-        .await
+        match &p.request_id {
+            None => {
+                self.call(
+                    "_provide_input_delegated(id => $1, step_id => $2, answer => $3)",
+                    &[&p.id, &p.step_id, &p.answer],
+                )
+                .await
+            }
+            Some(_) => {
+                self.call(
+                    "provide_input(id => $1, step_id => $2, answer => $3, request_id => $4)",
+                    &[&p.id, &p.step_id, &p.answer, &p.request_id],
+                )
+                .await
+            }
+        }
     }
 
     #[tool(
@@ -318,7 +345,8 @@ max_iterations}. Workers report the metric with add_note(tags=['metric:<name>'],
         annotations(read_only_hint = true, idempotent_hint = true)
     )]
     async fn check_success(&self, Parameters(p): Parameters<CampaignId>) -> CallToolResult {
-        self.call("check_success(id => $1)", &[&p.id]).await
+        self.call("_check_success_delegated(id => $1)", &[&p.id])
+            .await
     }
 
     #[tool(
@@ -332,10 +360,21 @@ call is validated first; unknown types, missing actions, unknown dependencies an
         )
     )]
     async fn add_steps(&self, Parameters(p): Parameters<AddSteps>) -> CallToolResult {
-        self.call(
-            "add_steps(campaign_id => $1, steps => $2, request_id => $3)",
-            &[&p.campaign_id, &p.steps, &p.request_id],
-        )
-        .await
+        match &p.request_id {
+            None => {
+                self.call(
+                    "_add_steps_delegated(campaign_id => $1, steps => $2)",
+                    &[&p.campaign_id, &p.steps],
+                )
+                .await
+            }
+            Some(_) => {
+                self.call(
+                    "add_steps(campaign_id => $1, steps => $2, request_id => $3)",
+                    &[&p.campaign_id, &p.steps, &p.request_id],
+                )
+                .await
+            }
+        }
     }
 }

@@ -336,9 +336,10 @@ for the next page.",
         };
         let limit = p.limit.unwrap_or(20).clamp(1, 100);
         let preview = p.preview_chars.unwrap_or(1000).clamp(1, 100_000);
+        // Named by its campaign: on Citus it runs on the worker holding the campaign.
         self.call(
-            "get_notes(campaign_id => $1, tags => $2, step_id => $3, \"limit\" => $4, cursor => $5, preview_chars => $6, \
-             claim_token => $7)",
+            "_get_notes_delegated(campaign_id => $1, tags => $2, step_id => $3, \"limit\" => $4, cursor => $5, \
+             preview_chars => $6, claim_token => $7)",
             &[&campaign, &p.tags, &p.step_id, &limit, &p.cursor, &preview, &token],
         )
         .await

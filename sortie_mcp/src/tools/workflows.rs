@@ -184,8 +184,11 @@ client instructions come back. Then do the step and call advance_workflow with y
         annotations(read_only_hint = true, idempotent_hint = true)
     )]
     async fn get_workflow_status(&self, Parameters(p): Parameters<InstanceId>) -> CallToolResult {
-        self.call("get_workflow_status(instance_id => $1)", &[&p.instance_id])
-            .await
+        self.call(
+            "_get_workflow_status_delegated(instance_id => $1)",
+            &[&p.instance_id],
+        )
+        .await
     }
 
     #[tool(
@@ -199,9 +202,23 @@ reported status decides; otherwise next_step, or the planner LLM, chooses among 
     )]
     async fn advance_workflow(&self, Parameters(p): Parameters<AdvanceWorkflow>) -> CallToolResult {
         let updates = p.context_updates.unwrap_or_else(|| json!({}));
+        // Named by its instance (a campaign), the advance runs on the worker holding it on
+        // Citus (its twin, docs/scale-out.md); a request_id goes to the public function, which
+        // serialises request ids on one node.
+        let (function_call, params): (&str, Vec<&(dyn tokio_postgres::types::ToSql + Sync)>) =
+            match &p.request_id {
+                None => (
+                    "_advance_workflow_delegated(instance_id => $1, report => $2, context_updates => $3, next_step => $4)",
+                    vec![&p.instance_id, &p.report, &updates],
+                ),
+                Some(_) => (
+                    "advance_workflow(instance_id => $1, report => $2, context_updates => $3, request_id => $4, next_step => $5)",
+                    vec![&p.instance_id, &p.report, &updates, &p.request_id],
+                ),
+            };
         self.move_instance(
-            "advance_workflow(instance_id => $1, report => $2, context_updates => $3, request_id => $4, next_step => $5)",
-            &[&p.instance_id, &p.report, &updates, &p.request_id],
+            function_call,
+            &params,
             p.next_step,
             p.instance_id,
             &p.report,
@@ -222,7 +239,7 @@ if your step is current and your report has a status, the instance advances; oth
         let updates = p.context_updates.unwrap_or_else(|| json!({}));
         let report = p.report.clone().unwrap_or_else(|| json!({}));
         self.move_instance(
-            "resume_workflow(instance_id => $1, assumed_current_step_name => $2, report => $3, \
+            "_resume_workflow_delegated(instance_id => $1, assumed_current_step_name => $2, report => $3, \
              context_updates => $4, next_step => $5)",
             &[
                 &p.instance_id,
@@ -277,7 +294,7 @@ impl SortieServer {
         };
         let state = self
             .try_call(
-                "get_workflow_status(instance_id => $1, with_definition => true)",
+                "_get_workflow_status_delegated(instance_id => $1, with_definition => true)",
                 &[&instance],
             )
             .await
