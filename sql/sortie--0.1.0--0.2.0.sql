@@ -5516,6 +5516,12 @@ BEGIN
         FOREACH v_table IN ARRAY _reference_tables() LOOP
             PERFORM create_reference_table(format('%I.%I', v_schema, v_table));
         END LOOP;
+        -- A moved database's rows were copied into the shards and are still on disk in the
+        -- coordinator's own tables, where nothing reads them any more: emptied, as Citus's
+        -- notice asks (its TRUNCATE of the local copy only, CASCADE among them).
+        FOREACH v_table IN ARRAY _distributed_tables() || _reference_tables() LOOP
+            PERFORM truncate_local_data_after_distributing_table(format('%I.%I', v_schema, v_table)::regclass);
+        END LOOP;
         FOR v_fn IN SELECT * FROM _delegated_functions() LOOP
             PERFORM create_distributed_function(format('%I.%s', v_schema, v_fn.signature)::regprocedure,
                                                 v_fn.campaign_arg,
@@ -5530,12 +5536,23 @@ BEGIN
     v_preload := format($cmd$
         DO $d$
         DECLARE
-            v_now text := current_setting('session_preload_libraries');
+            -- The libraries the database names now (else the server's, which its setting would
+            -- replace), one element each (a list is kept quoted: "$libdir/x"). Not this
+            -- session's value: it was read when the session started.
+            v_setting text := coalesce(
+                (SELECT substr(c, length('session_preload_libraries=') + 1)
+                   FROM pg_db_role_setting r, unnest(r.setconfig) c
+                  WHERE r.setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())
+                    AND r.setrole = 0 AND c LIKE 'session\_preload\_libraries=%%'),
+                current_setting('session_preload_libraries'));
+            v_now text[] := array(SELECT btrim(l, ' "') FROM unnest(string_to_array(v_setting, ',')) l
+                                  WHERE btrim(l, ' "') <> '');
         BEGIN
             SET LOCAL citus.enable_ddl_propagation = off;
-            IF v_now !~ '(^|,)\s*(\$libdir/)?sortie\s*(,|$)' THEN
-                EXECUTE format('ALTER DATABASE %%I SET session_preload_libraries = %%L', current_database(),
-                               concat_ws(', ', nullif(v_now, ''), '$libdir/sortie'));
+            IF NOT (v_now && ARRAY['$libdir/sortie', 'sortie']) THEN
+                -- A list setting takes one literal an element ('a, b' would be one library).
+                EXECUTE format('ALTER DATABASE %%I SET session_preload_libraries = %%s', current_database(),
+                               (SELECT string_agg(quote_literal(l), ', ') FROM unnest(v_now || '$libdir/sortie'::text) l));
             END IF;
         END
         $d$

@@ -106,6 +106,33 @@ async fn distribute_places_every_table_by_campaign_or_as_reference() {
     // A second call moves nothing again.
     let again = db.ok("sortie.distribute()", &[]).await;
     assert_eq!(again["first"], false, "{again}");
+    // Every node's sessions of the database load Sortie's library (its planner hook refuses a
+    // twin's NULL campaign), named once however often distribute() runs, and the libraries
+    // named before are kept.
+    for node in db.citus().unwrap().nodes() {
+        let admin = node.connect("postgres").await.unwrap();
+        admin
+            .batch_execute(&format!(
+                "ALTER DATABASE {} SET session_preload_libraries = 'auto_explain', '$libdir/sortie'",
+                db.name
+            ))
+            .await
+            .unwrap();
+    }
+    db.ok("sortie.distribute()", &[]).await;
+    for node in db.citus().unwrap().nodes() {
+        let session = node.connect(&db.name).await.unwrap();
+        let preload: String = session
+            .query_one("SHOW session_preload_libraries", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            preload, "auto_explain, \"$libdir/sortie\"",
+            "port {}",
+            node.port
+        );
+    }
     db.finish().await;
 }
 
@@ -1427,6 +1454,19 @@ async fn an_existing_database_moves_with_its_running_campaign() {
         .unwrap()
         .get(0);
     assert_eq!(placed, 1);
+    // And the coordinator keeps no copy of them on disk: distribute() emptied its own tables
+    // after Citus copied their rows into the shards.
+    let kept: i64 = db
+        .client
+        .query_one(
+            "SELECT sum(pg_relation_size(format('sortie.%I', t)::regclass))::bigint
+               FROM unnest(sortie._distributed_tables() || sortie._reference_tables()) t",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(kept, 0, "bytes left in the coordinator's own tables");
     let step = claim["step_id"].as_i64().unwrap();
     let token = claim["claim_token"].as_str().unwrap().to_string();
     db.client
@@ -1483,4 +1523,148 @@ async fn an_existing_database_moves_with_its_running_campaign() {
         .unwrap()
         .get(0);
     assert_eq!(problems, 0);
+}
+
+/// The way back (docs/scale-out.md, "Moving a database"): a dump of the coordinator's database,
+/// restored into a single node without Citus (the citus extension's two entries left out of
+/// the restore's list), holds every campaign, and they run on there with new ids that collide
+/// with none of the workers' ranges.
+#[tokio::test]
+async fn a_distributed_database_dumps_and_restores_into_a_single_node() {
+    let tool = |name: &str| format!("/usr/lib/postgresql/15/bin/{name}");
+    let db = TestDb::distributed().await;
+    let campaign = new_campaign(&db, "g").await;
+    db.ok(
+        "sortie.add_steps($1::text::uuid, '[{\"action\": \"a\", \"key\": \"a\"}, {\"action\": \"b\", \"depends_on\": [\"a\"]}]')",
+        &[&campaign],
+    )
+    .await;
+    let claim = db
+        .ok(
+            "sortie._claim_next_delegated($1::text::uuid, 'w')",
+            &[&campaign],
+        )
+        .await;
+    db.ok(
+        &format!(
+            "sortie._complete_step_delegated($1::text::uuid, {}, '{}'::uuid, 'a done')",
+            claim["step_id"],
+            claim["claim_token"].as_str().unwrap()
+        ),
+        &[&campaign],
+    )
+    .await;
+    db.ok(
+        "sortie._add_note_delegated($1::text::uuid, 'kept')",
+        &[&campaign],
+    )
+    .await;
+
+    let file = std::env::temp_dir().join(format!("sortie-citus-{}.dump", std::process::id()));
+    let list = file.with_extension("list");
+    let dumped = std::process::Command::new(tool("pg_dump"))
+        .args([
+            "-Fc",
+            "-f",
+            file.to_str().unwrap(),
+            "-d",
+            &db.connection_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        dumped.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dumped.stderr)
+    );
+    let listed = std::process::Command::new(tool("pg_restore"))
+        .args(["-l", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(listed.status.success());
+    let kept: String = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .filter(|line| !line.contains(" citus"))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    std::fs::write(&list, kept).unwrap();
+    let target = sortie_tests::database_without_extension().await;
+    let restored = std::process::Command::new(tool("pg_restore"))
+        .args([
+            "--exit-on-error",
+            "-L",
+            list.to_str().unwrap(),
+            "-d",
+            &target,
+            file.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&file);
+    let _ = std::fs::remove_file(&list);
+    assert!(
+        restored.status.success(),
+        "{}",
+        String::from_utf8_lossy(&restored.stderr)
+    );
+
+    let (client, connection) = tokio_postgres::connect(&target, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let got = sortie_tests::call_on(&client, "sortie.get_campaign($1::text::uuid)", &[&campaign])
+        .await
+        .unwrap();
+    assert_eq!(got["steps"].as_array().map(Vec::len), Some(2), "{got}");
+    let notes = sortie_tests::call_on(&client, "sortie.get_notes($1::text::uuid)", &[&campaign])
+        .await
+        .unwrap();
+    assert_eq!(notes["notes"][0]["content"], "kept", "{notes}");
+    let added = sortie_tests::call_on(
+        &client,
+        "sortie.add_steps($1::text::uuid, '[{\"action\": \"after the restore\"}]')",
+        &[&campaign],
+    )
+    .await
+    .unwrap();
+    let new_id = added["step_ids"][0].as_i64().unwrap();
+    let ids: Vec<i64> = got["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["id"].as_i64())
+        .collect();
+    assert!(!ids.contains(&new_id), "{new_id} against {ids:?}");
+    loop {
+        let claimed = sortie_tests::call_on(
+            &client,
+            "sortie.claim_next(owner => 'w', campaign_id => $1::text::uuid)",
+            &[&campaign],
+        )
+        .await
+        .unwrap();
+        let Some(step) = claimed["step_id"].as_i64() else {
+            break;
+        };
+        sortie_tests::call_on(
+            &client,
+            "sortie.complete_step($1, $2::text::uuid, 'ok')",
+            &[&step, &claimed["claim_token"].as_str().unwrap()],
+        )
+        .await
+        .unwrap();
+    }
+    let status: String = client
+        .query_one(
+            "SELECT status FROM sortie.campaigns WHERE id = $1::text::uuid",
+            &[&campaign],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "done");
+    let problems = client
+        .query("SELECT * FROM sortie.check_invariants()", &[])
+        .await
+        .unwrap();
+    assert!(problems.is_empty(), "{problems:?}");
+    db.finish().await;
 }
