@@ -3830,6 +3830,11 @@ BEGIN
     IF v_campaign IS NULL THEN
         PERFORM _raise('invalid_argument', 'campaign_id is required');
     END IF;
+    -- A cursor is a next_cursor this function answered (a note id); anything else would read
+    -- as "no more notes".
+    IF $5 IS NOT NULL AND $5 !~ '^[0-9]{1,18}$' THEN
+        PERFORM _raise('invalid_argument', 'cursor is not one get_notes returned');
+    END IF;
     -- $1..$7: the arguments (some named like the columns of notes).
     RETURN (
     WITH page AS (
@@ -5575,11 +5580,14 @@ BEGIN
             s regclass;
         BEGIN
             SET LOCAL citus.enable_ddl_propagation = off;
+            IF g > 8191 THEN
+                RAISE EXCEPTION 'its Citus group id %% is above 8191: its ids would pass 2^53, which JSON clients cannot read exactly', g;
+            END IF;
             FOR s IN SELECT seqrelid::regclass FROM pg_sequence q
                        JOIN pg_class c ON c.oid = q.seqrelid
-                      WHERE c.relnamespace = %L::regnamespace AND q.seqmin < (g << 48) + 1 LOOP
+                      WHERE c.relnamespace = %L::regnamespace AND q.seqmin < (g << 40) + 1 LOOP
                 EXECUTE format('ALTER SEQUENCE %%s MINVALUE %%s MAXVALUE %%s START %%s RESTART %%s',
-                               s, (g << 48) + 1, ((g + 1) << 48) - 1, (g << 48) + 1, (g << 48) + 1);
+                               s, (g << 40) + 1, ((g + 1) << 40) - 1, (g << 40) + 1, (g << 40) + 1);
             END LOOP;
         END
         $d$

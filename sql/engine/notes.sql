@@ -193,6 +193,11 @@ BEGIN
     IF v_campaign IS NULL THEN
         PERFORM _raise('invalid_argument', 'campaign_id is required');
     END IF;
+    -- A cursor is a next_cursor this function answered (a note id); anything else would read
+    -- as "no more notes".
+    IF $5 IS NOT NULL AND $5 !~ '^[0-9]{1,18}$' THEN
+        PERFORM _raise('invalid_argument', 'cursor is not one get_notes returned');
+    END IF;
     -- $1..$7: the arguments (some named like the columns of notes).
     RETURN (
     WITH page AS (

@@ -613,3 +613,44 @@ async fn the_note_named_by_its_campaign_is_add_note_checked_within_the_campaign(
     );
     db.finish().await;
 }
+
+/// get_notes pages newest first by the cursor it answers, to the end; a cursor it did not
+/// answer is refused (it read as "no more notes").
+#[tokio::test]
+async fn get_notes_pages_by_its_cursor_and_refuses_one_it_did_not_give() {
+    let db = TestDb::new().await;
+    let c = campaign(&db, "none").await;
+    for i in 0..5 {
+        db.ok(&format!("sortie.add_note($1, 'note {i}')"), &[&c])
+            .await;
+    }
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = db
+            .ok(
+                "sortie.get_notes(campaign_id => $1, \"limit\" => 2, cursor => $2)",
+                &[&c, &cursor],
+            )
+            .await;
+        for note in page["notes"].as_array().unwrap() {
+            seen.push(note["content"].as_str().unwrap().to_string());
+        }
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["note 4", "note 3", "note 2", "note 1", "note 0"]);
+    for bad in ["garbage", "-1", "1.5", ""] {
+        let refused = db
+            .call(
+                "sortie.get_notes(campaign_id => $1, cursor => $2)",
+                &[&c, &bad],
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code, "invalid_argument", "{bad:?}: {refused:?}");
+    }
+    db.finish().await;
+}

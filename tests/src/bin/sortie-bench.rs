@@ -1457,6 +1457,18 @@ async fn citus_cost() -> anyhow::Result<()> {
             vec![],
             vec![],
         ),
+        (
+            "_add_steps_delegated (one step)",
+            "delegated to the campaign's worker",
+            vec![],
+            vec![],
+        ),
+        (
+            "add_steps (one step)",
+            "coordinator, statements routed to one shard",
+            vec![],
+            vec![],
+        ),
         ("create_campaign", "coordinator", vec![], vec![]),
     ];
     for (index, client) in [&one, &citus.client].into_iter().enumerate() {
@@ -1509,6 +1521,23 @@ async fn citus_cost() -> anyhow::Result<()> {
                 }
             }
             let per_call = |d: std::time::Duration| d.as_secs_f64() * 1000.0 / CALLS as f64;
+            // A coordinator's change of one campaign: one step added, by the twin and by the
+            // public function, each in a campaign of its own.
+            let mut adding = [std::time::Duration::ZERO; 2];
+            for (form, call) in [
+                "SELECT sortie._add_steps_delegated($1, '[{\"action\": \"x\"}]')",
+                "SELECT sortie.add_steps($1, '[{\"action\": \"x\"}]')",
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let c = new_campaign(client, ", planner => 'none'").await?;
+                let start = Instant::now();
+                for _ in 0..CALLS {
+                    client.query_one(call, &[&c]).await?;
+                }
+                adding[form] += start.elapsed();
+            }
             let start = Instant::now();
             for _ in 0..CALLS {
                 new_campaign(client, ", planner => 'none'").await?;
@@ -1520,6 +1549,8 @@ async fn citus_cost() -> anyhow::Result<()> {
                 per_call(claiming[0]),
                 per_call(completing[0]),
                 per_call(completing[1]),
+                per_call(adding[0]),
+                per_call(adding[1]),
                 create,
             ]) {
                 if index == 0 {
