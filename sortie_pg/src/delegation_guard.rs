@@ -169,11 +169,10 @@ unsafe fn is_candidate(funcid: pg_sys::Oid) -> bool {
     let header = (*tuple).t_data;
     let form = (header as *mut u8).add((*header).t_hoff as usize) as *mut pg_sys::FormData_pg_proc;
     let (language, namespace) = ((*form).prolang, (*form).pronamespace);
-    let name = CStr::from_ptr((*form).proname.data.as_ptr())
-        .to_string_lossy()
-        .into_owned();
+    let name = CStr::from_ptr((*form).proname.data.as_ptr()).to_bytes();
+    let twin = name.starts_with(b"_") && name.ends_with(b"_delegated");
     pg_sys::ReleaseSysCache(tuple);
-    if name.starts_with('_') && name.ends_with("_delegated") {
+    if twin {
         return true;
     }
     if language != SQL_LANGUAGE || namespace == pg_sys::PG_CATALOG_NAMESPACE.into() {
@@ -252,6 +251,7 @@ unsafe extern "C-unwind" fn null_campaign_call(planned: *mut pg_sys::Query) -> *
     }
     std::ptr::null_mut()
 }
+
 /// `schema.name` of a function of the sortie extension named `_…_delegated`.
 unsafe fn twin_name(funcid: pg_sys::Oid) -> Option<String> {
     let name = pg_sys::get_func_name(funcid);
