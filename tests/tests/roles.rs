@@ -776,10 +776,12 @@ async fn sortie_runner_runs_a_tick_with_a_runner_login() {
 #[tokio::test]
 async fn every_function_refuses_a_missing_required_argument_as_invalid_argument() {
     let db = TestDb::new().await;
-    let functions: Vec<(String, Vec<String>, i16)> = db
+    // Each API function with a required argument: name, argument types and names, defaults.
+    let functions: Vec<(String, Vec<String>, Vec<String>, i16)> = db
         .client
         .query(
-            "SELECT p.proname::text, array(SELECT format_type(t, NULL) FROM unnest(p.proargtypes) t)::text[], p.pronargdefaults
+            "SELECT p.proname::text, array(SELECT format_type(t, NULL) FROM unnest(p.proargtypes) t)::text[],
+                    coalesce(p.proargnames, '{}')::text[], p.pronargdefaults
                FROM pg_proc p JOIN sortie._api_grants() g ON g.name = p.proname
               WHERE p.pronamespace = 'sortie'::regnamespace AND cardinality(g.roles) > 0
                 AND p.pronargs > p.pronargdefaults
@@ -789,14 +791,14 @@ async fn every_function_refuses_a_missing_required_argument_as_invalid_argument(
         .await
         .unwrap()
         .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
         .collect();
     assert!(functions.len() > 40, "{functions:?}");
     // Functions whose required argument may be NULL by design: can_spawn answers false for no
     // step (sortie-mcp lists spawn_and_continue by it), claim_session says no session.
     let answers_null = ["can_spawn", "claim_session"];
     let mut wrong = Vec::new();
-    for (name, types, defaults) in &functions {
+    for (name, types, _, defaults) in &functions {
         if answers_null.contains(&name.as_str()) {
             continue;
         }
@@ -817,22 +819,6 @@ async fn every_function_refuses_a_missing_required_argument_as_invalid_argument(
     add(&db, campaign, json!([{"action": "a"}, {"action": "b"}])).await;
     let claimed = claim(&db, campaign).await.unwrap();
     let (step, token) = (claimed.step_id, claimed.token);
-    let named: Vec<(String, Vec<String>, Vec<String>, i16)> = db
-        .client
-        .query(
-            "SELECT p.proname::text, array(SELECT format_type(t, NULL) FROM unnest(p.proargtypes) t)::text[],
-                    coalesce(p.proargnames, '{}')::text[], p.pronargdefaults
-               FROM pg_proc p JOIN sortie._api_grants() g ON g.name = p.proname
-              WHERE p.pronamespace = 'sortie'::regnamespace AND cardinality(g.roles) > 0
-                AND p.pronargs > p.pronargdefaults
-              ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-        .collect();
     let value = |name: &str, ty: &str| -> String {
         match ty {
             "uuid" if name.contains("token") => format!("'{token}'::uuid"),
@@ -849,7 +835,7 @@ async fn every_function_refuses_a_missing_required_argument_as_invalid_argument(
             other => format!("'x'::{other}"),
         }
     };
-    for (function, types, names, defaults) in &named {
+    for (function, types, names, defaults) in &functions {
         if answers_null.contains(&function.as_str()) {
             continue;
         }
