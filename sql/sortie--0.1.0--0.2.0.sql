@@ -5486,7 +5486,6 @@ DECLARE
     v_result record;
     v_workers integer;
     v_ranges text;
-    v_preload text;
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus') THEN
         PERFORM _raise('invalid_state', 'distribute() needs the citus extension in this database (docs/scale-out.md)');
@@ -5533,43 +5532,6 @@ BEGIN
                                                 colocate_with => format('%I.campaigns', v_schema));
         END LOOP;
     END IF;
-
-    -- Every session of this database, on every node, loads Sortie's library at its start, so
-    -- that its planner hook (sortie_pg/src/delegation_guard.rs) refuses a twin called with a
-    -- NULL campaign before Citus would hash the NULL and crash the backend (citusdata/citus#7242).
-    -- This session loads it now. Kept with any libraries the setting names already.
-    v_preload := format($cmd$
-        DO $d$
-        DECLARE
-            -- The libraries the database names now (else the server's, which its setting would
-            -- replace), one element each (a list is kept quoted: "$libdir/x"). Not this
-            -- session's value: it was read when the session started.
-            v_setting text := coalesce(
-                (SELECT substr(c, length('session_preload_libraries=') + 1)
-                   FROM pg_db_role_setting r, unnest(r.setconfig) c
-                  WHERE r.setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())
-                    AND r.setrole = 0 AND c LIKE 'session\_preload\_libraries=%%'),
-                current_setting('session_preload_libraries'));
-            v_now text[] := array(SELECT btrim(l, ' "') FROM unnest(string_to_array(v_setting, ',')) l
-                                  WHERE btrim(l, ' "') <> '');
-        BEGIN
-            SET LOCAL citus.enable_ddl_propagation = off;
-            IF NOT (v_now && ARRAY['$libdir/sortie', 'sortie']) THEN
-                -- A list setting takes one literal an element ('a, b' would be one library).
-                EXECUTE format('ALTER DATABASE %%I SET session_preload_libraries = %%s', current_database(),
-                               (SELECT string_agg(quote_literal(l), ', ') FROM unnest(v_now || '$libdir/sortie'::text) l));
-            END IF;
-        END
-        $d$
-    $cmd$);
-    EXECUTE v_preload;
-    FOR v_result IN SELECT * FROM run_command_on_workers(v_preload) LOOP
-        IF NOT v_result.success THEN
-            PERFORM _raise('invalid_state', format('distribute(): worker %s:%s could not preload sortie: %s',
-                           v_result.nodename, v_result.nodeport, v_result.result));
-        END IF;
-    END LOOP;
-    LOAD '$libdir/sortie';
 
     -- Every worker's sequences in their own range (again for nodes added since the last call:
     -- a range is only ever moved up, never back into ids already given).

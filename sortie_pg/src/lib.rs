@@ -9,15 +9,7 @@ use pgrx::prelude::*;
 
 ::pgrx::pg_module_magic!(name, version);
 
-mod delegation_guard;
 mod pure;
-
-/// Runs when a backend loads the library: installs the planner hook that refuses a delegated
-/// twin's call without its campaign where Citus is loaded (delegation_guard.rs).
-#[pg_guard]
-pub extern "C-unwind" fn _PG_init() {
-    delegation_guard::install();
-}
 
 extension_sql_file!("../../sql/bootstrap.sql", name = "bootstrap", bootstrap);
 // The rule families, one file each (docs/architecture.md names them). PL/pgSQL bodies are not

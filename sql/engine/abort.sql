@@ -16,7 +16,7 @@ $$;
 
 -- abort_branch() naming its campaign first (SPEC §2 scale-out rule): under Citus it is delegated to
 -- the worker holding the campaign and runs there as one local transaction (distribute.sql). sortie-
--- mcp calls it for its session's own step. Never with a NULL campaign_id: a Citus 13.2 coordinator
+-- mcp calls it for its session's own step. Never with a NULL campaign_id: a stock Citus 13.2 coordinator
 -- crashes on one (citusdata/citus#7242). Errors: those of abort_branch; not_found when the step is
 -- not in that campaign.
 CREATE FUNCTION _abort_branch_delegated(campaign_id uuid, target_id bigint, claim_token uuid, step_id bigint, output text, reason text)

@@ -441,7 +441,7 @@ $$;
 -- transaction (distribute.sql). A step that needs lock keys is not claimed here — lock keys are
 -- serialised on the coordinator (advisory locks, lock_keys.sql) — and the answer is
 -- {step_id: null, reason: 'lock_keys'}: the caller claims with claim_next. sortie-mcp calls it
--- when it holds the campaign. Never with a NULL campaign_id: a Citus 13.2 coordinator crashes
+-- when it holds the campaign. Never with a NULL campaign_id: a stock Citus 13.2 coordinator crashes
 -- on one (citusdata/citus#7242). With a claim token (a worker confined to its campaign, SPEC
 -- §15) the token must be the current claim of a running step of this campaign (_worker_claim_in).
 -- Answers as claim_next without max_steps. Errors: those of claim_next.

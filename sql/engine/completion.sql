@@ -33,7 +33,7 @@ $$;
 -- complete_step() naming its campaign first (SPEC §2 scale-out rule): under Citus it is
 -- delegated to the worker holding the campaign and runs there as one local transaction
 -- (distribute.sql). sortie-mcp calls it for its session's own step, whose campaign it holds.
--- Never with a NULL campaign_id: a Citus 13.2 coordinator crashes on one (citusdata/citus#7242).
+-- Never with a NULL campaign_id: a stock Citus 13.2 coordinator crashes on one (citusdata/citus#7242).
 -- Errors: those of complete_step; not_found when the step is not in that campaign.
 CREATE FUNCTION _complete_step_delegated(campaign_id uuid, step_id bigint, claim_token uuid, summary text DEFAULT '',
                                          tokens_used bigint DEFAULT 0)
@@ -152,7 +152,7 @@ $$;
 -- record_verification() naming its campaign first (SPEC §2 scale-out rule): under Citus it is
 -- delegated to the worker holding the campaign and runs there as one local transaction
 -- (distribute.sql). The runner and sortie-mcp record the check of their own step with it. Never
--- with a NULL campaign_id: a Citus 13.2 coordinator crashes on one (citusdata/citus#7242). Errors:
+-- with a NULL campaign_id: a stock Citus 13.2 coordinator crashes on one (citusdata/citus#7242). Errors:
 -- those of record_verification; not_found when the step is not in that campaign.
 CREATE FUNCTION _record_verification_delegated(campaign_id uuid, step_id bigint, claim_token uuid, passed boolean, output text DEFAULT '')
 RETURNS jsonb

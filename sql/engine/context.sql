@@ -27,7 +27,7 @@ $$;
 -- get_my_context() naming its campaign first (SPEC §2 scale-out rule): every statement names
 -- the campaign, so under Citus the call is delegated to the worker holding it and runs there
 -- as one local transaction (distribute.sql). sortie-mcp calls it for its session's own step.
--- Never with a NULL campaign_id: a Citus 13.2 coordinator crashes on one (citusdata/citus#7242).
+-- Never with a NULL campaign_id: a stock Citus 13.2 coordinator crashes on one (citusdata/citus#7242).
 -- Errors: those of get_my_context; not_found when the step is not in that campaign.
 CREATE FUNCTION _get_my_context_delegated(campaign_id uuid, step_id bigint, head integer DEFAULT 600,
                                          tail integer DEFAULT 200, claim_token uuid DEFAULT NULL)

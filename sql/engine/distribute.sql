@@ -19,8 +19,10 @@
 --
 -- The rules that read one campaign are delegated by it (create_distributed_function), so a
 -- call runs on the worker holding that campaign — through twins, not the public functions:
--- Citus 13.2 hashes a NULL distribution argument to find its shard and crashes the backend
--- (citusdata/citus#7242, open), which takes every session of the coordinator with it. The
+-- stock Citus 13.2 hashes a NULL distribution argument to find its shard and crashes the backend
+-- (citusdata/citus#7242, open; scripts/citus/null-distribution-argument.patch, which Sortie's
+-- build applies, runs such a call on the coordinator instead), which takes every session of
+-- the coordinator with it. The
 -- public get_campaign, campaign_graph and planner_context stay undistributed, so a NULL from
 -- any caller is refused (invalid_argument) as on one node; their twins _get_campaign_delegated,
 -- _campaign_graph_delegated and _planner_context_delegated are what sortie's programs call,
@@ -50,7 +52,7 @@ AS $$ SELECT ARRAY['resource_leases', 'workflows', 'cursors', 'idempotency_recor
 
 -- The delegated entry points of the read-only rules of one campaign: each answers exactly as
 -- the public function it names (it calls it), and under Citus is delegated to the worker
--- holding the campaign. For programs that hold the campaign: a NULL campaign crashes a Citus
+-- holding the campaign. For programs that hold the campaign: a NULL campaign crashes a stock Citus
 -- 13.2 coordinator (citusdata/citus#7242), so these are never to be called with one; the public
 -- functions refuse it. Errors: those of the public function.
 CREATE FUNCTION _get_campaign_delegated(id uuid, steps_limit integer DEFAULT 500, steps_cursor text DEFAULT NULL)
@@ -88,7 +90,8 @@ $$;
 -- a request id (a call with one goes to the public function on the coordinator, where request
 -- ids are serialised), and under Citus is delegated to the worker holding the campaign, where
 -- every statement of the rule names the campaign and runs locally. Never with a NULL campaign
--- (citusdata/citus#7242; delegation_guard.rs refuses one). Errors: those of the public function.
+-- (stock Citus 13.2 crashes on one, citusdata/citus#7242; Sortie's build of Citus is patched,
+-- scripts/citus). Errors: those of the public function.
 CREATE FUNCTION _add_steps_delegated(campaign_id uuid, steps jsonb)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
@@ -334,7 +337,6 @@ DECLARE
     v_result record;
     v_workers integer;
     v_ranges text;
-    v_preload text;
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus') THEN
         PERFORM _raise('invalid_state', 'distribute() needs the citus extension in this database (docs/scale-out.md)');
@@ -381,43 +383,6 @@ BEGIN
                                                 colocate_with => format('%I.campaigns', v_schema));
         END LOOP;
     END IF;
-
-    -- Every session of this database, on every node, loads Sortie's library at its start, so
-    -- that its planner hook (sortie_pg/src/delegation_guard.rs) refuses a twin called with a
-    -- NULL campaign before Citus would hash the NULL and crash the backend (citusdata/citus#7242).
-    -- This session loads it now. Kept with any libraries the setting names already.
-    v_preload := format($cmd$
-        DO $d$
-        DECLARE
-            -- The libraries the database names now (else the server's, which its setting would
-            -- replace), one element each (a list is kept quoted: "$libdir/x"). Not this
-            -- session's value: it was read when the session started.
-            v_setting text := coalesce(
-                (SELECT substr(c, length('session_preload_libraries=') + 1)
-                   FROM pg_db_role_setting r, unnest(r.setconfig) c
-                  WHERE r.setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())
-                    AND r.setrole = 0 AND c LIKE 'session\_preload\_libraries=%%'),
-                current_setting('session_preload_libraries'));
-            v_now text[] := array(SELECT btrim(l, ' "') FROM unnest(string_to_array(v_setting, ',')) l
-                                  WHERE btrim(l, ' "') <> '');
-        BEGIN
-            SET LOCAL citus.enable_ddl_propagation = off;
-            IF NOT (v_now && ARRAY['$libdir/sortie', 'sortie']) THEN
-                -- A list setting takes one literal an element ('a, b' would be one library).
-                EXECUTE format('ALTER DATABASE %%I SET session_preload_libraries = %%s', current_database(),
-                               (SELECT string_agg(quote_literal(l), ', ') FROM unnest(v_now || '$libdir/sortie'::text) l));
-            END IF;
-        END
-        $d$
-    $cmd$);
-    EXECUTE v_preload;
-    FOR v_result IN SELECT * FROM run_command_on_workers(v_preload) LOOP
-        IF NOT v_result.success THEN
-            PERFORM _raise('invalid_state', format('distribute(): worker %s:%s could not preload sortie: %s',
-                           v_result.nodename, v_result.nodeport, v_result.result));
-        END IF;
-    END LOOP;
-    LOAD '$libdir/sortie';
 
     -- Every worker's sequences in their own range (again for nodes added since the last call:
     -- a range is only ever moved up, never back into ids already given).

@@ -86,7 +86,7 @@ $$;
 -- fail_step() naming its campaign first (SPEC §2 scale-out rule): under Citus it is delegated
 -- to the worker holding the campaign and runs there as one local transaction (distribute.sql).
 -- sortie-mcp and the runner call it for a step whose campaign they hold. Never with a NULL
--- campaign_id: a Citus 13.2 coordinator crashes on one (citusdata/citus#7242).
+-- campaign_id: a stock Citus 13.2 coordinator crashes on one (citusdata/citus#7242).
 -- Errors: those of fail_step; not_found when the step is not in that campaign.
 CREATE FUNCTION _fail_step_delegated(campaign_id uuid, step_id bigint, claim_token uuid, error text DEFAULT '')
 RETURNS jsonb

@@ -44,7 +44,7 @@ $$;
 -- heartbeat() naming its campaign first (SPEC §2 scale-out rule): under Citus it is delegated to
 -- the worker holding the campaign and runs there as one local transaction (distribute.sql).
 -- The runner's heartbeats and sortie-mcp's, when the session knows its campaign, come here.
--- Never with a NULL campaign_id: a Citus 13.2 coordinator crashes on one (citusdata/citus#7242).
+-- Never with a NULL campaign_id: a stock Citus 13.2 coordinator crashes on one (citusdata/citus#7242).
 -- Errors: those of heartbeat; not_found when the step is not in that campaign.
 CREATE FUNCTION _heartbeat_delegated(campaign_id uuid, step_id bigint, claim_token uuid,
                                     extend_leases_sec integer DEFAULT 900) RETURNS jsonb
@@ -107,7 +107,7 @@ $$;
 
 -- release_step() naming its campaign first (SPEC §2 scale-out rule): under Citus it is delegated to
 -- the worker holding the campaign and runs there as one local transaction (distribute.sql). The
--- runner hands its dispatch back with it. Never with a NULL campaign_id: a Citus 13.2 coordinator
+-- runner hands its dispatch back with it. Never with a NULL campaign_id: a stock Citus 13.2 coordinator
 -- crashes on one (citusdata/citus#7242). Errors: those of release_step; not_found when the step is
 -- not in that campaign.
 CREATE FUNCTION _release_step_delegated(campaign_id uuid, step_id bigint, claim_token uuid)

@@ -50,7 +50,7 @@ $$;
 -- Citus it is delegated to the worker holding the campaign and runs there as one local
 -- transaction (distribute.sql). sortie-mcp calls it for its session's campaign (and own step).
 -- A request_id goes to add_note: request ids are serialised on the coordinator (idempotency.sql).
--- Never with a NULL campaign_id: a Citus 13.2 coordinator crashes on one (citusdata/citus#7242).
+-- Never with a NULL campaign_id: a stock Citus 13.2 coordinator crashes on one (citusdata/citus#7242).
 -- With a claim token, the token must hold a running step of this campaign (step_id when given).
 -- Answers as add_note. Errors: those of add_note.
 CREATE FUNCTION _add_note_delegated(campaign_id uuid, content text, tags text[] DEFAULT '{}', step_id bigint DEFAULT NULL,

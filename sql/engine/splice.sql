@@ -79,7 +79,7 @@ $$;
 -- request_id: under Citus it is delegated to the worker holding the campaign and runs there as
 -- one local transaction (distribute.sql). sortie-mcp calls it for its session's own step. A
 -- request_id goes to spawn_and_continue: request ids are serialised on the coordinator
--- (idempotency.sql). Never with a NULL campaign_id: a Citus 13.2 coordinator crashes on one
+-- (idempotency.sql). Never with a NULL campaign_id: a stock Citus 13.2 coordinator crashes on one
 -- (citusdata/citus#7242). Errors: those of spawn_and_continue; not_found when the step is not
 -- in that campaign.
 CREATE FUNCTION _spawn_and_continue_delegated(campaign_id uuid, step_id bigint, claim_token uuid, subtasks jsonb,
