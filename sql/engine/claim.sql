@@ -456,9 +456,7 @@ DECLARE
     v_lease integer := _check_lease_seconds(lease_seconds);
 BEGIN
     PERFORM _check_owner(owner);
-    IF campaign_id IS NULL THEN
-        PERFORM _raise('invalid_argument', 'campaign_id is required');
-    END IF;
+    PERFORM _require(campaign_id IS NOT NULL, 'campaign_id');
     PERFORM _worker_claim_in(campaign_id, NULL, claim_token, 'claim_next');
     RETURN coalesce(_claim_one(owner, agent, campaign_id, v_lease, false, false), jsonb_build_object('step_id', NULL));
 END

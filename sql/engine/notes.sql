@@ -62,9 +62,7 @@ SET search_path FROM CURRENT
 AS $$
 #variable_conflict use_variable
 BEGIN
-    IF campaign_id IS NULL THEN
-        PERFORM _raise('invalid_argument', 'campaign_id is required');
-    END IF;
+    PERFORM _require(campaign_id IS NOT NULL, 'campaign_id');
     PERFORM _worker_claim_in(campaign_id, step_id, claim_token, 'add_note');
     RETURN _add_note_in(campaign_id, content, tags, step_id, agent, embedding, embedding_model);
 END
@@ -190,9 +188,7 @@ DECLARE
     -- run queries of its own (Citus).
     v_campaign uuid := _worker_campaign($1, NULL, $7, 'get_notes');
 BEGIN
-    IF v_campaign IS NULL THEN
-        PERFORM _raise('invalid_argument', 'campaign_id is required');
-    END IF;
+    PERFORM _require(v_campaign IS NOT NULL, 'campaign_id');
     -- A cursor is a next_cursor this function answered (a note id); anything else would read
     -- as "no more notes".
     IF $5 IS NOT NULL AND $5 !~ '^[0-9]{1,18}$' THEN
@@ -205,7 +201,7 @@ BEGIN
          WHERE n.campaign_id = v_campaign
            AND ($2 IS NULL OR n.tags && $2)
            AND ($3 IS NULL OR n.step_id = $3)
-           AND ($5 IS NULL OR n.id < CASE WHEN $5 ~ '^[0-9]{1,18}$' THEN $5::bigint END)
+           AND ($5 IS NULL OR n.id < $5::bigint)
          ORDER BY n.id DESC
          LIMIT least(greatest(coalesce($4, 50), 1), 500) + 1),
     shown AS (

@@ -132,11 +132,16 @@ async fn ids_given_on_workers_do_not_collide() {
                 .await
                 .unwrap();
         tokio::spawn(connection);
-        let next: i64 = client
-            .query_one("SELECT nextval('sortie.steps_id_seq')", &[])
+        let (next, group): (i64, i32) = client
+            .query_one(
+                "SELECT nextval('sortie.steps_id_seq'), (SELECT groupid FROM pg_dist_local_group)",
+                &[],
+            )
             .await
-            .unwrap()
-            .get(0);
+            .map(|r| (r.get(0), r.get(1)))
+            .unwrap();
+        // The worker's range starts at its group id << 40 (2^40 ids a node).
+        assert_eq!(next, ((group as i64) << 40) + 1, "group {group}");
         firsts.push(next);
     }
     assert!(firsts[0] > 1 << 40 && firsts[1] > 1 << 40, "{firsts:?}");
@@ -158,6 +163,31 @@ async fn new_campaign(db: &TestDb, goal: &str) -> String {
         .as_str()
         .unwrap()
         .to_string()
+}
+
+/// A claim in `campaign` through its twin: the step and its claim token.
+async fn claim_delegated(db: &TestDb, campaign: &str) -> (i64, String) {
+    let claim = db
+        .ok(
+            "sortie._claim_next_delegated($1::text::uuid, 'w')",
+            &[&campaign],
+        )
+        .await;
+    (
+        claim["step_id"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("{claim}")),
+        claim["claim_token"].as_str().unwrap().to_string(),
+    )
+}
+
+/// Completes a claimed step of `campaign` through its twin; its answer.
+async fn complete_delegated(db: &TestDb, campaign: &str, step: i64, token: &str) -> Value {
+    db.ok(
+        &format!("sortie._complete_step_delegated($1::text::uuid, {step}, '{token}'::uuid, 'ok')"),
+        &[&campaign],
+    )
+    .await
 }
 
 /// The node holding a campaign's shard (its port).
@@ -699,16 +729,7 @@ async fn the_coordinators_and_the_runners_calls_of_one_campaign_run_on_the_worke
     )
     .await;
     assert_eq!(resumed["status"], "active", "{resumed}");
-    let claim = db
-        .ok(
-            "sortie._claim_next_delegated($1::text::uuid, 'w')",
-            &[&planned],
-        )
-        .await;
-    let (step, token) = (
-        claim["step_id"].as_i64().unwrap(),
-        claim["claim_token"].as_str().unwrap().to_string(),
-    );
+    let (step, token) = claim_delegated(&db, &planned).await;
     db.ok(
         &format!("sortie._request_input_delegated($1::text::uuid, {step}, '{token}'::uuid, 'which way?')"),
         &[&planned],
@@ -735,21 +756,8 @@ async fn the_coordinators_and_the_runners_calls_of_one_campaign_run_on_the_worke
         &planned,
     )
     .await;
-    let claim = db
-        .ok(
-            "sortie._claim_next_delegated($1::text::uuid, 'w')",
-            &[&planned],
-        )
-        .await;
-    let (step, token) = (
-        claim["step_id"].as_i64().unwrap(),
-        claim["claim_token"].as_str().unwrap().to_string(),
-    );
-    db.ok(
-        &format!("sortie._complete_step_delegated($1::text::uuid, {step}, '{token}'::uuid, 'ok')"),
-        &[&planned],
-    )
-    .await;
+    let (step, token) = claim_delegated(&db, &planned).await;
+    complete_delegated(&db, &planned, step, &token).await;
     let finished = delegated(
         &db,
         "SELECT sortie._finish_campaign_delegated($1::text::uuid)",
@@ -766,21 +774,8 @@ async fn the_coordinators_and_the_runners_calls_of_one_campaign_run_on_the_worke
             &[],
         )
         .await);
-    let claim = db
-        .ok(
-            "sortie._claim_next_delegated($1::text::uuid, 'w')",
-            &[&measured],
-        )
-        .await;
-    let (step, token) = (
-        claim["step_id"].as_i64().unwrap(),
-        claim["claim_token"].as_str().unwrap().to_string(),
-    );
-    db.ok(
-        &format!("sortie._complete_step_delegated($1::text::uuid, {step}, '{token}'::uuid, 'ok')"),
-        &[&measured],
-    )
-    .await;
+    let (step, token) = claim_delegated(&db, &measured).await;
+    complete_delegated(&db, &measured, step, &token).await;
     let taken = db.ok("sortie.take_benchmark()", &[]).await;
     assert_eq!(
         taken["campaign_id"].as_str(),
@@ -1548,21 +1543,8 @@ async fn a_distributed_database_dumps_and_restores_into_a_single_node() {
         &[&campaign],
     )
     .await;
-    let claim = db
-        .ok(
-            "sortie._claim_next_delegated($1::text::uuid, 'w')",
-            &[&campaign],
-        )
-        .await;
-    db.ok(
-        &format!(
-            "sortie._complete_step_delegated($1::text::uuid, {}, '{}'::uuid, 'a done')",
-            claim["step_id"],
-            claim["claim_token"].as_str().unwrap()
-        ),
-        &[&campaign],
-    )
-    .await;
+    let (step, token) = claim_delegated(&db, &campaign).await;
+    complete_delegated(&db, &campaign, step, &token).await;
     db.ok(
         "sortie._add_note_delegated($1::text::uuid, 'kept')",
         &[&campaign],

@@ -248,25 +248,13 @@ campaign events, and every step waiting for your input. Omit id for all campaign
         )
     )]
     async fn steer_campaign(&self, Parameters(p): Parameters<SteerCampaign>) -> CallToolResult {
-        // Named by its campaign, a call runs on the worker holding it on Citus (its twin,
-        // docs/scale-out.md); a request_id goes to the public function, which serialises
-        // request ids on one node.
-        match &p.request_id {
-            None => {
-                self.call(
-                    "_steer_campaign_delegated(id => $1, guidance => $2)",
-                    &[&p.id, &p.guidance],
-                )
-                .await
-            }
-            Some(_) => {
-                self.call(
-                    "steer_campaign(id => $1, guidance => $2, request_id => $3)",
-                    &[&p.id, &p.guidance, &p.request_id],
-                )
-                .await
-            }
-        }
+        self.call_twin_unless_request(
+            "_steer_campaign_delegated(id => $1, guidance => $2)",
+            "steer_campaign(id => $1, guidance => $2, request_id => $3)",
+            &[&p.id, &p.guidance],
+            &p.request_id,
+        )
+        .await
     }
 
     #[tool(
@@ -321,22 +309,13 @@ again with its original input, the question and your answer.",
         )
     )]
     async fn provide_input(&self, Parameters(p): Parameters<ProvideInput>) -> CallToolResult {
-        match &p.request_id {
-            None => {
-                self.call(
-                    "_provide_input_delegated(id => $1, step_id => $2, answer => $3)",
-                    &[&p.id, &p.step_id, &p.answer],
-                )
-                .await
-            }
-            Some(_) => {
-                self.call(
-                    "provide_input(id => $1, step_id => $2, answer => $3, request_id => $4)",
-                    &[&p.id, &p.step_id, &p.answer, &p.request_id],
-                )
-                .await
-            }
-        }
+        self.call_twin_unless_request(
+            "_provide_input_delegated(id => $1, step_id => $2, answer => $3)",
+            "provide_input(id => $1, step_id => $2, answer => $3, request_id => $4)",
+            &[&p.id, &p.step_id, &p.answer],
+            &p.request_id,
+        )
+        .await
     }
 
     #[tool(
@@ -360,21 +339,12 @@ call is validated first; unknown types, missing actions, unknown dependencies an
         )
     )]
     async fn add_steps(&self, Parameters(p): Parameters<AddSteps>) -> CallToolResult {
-        match &p.request_id {
-            None => {
-                self.call(
-                    "_add_steps_delegated(campaign_id => $1, steps => $2)",
-                    &[&p.campaign_id, &p.steps],
-                )
-                .await
-            }
-            Some(_) => {
-                self.call(
-                    "add_steps(campaign_id => $1, steps => $2, request_id => $3)",
-                    &[&p.campaign_id, &p.steps, &p.request_id],
-                )
-                .await
-            }
-        }
+        self.call_twin_unless_request(
+            "_add_steps_delegated(campaign_id => $1, steps => $2)",
+            "add_steps(campaign_id => $1, steps => $2, request_id => $3)",
+            &[&p.campaign_id, &p.steps],
+            &p.request_id,
+        )
+        .await
     }
 }

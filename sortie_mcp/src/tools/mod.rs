@@ -203,6 +203,27 @@ impl SortieServer {
         }
     }
 
+    /// A call of one campaign: without a request id, `twin(…)` with `params`, which on Citus
+    /// runs on the worker holding the campaign (docs/scale-out.md); with one, `public(…)` with
+    /// `params` and the request id after them (its last placeholder), since request ids are
+    /// serialised on the coordinator.
+    async fn call_twin_unless_request(
+        &self,
+        twin: &str,
+        public: &str,
+        params: &[&(dyn ToSql + Sync)],
+        request_id: &Option<String>,
+    ) -> CallToolResult {
+        match request_id {
+            None => self.call(twin, params).await,
+            Some(_) => {
+                let mut with_request = params.to_vec();
+                with_request.push(request_id);
+                self.call(public, &with_request).await
+            }
+        }
+    }
+
     /// A call about `step`: for the session's own step, `twin(campaign_id => $1, …)` (the
     /// campaign first, the other parameters from $2 on), which on Citus runs on the worker
     /// holding the campaign (docs/scale-out.md); for any other step, `public(…)` with the same
